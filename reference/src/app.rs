@@ -1,0 +1,175 @@
+//! Building and running the shard manager: open the shards, start the
+//! recovery loop, serve HTTP, shut down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::http::{self, AppState};
+use crate::ids::ShardId;
+use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
+use crate::ledger::ShardStore;
+use crate::manager::{ManagerConfig, ShardManager};
+use crate::money::Currency;
+use crate::sharding::Ring;
+
+/// Pending transfers one recovery pass takes per shard.
+pub const RECOVERY_BATCH: u32 = 256;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub shards: u32,
+    pub bind: SocketAddr,
+    pub sqlite: SqliteConfig,
+    pub manager: ManagerConfig,
+    pub default_currency: Currency,
+    pub recovery_interval: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults for a data directory: 4 shards, loopback port 8006.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServeConfig {
+        ServeConfig {
+            data_dir: data_dir.into(),
+            shards: 4,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8006)),
+            sqlite: SqliteConfig::default(),
+            manager: ManagerConfig::default(),
+            default_currency: Currency::DEFAULT,
+            recovery_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+const MANIFEST: &str = "shardpay.json";
+
+/// Opens (creating if needed) the embedded shards in `data_dir`. A data
+/// directory remembers its shard count: opening it with another count would
+/// route accounts to shards that do not hold them, so that is refused.
+pub fn open_embedded(
+    data_dir: &Path,
+    shards: u32,
+    sqlite: &SqliteConfig,
+) -> anyhow::Result<Vec<Arc<dyn ShardStore>>> {
+    let ring = Ring::new(shards).map_err(|e| anyhow::anyhow!("--shards {shards}: {e}"))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let manifest = data_dir.join(MANIFEST);
+    match std::fs::read_to_string(&manifest) {
+        Ok(text) => {
+            let found: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", manifest.display()))?;
+            let found_shards = found["shards"].as_u64().unwrap_or(0);
+            anyhow::ensure!(
+                found_shards == shards as u64,
+                "data directory {} holds {found_shards} shards; start with --shards {found_shards}, or use another --data-dir for {shards} shards",
+                data_dir.display()
+            );
+        }
+        Err(_) => {
+            let text = serde_json::json!({ "backend": "sqlite", "shards": shards, "format": 1 });
+            std::fs::write(&manifest, format!("{text:#}\n"))
+                .with_context(|| format!("cannot write {}", manifest.display()))?;
+        }
+    }
+    ring.shards()
+        .map(|shard: ShardId| {
+            let store = SqliteShard::open(data_dir, shard, sqlite)?;
+            Ok(Arc::new(store) as Arc<dyn ShardStore>)
+        })
+        .collect()
+}
+
+/// A built, bound application, not yet serving.
+pub struct App {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    listener: tokio::net::TcpListener,
+    recovery_interval: Duration,
+}
+
+/// Opens the shards and binds the listener (port 0 picks a free port; the
+/// bound address is in `App::addr`).
+pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
+    let shards = open_embedded(&config.data_dir, config.shards, &config.sqlite)?;
+    let manager = Arc::new(ShardManager::new(shards, config.manager.clone())?);
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another shardpay running? pick another with --port",
+                config.bind
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    Ok(App {
+        addr,
+        state: AppState {
+            manager,
+            default_currency: config.default_currency,
+        },
+        listener,
+        recovery_interval: config.recovery_interval,
+    })
+}
+
+impl App {
+    /// Serves until `shutdown` resolves, then stops accepting, lets running
+    /// requests finish, and stops the recovery loop.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let recovery = tokio::spawn(recovery_loop(
+            Arc::clone(&self.state.manager),
+            self.recovery_interval,
+        ));
+        let router = http::router(self.state);
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        recovery.abort();
+        served.context("HTTP server failed")
+    }
+}
+
+/// Drives pending cross-shard transfers to an end, forever.
+pub async fn recovery_loop(manager: Arc<ShardManager>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match manager.recover_once(RECOVERY_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(finished = n, "recovery finished pending transfers"),
+            Err(error) => tracing::warn!(%error, "recovery pass failed; will retry"),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,444 @@
+//! The routes of the modelled payment system, answering with the fields that
+//! system answers with, so its README walkthrough and clients run as written.
+//! Amounts there are JSON numbers of the major unit (`470.50`), written here
+//! from integer minor units; amounts in paths are decimal text, except
+//! `/accounts/{user}/create/{balance}`, which takes minor units.
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::v1::shard_bodies;
+use super::{decimal_number, json, send, ApiError, AppState, IdempotencyHeader, MAX_PAGE};
+use crate::ids::AccountId;
+use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
+use crate::manager::{AccountRequest, TransferRequest, View};
+use crate::money::{Amount, Currency};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/create_user/{user}/{balance}", post(create_user))
+        .route("/transfer/{from}/{to}/{amount}", post(transfer))
+        .route("/user_shard/{user}", get(user_shard))
+        .route("/user/{user}/shard", get(user_route))
+        .route("/accounts/{user}", get(account))
+        .route(
+            "/accounts/{user}/create/{balance}",
+            post(create_account_minor),
+        )
+        .route("/users", get(users))
+        .route("/stats", get(stats))
+        .route("/analytics", get(analytics))
+        .route("/shard-stats", get(shard_stats))
+        .route("/health", get(health))
+}
+
+#[derive(Serialize)]
+struct CreatedUser {
+    success: bool,
+    user: String,
+    user_id: String,
+    balance: Box<RawValue>,
+    shard: String,
+    shard_id: usize,
+    message: String,
+}
+
+fn render_created(a: &Account) -> StoredResponse {
+    json(
+        200,
+        &CreatedUser {
+            success: true,
+            user: a.id.to_string(),
+            user_id: a.id.to_string(),
+            balance: decimal_number(a.balance_minor as i128, a.currency),
+            shard: a.shard.name(),
+            shard_id: a.shard.index(),
+            message: format!("User {} created on {}", a.id, a.shard.name()),
+        },
+    )
+}
+
+const CREATE_USER_VIEW: View<Account> = View {
+    route: "legacy.create_user",
+    render: render_created,
+};
+const CREATE_ACCOUNT_VIEW: View<Account> = View {
+    route: "legacy.create_account",
+    render: render_created,
+};
+
+#[derive(Serialize)]
+struct Payment {
+    success: bool,
+    payment_id: String,
+    from_user: String,
+    to_user: String,
+    amount: Box<RawValue>,
+    from_shard: String,
+    to_shard: String,
+    cross_shard: bool,
+    status: TransferState,
+    message: String,
+}
+
+fn render_payment(t: &Transfer) -> StoredResponse {
+    let (status, success, message) = match t.state {
+        TransferState::Completed => (200, true, "Transfer completed".to_string()),
+        TransferState::Pending => (
+            202,
+            true,
+            "Transfer accepted; the payee's shard is unreachable and will be credited by recovery"
+                .to_string(),
+        ),
+        TransferState::Failed => (
+            422,
+            false,
+            format!(
+                "Transfer failed ({}); the debit was reversed",
+                t.failure_code.as_deref().unwrap_or("refused")
+            ),
+        ),
+    };
+    json(
+        status,
+        &Payment {
+            success,
+            payment_id: t.id.to_string(),
+            from_user: t.payer.to_string(),
+            to_user: t.payee.to_string(),
+            amount: decimal_number(t.amount.minor() as i128, t.currency),
+            from_shard: t.payer_shard.name(),
+            to_shard: t.payee_shard.name(),
+            cross_shard: t.is_cross_shard(),
+            status: t.state,
+            message,
+        },
+    )
+}
+
+const PAYMENT_VIEW: View<Transfer> = View {
+    route: "legacy.transfer",
+    render: render_payment,
+};
+
+async fn create(
+    state: AppState,
+    user: String,
+    balance: Amount,
+    key: IdempotencyHeader,
+    view: &View<Account>,
+) -> Result<Response, ApiError> {
+    let request = AccountRequest {
+        id: AccountId::parse(&user)?,
+        currency: state.default_currency,
+        opening_balance: balance,
+    };
+    Ok(send(
+        state.manager.create_account(request, key.0, view).await?,
+    ))
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    key: IdempotencyHeader,
+    Path((user, balance)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let balance = Amount::parse(&balance, state.default_currency)?;
+    create(state, user, balance, key, &CREATE_USER_VIEW).await
+}
+
+async fn create_account_minor(
+    State(state): State<AppState>,
+    key: IdempotencyHeader,
+    Path((user, balance)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let minor: i64 = balance.parse().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+            format!("balance {balance:?} must be a whole number of minor units"),
+        )
+    })?;
+    let balance = Amount::from_minor(minor)?;
+    create(state, user, balance, key, &CREATE_ACCOUNT_VIEW).await
+}
+
+async fn transfer(
+    State(state): State<AppState>,
+    IdempotencyHeader(key): IdempotencyHeader,
+    Path((from, to, amount)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let request = TransferRequest {
+        from: AccountId::parse(&from)?,
+        to: AccountId::parse(&to)?,
+        amount: Amount::parse_positive(&amount, state.default_currency)?,
+        currency: Some(state.default_currency),
+    };
+    Ok(send(
+        state
+            .manager
+            .transfer_funds(request, key, &PAYMENT_VIEW)
+            .await?,
+    ))
+}
+
+#[derive(Serialize)]
+struct UserShard {
+    user: String,
+    user_id: Option<String>,
+    shard: String,
+    shard_id: usize,
+    balance: Option<Box<RawValue>>,
+    exists: bool,
+}
+
+async fn user_shard(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> Result<Json<UserShard>, ApiError> {
+    let id = AccountId::parse(&user)?;
+    let shard = state.manager.ring().shard_of(&id);
+    let account = state.manager.account(&id).await?;
+    Ok(Json(UserShard {
+        user,
+        user_id: account.as_ref().map(|a| a.id.to_string()),
+        shard: shard.name(),
+        shard_id: shard.index(),
+        balance: account
+            .as_ref()
+            .map(|a| decimal_number(a.balance_minor as i128, a.currency)),
+        exists: account.is_some(),
+    }))
+}
+
+async fn user_route(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = AccountId::parse(&user)?;
+    let ring = state.manager.ring();
+    Ok(Json(serde_json::json!({
+        "user_id": id.to_string(),
+        "shard_id": ring.shard_of(&id).index(),
+        "total_shards": ring.shard_count(),
+    })))
+}
+
+#[derive(Serialize)]
+struct LegacyAccount {
+    user: String,
+    user_id: String,
+    balance: Box<RawValue>,
+    balance_minor: i64,
+    currency: String,
+    shard: String,
+    shard_id: usize,
+}
+
+impl From<&Account> for LegacyAccount {
+    fn from(a: &Account) -> Self {
+        LegacyAccount {
+            user: a.id.to_string(),
+            user_id: a.id.to_string(),
+            balance: decimal_number(a.balance_minor as i128, a.currency),
+            balance_minor: a.balance_minor,
+            currency: a.currency.to_string(),
+            shard: a.shard.name(),
+            shard_id: a.shard.index(),
+        }
+    }
+}
+
+async fn account(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> Result<Json<LegacyAccount>, ApiError> {
+    let id = AccountId::parse(&user)?;
+    let account = state.manager.account(&id).await?.ok_or_else(|| {
+        ApiError::not_found("account_not_found", format!("account {id} does not exist"))
+    })?;
+    Ok(Json(LegacyAccount::from(&account)))
+}
+
+#[derive(Deserialize)]
+struct UsersQuery {
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Users {
+    total: usize,
+    users: Vec<LegacyAccount>,
+}
+
+async fn users(
+    State(state): State<AppState>,
+    query: Result<Query<UsersQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Users>, ApiError> {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let accounts = state.manager.list_accounts(None, limit).await?;
+    let users: Vec<_> = accounts.iter().map(LegacyAccount::from).collect();
+    Ok(Json(Users {
+        total: users.len(),
+        users,
+    }))
+}
+
+/// Totals in the default currency, as the single-currency modelled system
+/// reports them.
+struct Totals {
+    currency: Currency,
+    total_shards: usize,
+    healthy_shards: usize,
+    accounts: u64,
+    balance_minor: i128,
+    shards: Vec<super::v1::ShardBody>,
+}
+
+impl Totals {
+    fn status(&self) -> &'static str {
+        if self.healthy_shards == self.total_shards {
+            "healthy"
+        } else {
+            "degraded"
+        }
+    }
+
+    fn shard_balance(&self, s: &super::v1::ShardBody) -> Box<RawValue> {
+        let minor = s
+            .balance_minor
+            .get(self.currency.code())
+            .copied()
+            .unwrap_or(0);
+        decimal_number(minor, self.currency)
+    }
+}
+
+async fn totals(state: &AppState) -> Totals {
+    let shards = shard_bodies(state).await;
+    let currency = state.default_currency;
+    Totals {
+        currency,
+        total_shards: shards.len(),
+        healthy_shards: shards.iter().filter(|s| s.healthy).count(),
+        accounts: shards.iter().map(|s| s.accounts).sum(),
+        balance_minor: shards
+            .iter()
+            .filter_map(|s| s.balance_minor.get(currency.code()))
+            .sum(),
+        shards,
+    }
+}
+
+#[derive(Serialize)]
+struct ShardSummary<'a> {
+    shard_id: usize,
+    shard: &'a str,
+    healthy: bool,
+    accounts: u64,
+    balance: Box<RawValue>,
+    transfers: &'a super::v1::TransferCounts,
+}
+
+#[derive(Serialize)]
+struct Stats<'a> {
+    status: &'static str,
+    total_shards: usize,
+    healthy_shards: usize,
+    total_accounts: u64,
+    total_balance: Box<RawValue>,
+    shards: Vec<ShardSummary<'a>>,
+}
+
+async fn stats(State(state): State<AppState>) -> Response {
+    let t = totals(&state).await;
+    let body = Stats {
+        status: t.status(),
+        total_shards: t.total_shards,
+        healthy_shards: t.healthy_shards,
+        total_accounts: t.accounts,
+        total_balance: decimal_number(t.balance_minor, t.currency),
+        shards: t
+            .shards
+            .iter()
+            .map(|s| ShardSummary {
+                shard_id: s.shard,
+                shard: &s.name,
+                healthy: s.healthy,
+                accounts: s.accounts,
+                balance: t.shard_balance(s),
+                transfers: &s.transfers,
+            })
+            .collect(),
+    };
+    Json(body).into_response()
+}
+
+#[derive(Serialize)]
+struct ShardBalance {
+    shard_id: usize,
+    accounts: u64,
+    balance: Box<RawValue>,
+}
+
+#[derive(Serialize)]
+struct Analytics {
+    total_accounts: u64,
+    total_balance: Box<RawValue>,
+    average_balance: Box<RawValue>,
+    total_shards: usize,
+    healthy_shards: usize,
+    shards: Vec<ShardBalance>,
+}
+
+async fn analytics(State(state): State<AppState>) -> Json<Analytics> {
+    let t = totals(&state).await;
+    // Average in whole minor units, rounded half away from zero.
+    let average_minor = if t.accounts == 0 {
+        0
+    } else {
+        let n = t.accounts as i128;
+        (2 * t.balance_minor + n) / (2 * n)
+    };
+    Json(Analytics {
+        total_accounts: t.accounts,
+        total_balance: decimal_number(t.balance_minor, t.currency),
+        average_balance: decimal_number(average_minor, t.currency),
+        total_shards: t.total_shards,
+        healthy_shards: t.healthy_shards,
+        shards: t
+            .shards
+            .iter()
+            .map(|s| ShardBalance {
+                shard_id: s.shard,
+                accounts: s.accounts,
+                balance: t.shard_balance(s),
+            })
+            .collect(),
+    })
+}
+
+async fn shard_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let t = totals(&state).await;
+    Json(serde_json::json!({
+        "total_shards": t.total_shards,
+        "shards": t.shards,
+    }))
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let t = totals(&state).await;
+    let ok = t.healthy_shards == t.total_shards;
+    Json(serde_json::json!({
+        "ok": ok,
+        "status": t.status(),
+        "service": "shard-manager",
+        "total_shards": t.total_shards,
+        "healthy_shards": t.healthy_shards,
+    }))
+}

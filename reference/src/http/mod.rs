@@ -1,0 +1,123 @@
+//! The shard manager's HTTP API: our JSON API under `/v1`, and the routes of
+//! the modelled system (`legacy`) so its walkthrough and clients run as
+//! written.
+
+mod error;
+mod legacy;
+mod v1;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+pub use error::ApiError;
+
+use crate::ids::IdempotencyKey;
+use crate::ledger::StoredResponse;
+use crate::manager::{Reply, ShardManager};
+use crate::money::{format_minor, Currency};
+
+/// Largest request body accepted. Our requests are a few hundred bytes;
+/// 64 KiB leaves room for bulk account creation.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Most accounts one list request returns.
+pub const MAX_PAGE: u32 = 1000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<ShardManager>,
+    /// Currency of accounts and transfers that name none.
+    pub default_currency: Currency,
+}
+
+/// The router of the shard-manager API, for serving or for `oneshot` tests.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(v1::routes())
+        .merge(legacy::routes())
+        .fallback(|| async {
+            ApiError::not_found(
+                "route_not_found",
+                "no such route; see README.md for the API",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A JSON body whose rejections answer in our error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(value))
+    }
+}
+
+/// The optional `Idempotency-Key` header, checked.
+pub struct IdempotencyHeader(pub Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyHeader(None));
+        };
+        let text = value.to_str().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be printable ASCII",
+            )
+        })?;
+        Ok(IdempotencyHeader(Some(IdempotencyKey::parse(text)?)))
+    }
+}
+
+/// Sends a stored or fresh response, marking replays as Stripe does.
+fn send(reply: Reply) -> Response {
+    let mut response = stored(reply.response);
+    if reply.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn stored(response: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        response.body,
+    )
+        .into_response()
+}
+
+/// A JSON response body with its status.
+fn json(status: u16, value: &impl serde::Serialize) -> StoredResponse {
+    StoredResponse {
+        status,
+        body: serde_json::to_string(value).expect("responses serialize"),
+    }
+}
+
+/// A money amount as a JSON number of the major unit (`470.50`), written
+/// from integer minor units without passing through a float.
+fn decimal_number(minor: i128, currency: Currency) -> Box<RawValue> {
+    RawValue::from_string(format_minor(minor, currency)).expect("a decimal is a JSON number")
+}

@@ -1,0 +1,338 @@
+//! Our JSON API. Amounts go in as decimal text of the major unit
+//! (`"amount": "4.50"`) or as integer minor units (`"amount_minor": 450`),
+//! and come out as both.
+
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
+use crate::audit::{self, AuditReport};
+use crate::ids::{AccountId, TransferId};
+use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
+use crate::manager::{AccountRequest, TransferRequest, View};
+use crate::money::{format_minor, Amount, Currency};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/accounts", post(create_account).get(list_accounts))
+        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/transfers", post(create_transfer))
+        .route("/v1/transfers/{id}", get(get_transfer))
+        .route("/v1/shards", get(shards))
+        .route("/v1/audit", get(run_audit))
+}
+
+#[derive(Serialize)]
+pub struct AccountBody {
+    id: String,
+    currency: String,
+    balance: String,
+    balance_minor: i64,
+    shard: usize,
+    created_at_ms: i64,
+}
+
+impl From<&Account> for AccountBody {
+    fn from(a: &Account) -> Self {
+        AccountBody {
+            id: a.id.to_string(),
+            currency: a.currency.to_string(),
+            balance: format_minor(a.balance_minor as i128, a.currency),
+            balance_minor: a.balance_minor,
+            shard: a.shard.index(),
+            created_at_ms: a.created_at_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct TransferBody {
+    id: String,
+    from: String,
+    to: String,
+    amount: String,
+    amount_minor: i64,
+    currency: String,
+    state: TransferState,
+    failure_code: Option<String>,
+    from_shard: usize,
+    to_shard: usize,
+    cross_shard: bool,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
+
+impl From<&Transfer> for TransferBody {
+    fn from(t: &Transfer) -> Self {
+        TransferBody {
+            id: t.id.to_string(),
+            from: t.payer.to_string(),
+            to: t.payee.to_string(),
+            amount: format_minor(t.amount.minor() as i128, t.currency),
+            amount_minor: t.amount.minor(),
+            currency: t.currency.to_string(),
+            state: t.state,
+            failure_code: t.failure_code.clone(),
+            from_shard: t.payer_shard.index(),
+            to_shard: t.payee_shard.index(),
+            cross_shard: t.is_cross_shard(),
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+        }
+    }
+}
+
+const ACCOUNT_VIEW: View<Account> = View {
+    route: "v1.create_account",
+    render: |a| json(201, &AccountBody::from(a)),
+};
+
+/// 201 completed, 202 pending (the payee's shard will be credited by
+/// recovery), 422 failed (the credit was refused and the debit reversed).
+fn render_transfer(t: &Transfer) -> StoredResponse {
+    let status = match t.state {
+        TransferState::Completed => 201,
+        TransferState::Pending => 202,
+        TransferState::Failed => 422,
+    };
+    json(status, &TransferBody::from(t))
+}
+
+const TRANSFER_VIEW: View<Transfer> = View {
+    route: "v1.create_transfer",
+    render: render_transfer,
+};
+
+/// Exactly one of `amount` (decimal text) and `amount_minor`.
+fn amount_of(
+    text: Option<&str>,
+    minor: Option<i64>,
+    currency: Currency,
+    field: &str,
+) -> Result<Option<Amount>, ApiError> {
+    match (text, minor) {
+        (Some(_), Some(_)) => Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "ambiguous_amount",
+            format!("give either {field} or {field}_minor, not both"),
+        )),
+        (Some(text), None) => Ok(Some(Amount::parse(text, currency)?)),
+        (None, Some(minor)) => Ok(Some(Amount::from_minor(minor)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccount {
+    id: String,
+    currency: Option<String>,
+    opening_balance: Option<String>,
+    opening_balance_minor: Option<i64>,
+}
+
+async fn create_account(
+    State(state): State<AppState>,
+    IdempotencyHeader(key): IdempotencyHeader,
+    ApiJson(body): ApiJson<CreateAccount>,
+) -> Result<Response, ApiError> {
+    let id = AccountId::parse(&body.id)?;
+    let currency = match &body.currency {
+        Some(code) => Currency::parse(code)?,
+        None => state.default_currency,
+    };
+    let opening_balance = amount_of(
+        body.opening_balance.as_deref(),
+        body.opening_balance_minor,
+        currency,
+        "opening_balance",
+    )?
+    .unwrap_or(Amount::ZERO);
+    let request = AccountRequest {
+        id,
+        currency,
+        opening_balance,
+    };
+    let reply = state
+        .manager
+        .create_account(request, key, &ACCOUNT_VIEW)
+        .await?;
+    Ok(send(reply))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct AccountPage {
+    data: Vec<AccountBody>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    next_after: Option<String>,
+}
+
+async fn list_accounts(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AccountPage>, ApiError> {
+    let Query(query) = query?;
+    let after = query.after.as_deref().map(AccountId::parse).transpose()?;
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let accounts = state.manager.list_accounts(after, limit).await?;
+    let next_after = (accounts.len() == limit as usize)
+        .then(|| accounts.last().map(|a| a.id.to_string()))
+        .flatten();
+    Ok(Json(AccountPage {
+        data: accounts.iter().map(AccountBody::from).collect(),
+        next_after,
+    }))
+}
+
+async fn get_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<AccountBody>, ApiError> {
+    let id = AccountId::parse(&id)?;
+    let account = state.manager.account(&id).await?.ok_or_else(|| {
+        ApiError::not_found("account_not_found", format!("account {id} does not exist"))
+    })?;
+    Ok(Json(AccountBody::from(&account)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTransfer {
+    from: String,
+    to: String,
+    amount: Option<String>,
+    amount_minor: Option<i64>,
+    currency: Option<String>,
+}
+
+async fn create_transfer(
+    State(state): State<AppState>,
+    IdempotencyHeader(key): IdempotencyHeader,
+    ApiJson(body): ApiJson<CreateTransfer>,
+) -> Result<Response, ApiError> {
+    let from = AccountId::parse(&body.from)?;
+    let to = AccountId::parse(&body.to)?;
+    let currency = body.currency.as_deref().map(Currency::parse).transpose()?;
+    // Decimal text is read in the named currency, or the payer's; parse in
+    // the default first and let the manager check the payer's currency.
+    let parse_in = currency.unwrap_or(state.default_currency);
+    let amount = amount_of(
+        body.amount.as_deref(),
+        body.amount_minor,
+        parse_in,
+        "amount",
+    )?
+    .ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_amount",
+            "give amount (decimal text such as \"4.50\") or amount_minor",
+        )
+    })?
+    .positive()?;
+    let request = TransferRequest {
+        from,
+        to,
+        amount,
+        currency: Some(parse_in),
+    };
+    let reply = state
+        .manager
+        .transfer_funds(request, key, &TRANSFER_VIEW)
+        .await?;
+    Ok(send(reply))
+}
+
+async fn get_transfer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TransferBody>, ApiError> {
+    let id = TransferId::parse(&id)?;
+    let transfer = state.manager.transfer(&id).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "transfer_not_found",
+            format!("transfer {id} does not exist"),
+        )
+    })?;
+    Ok(Json(TransferBody::from(&transfer)))
+}
+
+#[derive(Serialize)]
+pub struct ShardBody {
+    pub shard: usize,
+    pub name: String,
+    pub healthy: bool,
+    pub accounts: u64,
+    /// Customer balances per currency, in minor units.
+    pub balance_minor: std::collections::BTreeMap<String, i128>,
+    pub transfers: TransferCounts,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+pub struct TransferCounts {
+    pub pending: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// Per-shard figures; a shard that cannot answer is reported unhealthy.
+pub async fn shard_bodies(state: &AppState) -> Vec<ShardBody> {
+    let mut out = Vec::new();
+    for store in state.manager.shards() {
+        let shard = store.shard();
+        let body = match store.stats().await {
+            Ok(stats) => ShardBody {
+                shard: shard.index(),
+                name: shard.name(),
+                healthy: true,
+                accounts: stats.accounts,
+                balance_minor: stats
+                    .balance_minor_by_currency
+                    .iter()
+                    .map(|(c, v)| (c.to_string(), *v))
+                    .collect(),
+                transfers: TransferCounts {
+                    pending: stats.transfers_pending,
+                    completed: stats.transfers_completed,
+                    failed: stats.transfers_failed,
+                },
+                error: None,
+            },
+            Err(error) => ShardBody {
+                shard: shard.index(),
+                name: shard.name(),
+                healthy: false,
+                accounts: 0,
+                balance_minor: Default::default(),
+                transfers: TransferCounts::default(),
+                error: Some(error.to_string()),
+            },
+        };
+        out.push(body);
+    }
+    out
+}
+
+async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let shards = shard_bodies(&state).await;
+    Json(serde_json::json!({
+        "total_shards": shards.len(),
+        "hash": "xxh3-64 + jump consistent hash",
+        "shards": shards,
+    }))
+}
+
+async fn run_audit(State(state): State<AppState>) -> Result<Json<AuditReport>, ApiError> {
+    Ok(Json(audit::run(&state.manager).await?))
+}

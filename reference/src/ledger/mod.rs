@@ -1,0 +1,395 @@
+//! The ledger: what a shard stores, and the trait every storage backend
+//! implements.
+//!
+//! Each shard keeps its own accounts, the transfers whose payer it holds,
+//! the cross-shard credits whose payee it holds, double-entry ledger
+//! entries, an outbox of events and idempotency keys. Every balance change
+//! is written with its entries in the same local transaction, so the entries
+//! of each shard always sum to zero. Two system accounts per currency and
+//! shard make that possible: `~funding:<CUR>` is debited for every opening
+//! balance, and `~in_flight:<CUR>` holds money between the two local steps
+//! of a cross-shard transfer.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
+use crate::money::{Amount, Currency};
+
+/// Milliseconds since the Unix epoch.
+pub type TimestampMs = i64;
+
+pub fn now_ms() -> TimestampMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Account kinds. Only `User` accounts are visible through the API and may
+/// never go below zero; system accounts run negative by design.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    User,
+    Funding,
+    InFlight,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::User => "user",
+            AccountKind::Funding => "funding",
+            AccountKind::InFlight => "in_flight",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AccountKind> {
+        match text {
+            "user" => Some(AccountKind::User),
+            "funding" => Some(AccountKind::Funding),
+            "in_flight" => Some(AccountKind::InFlight),
+            _ => None,
+        }
+    }
+
+    /// The id of this system account for `currency` on every shard.
+    pub fn system_account_id(self, currency: Currency) -> String {
+        format!("~{}:{}", self.as_str(), currency.code())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub balance_minor: i64,
+    pub shard: ShardId,
+    pub created_at_ms: TimestampMs,
+}
+
+/// A new customer account with its opening balance.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub opening_balance: Amount,
+    pub created_at_ms: TimestampMs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    Pending,
+    Completed,
+    Failed,
+}
+
+impl TransferState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Pending => "pending",
+            TransferState::Completed => "completed",
+            TransferState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TransferState> {
+        match text {
+            "pending" => Some(TransferState::Pending),
+            "completed" => Some(TransferState::Completed),
+            "failed" => Some(TransferState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A transfer as its payer's shard records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transfer {
+    pub id: TransferId,
+    pub payer: AccountId,
+    pub payee: AccountId,
+    pub amount: Amount,
+    pub currency: Currency,
+    pub payer_shard: ShardId,
+    pub payee_shard: ShardId,
+    pub state: TransferState,
+    /// Why a transfer ended failed (the refusal code of the credit step).
+    pub failure_code: Option<String>,
+    pub created_at_ms: TimestampMs,
+    pub updated_at_ms: TimestampMs,
+}
+
+impl Transfer {
+    pub fn is_cross_shard(&self) -> bool {
+        self.payer_shard != self.payee_shard
+    }
+}
+
+/// A response kept with an idempotency key and replayed for retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// What a request writes with its idempotency key, in the same transaction
+/// as its money movement.
+#[derive(Debug, Clone)]
+pub struct IdempotencyWrite {
+    /// The payer (or, for account creation, the new account): keys are
+    /// scoped to it and stored on its shard.
+    pub scope: AccountId,
+    pub key: IdempotencyKey,
+    /// Hash of the route and the parsed request body.
+    pub fingerprint: String,
+    pub expires_at_ms: TimestampMs,
+    /// The response to keep if the operation completes in this transaction.
+    /// `None` where the final answer is only known later (cross-shard).
+    pub response: Option<StoredResponse>,
+}
+
+/// A live idempotency record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub fingerprint: String,
+    /// The transfer or account the first request created.
+    pub resource_id: Option<String>,
+    pub response: Option<StoredResponse>,
+    pub expires_at_ms: TimestampMs,
+}
+
+/// Why a shard refused an operation. A refusal writes nothing, except that
+/// a declined transfer (`InsufficientFunds`) keeps its answer under the
+/// request's idempotency key so a retry gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("account {0} does not exist")]
+    AccountNotFound(AccountId),
+    #[error("account {0} already exists")]
+    AccountExists(AccountId),
+    #[error("account {account} holds {account_currency}, not {requested}")]
+    CurrencyMismatch {
+        account: AccountId,
+        account_currency: Currency,
+        requested: Currency,
+    },
+    #[error("account {0} has insufficient funds for this transfer")]
+    InsufficientFunds(AccountId),
+    #[error("the credit would take account {0} above the largest balance the ledger holds")]
+    BalanceOverflow(AccountId),
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::AccountNotFound(_) => "account_not_found",
+            Refusal::AccountExists(_) => "account_exists",
+            Refusal::CurrencyMismatch { .. } => "currency_mismatch",
+            Refusal::InsufficientFunds(_) => "insufficient_funds",
+            Refusal::BalanceOverflow(_) => "balance_overflow",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Refusal::AccountNotFound(_) => 404,
+            Refusal::AccountExists(_) => 409,
+            Refusal::CurrencyMismatch { .. }
+            | Refusal::InsufficientFunds(_)
+            | Refusal::BalanceOverflow(_) => 422,
+        }
+    }
+
+    /// The error body every API route answers with for this refusal.
+    pub fn response(&self) -> StoredResponse {
+        StoredResponse {
+            status: self.http_status(),
+            body: crate::error_body(self.code(), &self.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// A live idempotency record already holds this key.
+    #[error("idempotency key already recorded")]
+    IdempotencyKeyExists(IdempotencyRecord),
+    /// The shard cannot be reached right now; the operation may be retried.
+    #[error("shard {shard} is unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+    #[error("shard {shard} storage error: {reason}")]
+    Internal { shard: ShardId, reason: String },
+}
+
+/// The outcome of a transfer's debit on the payer's shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DebitOutcome {
+    Applied(Transfer),
+    /// Declined for lack of funds; the decline is kept under the key.
+    Declined(Refusal),
+}
+
+/// The outcome of step (b), crediting the payee from in-flight money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditOutcome {
+    Credited,
+    /// Refused for good; recorded, so every later attempt answers the same.
+    Refused {
+        code: String,
+    },
+}
+
+/// Per-shard counts for `/v1/shards` and the modelled system's stats.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardStats {
+    pub accounts: u64,
+    /// Sum of customer balances per currency, in minor units.
+    pub balance_minor_by_currency: Vec<(Currency, i128)>,
+    pub transfers_pending: u64,
+    pub transfers_completed: u64,
+    pub transfers_failed: u64,
+}
+
+/// Everything the audit needs from one shard, read in one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ShardAudit {
+    /// Sum of all ledger entries per currency (must be zero).
+    pub entry_sum_by_currency: Vec<(Currency, i128)>,
+    /// Accounts whose balance differs from the sum of their entries.
+    pub balance_mismatches: Vec<String>,
+    /// Customer accounts below zero.
+    pub negative_balances: Vec<String>,
+    /// Balance totals per (kind, currency).
+    pub totals: Vec<(AccountKind, Currency, i128)>,
+    /// Transfers (payer side) whose entries are not exactly what their state
+    /// implies, with what is wrong.
+    pub bad_transfers: Vec<String>,
+    /// Credits (payee side) whose entries are not what their outcome implies.
+    pub bad_credits: Vec<String>,
+    /// Entries that belong to no transfer, credit or opening balance.
+    pub orphan_entries: u64,
+    /// Cross-shard transfers from this shard: pending ones in full.
+    pub pending: Vec<Transfer>,
+    /// Cross-shard transfers from this shard not failed, per currency: the
+    /// money this shard has sent into flight.
+    pub sent_minor_by_currency: Vec<(Currency, i128)>,
+    /// Credits applied on this shard per currency: money taken out of flight.
+    pub received_minor_by_currency: Vec<(Currency, i128)>,
+    /// Completed cross-shard transfers from this shard (count, sum).
+    pub completed_cross_out: (u64, i128),
+    /// Credits applied on this shard (count, sum).
+    pub credited_in: (u64, i128),
+}
+
+/// A shard's storage. One implementation per backend; the same test suite
+/// runs against each (`tests/storage`).
+#[async_trait]
+pub trait ShardStore: Send + Sync + 'static {
+    fn shard(&self) -> ShardId;
+
+    /// Creates a customer account, funding its opening balance from the
+    /// shard's funding account, with entries, outbox event and idempotency
+    /// record in one transaction.
+    async fn create_account(
+        &self,
+        account: NewAccount,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<Account, StoreError>;
+
+    async fn account(&self, id: &AccountId) -> Result<Option<Account>, StoreError>;
+
+    /// Customer accounts in id order, after `after`, at most `limit`.
+    async fn list_accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError>;
+
+    /// The live (unexpired) idempotency record for `scope` and `key`.
+    async fn idempotency_record(
+        &self,
+        scope: &AccountId,
+        key: &IdempotencyKey,
+        now: TimestampMs,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Keeps the final response of a request whose record was written
+    /// without one (a cross-shard transfer), unless one is already kept.
+    async fn save_idempotent_response(
+        &self,
+        scope: &AccountId,
+        key: &IdempotencyKey,
+        response: StoredResponse,
+    ) -> Result<(), StoreError>;
+
+    /// A same-shard transfer in one local transaction: payer and payee
+    /// balances, two entries, the transfer (completed), an outbox event and
+    /// the idempotency record.
+    async fn transfer_local(
+        &self,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<DebitOutcome, StoreError>;
+
+    /// Step (a) of a cross-shard transfer, on the payer's shard: debit the
+    /// payer into the in-flight account and record the transfer pending.
+    async fn debit_to_in_flight(
+        &self,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<DebitOutcome, StoreError>;
+
+    /// Step (b), on the payee's shard: credit the payee from the in-flight
+    /// account. Idempotent on the transfer id: a second call answers what
+    /// the first decided and writes nothing.
+    async fn credit_from_in_flight(&self, transfer: &Transfer)
+        -> Result<CreditOutcome, StoreError>;
+
+    /// Step (c): mark a pending transfer completed. Answers the transfer as
+    /// it stands afterwards (a failed transfer stays failed).
+    async fn complete_transfer(
+        &self,
+        id: &TransferId,
+        now: TimestampMs,
+    ) -> Result<Transfer, StoreError>;
+
+    /// Undo step (a) of a transfer whose credit was refused for good: money
+    /// back from in-flight to the payer, transfer failed with `code`.
+    async fn reverse_transfer(
+        &self,
+        id: &TransferId,
+        code: &str,
+        now: TimestampMs,
+    ) -> Result<Transfer, StoreError>;
+
+    /// A transfer whose payer is on this shard.
+    async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError>;
+
+    /// Pending transfers created before `created_before`, oldest first.
+    async fn pending_transfers(
+        &self,
+        created_before: TimestampMs,
+        limit: u32,
+    ) -> Result<Vec<Transfer>, StoreError>;
+
+    /// The outcome of a credit step already run for `id`, if any.
+    async fn credit_outcome(&self, id: &TransferId) -> Result<Option<CreditOutcome>, StoreError>;
+
+    async fn stats(&self) -> Result<ShardStats, StoreError>;
+
+    async fn audit(&self) -> Result<ShardAudit, StoreError>;
+
+    /// Deletes up to `limit` expired idempotency records; answers how many.
+    async fn purge_expired_idempotency(
+        &self,
+        now: TimestampMs,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,545 @@
+//! The shard manager: routes accounts to shards, runs same-shard transfers
+//! as one local transaction and cross-shard transfers as a saga of local
+//! transactions, and applies idempotency keys.
+//!
+//! Cross-shard saga, for a transfer from payer P (shard A) to payee Q (B):
+//! (a) on A, debit P into A's in-flight account, transfer `pending`;
+//! (b) on B, credit Q from B's in-flight account, idempotent on the id;
+//! (c) on A, mark the transfer `completed`.
+//! When (b) is refused for good, A reverses (a) and the transfer ends
+//! `failed`. When B cannot be reached, the caller gets 202 and the recovery
+//! loop (`recovery.rs`) finishes the transfer later.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{AccountId, IdempotencyKey, TransferId};
+use crate::ledger::{
+    now_ms, Account, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite, NewAccount,
+    Refusal, ShardStore, StoreError, StoredResponse, TimestampMs, Transfer, TransferState,
+};
+use crate::money::{Amount, Currency};
+use crate::sharding::Ring;
+
+/// Test hooks that stop the process at a chosen point of the saga, to show
+/// that recovery finishes what was in flight. Never set in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Abort the process right after step (a) commits.
+    CrashAfterDebit,
+    /// Abort the process right after step (b) commits.
+    CrashAfterCredit,
+}
+
+impl Fault {
+    pub fn parse(text: &str) -> Option<Fault> {
+        match text {
+            "crash_after_debit" => Some(Fault::CrashAfterDebit),
+            "crash_after_credit" => Some(Fault::CrashAfterCredit),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl_ms: i64,
+    /// Pending transfers younger than this are left to their request; the
+    /// recovery loop takes older ones.
+    pub recovery_grace_ms: i64,
+    /// A pending transfer older than this fails the audit.
+    pub recovery_deadline_ms: i64,
+    pub fault: Option<Fault>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            idempotency_ttl_ms: 24 * 60 * 60 * 1000,
+            recovery_grace_ms: 2_000,
+            recovery_deadline_ms: 60_000,
+            fault: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("Idempotency-Key was already used with a different request; use a new key for a new request")]
+    IdempotencyKeyReused,
+    #[error(
+        "a request with this Idempotency-Key is still being processed; retry after it finishes"
+    )]
+    IdempotencyKeyInFlight,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ManagerError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> ManagerError {
+        ManagerError::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(error: StoreError) -> ManagerError {
+        match error {
+            StoreError::Refused(refusal) => ManagerError::Refused(refusal),
+            StoreError::Unavailable { .. } => ManagerError::Unavailable(error.to_string()),
+            StoreError::IdempotencyKeyExists(_) => ManagerError::IdempotencyKeyInFlight,
+            StoreError::Internal { .. } => ManagerError::Internal(error.to_string()),
+        }
+    }
+}
+
+/// How a route renders a resource into its response. Each route renders
+/// its own shape; the response is what idempotent retries replay.
+pub struct View<T> {
+    /// Names the route in the request fingerprint, so one key cannot be
+    /// replayed across routes.
+    pub route: &'static str,
+    pub render: fn(&T) -> StoredResponse,
+}
+
+/// A response to send, and whether it is a replay of an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub response: StoredResponse,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransferRequest {
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: Amount,
+    /// `None`: the payer's currency.
+    pub currency: Option<Currency>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountRequest {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub opening_balance: Amount,
+}
+
+pub struct ShardManager {
+    ring: Ring,
+    shards: Vec<Arc<dyn ShardStore>>,
+    config: ManagerConfig,
+    /// (scope, key) pairs whose request is running in this process.
+    running_keys: Mutex<HashSet<(String, String)>>,
+    /// Transfers hold it shared; the audit holds it exclusively so it reads
+    /// every shard with no transfer between two of its steps.
+    quiesce: tokio::sync::RwLock<()>,
+}
+
+impl ShardManager {
+    /// `shards[i]` must be the store of shard `i`.
+    pub fn new(shards: Vec<Arc<dyn ShardStore>>, config: ManagerConfig) -> anyhow::Result<Self> {
+        let ring = Ring::new(shards.len() as u32)?;
+        for (i, store) in shards.iter().enumerate() {
+            anyhow::ensure!(store.shard().index() == i, "shard {i} is out of order");
+        }
+        Ok(ShardManager {
+            ring,
+            shards,
+            config,
+            running_keys: Mutex::new(HashSet::new()),
+            quiesce: tokio::sync::RwLock::new(()),
+        })
+    }
+
+    pub fn ring(&self) -> Ring {
+        self.ring
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    pub fn shards(&self) -> &[Arc<dyn ShardStore>] {
+        &self.shards
+    }
+
+    pub fn store_of(&self, account: &AccountId) -> &Arc<dyn ShardStore> {
+        &self.shards[self.ring.shard_of(account).index()]
+    }
+
+    pub(crate) async fn quiesce(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.quiesce.write().await
+    }
+
+    pub async fn account(&self, id: &AccountId) -> Result<Option<Account>, ManagerError> {
+        Ok(self.store_of(id).account(id).await?)
+    }
+
+    /// Customer accounts in id order across all shards.
+    pub async fn list_accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, ManagerError> {
+        let mut all = Vec::new();
+        for store in &self.shards {
+            all.extend(store.list_accounts(after.clone(), limit).await?);
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.truncate(limit as usize);
+        Ok(all)
+    }
+
+    /// Finds a transfer on whichever shard holds its payer.
+    pub async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, ManagerError> {
+        for store in &self.shards {
+            if let Some(t) = store.transfer(id).await? {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn create_account(
+        &self,
+        request: AccountRequest,
+        key: Option<IdempotencyKey>,
+        view: &View<Account>,
+    ) -> Result<Reply, ManagerError> {
+        let store = self.store_of(&request.id);
+        let fingerprint = fingerprint(
+            view.route,
+            &[
+                request.id.as_str(),
+                request.currency.code(),
+                &request.opening_balance.minor().to_string(),
+            ],
+        );
+        let _running = self.claim_key(&request.id, key.as_ref())?;
+        let now = now_ms();
+        let account = Account {
+            id: request.id.clone(),
+            currency: request.currency,
+            balance_minor: request.opening_balance.minor(),
+            shard: store.shard(),
+            created_at_ms: now,
+        };
+        let idempotency = key.map(|key| IdempotencyWrite {
+            scope: request.id.clone(),
+            key,
+            fingerprint: fingerprint.clone(),
+            expires_at_ms: now + self.config.idempotency_ttl_ms,
+            response: Some((view.render)(&account)),
+        });
+        let new = NewAccount {
+            id: request.id,
+            currency: request.currency,
+            opening_balance: request.opening_balance,
+            created_at_ms: now,
+        };
+        match store.create_account(new, idempotency).await {
+            Ok(created) => Ok(Reply {
+                response: (view.render)(&created),
+                replayed: false,
+            }),
+            Err(StoreError::IdempotencyKeyExists(record)) => replay_stored(record, &fingerprint),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn transfer_funds(
+        &self,
+        request: TransferRequest,
+        key: Option<IdempotencyKey>,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
+        if request.from == request.to {
+            return Err(ManagerError::invalid(
+                "same_account",
+                "a transfer needs two different accounts",
+            ));
+        }
+        let _shared = self.quiesce.read().await;
+        let payer_shard = self.ring.shard_of(&request.from);
+        let payee_shard = self.ring.shard_of(&request.to);
+        let payer_store = &self.shards[payer_shard.index()];
+        let currency_text = request.currency.map(|c| c.code().to_string());
+        let fingerprint = fingerprint(
+            view.route,
+            &[
+                request.from.as_str(),
+                request.to.as_str(),
+                &request.amount.minor().to_string(),
+                currency_text.as_deref().unwrap_or(""),
+            ],
+        );
+        let _running = self.claim_key(&request.from, key.as_ref())?;
+        let now = now_ms();
+
+        // Look at the key and the accounts before writing anything.
+        let payer_lookup = payer_store.account(&request.from);
+        let payee_lookup = self.shards[payee_shard.index()].account(&request.to);
+        let (payer, payee) = tokio::join!(payer_lookup, payee_lookup);
+        if let Some(key) = &key {
+            if let Some(record) = payer_store
+                .idempotency_record(&request.from, key, now)
+                .await?
+            {
+                return self
+                    .replay(record, &fingerprint, &request.from, key, view)
+                    .await;
+            }
+        }
+        let payer = payer?.ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
+        let payee = payee?.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
+        let currency = request.currency.unwrap_or(payer.currency);
+        for account in [&payer, &payee] {
+            if account.currency != currency {
+                return Err(Refusal::CurrencyMismatch {
+                    account: account.id.clone(),
+                    account_currency: account.currency,
+                    requested: currency,
+                }
+                .into());
+            }
+        }
+
+        let transfer = Transfer {
+            id: TransferId::generate(),
+            payer: request.from.clone(),
+            payee: request.to.clone(),
+            amount: request.amount,
+            currency,
+            payer_shard,
+            payee_shard,
+            state: TransferState::Pending,
+            failure_code: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let cross_shard = transfer.is_cross_shard();
+        let idempotency = key.clone().map(|key| IdempotencyWrite {
+            scope: request.from.clone(),
+            key,
+            fingerprint: fingerprint.clone(),
+            expires_at_ms: now + self.config.idempotency_ttl_ms,
+            // A same-shard transfer's answer is known before it commits; a
+            // cross-shard one's only after the saga.
+            response: (!cross_shard).then(|| {
+                let mut done = transfer.clone();
+                done.state = TransferState::Completed;
+                (view.render)(&done)
+            }),
+        });
+        let debit = if cross_shard {
+            payer_store.debit_to_in_flight(&transfer, idempotency).await
+        } else {
+            payer_store.transfer_local(&transfer, idempotency).await
+        };
+        let applied = match debit {
+            Ok(DebitOutcome::Applied(applied)) => applied,
+            Ok(DebitOutcome::Declined(refusal)) => return Err(refusal.into()),
+            Err(StoreError::IdempotencyKeyExists(record)) => {
+                let key = key.expect("a key record exists only with a key");
+                return self
+                    .replay(record, &fingerprint, &request.from, &key, view)
+                    .await;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if !cross_shard {
+            return Ok(Reply {
+                response: (view.render)(&applied),
+                replayed: false,
+            });
+        }
+        if self.config.fault == Some(Fault::CrashAfterDebit) {
+            tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
+            std::process::abort();
+        }
+        let finished = self.finish(&applied).await;
+        let response = (view.render)(&finished);
+        if let Some(key) = &key {
+            // Best effort: if this write is lost, a retry rebuilds the answer
+            // from the transfer itself.
+            let _ = payer_store
+                .save_idempotent_response(&request.from, key, response.clone())
+                .await;
+        }
+        Ok(Reply {
+            response,
+            replayed: false,
+        })
+    }
+
+    /// Runs steps (b) and (c) (or the reversal) of a pending cross-shard
+    /// transfer. Answers the transfer as it stands afterwards: still pending
+    /// when a shard could not be reached.
+    pub async fn finish(&self, transfer: &Transfer) -> Transfer {
+        match self.drive(transfer).await {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::warn!(transfer = %transfer.id, %error, "cross-shard transfer left pending; recovery will finish it");
+                transfer.clone()
+            }
+        }
+    }
+
+    async fn drive(&self, transfer: &Transfer) -> Result<Transfer, StoreError> {
+        let payer_store = &self.shards[transfer.payer_shard.index()];
+        let payee_store = &self.shards[transfer.payee_shard.index()];
+        let outcome = payee_store.credit_from_in_flight(transfer).await?;
+        if self.config.fault == Some(Fault::CrashAfterCredit) {
+            tracing::error!(transfer = %transfer.id, "fault injection: aborting after step (b)");
+            std::process::abort();
+        }
+        match outcome {
+            CreditOutcome::Credited => payer_store.complete_transfer(&transfer.id, now_ms()).await,
+            CreditOutcome::Refused { code } => {
+                payer_store
+                    .reverse_transfer(&transfer.id, &code, now_ms())
+                    .await
+            }
+        }
+    }
+
+    /// Drives pending transfers older than the grace period on every shard
+    /// to an end. Answers how many it finished.
+    pub async fn recover_once(&self, batch: u32) -> Result<usize, ManagerError> {
+        let before: TimestampMs = now_ms() - self.config.recovery_grace_ms;
+        let mut finished = 0;
+        for store in &self.shards {
+            for pending in store.pending_transfers(before, batch).await? {
+                let _shared = self.quiesce.read().await;
+                match self.drive(&pending).await {
+                    Ok(done) if done.state != TransferState::Pending => finished += 1,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(transfer = %pending.id, %error, "recovery could not finish transfer yet")
+                    }
+                }
+            }
+            store
+                .purge_expired_idempotency(now_ms(), batch)
+                .await
+                .map_err(ManagerError::from)?;
+        }
+        Ok(finished)
+    }
+
+    /// Answers a retry from its idempotency record.
+    async fn replay(
+        &self,
+        record: IdempotencyRecord,
+        fingerprint: &str,
+        scope: &AccountId,
+        key: &IdempotencyKey,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
+        if record.fingerprint != fingerprint {
+            return Err(ManagerError::IdempotencyKeyReused);
+        }
+        if let Some(response) = record.response {
+            return Ok(Reply {
+                response,
+                replayed: true,
+            });
+        }
+        // The first request debited but stopped before answering (a crash):
+        // finish its transfer and keep that answer.
+        let id = record
+            .resource_id
+            .as_deref()
+            .and_then(|id| TransferId::parse(id).ok())
+            .ok_or_else(|| {
+                ManagerError::Internal("idempotency record without a transfer".into())
+            })?;
+        let store = self.store_of(scope);
+        let transfer = store
+            .transfer(&id)
+            .await?
+            .ok_or_else(|| ManagerError::Internal(format!("transfer {id} of a key is missing")))?;
+        let transfer = if transfer.state == TransferState::Pending {
+            self.finish(&transfer).await
+        } else {
+            transfer
+        };
+        let response = (view.render)(&transfer);
+        let _ = store
+            .save_idempotent_response(scope, key, response.clone())
+            .await;
+        Ok(Reply {
+            response,
+            replayed: true,
+        })
+    }
+
+    fn claim_key(
+        &self,
+        scope: &AccountId,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Option<RunningKey<'_>>, ManagerError> {
+        let Some(key) = key else { return Ok(None) };
+        let entry = (scope.as_str().to_string(), key.as_str().to_string());
+        let mut running = self.running_keys.lock().expect("key set lock");
+        if !running.insert(entry.clone()) {
+            return Err(ManagerError::IdempotencyKeyInFlight);
+        }
+        Ok(Some(RunningKey {
+            set: &self.running_keys,
+            entry,
+        }))
+    }
+}
+
+fn replay_stored(record: IdempotencyRecord, fingerprint: &str) -> Result<Reply, ManagerError> {
+    if record.fingerprint != fingerprint {
+        return Err(ManagerError::IdempotencyKeyReused);
+    }
+    let response = record
+        .response
+        .ok_or_else(|| ManagerError::Internal("idempotency record without a response".into()))?;
+    Ok(Reply {
+        response,
+        replayed: true,
+    })
+}
+
+/// Releases a running (scope, key) pair when the request ends, however it
+/// ends.
+struct RunningKey<'a> {
+    set: &'a Mutex<HashSet<(String, String)>>,
+    entry: (String, String),
+}
+
+impl Drop for RunningKey<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.entry);
+        }
+    }
+}
+
+/// SHA-256 over the route and the parsed request fields, each length-
+/// prefixed so no two different requests share a fingerprint.
+pub fn fingerprint(route: &str, fields: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in std::iter::once(route).chain(fields.iter().copied()) {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,234 @@
+//! `shardpay`: load-testing and simulation harness for sharded payment
+//! systems. This binary serves the reference payment system and audits it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
+use shardpay_reference::manager::{Fault, ManagerConfig, ShardManager};
+use shardpay_reference::money::Currency;
+
+#[derive(Parser)]
+#[command(
+    name = "shardpay",
+    version,
+    about = "Load-testing and simulation harness for sharded payment systems",
+    long_about = "Load-testing and simulation harness for sharded payment systems, with a \
+reference payment system to drive.\n\nQuick start:\n  shardpay serve            # the reference system on http://127.0.0.1:8006, 4 shards in ./data\n  curl -X POST localhost:8006/create_user/alice/500.00\n  shardpay audit            # prove no money was created, lost or paid twice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the reference payment system (shard-manager API) on the
+    /// embedded backend: one SQLite file per shard in --data-dir.
+    Serve(ServeArgs),
+    /// Audit the ledger: entries sum to zero on every shard, all balances
+    /// plus money in flight equal the total funded, no negative balance,
+    /// every transfer's entries exactly once, no stale pending transfer.
+    /// Exits 1 when a check fails.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory holding the shard files (created if missing).
+    #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Number of shards, 1 to 64. A data directory keeps the count it was
+    /// created with.
+    #[arg(long, env = "SHARDPAY_SHARDS", default_value_t = 4)]
+    shards: u32,
+    /// Address to listen on. Use 0.0.0.0 to accept other machines.
+    #[arg(long, env = "SHARDPAY_BIND", default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Port of the shard-manager API (0 picks a free one and prints it).
+    #[arg(long, env = "SHARDPAY_PORT", default_value_t = 8006)]
+    port: u16,
+    /// Currency of accounts and transfers that name none (ISO code).
+    #[arg(long, env = "SHARDPAY_CURRENCY", default_value = "INR")]
+    currency: String,
+    /// full: a commit survives power loss; normal: faster, survives a
+    /// process crash but may lose the last commits on power loss.
+    #[arg(long, env = "SHARDPAY_DURABILITY", value_enum, default_value = "full")]
+    durability: DurabilityArg,
+    /// How long idempotency keys are remembered, in seconds.
+    #[arg(long, env = "SHARDPAY_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
+    idempotency_ttl_s: u64,
+    /// How often the recovery loop looks for pending transfers, in ms.
+    #[arg(long, env = "SHARDPAY_RECOVERY_INTERVAL_MS", default_value_t = 500)]
+    recovery_interval_ms: u64,
+    /// Age before recovery takes over a pending transfer from its request, ms.
+    #[arg(long, env = "SHARDPAY_RECOVERY_GRACE_MS", default_value_t = 2_000)]
+    recovery_grace_ms: u64,
+    /// A pending transfer older than this fails the audit, in seconds.
+    #[arg(long, env = "SHARDPAY_RECOVERY_DEADLINE_S", default_value_t = 60)]
+    recovery_deadline_s: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    Full,
+    Normal,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// URL of a running shard manager.
+    #[arg(long, env = "SHARDPAY_URL", default_value = "http://127.0.0.1:8006")]
+    url: String,
+    /// Audit the shard files in this directory directly instead of asking a
+    /// running server (stop the server first for an exact snapshot).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Audit(args) => {
+            let ok = runtime.block_on(audit(args))?;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let fault = match std::env::var("SHARDPAY_FAULT") {
+        Ok(text) => Some(Fault::parse(&text).with_context(|| {
+            format!(
+                "SHARDPAY_FAULT={text:?}: known faults are crash_after_debit, crash_after_credit"
+            )
+        })?),
+        Err(_) => None,
+    };
+    if let Some(fault) = fault {
+        tracing::warn!(
+            ?fault,
+            "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
+        );
+    }
+    let config = ServeConfig {
+        data_dir: args.data_dir.clone(),
+        shards: args.shards,
+        bind: SocketAddr::new(args.bind, args.port),
+        sqlite: SqliteConfig {
+            durability: match args.durability {
+                DurabilityArg::Full => Durability::Full,
+                DurabilityArg::Normal => Durability::Normal,
+            },
+            ..SqliteConfig::default()
+        },
+        manager: ManagerConfig {
+            idempotency_ttl_ms: args.idempotency_ttl_s as i64 * 1000,
+            recovery_grace_ms: args.recovery_grace_ms as i64,
+            recovery_deadline_ms: args.recovery_deadline_s as i64 * 1000,
+            fault,
+        },
+        default_currency: Currency::parse(&args.currency)
+            .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
+        recovery_interval: Duration::from_millis(args.recovery_interval_ms.max(10)),
+    };
+    let app = app::build(config).await?;
+    // Scripts and tests read this line to find the port.
+    println!("shardpay listening on http://{}", app.addr);
+    tracing::info!(
+        shards = args.shards,
+        data_dir = %args.data_dir.display(),
+        "shard manager ready"
+    );
+    app.run_until(app::shutdown_signal()).await?;
+    tracing::info!("shard manager stopped");
+    Ok(())
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<bool> {
+    let report: serde_json::Value = match &args.data_dir {
+        Some(dir) => {
+            let manifest =
+                std::fs::read_to_string(dir.join("shardpay.json")).with_context(|| {
+                    format!(
+                        "{} is not a shardpay data directory (no shardpay.json)",
+                        dir.display()
+                    )
+                })?;
+            let shards = serde_json::from_str::<serde_json::Value>(&manifest)?["shards"]
+                .as_u64()
+                .context("shardpay.json has no shard count")? as u32;
+            let stores = app::open_embedded(dir, shards, &SqliteConfig::default())?;
+            let manager = ShardManager::new(stores, ManagerConfig::default())?;
+            let report = shardpay_reference::audit::run(&manager).await?;
+            serde_json::to_value(report)?
+        }
+        None => {
+            let url = format!("{}/v1/audit", args.url.trim_end_matches('/'));
+            let response = reqwest::get(&url).await.with_context(|| {
+                format!("cannot reach {url}; is `shardpay serve` running? (or use --data-dir)")
+            })?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "{url} answered {}",
+                response.status()
+            );
+            response.json().await?
+        }
+    };
+    let ok = report["ok"].as_bool().unwrap_or(false);
+    if args.json {
+        println!("{report:#}");
+    } else {
+        print_report(&report);
+    }
+    Ok(ok)
+}
+
+fn print_report(report: &serde_json::Value) {
+    for check in report["checks"].as_array().into_iter().flatten() {
+        let mark = if check["ok"].as_bool() == Some(true) {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        println!("{mark} {}", check["name"].as_str().unwrap_or("?"));
+        for problem in check["problems"].as_array().into_iter().flatten() {
+            println!("       {}", problem.as_str().unwrap_or(""));
+        }
+    }
+    for t in report["totals"].as_array().into_iter().flatten() {
+        println!(
+            "{}: funded {}, balances {}, in flight {}",
+            t["currency"].as_str().unwrap_or("?"),
+            t["funded"].as_str().unwrap_or("?"),
+            t["balances"].as_str().unwrap_or("?"),
+            t["in_flight"].as_str().unwrap_or("?"),
+        );
+    }
+    println!(
+        "{} shards, {} pending transfers: audit {}",
+        report["shards"],
+        report["pending_transfers"],
+        if report["ok"].as_bool() == Some(true) {
+            "passed"
+        } else {
+            "FAILED"
+        }
+    );
+}
