@@ -144,10 +144,9 @@ pub async fn recovery_loop(manager: Arc<ShardManager>, interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match manager.recover_once(RECOVERY_BATCH).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(finished = n, "recovery finished pending transfers"),
-            Err(error) => tracing::warn!(%error, "recovery pass failed; will retry"),
+        let finished = manager.recover_once(RECOVERY_BATCH).await;
+        if finished > 0 {
+            tracing::info!(finished, "recovery finished pending transfers");
         }
     }
 }

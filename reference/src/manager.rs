@@ -416,27 +416,35 @@ impl ShardManager {
     }
 
     /// Drives pending transfers older than the grace period on every shard
-    /// to an end. Answers how many it finished.
-    pub async fn recover_once(&self, batch: u32) -> Result<usize, ManagerError> {
+    /// to an end, and purges expired idempotency keys. A shard that cannot
+    /// be reached is skipped until the next pass. Answers how many
+    /// transfers it finished.
+    pub async fn recover_once(&self, batch: u32) -> usize {
         let before: TimestampMs = now_ms() - self.config.recovery_grace_ms;
         let mut finished = 0;
         for store in &self.shards {
-            for pending in store.pending_transfers(before, batch).await? {
+            let pending = match store.pending_transfers(before, batch).await {
+                Ok(pending) => pending,
+                Err(error) => {
+                    tracing::warn!(shard = %store.shard(), %error, "recovery cannot read shard yet");
+                    continue;
+                }
+            };
+            for transfer in pending {
                 let _shared = self.quiesce.read().await;
-                match self.drive(&pending).await {
+                match self.drive(&transfer).await {
                     Ok(done) if done.state != TransferState::Pending => finished += 1,
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::warn!(transfer = %pending.id, %error, "recovery could not finish transfer yet")
+                        tracing::warn!(transfer = %transfer.id, %error, "recovery could not finish transfer yet")
                     }
                 }
             }
-            store
-                .purge_expired_idempotency(now_ms(), batch)
-                .await
-                .map_err(ManagerError::from)?;
+            if let Err(error) = store.purge_expired_idempotency(now_ms(), batch).await {
+                tracing::warn!(shard = %store.shard(), %error, "cannot purge expired idempotency keys yet");
+            }
         }
-        Ok(finished)
+        finished
     }
 
     /// Answers a retry from its idempotency record.

@@ -126,11 +126,10 @@ mod tests {
     #[test]
     fn placement_is_pinned_across_releases() {
         // Golden values: if these change, every deployed shard file would
-        // hold accounts the ring no longer routes to it.
-        assert_eq!(
-            key_hash(b"alice"),
-            0x1c1e_1cbf_5b79_6b2b_u64.wrapping_add(0)
-        );
+        // hold accounts the ring no longer routes to it. They agree with
+        // the reference XXH3 implementation (python-xxhash 3.5) and a
+        // separate implementation of jump hashing.
+        assert_eq!(key_hash(b"alice"), 0x4da1_0dd6_1a01_16b0);
         let ring = Ring::new(4).unwrap();
         let got: Vec<usize> = ["alice", "bob", "coffee_shop", "user_0", "user_1"]
             .iter()
@@ -139,7 +138,7 @@ mod tests {
         assert_eq!(got, GOLDEN_FOUR_SHARDS);
     }
 
-    const GOLDEN_FOUR_SHARDS: [usize; 5] = [9, 9, 9, 9, 9];
+    const GOLDEN_FOUR_SHARDS: [usize; 5] = [1, 0, 0, 2, 1];
 
     #[test]
     fn rejects_shard_counts_outside_1_to_64() {

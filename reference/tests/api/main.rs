@@ -1,0 +1,10 @@
+//! API, saga, idempotency and concurrency tests of the shard manager, each
+//! against its own app on port 0 with its own temporary data directory.
+
+mod concurrency;
+mod cross_shard;
+mod idempotency;
+mod storage;
+mod support;
+mod validation;
+mod walkthrough;

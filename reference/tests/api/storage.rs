@@ -1,0 +1,216 @@
+//! The shard-storage suite: what every `ShardStore` backend must do. It
+//! takes a factory so each backend runs the same checks.
+
+use std::sync::Arc;
+
+use shardpay_reference::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
+use shardpay_reference::ledger::sqlite::{SqliteConfig, SqliteShard};
+use shardpay_reference::ledger::*;
+use shardpay_reference::money::Amount;
+
+use crate::support::inr;
+
+fn account(id: &str, opening_minor: i64) -> NewAccount {
+    NewAccount {
+        id: AccountId::parse(id).unwrap(),
+        currency: inr(),
+        opening_balance: Amount::from_minor(opening_minor).unwrap(),
+        created_at_ms: now_ms(),
+    }
+}
+
+fn transfer(from: &str, to: &str, minor: i64, to_shard: u32) -> Transfer {
+    Transfer {
+        id: TransferId::generate(),
+        payer: AccountId::parse(from).unwrap(),
+        payee: AccountId::parse(to).unwrap(),
+        amount: Amount::from_minor(minor).unwrap(),
+        currency: inr(),
+        payer_shard: ShardId::new(0).unwrap(),
+        payee_shard: ShardId::new(to_shard).unwrap(),
+        state: TransferState::Pending,
+        failure_code: None,
+        created_at_ms: now_ms(),
+        updated_at_ms: now_ms(),
+    }
+}
+
+async fn balance(store: &dyn ShardStore, id: &str) -> i64 {
+    store
+        .account(&AccountId::parse(id).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .balance_minor
+}
+
+fn assert_clean(audit: &ShardAudit) {
+    assert!(
+        audit.entry_sum_by_currency.iter().all(|(_, s)| *s == 0),
+        "{audit:?}"
+    );
+    assert!(audit.balance_mismatches.is_empty(), "{audit:?}");
+    assert!(audit.negative_balances.is_empty(), "{audit:?}");
+    assert!(audit.bad_transfers.is_empty(), "{audit:?}");
+    assert!(audit.bad_credits.is_empty(), "{audit:?}");
+    assert_eq!(audit.orphan_entries, 0);
+}
+
+/// The suite. `payer_store` is shard 0, `payee_store` shard 1.
+pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dyn ShardStore>) {
+    let (a, b) = (payer_store.as_ref(), payee_store.as_ref());
+    a.create_account(account("p", 100_00), None).await.unwrap();
+    a.create_account(account("q", 0), None).await.unwrap();
+    b.create_account(account("r", 5), None).await.unwrap();
+    let dup = a.create_account(account("p", 1), None).await.unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Refused(Refusal::AccountExists(_))),
+        "{dup:?}"
+    );
+
+    // Same shard, with an idempotency record kept in the same transaction.
+    let key = IdempotencyKey::parse("k1").unwrap();
+    let idem = IdempotencyWrite {
+        scope: AccountId::parse("p").unwrap(),
+        key: key.clone(),
+        fingerprint: "f1".into(),
+        expires_at_ms: now_ms() + 60_000,
+        response: Some(StoredResponse {
+            status: 201,
+            body: "{}".into(),
+        }),
+    };
+    let local = transfer("p", "q", 10_00, 0);
+    let done = a.transfer_local(&local, Some(idem.clone())).await.unwrap();
+    assert!(matches!(done, DebitOutcome::Applied(ref t) if t.state == TransferState::Completed));
+    let again = a
+        .transfer_local(&transfer("p", "q", 10_00, 0), Some(idem))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, StoreError::IdempotencyKeyExists(ref r) if r.fingerprint == "f1"));
+    assert_eq!(
+        (balance(a, "p").await, balance(a, "q").await),
+        (90_00, 10_00)
+    );
+    let record = a
+        .idempotency_record(&AccountId::parse("p").unwrap(), &key, now_ms())
+        .await
+        .unwrap();
+    assert_eq!(
+        record.unwrap().resource_id.as_deref(),
+        Some(local.id.as_str())
+    );
+
+    // Overdraft refused, nothing written.
+    let over = a
+        .transfer_local(&transfer("q", "p", 10_01, 0), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        over,
+        DebitOutcome::Declined(Refusal::InsufficientFunds(_))
+    ));
+    assert_eq!(balance(a, "q").await, 10_00);
+
+    // Cross-shard: debit into flight, credit twice (once applied), complete.
+    let cross = transfer("p", "r", 25_00, 1);
+    let DebitOutcome::Applied(pending) = a.debit_to_in_flight(&cross, None).await.unwrap() else {
+        panic!("debit declined")
+    };
+    assert_eq!(pending.state, TransferState::Pending);
+    assert_eq!(
+        a.pending_transfers(now_ms() + 1, 10).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        b.credit_from_in_flight(&cross).await.unwrap(),
+        CreditOutcome::Credited
+    );
+    assert_eq!(
+        b.credit_from_in_flight(&cross).await.unwrap(),
+        CreditOutcome::Credited
+    );
+    assert_eq!(balance(b, "r").await, 25_05);
+    let completed = a.complete_transfer(&cross.id, now_ms()).await.unwrap();
+    assert_eq!(completed.state, TransferState::Completed);
+    assert!(a
+        .pending_transfers(now_ms() + 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Cross-shard to a payee that is not there: refused, then reversed.
+    let lost = transfer("p", "nobody", 1_00, 1);
+    a.debit_to_in_flight(&lost, None).await.unwrap();
+    let refused = b.credit_from_in_flight(&lost).await.unwrap();
+    assert_eq!(
+        refused,
+        CreditOutcome::Refused {
+            code: "account_not_found".into()
+        }
+    );
+    let failed = a
+        .reverse_transfer(&lost.id, "account_not_found", now_ms())
+        .await
+        .unwrap();
+    assert_eq!(failed.state, TransferState::Failed);
+    let twice = a
+        .reverse_transfer(&lost.id, "account_not_found", now_ms())
+        .await
+        .unwrap();
+    assert_eq!(twice.state, TransferState::Failed);
+    assert_eq!(balance(a, "p").await, 90_00 - 25_00);
+
+    let (sa, sb) = (a.audit().await.unwrap(), b.audit().await.unwrap());
+    assert_clean(&sa);
+    assert_clean(&sb);
+    assert_eq!(sa.completed_cross_out, (1, 25_00));
+    assert_eq!(sb.credited_in, (1, 25_00));
+    let stats = a.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.accounts,
+            stats.transfers_completed,
+            stats.transfers_failed
+        ),
+        (2, 2, 1)
+    );
+    let listed = a.list_accounts(None, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        ["p", "q"]
+    );
+    assert_eq!(
+        a.purge_expired_idempotency(now_ms() + 120_000, 10)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn sqlite_backend_passes_the_storage_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SqliteConfig::default();
+    let open = |i| {
+        Arc::new(SqliteShard::open(dir.path(), ShardId::new(i).unwrap(), &config).unwrap())
+            as Arc<dyn ShardStore>
+    };
+    storage_suite(open(0), open(1)).await;
+}
+
+#[tokio::test]
+async fn sqlite_shard_files_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = ShardId::new(0).unwrap();
+    {
+        let store = SqliteShard::open(dir.path(), shard, &SqliteConfig::default()).unwrap();
+        store
+            .create_account(account("kept", 7_00), None)
+            .await
+            .unwrap();
+    }
+    let store = SqliteShard::open(dir.path(), shard, &SqliteConfig::default()).unwrap();
+    assert_eq!(balance(&store, "kept").await, 7_00);
+    assert_clean(&store.audit().await.unwrap());
+}

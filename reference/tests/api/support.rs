@@ -1,0 +1,353 @@
+//! Test harness: an app on port 0 in a temporary directory, a JSON client,
+//! and a shard store wrapper that can be taken down or held at a gate.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::http::{self, AppState};
+use shardpay_reference::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
+use shardpay_reference::ledger::sqlite::SqliteConfig;
+use shardpay_reference::ledger::*;
+use shardpay_reference::manager::{ManagerConfig, ShardManager};
+use shardpay_reference::money::Currency;
+
+pub struct TestApp {
+    pub url: String,
+    pub manager: Arc<ShardManager>,
+    pub client: reqwest::Client,
+    pub flaky: Vec<Arc<Flaky>>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Options {
+    pub shards: u32,
+    pub manager: ManagerConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            shards: 4,
+            manager: ManagerConfig::default(),
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn start() -> TestApp {
+        TestApp::start_with(Options::default()).await
+    }
+
+    /// Every shard store is wrapped in `Flaky`, so tests can take one down.
+    pub async fn start_with(options: Options) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServeConfig::new(dir.path());
+        let stores =
+            app::open_embedded(dir.path(), options.shards, &SqliteConfig::default()).unwrap();
+        let flaky: Vec<Arc<Flaky>> = stores.into_iter().map(Flaky::wrap).collect();
+        let stores: Vec<Arc<dyn ShardStore>> = flaky
+            .iter()
+            .map(|f| Arc::clone(f) as Arc<dyn ShardStore>)
+            .collect();
+        let manager = Arc::new(ShardManager::new(stores, options.manager).unwrap());
+        let state = AppState {
+            manager: Arc::clone(&manager),
+            default_currency: config.default_currency,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, http::router(state)).await.unwrap();
+        });
+        TestApp {
+            url,
+            manager,
+            client: reqwest::Client::new(),
+            flaky,
+            _dir: dir,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_empty(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The raw body text, to check how numbers are written.
+    pub async fn text(&self, method: reqwest::Method, path: &str) -> String {
+        let url = format!("{}{path}", self.url);
+        let response = self.client.request(method, url).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, id: &str, opening: &str) {
+        let (status, body) = self
+            .post(
+                "/v1/accounts",
+                serde_json::json!({"id": id, "opening_balance": opening}),
+                None,
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    pub async fn balance_minor(&self, id: &str) -> i64 {
+        let (status, body) = self.get(&format!("/v1/accounts/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body["balance_minor"].as_i64().unwrap()
+    }
+
+    pub async fn audit(&self) -> Value {
+        let (status, body) = self.get("/v1/audit").await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    pub async fn assert_audit_passes(&self) {
+        let report = self.audit().await;
+        assert_eq!(report["ok"], true, "audit failed: {report:#}");
+    }
+
+    /// Ids of two accounts on the same shard and one on another.
+    pub fn ids_by_shard(&self, prefix: &str) -> (String, String, String) {
+        let ring = self.manager.ring();
+        let shard = |s: &str| ring.shard_of_key(s);
+        let first = format!("{prefix}_0");
+        let mut same = None;
+        let mut other = None;
+        for i in 1.. {
+            let id = format!("{prefix}_{i}");
+            if shard(&id) == shard(&first) && same.is_none() {
+                same = Some(id);
+            } else if shard(&id) != shard(&first) && other.is_none() {
+                other = Some(id);
+            }
+            if same.is_some() && other.is_some() {
+                break;
+            }
+        }
+        (first, same.unwrap(), other.unwrap())
+    }
+}
+
+/// Polls `check` until it answers true, up to a deadline.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A shard store that can be made unavailable, or made to hold writes at a
+/// gate until released, around a real store.
+pub struct Flaky {
+    inner: Arc<dyn ShardStore>,
+    writes_down: AtomicBool,
+    gate: tokio::sync::Semaphore,
+    gated: AtomicBool,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    pub fn wrap(inner: Arc<dyn ShardStore>) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner,
+            writes_down: AtomicBool::new(false),
+            gate: tokio::sync::Semaphore::new(0),
+            gated: AtomicBool::new(false),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Refuses writes only: the shard answered a read, then went away.
+    pub fn set_writes_down(&self, down: bool) {
+        self.writes_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Holds every later write until `release_gate`.
+    pub fn close_gate(&self) {
+        self.gated.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes now held at the gate.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    pub fn release_gate(&self) {
+        self.gated.store(false, Ordering::SeqCst);
+        self.gate.add_permits(1_000);
+    }
+
+    async fn check(&self, write: bool) -> Result<(), StoreError> {
+        if write && self.writes_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                shard: self.inner.shard(),
+                reason: "taken down by the test".into(),
+            });
+        }
+        if write && self.gated.load(Ordering::SeqCst) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ShardStore for Flaky {
+    fn shard(&self) -> ShardId {
+        self.inner.shard()
+    }
+    async fn create_account(
+        &self,
+        a: NewAccount,
+        i: Option<IdempotencyWrite>,
+    ) -> Result<Account, StoreError> {
+        self.check(true).await?;
+        self.inner.create_account(a, i).await
+    }
+    async fn account(&self, id: &AccountId) -> Result<Option<Account>, StoreError> {
+        self.check(false).await?;
+        self.inner.account(id).await
+    }
+    async fn list_accounts(
+        &self,
+        after: Option<AccountId>,
+        limit: u32,
+    ) -> Result<Vec<Account>, StoreError> {
+        self.check(false).await?;
+        self.inner.list_accounts(after, limit).await
+    }
+    async fn idempotency_record(
+        &self,
+        s: &AccountId,
+        k: &IdempotencyKey,
+        now: TimestampMs,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.check(false).await?;
+        self.inner.idempotency_record(s, k, now).await
+    }
+    async fn save_idempotent_response(
+        &self,
+        s: &AccountId,
+        k: &IdempotencyKey,
+        r: StoredResponse,
+    ) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.save_idempotent_response(s, k, r).await
+    }
+    async fn transfer_local(
+        &self,
+        t: &Transfer,
+        i: Option<IdempotencyWrite>,
+    ) -> Result<DebitOutcome, StoreError> {
+        self.check(true).await?;
+        self.inner.transfer_local(t, i).await
+    }
+    async fn debit_to_in_flight(
+        &self,
+        t: &Transfer,
+        i: Option<IdempotencyWrite>,
+    ) -> Result<DebitOutcome, StoreError> {
+        self.check(true).await?;
+        self.inner.debit_to_in_flight(t, i).await
+    }
+    async fn credit_from_in_flight(&self, t: &Transfer) -> Result<CreditOutcome, StoreError> {
+        self.check(true).await?;
+        self.inner.credit_from_in_flight(t).await
+    }
+    async fn complete_transfer(
+        &self,
+        id: &TransferId,
+        now: TimestampMs,
+    ) -> Result<Transfer, StoreError> {
+        self.check(true).await?;
+        self.inner.complete_transfer(id, now).await
+    }
+    async fn reverse_transfer(
+        &self,
+        id: &TransferId,
+        code: &str,
+        now: TimestampMs,
+    ) -> Result<Transfer, StoreError> {
+        self.check(true).await?;
+        self.inner.reverse_transfer(id, code, now).await
+    }
+    async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError> {
+        self.check(false).await?;
+        self.inner.transfer(id).await
+    }
+    async fn pending_transfers(
+        &self,
+        before: TimestampMs,
+        limit: u32,
+    ) -> Result<Vec<Transfer>, StoreError> {
+        self.check(false).await?;
+        self.inner.pending_transfers(before, limit).await
+    }
+    async fn credit_outcome(&self, id: &TransferId) -> Result<Option<CreditOutcome>, StoreError> {
+        self.check(false).await?;
+        self.inner.credit_outcome(id).await
+    }
+    async fn stats(&self) -> Result<ShardStats, StoreError> {
+        self.check(false).await?;
+        self.inner.stats().await
+    }
+    async fn audit(&self) -> Result<ShardAudit, StoreError> {
+        self.check(false).await?;
+        self.inner.audit().await
+    }
+    async fn purge_expired_idempotency(
+        &self,
+        now: TimestampMs,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.check(true).await?;
+        self.inner.purge_expired_idempotency(now, limit).await
+    }
+}
+
+pub fn inr() -> Currency {
+    Currency::parse("INR").unwrap()
+}
