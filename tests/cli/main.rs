@@ -1,0 +1,196 @@
+//! Tests of the `shardpay` binary as users run it: a process killed between
+//! the two steps of a cross-shard transfer is restarted and recovery
+//! finishes the transfer; `shardpay audit` agrees.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `shardpay serve` on a free port and reads the URL it prints.
+fn serve(data_dir: &Path, fault: Option<&str>) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardpay"));
+    command
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--recovery-grace-ms",
+            "0",
+            "--recovery-interval-ms",
+            "50",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(fault) = fault {
+        command.env("SHARDPAY_FAULT", fault);
+    }
+    let mut child = command.spawn().expect("start shardpay serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("shardpay listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, url }
+}
+
+fn post(url: &str, body: Value, key: &str) -> Result<(u16, Value), reqwest::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    })
+}
+
+fn get(url: &str) -> Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+fn ring_pair() -> (String, String) {
+    // Two accounts on different shards of four.
+    let ring = shardpay_reference::sharding::Ring::new(4).unwrap();
+    let a = "crash_payer".to_string();
+    let b = (0..)
+        .map(|i| format!("crash_payee_{i}"))
+        .find(|b| ring.shard_of_key(b) != ring.shard_of_key(&a))
+        .unwrap();
+    (a, b)
+}
+
+#[test]
+fn a_crash_between_debit_and_credit_is_finished_by_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (payer, payee) = ring_pair();
+    {
+        let server = serve(dir.path(), None);
+        for (id, opening) in [(&payer, "100.00"), (&payee, "0")] {
+            let body = json!({"id": id, "opening_balance": opening});
+            let (status, _) = post(&format!("{}/v1/accounts", server.url), body, id).unwrap();
+            assert_eq!(status, 201);
+        }
+    }
+    let transfer = json!({"from": payer, "to": payee, "amount": "12.34"});
+    {
+        // This process aborts right after step (a) commits.
+        let mut server = serve(dir.path(), Some("crash_after_debit"));
+        let url = format!("{}/v1/transfers", server.url);
+        assert!(
+            post(&url, transfer.clone(), "crash-1").is_err(),
+            "no answer expected"
+        );
+        let status = server.child.wait().unwrap();
+        assert!(!status.success(), "the process should have aborted");
+    }
+    let server = serve(dir.path(), None);
+    let balance =
+        |id: &str| get(&format!("{}/v1/accounts/{id}", server.url))["balance_minor"].as_i64();
+    assert_eq!(
+        balance(&payer),
+        Some(100_00 - 12_34),
+        "step (a) was committed"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while balance(&payee) != Some(12_34) {
+        assert!(
+            Instant::now() < deadline,
+            "recovery did not credit the payee"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The client's retry gets the finished transfer, and pays nothing more.
+    let (status, answer) =
+        post(&format!("{}/v1/transfers", server.url), transfer, "crash-1").unwrap();
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["state"], "completed");
+    assert_eq!(balance(&payer), Some(100_00 - 12_34));
+    assert_eq!(balance(&payee), Some(12_34));
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["audit", "--url", &server.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{text}");
+    assert!(text.contains("audit passed"), "{text}");
+}
+
+#[test]
+fn a_crash_after_the_credit_is_completed_without_paying_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (payer, payee) = ring_pair();
+    {
+        let server = serve(dir.path(), None);
+        for (id, opening) in [(&payer, "10.00"), (&payee, "0")] {
+            let body = json!({"id": id, "opening_balance": opening});
+            post(&format!("{}/v1/accounts", server.url), body, id).unwrap();
+        }
+    }
+    {
+        let mut server = serve(dir.path(), Some("crash_after_credit"));
+        let body = json!({"from": payer, "to": payee, "amount": "3.00"});
+        assert!(post(&format!("{}/v1/transfers", server.url), body, "c-2").is_err());
+        server.child.wait().unwrap();
+    }
+    let server = serve(dir.path(), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = get(&format!("{}/v1/audit", server.url));
+        if report["pending_transfers"] == 0 {
+            assert_eq!(report["ok"], true, "{report:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transfer still pending: {report:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let payee_balance =
+        get(&format!("{}/v1/accounts/{payee}", server.url))["balance_minor"].as_i64();
+    assert_eq!(payee_balance, Some(3_00));
+    // Offline audit of the files agrees once the server is stopped.
+    drop(server);
+    let audit = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["audit", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+}
