@@ -82,7 +82,7 @@ fn fixture(runtime: &tokio::runtime::Runtime) -> Fixture {
     }
 }
 
-async fn pay(manager: &ShardManager, (from, to): &(AccountId, AccountId)) {
+async fn pay(manager: &Arc<ShardManager>, (from, to): &(AccountId, AccountId)) {
     let request = TransferRequest {
         from: from.clone(),
         to: to.clone(),

@@ -144,7 +144,7 @@ pub struct ShardManager {
     running_keys: Mutex<HashSet<(String, String)>>,
     /// Transfers hold it shared; the audit holds it exclusively so it reads
     /// every shard with no transfer between two of its steps.
-    quiesce: tokio::sync::RwLock<()>,
+    quiesce: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl ShardManager {
@@ -159,7 +159,7 @@ impl ShardManager {
             shards,
             config,
             running_keys: Mutex::new(HashSet::new()),
-            quiesce: tokio::sync::RwLock::new(()),
+            quiesce: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -260,7 +260,7 @@ impl ShardManager {
     }
 
     pub async fn transfer_funds(
-        &self,
+        self: &Arc<Self>,
         request: TransferRequest,
         key: Option<IdempotencyKey>,
         view: &View<Transfer>,
@@ -271,7 +271,7 @@ impl ShardManager {
                 "a transfer needs two different accounts",
             ));
         }
-        let _shared = self.quiesce.read().await;
+        let shared = Arc::clone(&self.quiesce).read_owned().await;
         let payer_shard = self.ring.shard_of(&request.from);
         let payee_shard = self.ring.shard_of(&request.to);
         let payer_store = &self.shards[payer_shard.index()];
@@ -369,15 +369,27 @@ impl ShardManager {
             tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
             std::process::abort();
         }
-        let finished = self.finish(&applied).await;
-        let response = (view.render)(&finished);
-        if let Some(key) = &key {
-            // Best effort: if this write is lost, a retry rebuilds the answer
-            // from the transfer itself.
-            let _ = payer_store
-                .save_idempotent_response(&request.from, key, response.clone())
-                .await;
-        }
+        // The rest of the saga runs in its own task, holding the shared
+        // guard, so a client that hangs up cannot stop it between steps.
+        let manager = Arc::clone(self);
+        let render = view.render;
+        let saga = tokio::spawn(async move {
+            let _shared = shared;
+            let finished = manager.finish(&applied).await;
+            let response = render(&finished);
+            if let Some(key) = &key {
+                // Best effort: if this write is lost, a retry rebuilds the
+                // answer from the transfer itself.
+                let _ = manager
+                    .store_of(&request.from)
+                    .save_idempotent_response(&request.from, key, response.clone())
+                    .await;
+            }
+            response
+        });
+        let response = saga
+            .await
+            .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))?;
         Ok(Reply {
             response,
             replayed: false,
