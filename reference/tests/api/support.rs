@@ -72,25 +72,23 @@ impl TestApp {
         }
     }
 
-    pub async fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
-        let mut request = self.client.post(format!("{}{path}", self.url)).json(&body);
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.send(request).await
+    }
+
     pub async fn post_empty(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .send()
+        self.send(self.client.post(format!("{}{path}", self.url)))
             .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// The raw body text, to check how numbers are written.
@@ -101,14 +99,8 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
+        self.send(self.client.get(format!("{}{path}", self.url)))
             .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn create(&self, id: &str, opening: &str) {
