@@ -1,5 +1,8 @@
 //! `shardpay`: load-testing and simulation harness for sharded payment
-//! systems. This binary serves the reference payment system and audits it.
+//! systems. This binary runs scenarios against the reference payment system
+//! (or any target), compares runs, serves the reference system and audits it.
+
+mod simulate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,7 +21,7 @@ use shardpay_reference::money::Currency;
     version,
     about = "Load-testing and simulation harness for sharded payment systems",
     long_about = "Load-testing and simulation harness for sharded payment systems, with a \
-reference payment system to drive.\n\nQuick start:\n  shardpay serve            # the reference system on http://127.0.0.1:8006, 4 shards in ./data\n  curl -X POST localhost:8006/create_user/alice/500.00\n  shardpay audit            # prove no money was created, lost or paid twice"
+reference payment system to drive.\n\nQuick start:\n  shardpay run scenarios/mixed.toml     # drive the in-process reference system, audit, report\n  shardpay run scenarios/smoke.toml --target http://127.0.0.1:8006\n  shardpay sweep scenarios/cross-shard.toml --shards 1,2,4\n  shardpay compare reports/A reports/B\n  shardpay serve            # the reference system on http://127.0.0.1:8006, 4 shards in ./data\n  shardpay audit            # prove no money was created, lost or paid twice"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +30,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a scenario and report on it (start here)
+    ///
+    /// Creates the scenario's accounts, drives its traffic (goose), measures
+    /// latency per kind and shard in microseconds, settles and checks the
+    /// simulator's books, runs the system's audit, and writes
+    /// reports/<scenario>-<time>/report.json, report.html and summary.txt.
+    /// Without --target the reference system runs in-process on SQLite shard
+    /// files. Exit status: 0 passed, 1 a threshold or the audit failed (the
+    /// summary says which), 2 an error (such as a malformed scenario).
+    Run(simulate::RunArgs),
+    /// Run a scenario once per shard count and compare the runs
+    ///
+    /// Each run uses the in-process reference system with that many shards;
+    /// the comparison (compare.md, compare.json) gives scaling efficiency.
+    Sweep(simulate::SweepArgs),
+    /// Compare reports side by side
+    ///
+    /// Throughput, latency percentiles per kind, errors and audit verdicts;
+    /// scaling efficiency against the report with the fewest shards when the
+    /// shard counts differ.
+    Compare(simulate::CompareArgs),
+    /// Merge reports of runs that drove one system at once (several load
+    /// machines) into one
+    ///
+    /// Histograms merge exactly (they are stored losslessly), counts and
+    /// timelines add up, and the scenario's thresholds are judged again.
+    Merge(simulate::MergeArgs),
+    /// Measure the MySQL shards' own limit: the transfer transactions sent
+    /// straight to the databases with sqlx, no HTTP, no services
+    ///
+    /// Same-shard: one transaction per transfer; cross-shard: the saga's
+    /// three. Compare its transfers/s with a run's to see how close the
+    /// services come to what the databases can do.
+    Baseline(simulate::BaselineArgs),
     /// Serve the reference payment system (shard-manager API) on the
     /// embedded backend: one SQLite file per shard in --data-dir.
     Serve(ServeArgs),
@@ -42,6 +79,25 @@ struct ServeArgs {
     /// Directory holding the shard files (created if missing).
     #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
+    /// Keep the shards in these MySQL/MariaDB databases instead of SQLite
+    /// files: one URL per shard, in shard order, comma separated
+    /// (mysql://user:password@host:port/database). scripts/shards.sh up N
+    /// starts local servers and prints the URLs.
+    #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
+    mysql_urls: Vec<String>,
+    /// Connections per MySQL shard: the most transactions one shard runs
+    /// at once.
+    #[arg(long, env = "SHARDPAY_MYSQL_POOL_SIZE", default_value_t = 16)]
+    mysql_pool_size: u32,
+    /// How long a request waits for a MySQL shard connection before the
+    /// shard answers unavailable (503), in ms. Also how long a request
+    /// waits on a shard server that is down.
+    #[arg(
+        long,
+        env = "SHARDPAY_MYSQL_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    mysql_acquire_timeout_ms: u64,
     /// Number of shards, 1 to 64. A data directory keeps the count it was
     /// created with.
     #[arg(long, env = "SHARDPAY_SHARDS", default_value_t = 4)]
@@ -74,7 +130,7 @@ struct ServeArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum DurabilityArg {
+pub enum DurabilityArg {
     Full,
     Normal,
 }
@@ -95,14 +151,37 @@ struct AuditArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The server logs its work; the simulator's commands keep the terminal
+    // for progress and show only warnings (RUST_LOG overrides both).
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
+    let passed = |result: anyhow::Result<bool>| -> anyhow::Result<()> {
+        // 1: the run finished but failed a threshold; errors exit 2.
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2)
+            }
+        }
+    };
     match cli.command {
+        Command::Run(args) => passed(runtime.block_on(simulate::run(args))),
+        Command::Sweep(args) => passed(runtime.block_on(simulate::sweep(args))),
+        Command::Compare(args) => simulate::compare(args),
+        Command::Merge(args) => passed(simulate::merge(args)),
+        Command::Baseline(args) => runtime.block_on(simulate::baseline(args)),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Audit(args) => {
             let ok = runtime.block_on(audit(args))?;
@@ -129,6 +208,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         data_dir: args.data_dir.clone(),
         shards: args.shards,
+        mysql_urls: (!args.mysql_urls.is_empty()).then(|| args.mysql_urls.clone()),
+        mysql: shardpay_reference::ledger::mysql::MysqlConfig {
+            pool_size: args.mysql_pool_size,
+            acquire_timeout: Duration::from_millis(args.mysql_acquire_timeout_ms.max(50)),
+        },
         bind: SocketAddr::new(args.bind, args.port),
         sqlite: SqliteConfig {
             durability: match args.durability {

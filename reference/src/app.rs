@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::http::{self, AppState};
 use crate::ids::ShardId;
+use crate::ledger::mysql::{MysqlConfig, MysqlShard};
 use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
 use crate::ledger::ShardStore;
 use crate::manager::{ManagerConfig, ShardManager};
@@ -24,6 +25,11 @@ pub const RECOVERY_BATCH: u32 = 256;
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub shards: u32,
+    /// MySQL/MariaDB shard databases, one URL per shard in shard order.
+    /// When set, the shards live there (and `data_dir`, `shards` and
+    /// `sqlite` are not used).
+    pub mysql_urls: Option<Vec<String>>,
+    pub mysql: MysqlConfig,
     pub bind: SocketAddr,
     pub sqlite: SqliteConfig,
     pub manager: ManagerConfig,
@@ -37,6 +43,8 @@ impl ServeConfig {
         ServeConfig {
             data_dir: data_dir.into(),
             shards: 4,
+            mysql_urls: None,
+            mysql: MysqlConfig::default(),
             bind: SocketAddr::from(([127, 0, 0, 1], 8006)),
             sqlite: SqliteConfig::default(),
             manager: ManagerConfig::default(),
@@ -85,6 +93,25 @@ pub fn open_embedded(
         .collect()
 }
 
+/// Connects to one MySQL/MariaDB database per shard, in shard order, and
+/// brings each schema up to date.
+pub async fn open_mysql(
+    urls: &[String],
+    config: &MysqlConfig,
+) -> anyhow::Result<Vec<Arc<dyn ShardStore>>> {
+    Ring::new(urls.len() as u32)
+        .map_err(|e| anyhow::anyhow!("{} MySQL shard URLs: {e}", urls.len()))?;
+    let mut stores = Vec::with_capacity(urls.len());
+    for (i, url) in urls.iter().enumerate() {
+        let shard = ShardId::new(i as u32)?;
+        stores.push(
+            Arc::new(MysqlShard::connect(url, shard, urls.len() as u32, config).await?)
+                as Arc<dyn ShardStore>,
+        );
+    }
+    Ok(stores)
+}
+
 /// A built, bound application, not yet serving.
 pub struct App {
     pub addr: SocketAddr,
@@ -96,7 +123,10 @@ pub struct App {
 /// Opens the shards and binds the listener (port 0 picks a free port; the
 /// bound address is in `App::addr`).
 pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
-    let shards = open_embedded(&config.data_dir, config.shards, &config.sqlite)?;
+    let shards = match &config.mysql_urls {
+        Some(urls) => open_mysql(urls, &config.mysql).await?,
+        None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
+    };
     let manager = Arc::new(ShardManager::new(shards, config.manager.clone())?);
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

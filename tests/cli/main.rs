@@ -2,6 +2,9 @@
 //! the two steps of a cross-shard transfer is restarted and recovery
 //! finishes the transfer; `shardpay audit` agrees.
 
+mod run;
+mod shard_kill;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,8 +24,59 @@ impl Drop for Server {
     }
 }
 
+/// Where a served system keeps its shards.
+#[derive(Clone, Copy)]
+enum Storage<'a> {
+    Files(&'a Path),
+    Mysql(&'a [String]),
+}
+
+/// Four fresh MySQL databases on the test server, or `None` (the test is
+/// skipped) when `SHARDPAY_TEST_MYSQL_URL` is unset, unless
+/// `SHARDPAY_REQUIRE_MYSQL=1` makes that a failure.
+fn mysql_databases() -> Option<Vec<String>> {
+    let server = match std::env::var("SHARDPAY_TEST_MYSQL_URL") {
+        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
+        _ => {
+            assert!(
+                std::env::var("SHARDPAY_REQUIRE_MYSQL").as_deref() != Ok("1"),
+                "SHARDPAY_REQUIRE_MYSQL=1 but SHARDPAY_TEST_MYSQL_URL is not set"
+            );
+            eprintln!("MySQL test skipped: set SHARDPAY_TEST_MYSQL_URL (scripts/shards.sh up 1)");
+            return None;
+        }
+    };
+    let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
+        let mut urls = Vec::new();
+        for i in 0..4 {
+            let db = format!("{prefix}_{i}");
+            sqlx::query(&format!("CREATE DATABASE {db}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            urls.push(format!("{server}/{db}"));
+        }
+        Some(urls)
+    })
+}
+
 /// Starts `shardpay serve` on a free port and reads the URL it prints.
 fn serve(data_dir: &Path, fault: Option<&str>) -> Server {
+    serve_on(Storage::Files(data_dir), fault)
+}
+
+fn serve_on(storage: Storage<'_>, fault: Option<&str>) -> Server {
+    serve_with(storage, fault, &[])
+}
+
+fn serve_with(storage: Storage<'_>, fault: Option<&str>, extra: &[&str]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shardpay"));
     command
         .args([
@@ -34,11 +88,17 @@ fn serve(data_dir: &Path, fault: Option<&str>) -> Server {
             "--recovery-interval-ms",
             "50",
         ])
-        .arg("--data-dir")
-        .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(match std::env::var_os("SHARDPAY_TEST_SERVE_LOG") {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::null(),
+        });
+    match storage {
+        Storage::Files(dir) => command.arg("--data-dir").arg(dir),
+        Storage::Mysql(urls) => command.arg("--mysql-urls").arg(urls.join(",")),
+    };
+    command.args(extra);
     if let Some(fault) = fault {
         command.env("SHARDPAY_FAULT", fault);
     }
@@ -93,9 +153,21 @@ fn ring_pair() -> (String, String) {
 #[test]
 fn a_crash_between_debit_and_credit_is_finished_by_recovery() {
     let dir = tempfile::tempdir().unwrap();
+    crash_between_debit_and_credit(Storage::Files(dir.path()));
+}
+
+#[test]
+fn on_mysql_shards_a_crash_between_debit_and_credit_is_finished_by_recovery() {
+    let Some(urls) = mysql_databases() else {
+        return;
+    };
+    crash_between_debit_and_credit(Storage::Mysql(&urls));
+}
+
+fn crash_between_debit_and_credit(storage: Storage<'_>) {
     let (payer, payee) = ring_pair();
     {
-        let server = serve(dir.path(), None);
+        let server = serve_on(storage, None);
         for (id, opening) in [(&payer, "100.00"), (&payee, "0")] {
             let body = json!({"id": id, "opening_balance": opening});
             let (status, _) = post(&format!("{}/v1/accounts", server.url), body, id).unwrap();
@@ -105,7 +177,7 @@ fn a_crash_between_debit_and_credit_is_finished_by_recovery() {
     let transfer = json!({"from": payer, "to": payee, "amount": "12.34"});
     {
         // This process aborts right after step (a) commits.
-        let mut server = serve(dir.path(), Some("crash_after_debit"));
+        let mut server = serve_on(storage, Some("crash_after_debit"));
         let url = format!("{}/v1/transfers", server.url);
         assert!(
             post(&url, transfer.clone(), "crash-1").is_err(),
@@ -114,7 +186,7 @@ fn a_crash_between_debit_and_credit_is_finished_by_recovery() {
         let status = server.child.wait().unwrap();
         assert!(!status.success(), "the process should have aborted");
     }
-    let server = serve(dir.path(), None);
+    let server = serve_on(storage, None);
     let balance =
         |id: &str| get(&format!("{}/v1/accounts/{id}", server.url))["balance_minor"].as_i64();
     assert_eq!(

@@ -6,6 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
@@ -18,8 +19,10 @@ use crate::money::{format_minor, Amount, Currency};
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/accounts", post(create_account).get(list_accounts))
+        .route("/v1/accounts/bulk", post(create_accounts_bulk))
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/transfers", post(create_transfer))
+        .route("/v1/transfers/lookup", post(lookup_transfers))
         .route("/v1/transfers/{id}", get(get_transfer))
         .route("/v1/shards", get(shards))
         .route("/v1/audit", get(run_audit))
@@ -139,6 +142,38 @@ async fn create_account(
     IdempotencyHeader(key): IdempotencyHeader,
     ApiJson(body): ApiJson<CreateAccount>,
 ) -> Result<Response, ApiError> {
+    let request = account_request(&state, &body)?;
+    let reply = state
+        .manager
+        .create_account(request, key, &ACCOUNT_VIEW)
+        .await?;
+    Ok(send(reply))
+}
+
+/// Most accounts one bulk request creates; 500 accounts fit well inside the
+/// body limit (`MAX_BODY_BYTES`).
+pub const MAX_BULK: usize = 500;
+/// Creates of one bulk request in flight at once.
+const BULK_CONCURRENCY: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkAccounts {
+    accounts: Vec<CreateAccount>,
+}
+
+#[derive(Serialize)]
+struct BulkResult {
+    id: String,
+    /// The status a single create would have answered: 201, or the error's.
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+}
+
+fn account_request(state: &AppState, body: &CreateAccount) -> Result<AccountRequest, ApiError> {
     let id = AccountId::parse(&body.id)?;
     let currency = match &body.currency {
         Some(code) => Currency::parse(code)?,
@@ -151,16 +186,117 @@ async fn create_account(
         "opening_balance",
     )?
     .unwrap_or(Amount::ZERO);
-    let request = AccountRequest {
+    Ok(AccountRequest {
         id,
         currency,
         opening_balance,
-    };
-    let reply = state
-        .manager
-        .create_account(request, key, &ACCOUNT_VIEW)
-        .await?;
-    Ok(send(reply))
+    })
+}
+
+/// Creates up to `MAX_BULK` accounts in one request. Each account succeeds
+/// or fails on its own (an existing id answers 409 for that item only); the
+/// creates run concurrently, so each shard's writer commits them in groups.
+async fn create_accounts_bulk(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BulkAccounts>,
+) -> Result<Response, ApiError> {
+    if body.accounts.is_empty() || body.accounts.len() > MAX_BULK {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "bulk_size",
+            format!("send 1 to {MAX_BULK} accounts per bulk request"),
+        ));
+    }
+    let creates = body.accounts.into_iter().map(|item| {
+        let state = state.clone();
+        async move {
+            let result = match account_request(&state, &item) {
+                Ok(request) => state
+                    .manager
+                    .create_account(request, None, &ACCOUNT_VIEW)
+                    .await
+                    .map_err(ApiError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(reply) => BulkResult {
+                    id: item.id.clone(),
+                    status: reply.response.status,
+                    account: serde_json::value::RawValue::from_string(reply.response.body).ok(),
+                    error: None,
+                },
+                Err(e) => BulkResult {
+                    id: item.id.clone(),
+                    status: e.status.as_u16(),
+                    account: None,
+                    error: Some(serde_json::json!({ "code": e.code, "message": e.message })),
+                },
+            }
+        }
+    });
+    // Bounded, so a bulk request cannot take every connection of a shard's
+    // pool; the writes of one request still overlap enough to commit in
+    // groups.
+    let results: Vec<BulkResult> = futures_util::stream::iter(creates)
+        .buffered(BULK_CONCURRENCY)
+        .collect()
+        .await;
+    Ok(json_response(
+        200,
+        &serde_json::json!({ "results": results }),
+    ))
+}
+
+fn json_response(status: u16, value: &impl Serialize) -> Response {
+    send(crate::manager::Reply {
+        response: json(status, value),
+        replayed: false,
+    })
+}
+
+/// Most transfers one lookup names.
+pub const MAX_LOOKUP: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Lookup {
+    ids: Vec<String>,
+}
+
+/// Looks up many transfers by id: `found` holds those that exist, `missing`
+/// the ids no shard holds. For clients that check their own books.
+async fn lookup_transfers(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Lookup>,
+) -> Result<Response, ApiError> {
+    if body.ids.len() > MAX_LOOKUP {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "lookup_size",
+            format!("name at most {MAX_LOOKUP} transfers per lookup"),
+        ));
+    }
+    let ids = body
+        .ids
+        .iter()
+        .map(|id| TransferId::parse(id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lookups = ids.iter().map(|id| state.manager.transfer(id));
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for (id, result) in ids
+        .iter()
+        .zip(futures_util::future::join_all(lookups).await)
+    {
+        match result? {
+            Some(t) => found.push(TransferBody::from(&t)),
+            None => missing.push(id.to_string()),
+        }
+    }
+    Ok(json_response(
+        200,
+        &serde_json::json!({ "found": found, "missing": missing }),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -10,6 +10,7 @@
 //! balance, and `~in_flight:<CUR>` holds money between the two local steps
 //! of a cross-shard transfer.
 
+pub mod mysql;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -392,4 +393,45 @@ pub trait ShardStore: Send + Sync + 'static {
         now: TimestampMs,
         limit: u32,
     ) -> Result<u64, StoreError>;
+}
+
+/// Whether the payer of `t`, found with `payer` = (currency, balance), can
+/// pay it: a missing account or another currency is refused outright; lack
+/// of funds is a decline (`Ok(Some)`), kept under the request's key.
+pub(crate) fn payer_refusal(
+    t: &Transfer,
+    payer: Option<(Currency, i64)>,
+) -> Result<Option<Refusal>, StoreError> {
+    let (currency, balance) = payer.ok_or_else(|| Refusal::AccountNotFound(t.payer.clone()))?;
+    if currency != t.currency {
+        return Err(Refusal::CurrencyMismatch {
+            account: t.payer.clone(),
+            account_currency: currency,
+            requested: t.currency,
+        }
+        .into());
+    }
+    if balance < t.amount.minor() {
+        return Ok(Some(Refusal::InsufficientFunds(t.payer.clone())));
+    }
+    Ok(None)
+}
+
+/// Why the payee of `t`, found with `payee` = (currency, balance), cannot
+/// receive it, if it cannot.
+pub(crate) fn payee_refusal(t: &Transfer, payee: Option<(Currency, i64)>) -> Option<Refusal> {
+    let Some((currency, balance)) = payee else {
+        return Some(Refusal::AccountNotFound(t.payee.clone()));
+    };
+    if currency != t.currency {
+        return Some(Refusal::CurrencyMismatch {
+            account: t.payee.clone(),
+            account_currency: currency,
+            requested: t.currency,
+        });
+    }
+    if balance.checked_add(t.amount.minor()).is_none() {
+        return Some(Refusal::BalanceOverflow(t.payee.clone()));
+    }
+    None
 }

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::support::TestApp;
+use crate::support::{mysql_server, Options, TestApp};
 
 const TASKS: usize = 8;
 const TRANSFERS_PER_TASK: usize = 250;
@@ -27,7 +27,23 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_transfers_with_retries_keep_every_balance_exact() {
-    let app = Arc::new(TestApp::start().await);
+    random_transfers(TestApp::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_transfers_on_mysql_shards_keep_every_balance_exact() {
+    if mysql_server().is_none() {
+        return;
+    }
+    let options = Options {
+        mysql: true,
+        ..Options::default()
+    };
+    random_transfers(TestApp::start_with(options).await).await;
+}
+
+async fn random_transfers(app: TestApp) {
+    let app = Arc::new(app);
     let ids: Vec<String> = (0..ACCOUNTS).map(|i| format!("acct_{i}")).collect();
     for id in &ids {
         app.create(id, "50.00").await;

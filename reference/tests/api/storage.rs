@@ -200,6 +200,51 @@ async fn sqlite_backend_passes_the_storage_suite() {
 }
 
 #[tokio::test]
+async fn mysql_backend_passes_the_storage_suite() {
+    let Some(server) = crate::support::mysql_server() else {
+        return;
+    };
+    let mut stores = crate::support::mysql_stores(&server, 2).await;
+    let payee = stores.pop().unwrap();
+    let payer = stores.pop().unwrap();
+    storage_suite(payer, payee).await;
+}
+
+#[tokio::test]
+async fn a_mysql_database_cannot_be_opened_as_another_shard() {
+    use shardpay_reference::ledger::mysql::{MysqlConfig, MysqlShard};
+    use sqlx::Connection;
+    let Some(server) = crate::support::mysql_server() else {
+        return;
+    };
+    let db = format!("t{}_id", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("{server}/{db}");
+    let config = MysqlConfig::default();
+    let shard = |i| ShardId::new(i).unwrap();
+    // A new database becomes shard 1 of 2; it opens as that again, and as
+    // nothing else.
+    MysqlShard::connect(&url, shard(1), 2, &config)
+        .await
+        .unwrap();
+    MysqlShard::connect(&url, shard(1), 2, &config)
+        .await
+        .unwrap();
+    let wrong = MysqlShard::connect(&url, shard(0), 2, &config)
+        .await
+        .err()
+        .expect("opened as another shard");
+    assert!(wrong.to_string().contains("holds shard 1 of 2"), "{wrong}");
+    assert!(MysqlShard::connect(&url, shard(1), 4, &config)
+        .await
+        .is_err());
+}
+
+#[tokio::test]
 async fn sqlite_shard_files_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let shard = ShardId::new(0).unwrap();

@@ -26,6 +26,8 @@ pub struct TestApp {
 pub struct Options {
     pub shards: u32,
     pub manager: ManagerConfig,
+    /// Shard stores on a real MySQL/MariaDB server instead of SQLite files.
+    pub mysql: bool,
 }
 
 impl Default for Options {
@@ -33,8 +35,56 @@ impl Default for Options {
         Options {
             shards: 4,
             manager: ManagerConfig::default(),
+            mysql: false,
         }
     }
+}
+
+/// The server the MySQL tests use: `SHARDPAY_TEST_MYSQL_URL`, such as
+/// `mysql://shardpay:shardpay@127.0.0.1:3316` (`scripts/shards.sh up 1`
+/// starts one). Unset, the MySQL tests say so and pass, unless
+/// `SHARDPAY_REQUIRE_MYSQL=1` (as CI sets) makes that a failure.
+pub fn mysql_server() -> Option<String> {
+    match std::env::var("SHARDPAY_TEST_MYSQL_URL") {
+        Ok(url) if !url.is_empty() => Some(url.trim_end_matches('/').to_string()),
+        _ => {
+            assert!(
+                std::env::var("SHARDPAY_REQUIRE_MYSQL").as_deref() != Ok("1"),
+                "SHARDPAY_REQUIRE_MYSQL=1 but SHARDPAY_TEST_MYSQL_URL is not set; run scripts/shards.sh up 1"
+            );
+            eprintln!("MySQL test skipped: set SHARDPAY_TEST_MYSQL_URL (scripts/shards.sh up 1)");
+            None
+        }
+    }
+}
+
+/// `n` shard stores, each in a fresh database of its own on the MySQL test
+/// server (databases `t<random>_<i>`), so tests never share data.
+pub async fn mysql_stores(server: &str, n: u32) -> Vec<Arc<dyn ShardStore>> {
+    use shardpay_reference::ledger::mysql::{MysqlConfig, MysqlShard};
+    use sqlx::Connection;
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut admin = sqlx::MySqlConnection::connect(server).await.unwrap();
+    let mut stores = Vec::new();
+    for i in 0..n {
+        let db = format!("{prefix}_{i}");
+        sqlx::query(&format!(
+            "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let store = MysqlShard::connect(
+            &format!("{server}/{db}"),
+            ShardId::new(i).unwrap(),
+            n,
+            &MysqlConfig::default(),
+        )
+        .await
+        .unwrap();
+        stores.push(Arc::new(store) as Arc<dyn ShardStore>);
+    }
+    stores
 }
 
 impl TestApp {
@@ -46,8 +96,12 @@ impl TestApp {
     pub async fn start_with(options: Options) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
         let config = ServeConfig::new(dir.path());
-        let stores =
-            app::open_embedded(dir.path(), options.shards, &SqliteConfig::default()).unwrap();
+        let stores = if options.mysql {
+            let server = mysql_server().expect("MySQL tests check mysql_server() first");
+            mysql_stores(&server, options.shards).await
+        } else {
+            app::open_embedded(dir.path(), options.shards, &SqliteConfig::default()).unwrap()
+        };
         let flaky: Vec<Arc<Flaky>> = stores.into_iter().map(Flaky::wrap).collect();
         let stores: Vec<Arc<dyn ShardStore>> = flaky
             .iter()

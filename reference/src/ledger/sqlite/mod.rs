@@ -356,42 +356,13 @@ impl Ctx<'_> {
 
     // --- transfers ------------------------------------------------------
 
-    /// Checks the payer of `t` can pay it: exists, right currency, funds.
-    /// Answers `Ok(Some(decline))` for lack of funds.
+    /// Checks the payer of `t` can pay it (see `ledger::payer_refusal`).
     fn check_payer(&self, t: &Transfer) -> Result<Option<Refusal>, StoreError> {
-        let (currency, balance) = self
-            .user_account(&t.payer)?
-            .ok_or_else(|| Refusal::AccountNotFound(t.payer.clone()))?;
-        if currency != t.currency {
-            return Err(Refusal::CurrencyMismatch {
-                account: t.payer.clone(),
-                account_currency: currency,
-                requested: t.currency,
-            }
-            .into());
-        }
-        if balance < t.amount.minor() {
-            return Ok(Some(Refusal::InsufficientFunds(t.payer.clone())));
-        }
-        Ok(None)
+        super::payer_refusal(t, self.user_account(&t.payer)?)
     }
 
-    /// Why the payee of `t` cannot receive it here, if it cannot.
     fn payee_refusal(&self, t: &Transfer) -> Result<Option<Refusal>, StoreError> {
-        let Some((currency, balance)) = self.user_account(&t.payee)? else {
-            return Ok(Some(Refusal::AccountNotFound(t.payee.clone())));
-        };
-        if currency != t.currency {
-            return Ok(Some(Refusal::CurrencyMismatch {
-                account: t.payee.clone(),
-                account_currency: currency,
-                requested: t.currency,
-            }));
-        }
-        if balance.checked_add(t.amount.minor()).is_none() {
-            return Ok(Some(Refusal::BalanceOverflow(t.payee.clone())));
-        }
-        Ok(None)
+        Ok(super::payee_refusal(t, self.user_account(&t.payee)?))
     }
 
     /// Keeps a decline under the request's key and answers it.

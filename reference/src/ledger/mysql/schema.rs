@@ -1,0 +1,126 @@
+//! The shard schema on MySQL/MariaDB, as numbered migrations applied in
+//! order and recorded in `schema_migrations`. The same tables as the
+//! embedded backend; ids compare as bytes (`utf8mb4_bin`), as in SQLite, so
+//! both backends list accounts in the same order.
+
+use sqlx::MySqlPool;
+
+/// Each entry is one migration, a list of statements. Append only.
+pub const MIGRATIONS: &[&[&str]] = &[
+    // 1: the ledger.
+    &[
+        r#"CREATE TABLE accounts (
+            id             VARCHAR(64) NOT NULL PRIMARY KEY,
+            kind           VARCHAR(16) NOT NULL CHECK (kind IN ('user', 'funding', 'in_flight')),
+            currency       CHAR(3) NOT NULL,
+            balance_minor  BIGINT NOT NULL,
+            created_at_ms  BIGINT NOT NULL,
+            CONSTRAINT user_balance_not_negative CHECK (kind <> 'user' OR balance_minor >= 0)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE transfers (
+            id             VARCHAR(64) NOT NULL PRIMARY KEY,
+            payer          VARCHAR(64) NOT NULL,
+            payee          VARCHAR(64) NOT NULL,
+            amount_minor   BIGINT NOT NULL CHECK (amount_minor > 0),
+            currency       CHAR(3) NOT NULL,
+            payer_shard    INT NOT NULL,
+            payee_shard    INT NOT NULL,
+            state          VARCHAR(16) NOT NULL CHECK (state IN ('pending', 'completed', 'failed')),
+            failure_code   VARCHAR(64) NULL,
+            created_at_ms  BIGINT NOT NULL,
+            updated_at_ms  BIGINT NOT NULL,
+            KEY transfers_state (state, created_at_ms)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE inbound_credits (
+            transfer_id    VARCHAR(64) NOT NULL PRIMARY KEY,
+            payer          VARCHAR(64) NOT NULL,
+            payee          VARCHAR(64) NOT NULL,
+            amount_minor   BIGINT NOT NULL CHECK (amount_minor > 0),
+            currency       CHAR(3) NOT NULL,
+            payer_shard    INT NOT NULL,
+            outcome        VARCHAR(16) NOT NULL CHECK (outcome IN ('credited', 'refused')),
+            refusal_code   VARCHAR(64) NULL,
+            created_at_ms  BIGINT NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE ledger_entries (
+            id             BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            transfer_id    VARCHAR(80) NOT NULL,
+            account_id     VARCHAR(80) NOT NULL,
+            amount_minor   BIGINT NOT NULL CHECK (amount_minor <> 0),
+            currency       CHAR(3) NOT NULL,
+            created_at_ms  BIGINT NOT NULL,
+            KEY ledger_entries_account (account_id, id),
+            KEY ledger_entries_transfer (transfer_id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE outbox (
+            id              BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            event_id        CHAR(32) NOT NULL UNIQUE,
+            event_type      VARCHAR(64) NOT NULL,
+            aggregate_id    VARCHAR(80) NOT NULL,
+            payload         TEXT NOT NULL,
+            created_at_ms   BIGINT NOT NULL,
+            published_at_ms BIGINT NULL,
+            KEY outbox_unpublished (published_at_ms, id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE idempotency_keys (
+            scope           VARCHAR(64) NOT NULL,
+            `key`           VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+            fingerprint     VARCHAR(128) NOT NULL,
+            resource_id     VARCHAR(80) NULL,
+            response_status SMALLINT UNSIGNED NULL,
+            response_body   MEDIUMTEXT NULL,
+            created_at_ms   BIGINT NOT NULL,
+            expires_at_ms   BIGINT NOT NULL,
+            PRIMARY KEY (scope, `key`),
+            KEY idempotency_keys_expiry (expires_at_ms)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+    ],
+    // 2: which shard of how many this database is, so a database cannot be
+    // opened as another shard, or under another shard count.
+    &[r#"CREATE TABLE shard_identity (
+            singleton    TINYINT NOT NULL PRIMARY KEY CHECK (singleton = 1),
+            shard_index  INT NOT NULL,
+            shard_count  INT NOT NULL
+        ) ENGINE=InnoDB"#],
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("shard database is at schema version {found}, newer than this build knows ({known}); use a newer shardpay")]
+    TooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Brings the database's schema up to date. DDL commits on its own in
+/// MySQL, so each statement is applied and then the version recorded; a
+/// migration is written so that a crash part-way is visible, not silent.
+pub async fn migrate(pool: &MySqlPool) -> Result<(), MigrationError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version BIGINT NOT NULL PRIMARY KEY,
+            applied_at_ms BIGINT NOT NULL
+        ) ENGINE=InnoDB",
+    )
+    .execute(pool)
+    .await?;
+    let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+        .fetch_one(pool)
+        .await?;
+    let found = found.unwrap_or(0);
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(MigrationError::TooNew { found, known });
+    }
+    for (index, statements) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        for sql in *statements {
+            sqlx::query(sql).execute(pool).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)")
+            .bind(index as i64 + 1)
+            .bind(super::super::now_ms())
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}

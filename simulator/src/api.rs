@@ -1,0 +1,243 @@
+//! The calls the simulator makes to the system under test, outside the
+//! measured traffic: shard facts, bulk account setup, account balances,
+//! transfer lookups and the audit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use serde_json::json;
+
+/// Accounts per bulk request (the server takes up to 500).
+pub const BULK_BATCH: usize = 500;
+/// Bulk requests in flight during setup: enough to keep every shard's
+/// writer busy with group commits.
+pub const SETUP_CONCURRENCY: usize = 8;
+/// Transfers per lookup request (the server takes up to 1000).
+pub const LOOKUP_BATCH: usize = 1000;
+/// Accounts per page when reading balances back.
+pub const PAGE: usize = 1000;
+/// Timeout of one setup or check request; the audit gets `AUDIT_TIMEOUT`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The audit reads every shard in full.
+pub const AUDIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShardInfo {
+    pub shard: usize,
+    pub name: String,
+    pub healthy: bool,
+    pub transfers: TransferCounts,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+pub struct TransferCounts {
+    pub pending: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+impl TransferCounts {
+    pub fn total(&self) -> u64 {
+        self.pending + self.completed + self.failed
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct TransferView {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub amount_minor: i64,
+    pub state: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> anyhow::Result<Api> {
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Api {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "GET {} failed; is the system running there?",
+                    self.url(path)
+                )
+            })?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("GET {path}: unexpected answer {text}"))
+    }
+
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {} failed", self.url(path)))?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("POST {path} answered {status}: {text}");
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("POST {path}: unexpected answer {text}"))
+    }
+
+    pub async fn shards(&self) -> anyhow::Result<Vec<ShardInfo>> {
+        #[derive(Deserialize)]
+        struct Shards {
+            shards: Vec<ShardInfo>,
+        }
+        let s: Shards = self.get_json("/v1/shards").await?;
+        Ok(s.shards)
+    }
+
+    /// Creates accounts in one bulk request; returns each one's shard, in
+    /// the order given.
+    pub async fn create_accounts(
+        &self,
+        ids: &[String],
+        currency: &str,
+        opening_balance_minor: &[i64],
+    ) -> anyhow::Result<Vec<u16>> {
+        let accounts: Vec<_> = ids
+            .iter()
+            .zip(opening_balance_minor)
+            .map(|(id, minor)| json!({ "id": id, "currency": currency, "opening_balance_minor": minor }))
+            .collect();
+        #[derive(Deserialize)]
+        struct Item {
+            id: String,
+            status: u16,
+            account: Option<serde_json::Value>,
+            error: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct Bulk {
+            results: Vec<Item>,
+        }
+        let bulk: Bulk = self
+            .post_json("/v1/accounts/bulk", &json!({ "accounts": accounts }))
+            .await?;
+        let mut shards = Vec::with_capacity(ids.len());
+        for (want, item) in ids.iter().zip(bulk.results) {
+            if item.status != 201 || &item.id != want {
+                bail!(
+                    "creating account {} answered {}: {}",
+                    item.id,
+                    item.status,
+                    item.error.unwrap_or_default()
+                );
+            }
+            let shard = item
+                .account
+                .as_ref()
+                .and_then(|a| a["shard"].as_u64())
+                .context("the bulk answer gives no shard")?;
+            shards.push(shard as u16);
+        }
+        Ok(shards)
+    }
+
+    /// Balances of every account whose id starts with `prefix`.
+    pub async fn balances(&self, prefix: &str) -> anyhow::Result<HashMap<String, i64>> {
+        #[derive(Deserialize)]
+        struct Row {
+            id: String,
+            balance_minor: i64,
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            data: Vec<Row>,
+            next_after: Option<String>,
+        }
+        // Ids sort as text, so the prefix's accounts are one run of pages
+        // starting just below the prefix itself.
+        let mut out = HashMap::new();
+        let mut after = prefix.trim_end_matches('_').to_string();
+        loop {
+            let page: Page = self
+                .get_json(&format!("/v1/accounts?limit={PAGE}&after={after}"))
+                .await?;
+            let mut beyond = false;
+            for row in &page.data {
+                if row.id.starts_with(prefix) {
+                    out.insert(row.id.clone(), row.balance_minor);
+                } else if row.id.as_str() > prefix {
+                    beyond = true;
+                }
+            }
+            match page.next_after {
+                Some(next) if !beyond => after = next,
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Looks transfers up by id; returns those found.
+    pub async fn lookup(&self, ids: &[String]) -> anyhow::Result<Vec<TransferView>> {
+        #[derive(Deserialize)]
+        struct Found {
+            found: Vec<TransferView>,
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LOOKUP_BATCH) {
+            let f: Found = self
+                .post_json("/v1/transfers/lookup", &json!({ "ids": chunk }))
+                .await?;
+            out.extend(f.found);
+        }
+        Ok(out)
+    }
+
+    /// The system's own ledger audit, as it answers it.
+    pub async fn audit(&self) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .client
+            .get(self.url("/v1/audit"))
+            .timeout(AUDIT_TIMEOUT)
+            .send()
+            .await
+            .context("GET /v1/audit failed")?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("GET /v1/audit answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+}

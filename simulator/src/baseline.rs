@@ -1,0 +1,314 @@
+//! The raw-database baseline: the transfer transactions the reference
+//! system runs, sent straight to the MySQL shards with sqlx, with no HTTP
+//! and no services in between, at a given concurrency. Its TPS is the
+//! ceiling the services' TPS is measured against.
+//!
+//! Each shard URL's database gets a sibling `<database>_baseline` holding
+//! accounts, transfers, credits, entries and outbox tables of the same
+//! shape; it is dropped and created afresh on every run.
+//! - same-shard: one transaction locking both accounts in id order, two
+//!   balance updates, two entries, the transfer row and an outbox row;
+//! - cross-shard: the saga's three transactions: debit into in-flight on
+//!   the payer's shard, credit from in-flight on the payee's, completion on
+//!   the payer's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::{Connection, MySqlPool};
+
+use crate::record::new_histogram;
+use crate::report::Hist;
+
+/// Accounts per shard in the baseline tables: enough that random pairs
+/// rarely collide, as in the scenarios.
+pub const ACCOUNTS_PER_SHARD: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineKind {
+    SameShard,
+    CrossShard,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaselineResult {
+    pub kind: BaselineKind,
+    pub shards: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub transfers: u64,
+    pub tps: f64,
+    /// Latency of one whole transfer (all its transactions), microseconds.
+    pub latency: Hist,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE accounts (id VARCHAR(64) NOT NULL PRIMARY KEY, balance_minor BIGINT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE transfers (id VARCHAR(64) NOT NULL PRIMARY KEY, payer VARCHAR(64) NOT NULL, payee VARCHAR(64) NOT NULL, amount_minor BIGINT NOT NULL, state VARCHAR(16) NOT NULL, created_at_ms BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE inbound_credits (transfer_id VARCHAR(64) NOT NULL PRIMARY KEY, payee VARCHAR(64) NOT NULL, amount_minor BIGINT NOT NULL, created_at_ms BIGINT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE ledger_entries (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, transfer_id VARCHAR(64) NOT NULL, account_id VARCHAR(64) NOT NULL, amount_minor BIGINT NOT NULL, KEY (transfer_id)) ENGINE=InnoDB",
+    "CREATE TABLE outbox (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, event_id CHAR(32) NOT NULL UNIQUE, payload TEXT NOT NULL) ENGINE=InnoDB",
+];
+
+fn split(url: &str) -> anyhow::Result<(&str, &str)> {
+    url.rsplit_once('/')
+        .filter(|(server, db)| server.contains("://") && !server.ends_with('/') && !db.is_empty())
+        .with_context(|| {
+            format!(
+                "{} names no database",
+                shardpay_reference::ledger::mysql::redact(url)
+            )
+        })
+}
+
+/// Creates the baseline database next to each shard's, with its accounts.
+async fn prepare(urls: &[String], pool_size: u32) -> anyhow::Result<Vec<MySqlPool>> {
+    let mut pools = Vec::new();
+    for url in urls {
+        let (server, db) = split(url)?;
+        let name = format!("{db}_baseline");
+        let mut admin = sqlx::MySqlConnection::connect(server).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect(&format!("{server}/{name}"))
+            .await?;
+        for sql in SCHEMA {
+            sqlx::query(sql).execute(&pool).await?;
+        }
+        // Accounts in batches of 1,000 rows, plus the in-flight account.
+        for start in (0..ACCOUNTS_PER_SHARD).step_by(1000) {
+            let values: Vec<String> = (start..(start + 1000).min(ACCOUNTS_PER_SHARD))
+                .map(|i| format!("('a{i}', 1000000000)"))
+                .collect();
+            sqlx::query(&format!(
+                "INSERT INTO accounts (id, balance_minor) VALUES {}",
+                values.join(",")
+            ))
+            .execute(&pool)
+            .await?;
+        }
+        sqlx::query("INSERT INTO accounts (id, balance_minor) VALUES ('~in_flight', 0)")
+            .execute(&pool)
+            .await?;
+        pools.push(pool);
+    }
+    Ok(pools)
+}
+
+fn now_ms() -> i64 {
+    shardpay_reference::ledger::now_ms()
+}
+
+async fn same_shard(
+    pool: &MySqlPool,
+    payer: u32,
+    payee: u32,
+    amount: i64,
+) -> Result<(), sqlx::Error> {
+    let id = uuid_like();
+    let (a, b) = (format!("a{payer}"), format!("a{payee}"));
+    let mut tx = pool.begin().await?;
+    let (first, second) = if a <= b { (&a, &b) } else { (&b, &a) };
+    for account in [first, second] {
+        sqlx::query("SELECT balance_minor FROM accounts WHERE id = ? FOR UPDATE")
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await?;
+    }
+    post(&mut tx, &id, [(a.as_str(), -amount), (b.as_str(), amount)]).await?;
+    let now = now_ms();
+    sqlx::query("INSERT INTO transfers (id, payer, payee, amount_minor, state, created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, 'completed', ?, ?)")
+        .bind(&id).bind(&a).bind(&b).bind(amount).bind(now).bind(now)
+        .execute(&mut *tx).await?;
+    outbox(&mut tx, &id).await?;
+    tx.commit().await
+}
+
+async fn cross_shard(
+    payer_pool: &MySqlPool,
+    payee_pool: &MySqlPool,
+    payer: u32,
+    payee: u32,
+    amount: i64,
+) -> Result<(), sqlx::Error> {
+    let id = uuid_like();
+    let (a, b) = (format!("a{payer}"), format!("a{payee}"));
+    let now = now_ms();
+    // (a) debit into in-flight.
+    let mut tx = payer_pool.begin().await?;
+    sqlx::query("SELECT balance_minor FROM accounts WHERE id = ? FOR UPDATE")
+        .bind(&a)
+        .fetch_one(&mut *tx)
+        .await?;
+    post(
+        &mut tx,
+        &id,
+        [(a.as_str(), -amount), ("~in_flight", amount)],
+    )
+    .await?;
+    sqlx::query("INSERT INTO transfers (id, payer, payee, amount_minor, state, created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, 'pending', ?, ?)")
+        .bind(&id).bind(&a).bind(&b).bind(amount).bind(now).bind(now)
+        .execute(&mut *tx).await?;
+    outbox(&mut tx, &id).await?;
+    tx.commit().await?;
+    // (b) credit from in-flight.
+    let mut tx = payee_pool.begin().await?;
+    sqlx::query("SELECT balance_minor FROM accounts WHERE id = ? FOR UPDATE")
+        .bind(&b)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO inbound_credits (transfer_id, payee, amount_minor, created_at_ms) VALUES (?, ?, ?, ?)")
+        .bind(&id).bind(&b).bind(amount).bind(now)
+        .execute(&mut *tx).await?;
+    post(
+        &mut tx,
+        &id,
+        [("~in_flight", -amount), (b.as_str(), amount)],
+    )
+    .await?;
+    tx.commit().await?;
+    // (c) complete.
+    sqlx::query("UPDATE transfers SET state = 'completed', updated_at_ms = ? WHERE id = ?")
+        .bind(now_ms())
+        .bind(&id)
+        .execute(payer_pool)
+        .await?;
+    Ok(())
+}
+
+/// Two balance changes with their ledger entries.
+async fn post(
+    conn: &mut sqlx::MySqlConnection,
+    transfer_id: &str,
+    moves: [(&str, i64); 2],
+) -> Result<(), sqlx::Error> {
+    for (account, delta) in moves {
+        sqlx::query("UPDATE accounts SET balance_minor = balance_minor + ? WHERE id = ?")
+            .bind(delta)
+            .bind(account)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (transfer_id, account_id, amount_minor) VALUES (?, ?, ?)",
+        )
+        .bind(transfer_id)
+        .bind(account)
+        .bind(delta)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn outbox(conn: &mut sqlx::MySqlConnection, transfer_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (event_id, payload) VALUES (?, ?)")
+        .bind(uuid_like())
+        .bind(format!("{{\"transfer_id\":\"{transfer_id}\"}}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn uuid_like() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// Runs `concurrency` workers for `seconds` against the shards' baseline
+/// databases and reports transfers per second and latency.
+pub async fn run(
+    urls: &[String],
+    kind: BaselineKind,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<BaselineResult> {
+    anyhow::ensure!(
+        !urls.is_empty(),
+        "the baseline needs at least one shard URL"
+    );
+    anyhow::ensure!(
+        kind == BaselineKind::SameShard || urls.len() > 1,
+        "a cross-shard baseline needs at least two shards"
+    );
+    let per_shard = concurrency.div_ceil(urls.len()) as u32 + 1;
+    let pools = Arc::new(prepare(urls, per_shard * 2).await?);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let (pools, done) = (pools.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
+            let mut hist: Histogram<u64> = new_histogram();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let shard = rng.random_range(0..pools.len());
+                let payer = rng.random_range(0..ACCOUNTS_PER_SHARD);
+                let mut payee = rng.random_range(0..ACCOUNTS_PER_SHARD);
+                if payee == payer {
+                    payee = (payee + 1) % ACCOUNTS_PER_SHARD;
+                }
+                let amount = rng.random_range(100..10_000);
+                let t = Instant::now();
+                let result = match kind {
+                    BaselineKind::SameShard => {
+                        same_shard(&pools[shard], payer, payee, amount).await
+                    }
+                    BaselineKind::CrossShard => {
+                        let other =
+                            (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
+                        cross_shard(&pools[shard], &pools[other], payer, payee, amount).await
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        hist.saturating_record(t.elapsed().as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (hist, errors)
+        }));
+    }
+    let mut hist = new_histogram();
+    for w in workers {
+        let (h, _errors) = w.await?;
+        hist.add(&h).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let transfers = done.load(Ordering::Relaxed);
+    for pool in pools.iter() {
+        pool.close().await;
+    }
+    Ok(BaselineResult {
+        kind,
+        shards: urls.len(),
+        concurrency,
+        seconds: elapsed,
+        transfers,
+        tps: transfers as f64 / elapsed,
+        latency: Hist::of(&hist),
+    })
+}

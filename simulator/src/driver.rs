@@ -1,0 +1,629 @@
+//! The load itself: a goose attack with one scenario whose one transaction
+//! takes the next operation of the plan and executes it. goose runs the
+//! virtual users, their think times and the run's length; the latency we
+//! report is timed here, in microseconds, from each operation's intended
+//! start (open model) or from the moment it is sent (closed model).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use goose::config::GooseConfiguration;
+use goose::goose::{GooseMethod, GooseRequest, GooseUser, Scenario as GooseScenario, Transaction};
+use goose::metrics::GooseMetrics;
+use goose::GooseAttack;
+use serde_json::json;
+
+use crate::accounting::{self, Books, Entry, Outcome};
+use crate::plan::{Op, Plan, Transfer};
+use crate::record::{Class, Recorder, Sample};
+use crate::scenario::{Load, Scenario, Stop};
+use crate::schedule::Schedule;
+use crate::Kind;
+
+/// How long a user that has run out of work sleeps before looking again,
+/// until goose ends the run.
+const IDLE: Duration = Duration::from_millis(20);
+/// Time goose gives the last operations to finish after the run's length.
+pub const GRACE_S: u64 = 2;
+/// Timeout of one measured request. A request slower than this counts as an
+/// error, and its outcome is settled after the run.
+pub const REQUEST_TIMEOUT_S: u64 = 30;
+
+/// Everything the virtual users share.
+pub struct Sim {
+    pub plan: Plan,
+    /// Account index -> id.
+    pub names: Vec<String>,
+    pub currency: String,
+    pub recorder: Recorder,
+    pub books: Books,
+    pub stop: Stop,
+    pub schedule: Option<Schedule>,
+    /// Idempotency keys are `<key_prefix><op>-<n>`: unique per run.
+    pub key_prefix: String,
+    next: AtomicU64,
+    executed: AtomicU64,
+    start: OnceLock<Instant>,
+}
+
+impl Sim {
+    pub fn new(scenario: &Scenario, plan: Plan, names: Vec<String>, key_prefix: String) -> Sim {
+        let schedule = match &scenario.load {
+            Load::Open {
+                start_rate_per_s,
+                stages,
+                ..
+            } => Some(Schedule::new(*start_rate_per_s, stages)),
+            Load::Closed { .. } => None,
+        };
+        Sim {
+            plan,
+            names,
+            currency: scenario.accounts.currency.code().to_string(),
+            recorder: Recorder::new(Duration::from_secs(scenario.warmup_s)),
+            books: Books::default(),
+            stop: scenario.stop,
+            schedule,
+            key_prefix,
+            next: AtomicU64::new(0),
+            executed: AtomicU64::new(0),
+            start: OnceLock::new(),
+        }
+    }
+
+    /// When the first operation started; the run's clock.
+    pub fn started(&self) -> Option<Instant> {
+        self.start.get().copied()
+    }
+
+    /// Operations taken so far (some past the end of the run, not sent).
+    pub fn issued(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Operations executed.
+    pub fn executed(&self) -> u64 {
+        self.executed.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the goose attack to the end of the scenario.
+pub async fn attack(
+    scenario: &Scenario,
+    sim: Arc<Sim>,
+    base_url: &str,
+) -> anyhow::Result<GooseMetrics> {
+    let mut config = GooseConfiguration::default();
+    let users = scenario.load.users() as usize;
+    config.host = Some(base_url.to_string());
+    config.users = Some(users);
+    // Every user starts at once: the warm-up absorbs the ramp.
+    config.increase_rate = Some(format!("{}", users.max(1) * 100));
+    config.quiet = 1;
+    config.no_print_metrics = true;
+    config.no_error_summary = true;
+    config.no_telnet = true;
+    config.no_autostart = false;
+    config.no_gzip = true;
+    config.timeout = Some(REQUEST_TIMEOUT_S.to_string());
+    match (scenario.stop, &scenario.load) {
+        (Stop::Requests { count }, Load::Closed { .. }) => {
+            // Each user runs its share; users past the count return at once.
+            config.iterations = Some((count as usize).div_ceil(users));
+        }
+        (stop, _) => {
+            let seconds = stop.seconds().expect("timed runs have a length");
+            config.run_time = Some(format!("{}", seconds + GRACE_S));
+        }
+    }
+    let step_sim = sim.clone();
+    let step: goose::goose::TransactionFunction = Arc::new(move |user| {
+        let sim = step_sim.clone();
+        Box::pin(async move {
+            step(user, &sim).await;
+            Ok(())
+        })
+    });
+    let mut payments = GooseScenario::new("payments")
+        .register_transaction(Transaction::new(step).set_name("operation"));
+    if let Load::Closed {
+        think_time_ms: (lo, hi),
+        ..
+    } = scenario.load
+    {
+        if hi > 0 {
+            payments = payments
+                .set_wait_time(Duration::from_millis(lo), Duration::from_millis(hi))
+                .map_err(|e| anyhow::anyhow!("think time: {e}"))?;
+        }
+    }
+    let metrics = GooseAttack::initialize_with_config(config)
+        .map_err(|e| anyhow::anyhow!("cannot set up the load generator: {e}"))?
+        .register_scenario(payments)
+        .execute()
+        .await
+        .map_err(|e| anyhow::anyhow!("the load generator failed: {e}"))?;
+    Ok(metrics)
+}
+
+/// One pass of a virtual user: the next operation, when it is due.
+async fn step(user: &mut GooseUser, sim: &Sim) {
+    let start = *sim.start.get_or_init(Instant::now);
+    let k = sim.next.fetch_add(1, Ordering::Relaxed);
+    let over_count = sim.stop.count().is_some_and(|count| k >= count);
+    let intended = match &sim.schedule {
+        Some(schedule) => match schedule.due(k) {
+            Some(due) if !over_count => {
+                let at = start + due;
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            _ => return idle(sim).await,
+        },
+        None if over_count => return idle(sim).await,
+        None => Instant::now(),
+    };
+    if let Some(seconds) = sim.stop.seconds() {
+        if intended.duration_since(start) >= Duration::from_secs(seconds) {
+            return idle(sim).await;
+        }
+    }
+    let op = sim.plan.op(k);
+    sim.executed.fetch_add(1, Ordering::Relaxed);
+    execute(user, sim, k, op, start, intended).await;
+}
+
+/// A user with nothing left to send waits for goose to end the run (closed
+/// runs by count end by goose's iteration limit, so they return at once).
+async fn idle(sim: &Sim) {
+    if sim.stop.seconds().is_some() {
+        tokio::time::sleep(IDLE).await;
+    }
+}
+
+/// An answer to one transfer request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    /// 0: no HTTP answer (connection error or timeout).
+    status: u16,
+    replayed: bool,
+    code: String,
+    id: Option<String>,
+    state: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    fn transport(error: &reqwest::Error) -> Answer {
+        Answer {
+            status: 0,
+            replayed: false,
+            code: if error.is_timeout() {
+                "timeout".into()
+            } else {
+                "transport".into()
+            },
+            id: None,
+            state: None,
+            body: error.to_string(),
+        }
+    }
+
+    async fn read(response: reqwest::Response) -> Answer {
+        let status = response.status().as_u16();
+        let replayed = response
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        let body = match response.text().await {
+            Ok(body) => body,
+            Err(e) => return Answer::transport(&e),
+        };
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let code = value["error"]["code"]
+            .as_str()
+            .or_else(|| value["failure_code"].as_str())
+            .unwrap_or("")
+            .to_string();
+        Answer {
+            status,
+            replayed,
+            code,
+            id: value["id"].as_str().map(str::to_string),
+            state: value["state"].as_str().map(str::to_string),
+            body,
+        }
+    }
+
+    /// The system took the transfer (it has an id and a state).
+    fn accepted(&self) -> bool {
+        matches!(self.status, 201 | 202 | 422) && self.id.is_some() && self.state.is_some()
+    }
+
+    /// A refusal that the system keeps as the key's answer.
+    fn declined(&self) -> bool {
+        matches!(self.status, 402 | 403 | 422)
+            && !self.accepted()
+            && (self.code == "insufficient_funds" || accounting::is_fraud_code(&self.code))
+    }
+
+    /// The key's final answer, if this is one.
+    fn outcome(&self) -> Option<Outcome> {
+        if self.accepted() {
+            Some(Outcome::Accepted {
+                id: self.id.clone().unwrap_or_default(),
+                state: self.state.clone().unwrap_or_default(),
+            })
+        } else if self.declined() {
+            Some(Outcome::Declined {
+                code: self.code.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    fn class(&self) -> Class {
+        if self.replayed && self.outcome().is_some() {
+            Class::Replayed
+        } else if self.accepted() {
+            Class::Accepted
+        } else if self.declined() {
+            Class::Declined
+        } else {
+            Class::Error
+        }
+    }
+
+    fn code_or_status(&self) -> &str {
+        if self.code.is_empty() {
+            match self.state.as_deref() {
+                Some(state) => state,
+                None => "",
+            }
+        } else {
+            &self.code
+        }
+    }
+}
+
+fn body(sim: &Sim, t: &Transfer, amount_minor: i64) -> serde_json::Value {
+    json!({
+        "from": sim.names[t.payer as usize],
+        "to": sim.names[t.payee as usize],
+        "amount_minor": amount_minor,
+        "currency": sim.currency,
+    })
+}
+
+/// Sends one transfer through goose (so goose counts it too).
+async fn send_goose(
+    user: &mut GooseUser,
+    kind: Kind,
+    key: &str,
+    body: &serde_json::Value,
+) -> Answer {
+    let builder = match user.get_request_builder(&GooseMethod::Post, "/v1/transfers") {
+        Ok(b) => b.header("Idempotency-Key", key).json(body),
+        Err(e) => {
+            return Answer {
+                status: 0,
+                replayed: false,
+                code: "client".into(),
+                id: None,
+                state: None,
+                body: e.to_string(),
+            }
+        }
+    };
+    let request = GooseRequest::builder()
+        .method(GooseMethod::Post)
+        .path("/v1/transfers")
+        .name(kind.as_str())
+        .set_request_builder(builder)
+        .build();
+    match user.request(request).await {
+        Ok(goose) => match goose.response {
+            Ok(response) => Answer::read(response).await,
+            Err(e) => Answer::transport(&e),
+        },
+        Err(e) => Answer {
+            status: 0,
+            replayed: false,
+            code: "client".into(),
+            id: None,
+            state: None,
+            body: e.to_string(),
+        },
+    }
+}
+
+/// Sends one transfer straight through the user's HTTP client, for requests
+/// that race another one of the same user.
+async fn send_raw(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> Answer {
+    match client
+        .post(url)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+    {
+        Ok(response) => Answer::read(response).await,
+        Err(e) => Answer::transport(&e),
+    }
+}
+
+struct Ctx<'a> {
+    sim: &'a Sim,
+    start: Instant,
+    kind: Kind,
+}
+
+impl Ctx<'_> {
+    fn record(&self, t: &Transfer, answer: &Answer, from: Instant, class: Class) {
+        let now = Instant::now();
+        self.sim.recorder.record(&Sample {
+            kind: self.kind,
+            payer_shard: self.sim.plan.shard_of(t.payer),
+            payee_shard: self.sim.plan.shard_of(t.payee),
+            latency: now.duration_since(from),
+            at: now.duration_since(self.start),
+            class,
+            status: answer.status,
+            code: if answer.replayed && class == Class::Replayed {
+                "idempotent_replay"
+            } else {
+                answer.code_or_status()
+            },
+        });
+    }
+
+    fn entry(&self, key: &str, t: &Transfer, fraud_label: Option<bool>) {
+        self.sim.books.sent(
+            key,
+            Entry {
+                payer: t.payer,
+                payee: t.payee,
+                amount_minor: t.amount_minor,
+                outcome: Outcome::Unknown,
+                fraud_label,
+            },
+        );
+    }
+}
+
+async fn execute(
+    user: &mut GooseUser,
+    sim: &Sim,
+    k: u64,
+    op: Op,
+    start: Instant,
+    intended: Instant,
+) {
+    let ctx = Ctx {
+        sim,
+        start,
+        kind: op.kind(),
+    };
+    match op {
+        Op::Single { kind, transfer } => {
+            let key = format!("{}{k}-0", sim.key_prefix);
+            ctx.entry(&key, &transfer, None);
+            let answer = send_goose(
+                user,
+                kind,
+                &key,
+                &body(sim, &transfer, transfer.amount_minor),
+            )
+            .await;
+            if let Some(outcome) = answer.outcome() {
+                sim.books.settle(&key, outcome);
+            }
+            ctx.record(&transfer, &answer, intended, answer.class());
+        }
+        Op::Fraud {
+            fraudulent,
+            transfers,
+        } => {
+            // A burst: back to back, the first timed from the intended start.
+            let mut from = intended;
+            for (n, transfer) in transfers.iter().enumerate() {
+                let key = format!("{}{k}-{n}", sim.key_prefix);
+                ctx.entry(&key, transfer, Some(fraudulent));
+                let answer = send_goose(
+                    user,
+                    Kind::FraudHeavy,
+                    &key,
+                    &body(sim, transfer, transfer.amount_minor),
+                )
+                .await;
+                if let Some(outcome) = answer.outcome() {
+                    sim.books.settle(&key, outcome);
+                }
+                ctx.record(transfer, &answer, from, answer.class());
+                from = Instant::now();
+            }
+        }
+        Op::Retry {
+            transfer,
+            resends,
+            concurrent,
+            changed_amount_minor,
+        } => {
+            retry_group(
+                user,
+                &ctx,
+                k,
+                transfer,
+                resends,
+                concurrent,
+                changed_amount_minor,
+                intended,
+            )
+            .await
+        }
+    }
+}
+
+/// One transfer sent 1 + `resends` times under one key, `concurrent` of them
+/// racing the first. Exactly one request may execute it; every other answer
+/// must be a replay identical to that one's, or a 409 while it runs.
+#[allow(clippy::too_many_arguments)]
+async fn retry_group(
+    user: &mut GooseUser,
+    ctx: &Ctx<'_>,
+    k: u64,
+    transfer: Transfer,
+    resends: u32,
+    concurrent: u32,
+    changed_amount_minor: Option<i64>,
+    intended: Instant,
+) {
+    let sim = ctx.sim;
+    sim.books.retry_group();
+    let key = format!("{}{k}-0", sim.key_prefix);
+    ctx.entry(&key, &transfer, None);
+    let request_body = body(sim, &transfer, transfer.amount_minor);
+    let client = user.client.clone();
+    let url = format!("{}v1/transfers", user.base_url);
+
+    // The first request and its racers.
+    let racers = (0..concurrent).map(|_| async {
+        let sent = Instant::now();
+        (send_raw(&client, &url, &key, &request_body).await, sent)
+    });
+    let first = async {
+        (
+            send_goose(user, Kind::IdempotentRetry, &key, &request_body).await,
+            intended,
+        )
+    };
+    let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));
+    let mut answers = vec![first];
+    answers.extend(raced);
+
+    // Then the resends that wait for an answer.
+    for _ in concurrent..resends {
+        let sent = Instant::now();
+        let answer = send_raw(&client, &url, &key, &request_body).await;
+        answers.push((answer, sent));
+    }
+
+    // The executing answer: the one that is final and not a replay.
+    let executed: Vec<&Answer> = answers
+        .iter()
+        .map(|(a, _)| a)
+        .filter(|a| a.outcome().is_some() && !a.replayed)
+        .collect();
+    if executed.len() > 1 {
+        sim.books.violation(format!(
+            "key {key}: executed {} times ({})",
+            executed.len(),
+            executed
+                .iter()
+                .map(|a| a.id.clone().unwrap_or_else(|| a.code.clone()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let reference = executed.first().copied().cloned().or_else(|| {
+        answers
+            .iter()
+            .find(|(a, _)| a.outcome().is_some())
+            .map(|(a, _)| a.clone())
+    });
+    if let Some(outcome) = reference.as_ref().and_then(Answer::outcome) {
+        sim.books.settle(&key, outcome);
+    }
+    for (answer, sent) in &answers {
+        let mut class = answer.class();
+        if answer.status == 409 && answer.code == "idempotency_key_in_flight" {
+            class = Class::Replayed;
+        } else if answer.replayed {
+            let matches = reference
+                .as_ref()
+                .is_some_and(|r| r.status == answer.status && r.body == answer.body);
+            if !matches {
+                class = Class::Error;
+                sim.books.violation(format!(
+                    "key {key}: replay answered {} {} but the request executed with {}",
+                    answer.status,
+                    answer.body,
+                    reference
+                        .as_ref()
+                        .map(|r| format!("{} {}", r.status, r.body))
+                        .unwrap_or_else(|| "no final answer".into())
+                ));
+            }
+        }
+        ctx.record(&transfer, answer, *sent, class);
+    }
+
+    // The same key with another amount must be refused and change nothing.
+    // Only once the key has a stored answer: before that, a changed body
+    // would simply be a new request.
+    if let (Some(amount), Some(_)) = (changed_amount_minor, &reference) {
+        let sent = Instant::now();
+        let answer = send_raw(&client, &url, &key, &body(sim, &transfer, amount)).await;
+        let refused = answer.status == 422 && answer.code == "idempotency_key_reused";
+        if !refused && answer.status != 0 {
+            sim.books.violation(format!(
+                "key {key}: a changed body answered {} {} instead of 422 idempotency_key_reused",
+                answer.status, answer.body
+            ));
+        }
+        let class = if refused {
+            Class::Declined
+        } else {
+            Class::Error
+        };
+        ctx.record(&transfer, &answer, sent, class);
+    }
+}
+
+/// After the run: sends every request whose answer never came again, with
+/// its key and body, until it has one. Returns how many were settled.
+pub async fn settle_unknown(sim: &Sim, base_url: &str) -> anyhow::Result<(u64, u64)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(REQUEST_TIMEOUT_S))
+        .build()?;
+    let url = format!("{}/v1/transfers", base_url.trim_end_matches('/'));
+    let mut settled = 0;
+    let mut unsettled = 0;
+    for (key, entry) in sim.books.entries() {
+        if entry.outcome != Outcome::Unknown {
+            continue;
+        }
+        let t = Transfer {
+            payer: entry.payer,
+            payee: entry.payee,
+            amount_minor: entry.amount_minor,
+        };
+        let mut outcome = None;
+        // A 409 means a request with this key is still running: wait a bit.
+        for attempt in 0..20 {
+            let answer = send_raw(&client, &url, &key, &body(sim, &t, t.amount_minor)).await;
+            outcome = answer.outcome();
+            if outcome.is_some()
+                || answer.status != 409 && answer.status != 0 && answer.status < 500
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+        }
+        match outcome {
+            Some(o) => {
+                sim.books.settle(&key, o);
+                settled += 1;
+            }
+            None => unsettled += 1,
+        }
+    }
+    Ok((settled, unsettled))
+}

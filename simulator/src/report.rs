@@ -1,0 +1,625 @@
+//! `report.json`: a versioned schema. Histograms are stored losslessly (the
+//! HdrHistogram V2 encoding, base64), next to readable summaries, so reports
+//! from several runs or machines merge into exactly the histogram of all
+//! their samples. Also the terminal summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::accounting::Accounting;
+use crate::record::{new_histogram, Counts};
+
+/// The schema this build writes. Readers refuse other major versions.
+pub const SCHEMA: &str = "shardpay.report/1";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub schema: String,
+    pub scenario: ScenarioInfo,
+    pub run: RunInfo,
+    pub machine: Machine,
+    pub totals: Totals,
+    pub by_kind: BTreeMap<String, Counts>,
+    pub latency: Latency,
+    pub timeline: Timeline,
+    /// Every answer that was not a plain accepted transfer, by status and
+    /// code (status 0: no HTTP answer).
+    pub outcomes: Vec<OutcomeRow>,
+    pub accounting: Accounting,
+    pub audit: Audit,
+    pub thresholds: Vec<ThresholdResult>,
+    /// The raw-database baseline measured before the load, when asked for.
+    #[serde(default)]
+    pub baseline: Option<Baseline>,
+    pub resources: Resources,
+    pub passed: bool,
+    pub failures: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScenarioInfo {
+    pub name: String,
+    pub file: String,
+    pub seed: u64,
+    pub model: String,
+    /// The scenario file as it was read.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub shards: usize,
+    /// "sqlite" (embedded), or what the target says it runs on.
+    pub backend: String,
+    /// "embedded" or the URL driven.
+    pub target: String,
+    pub git_commit: String,
+    pub simulator_version: String,
+    /// Prefix of this run's account ids and idempotency keys.
+    pub run_id: String,
+    pub accounts: u64,
+    pub warmup_s: u64,
+    /// Measured window: from the end of the warm-up to the last answer.
+    pub measured_s: f64,
+    pub operations: u64,
+    pub users: u32,
+    /// Requests goose counted (a cross-check of our own count).
+    pub goose_requests: u64,
+    /// Stopped early by Ctrl-C; the books and audit cover what ran, and the
+    /// run fails.
+    pub interrupted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    pub os: String,
+    pub arch: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_bytes: u64,
+    pub hostname: String,
+}
+
+impl Machine {
+    pub fn here() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string();
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Machine {
+            os: std::env::consts::OS.to_string(),
+            arch: std::env::consts::ARCH.to_string(),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model,
+            memory_bytes,
+            hostname,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Totals {
+    pub counts: Counts,
+    /// Accepted transfers per second over the measured window.
+    pub tps: f64,
+    /// Requests per second over the measured window.
+    pub rps: f64,
+    /// errors / requests.
+    pub error_rate: f64,
+}
+
+/// A histogram in microseconds: the summary for reading, `hdr` for merging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hist {
+    pub count: u64,
+    pub min_us: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// HdrHistogram V2 encoding, base64.
+    pub hdr: String,
+}
+
+impl Hist {
+    pub fn of(h: &Histogram<u64>) -> Hist {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(h, &mut bytes)
+            .expect("serializing to memory cannot fail");
+        let q = |x: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(x)
+            }
+        };
+        Hist {
+            count: h.len(),
+            min_us: if h.is_empty() { 0 } else { h.min() },
+            mean_us: if h.is_empty() {
+                0.0
+            } else {
+                (h.mean() * 10.0).round() / 10.0
+            },
+            p50_us: q(0.50),
+            p90_us: q(0.90),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: if h.is_empty() { 0 } else { h.max() },
+            hdr: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    pub fn decode(&self) -> anyhow::Result<Histogram<u64>> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.hdr)
+            .context("histogram is not base64")?;
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| anyhow::anyhow!("histogram does not decode: {e:?}"))?;
+        Ok(h)
+    }
+
+    /// Exactly the histogram of both sets of samples.
+    pub fn merge(&self, other: &Hist) -> anyhow::Result<Hist> {
+        let mut a = self.decode()?;
+        let b = other.decode()?;
+        let mut merged = new_histogram();
+        merged.add(&a).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        merged.add(&b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        a.reset();
+        Ok(Hist::of(&merged))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub all: Hist,
+    pub kinds: BTreeMap<String, Hist>,
+    /// By payer shard.
+    pub shards: BTreeMap<String, Hist>,
+    /// Cross-shard requests by "payer->payee" shard pair.
+    pub pairs: BTreeMap<String, Hist>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Timeline {
+    /// Seconds per slot.
+    pub interval_s: u64,
+    pub warmup_s: u64,
+    /// Accepted transfers per second, by payer shard.
+    pub shards: BTreeMap<String, Vec<u64>>,
+    pub errors: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutcomeRow {
+    pub status: u16,
+    pub code: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Audit {
+    pub ok: bool,
+    pub summary: String,
+    /// The system's audit answer as it gave it.
+    pub raw: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThresholdResult {
+    pub name: String,
+    pub limit: String,
+    pub actual: String,
+    pub ok: bool,
+}
+
+/// The transfer transactions sent straight to the shard databases (no HTTP,
+/// no services) at the run's concurrency, and the services' share of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Baseline {
+    pub results: Vec<crate::baseline::BaselineResult>,
+    /// Per kind: the run's accepted transfers per second of that kind
+    /// against the raw-database figure.
+    pub ratios: Vec<BaselineRatio>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaselineRatio {
+    pub kind: String,
+    pub service_tps: f64,
+    pub database_tps: f64,
+    pub ratio: f64,
+}
+
+impl Baseline {
+    pub fn new(results: Vec<crate::baseline::BaselineResult>, report: &Report) -> Baseline {
+        let seconds = report.run.measured_s.max(1e-3);
+        let ratios = results
+            .iter()
+            .map(|r| {
+                let kind = match r.kind {
+                    crate::baseline::BaselineKind::SameShard => "same_shard",
+                    crate::baseline::BaselineKind::CrossShard => "cross_shard",
+                };
+                // A sole kind's TPS is the run's; in a mix, the kind's own.
+                let accepted = report
+                    .by_kind
+                    .get(kind)
+                    .map(|c| c.accepted)
+                    .unwrap_or(report.totals.counts.accepted);
+                let service_tps = if report.by_kind.len() == 1 {
+                    report.totals.tps
+                } else {
+                    accepted as f64 / seconds
+                };
+                BaselineRatio {
+                    kind: kind.into(),
+                    service_tps,
+                    database_tps: r.tps,
+                    ratio: if r.tps > 0.0 {
+                        service_tps / r.tps
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect();
+        Baseline { results, ratios }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Resources {
+    /// CPU seconds the simulator used during the load (the in-process
+    /// reference system's threads excluded).
+    pub simulator_cpu_s: f64,
+    /// CPU seconds of the in-process reference system, when embedded.
+    pub system_cpu_s: Option<f64>,
+    pub wall_s: f64,
+    /// simulator_cpu_s / (wall_s * cpus).
+    pub simulator_cpu_share: f64,
+}
+
+impl Report {
+    pub fn read(path: &Path) -> anyhow::Result<Report> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let schema = value["schema"].as_str().unwrap_or("");
+        if schema.split('/').next() != Some("shardpay.report") {
+            bail!(
+                "{} is not a shardpay report (no \"schema\": \"{SCHEMA}\")",
+                path.display()
+            );
+        }
+        if schema != SCHEMA {
+            bail!(
+                "{} has schema {schema}; this build reads {SCHEMA}",
+                path.display()
+            );
+        }
+        serde_json::from_value(value)
+            .with_context(|| format!("{} does not match {SCHEMA}", path.display()))
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// The terminal summary.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let t = &self.totals;
+        let _ = writeln!(
+            out,
+            "\n{} · seed {} · {} shards ({}) · {} model · {} users · {:.1} s measured",
+            self.scenario.name,
+            self.scenario.seed,
+            self.run.shards,
+            self.run.backend,
+            self.scenario.model,
+            self.run.users,
+            self.run.measured_s
+        );
+        let _ = writeln!(
+            out,
+            "{:.0} transfers/s · {:.0} requests/s · {} requests · {} accepted · {} replayed · {} declined · {} errors ({:.3}%)",
+            t.tps,
+            t.rps,
+            t.counts.requests,
+            t.counts.accepted,
+            t.counts.replayed,
+            t.counts.declined,
+            t.counts.errors,
+            t.error_rate * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max"
+        );
+        let mut row = |name: &str, h: &Hist| {
+            let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                h.count,
+                ms(h.p50_us),
+                ms(h.p90_us),
+                ms(h.p99_us),
+                ms(h.p999_us),
+                ms(h.max_us)
+            );
+        };
+        row("all", &self.latency.all);
+        for (k, h) in &self.latency.kinds {
+            row(k, h);
+        }
+        for (s, h) in &self.latency.shards {
+            row(&format!("shard {s}"), h);
+        }
+        if !self.outcomes.is_empty() {
+            let _ = writeln!(out, "\n{:<8} {:<32} {:>9}", "status", "code", "count");
+            for o in &self.outcomes {
+                let _ = writeln!(out, "{:<8} {:<32} {:>9}", o.status, o.code, o.count);
+            }
+        }
+        let a = &self.accounting;
+        let _ = writeln!(
+            out,
+            "\naudit: {} · accounting: {} ({} transfers sent, {} accepted, {} retry groups{})",
+            if self.audit.ok { "passed" } else { "FAILED" },
+            if a.ok { "passed" } else { "FAILED" },
+            a.transfers_sent,
+            a.transfers_accepted,
+            a.retry_groups,
+            if a.settled_after_run > 0 {
+                format!(", {} settled after the run", a.settled_after_run)
+            } else {
+                String::new()
+            }
+        );
+        for c in a.checks.iter().filter(|c| !c.ok) {
+            let _ = writeln!(out, "  FAILED {}: {}", c.name, c.detail);
+        }
+        if let Some(b) = &self.baseline {
+            let _ = writeln!(
+                out,
+                "\nagainst the raw databases (same concurrency, no HTTP):"
+            );
+            for r in &b.ratios {
+                let _ = writeln!(
+                    out,
+                    "  {}: services {:.0}/s, databases {:.0}/s: {:.0}%",
+                    r.kind,
+                    r.service_tps,
+                    r.database_tps,
+                    r.ratio * 100.0
+                );
+            }
+        }
+        if !self.thresholds.is_empty() {
+            let _ = writeln!(out, "\nthresholds:");
+            for th in &self.thresholds {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: {} (limit {})",
+                    if th.ok { "ok    " } else { "FAILED" },
+                    th.name,
+                    th.actual,
+                    th.limit
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\nsimulator CPU: {:.1} s of {:.1} s wall on {} cpus ({:.0}% of the machine){}",
+            self.resources.simulator_cpu_s,
+            self.resources.wall_s,
+            self.machine.cpus,
+            self.resources.simulator_cpu_share * 100.0,
+            self.resources
+                .system_cpu_s
+                .map(|s| format!("; reference system {s:.1} s"))
+                .unwrap_or_default()
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn merged_reports_equal_the_histogram_of_all_samples() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (mut a, mut b, mut all) = (new_histogram(), new_histogram(), new_histogram());
+        for i in 0..20_000 {
+            // Two machines: one fast, one slow with a long tail.
+            let us: u64 = if i % 2 == 0 {
+                rng.random_range(200..5_000)
+            } else {
+                rng.random_range(1_000..2_000_000)
+            };
+            let target = if i % 2 == 0 { &mut a } else { &mut b };
+            target.record(us).unwrap();
+            all.record(us).unwrap();
+        }
+        // Through JSON, as two report files would carry them.
+        let a_json = serde_json::to_string(&Hist::of(&a)).unwrap();
+        let b_json = serde_json::to_string(&Hist::of(&b)).unwrap();
+        let a_back: Hist = serde_json::from_str(&a_json).unwrap();
+        let b_back: Hist = serde_json::from_str(&b_json).unwrap();
+        let merged = a_back.merge(&b_back).unwrap().decode().unwrap();
+        assert_eq!(merged.len(), all.len());
+        let got: Vec<_> = merged
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        let want: Vec<_> = all
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(merged, all);
+        assert_eq!(Hist::of(&merged), Hist::of(&all));
+        // And a merge is not a no-op: each part alone differs.
+        assert_ne!(Hist::of(&a).p99_us, Hist::of(&all).p99_us);
+    }
+}
+
+/// Merges reports of runs that drove one system together (from several
+/// machines, say): histograms merge exactly, counts and timelines add up,
+/// the books and audits must all have passed, and the first report's
+/// scenario thresholds are judged again on the merged figures.
+pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
+    let Some(first) = reports.first() else {
+        bail!("give at least one report to merge");
+    };
+    let mut out = first.clone();
+    for r in &reports[1..] {
+        if r.scenario.name != first.scenario.name {
+            bail!(
+                "cannot merge runs of different scenarios ({} and {})",
+                first.scenario.name,
+                r.scenario.name
+            );
+        }
+        let merge_map = |into: &mut BTreeMap<String, Hist>,
+                         from: &BTreeMap<String, Hist>|
+         -> anyhow::Result<()> {
+            for (k, h) in from {
+                let merged = match into.get(k) {
+                    Some(mine) => mine.merge(h)?,
+                    None => h.clone(),
+                };
+                into.insert(k.clone(), merged);
+            }
+            Ok(())
+        };
+        out.latency.all = out.latency.all.merge(&r.latency.all)?;
+        merge_map(&mut out.latency.kinds, &r.latency.kinds)?;
+        merge_map(&mut out.latency.shards, &r.latency.shards)?;
+        merge_map(&mut out.latency.pairs, &r.latency.pairs)?;
+        add_counts(&mut out.totals.counts, &r.totals.counts);
+        for (k, c) in &r.by_kind {
+            add_counts(out.by_kind.entry(k.clone()).or_default(), c);
+        }
+        for (shard, series) in &r.timeline.shards {
+            add_series(
+                out.timeline.shards.entry(shard.clone()).or_default(),
+                series,
+            );
+        }
+        add_series(&mut out.timeline.errors, &r.timeline.errors);
+        for o in &r.outcomes {
+            match out
+                .outcomes
+                .iter_mut()
+                .find(|m| m.status == o.status && m.code == o.code)
+            {
+                Some(m) => m.count += o.count,
+                None => out.outcomes.push(o.clone()),
+            }
+        }
+        let run = &mut out.run;
+        run.target = format!("{} + {}", run.target, r.run.target);
+        run.operations += r.run.operations;
+        run.users += r.run.users;
+        run.goose_requests += r.run.goose_requests;
+        run.accounts += r.run.accounts;
+        run.measured_s = run.measured_s.max(r.run.measured_s);
+        run.interrupted |= r.run.interrupted;
+        out.machine.cpus += r.machine.cpus;
+        out.machine.hostname = format!("{} + {}", out.machine.hostname, r.machine.hostname);
+        let a = &mut out.accounting;
+        a.ok &= r.accounting.ok;
+        a.checks.extend(r.accounting.checks.iter().cloned());
+        a.transfers_sent += r.accounting.transfers_sent;
+        a.transfers_accepted += r.accounting.transfers_accepted;
+        a.transfers_declined += r.accounting.transfers_declined;
+        a.settled_after_run += r.accounting.settled_after_run;
+        a.unsettled += r.accounting.unsettled;
+        a.retry_groups += r.accounting.retry_groups;
+        a.violations.extend(r.accounting.violations.iter().cloned());
+        out.audit.ok &= r.audit.ok;
+        if !r.audit.ok {
+            out.audit.summary = format!("{}; {}", out.audit.summary, r.audit.summary);
+        }
+        out.resources.simulator_cpu_s += r.resources.simulator_cpu_s;
+        out.resources.wall_s = out.resources.wall_s.max(r.resources.wall_s);
+    }
+    out.outcomes.sort_by(|a, b| b.count.cmp(&a.count));
+    let c = out.totals.counts;
+    let seconds = out.run.measured_s.max(1e-3);
+    out.totals.tps = c.accepted as f64 / seconds;
+    out.totals.rps = c.requests as f64 / seconds;
+    out.totals.error_rate = if c.requests == 0 {
+        0.0
+    } else {
+        c.errors as f64 / c.requests as f64
+    };
+    out.resources.simulator_cpu_share =
+        out.resources.simulator_cpu_s / (out.resources.wall_s * out.machine.cpus as f64).max(1e-9);
+    let scenario = crate::scenario::parse(&out.scenario.source, &out.scenario.file)
+        .map_err(|e| anyhow::anyhow!("the report's scenario no longer reads: {e}"))?;
+    crate::run::judge(&scenario, &mut out);
+    Ok(out)
+}
+
+fn add_counts(into: &mut Counts, from: &Counts) {
+    into.requests += from.requests;
+    into.accepted += from.accepted;
+    into.replayed += from.replayed;
+    into.declined += from.declined;
+    into.errors += from.errors;
+}
+
+fn add_series(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        *a += b;
+    }
+}

@@ -1,0 +1,982 @@
+//! One run, from start to report: start the reference system in-process
+//! (or use the target given), create the accounts, drive the load, settle
+//! and check the books, run the system's audit, judge the thresholds, and
+//! write `report.json`, `report.html` and the terminal summary.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
+
+use crate::accounting::{self, Accounting, Check, Outcome};
+use crate::api::{Api, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::driver::{self, Sim};
+use crate::plan::Plan;
+use crate::record::Measured;
+use crate::report::{
+    Audit, Hist, Latency, Machine, OutcomeRow, Report, Resources, RunInfo, ScenarioInfo,
+    ThresholdResult, Timeline, Totals, SCHEMA,
+};
+use crate::scenario::{Scenario, Stop};
+use crate::Kind;
+
+/// How long the books wait, after the run, for pending cross-shard
+/// transfers to finish (the reference system's recovery finishes them
+/// within seconds; its audit deadline is 60 s).
+pub const PENDING_DEADLINE: Duration = Duration::from_secs(120);
+/// Thread-name prefixes of the in-process reference system, so its CPU time
+/// is told apart from the simulator's.
+const SERVER_THREADS: [&str; 2] = ["sp-server", "shard-"];
+
+/// What a run drives.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The reference system started in this process on SQLite shard files:
+    /// in `data_dir` when given (kept), else in a temporary directory.
+    Embedded {
+        shards: u32,
+        data_dir: Option<PathBuf>,
+        durability: Durability,
+        /// Keep the shards in MySQL/MariaDB databases instead of SQLite.
+        mysql: Option<MysqlShards>,
+    },
+    /// A system already running at this base URL.
+    Url(String),
+}
+
+/// MySQL/MariaDB shard databases for the in-process system.
+#[derive(Debug, Clone)]
+pub struct MysqlShards {
+    /// One URL per shard, in shard order; the run uses the first `shards`.
+    pub urls: Vec<String>,
+    /// Drop and create the databases before the run, so the run starts from
+    /// empty shards (only for databases the simulator owns, such as those
+    /// of `scripts/shards.sh`).
+    pub fresh: bool,
+}
+
+/// Empties a shard database: drops and creates it.
+async fn recreate_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let (server, db) = url
+        .rsplit_once('/')
+        .filter(|(server, db)| server.contains("://") && !server.ends_with('/') && !db.is_empty())
+        .with_context(|| {
+            format!(
+                "{} names no database",
+                shardpay_reference::ledger::mysql::redact(url)
+            )
+        })?;
+    anyhow::ensure!(
+        db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "database name {db:?}: use letters, digits and '_'"
+    );
+    let mut admin = sqlx::MySqlConnection::connect(server)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                shardpay_reference::ledger::mysql::redact(server)
+            )
+        })?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    ))
+    .execute(&mut admin)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub target: Target,
+    /// Parent of the run's report folder.
+    pub reports_dir: PathBuf,
+    /// Show progress bars (when stderr is a terminal) and the summary.
+    pub progress: bool,
+    /// With MySQL shards: before the load, measure the raw-database
+    /// baseline for this many seconds per kind, at the scenario's
+    /// concurrency, so the report states the services' share of it.
+    pub baseline_s: Option<u64>,
+}
+
+pub struct RunResult {
+    pub report: Report,
+    pub dir: PathBuf,
+}
+
+/// The reference system running on its own threads and runtime, so the
+/// simulator's measurements of itself leave it out.
+struct Embedded {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Embedded {
+    async fn start(
+        shards: u32,
+        data_dir: Option<PathBuf>,
+        durability: Durability,
+        mysql: Option<MysqlShards>,
+    ) -> anyhow::Result<Embedded> {
+        let mysql_urls = match mysql {
+            None => None,
+            Some(m) => {
+                anyhow::ensure!(
+                    m.urls.len() >= shards as usize,
+                    "{shards} shards need {shards} MySQL URLs; {} given",
+                    m.urls.len()
+                );
+                let urls: Vec<String> = m.urls[..shards as usize].to_vec();
+                if m.fresh {
+                    for url in &urls {
+                        recreate_database(url).await?;
+                    }
+                }
+                Some(urls)
+            }
+        };
+        let (temp, dir) = match data_dir {
+            Some(dir) => {
+                if dir.join("shardpay.json").exists() {
+                    bail!(
+                        "{} already holds shard files; give a new --data-dir (a run needs fresh shards so its books start from zero)",
+                        dir.display()
+                    );
+                }
+                (None, dir)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("shardpay-run-")
+                    .tempdir()
+                    .context("cannot create a temporary data directory")?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        let mut config = ServeConfig::new(&dir);
+        config.shards = shards;
+        config.mysql_urls = mysql_urls;
+        config.bind = "127.0.0.1:0".parse().expect("constant address");
+        config.sqlite = SqliteConfig {
+            durability,
+            ..SqliteConfig::default()
+        };
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sp-server-main".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("sp-server")
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let app = match app::build(config).await {
+                        Ok(app) => app,
+                        Err(e) => {
+                            let message = format!("{e:#}");
+                            let _ = addr_tx.send(Err(e));
+                            anyhow::bail!(message);
+                        }
+                    };
+                    let _ = addr_tx.send(Ok(app.addr));
+                    app.run_until(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                })
+            })?;
+        let addr = addr_rx
+            .await
+            .context("the reference system did not start")??;
+        Ok(Embedded {
+            url: format!("http://{addr}"),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _temp: temp,
+        })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("the reference system panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+/// CPU seconds used by this process, and by the threads of the in-process
+/// reference system, from /proc (Linux; zeros elsewhere).
+fn cpu_seconds() -> (f64, f64) {
+    // Linux reports these in clock ticks of 1/100 s on every common build.
+    const TICKS_PER_S: f64 = 100.0;
+    let ticks = |stat: &str| -> f64 {
+        // Fields after the command name, which is in parentheses.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+        let stime: f64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+        (utime + stime) / TICKS_PER_S
+    };
+    let total = std::fs::read_to_string("/proc/self/stat")
+        .map(|s| ticks(&s))
+        .unwrap_or(0.0);
+    let mut server = 0.0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if SERVER_THREADS.iter().any(|p| comm.starts_with(p)) {
+                server += std::fs::read_to_string(task.path().join("stat"))
+                    .map(|s| ticks(&s))
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    (total, server)
+}
+
+fn git_commit() -> String {
+    let out = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match out(&["rev-parse", "HEAD"]) {
+        Some(commit) => {
+            let dirty = out(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{commit}-dirty")
+            } else {
+                commit
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
+fn report_dir(parent: &Path, name: &str, stamp: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    for n in 1.. {
+        let dir = if n == 1 {
+            parent.join(format!("{name}-{stamp}"))
+        } else {
+            parent.join(format!("{name}-{stamp}-{n}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    unreachable!()
+}
+
+fn bar(progress: bool, len: u64, template: &str) -> ProgressBar {
+    if !progress || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Opening balance of each account the run creates: the scenario's for the
+/// regular accounts, zero for the new payees of fraud bursts after them.
+fn opening_balances(scenario: &Scenario, accounts: usize) -> Vec<i64> {
+    let regular = scenario.accounts.count as usize;
+    (0..accounts)
+        .map(|i| {
+            if i < regular {
+                scenario.accounts.opening_balance.minor()
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Creates the run's accounts in bulk; returns each one's shard.
+async fn setup(
+    api: &Api,
+    scenario: &Scenario,
+    names: &[String],
+    progress: bool,
+) -> anyhow::Result<Vec<u16>> {
+    let opening = opening_balances(scenario, names.len());
+    let bar = bar(
+        progress,
+        names.len() as u64,
+        "creating accounts [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+    );
+    let currency = scenario.accounts.currency.code().to_string();
+    let batches = names.chunks(BULK_BATCH).zip(opening.chunks(BULK_BATCH));
+    let shards: Vec<Vec<u16>> = futures_util::stream::iter(batches)
+        .map(|(ids, minor)| {
+            let bar = bar.clone();
+            let currency = currency.clone();
+            async move {
+                let shards = api.create_accounts(ids, &currency, minor).await?;
+                bar.inc(ids.len() as u64);
+                anyhow::Ok(shards)
+            }
+        })
+        .buffered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    bar.finish_and_clear();
+    Ok(shards.into_iter().flatten().collect())
+}
+
+/// Live progress: a bar on a terminal, a line every 5 s otherwise.
+fn spawn_progress(
+    sim: Arc<Sim>,
+    scenario: &Scenario,
+    progress: bool,
+) -> (tokio::task::JoinHandle<()>, ProgressBar) {
+    let total_s = scenario.stop.seconds();
+    let count = scenario.stop.count();
+    let bar = bar(
+        progress,
+        total_s.or(count).unwrap_or(0),
+        "{prefix} [{bar:30}] {msg}",
+    );
+    let plain = progress && !std::io::stderr().is_terminal();
+    let b = bar.clone();
+    let handle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_accepted = 0;
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            let Some(start) = sim.started() else { continue };
+            let live = sim.recorder.live();
+            let elapsed = start.elapsed().as_secs();
+            let tps = live.accepted - last_accepted;
+            last_accepted = live.accepted;
+            let msg = format!(
+                "{elapsed} s · {tps} tps · {} requests · {} errors · p99 {:.1} ms",
+                live.requests,
+                live.errors,
+                live.p99_us as f64 / 1000.0
+            );
+            b.set_prefix("running");
+            b.set_position(if total_s.is_some() {
+                elapsed
+            } else {
+                sim.executed()
+            });
+            b.set_message(msg.clone());
+            n += 1;
+            if plain && n % 5 == 0 {
+                eprintln!("  {msg}");
+            }
+        }
+    });
+    (handle, bar)
+}
+
+/// Runs a scenario against the target and writes its report.
+pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunResult> {
+    let started_at = chrono::Utc::now();
+    let (embedded, base_url) = match &options.target {
+        Target::Embedded {
+            shards,
+            data_dir,
+            durability,
+            mysql,
+        } => {
+            let system =
+                Embedded::start(*shards, data_dir.clone(), *durability, mysql.clone()).await?;
+            let url = system.url.clone();
+            (Some(system), url)
+        }
+        Target::Url(url) => (None, url.trim_end_matches('/').to_string()),
+    };
+    let backend = match &options.target {
+        Target::Embedded { mysql: Some(m), .. } => Backend::Mysql { fresh: m.fresh },
+        Target::Embedded { .. } => Backend::Sqlite,
+        Target::Url(_) => Backend::Remote,
+    };
+    let result = drive(scenario, options, &base_url, backend, started_at).await;
+    if let Some(system) = embedded {
+        system.stop().await?;
+    }
+    result
+}
+
+/// What the run drives, for the report and for how ids are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Mysql { fresh: bool },
+    Remote,
+}
+
+async fn drive(
+    scenario: &Scenario,
+    options: &RunOptions,
+    base_url: &str,
+    backend: Backend,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<RunResult> {
+    let embedded = backend != Backend::Remote;
+    // Ids follow from the seed only on shards the run knows are empty.
+    let fresh = matches!(backend, Backend::Sqlite | Backend::Mysql { fresh: true });
+    let say = |text: String| {
+        if options.progress {
+            eprintln!("{text}");
+        }
+    };
+    let api = Api::new(base_url)?;
+    let shard_info = api.shards().await.with_context(|| {
+        format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
+    })?;
+    let shards = shard_info.len();
+    if let Some(down) = shard_info.iter().find(|s| !s.healthy) {
+        bail!(
+            "shard {} ({}) is not healthy; fix it before a run",
+            down.shard,
+            down.name
+        );
+    }
+    let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+
+    // On fresh embedded shards the ids follow from the seed, so the same
+    // seed and file send the same requests. A target may already hold the
+    // ids of an earlier run, so there each run draws its own.
+    let run_id = if fresh {
+        format!("s{:06x}_", crate::plan::mix64(scenario.seed) & 0xff_ffff)
+    } else {
+        format!("r{:06x}_", rand::rng().random_range(0..0x100_0000u32))
+    };
+    let needed = Plan::accounts_needed(scenario);
+    let names: Vec<String> = (0..needed).map(|i| format!("{run_id}{i}")).collect();
+    say(format!(
+        "{}: {} shards at {}; creating {} accounts (run id {run_id})",
+        scenario.name,
+        shards,
+        match backend {
+            Backend::Sqlite => "in-process (SQLite)",
+            Backend::Mysql { .. } => "in-process (MySQL shards)",
+            Backend::Remote => base_url,
+        },
+        needed
+    ));
+    let setup_started = Instant::now();
+    let shard_of = setup(&api, scenario, &names, options.progress).await?;
+    say(format!(
+        "accounts created in {:.2} s",
+        setup_started.elapsed().as_secs_f64()
+    ));
+
+    let baseline = match (&options.target, options.baseline_s) {
+        (Target::Embedded { mysql: Some(m), .. }, Some(seconds)) => {
+            let urls: Vec<String> = m.urls.iter().take(shards).cloned().collect();
+            let mut results = Vec::new();
+            let mut kinds = Vec::new();
+            if scenario.mix.same_shard > 0 || shards == 1 {
+                kinds.push(crate::baseline::BaselineKind::SameShard);
+            }
+            if scenario.mix.cross_shard > 0 && shards > 1 {
+                kinds.push(crate::baseline::BaselineKind::CrossShard);
+            }
+            for kind in kinds {
+                say(format!("raw-database baseline, {kind:?}, {seconds} s"));
+                results.push(
+                    crate::baseline::run(&urls, kind, scenario.load.users() as usize, seconds)
+                        .await?,
+                );
+            }
+            Some(results)
+        }
+        (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
+            bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
+        }
+        _ => None,
+    };
+    let plan = Plan::new(scenario, shard_of, shards as u16);
+    let sim = Arc::new(Sim::new(scenario, plan, names.clone(), run_id.clone()));
+    let (progress, bar) = spawn_progress(sim.clone(), scenario, options.progress);
+    let (cpu0, server0) = cpu_seconds();
+    let wall = Instant::now();
+    let goose = driver::attack(scenario, sim.clone(), base_url).await;
+    let wall_s = wall.elapsed().as_secs_f64();
+    let (cpu1, server1) = cpu_seconds();
+    progress.abort();
+    bar.finish_and_clear();
+    let goose = goose?;
+    // Ctrl-C makes goose end the attack early: fewer operations than the
+    // count, or less time than the length.
+    let executed = sim.executed();
+    let interrupted = match scenario.stop {
+        Stop::Requests { count } => executed < count,
+        Stop::Duration { seconds } => wall_s < seconds as f64,
+        Stop::Either { seconds, count } => executed < count && wall_s < seconds as f64,
+    };
+    if interrupted {
+        say("interrupted: the load stopped early; settling the books and auditing what ran".into());
+    }
+    let goose_requests: u64 = goose
+        .requests
+        .values()
+        .map(|r| (r.success_count + r.fail_count) as u64)
+        .sum();
+
+    say("load done; settling the books and auditing".into());
+    let accounting = check_books(&api, scenario, &sim, &names, transfers_before, embedded).await?;
+    let audit_raw = api.audit().await?;
+    let audit_ok = audit_raw["ok"].as_bool().unwrap_or(false);
+    let audit = Audit {
+        ok: audit_ok,
+        summary: if audit_ok {
+            "every audit check passed".into()
+        } else {
+            let failed: Vec<String> = audit_raw["checks"]
+                .as_array()
+                .map(|checks| {
+                    checks
+                        .iter()
+                        .filter(|c| c["ok"] == false)
+                        .map(|c| {
+                            let problems: Vec<&str> = c["problems"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|p| p.as_str())
+                                .take(3)
+                                .collect();
+                            format!(
+                                "{}: {}",
+                                c["name"].as_str().unwrap_or("?"),
+                                problems.join(", ")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("failed: {}", failed.join("; "))
+        },
+        raw: audit_raw,
+    };
+
+    let sim =
+        Arc::try_unwrap(sim).map_err(|_| anyhow::anyhow!("a virtual user outlived the run"))?;
+    let operations = sim.executed();
+    let measured = sim.recorder.finish();
+    let simulator_cpu_s = if embedded {
+        (cpu1 - cpu0) - (server1 - server0)
+    } else {
+        cpu1 - cpu0
+    };
+    let machine = Machine::here();
+    let resources = Resources {
+        simulator_cpu_s,
+        system_cpu_s: embedded.then_some(server1 - server0),
+        wall_s,
+        simulator_cpu_share: simulator_cpu_s / (wall_s * machine.cpus as f64).max(1e-9),
+    };
+    let mut report = build_report(
+        scenario,
+        measured,
+        accounting,
+        audit,
+        resources,
+        machine,
+        RunInfo {
+            started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            shards,
+            backend: match backend {
+                Backend::Sqlite => "sqlite".into(),
+                Backend::Mysql { .. } => "mysql".into(),
+                Backend::Remote => "remote".into(),
+            },
+            target: if embedded {
+                "embedded".into()
+            } else {
+                base_url.to_string()
+            },
+            git_commit: git_commit(),
+            simulator_version: env!("CARGO_PKG_VERSION").into(),
+            run_id,
+            accounts: needed as u64,
+            warmup_s: scenario.warmup_s,
+            measured_s: 0.0,
+            operations,
+            users: scenario.load.users(),
+            goose_requests,
+            interrupted,
+        },
+    );
+    if let Some(results) = baseline {
+        report.baseline = Some(crate::report::Baseline::new(results, &report));
+    }
+    judge(scenario, &mut report);
+
+    let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
+    let dir = report_dir(&options.reports_dir, &scenario.name, &stamp)?;
+    report.write(&dir.join("report.json"))?;
+    std::fs::write(dir.join("report.html"), crate::html::render(&report))
+        .with_context(|| format!("cannot write {}", dir.join("report.html").display()))?;
+    std::fs::write(dir.join("summary.txt"), report.summary())?;
+    Ok(RunResult { report, dir })
+}
+
+/// Settles unknown answers, waits for pending transfers, and checks the
+/// books against the system.
+async fn check_books(
+    api: &Api,
+    scenario: &Scenario,
+    sim: &Sim,
+    names: &[String],
+    transfers_before: u64,
+    embedded: bool,
+) -> anyhow::Result<Accounting> {
+    let (settled, unsettled) = driver::settle_unknown(sim, &api.base).await?;
+    let mut entries = sim.books.entries();
+    let accepted_ids: Vec<String> = entries
+        .iter()
+        .filter_map(|(_, e)| match &e.outcome {
+            Outcome::Accepted { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    let distinct: HashSet<&String> = accepted_ids.iter().collect();
+    let mut checks = Vec::new();
+    checks.push(Check {
+        name: "one transfer per idempotency key".into(),
+        ok: distinct.len() == accepted_ids.len(),
+        detail: format!(
+            "{} accepted keys, {} distinct transfer ids",
+            accepted_ids.len(),
+            distinct.len()
+        ),
+    });
+
+    // Wait for pending transfers to finish, then read every accepted one.
+    let deadline = Instant::now() + PENDING_DEADLINE;
+    let found = loop {
+        let found = api.lookup(&accepted_ids).await?;
+        let pending = found.iter().filter(|t| t.state == "pending").count();
+        if pending == 0 || Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let by_id: HashMap<&str, &crate::api::TransferView> =
+        found.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut missing = 0;
+    let mut mismatched = Vec::new();
+    let mut still_pending = 0;
+    for (_, e) in entries.iter_mut() {
+        if let Outcome::Accepted { id, state } = &mut e.outcome {
+            match by_id.get(id.as_str()) {
+                None => missing += 1,
+                Some(t) => {
+                    if t.from != names[e.payer as usize]
+                        || t.to != names[e.payee as usize]
+                        || t.amount_minor != e.amount_minor
+                    {
+                        if mismatched.len() < 5 {
+                            mismatched
+                                .push(format!("{id}: {} -> {} {}", t.from, t.to, t.amount_minor));
+                        }
+                    }
+                    if t.state == "pending" {
+                        still_pending += 1;
+                    }
+                    *state = t.state.clone();
+                }
+            }
+        }
+    }
+    checks.push(Check {
+        name: "every accepted transfer exists as sent".into(),
+        ok: missing == 0 && mismatched.is_empty(),
+        detail: if missing == 0 && mismatched.is_empty() {
+            format!(
+                "{} transfers found with their payer, payee and amount",
+                found.len()
+            )
+        } else {
+            format!(
+                "{missing} missing, {} differ from what was sent {}",
+                mismatched.len(),
+                mismatched.join("; ")
+            )
+        },
+    });
+    checks.push(Check {
+        name: "every accepted transfer finished".into(),
+        ok: still_pending == 0,
+        detail: format!(
+            "{still_pending} still pending after waiting up to {} s",
+            PENDING_DEADLINE.as_secs()
+        ),
+    });
+    let (violation_count, violations, retry_groups) = sim.books.violations();
+    checks.push(Check {
+        name: "idempotent retries replayed the first answer".into(),
+        ok: violation_count == 0,
+        detail: format!("{retry_groups} retry groups, {violation_count} violations"),
+    });
+    checks.push(Check {
+        name: "every request has a final answer".into(),
+        ok: unsettled == 0,
+        detail: format!("{settled} settled after the run by resending, {unsettled} unsettled"),
+    });
+
+    // Balances: each account against the books, and the total.
+    let opening = opening_balances(scenario, names.len());
+    let expected = accounting::expected_balances(&entries, &opening);
+    let actual = api.balances(&sim.key_prefix).await?;
+    checks.push(accounting::balance_check(names, &expected, &actual));
+    let total_before: i128 = opening.iter().map(|m| *m as i128).sum();
+    let total_after: i128 = actual.values().map(|m| *m as i128).sum();
+    checks.push(Check {
+        name: "money total unchanged".into(),
+        ok: total_before == total_after && actual.len() == names.len(),
+        detail: format!(
+            "{} accounts hold {total_after} minor units; they opened with {total_before}",
+            actual.len()
+        ),
+    });
+
+    let shard_info = api.shards().await?;
+    let transfers_after: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+    let grew = transfers_after - transfers_before.min(transfers_after);
+    checks.push(Check {
+        name: "no transfer beyond those accepted".into(),
+        ok: grew == distinct.len() as u64 || !embedded && grew > distinct.len() as u64,
+        detail: format!(
+            "the system's transfer count grew by {grew}; the simulator saw {} accepted{}",
+            distinct.len(),
+            if embedded {
+                ""
+            } else {
+                " (other clients of the target would add to the count)"
+            }
+        ),
+    });
+
+    let declined = entries
+        .iter()
+        .filter(|(_, e)| matches!(e.outcome, Outcome::Declined { .. }))
+        .count() as u64;
+    let fraud = accounting::Fraud::from_entries(entries.iter().map(|(_, e)| e));
+    Ok(Accounting {
+        ok: checks.iter().all(|c| c.ok),
+        checks,
+        transfers_sent: entries.len() as u64,
+        transfers_accepted: distinct.len() as u64,
+        transfers_declined: declined,
+        settled_after_run: settled,
+        unsettled,
+        retry_groups,
+        violations,
+        fraud,
+    })
+}
+
+fn build_report(
+    scenario: &Scenario,
+    m: Measured,
+    accounting: Accounting,
+    audit: Audit,
+    resources: Resources,
+    machine: Machine,
+    mut run: RunInfo,
+) -> Report {
+    let measured_s = (m.last_at.as_secs_f64() - scenario.warmup_s as f64).max(1e-3);
+    run.measured_s = (measured_s * 1000.0).round() / 1000.0;
+    let c = m.counts;
+    let totals = Totals {
+        counts: c,
+        tps: c.accepted as f64 / measured_s,
+        rps: c.requests as f64 / measured_s,
+        error_rate: if c.requests == 0 {
+            0.0
+        } else {
+            c.errors as f64 / c.requests as f64
+        },
+    };
+    let latency = Latency {
+        all: Hist::of(&m.all),
+        kinds: m
+            .kinds
+            .iter()
+            .map(|(k, h)| (k.as_str().to_string(), Hist::of(h)))
+            .collect(),
+        shards: m
+            .shards
+            .iter()
+            .map(|(s, h)| (s.to_string(), Hist::of(h)))
+            .collect(),
+        pairs: m
+            .pairs
+            .iter()
+            .map(|((a, b), h)| (format!("{a}->{b}"), Hist::of(h)))
+            .collect(),
+    };
+    let mut shards: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for shard in 0..run.shards as u16 {
+        shards.insert(
+            shard.to_string(),
+            m.timeline
+                .iter()
+                .map(|second| second.get(&shard).copied().unwrap_or(0))
+                .collect(),
+        );
+    }
+    let timeline = Timeline {
+        interval_s: 1,
+        warmup_s: scenario.warmup_s,
+        shards,
+        errors: m.timeline_errors,
+    };
+    let mut outcomes: Vec<OutcomeRow> = m
+        .outcomes
+        .into_iter()
+        .map(|((status, code), count)| OutcomeRow {
+            status,
+            code,
+            count,
+        })
+        .collect();
+    outcomes.sort_by(|a, b| b.count.cmp(&a.count));
+    Report {
+        schema: SCHEMA.into(),
+        scenario: ScenarioInfo {
+            name: scenario.name.clone(),
+            file: scenario.file.clone(),
+            seed: scenario.seed,
+            model: scenario.load.model().into(),
+            source: scenario.source.clone(),
+        },
+        run,
+        machine,
+        totals,
+        by_kind: m
+            .counts_by_kind
+            .iter()
+            .map(|(k, c)| (k.as_str().to_string(), *c))
+            .collect(),
+        latency,
+        timeline,
+        outcomes,
+        accounting,
+        audit,
+        thresholds: Vec::new(),
+        baseline: None,
+        resources,
+        passed: false,
+        failures: Vec::new(),
+    }
+}
+
+/// Judges the scenario's thresholds; sets `passed` and `failures`.
+pub fn judge(scenario: &Scenario, report: &mut Report) {
+    let t = &scenario.thresholds;
+    let mut results = Vec::new();
+    for (kind, limit_ms) in &t.p99_ms {
+        let hist = if kind == "all" {
+            Some(&report.latency.all)
+        } else {
+            report.latency.kinds.get(kind)
+        };
+        let (actual, ok) = match hist.filter(|h| h.count > 0) {
+            Some(h) => {
+                let ms = h.p99_us as f64 / 1000.0;
+                (format!("{ms:.2} ms"), ms <= *limit_ms)
+            }
+            None => ("no requests of this kind".into(), false),
+        };
+        results.push(ThresholdResult {
+            name: format!("p99 latency, {kind}"),
+            limit: format!("<= {limit_ms} ms"),
+            actual,
+            ok,
+        });
+    }
+    if let Some(limit) = t.error_rate {
+        let rate = report.totals.error_rate;
+        results.push(ThresholdResult {
+            name: "error rate".into(),
+            limit: format!("<= {:.3}%", limit * 100.0),
+            actual: format!("{:.3}%", rate * 100.0),
+            ok: rate <= limit,
+        });
+    }
+    if let Some(limit) = t.min_tps {
+        let tps = report.totals.tps;
+        results.push(ThresholdResult {
+            name: "transfers per second".into(),
+            limit: format!(">= {limit}"),
+            actual: format!("{tps:.1}"),
+            ok: tps >= limit,
+        });
+    }
+    if t.audit {
+        let ok = report.audit.ok && report.accounting.ok;
+        results.push(ThresholdResult {
+            name: "audit and accounting".into(),
+            limit: "pass".into(),
+            actual: match (report.audit.ok, report.accounting.ok) {
+                (true, true) => "passed".into(),
+                (false, true) => format!("audit {}", report.audit.summary),
+                (true, false) => "accounting failed".into(),
+                (false, false) => "audit and accounting failed".into(),
+            },
+            ok,
+        });
+    }
+    if report.run.interrupted {
+        results.push(ThresholdResult {
+            name: "run completed".into(),
+            limit: "the whole scenario".into(),
+            actual: "interrupted (Ctrl-C) before its end".into(),
+            ok: false,
+        });
+    }
+    report.failures = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| format!("{}: {} (limit {})", r.name, r.actual, r.limit))
+        .collect();
+    report.passed = report.failures.is_empty();
+    report.thresholds = results;
+}
+
+/// Kinds in the order reports list them.
+pub fn kind_names() -> Vec<&'static str> {
+    Kind::ALL.iter().map(|k| k.as_str()).collect()
+}

@@ -1,0 +1,165 @@
+//! Whole runs on the in-process reference system.
+
+use shardpay_reference::ledger::sqlite::Durability;
+use shardpay_simulator::report::Report;
+use shardpay_simulator::run::{run, RunOptions, Target};
+use shardpay_simulator::Kind;
+
+use crate::scenario;
+
+fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
+    RunOptions {
+        target: Target::Embedded {
+            shards,
+            data_dir: None,
+            durability: Durability::Normal,
+            mysql: None,
+        },
+        reports_dir: reports.to_path_buf(),
+        progress: false,
+        baseline_s: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_run_by_count_passes_and_writes_three_reports() {
+    let reports = tempfile::tempdir().unwrap();
+    let s = scenario(
+        "requests = 400",
+        "model = \"closed\"\nusers = 8",
+        "[thresholds]\nerror_rate = 0.0",
+    );
+    let result = run(&s, &options(reports.path(), 4)).await.unwrap();
+    let r = &result.report;
+    assert!(r.passed, "{:?}\n{}", r.failures, r.summary());
+    assert_eq!(
+        r.run.operations, 400,
+        "a count-bounded run executes exactly its count"
+    );
+    assert!(r.audit.ok && r.accounting.ok);
+    assert_eq!(r.accounting.checks.len(), 8);
+    // Every request is in the overall histogram and in exactly one kind.
+    let c = r.totals.counts;
+    assert_eq!(r.latency.all.count, c.requests);
+    let by_kind: u64 = r.latency.kinds.values().map(|h| h.count).sum();
+    assert_eq!(by_kind, c.requests);
+    let by_shard: u64 = r.latency.shards.values().map(|h| h.count).sum();
+    assert_eq!(by_shard, c.requests);
+    assert_eq!(c.requests, c.accepted + c.replayed + c.declined + c.errors);
+    for kind in Kind::ALL {
+        assert!(
+            r.latency.kinds.contains_key(kind.as_str()),
+            "{kind:?} missing"
+        );
+    }
+    assert!(r.accounting.retry_groups > 0);
+    assert!(!r.latency.pairs.is_empty(), "cross-shard pairs recorded");
+    // goose saw the requests sent through it (racing resends bypass it).
+    assert!(r.run.goose_requests > 0 && r.run.goose_requests <= c.requests);
+
+    for file in ["report.json", "report.html", "summary.txt"] {
+        assert!(result.dir.join(file).is_file(), "{file} missing");
+    }
+    let back = Report::read(&result.dir.join("report.json")).unwrap();
+    assert!(
+        &back == r,
+        "report.json does not read back to the same report"
+    );
+    let html = std::fs::read_to_string(result.dir.join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && !html.contains("<script"),
+        "self-contained"
+    );
+    assert!(html.contains("by payer shard") || html.contains("By payer shard"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_run_sends_its_schedule_and_fails_an_unmeetable_threshold() {
+    let reports = tempfile::tempdir().unwrap();
+    // 100/s for 3 s: 300 operations, whatever the system's speed.
+    let s = scenario(
+        "duration_s = 3",
+        "model = \"open\"\nrate = 100.0\nmax_in_flight = 32",
+        "[thresholds]\nmin_tps = 1000000.0\np99_ms = { same_shard = 0.001 }",
+    );
+    let result = run(&s, &options(reports.path(), 2)).await.unwrap();
+    let r = &result.report;
+    assert_eq!(r.run.operations, 300);
+    assert_eq!(r.scenario.model, "open");
+    assert!(r.audit.ok && r.accounting.ok, "{}", r.summary());
+    assert!(!r.passed);
+    let failed: Vec<&str> = r
+        .thresholds
+        .iter()
+        .filter(|t| !t.ok)
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        vec!["p99 latency, same_shard", "transfers per second"],
+        "{:?}",
+        r.thresholds
+    );
+    assert_eq!(r.failures.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_seed_same_requests() {
+    // The books of two runs with one seed hold the same transfers (account
+    // indices and amounts), whatever the interleaving.
+    let reports = tempfile::tempdir().unwrap();
+    let s = scenario("requests = 150", "model = \"closed\"\nusers = 4", "");
+    let a = run(&s, &options(reports.path(), 2)).await.unwrap().report;
+    let b = run(&s, &options(reports.path(), 2)).await.unwrap().report;
+    assert_eq!(a.accounting.transfers_sent, b.accounting.transfers_sent);
+    assert_eq!(a.accounting.retry_groups, b.accounting.retry_groups);
+    assert_eq!(
+        a.by_kind.keys().collect::<Vec<_>>(),
+        b.by_kind.keys().collect::<Vec<_>>()
+    );
+    for (kind, counts) in &a.by_kind {
+        assert_eq!(
+            counts.requests,
+            b.by_kind[kind].requests,
+            "{kind}\n{}\n{}",
+            a.summary(),
+            b.summary()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_reports_add_up() {
+    let reports = tempfile::tempdir().unwrap();
+    let s = scenario(
+        "requests = 100",
+        "model = \"closed\"\nusers = 4",
+        "[thresholds]\nerror_rate = 0.0",
+    );
+    let a = run(&s, &options(reports.path(), 2)).await.unwrap().report;
+    let b = run(&s, &options(reports.path(), 2)).await.unwrap().report;
+    let m = shardpay_simulator::report::merge(&[a.clone(), b.clone()]).unwrap();
+    let c = m.totals.counts;
+    assert_eq!(
+        c.requests,
+        a.totals.counts.requests + b.totals.counts.requests
+    );
+    assert_eq!(m.latency.all.count, c.requests);
+    assert_eq!(
+        m.latency.all.max_us,
+        a.latency.all.max_us.max(b.latency.all.max_us)
+    );
+    assert_eq!(
+        m.latency.all.min_us,
+        a.latency.all.min_us.min(b.latency.all.min_us)
+    );
+    let timeline: u64 = m.timeline.shards.values().flatten().sum();
+    let parts: u64 = [&a, &b]
+        .iter()
+        .flat_map(|r| r.timeline.shards.values().flatten())
+        .sum();
+    assert_eq!(timeline, parts);
+    assert_eq!(m.run.operations, 200);
+    assert!(m.passed, "{:?}", m.failures);
+    assert_eq!(m.thresholds.len(), 2, "thresholds judged again");
+}

@@ -1,0 +1,484 @@
+//! The simulator's commands: `run`, `sweep` and `compare`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use shardpay_reference::ledger::sqlite::Durability;
+use shardpay_simulator::compare::{self, Comparison};
+use shardpay_simulator::report::Report;
+use shardpay_simulator::run::{self, MysqlShards, RunOptions, Target};
+use shardpay_simulator::scenario::{self, Scenario};
+
+use crate::DurabilityArg;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Scenario file (TOML); see scenarios/README.md. Try scenarios/mixed.toml.
+    pub scenario: PathBuf,
+    /// Drive a system already running at this URL instead of starting the
+    /// reference system in-process.
+    #[arg(long, env = "SHARDPAY_TARGET")]
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    /// Replace the scenario's seed (same seed and file: same requests).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// With --backend mysql: first measure the raw-database baseline for
+    /// this many seconds per kind, so the report gives the services' TPS as
+    /// a share of what the databases do.
+    #[arg(long, value_name = "SECONDS")]
+    pub baseline: Option<u64>,
+    /// Folder that receives the run's report folder.
+    #[arg(long, default_value = "reports")]
+    pub reports: PathBuf,
+    /// No progress output; the summary is still printed.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct EmbeddedArgs {
+    /// Shards of the in-process reference system (ignored with --target).
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
+    /// Keep the in-process system's shard files in this new directory
+    /// (default: a temporary directory, removed after the run).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Durability of the in-process system's commits.
+    #[arg(long, value_enum, default_value = "full")]
+    pub durability: DurabilityArg,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+#[derive(clap::Args)]
+pub struct StorageArgs {
+    /// Where the in-process system keeps its shards: SQLite files, or
+    /// MySQL/MariaDB databases (local servers started by scripts/shards.sh
+    /// when no --mysql-urls are given, and stopped after).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub backend: BackendArg,
+    /// MySQL shard databases, one per shard in order, comma separated. They
+    /// are used as they are: a run adds its own accounts beside earlier data.
+    #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
+    pub mysql_urls: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Sqlite,
+    Mysql,
+}
+
+/// Local shard servers this command started, to stop when it ends.
+struct LocalShards {
+    started: bool,
+}
+
+fn shards_script() -> PathBuf {
+    std::env::var_os("SHARDPAY_SHARDS_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("scripts/shards.sh"))
+}
+
+fn run_script(args: &[&str]) -> anyhow::Result<String> {
+    let script = shards_script();
+    anyhow::ensure!(
+        script.is_file(),
+        "{} not found: run from the shardpay checkout, set SHARDPAY_SHARDS_SCRIPT, or give --mysql-urls",
+        script.display()
+    );
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "{} {} failed:\n{stdout}{}",
+        script.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// The shard databases for a MySQL run: the URLs given, or local servers.
+fn mysql_shards(
+    storage: &StorageArgs,
+    shards: u32,
+) -> anyhow::Result<Option<(MysqlShards, LocalShards)>> {
+    if storage.backend == BackendArg::Sqlite {
+        anyhow::ensure!(
+            storage.mysql_urls.is_empty(),
+            "--mysql-urls needs --backend mysql"
+        );
+        return Ok(None);
+    }
+    if !storage.mysql_urls.is_empty() {
+        return Ok(Some((
+            MysqlShards {
+                urls: storage.mysql_urls.clone(),
+                fresh: false,
+            },
+            LocalShards { started: false },
+        )));
+    }
+    let running = run_script(&["status"])?
+        .lines()
+        .filter(|l| l.contains(": running"))
+        .count();
+    eprintln!("starting local MySQL shard servers (scripts/shards.sh up {shards})");
+    let out = run_script(&["up", &shards.to_string()])?;
+    let urls: Vec<String> = out
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    Ok(Some((
+        MysqlShards { urls, fresh: true },
+        LocalShards {
+            started: running == 0,
+        },
+    )))
+}
+
+impl LocalShards {
+    fn stop(self) {
+        if self.started {
+            match run_script(&["down"]) {
+                Ok(_) => eprintln!("stopped the local MySQL shard servers"),
+                Err(e) => eprintln!("warning: {e:#}"),
+            }
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// Scenario file (TOML).
+    pub scenario: PathBuf,
+    /// Shard counts to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub shards: Vec<u32>,
+    /// Durability of the in-process system's commits (SQLite).
+    #[arg(long, value_enum, default_value = "full")]
+    pub durability: DurabilityArg,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Replace the scenario's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Folder that receives the report folders and the comparison.
+    #[arg(long, default_value = "reports")]
+    pub reports: PathBuf,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// report.json files, or report folders holding one.
+    #[arg(required = true, num_args = 1..)]
+    pub reports: Vec<PathBuf>,
+    /// Also write compare.json and compare.md into this folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// report.json files, or report folders holding one.
+    #[arg(required = true, num_args = 1..)]
+    pub reports: Vec<PathBuf>,
+    /// Folder to write the merged report.json, report.html and summary.txt.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn durability(arg: DurabilityArg) -> Durability {
+    match arg {
+        DurabilityArg::Full => Durability::Full,
+        DurabilityArg::Normal => Durability::Normal,
+    }
+}
+
+fn load_scenario(path: &Path, seed: Option<u64>) -> anyhow::Result<Scenario> {
+    let mut s = scenario::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(seed) = seed {
+        s.seed = seed;
+    }
+    Ok(s)
+}
+
+/// Runs one scenario; returns whether it passed its thresholds.
+pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let scenario = load_scenario(&args.scenario, args.seed)?;
+    let mut local = None;
+    let target = match args.target {
+        Some(url) => Target::Url(url),
+        None => {
+            let mysql = match mysql_shards(&args.embedded.storage, args.embedded.shards)? {
+                Some((m, l)) => {
+                    local = Some(l);
+                    Some(m)
+                }
+                None => None,
+            };
+            Target::Embedded {
+                shards: args.embedded.shards,
+                data_dir: args.embedded.data_dir,
+                durability: durability(args.embedded.durability),
+                mysql,
+            }
+        }
+    };
+    let options = RunOptions {
+        target,
+        reports_dir: args.reports,
+        progress: !args.quiet,
+        baseline_s: args.baseline,
+    };
+    let result = run::run(&scenario, &options).await;
+    if let Some(local) = local {
+        local.stop();
+    }
+    let result = result?;
+    finish(&result.report, &result.dir);
+    Ok(result.report.passed)
+}
+
+fn finish(report: &Report, dir: &Path) {
+    print!("{}", report.summary());
+    println!(
+        "\nreport: {}/report.html (and report.json, summary.txt)",
+        dir.display()
+    );
+    if report.passed {
+        println!("run passed");
+    } else {
+        println!("run FAILED:");
+        for f in &report.failures {
+            println!("  {f}");
+        }
+    }
+}
+
+/// Runs the scenario once per shard count and compares the runs.
+pub async fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
+    let scenario = load_scenario(&args.scenario, args.seed)?;
+    anyhow::ensure!(!args.shards.is_empty(), "--shards: give at least one count");
+    let most = *args.shards.iter().max().expect("checked above");
+    let (mysql, local) = match mysql_shards(&args.storage, most)? {
+        Some((m, l)) => (Some(m), Some(l)),
+        None => (None, None),
+    };
+    let result = sweep_runs(&args, &scenario, mysql).await;
+    if let Some(local) = local {
+        local.stop();
+    }
+    let (reports, all_passed) = result?;
+    let comparison = compare::compare(&reports);
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let dir = args
+        .reports
+        .join(format!("sweep-{}-{stamp}", scenario.name));
+    write_comparison(&comparison, &dir)?;
+    println!("\n{}", comparison.markdown());
+    println!(
+        "comparison: {}/compare.md (and compare.json)",
+        dir.display()
+    );
+    Ok(all_passed)
+}
+
+fn write_comparison(comparison: &Comparison, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(
+        dir.join("compare.json"),
+        serde_json::to_string_pretty(comparison)? + "\n",
+    )?;
+    std::fs::write(dir.join("compare.md"), comparison.markdown())?;
+    Ok(())
+}
+
+fn read_reports(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, Report)>> {
+    let mut reports = Vec::new();
+    for path in paths {
+        let file = if path.is_dir() {
+            path.join("report.json")
+        } else {
+            path.clone()
+        };
+        let report = Report::read(&file)?;
+        let label = file
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| file.display().to_string());
+        reports.push((label, report));
+    }
+    Ok(reports)
+}
+
+pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    let reports = read_reports(&args.reports)?;
+    let comparison = compare::compare(&reports);
+    print!("{}", comparison.markdown());
+    if let Some(dir) = args.out {
+        write_comparison(&comparison, &dir)?;
+        println!(
+            "\ncomparison: {}/compare.md (and compare.json)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Merges reports; returns whether the merged run passes its thresholds.
+pub fn merge(args: MergeArgs) -> anyhow::Result<bool> {
+    let reports: Vec<Report> = read_reports(&args.reports)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let merged = shardpay_simulator::report::merge(&reports)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    merged.write(&args.out.join("report.json"))?;
+    std::fs::write(
+        args.out.join("report.html"),
+        shardpay_simulator::html::render(&merged),
+    )?;
+    std::fs::write(args.out.join("summary.txt"), merged.summary())?;
+    finish(&merged, &args.out);
+    Ok(merged.passed)
+}
+
+async fn sweep_runs(
+    args: &SweepArgs,
+    scenario: &Scenario,
+    mysql: Option<MysqlShards>,
+) -> anyhow::Result<(Vec<(String, Report)>, bool)> {
+    let mut reports = Vec::new();
+    let mut all_passed = true;
+    for shards in &args.shards {
+        if !args.quiet {
+            eprintln!("\n== {} with {shards} shards", scenario.name);
+        }
+        let options = RunOptions {
+            target: Target::Embedded {
+                shards: *shards,
+                data_dir: None,
+                durability: durability(args.durability),
+                mysql: mysql.clone(),
+            },
+            reports_dir: args.reports.clone(),
+            progress: !args.quiet,
+            baseline_s: None,
+        };
+        let result = run::run(scenario, &options).await?;
+        finish(&result.report, &result.dir);
+        all_passed &= result.report.passed;
+        reports.push((format!("shards={shards}"), result.report));
+    }
+    Ok((reports, all_passed))
+}
+
+#[derive(clap::Args)]
+pub struct BaselineArgs {
+    /// Shards to run against (local servers from scripts/shards.sh when no
+    /// --mysql-urls are given).
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
+    /// MySQL shard databases, comma separated; each gets a sibling
+    /// <database>_baseline, dropped and created afresh.
+    #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
+    pub mysql_urls: Vec<String>,
+    /// Transactions in flight at once (the scenario's users).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds per kind.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Which transfers: same-shard, cross-shard, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    pub kind: BaselineKindArg,
+    /// Print the results as JSON (histograms included) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BaselineKindArg {
+    SameShard,
+    CrossShard,
+    Both,
+}
+
+/// Runs the raw-database baseline and prints its figures.
+pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
+    use shardpay_simulator::baseline::{self, BaselineKind};
+    let storage = StorageArgs {
+        backend: BackendArg::Mysql,
+        mysql_urls: args.mysql_urls.clone(),
+    };
+    let (shards, local) = mysql_shards(&storage, args.shards)?.expect("mysql backend");
+    let urls: Vec<String> = shards
+        .urls
+        .iter()
+        .take(args.shards as usize)
+        .cloned()
+        .collect();
+    let kinds: &[BaselineKind] = match args.kind {
+        BaselineKindArg::SameShard => &[BaselineKind::SameShard],
+        BaselineKindArg::CrossShard => &[BaselineKind::CrossShard],
+        BaselineKindArg::Both => &[BaselineKind::SameShard, BaselineKind::CrossShard],
+    };
+    let mut results = Vec::new();
+    let mut failure = None;
+    for kind in kinds {
+        if *kind == BaselineKind::CrossShard && urls.len() < 2 {
+            continue;
+        }
+        eprintln!(
+            "baseline {kind:?}: {} shards, {} in flight, {} s",
+            urls.len(),
+            args.concurrency,
+            args.seconds
+        );
+        match baseline::run(&urls, *kind, args.concurrency, args.seconds).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    local.stop();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    println!("| kind | shards | in flight | transfers/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &results {
+        println!(
+            "| {:?} | {} | {} | {:.0} | {:.2} | {:.2} |",
+            r.kind,
+            r.shards,
+            r.concurrency,
+            r.tps,
+            r.latency.p50_us as f64 / 1000.0,
+            r.latency.p99_us as f64 / 1000.0
+        );
+    }
+    Ok(())
+}

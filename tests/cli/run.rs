@@ -1,0 +1,149 @@
+//! `shardpay run`, `sweep` and `compare` as users call them: exit codes,
+//! error messages and the files written.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const SMALL: &str = r#"
+name = "cli"
+seed = 4
+requests = 120
+
+[accounts]
+count = 200
+opening_balance = "1000.00"
+
+[load]
+model = "closed"
+users = 4
+
+[mix]
+same_shard = 2
+cross_shard = 1
+idempotent_retry = 1
+"#;
+
+fn shardpay(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run shardpay")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn a_malformed_scenario_is_refused_with_its_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = SMALL.replace("users = 4", "users = 4\nuserz = 8");
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let out = shardpay(&["run", "bad.toml"], dir.path());
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:13: `load.userz`: unknown field `userz`"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("reports").exists(), "nothing ran");
+
+    let bad = SMALL.replace("count = 200", "count = 1");
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let out = shardpay(&["run", "bad.toml"], dir.path());
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:7: `accounts.count`: must be 2 to"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unmeetable_threshold_exits_1_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!("{SMALL}\n[thresholds]\nmin_tps = 1000000000.0\nerror_rate = 0.5\n");
+    std::fs::write(dir.path().join("slow.toml"), file).unwrap();
+    let out = shardpay(&["run", "slow.toml", "--quiet"], dir.path());
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("run FAILED:"), "{stdout}");
+    assert!(stdout.contains("transfers per second:"), "{stdout}");
+    let failures = stdout.split("run FAILED:").nth(1).unwrap();
+    assert!(
+        !failures.contains("error rate"),
+        "a met threshold is listed as failed: {stdout}"
+    );
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("reports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1);
+    for file in ["report.json", "report.html", "summary.txt"] {
+        assert!(runs[0].join(file).is_file(), "{file}");
+    }
+}
+
+#[test]
+fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s.toml"), SMALL).unwrap();
+    let out = shardpay(
+        &["sweep", "s.toml", "--shards", "1,2", "--quiet"],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("scaling eff."), "{stdout}");
+    let mut runs: Vec<_> = std::fs::read_dir(dir.path().join("reports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    runs.sort();
+    let sweep = runs
+        .iter()
+        .find(|p| p.to_string_lossy().contains("sweep-cli-"))
+        .unwrap();
+    let comparison: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sweep.join("compare.json")).unwrap())
+            .unwrap();
+    let rows = comparison["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["shards"].as_u64(), rows[1]["shards"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        rows[0]["scaling_efficiency"].as_f64(),
+        Some(1.0),
+        "the base scales 1.0 by definition"
+    );
+    assert!(rows[1]["scaling_efficiency"].as_f64().unwrap() > 0.0);
+
+    let reports: Vec<String> = runs
+        .iter()
+        .filter(|p| p.join("report.json").is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(reports.len(), 2);
+    let mut args = vec!["compare"];
+    args.extend(reports.iter().map(String::as_str));
+    let out = shardpay(&args, dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("| cli | ")).count(),
+        2,
+        "{stdout}"
+    );
+
+    std::fs::write(dir.path().join("not-a-report.json"), "{}").unwrap();
+    let out = shardpay(&["compare", "not-a-report.json"], dir.path());
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not a shardpay report"), "{stderr}");
+}
