@@ -29,7 +29,10 @@ fn free_port_pair() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let (start, end) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(2));
+    let (start, end) = (
+        low.saturating_sub(12_000).max(10_000),
+        low.saturating_sub(2),
+    );
     let seed = std::process::id() as u16;
     (0..end - start)
         .map(|i| start + (seed.wrapping_mul(7).wrapping_add(i * 2)) % (end - start))
@@ -154,7 +157,10 @@ fn a_shard_server_killed_mid_run_loses_no_transfer() {
         // "already running".
         let gone = Instant::now() + Duration::from_secs(30);
         while !process_gone(pid.trim()) {
-            assert!(Instant::now() < gone, "shard 1 (pid {pid}) outlived SIGKILL by 30 s");
+            assert!(
+                Instant::now() < gone,
+                "shard 1 (pid {pid}) outlived SIGKILL by 30 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         while sent.load(std::sync::atomic::Ordering::SeqCst) < total / 2 {
