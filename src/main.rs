@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shardpay_reference::app::{self, ServeConfig};
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
-use shardpay_reference::manager::{Fault, ManagerConfig, ShardManager};
+use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
 use shardpay_reference::money::Currency;
 
 #[derive(Parser)]
@@ -127,6 +127,27 @@ struct ServeArgs {
     /// A pending transfer older than this fails the audit, in seconds.
     #[arg(long, env = "SHARDPAY_RECOVERY_DEADLINE_S", default_value_t = 60)]
     recovery_deadline_s: u64,
+    /// How a cross-shard transfer is made atomic. saga: local transactions
+    /// with compensation, answered 202 while a shard is down (any backend).
+    /// xa: XA two-phase commit with a durable decision on the payer's shard;
+    /// never pending, refused with 503 while a shard is down (MySQL only).
+    #[arg(long, env = "SHARDPAY_CROSS_SHARD", value_enum, default_value = "saga")]
+    cross_shard: CrossShardArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum CrossShardArg {
+    Saga,
+    Xa,
+}
+
+impl From<CrossShardArg> for CrossShard {
+    fn from(arg: CrossShardArg) -> CrossShard {
+        match arg {
+            CrossShardArg::Saga => CrossShard::Saga,
+            CrossShardArg::Xa => CrossShard::Xa,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -193,9 +214,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = match std::env::var("SHARDPAY_FAULT") {
         Ok(text) => Some(Fault::parse(&text).with_context(|| {
-            format!(
-                "SHARDPAY_FAULT={text:?}: known faults are crash_after_debit, crash_after_credit"
-            )
+            format!("SHARDPAY_FAULT={text:?}: known faults are {}", Fault::NAMES)
         })?),
         Err(_) => None,
     };
@@ -225,6 +244,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             idempotency_ttl_ms: args.idempotency_ttl_s as i64 * 1000,
             recovery_grace_ms: args.recovery_grace_ms as i64,
             recovery_deadline_ms: args.recovery_deadline_s as i64 * 1000,
+            cross_shard: args.cross_shard.into(),
             fault,
         },
         default_currency: Currency::parse(&args.currency)
@@ -237,6 +257,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         shards = args.shards,
         data_dir = %args.data_dir.display(),
+        cross_shard = CrossShard::from(args.cross_shard).as_str(),
         "shard manager ready"
     );
     app.run_until(app::shutdown_signal()).await?;

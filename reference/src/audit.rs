@@ -67,6 +67,20 @@ impl Checks {
 /// and holds new ones back while it reads, so no saga is caught mid-way.
 pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
     let _quiet = manager.quiesce().await;
+    // No transfer of this process is between its steps now: settle every
+    // prepared XA branch first, as its decision says.
+    let sweep = manager.resolve_in_doubt(true).await;
+    let mut in_doubt: Vec<String> = sweep
+        .remaining
+        .iter()
+        .map(|b| format!("XA branch {b} is still prepared"))
+        .collect();
+    in_doubt.extend(
+        sweep
+            .unreachable
+            .iter()
+            .map(|s| format!("cannot list XA branches of {s}")),
+    );
     let mut shards: Vec<ShardAudit> = Vec::new();
     for store in manager.shards() {
         shards.push(store.audit().await?);
@@ -81,11 +95,18 @@ pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
             }
         }
     }
-    Ok(evaluate(
+    let mut report = evaluate(
         &shards,
         &pending_credited,
         manager.config().recovery_deadline_ms,
-    ))
+    );
+    if manager.shards().iter().any(|s| s.two_phase().is_some()) {
+        let mut checks = Checks(std::mem::take(&mut report.checks));
+        checks.add("no_in_doubt_xa_branches", in_doubt);
+        report.checks = checks.0;
+        report.ok = report.checks.iter().all(|c| c.ok);
+    }
+    Ok(report)
 }
 
 fn evaluate(

@@ -8,7 +8,14 @@
 //! (c) on A, mark the transfer `completed`.
 //! When (b) is refused for good, A reverses (a) and the transfer ends
 //! `failed`. When B cannot be reached, the caller gets 202 and the recovery
-//! loop (`recovery.rs`) finishes the transfer later.
+//! loop finishes the transfer later.
+//!
+//! Or, chosen per run (`CrossShard::Xa`, MySQL shards only), two-phase
+//! commit: both branches are run and prepared (`XA PREPARE`) in shard
+//! order, the commit decision is written to the payer's shard, and both
+//! branches commit. The client never sees a pending transfer; a crash
+//! leaves prepared branches that recovery commits or rolls back as the
+//! decision log says (`resolve_in_doubt`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -17,8 +24,9 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
-    now_ms, Account, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite, NewAccount,
-    Refusal, ShardStore, StoreError, StoredResponse, TimestampMs, Transfer, TransferState,
+    now_ms, Account, BranchId, CreditOutcome, DebitOutcome, Decision, IdempotencyRecord,
+    IdempotencyWrite, NewAccount, PreparedBranch, PreparedDebit, Refusal, ShardStore, StoreError,
+    StoredResponse, TimestampMs, Transfer, TransferState,
 };
 use crate::money::{Amount, Currency};
 use crate::sharding::Ring;
@@ -31,16 +39,66 @@ pub enum Fault {
     CrashAfterDebit,
     /// Abort the process right after step (b) commits.
     CrashAfterCredit,
+    /// XA: abort once both branches are prepared, before the decision.
+    CrashAfterPrepare,
+    /// XA: abort once the commit decision is written, before any branch
+    /// commits.
+    CrashAfterDecision,
 }
 
 impl Fault {
+    pub const NAMES: &'static str =
+        "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision";
+
     pub fn parse(text: &str) -> Option<Fault> {
         match text {
             "crash_after_debit" => Some(Fault::CrashAfterDebit),
             "crash_after_credit" => Some(Fault::CrashAfterCredit),
+            "crash_after_prepare" => Some(Fault::CrashAfterPrepare),
+            "crash_after_decision" => Some(Fault::CrashAfterDecision),
             _ => None,
         }
     }
+}
+
+/// How a cross-shard transfer is made atomic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrossShard {
+    /// Local transactions with compensation: debit, credit, complete (or
+    /// reverse). Works on every backend.
+    #[default]
+    Saga,
+    /// XA two-phase commit with a durable decision log. MySQL shards only.
+    Xa,
+}
+
+impl CrossShard {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrossShard::Saga => "saga",
+            CrossShard::Xa => "xa",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CrossShard> {
+        match text {
+            "saga" => Some(CrossShard::Saga),
+            "xa" => Some(CrossShard::Xa),
+            _ => None,
+        }
+    }
+}
+
+/// What one pass of in-doubt resolution did.
+#[derive(Debug, Clone, Default)]
+pub struct XaSweep {
+    /// Branches committed or rolled back.
+    pub resolved: usize,
+    /// Prepared branches left: still running in this process, seen for the
+    /// first time, or on a shard (or coordinator) that could not be reached.
+    pub remaining: Vec<BranchId>,
+    /// Shards whose branches could not be listed.
+    pub unreachable: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +110,7 @@ pub struct ManagerConfig {
     pub recovery_grace_ms: i64,
     /// A pending transfer older than this fails the audit.
     pub recovery_deadline_ms: i64,
+    pub cross_shard: CrossShard,
     pub fault: Option<Fault>,
 }
 
@@ -61,6 +120,7 @@ impl Default for ManagerConfig {
             idempotency_ttl_ms: 24 * 60 * 60 * 1000,
             recovery_grace_ms: 2_000,
             recovery_deadline_ms: 60_000,
+            cross_shard: CrossShard::Saga,
             fault: None,
         }
     }
@@ -145,6 +205,15 @@ pub struct ShardManager {
     /// Transfers hold it shared; the audit holds it exclusively so it reads
     /// every shard with no transfer between two of its steps.
     quiesce: Arc<tokio::sync::RwLock<()>>,
+    /// Gtrids of XA transfers this process is running: recovery leaves
+    /// their branches alone.
+    xa_live: Mutex<HashSet<String>>,
+    /// In-doubt branches seen by the last recovery pass. A branch is
+    /// resolved only when a second pass still finds it, so a coordinator in
+    /// another process gets time to write its decision.
+    xa_seen: Mutex<HashSet<BranchId>>,
+    /// When recovery last forgot old decisions.
+    xa_forgotten_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl ShardManager {
@@ -153,6 +222,12 @@ impl ShardManager {
         let ring = Ring::new(shards.len() as u32)?;
         for (i, store) in shards.iter().enumerate() {
             anyhow::ensure!(store.shard().index() == i, "shard {i} is out of order");
+            anyhow::ensure!(
+                config.cross_shard != CrossShard::Xa || store.two_phase().is_some(),
+                "cross-shard protocol xa needs shards that support XA two-phase commit \
+                 (the MySQL backend: --mysql-urls or --backend mysql); shard {i} does not. \
+                 Use --cross-shard saga with the embedded SQLite shards"
+            );
         }
         Ok(ShardManager {
             ring,
@@ -160,6 +235,9 @@ impl ShardManager {
             config,
             running_keys: Mutex::new(HashSet::new()),
             quiesce: Arc::new(tokio::sync::RwLock::new(())),
+            xa_live: Mutex::new(HashSet::new()),
+            xa_seen: Mutex::new(HashSet::new()),
+            xa_forgotten_at: Mutex::new(None),
         })
     }
 
@@ -330,19 +408,37 @@ impl ShardManager {
             updated_at_ms: now,
         };
         let cross_shard = transfer.is_cross_shard();
+        let xa = cross_shard && self.config.cross_shard == CrossShard::Xa;
         let idempotency = key.clone().map(|key| IdempotencyWrite {
             scope: request.from.clone(),
             key,
             fingerprint: fingerprint.clone(),
             expires_at_ms: now + self.config.idempotency_ttl_ms,
-            // A same-shard transfer's answer is known before it commits; a
-            // cross-shard one's only after the saga.
-            response: (!cross_shard).then(|| {
+            // A same-shard or XA transfer's answer is known before it
+            // commits; a saga's only after its last step.
+            response: (!cross_shard || xa).then(|| {
                 let mut done = transfer.clone();
                 done.state = TransferState::Completed;
                 (view.render)(&done)
             }),
         });
+        if xa {
+            // Runs in its own task, holding the shared guard, so a client
+            // that hangs up cannot drop a branch half-way.
+            let manager = Arc::clone(self);
+            let render = view.render;
+            let route = view.route;
+            let task = tokio::spawn(async move {
+                let _shared = shared;
+                let view = View { route, render };
+                manager
+                    .transfer_xa(transfer, idempotency, key, &fingerprint, &view)
+                    .await
+            });
+            return task
+                .await
+                .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))?;
+        }
         let debit = if cross_shard {
             payer_store.debit_to_in_flight(&transfer, idempotency).await
         } else {
@@ -427,13 +523,244 @@ impl ShardManager {
         }
     }
 
+    /// A cross-shard transfer by XA two-phase commit (see the module
+    /// docs). Answers the completed transfer once the commit decision is
+    /// durable, even if a branch's commit then fails: recovery commits it.
+    async fn transfer_xa(
+        &self,
+        transfer: Transfer,
+        idempotency: Option<IdempotencyWrite>,
+        key: Option<IdempotencyKey>,
+        fingerprint: &str,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
+        let no_xa = |shard: crate::ids::ShardId| {
+            ManagerError::Internal(format!("shard {shard} has no two-phase commit"))
+        };
+        let payer_xa = self.shards[transfer.payer_shard.index()]
+            .two_phase()
+            .ok_or_else(|| no_xa(transfer.payer_shard))?;
+        let payee_xa = self.shards[transfer.payee_shard.index()]
+            .two_phase()
+            .ok_or_else(|| no_xa(transfer.payee_shard))?;
+        let gtrid = BranchId::gtrid(transfer.payer_shard, &transfer.id);
+        let debit_id = BranchId {
+            gtrid: gtrid.clone(),
+            shard: transfer.payer_shard,
+        };
+        let credit_id = BranchId {
+            gtrid: gtrid.clone(),
+            shard: transfer.payee_shard,
+        };
+        let _live = LiveGtrid::claim(&self.xa_live, gtrid.clone());
+
+        // Branches are opened in shard order: two transfers between the
+        // same shards then lock in the same order, and the lock-wait
+        // timeout settles what InnoDB cannot see across shards.
+        let debited = if transfer.payer_shard < transfer.payee_shard {
+            let debit = payer_xa
+                .prepare_debit(&debit_id, &transfer, idempotency)
+                .await;
+            let debit = match debit {
+                Ok(PreparedDebit::Prepared(branch)) => branch,
+                Ok(PreparedDebit::Declined(refusal)) => return Err(refusal.into()),
+                Err(error) => {
+                    return self
+                        .xa_refused(error, &transfer, key, fingerprint, view)
+                        .await
+                }
+            };
+            match payee_xa.prepare_credit(&credit_id, &transfer).await {
+                Ok(credit) => Ok((debit, credit)),
+                Err(error) => {
+                    undo(debit).await;
+                    Err(error)
+                }
+            }
+        } else {
+            let credit = payee_xa.prepare_credit(&credit_id, &transfer).await?;
+            match payer_xa
+                .prepare_debit(&debit_id, &transfer, idempotency)
+                .await
+            {
+                Ok(PreparedDebit::Prepared(debit)) => Ok((debit, credit)),
+                Ok(PreparedDebit::Declined(refusal)) => {
+                    undo(credit).await;
+                    return Err(refusal.into());
+                }
+                Err(error) => {
+                    undo(credit).await;
+                    return self
+                        .xa_refused(error, &transfer, key, fingerprint, view)
+                        .await;
+                }
+            }
+        };
+        let (debit, credit) = debited?;
+        if self.config.fault == Some(Fault::CrashAfterPrepare) {
+            tracing::error!(transfer = %transfer.id, "fault injection: aborting after XA PREPARE");
+            std::process::abort();
+        }
+
+        match payer_xa.decide(&gtrid, Decision::Commit).await {
+            Ok(Decision::Commit) => {}
+            Ok(Decision::Abort) => {
+                undo(debit).await;
+                undo(credit).await;
+                return Err(ManagerError::Unavailable(format!(
+                    "transfer {} was rolled back by recovery before it could commit; nothing was paid; retry with the same Idempotency-Key",
+                    transfer.id
+                )));
+            }
+            Err(error) => {
+                // Whether the decision was written is unknown: leave both
+                // branches prepared for recovery, which reads the log.
+                debit.abandon().await;
+                credit.abandon().await;
+                return Err(ManagerError::Unavailable(format!(
+                    "the commit decision for transfer {} could not be confirmed ({error}); recovery settles it; retry with the same Idempotency-Key for the outcome",
+                    transfer.id
+                )));
+            }
+        }
+        if self.config.fault == Some(Fault::CrashAfterDecision) {
+            tracing::error!(transfer = %transfer.id, "fault injection: aborting after the XA decision");
+            std::process::abort();
+        }
+        let (a, b) = tokio::join!(debit.commit(), credit.commit());
+        for error in [a.err(), b.err()].into_iter().flatten() {
+            tracing::warn!(transfer = %transfer.id, %error, "XA commit of a branch failed; recovery will commit it");
+        }
+        let mut done = transfer;
+        done.state = TransferState::Completed;
+        Ok(Reply {
+            response: (view.render)(&done),
+            replayed: false,
+        })
+    }
+
+    /// A payer branch that could not run: an earlier request's key record
+    /// (replay it), or an error.
+    async fn xa_refused(
+        &self,
+        error: StoreError,
+        transfer: &Transfer,
+        key: Option<IdempotencyKey>,
+        fingerprint: &str,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
+        match (error, key) {
+            (StoreError::IdempotencyKeyExists(record), Some(key)) => {
+                self.replay(record, fingerprint, &transfer.payer, &key, view)
+                    .await
+            }
+            (error, _) => Err(error.into()),
+        }
+    }
+
+    /// Commits or rolls back prepared XA branches that no request of this
+    /// process holds, as the coordinator's decision log says; a branch
+    /// without a decision is aborted, the abort written to the log first
+    /// so a late coordinator cannot commit it. Unless `now`, a branch is
+    /// left for the next pass the first time it is seen. Every ~30 s,
+    /// forgets decisions older than a minute that no branch needs.
+    pub async fn resolve_in_doubt(&self, now: bool) -> XaSweep {
+        let mut sweep = XaSweep::default();
+        let mut found = Vec::new();
+        let mut any = false;
+        for store in &self.shards {
+            let Some(xa) = store.two_phase() else {
+                continue;
+            };
+            any = true;
+            match xa.in_doubt().await {
+                Ok(branches) => found.extend(branches),
+                Err(error) => sweep
+                    .unreachable
+                    .push(format!("shard {}: {error}", store.shard())),
+            }
+        }
+        if !any {
+            return sweep;
+        }
+        let live = self.xa_live.lock().expect("xa live lock").clone();
+        let seen = std::mem::take(&mut *self.xa_seen.lock().expect("xa seen lock"));
+        let mut still = HashSet::new();
+        for branch in found {
+            if live.contains(&branch.gtrid) {
+                sweep.remaining.push(branch);
+                continue;
+            }
+            if !now && !seen.contains(&branch) {
+                still.insert(branch.clone());
+                sweep.remaining.push(branch);
+                continue;
+            }
+            match self.settle(&branch).await {
+                Ok(decision) => {
+                    sweep.resolved += 1;
+                    tracing::info!(%branch, ?decision, "recovery resolved an in-doubt XA branch");
+                }
+                Err(error) => {
+                    tracing::warn!(%branch, %error, "recovery cannot resolve XA branch yet");
+                    still.insert(branch.clone());
+                    sweep.remaining.push(branch);
+                }
+            }
+        }
+        *self.xa_seen.lock().expect("xa seen lock") = still;
+
+        let due = {
+            let mut at = self.xa_forgotten_at.lock().expect("xa forget lock");
+            let due = at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(30));
+            if due {
+                *at = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due && sweep.unreachable.is_empty() {
+            let keep: Vec<String> = sweep.remaining.iter().map(|b| b.gtrid.clone()).collect();
+            for store in &self.shards {
+                if let Some(xa) = store.two_phase() {
+                    if let Err(error) = xa.forget_decisions(now_ms() - 60_000, &keep).await {
+                        tracing::warn!(shard = %store.shard(), %error, "cannot forget old XA decisions yet");
+                    }
+                }
+            }
+        }
+        sweep
+    }
+
+    async fn settle(&self, branch: &BranchId) -> Result<Decision, StoreError> {
+        let internal = |reason: String| StoreError::Internal {
+            shard: branch.shard,
+            reason,
+        };
+        let coordinator = BranchId::coordinator(&branch.gtrid)
+            .filter(|c| c.index() < self.shards.len())
+            .ok_or_else(|| internal(format!("{} names no shard of this ring", branch.gtrid)))?;
+        let log = self.shards[coordinator.index()]
+            .two_phase()
+            .ok_or_else(|| internal(format!("shard {coordinator} keeps no XA decisions")))?;
+        let decision = match log.decision(&branch.gtrid).await? {
+            Some(decision) => decision,
+            None => log.decide(&branch.gtrid, Decision::Abort).await?,
+        };
+        self.shards[branch.shard.index()]
+            .two_phase()
+            .ok_or_else(|| internal(format!("shard {} has no two-phase commit", branch.shard)))?
+            .resolve(branch, decision)
+            .await?;
+        Ok(decision)
+    }
+
     /// Drives pending transfers older than the grace period on every shard
     /// to an end, and purges expired idempotency keys. A shard that cannot
     /// be reached is skipped until the next pass. Answers how many
     /// transfers it finished.
     pub async fn recover_once(&self, batch: u32) -> usize {
         let before: TimestampMs = now_ms() - self.config.recovery_grace_ms;
-        let mut finished = 0;
+        let mut finished = self.resolve_in_doubt(false).await.resolved;
         for store in &self.shards {
             let pending = match store.pending_transfers(before, batch).await {
                 Ok(pending) => pending,
@@ -548,6 +875,36 @@ impl Drop for RunningKey<'_> {
     fn drop(&mut self) {
         if let Ok(mut set) = self.set.lock() {
             set.remove(&self.entry);
+        }
+    }
+}
+
+/// Rolls back a prepared branch; if that fails, the branch stays prepared
+/// with no decision, and recovery rolls it back.
+async fn undo(branch: Box<dyn PreparedBranch>) {
+    let id = branch.id().clone();
+    if let Err(error) = branch.rollback().await {
+        tracing::warn!(branch = %id, %error, "XA rollback failed; recovery will roll the branch back");
+    }
+}
+
+/// Marks an XA transfer as running in this process while it lives.
+struct LiveGtrid<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    gtrid: String,
+}
+
+impl<'a> LiveGtrid<'a> {
+    fn claim(set: &'a Mutex<HashSet<String>>, gtrid: String) -> LiveGtrid<'a> {
+        set.lock().expect("xa live lock").insert(gtrid.clone());
+        LiveGtrid { set, gtrid }
+    }
+}
+
+impl Drop for LiveGtrid<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.gtrid);
         }
     }
 }

@@ -266,3 +266,87 @@ fn a_crash_after_the_credit_is_completed_without_paying_twice() {
         String::from_utf8_lossy(&audit.stdout)
     );
 }
+
+/// XA: the coordinator dies once with both branches prepared and no
+/// decision, and once right after writing the commit decision. After a
+/// restart, recovery rolls the first back and commits the second, as the
+/// decision log says; retries with the same keys pay each transfer once.
+#[test]
+fn on_mysql_shards_xa_branches_left_by_a_crashed_coordinator_follow_the_decision_log() {
+    let Some(urls) = mysql_databases() else {
+        return;
+    };
+    let storage = Storage::Mysql(&urls);
+    let xa = ["--cross-shard", "xa"];
+    let (payer, payee) = ring_pair();
+    {
+        let server = serve_with(storage, None, &xa);
+        for (id, opening) in [(&payer, "100.00"), (&payee, "0")] {
+            let body = json!({"id": id, "opening_balance": opening});
+            let (status, _) = post(&format!("{}/v1/accounts", server.url), body, id).unwrap();
+            assert_eq!(status, 201);
+        }
+    }
+    let undecided = json!({"from": payer, "to": payee, "amount": "12.34"});
+    let decided = json!({"from": payer, "to": payee, "amount": "20.00"});
+    for (fault, body, key) in [
+        ("crash_after_prepare", &undecided, "xa-undecided"),
+        ("crash_after_decision", &decided, "xa-decided"),
+    ] {
+        let mut server = serve_with(storage, Some(fault), &xa);
+        let url = format!("{}/v1/transfers", server.url);
+        assert!(post(&url, body.clone(), key).is_err(), "no answer expected");
+        let status = server.child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the process should have aborted ({fault})"
+        );
+    }
+
+    let server = serve_with(storage, None, &xa);
+    let balance =
+        |id: &str| get(&format!("{}/v1/accounts/{id}", server.url))["balance_minor"].as_i64();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while balance(&payee) != Some(20_00) {
+        assert!(
+            Instant::now() < deadline,
+            "recovery did not commit the decided transfer: payee holds {:?}",
+            balance(&payee)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        balance(&payer),
+        Some(100_00 - 20_00),
+        "the undecided transfer was rolled back, the decided one committed"
+    );
+    let shards = get(&format!("{}/v1/shards", server.url));
+    let transfers: u64 = shards["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["transfers"]["completed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(transfers, 1, "{shards}");
+
+    // The decided transfer's retry replays it; the rolled-back one's retry
+    // runs it now, once.
+    let url = format!("{}/v1/transfers", server.url);
+    let (status, answer) = post(&url, decided, "xa-decided").unwrap();
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["state"], "completed");
+    let (status, answer) = post(&url, undecided.clone(), "xa-undecided").unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let (again, replay) = post(&url, undecided, "xa-undecided").unwrap();
+    assert_eq!((again, &replay["id"]), (201, &answer["id"]));
+    assert_eq!(balance(&payer), Some(100_00 - 20_00 - 12_34));
+    assert_eq!(balance(&payee), Some(20_00 + 12_34));
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["audit", "--url", &server.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{text}");
+    assert!(text.contains("no_in_doubt_xa_branches"), "{text}");
+}

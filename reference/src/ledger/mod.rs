@@ -393,6 +393,125 @@ pub trait ShardStore: Send + Sync + 'static {
         now: TimestampMs,
         limit: u32,
     ) -> Result<u64, StoreError>;
+
+    /// Two-phase commit, where the backend has it (XA on MySQL); `None`
+    /// for backends that only run the saga.
+    fn two_phase(&self) -> Option<&dyn TwoPhase> {
+        None
+    }
+}
+
+/// The id of one branch of a two-phase transfer: the global transaction id
+/// (shared by both branches, naming the coordinating shard, which keeps the
+/// decision) and the branch's shard.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BranchId {
+    pub gtrid: String,
+    pub shard: ShardId,
+}
+
+impl BranchId {
+    const PREFIX: &'static str = "sp";
+
+    /// The gtrid of transfer `id`, whose decision is kept on shard
+    /// `coordinator` (the payer's).
+    pub fn gtrid(coordinator: ShardId, id: &TransferId) -> String {
+        format!("{}{}-{}", Self::PREFIX, coordinator.index(), id)
+    }
+
+    /// The coordinating shard named in a gtrid of ours, `None` for a
+    /// transaction that is not ours.
+    pub fn coordinator(gtrid: &str) -> Option<ShardId> {
+        let rest = gtrid.strip_prefix(Self::PREFIX)?;
+        let (index, id) = rest.split_once('-')?;
+        TransferId::parse(id).ok()?;
+        ShardId::new(index.parse().ok()?).ok()
+    }
+}
+
+impl std::fmt::Display for BranchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on shard {}", self.gtrid, self.shard)
+    }
+}
+
+/// What the coordinator decided for a global transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+/// The payer's branch of a two-phase transfer, once the shard has run it.
+pub enum PreparedDebit {
+    /// Debited and prepared: commits or rolls back with the other branch.
+    Prepared(Box<dyn PreparedBranch>),
+    /// Declined for lack of funds. The decline is kept under the key and
+    /// already committed on its own: it moves no money.
+    Declined(Refusal),
+}
+
+/// A prepared branch, still held by the session that prepared it.
+#[async_trait]
+pub trait PreparedBranch: Send {
+    fn id(&self) -> &BranchId;
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    async fn rollback(self: Box<Self>) -> Result<(), StoreError>;
+    /// Lets go of the branch without resolving it: it stays prepared on the
+    /// shard, where recovery finds it.
+    async fn abandon(self: Box<Self>);
+}
+
+/// A shard that can take part in a two-phase (XA) cross-shard transfer.
+///
+/// The payer's branch debits the payer into the in-flight account and
+/// records the transfer completed; the payee's branch records the credit
+/// and credits the payee from the in-flight account. Both write exactly the
+/// rows the saga's steps write, so the audit reads the two protocols alike.
+/// The decision is kept in the coordinating shard's decision log before any
+/// branch commits; recovery commits or rolls back prepared branches as that
+/// log says, and a branch with no decision is aborted by writing `abort`
+/// there first, so a late coordinator cannot commit it.
+#[async_trait]
+pub trait TwoPhase: Send + Sync {
+    /// Runs and prepares the payer's branch. On an error the branch is
+    /// rolled back and nothing is written.
+    async fn prepare_debit(
+        &self,
+        id: &BranchId,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<PreparedDebit, StoreError>;
+
+    /// Runs and prepares the payee's branch. A refused credit rolls the
+    /// branch back and answers the refusal.
+    async fn prepare_credit(
+        &self,
+        id: &BranchId,
+        transfer: &Transfer,
+    ) -> Result<Box<dyn PreparedBranch>, StoreError>;
+
+    /// Records `decision` for `gtrid` unless one is recorded already, and
+    /// answers the decision that holds. Durable when it returns.
+    async fn decide(&self, gtrid: &str, decision: Decision) -> Result<Decision, StoreError>;
+
+    /// The recorded decision for `gtrid`.
+    async fn decision(&self, gtrid: &str) -> Result<Option<Decision>, StoreError>;
+
+    /// Forgets decisions made before `before` whose gtrid is not in
+    /// `keep`; answers how many.
+    async fn forget_decisions(
+        &self,
+        before: TimestampMs,
+        keep: &[String],
+    ) -> Result<u64, StoreError>;
+
+    /// Prepared branches of ours on this shard that no session holds.
+    async fn in_doubt(&self) -> Result<Vec<BranchId>, StoreError>;
+
+    /// Commits or rolls back a prepared branch from any session. A branch
+    /// already resolved counts as done.
+    async fn resolve(&self, id: &BranchId, decision: Decision) -> Result<(), StoreError>;
 }
 
 /// Whether the payer of `t`, found with `payer` = (currency, balance), can

@@ -10,6 +10,7 @@
 //! unavailable. Nothing is ever half-applied.
 
 mod schema;
+mod xa;
 
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ impl Default for MysqlConfig {
 pub struct MysqlShard {
     shard: ShardId,
     pool: MySqlPool,
+    /// Names this shard's XA branches (`s<shard>-<tag>`, the tag hashed
+    /// from the database name), so shards of several deployments sharing
+    /// one server never resolve each other's branches.
+    xa_bqual: String,
 }
 
 impl MysqlShard {
@@ -117,7 +122,18 @@ impl MysqlShard {
             redact(url),
             shard.index()
         );
-        Ok(MysqlShard { shard, pool })
+        let database: String = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(&pool)
+            .await
+            .map(|d: Option<Vec<u8>>| String::from_utf8_lossy(&d.unwrap_or_default()).into_owned())
+            .unwrap_or_default();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(database.as_bytes());
+        let tag: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(MysqlShard {
+            shard,
+            pool,
+            xa_bqual: format!("s{}-{tag}", shard.index()),
+        })
     }
 
     pub fn pool(&self) -> &MySqlPool {
@@ -557,6 +573,90 @@ impl Tx<'_> {
         }))
     }
 
+    /// The payer's side of a cross-shard transfer: debit the payer into the
+    /// in-flight account and record the transfer in `state` (pending for
+    /// the saga's step (a); completed for an XA branch, which commits only
+    /// together with the credit).
+    async fn debit_into_flight(
+        &mut self,
+        t: &Transfer,
+        state: TransferState,
+        event: &str,
+        idem: Option<&IdempotencyWrite>,
+    ) -> Result<DebitOutcome, StoreError> {
+        let now = t.created_at_ms;
+        self.claim_idempotency(idem, now).await?;
+        let payer = self.lock_user(&t.payer).await?;
+        if let Some(refusal) = super::payer_refusal(t, payer)? {
+            return self.decline(t, refusal, idem, now).await;
+        }
+        let mut recorded = t.clone();
+        recorded.state = state;
+        let in_flight = self
+            .ensure_system_account(AccountKind::InFlight, t.currency, now)
+            .await?;
+        self.post(
+            t.id.as_str(),
+            t.payer.as_str(),
+            &in_flight,
+            t.amount.minor(),
+            t.currency,
+            now,
+        )
+        .await?;
+        self.insert_transfer(&recorded).await?;
+        self.transfer_event(event, &recorded).await?;
+        let response = idem.and_then(|i| i.response.as_ref());
+        self.write_idempotency(idem, t.id.as_str(), response, now)
+            .await?;
+        Ok(DebitOutcome::Applied(recorded))
+    }
+
+    /// The payee's side: record the credit's outcome and, unless refused,
+    /// credit the payee from the in-flight account. Answers the refusal.
+    async fn credit_out_of_flight(&mut self, t: &Transfer) -> Result<Option<Refusal>, StoreError> {
+        let now = super::now_ms();
+        let payee = self.lock_user(&t.payee).await?;
+        let refusal = super::payee_refusal(t, payee);
+        let (outcome, code) = match &refusal {
+            None => ("credited", None),
+            Some(r) => ("refused", Some(r.code())),
+        };
+        self.execute(
+            sqlx::query(
+                "INSERT INTO inbound_credits (transfer_id, payer, payee, amount_minor, currency,
+                    payer_shard, outcome, refusal_code, created_at_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(t.id.as_str())
+            .bind(t.payer.as_str())
+            .bind(t.payee.as_str())
+            .bind(t.amount.minor())
+            .bind(t.currency.code())
+            .bind(t.payer_shard.index() as i64)
+            .bind(outcome)
+            .bind(code)
+            .bind(now),
+        )
+        .await?;
+        if refusal.is_some() {
+            return Ok(refusal);
+        }
+        let in_flight = self
+            .ensure_system_account(AccountKind::InFlight, t.currency, now)
+            .await?;
+        self.post(
+            t.id.as_str(),
+            &in_flight,
+            t.payee.as_str(),
+            t.amount.minor(),
+            t.currency,
+            now,
+        )
+        .await?;
+        Ok(None)
+    }
+
     fn account_from_row(&self, r: &MySqlRow) -> Result<Account, StoreError> {
         let id: String = self.get(r, 0)?;
         let currency: String = self.get(r, 1)?;
@@ -891,89 +991,30 @@ impl ShardStore for MysqlShard {
         transfer: &Transfer,
         idempotency: Option<IdempotencyWrite>,
     ) -> Result<DebitOutcome, StoreError> {
-        let t = transfer;
-        in_transaction!(self, |tx| async {
-            let now = t.created_at_ms;
-            tx.claim_idempotency(idempotency.as_ref(), now).await?;
-            let payer = tx.lock_user(&t.payer).await?;
-            if let Some(refusal) = super::payer_refusal(t, payer)? {
-                return tx.decline(t, refusal, idempotency.as_ref(), now).await;
-            }
-            let mut pending = t.clone();
-            pending.state = TransferState::Pending;
-            let in_flight = tx
-                .ensure_system_account(AccountKind::InFlight, t.currency, now)
-                .await?;
-            tx.post(
-                t.id.as_str(),
-                t.payer.as_str(),
-                &in_flight,
-                t.amount.minor(),
-                t.currency,
-                now,
+        in_transaction!(self, |tx| tx
+            .debit_into_flight(
+                transfer,
+                TransferState::Pending,
+                "transfer.initiated",
+                idempotency.as_ref()
             )
-            .await?;
-            tx.insert_transfer(&pending).await?;
-            tx.transfer_event("transfer.initiated", &pending).await?;
-            let response = idempotency.as_ref().and_then(|i| i.response.as_ref());
-            tx.write_idempotency(idempotency.as_ref(), t.id.as_str(), response, now)
-                .await?;
-            Ok(DebitOutcome::Applied(pending))
-        }
-        .await)
+            .await)
     }
 
     async fn credit_from_in_flight(
         &self,
         transfer: &Transfer,
     ) -> Result<CreditOutcome, StoreError> {
-        let t = transfer;
         in_transaction!(self, |tx| async {
-            if let Some(outcome) = tx.credit_outcome(t.id.as_str(), true).await? {
+            if let Some(outcome) = tx.credit_outcome(transfer.id.as_str(), true).await? {
                 return Ok(outcome);
             }
-            let now = super::now_ms();
-            let payee = tx.lock_user(&t.payee).await?;
-            let refusal = super::payee_refusal(t, payee);
-            let (outcome, code) = match &refusal {
-                None => ("credited", None),
-                Some(r) => ("refused", Some(r.code())),
-            };
-            tx.execute(
-                sqlx::query(
-                    "INSERT INTO inbound_credits (transfer_id, payer, payee, amount_minor, currency,
-                        payer_shard, outcome, refusal_code, created_at_ms)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(t.id.as_str())
-                .bind(t.payer.as_str())
-                .bind(t.payee.as_str())
-                .bind(t.amount.minor())
-                .bind(t.currency.code())
-                .bind(t.payer_shard.index() as i64)
-                .bind(outcome)
-                .bind(code)
-                .bind(now),
-            )
-            .await?;
-            if let Some(refusal) = refusal {
-                return Ok(CreditOutcome::Refused {
+            Ok(match tx.credit_out_of_flight(transfer).await? {
+                None => CreditOutcome::Credited,
+                Some(refusal) => CreditOutcome::Refused {
                     code: refusal.code().to_string(),
-                });
-            }
-            let in_flight = tx
-                .ensure_system_account(AccountKind::InFlight, t.currency, now)
-                .await?;
-            tx.post(
-                t.id.as_str(),
-                &in_flight,
-                t.payee.as_str(),
-                t.amount.minor(),
-                t.currency,
-                now,
-            )
-            .await?;
-            Ok(CreditOutcome::Credited)
+                },
+            })
         }
         .await)
     }
@@ -1160,6 +1201,10 @@ impl ShardStore for MysqlShard {
             .await
         }
         .await)
+    }
+
+    fn two_phase(&self) -> Option<&dyn super::TwoPhase> {
+        Some(self)
     }
 }
 

@@ -82,6 +82,15 @@ pub const MIGRATIONS: &[&[&str]] = &[
             shard_index  INT NOT NULL,
             shard_count  INT NOT NULL
         ) ENGINE=InnoDB"#],
+    // 3: the decision log of two-phase (XA) transfers this shard
+    // coordinates. A decision is written once: the coordinator's `commit`
+    // and recovery's `abort` race on the primary key.
+    &[r#"CREATE TABLE xa_decisions (
+            gtrid          VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+            decision       VARCHAR(8) NOT NULL CHECK (decision IN ('commit', 'abort')),
+            created_at_ms  BIGINT NOT NULL,
+            KEY xa_decisions_age (created_at_ms)
+        ) ENGINE=InnoDB"#],
 ];
 
 #[derive(Debug, thiserror::Error)]
