@@ -9,7 +9,8 @@ use shardpay_simulator::report::Report;
 use shardpay_simulator::run::{self, MysqlShards, RunOptions, Target};
 use shardpay_simulator::scenario::{self, Scenario};
 
-use crate::DurabilityArg;
+use crate::{CrossShardArg, DurabilityArg};
+use shardpay_reference::manager::CrossShard;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -24,6 +25,11 @@ pub struct RunArgs {
     /// Replace the scenario's seed (same seed and file: same requests).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// How the in-process system makes cross-shard transfers atomic: saga
+    /// (any backend) or xa (two-phase commit; needs --backend mysql). The
+    /// report records it; `shardpay sweep --cross-shard saga,xa` compares.
+    #[arg(long, value_enum, default_value = "saga")]
+    pub cross_shard: CrossShardArg,
     /// With --backend mysql: first measure the raw-database baseline for
     /// this many seconds per kind, so the report gives the services' TPS as
     /// a share of what the databases do.
@@ -166,6 +172,11 @@ pub struct SweepArgs {
     /// Shard counts to run, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub shards: Vec<u32>,
+    /// Cross-shard protocols to run at each shard count, comma separated:
+    /// saga, xa (xa needs --backend mysql). `--cross-shard saga,xa`
+    /// compares the two.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "saga")]
+    pub cross_shard: Vec<CrossShardArg>,
     /// Durability of the in-process system's commits (SQLite).
     #[arg(long, value_enum, default_value = "full")]
     pub durability: DurabilityArg,
@@ -219,6 +230,16 @@ fn load_scenario(path: &Path, seed: Option<u64>) -> anyhow::Result<Scenario> {
 /// Runs one scenario; returns whether it passed its thresholds.
 pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let scenario = load_scenario(&args.scenario, args.seed)?;
+    anyhow::ensure!(
+        args.cross_shard == CrossShardArg::Saga
+            || args.target.is_some()
+            || args.embedded.storage.backend == BackendArg::Mysql,
+        "--cross-shard xa needs --backend mysql: the embedded SQLite shards have no XA"
+    );
+    anyhow::ensure!(
+        args.cross_shard == CrossShardArg::Saga || args.target.is_none(),
+        "--cross-shard applies to the in-process system; with --target, start that system with `shardpay serve --cross-shard xa`"
+    );
     let mut local = None;
     let target = match args.target {
         Some(url) => Target::Url(url),
@@ -235,6 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 data_dir: args.embedded.data_dir,
                 durability: durability(args.embedded.durability),
                 mysql,
+                cross_shard: args.cross_shard.into(),
             }
         }
     };
@@ -273,6 +295,10 @@ fn finish(report: &Report, dir: &Path) {
 pub async fn sweep(args: SweepArgs) -> anyhow::Result<bool> {
     let scenario = load_scenario(&args.scenario, args.seed)?;
     anyhow::ensure!(!args.shards.is_empty(), "--shards: give at least one count");
+    anyhow::ensure!(
+        !args.cross_shard.contains(&CrossShardArg::Xa) || args.storage.backend == BackendArg::Mysql,
+        "--cross-shard xa needs --backend mysql: the embedded SQLite shards have no XA"
+    );
     let most = *args.shards.iter().max().expect("checked above");
     let (mysql, local) = match mysql_shards(&args.storage, most)? {
         Some((m, l)) => (Some(m), Some(l)),
@@ -366,25 +392,39 @@ async fn sweep_runs(
 ) -> anyhow::Result<(Vec<(String, Report)>, bool)> {
     let mut reports = Vec::new();
     let mut all_passed = true;
+    let several = args.cross_shard.len() > 1;
     for shards in &args.shards {
-        if !args.quiet {
-            eprintln!("\n== {} with {shards} shards", scenario.name);
+        for protocol in &args.cross_shard {
+            let protocol = CrossShard::from(*protocol);
+            if !args.quiet {
+                eprintln!(
+                    "\n== {} with {shards} shards, cross-shard {}",
+                    scenario.name,
+                    protocol.as_str()
+                );
+            }
+            let options = RunOptions {
+                target: Target::Embedded {
+                    shards: *shards,
+                    data_dir: None,
+                    durability: durability(args.durability),
+                    mysql: mysql.clone(),
+                    cross_shard: protocol,
+                },
+                reports_dir: args.reports.clone(),
+                progress: !args.quiet,
+                baseline_s: None,
+            };
+            let result = run::run(scenario, &options).await?;
+            finish(&result.report, &result.dir);
+            all_passed &= result.report.passed;
+            let label = if several {
+                format!("shards={shards} {}", protocol.as_str())
+            } else {
+                format!("shards={shards}")
+            };
+            reports.push((label, result.report));
         }
-        let options = RunOptions {
-            target: Target::Embedded {
-                shards: *shards,
-                data_dir: None,
-                durability: durability(args.durability),
-                mysql: mysql.clone(),
-            },
-            reports_dir: args.reports.clone(),
-            progress: !args.quiet,
-            baseline_s: None,
-        };
-        let result = run::run(scenario, &options).await?;
-        finish(&result.report, &result.dir);
-        all_passed &= result.report.passed;
-        reports.push((format!("shards={shards}"), result.report));
     }
     Ok((reports, all_passed))
 }
@@ -405,7 +445,7 @@ pub struct BaselineArgs {
     /// Seconds per kind.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Which transfers: same-shard, cross-shard, or both.
+    /// Which transfers: same-shard, cross-shard (the saga), cross-shard-xa, both (same-shard and cross-shard) or all.
     #[arg(long, value_enum, default_value = "both")]
     pub kind: BaselineKindArg,
     /// Print the results as JSON (histograms included) instead of a table.
@@ -416,8 +456,14 @@ pub struct BaselineArgs {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BaselineKindArg {
     SameShard,
+    /// The saga's three local transactions.
     CrossShard,
+    /// XA two-phase commit: two prepared branches, a decision, two commits.
+    CrossShardXa,
+    /// same-shard and cross-shard.
     Both,
+    /// same-shard, cross-shard and cross-shard-xa.
+    All,
 }
 
 /// Runs the raw-database baseline and prints its figures.
@@ -437,12 +483,18 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
     let kinds: &[BaselineKind] = match args.kind {
         BaselineKindArg::SameShard => &[BaselineKind::SameShard],
         BaselineKindArg::CrossShard => &[BaselineKind::CrossShard],
+        BaselineKindArg::CrossShardXa => &[BaselineKind::CrossShardXa],
         BaselineKindArg::Both => &[BaselineKind::SameShard, BaselineKind::CrossShard],
+        BaselineKindArg::All => &[
+            BaselineKind::SameShard,
+            BaselineKind::CrossShard,
+            BaselineKind::CrossShardXa,
+        ],
     };
     let mut results = Vec::new();
     let mut failure = None;
     for kind in kinds {
-        if *kind == BaselineKind::CrossShard && urls.len() < 2 {
+        if *kind != BaselineKind::SameShard && urls.len() < 2 {
             continue;
         }
         eprintln!(

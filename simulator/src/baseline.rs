@@ -10,7 +10,10 @@
 //!   balance updates, two entries, the transfer row and an outbox row;
 //! - cross-shard: the saga's three transactions: debit into in-flight on
 //!   the payer's shard, credit from in-flight on the payee's, completion on
-//!   the payer's.
+//!   the payer's;
+//! - cross-shard XA: the same writes as two XA branches, each on its own
+//!   connection, prepared in shard order, the decision written to the
+//!   payer's shard, then both committed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +38,17 @@ pub const ACCOUNTS_PER_SHARD: u32 = 10_000;
 pub enum BaselineKind {
     SameShard,
     CrossShard,
+    CrossShardXa,
+}
+
+impl BaselineKind {
+    /// The kind of traffic in a report this baseline is the ceiling of.
+    pub fn traffic(self) -> &'static str {
+        match self {
+            BaselineKind::SameShard => "same_shard",
+            BaselineKind::CrossShard | BaselineKind::CrossShardXa => "cross_shard",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -55,7 +69,12 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE inbound_credits (transfer_id VARCHAR(64) NOT NULL PRIMARY KEY, payee VARCHAR(64) NOT NULL, amount_minor BIGINT NOT NULL, created_at_ms BIGINT NOT NULL) ENGINE=InnoDB",
     "CREATE TABLE ledger_entries (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, transfer_id VARCHAR(64) NOT NULL, account_id VARCHAR(64) NOT NULL, amount_minor BIGINT NOT NULL, KEY (transfer_id)) ENGINE=InnoDB",
     "CREATE TABLE outbox (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, event_id CHAR(32) NOT NULL UNIQUE, payload TEXT NOT NULL) ENGINE=InnoDB",
+    "CREATE TABLE xa_decisions (gtrid VARCHAR(64) NOT NULL PRIMARY KEY, decision VARCHAR(8) NOT NULL, created_at_ms BIGINT NOT NULL) ENGINE=InnoDB",
 ];
+
+/// formatID of the baseline's XA branches ("BL"), apart from the reference
+/// system's, so its recovery never touches them.
+const XA_FORMAT_ID: u32 = 0x424C;
 
 fn split(url: &str) -> anyhow::Result<(&str, &str)> {
     url.rsplit_once('/')
@@ -197,6 +216,129 @@ async fn cross_shard(
     Ok(())
 }
 
+/// The payer's XA branch: lock, debit into in-flight, the transfer row
+/// (completed) and its outbox row; ended and prepared.
+async fn xa_debit(
+    conn: &mut sqlx::MySqlConnection,
+    xid: &str,
+    (id, a, b): (&str, &str, &str),
+    amount: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    conn.execute(&*format!("XA START {xid}")).await?;
+    sqlx::query("SELECT balance_minor FROM accounts WHERE id = ? FOR UPDATE")
+        .bind(a)
+        .fetch_one(&mut *conn)
+        .await?;
+    post(conn, id, [(a, -amount), ("~in_flight", amount)]).await?;
+    sqlx::query("INSERT INTO transfers (id, payer, payee, amount_minor, state, created_at_ms, updated_at_ms) VALUES (?, ?, ?, ?, 'completed', ?, ?)")
+        .bind(id).bind(a).bind(b).bind(amount).bind(now).bind(now)
+        .execute(&mut *conn).await?;
+    outbox(conn, id).await?;
+    conn.execute(&*format!("XA END {xid}")).await?;
+    conn.execute(&*format!("XA PREPARE {xid}")).await?;
+    Ok(())
+}
+
+/// The payee's XA branch: lock, the credit row, credit from in-flight;
+/// ended and prepared.
+async fn xa_credit(
+    conn: &mut sqlx::MySqlConnection,
+    xid: &str,
+    (id, b): (&str, &str),
+    amount: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    conn.execute(&*format!("XA START {xid}")).await?;
+    sqlx::query("SELECT balance_minor FROM accounts WHERE id = ? FOR UPDATE")
+        .bind(b)
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO inbound_credits (transfer_id, payee, amount_minor, created_at_ms) VALUES (?, ?, ?, ?)")
+        .bind(id).bind(b).bind(amount).bind(now)
+        .execute(&mut *conn).await?;
+    post(conn, id, [("~in_flight", -amount), (b, amount)]).await?;
+    conn.execute(&*format!("XA END {xid}")).await?;
+    conn.execute(&*format!("XA PREPARE {xid}")).await?;
+    Ok(())
+}
+
+/// Rolls a branch back, open or prepared; if that fails the connection is
+/// closed rather than pooled with a branch attached.
+async fn xa_abandon(conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>, xid: &str) {
+    use sqlx::Executor;
+    let _ = (&mut **conn).execute(&*format!("XA END {xid}")).await;
+    if (&mut **conn)
+        .execute(&*format!("XA ROLLBACK {xid}"))
+        .await
+        .is_err()
+    {
+        conn.close_on_drop();
+    }
+}
+
+async fn cross_shard_xa(
+    pools: (&MySqlPool, &MySqlPool),
+    shards: (usize, usize),
+    payer: u32,
+    payee: u32,
+    amount: i64,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    let id = uuid_like();
+    let (a, b) = (format!("a{payer}"), format!("a{payee}"));
+    let now = now_ms();
+    let xid = |shard: usize| format!("'bl{id}','s{shard}',{XA_FORMAT_ID}");
+    let (dx, cx) = (xid(shards.0), xid(shards.1));
+    let mut debit = pools.0.acquire().await?;
+    let mut credit = pools.1.acquire().await?;
+    // In shard order, as the reference system opens them.
+    let prepared = if shards.0 < shards.1 {
+        match xa_debit(&mut debit, &dx, (&id, &a, &b), amount, now).await {
+            Err(e) => Err((e, false)),
+            Ok(()) => xa_credit(&mut credit, &cx, (&id, &b), amount, now)
+                .await
+                .map_err(|e| (e, true)),
+        }
+    } else {
+        match xa_credit(&mut credit, &cx, (&id, &b), amount, now).await {
+            Err(e) => Err((e, false)),
+            Ok(()) => xa_debit(&mut debit, &dx, (&id, &a, &b), amount, now)
+                .await
+                .map_err(|e| (e, true)),
+        }
+    };
+    let decided = match prepared {
+        Ok(()) => sqlx::query(
+            "INSERT INTO xa_decisions (gtrid, decision, created_at_ms) VALUES (?, 'commit', ?)",
+        )
+        .bind(format!("bl{id}"))
+        .bind(now)
+        .execute(pools.0)
+        .await
+        .map(|_| ()),
+        Err((e, _)) => Err(e),
+    };
+    if let Err(e) = decided {
+        xa_abandon(&mut debit, &dx).await;
+        xa_abandon(&mut credit, &cx).await;
+        return Err(e);
+    }
+    let (commit_debit, commit_credit) = (format!("XA COMMIT {dx}"), format!("XA COMMIT {cx}"));
+    let (d, c) = tokio::join!(
+        (&mut *debit).execute(commit_debit.as_str()),
+        (&mut *credit).execute(commit_credit.as_str())
+    );
+    for (result, conn) in [(d, &mut debit), (c, &mut credit)] {
+        if result.is_err() {
+            conn.close_on_drop();
+        }
+    }
+    Ok(())
+}
+
 /// Two balance changes with their ledger entries.
 async fn post(
     conn: &mut sqlx::MySqlConnection,
@@ -251,7 +393,13 @@ pub async fn run(
         "a cross-shard baseline needs at least two shards"
     );
     let per_shard = concurrency.div_ceil(urls.len()) as u32 + 1;
-    let pools = Arc::new(prepare(urls, per_shard * 2).await?);
+    // An XA transfer holds a connection on each of its two shards at once:
+    // pools that could run dry would leave workers waiting on each other.
+    let pool_size = match kind {
+        BaselineKind::CrossShardXa => concurrency as u32 + 1,
+        _ => per_shard * 2,
+    };
+    let pools = Arc::new(prepare(urls, pool_size).await?);
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -279,6 +427,18 @@ pub async fn run(
                         let other =
                             (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
                         cross_shard(&pools[shard], &pools[other], payer, payee, amount).await
+                    }
+                    BaselineKind::CrossShardXa => {
+                        let other =
+                            (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
+                        cross_shard_xa(
+                            (&pools[shard], &pools[other]),
+                            (shard, other),
+                            payer,
+                            payee,
+                            amount,
+                        )
+                        .await
                     }
                 };
                 match result {

@@ -17,6 +17,9 @@ pub struct Row {
     pub scenario: String,
     pub shards: usize,
     pub backend: String,
+    /// "saga" or "xa".
+    #[serde(default = "crate::report::saga")]
+    pub cross_shard: String,
     pub model: String,
     pub machine: String,
     pub tps: f64,
@@ -68,6 +71,7 @@ pub fn compare(reports: &[(String, Report)]) -> Comparison {
                 scenario: r.scenario.name.clone(),
                 shards: r.run.shards,
                 backend: r.run.backend.clone(),
+                cross_shard: r.run.cross_shard.clone(),
                 model: r.scenario.model.clone(),
                 machine: format!("{} cpus, {}", r.machine.cpus, r.machine.hostname),
                 tps: r.totals.tps,
@@ -103,20 +107,21 @@ impl Comparison {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| report | scenario | shards | backend | TPS | x base | scaling eff. | p50 ms | p99 ms | p99.9 ms | errors | audit | passed |"
+            "| report | scenario | shards | backend | cross-shard | TPS | x base | scaling eff. | p50 ms | p99 ms | p99.9 ms | errors | audit | passed |"
         );
         let _ = writeln!(
             out,
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
         );
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3}% | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3}% | {} | {} |",
                 r.label,
                 r.scenario,
                 r.shards,
                 r.backend,
+                r.cross_shard,
                 r.tps,
                 r.tps_vs_base,
                 r.scaling_efficiency

@@ -277,13 +277,14 @@ pub fn render(r: &Report) -> String {
     );
     let _ = write!(
         h,
-        "<h1>{} {}</h1><p class=\"meta\">{} · seed {} · {} shards ({}) · {} model, {} users · {} · commit {} · {} ({} cpus, {})</p>",
+        "<h1>{} {}</h1><p class=\"meta\">{} · seed {} · {} shards ({}, cross-shard {}) · {} model, {} users · {} · commit {} · {} ({} cpus, {})</p>",
         esc(&r.scenario.name),
         verdict(r.passed),
         esc(&r.run.started_at),
         r.scenario.seed,
         r.run.shards,
         esc(&r.run.backend),
+        esc(&r.run.cross_shard),
         esc(&r.scenario.model),
         r.run.users,
         esc(&r.run.target),

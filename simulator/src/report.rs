@@ -60,6 +60,9 @@ pub struct RunInfo {
     pub shards: usize,
     /// "sqlite" (embedded), or what the target says it runs on.
     pub backend: String,
+    /// The cross-shard protocol of the system driven: "saga" or "xa".
+    #[serde(default = "saga")]
+    pub cross_shard: String,
     /// "embedded" or the URL driven.
     pub target: String,
     pub git_commit: String,
@@ -271,10 +274,7 @@ impl Baseline {
         let ratios = results
             .iter()
             .map(|r| {
-                let kind = match r.kind {
-                    crate::baseline::BaselineKind::SameShard => "same_shard",
-                    crate::baseline::BaselineKind::CrossShard => "cross_shard",
-                };
+                let kind = r.kind.traffic();
                 // A sole kind's TPS is the run's; in a mix, the kind's own.
                 let accepted = report
                     .by_kind
@@ -349,11 +349,12 @@ impl Report {
         let t = &self.totals;
         let _ = writeln!(
             out,
-            "\n{} · seed {} · {} shards ({}) · {} model · {} users · {:.1} s measured",
+            "\n{} · seed {} · {} shards ({}, cross-shard {}) · {} model · {} users · {:.1} s measured",
             self.scenario.name,
             self.scenario.seed,
             self.run.shards,
             self.run.backend,
+            self.run.cross_shard,
             self.scenario.model,
             self.run.users,
             self.run.measured_s
@@ -622,4 +623,9 @@ fn add_series(into: &mut Vec<u64>, from: &[u64]) {
     for (a, b) in into.iter_mut().zip(from) {
         *a += b;
     }
+}
+
+/// Reports written before the protocol was recorded all ran the saga.
+pub(crate) fn saga() -> String {
+    "saga".into()
 }

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use shardpay_reference::app::{self, ServeConfig};
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
+use shardpay_reference::manager::CrossShard;
 
 use crate::accounting::{self, Accounting, Check, Outcome};
 use crate::api::{Api, BULK_BATCH, SETUP_CONCURRENCY};
@@ -47,6 +48,8 @@ pub enum Target {
         durability: Durability,
         /// Keep the shards in MySQL/MariaDB databases instead of SQLite.
         mysql: Option<MysqlShards>,
+        /// How cross-shard transfers are made atomic (XA needs MySQL).
+        cross_shard: CrossShard,
     },
     /// A system already running at this base URL.
     Url(String),
@@ -131,6 +134,7 @@ impl Embedded {
         data_dir: Option<PathBuf>,
         durability: Durability,
         mysql: Option<MysqlShards>,
+        cross_shard: CrossShard,
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
@@ -171,6 +175,7 @@ impl Embedded {
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
         config.mysql_urls = mysql_urls;
+        config.manager.cross_shard = cross_shard;
         config.bind = "127.0.0.1:0".parse().expect("constant address");
         config.sqlite = SqliteConfig {
             durability,
@@ -414,9 +419,16 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
             data_dir,
             durability,
             mysql,
+            cross_shard,
         } => {
-            let system =
-                Embedded::start(*shards, data_dir.clone(), *durability, mysql.clone()).await?;
+            let system = Embedded::start(
+                *shards,
+                data_dir.clone(),
+                *durability,
+                mysql.clone(),
+                *cross_shard,
+            )
+            .await?;
             let url = system.url.clone();
             (Some(system), url)
         }
@@ -500,7 +512,14 @@ async fn drive(
     ));
 
     let baseline = match (&options.target, options.baseline_s) {
-        (Target::Embedded { mysql: Some(m), .. }, Some(seconds)) => {
+        (
+            Target::Embedded {
+                mysql: Some(m),
+                cross_shard,
+                ..
+            },
+            Some(seconds),
+        ) => {
             let urls: Vec<String> = m.urls.iter().take(shards).cloned().collect();
             let mut results = Vec::new();
             let mut kinds = Vec::new();
@@ -508,7 +527,10 @@ async fn drive(
                 kinds.push(crate::baseline::BaselineKind::SameShard);
             }
             if scenario.mix.cross_shard > 0 && shards > 1 {
-                kinds.push(crate::baseline::BaselineKind::CrossShard);
+                kinds.push(match *cross_shard {
+                    CrossShard::Saga => crate::baseline::BaselineKind::CrossShard,
+                    CrossShard::Xa => crate::baseline::BaselineKind::CrossShardXa,
+                });
             }
             for kind in kinds {
                 say(format!("raw-database baseline, {kind:?}, {seconds} s"));
@@ -619,6 +641,10 @@ async fn drive(
                 Backend::Sqlite => "sqlite".into(),
                 Backend::Mysql { .. } => "mysql".into(),
                 Backend::Remote => "remote".into(),
+            },
+            cross_shard: match &options.target {
+                Target::Embedded { cross_shard, .. } => cross_shard.as_str().into(),
+                Target::Url(_) => "as configured on the target".into(),
             },
             target: if embedded {
                 "embedded".into()

@@ -1,6 +1,7 @@
 //! Whole runs on the in-process reference system.
 
 use shardpay_reference::ledger::sqlite::Durability;
+use shardpay_reference::manager::CrossShard;
 use shardpay_simulator::report::Report;
 use shardpay_simulator::run::{run, RunOptions, Target};
 use shardpay_simulator::Kind;
@@ -14,6 +15,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
             data_dir: None,
             durability: Durability::Normal,
             mysql: None,
+            cross_shard: CrossShard::Saga,
         },
         reports_dir: reports.to_path_buf(),
         progress: false,
