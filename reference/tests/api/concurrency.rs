@@ -9,6 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use shardpay_reference::manager::{CrossShard, ManagerConfig};
+
 use crate::support::{mysql_server, Options, TestApp};
 
 const TASKS: usize = 8;
@@ -40,6 +42,27 @@ async fn random_transfers_on_mysql_shards_keep_every_balance_exact() {
         ..Options::default()
     };
     random_transfers(TestApp::start_with(options).await).await;
+}
+
+/// With only 3 connections per shard, fewer than the transfers running at
+/// once: coordinators holding prepared branches must still get their
+/// decisions written (they once waited for each other's connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_xa_transfers_on_mysql_shards_keep_every_balance_exact() {
+    if mysql_server().is_none() {
+        return;
+    }
+    let options = Options {
+        mysql: true,
+        mysql_pool_size: Some(3),
+        manager: ManagerConfig {
+            cross_shard: CrossShard::Xa,
+            ..ManagerConfig::default()
+        },
+        ..Options::default()
+    };
+    let app = TestApp::start_with(options).await;
+    random_transfers(app).await;
 }
 
 async fn random_transfers(app: TestApp) {

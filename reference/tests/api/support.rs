@@ -28,6 +28,8 @@ pub struct Options {
     pub manager: ManagerConfig,
     /// Shard stores on a real MySQL/MariaDB server instead of SQLite files.
     pub mysql: bool,
+    /// Connections per MySQL shard (the backend's default when `None`).
+    pub mysql_pool_size: Option<u32>,
 }
 
 impl Default for Options {
@@ -36,6 +38,7 @@ impl Default for Options {
             shards: 4,
             manager: ManagerConfig::default(),
             mysql: false,
+            mysql_pool_size: None,
         }
     }
 }
@@ -61,7 +64,15 @@ pub fn mysql_server() -> Option<String> {
 /// `n` shard stores, each in a fresh database of its own on the MySQL test
 /// server (databases `t<random>_<i>`), so tests never share data.
 pub async fn mysql_stores(server: &str, n: u32) -> Vec<Arc<dyn ShardStore>> {
-    use shardpay_reference::ledger::mysql::{MysqlConfig, MysqlShard};
+    mysql_stores_with(server, n, &Default::default()).await
+}
+
+pub async fn mysql_stores_with(
+    server: &str,
+    n: u32,
+    config: &shardpay_reference::ledger::mysql::MysqlConfig,
+) -> Vec<Arc<dyn ShardStore>> {
+    use shardpay_reference::ledger::mysql::MysqlShard;
     use sqlx::Connection;
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let mut admin = sqlx::MySqlConnection::connect(server).await.unwrap();
@@ -78,7 +89,7 @@ pub async fn mysql_stores(server: &str, n: u32) -> Vec<Arc<dyn ShardStore>> {
             &format!("{server}/{db}"),
             ShardId::new(i).unwrap(),
             n,
-            &MysqlConfig::default(),
+            config,
         )
         .await
         .unwrap();
@@ -98,7 +109,11 @@ impl TestApp {
         let config = ServeConfig::new(dir.path());
         let stores = if options.mysql {
             let server = mysql_server().expect("MySQL tests check mysql_server() first");
-            mysql_stores(&server, options.shards).await
+            let mut config = shardpay_reference::ledger::mysql::MysqlConfig::default();
+            if let Some(size) = options.mysql_pool_size {
+                config.pool_size = size;
+            }
+            mysql_stores_with(&server, options.shards, &config).await
         } else {
             app::open_embedded(dir.path(), options.shards, &SqliteConfig::default()).unwrap()
         };
@@ -284,6 +299,12 @@ impl Flaky {
 impl ShardStore for Flaky {
     fn shard(&self) -> ShardId {
         self.inner.shard()
+    }
+
+    /// XA goes straight to the real store: taking a shard down is for the
+    /// saga tests (the XA outage test kills a real server).
+    fn two_phase(&self) -> Option<&dyn TwoPhase> {
+        self.inner.two_phase()
     }
     async fn create_account(
         &self,

@@ -33,6 +33,8 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// Seconds a statement waits for a row lock before giving up (and being
 /// retried); InnoDB's default of 50 s would hold requests far too long.
 pub const LOCK_WAIT_TIMEOUT_S: u32 = 5;
+/// Connections per shard for writing XA decisions.
+const DECISION_CONNECTIONS: u32 = 4;
 
 #[derive(Debug, Clone)]
 pub struct MysqlConfig {
@@ -54,6 +56,11 @@ impl Default for MysqlConfig {
 pub struct MysqlShard {
     shard: ShardId,
     pool: MySqlPool,
+    /// A few connections of its own for XA decisions: a coordinator writes
+    /// its decision while it holds a prepared branch's connection from
+    /// `pool`, so decisions taken from `pool` could wait on each other
+    /// until every connection is held by a coordinator waiting for one.
+    decisions: MySqlPool,
     /// Names this shard's XA branches (`s<shard>-<tag>`, the tag hashed
     /// from the database name), so shards of several deployments sharing
     /// one server never resolve each other's branches.
@@ -75,6 +82,10 @@ impl MysqlShard {
         let options: MySqlConnectOptions = url
             .parse()
             .map_err(|e| anyhow::anyhow!("shard {shard}: bad MySQL URL {url:?}: {e}"))?;
+        let decisions = MySqlPoolOptions::new()
+            .max_connections(DECISION_CONNECTIONS)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_lazy_with(options.clone());
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_size.max(1))
             .acquire_timeout(config.acquire_timeout)
@@ -132,6 +143,7 @@ impl MysqlShard {
         Ok(MysqlShard {
             shard,
             pool,
+            decisions,
             xa_bqual: format!("s{}-{tag}", shard.index()),
         })
     }

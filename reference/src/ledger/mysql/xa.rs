@@ -269,7 +269,7 @@ impl TwoPhase for MysqlShard {
         .bind(gtrid)
         .bind(decision.as_str())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.decisions)
         .await;
         match inserted {
             Ok(_) => Ok(decision),
@@ -288,7 +288,7 @@ impl TwoPhase for MysqlShard {
     async fn decision(&self, gtrid: &str) -> Result<Option<Decision>, StoreError> {
         let row = sqlx::query("SELECT decision FROM xa_decisions WHERE gtrid = ?")
             .bind(gtrid)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.decisions)
             .await
             .map_err(|e| classify(self.shard, &e).1)?;
         let Some(row) = row else { return Ok(None) };
@@ -323,7 +323,7 @@ impl TwoPhase for MysqlShard {
             query = query.bind(gtrid);
         }
         let done = query
-            .execute(&self.pool)
+            .execute(&self.decisions)
             .await
             .map_err(|e| classify(self.shard, &e).1)?;
         Ok(done.rows_affected())
