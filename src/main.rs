@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::fraud::FraudConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
 use shardpay_reference::money::Currency;
@@ -133,6 +134,20 @@ struct ServeArgs {
     /// never pending, refused with 503 while a shard is down (MySQL only).
     #[arg(long, env = "SHARDPAY_CROSS_SHARD", value_enum, default_value = "saga")]
     cross_shard: CrossShardArg,
+    /// Fraud checks before every transfer (allow / review / block): on or
+    /// off. Blocked transfers are refused with 403 transfer_blocked.
+    #[arg(long, env = "SHARDPAY_FRAUD", value_enum, default_value = "on")]
+    fraud: OnOff,
+    /// TOML file of fraud thresholds (keys of the fraud rules in
+    /// ARCHITECTURE.md; keys left out keep their defaults).
+    #[arg(long, env = "SHARDPAY_FRAUD_RULES")]
+    fraud_rules: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -250,6 +265,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_currency: Currency::parse(&args.currency)
             .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
         recovery_interval: Duration::from_millis(args.recovery_interval_ms.max(10)),
+        fraud: match (args.fraud, &args.fraud_rules) {
+            (OnOff::Off, _) => None,
+            (OnOff::On, None) => Some(FraudConfig::default()),
+            (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
+        },
     };
     let app = app::build(config).await?;
     // Scripts and tests read this line to find the port.

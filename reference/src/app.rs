@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
 use crate::http::{self, AppState};
 use crate::ids::ShardId;
 use crate::ledger::mysql::{MysqlConfig, MysqlShard};
@@ -35,6 +36,8 @@ pub struct ServeConfig {
     pub manager: ManagerConfig,
     pub default_currency: Currency,
     pub recovery_interval: Duration,
+    /// Fraud checks before every transfer; `None` turns them off.
+    pub fraud: Option<FraudConfig>,
 }
 
 impl ServeConfig {
@@ -50,6 +53,7 @@ impl ServeConfig {
             manager: ManagerConfig::default(),
             default_currency: Currency::DEFAULT,
             recovery_interval: Duration::from_millis(500),
+            fraud: Some(FraudConfig::default()),
         }
     }
 }
@@ -127,7 +131,15 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         Some(urls) => open_mysql(urls, &config.mysql).await?,
         None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
     };
-    let manager = Arc::new(ShardManager::new(shards, config.manager.clone())?);
+    let mut manager = ShardManager::new(shards, config.manager.clone())?;
+    if let Some(rules) = &config.fraud {
+        rules.check()?;
+        manager = manager.with_fraud(Arc::new(FraudEngine::new(
+            rules.clone(),
+            Box::new(MemoryFeatureStore::default()),
+        )));
+    }
+    let manager = Arc::new(manager);
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| {

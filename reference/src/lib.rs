@@ -8,12 +8,14 @@
 //!   embedded SQLite implementation.
 //! - [`manager`]: transfers (same-shard and the cross-shard saga),
 //!   idempotency keys, recovery.
+//! - [`fraud`]: risk scores, allow/review/block, the feature store.
 //! - [`audit`]: proof that money was neither created, lost nor moved twice.
 //! - [`http`]: the API (`/v1` and the modelled system's routes).
 //! - [`app`]: building, serving and shutting down.
 
 pub mod app;
 pub mod audit;
+pub mod fraud;
 pub mod http;
 pub mod ids;
 pub mod ledger;

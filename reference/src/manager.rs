@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use crate::fraud::{FraudEngine, Verdict};
 use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
     now_ms, Account, BranchId, CreditOutcome, DebitOutcome, Decision, IdempotencyRecord,
@@ -214,6 +215,8 @@ pub struct ShardManager {
     xa_seen: Mutex<HashSet<BranchId>>,
     /// When recovery last forgot old decisions.
     xa_forgotten_at: Mutex<Option<std::time::Instant>>,
+    /// Scores transfers before they commit; `None` turns fraud checks off.
+    fraud: Option<Arc<FraudEngine>>,
 }
 
 impl ShardManager {
@@ -238,7 +241,18 @@ impl ShardManager {
             xa_live: Mutex::new(HashSet::new()),
             xa_seen: Mutex::new(HashSet::new()),
             xa_forgotten_at: Mutex::new(None),
+            fraud: None,
         })
+    }
+
+    /// Scores every transfer with `engine` before it commits.
+    pub fn with_fraud(mut self, engine: Arc<FraudEngine>) -> Self {
+        self.fraud = Some(engine);
+        self
+    }
+
+    pub fn fraud(&self) -> Option<&Arc<FraudEngine>> {
+        self.fraud.as_ref()
     }
 
     pub fn ring(&self) -> Ring {
@@ -391,6 +405,62 @@ impl ShardManager {
                     requested: currency,
                 }
                 .into());
+            }
+        }
+
+        if let Some(fraud) = &self.fraud {
+            let assessment = fraud
+                .score(
+                    request.from.as_str(),
+                    request.to.as_str(),
+                    request.amount.minor(),
+                    now,
+                )
+                .await
+                .map_err(|e| ManagerError::Unavailable(format!("fraud checks failed: {e}")))?;
+            match assessment.decision {
+                Verdict::Block => {
+                    let refusal = Refusal::Blocked {
+                        score: assessment.score,
+                        reasons: assessment.reasons,
+                    };
+                    // Kept under the key like a decline for lack of
+                    // funds: a retry replays this answer, not a new score.
+                    if let Some(key) = &key {
+                        let record = IdempotencyWrite {
+                            scope: request.from.clone(),
+                            key: key.clone(),
+                            fingerprint: fingerprint.clone(),
+                            expires_at_ms: now + self.config.idempotency_ttl_ms,
+                            response: None,
+                        };
+                        match payer_store
+                            .record_decline(
+                                record,
+                                &TransferId::generate(),
+                                refusal.response(),
+                                now,
+                            )
+                            .await
+                        {
+                            Ok(()) => {}
+                            Err(StoreError::IdempotencyKeyExists(record)) => {
+                                return self
+                                    .replay(record, &fingerprint, &request.from, key, view)
+                                    .await;
+                            }
+                            Err(error) => return Err(error.into()),
+                        }
+                    }
+                    return Err(refusal.into());
+                }
+                Verdict::Review => tracing::debug!(
+                    payer = %request.from,
+                    score = assessment.score,
+                    reasons = ?assessment.reasons,
+                    "transfer marked for review"
+                ),
+                Verdict::Allow => {}
             }
         }
 

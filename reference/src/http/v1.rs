@@ -26,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/transfers/{id}", get(get_transfer))
         .route("/v1/shards", get(shards))
         .route("/v1/audit", get(run_audit))
+        .route("/v1/fraud/score", post(score_transfer))
 }
 
 #[derive(Serialize)]
@@ -471,4 +472,60 @@ async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn run_audit(State(state): State<AppState>) -> Result<Json<AuditReport>, ApiError> {
     Ok(Json(audit::run(&state.manager).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreRequest {
+    from: String,
+    to: String,
+    amount: Option<String>,
+    amount_minor: Option<i64>,
+}
+
+/// The fraud service's scoring endpoint: the decision, score and reasons
+/// for a transfer, recorded as an attempt of the payer. Moves no money.
+async fn score_transfer(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<ScoreRequest>,
+) -> Result<Response, ApiError> {
+    let Some(engine) = state.manager.fraud() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "fraud_checks_off",
+            "fraud checks are off on this server (serve --fraud on turns them on)",
+        ));
+    };
+    let from = AccountId::parse(&body.from)?;
+    let to = AccountId::parse(&body.to)?;
+    let amount = amount_of(
+        body.amount.as_deref(),
+        body.amount_minor,
+        state.default_currency,
+        "amount",
+    )?
+    .ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_amount",
+            "give amount (decimal text such as \"4.50\") or amount_minor",
+        )
+    })?
+    .positive()?;
+    let assessment = engine
+        .score(
+            from.as_str(),
+            to.as_str(),
+            amount.minor(),
+            crate::ledger::now_ms(),
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "fraud_unavailable",
+                format!("fraud checks failed: {e}"),
+            )
+        })?;
+    Ok(json_response(200, &assessment))
 }

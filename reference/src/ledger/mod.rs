@@ -183,6 +183,8 @@ pub enum Refusal {
     InsufficientFunds(AccountId),
     #[error("the credit would take account {0} above the largest balance the ledger holds")]
     BalanceOverflow(AccountId),
+    #[error("the transfer was blocked by fraud checks (score {score}: {})", reasons.join(", "))]
+    Blocked { score: u32, reasons: Vec<String> },
 }
 
 impl Refusal {
@@ -193,6 +195,7 @@ impl Refusal {
             Refusal::CurrencyMismatch { .. } => "currency_mismatch",
             Refusal::InsufficientFunds(_) => "insufficient_funds",
             Refusal::BalanceOverflow(_) => "balance_overflow",
+            Refusal::Blocked { .. } => "transfer_blocked",
         }
     }
 
@@ -200,6 +203,7 @@ impl Refusal {
         match self {
             Refusal::AccountNotFound(_) => 404,
             Refusal::AccountExists(_) => 409,
+            Refusal::Blocked { .. } => 403,
             Refusal::CurrencyMismatch { .. }
             | Refusal::InsufficientFunds(_)
             | Refusal::BalanceOverflow(_) => 422,
@@ -328,6 +332,18 @@ pub trait ShardStore: Send + Sync + 'static {
         scope: &AccountId,
         key: &IdempotencyKey,
         response: StoredResponse,
+    ) -> Result<(), StoreError>;
+
+    /// Keeps the answer of a transfer refused before it reached the ledger
+    /// (blocked by fraud checks) under its idempotency key, so a retry
+    /// replays it. Writes nothing else. A live record for the key answers
+    /// `IdempotencyKeyExists`.
+    async fn record_decline(
+        &self,
+        idempotency: IdempotencyWrite,
+        transfer_id: &TransferId,
+        response: StoredResponse,
+        now: TimestampMs,
     ) -> Result<(), StoreError>;
 
     /// A same-shard transfer in one local transaction: payer and payee

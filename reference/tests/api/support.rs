@@ -30,6 +30,8 @@ pub struct Options {
     pub mysql: bool,
     /// Connections per MySQL shard (the backend's default when `None`).
     pub mysql_pool_size: Option<u32>,
+    /// Fraud rules; `None` turns fraud checks off.
+    pub fraud: Option<shardpay_reference::fraud::FraudConfig>,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             manager: ManagerConfig::default(),
             mysql: false,
             mysql_pool_size: None,
+            fraud: Some(Default::default()),
         }
     }
 }
@@ -122,7 +125,14 @@ impl TestApp {
             .iter()
             .map(|f| Arc::clone(f) as Arc<dyn ShardStore>)
             .collect();
-        let manager = Arc::new(ShardManager::new(stores, options.manager).unwrap());
+        let mut manager = ShardManager::new(stores, options.manager).unwrap();
+        if let Some(rules) = options.fraud {
+            manager = manager.with_fraud(Arc::new(shardpay_reference::fraud::FraudEngine::new(
+                rules,
+                Box::new(shardpay_reference::fraud::MemoryFeatureStore::default()),
+            )));
+        }
+        let manager = Arc::new(manager);
         let state = AppState {
             manager: Arc::clone(&manager),
             default_currency: config.default_currency,
@@ -344,6 +354,19 @@ impl ShardStore for Flaky {
         self.check(true).await?;
         self.inner.save_idempotent_response(s, k, r).await
     }
+    async fn record_decline(
+        &self,
+        idempotency: IdempotencyWrite,
+        transfer_id: &TransferId,
+        response: StoredResponse,
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner
+            .record_decline(idempotency, transfer_id, response, now)
+            .await
+    }
+
     async fn transfer_local(
         &self,
         t: &Transfer,

@@ -952,6 +952,26 @@ impl ShardStore for MysqlShard {
         .await)
     }
 
+    async fn record_decline(
+        &self,
+        idempotency: IdempotencyWrite,
+        transfer_id: &TransferId,
+        response: StoredResponse,
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        in_transaction!(self, |tx| async {
+            tx.claim_idempotency(Some(&idempotency), now).await?;
+            tx.write_idempotency(
+                Some(&idempotency),
+                transfer_id.as_str(),
+                Some(&response),
+                now,
+            )
+            .await
+        }
+        .await)
+    }
+
     async fn transfer_local(
         &self,
         transfer: &Transfer,

@@ -629,6 +629,21 @@ impl ShardStore for SqliteShard {
         .await
     }
 
+    async fn record_decline(
+        &self,
+        idempotency: IdempotencyWrite,
+        transfer_id: &TransferId,
+        response: StoredResponse,
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        let id = transfer_id.clone();
+        self.write(move |ctx| {
+            ctx.claim_idempotency(Some(&idempotency), now)?;
+            ctx.write_idempotency(Some(&idempotency), id.as_str(), Some(&response), now)
+        })
+        .await
+    }
+
     async fn transfer_local(
         &self,
         transfer: &Transfer,

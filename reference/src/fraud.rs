@@ -1,0 +1,322 @@
+//! The fraud service: scores a transfer before the shard manager commits
+//! it, and answers allow, review or block with a score and its reasons.
+//!
+//! Rules, each adding points to a score out of 100 (thresholds in
+//! [`FraudConfig`], loadable from a TOML file with `serve --fraud-rules`):
+//! - `large_amount`: at least `review_amount_minor` (+25), or at least
+//!   `block_amount_minor` (+50);
+//! - `round_amount`: a multiple of `round_unit_minor` (+15);
+//! - `new_payee`: the payer has not paid this payee before (+15);
+//! - `velocity_count`: more than `velocity_count` transfers by the payer in
+//!   the last `velocity_window_ms` (+25);
+//! - `velocity_sum`: the payer's transfers in the window, this one
+//!   included, above `velocity_sum_minor` (+30).
+//!
+//! A score of `block_score` or more blocks the transfer: it is refused
+//! (403 `transfer_blocked`) and touches no balance. `review_score` or more
+//! lets it through marked for review. Every attempt is recorded in the
+//! feature store, blocked ones included, so retrying a blocked transfer
+//! does not wash its velocity away.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::TimestampMs;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FraudConfig {
+    pub review_amount_minor: i64,
+    pub block_amount_minor: i64,
+    pub round_unit_minor: i64,
+    pub velocity_window_ms: i64,
+    pub velocity_count: u32,
+    pub velocity_sum_minor: i64,
+    pub review_score: u32,
+    pub block_score: u32,
+}
+
+impl Default for FraudConfig {
+    fn default() -> Self {
+        FraudConfig {
+            review_amount_minor: 10_000_00,
+            block_amount_minor: 1_000_000_00,
+            round_unit_minor: 1_000_00,
+            velocity_window_ms: 60_000,
+            velocity_count: 20,
+            velocity_sum_minor: 100_000_00,
+            review_score: 40,
+            block_score: 70,
+        }
+    }
+}
+
+impl FraudConfig {
+    /// Reads a TOML file of [`FraudConfig`] keys; keys left out keep their
+    /// defaults, unknown keys are refused.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<FraudConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let config: FraudConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.review_score <= self.block_score && self.block_score <= 100,
+            "fraud rules: need review_score <= block_score <= 100"
+        );
+        anyhow::ensure!(
+            self.velocity_window_ms > 0 && self.round_unit_minor > 0,
+            "fraud rules: velocity_window_ms and round_unit_minor must be positive"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Review,
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assessment {
+    pub decision: Verdict,
+    pub score: u32,
+    pub reasons: Vec<String>,
+}
+
+/// What the feature store knew of a payer just before this transfer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// Transfers by the payer within the window, before this one.
+    pub count_in_window: u32,
+    /// Their sum, in minor units.
+    pub sum_in_window: i64,
+    pub paid_payee_before: bool,
+}
+
+/// Where payer features live: in memory for the embedded system; a
+/// ScyllaDB implementation plugs in behind the same trait.
+#[async_trait]
+pub trait FeatureStore: Send + Sync {
+    /// Records one transfer attempt and answers the features as they were
+    /// just before it.
+    async fn observe(
+        &self,
+        payer: &str,
+        payee: &str,
+        amount_minor: i64,
+        at_ms: TimestampMs,
+        window_ms: i64,
+    ) -> anyhow::Result<Features>;
+}
+
+#[derive(Default)]
+struct PayerState {
+    recent: VecDeque<(TimestampMs, i64)>,
+    sum: i64,
+    payees: HashSet<String>,
+}
+
+/// The embedded feature store: per payer, the attempts inside the window
+/// and the payees paid. Split over 64 locks by payer.
+pub struct MemoryFeatureStore {
+    parts: Vec<Mutex<HashMap<String, PayerState>>>,
+}
+
+impl Default for MemoryFeatureStore {
+    fn default() -> Self {
+        MemoryFeatureStore {
+            parts: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+#[async_trait]
+impl FeatureStore for MemoryFeatureStore {
+    async fn observe(
+        &self,
+        payer: &str,
+        payee: &str,
+        amount_minor: i64,
+        at_ms: TimestampMs,
+        window_ms: i64,
+    ) -> anyhow::Result<Features> {
+        let part = xxhash_rust::xxh3::xxh3_64(payer.as_bytes()) as usize % self.parts.len();
+        let mut map = self.parts[part].lock().expect("feature store lock");
+        let state = map.entry(payer.to_string()).or_default();
+        while let Some(&(t, amount)) = state.recent.front() {
+            if t > at_ms - window_ms {
+                break;
+            }
+            state.recent.pop_front();
+            state.sum -= amount;
+        }
+        let features = Features {
+            count_in_window: state.recent.len() as u32,
+            sum_in_window: state.sum,
+            paid_payee_before: state.payees.contains(payee),
+        };
+        state.recent.push_back((at_ms, amount_minor));
+        state.sum += amount_minor;
+        if !features.paid_payee_before {
+            state.payees.insert(payee.to_string());
+        }
+        Ok(features)
+    }
+}
+
+pub struct FraudEngine {
+    config: FraudConfig,
+    store: Box<dyn FeatureStore>,
+}
+
+impl FraudEngine {
+    pub fn new(config: FraudConfig, store: Box<dyn FeatureStore>) -> FraudEngine {
+        FraudEngine { config, store }
+    }
+
+    pub fn config(&self) -> &FraudConfig {
+        &self.config
+    }
+
+    /// Scores a transfer and records it as an attempt.
+    pub async fn score(
+        &self,
+        payer: &str,
+        payee: &str,
+        amount_minor: i64,
+        at_ms: TimestampMs,
+    ) -> anyhow::Result<Assessment> {
+        let features = self
+            .store
+            .observe(
+                payer,
+                payee,
+                amount_minor,
+                at_ms,
+                self.config.velocity_window_ms,
+            )
+            .await?;
+        Ok(assess(&self.config, amount_minor, &features))
+    }
+}
+
+/// The rules, as a pure function of the transfer and the features.
+pub fn assess(config: &FraudConfig, amount_minor: i64, f: &Features) -> Assessment {
+    let mut score = 0;
+    let mut reasons = Vec::new();
+    let mut add = |points: u32, reason: &str| {
+        score += points;
+        reasons.push(reason.to_string());
+    };
+    if amount_minor >= config.block_amount_minor {
+        add(50, "large_amount");
+    } else if amount_minor >= config.review_amount_minor {
+        add(25, "large_amount");
+    }
+    if amount_minor >= config.round_unit_minor && amount_minor % config.round_unit_minor == 0 {
+        add(15, "round_amount");
+    }
+    if !f.paid_payee_before {
+        add(15, "new_payee");
+    }
+    if f.count_in_window >= config.velocity_count {
+        add(25, "velocity_count");
+    }
+    if f.sum_in_window.saturating_add(amount_minor) > config.velocity_sum_minor {
+        add(30, "velocity_sum");
+    }
+    let score = score.min(100);
+    let decision = if score >= config.block_score {
+        Verdict::Block
+    } else if score >= config.review_score {
+        Verdict::Review
+    } else {
+        Verdict::Allow
+    };
+    Assessment {
+        decision,
+        score,
+        reasons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(count: u32, sum: i64, seen: bool) -> Features {
+        Features {
+            count_in_window: count,
+            sum_in_window: sum,
+            paid_payee_before: seen,
+        }
+    }
+
+    #[test]
+    fn a_small_payment_to_a_known_payee_is_allowed() {
+        let a = assess(&FraudConfig::default(), 4_50, &features(3, 100_00, true));
+        assert_eq!((a.decision, a.score), (Verdict::Allow, 0));
+        assert!(a.reasons.is_empty());
+    }
+
+    #[test]
+    fn a_large_round_payment_to_a_new_payee_goes_to_review() {
+        let a = assess(&FraudConfig::default(), 20_000_00, &features(0, 0, false));
+        assert_eq!(a.decision, Verdict::Review);
+        assert_eq!(a.score, 55);
+        assert_eq!(a.reasons, ["large_amount", "round_amount", "new_payee"]);
+    }
+
+    #[test]
+    fn a_burst_over_the_sum_limit_is_blocked() {
+        let a = assess(
+            &FraudConfig::default(),
+            40_000_00,
+            &features(2, 80_000_00, false),
+        );
+        assert_eq!(a.decision, Verdict::Block);
+        assert!(a.reasons.contains(&"velocity_sum".to_string()), "{a:?}");
+    }
+
+    #[test]
+    fn thresholds_come_from_config() {
+        let config = FraudConfig {
+            block_score: 15,
+            review_score: 10,
+            ..FraudConfig::default()
+        };
+        let a = assess(&config, 1_00, &features(0, 0, false));
+        assert_eq!(a.decision, Verdict::Block);
+        let bad = FraudConfig {
+            review_score: 90,
+            block_score: 80,
+            ..FraudConfig::default()
+        };
+        assert!(bad.check().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_keeps_a_sliding_window_per_payer() {
+        let store = MemoryFeatureStore::default();
+        let f = store.observe("p", "a", 10, 1_000, 5_000).await.unwrap();
+        assert_eq!(f, features(0, 0, false));
+        let f = store.observe("p", "a", 20, 2_000, 5_000).await.unwrap();
+        assert_eq!(f, features(1, 10, true));
+        let f = store.observe("q", "a", 5, 2_500, 5_000).await.unwrap();
+        assert_eq!(f, features(0, 0, false), "another payer");
+        // At 6,500 the attempt at 1,000 has left the 5 s window.
+        let f = store.observe("p", "b", 30, 6_500, 5_000).await.unwrap();
+        assert_eq!(f, features(1, 20, false));
+    }
+}
