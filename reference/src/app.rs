@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::events::Pipeline;
 use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
 use crate::http::{self, AppState};
 use crate::ids::ShardId;
@@ -152,6 +153,9 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     Ok(App {
         addr,
         state: AppState {
+            pipeline: Some(Arc::new(Pipeline::start_in_process(
+                manager.shards().to_vec(),
+            ))),
             manager,
             default_currency: config.default_currency,
         },
@@ -171,14 +175,34 @@ impl App {
             Arc::clone(&self.state.manager),
             self.recovery_interval,
         ));
+        let pipeline = self.state.pipeline.clone();
+        let consumers = match &pipeline {
+            Some(p) => p.spawn(RELAY_INTERVAL).await?,
+            None => Vec::new(),
+        };
         let router = http::router(self.state);
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await;
         recovery.abort();
+        for task in consumers {
+            task.abort();
+        }
+        // Publish what the last requests wrote (bounded: a shard that is
+        // down keeps its rows for the next start).
+        if let Some(p) = pipeline {
+            for _ in 0..20 {
+                if p.relay.relay_once().await == 0 {
+                    break;
+                }
+            }
+        }
         served.context("HTTP server failed")
     }
 }
+
+/// How often an idle outbox relay looks for new rows.
+pub const RELAY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Drives pending cross-shard transfers to an end, forever.
 pub async fn recovery_loop(manager: Arc<ShardManager>, interval: Duration) {

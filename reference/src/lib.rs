@@ -9,12 +9,14 @@
 //! - [`manager`]: transfers (same-shard and the cross-shard saga),
 //!   idempotency keys, recovery.
 //! - [`fraud`]: risk scores, allow/review/block, the feature store.
+//! - [`events`]: the outbox relay, the event bus, the analytics consumer.
 //! - [`audit`]: proof that money was neither created, lost nor moved twice.
 //! - [`http`]: the API (`/v1` and the modelled system's routes).
 //! - [`app`]: building, serving and shutting down.
 
 pub mod app;
 pub mod audit;
+pub mod events;
 pub mod fraud;
 pub mod http;
 pub mod ids;

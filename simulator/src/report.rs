@@ -421,6 +421,22 @@ impl Report {
         for c in a.checks.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "  FAILED {}: {}", c.name, c.detail);
         }
+        let f = &a.fraud;
+        let fraudulent = f.fraudulent_allowed + f.fraudulent_refused;
+        let legitimate = f.legitimate_allowed + f.legitimate_refused;
+        if fraudulent + legitimate > 0 {
+            let share = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+            let _ = writeln!(
+                out,
+                "fraud: precision {} · recall {} ({} of {} labelled fraudulent transfers refused, {} of {} legitimate ones)",
+                share(f.precision),
+                share(f.recall),
+                f.fraudulent_refused,
+                fraudulent,
+                f.legitimate_refused,
+                legitimate
+            );
+        }
         if let Some(b) = &self.baseline {
             let _ = writeln!(
                 out,

@@ -32,6 +32,9 @@ pub const MAX_PAGE: u32 = 1000;
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<ShardManager>,
+    /// The outbox relay, the bus and the consumers, when this process runs
+    /// them.
+    pub pipeline: Option<Arc<crate::events::Pipeline>>,
     /// Currency of accounts and transfers that name none.
     pub default_currency: Currency,
 }

@@ -27,6 +27,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/shards", get(shards))
         .route("/v1/audit", get(run_audit))
         .route("/v1/fraud/score", post(score_transfer))
+        .route("/v1/pipeline", get(pipeline_report))
+        .route("/v1/analytics", get(analytics_totals))
+        .route("/dashboard/analytics", get(analytics_dashboard))
 }
 
 #[derive(Serialize)]
@@ -528,4 +531,91 @@ async fn score_transfer(
             )
         })?;
     Ok(json_response(200, &assessment))
+}
+
+fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::events::Pipeline>, ApiError> {
+    state.pipeline.as_ref().ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "no_pipeline",
+            "this process runs no event pipeline",
+        )
+    })
+}
+
+/// The event pipeline: outbox rows and backlog, events published, and each
+/// consumer's applied events, duplicates suppressed and lag.
+async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    let report = pipeline
+        .report(state.manager.shards())
+        .await
+        .map_err(crate::manager::ManagerError::from)?;
+    Ok(json_response(200, &report))
+}
+
+/// The analytics service's totals, overall and per shard, next to the
+/// shards' own counts: `matches_shards` is true when the completed
+/// transfers agree (once the pipeline has caught up).
+async fn analytics_totals(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    let (overall, per_shard) = pipeline.analytics.totals();
+    let mut shard_completed = Vec::new();
+    for store in state.manager.shards() {
+        shard_completed.push(
+            store
+                .stats()
+                .await
+                .map_err(crate::manager::ManagerError::from)?
+                .transfers_completed,
+        );
+    }
+    let seen: Vec<u64> = (0..shard_completed.len())
+        .map(|i| {
+            per_shard
+                .get(&(i as u16))
+                .map_or(0, |t| t.transfers_completed)
+        })
+        .collect();
+    let pipeline_report = pipeline
+        .report(state.manager.shards())
+        .await
+        .map_err(crate::manager::ManagerError::from)?;
+    Ok(json_response(
+        200,
+        &serde_json::json!({
+            "overall": overall,
+            "per_shard": per_shard,
+            "consumer": pipeline.analytics.stats(),
+            "shards_completed": shard_completed,
+            "matches_shards": seen == shard_completed,
+            "pipeline_complete": pipeline_report.complete,
+        }),
+    ))
+}
+
+/// A page that shows the analytics totals and refreshes itself every
+/// second. Self-contained: no scripts from elsewhere.
+async fn analytics_dashboard() -> Response {
+    let page = r#"<!doctype html><html><head><meta charset="utf-8"><title>shardpay analytics</title>
+<style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}.ok{color:#070}.bad{color:#b00}</style>
+</head><body><h1>shardpay analytics</h1><p id="status">loading...</p><div id="tables"></div>
+<script>
+function row(name,t){const v=Object.entries(t.volume_minor||{}).map(([c,m])=>c+' '+(m/100).toFixed(2)).join(', ');
+return `<tr><th>${name}</th><td>${t.accounts_created}</td><td>${t.transfers_completed}</td><td>${t.same_shard}</td><td>${t.cross_shard}</td><td>${t.transfers_failed}</td><td>${v}</td></tr>`;}
+async function tick(){try{const r=await fetch('/v1/analytics');const a=await r.json();
+const c=a.consumer;document.getElementById('status').innerHTML=
+`events applied ${c.applied} · duplicates suppressed ${c.duplicates_suppressed} · lag p50 ${c.lag.p50_ms} ms, p99 ${c.lag.p99_ms} ms · `+
+(a.matches_shards?'<span class=ok>totals match the shards</span>':'<span class=bad>totals differ from the shards (catching up?)</span>');
+let h='<table><tr><th></th><th>accounts</th><th>completed</th><th>same-shard</th><th>cross-shard</th><th>failed</th><th>volume</th></tr>'+row('all',a.overall);
+for(const [s,t] of Object.entries(a.per_shard)){h+=row('shard '+s,t);}document.getElementById('tables').innerHTML=h+'</table>';}
+catch(e){document.getElementById('status').textContent='cannot reach the analytics API: '+e;}}
+tick();setInterval(tick,1000);
+</script></body></html>"#;
+    let mut response = Response::new(axum::body::Body::from(page));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
 }

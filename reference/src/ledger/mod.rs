@@ -251,6 +251,24 @@ pub enum CreditOutcome {
     },
 }
 
+/// An event written to a shard's outbox in the transaction of the change
+/// it describes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct OutboxEvent {
+    /// Position in the shard's outbox: events of one shard are published
+    /// in this order.
+    pub seq: i64,
+    pub event_id: String,
+    pub event_type: String,
+    /// The account or transfer the event is about (the topic key).
+    pub key: String,
+    pub shard: ShardId,
+    /// The event's JSON body.
+    pub payload: String,
+    /// When the change committed (the outbox row was written).
+    pub created_at_ms: TimestampMs,
+}
+
 /// Per-shard counts for `/v1/shards` and the modelled system's stats.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ShardStats {
@@ -409,6 +427,15 @@ pub trait ShardStore: Send + Sync + 'static {
         now: TimestampMs,
         limit: u32,
     ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` outbox events not yet published, oldest first.
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Marks outbox events (by `seq`) published at `now`.
+    async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError>;
+
+    /// Outbox rows in all, and those still unpublished.
+    async fn outbox_counts(&self) -> Result<(u64, u64), StoreError>;
 
     /// Two-phase commit, where the backend has it (XA on MySQL); `None`
     /// for backends that only run the saga.

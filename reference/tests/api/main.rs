@@ -4,6 +4,7 @@
 mod bulk;
 mod concurrency;
 mod cross_shard;
+mod events;
 mod fraud;
 mod idempotency;
 mod storage;

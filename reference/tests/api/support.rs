@@ -18,6 +18,7 @@ use shardpay_reference::money::Currency;
 pub struct TestApp {
     pub url: String,
     pub manager: Arc<ShardManager>,
+    pub pipeline: Arc<shardpay_reference::events::Pipeline>,
     pub client: reqwest::Client,
     pub flaky: Vec<Arc<Flaky>>,
     _dir: tempfile::TempDir,
@@ -133,7 +134,15 @@ impl TestApp {
             )));
         }
         let manager = Arc::new(manager);
+        let pipeline = Arc::new(shardpay_reference::events::Pipeline::start_in_process(
+            manager.shards().to_vec(),
+        ));
+        pipeline
+            .spawn(std::time::Duration::from_millis(10))
+            .await
+            .unwrap();
         let state = AppState {
+            pipeline: Some(Arc::clone(&pipeline)),
             manager: Arc::clone(&manager),
             default_currency: config.default_currency,
         };
@@ -145,6 +154,7 @@ impl TestApp {
         TestApp {
             url,
             manager,
+            pipeline,
             client: reqwest::Client::new(),
             flaky,
             _dir: dir,
@@ -365,6 +375,20 @@ impl ShardStore for Flaky {
         self.inner
             .record_decline(idempotency, transfer_id, response, now)
             .await
+    }
+
+    // The outbox relay runs in the background of every test app: it passes
+    // the gate and the outage switch, which are for requests.
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.unpublished_events(limit).await
+    }
+
+    async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError> {
+        self.inner.mark_published(seqs, now).await
+    }
+
+    async fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.inner.outbox_counts().await
     }
 
     async fn transfer_local(

@@ -20,8 +20,8 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use super::{
     Account, AccountKind, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite,
-    NewAccount, Refusal, ShardAudit, ShardStats, ShardStore, StoreError, StoredResponse,
-    TimestampMs, Transfer, TransferState,
+    NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
+    StoredResponse, TimestampMs, Transfer, TransferState,
 };
 use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
 use crate::money::{Amount, Currency};
@@ -1158,6 +1158,66 @@ impl ShardStore for MysqlShard {
 
     async fn credit_outcome(&self, id: &TransferId) -> Result<Option<CreditOutcome>, StoreError> {
         reading!(self, |tx| tx.credit_outcome(id.as_str(), false).await)
+    }
+
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        reading!(self, |tx| {
+            let rows = tx
+                .all(
+                    sqlx::query(
+                        "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
+                         FROM outbox WHERE published_at_ms IS NULL ORDER BY id LIMIT ?",
+                    )
+                    .bind(limit),
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(OutboxEvent {
+                        seq: tx.get(r, 0)?,
+                        event_id: tx.get(r, 1)?,
+                        event_type: tx.get(r, 2)?,
+                        key: tx.get(r, 3)?,
+                        shard: tx.shard,
+                        payload: tx.get(r, 4)?,
+                        created_at_ms: tx.get(r, 5)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "UPDATE outbox SET published_at_ms = ? WHERE published_at_ms IS NULL AND id IN ({})",
+            vec!["?"; seqs.len()].join(", ")
+        );
+        in_transaction!(self, |tx| async {
+            let mut query = sqlx::query(&sql).bind(now);
+            for seq in seqs {
+                query = query.bind(seq);
+            }
+            tx.execute(query).await?;
+            Ok(())
+        }
+        .await)
+    }
+
+    async fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
+        reading!(self, |tx| {
+            let row = tx
+                .optional(sqlx::query(
+                    "SELECT COUNT(*), CAST(COALESCE(SUM(published_at_ms IS NULL), 0) AS SIGNED) FROM outbox",
+                ))
+                .await?;
+            match row {
+                Some(r) => Ok((tx.get::<i64>(&r, 0)? as u64, tx.get::<i64>(&r, 1)? as u64)),
+                None => Ok((0, 0)),
+            }
+        })
     }
 
     async fn stats(&self) -> Result<ShardStats, StoreError> {

@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
     Account, AccountKind, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite,
-    NewAccount, Refusal, ShardAudit, ShardStats, ShardStore, StoreError, StoredResponse,
-    TimestampMs, Transfer, TransferState,
+    NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
+    StoredResponse, TimestampMs, Transfer, TransferState,
 };
 use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
 use crate::money::{Amount, Currency};
@@ -850,6 +850,60 @@ impl ShardStore for SqliteShard {
     async fn credit_outcome(&self, id: &TransferId) -> Result<Option<CreditOutcome>, StoreError> {
         let id = id.clone();
         self.read(move |ctx| ctx.credit_outcome(id.as_str())).await
+    }
+
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let shard = self.shard;
+        self.read(move |ctx| {
+            ctx.query_all(
+                "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms FROM outbox
+                 WHERE published_at_ms IS NULL ORDER BY id LIMIT ?1",
+                [limit as i64],
+                |r| {
+                    Ok(OutboxEvent {
+                        seq: r.get(0)?,
+                        event_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        key: r.get(3)?,
+                        shard,
+                        payload: r.get(4)?,
+                        created_at_ms: r.get(5)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError> {
+        let seqs = seqs.to_vec();
+        self.write(move |ctx| {
+            for seq in &seqs {
+                ctx.execute(
+                    "UPDATE outbox SET published_at_ms = ?2 WHERE id = ?1 AND published_at_ms IS NULL",
+                    params![seq, now],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.read(|ctx| {
+            let all = ctx
+                .query_opt("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))?
+                .unwrap_or(0);
+            let unpublished = ctx
+                .query_opt(
+                    "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?
+                .unwrap_or(0);
+            Ok((all as u64, unpublished as u64))
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<ShardStats, StoreError> {

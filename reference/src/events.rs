@@ -1,0 +1,558 @@
+//! The event backbone: a relay per shard publishes the transactional
+//! outbox to an event bus, and consumers (analytics here) read it in
+//! consumer groups, deduplicating by event id.
+//!
+//! Delivery is at least once: the relay marks outbox rows published only
+//! after the bus took them, so a relay that dies in between publishes them
+//! again, and a consumer that dies before committing its position reads
+//! them again. Consumers therefore keep the ids they have applied and skip
+//! repeats; the pipeline statistics count those as duplicates suppressed.
+//!
+//! The bus is a trait. [`InProcessBus`] is the embedded default: one
+//! ordered log per topic, group positions committed after processing, as a
+//! Kafka consumer group commits offsets.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{now_ms, OutboxEvent, ShardStore, TimestampMs};
+
+pub const PAYMENT_EVENTS: &str = "payment_events";
+pub const FRAUD_EVENTS: &str = "fraud_events";
+pub const NOTIFICATION_EVENTS: &str = "notification_events";
+pub const ANALYTICS_EVENTS: &str = "analytics_events";
+
+/// An event on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub event_type: String,
+    /// The account or transfer it is about; the topic's partition key.
+    pub key: String,
+    /// The shard whose outbox it came from.
+    pub shard: Option<u16>,
+    pub payload: String,
+    /// When the change it describes committed.
+    pub created_at_ms: TimestampMs,
+}
+
+impl Event {
+    pub fn from_outbox(e: &OutboxEvent) -> Event {
+        Event {
+            id: e.event_id.clone(),
+            event_type: e.event_type.clone(),
+            key: e.key.clone(),
+            shard: Some(e.shard.index() as u16),
+            payload: e.payload.clone(),
+            created_at_ms: e.created_at_ms,
+        }
+    }
+
+    /// The topic an outbox event goes to.
+    pub fn topic(&self) -> &'static str {
+        if self.event_type.starts_with("fraud.") {
+            FRAUD_EVENTS
+        } else if self.event_type.starts_with("notification.") {
+            NOTIFICATION_EVENTS
+        } else {
+            PAYMENT_EVENTS
+        }
+    }
+}
+
+/// A message bus with topics and consumer groups.
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    /// Appends events to a topic, in order. Done when it returns.
+    async fn publish(&self, topic: &str, events: &[Event]) -> anyhow::Result<()>;
+    /// Reads `topic` as a member of `group`, from the group's committed
+    /// position.
+    async fn subscribe(&self, topic: &str, group: &str) -> anyhow::Result<Box<dyn Subscription>>;
+}
+
+#[async_trait]
+pub trait Subscription: Send {
+    /// Events after the last one polled, at most `max`, waiting up to
+    /// `wait` when there are none.
+    async fn poll(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Event>>;
+    /// Commits the group's position after everything polled so far.
+    async fn commit(&mut self) -> anyhow::Result<()>;
+}
+
+#[derive(Default)]
+struct Topic {
+    log: Vec<Arc<Event>>,
+    committed: HashMap<String, usize>,
+}
+
+/// The embedded bus: in memory, one ordered log per topic.
+#[derive(Default, Clone)]
+pub struct InProcessBus {
+    inner: Arc<BusInner>,
+}
+
+#[derive(Default)]
+struct BusInner {
+    topics: Mutex<HashMap<String, Topic>>,
+    appended: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl EventBus for InProcessBus {
+    async fn publish(&self, topic: &str, events: &[Event]) -> anyhow::Result<()> {
+        {
+            let mut topics = self.inner.topics.lock().expect("bus lock");
+            let log = &mut topics.entry(topic.to_string()).or_default().log;
+            log.extend(events.iter().cloned().map(Arc::new));
+        }
+        self.inner.appended.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> anyhow::Result<Box<dyn Subscription>> {
+        let position = {
+            let mut topics = self.inner.topics.lock().expect("bus lock");
+            let t = topics.entry(topic.to_string()).or_default();
+            *t.committed.entry(group.to_string()).or_insert(0)
+        };
+        Ok(Box::new(InProcessSubscription {
+            bus: Arc::clone(&self.inner),
+            topic: topic.to_string(),
+            group: group.to_string(),
+            position,
+        }))
+    }
+}
+
+impl InProcessBus {
+    /// Events on a topic so far.
+    pub fn len(&self, topic: &str) -> usize {
+        let topics = self.inner.topics.lock().expect("bus lock");
+        topics.get(topic).map_or(0, |t| t.log.len())
+    }
+
+    pub fn is_empty(&self, topic: &str) -> bool {
+        self.len(topic) == 0
+    }
+}
+
+struct InProcessSubscription {
+    bus: Arc<BusInner>,
+    topic: String,
+    group: String,
+    position: usize,
+}
+
+#[async_trait]
+impl Subscription for InProcessSubscription {
+    async fn poll(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Event>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.bus.appended.notified();
+            {
+                let topics = self.bus.topics.lock().expect("bus lock");
+                if let Some(t) = topics.get(&self.topic) {
+                    if t.log.len() > self.position {
+                        let end = t.log.len().min(self.position + max);
+                        let batch = t.log[self.position..end]
+                            .iter()
+                            .map(|e| (**e).clone())
+                            .collect();
+                        self.position = end;
+                        return Ok(batch);
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        let mut topics = self.bus.topics.lock().expect("bus lock");
+        let t = topics.entry(self.topic.clone()).or_default();
+        t.committed.insert(self.group.clone(), self.position);
+        Ok(())
+    }
+}
+
+/// What the relays have done.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub published: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// Publishes each shard's outbox, oldest first, and marks rows published
+/// once the bus has them.
+pub struct Relay {
+    shards: Vec<Arc<dyn ShardStore>>,
+    bus: Arc<dyn EventBus>,
+    pub stats: Arc<RelayStats>,
+    /// Test hook: publish one batch, then fail before marking it, once.
+    pub fail_before_mark_once: AtomicBool,
+}
+
+/// Rows per relay pass and shard.
+pub const RELAY_BATCH: u32 = 500;
+
+impl Relay {
+    pub fn new(shards: Vec<Arc<dyn ShardStore>>, bus: Arc<dyn EventBus>) -> Relay {
+        Relay {
+            shards,
+            bus,
+            stats: Arc::new(RelayStats::default()),
+            fail_before_mark_once: AtomicBool::new(false),
+        }
+    }
+
+    /// One pass over every shard; answers how many events it published.
+    pub async fn relay_once(&self) -> u64 {
+        let mut published = 0;
+        for store in &self.shards {
+            match self.relay_shard(store.as_ref()).await {
+                Ok(n) => published += n,
+                Err(error) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(shard = %store.shard(), %error, "outbox relay pass failed; retrying");
+                }
+            }
+        }
+        published
+    }
+
+    async fn relay_shard(&self, store: &dyn ShardStore) -> anyhow::Result<u64> {
+        let rows = store.unpublished_events(RELAY_BATCH).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut by_topic: BTreeMap<&'static str, Vec<Event>> = BTreeMap::new();
+        for row in &rows {
+            let event = Event::from_outbox(row);
+            by_topic.entry(event.topic()).or_default().push(event);
+        }
+        for (topic, events) in &by_topic {
+            self.bus.publish(topic, events).await?;
+        }
+        self.stats
+            .published
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        if self.fail_before_mark_once.swap(false, Ordering::SeqCst) {
+            anyhow::bail!("fault injection: relay stopped after publishing, before marking");
+        }
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        store.mark_published(&seqs, now_ms()).await?;
+        Ok(rows.len() as u64)
+    }
+
+    /// Relays forever, a pass every `interval` (sooner while there is a
+    /// backlog).
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            if self.relay_once().await < RELAY_BATCH as u64 {
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
+}
+
+/// Totals of one shard (or all) as the analytics service sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub accounts_created: u64,
+    pub transfers_completed: u64,
+    pub transfers_failed: u64,
+    pub same_shard: u64,
+    pub cross_shard: u64,
+    /// Completed volume per currency, minor units.
+    pub volume_minor: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LagSummary {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// A consumer's own figures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConsumerStats {
+    pub group: String,
+    /// Events read, repeats included.
+    pub received: u64,
+    /// Distinct events applied.
+    pub applied: u64,
+    pub duplicates_suppressed: u64,
+    /// From the change's commit to its application.
+    pub lag: LagSummary,
+}
+
+struct AnalyticsState {
+    seen: HashSet<String>,
+    received: u64,
+    duplicates: u64,
+    overall: Totals,
+    per_shard: BTreeMap<u16, Totals>,
+    lag: Histogram<u64>,
+}
+
+/// The analytics service's consumer: totals per shard and overall, and
+/// how long events took from commit to here.
+pub struct Analytics {
+    state: Mutex<AnalyticsState>,
+}
+
+pub const ANALYTICS_GROUP: &str = "analytics";
+
+impl Default for Analytics {
+    fn default() -> Self {
+        Analytics {
+            state: Mutex::new(AnalyticsState {
+                seen: HashSet::new(),
+                received: 0,
+                duplicates: 0,
+                overall: Totals::default(),
+                per_shard: BTreeMap::new(),
+                lag: Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+            }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferPayload {
+    amount_minor: i64,
+    currency: String,
+    from_shard: u16,
+    to_shard: u16,
+}
+
+impl Analytics {
+    /// Applies one event unless its id was applied before.
+    pub fn apply(&self, event: &Event, now: TimestampMs) {
+        let mut s = self.state.lock().expect("analytics lock");
+        s.received += 1;
+        if !s.seen.insert(event.id.clone()) {
+            s.duplicates += 1;
+            return;
+        }
+        let lag = (now - event.created_at_ms).max(1) as u64;
+        s.lag.saturating_record(lag);
+        let shard = event.shard.unwrap_or(0);
+        let transfer = serde_json::from_str::<TransferPayload>(&event.payload).ok();
+        let update = |t: &mut Totals| match event.event_type.as_str() {
+            "account.created" => t.accounts_created += 1,
+            "transfer.completed" => {
+                if let Some(p) = &transfer {
+                    t.transfers_completed += 1;
+                    if p.from_shard == p.to_shard {
+                        t.same_shard += 1;
+                    } else {
+                        t.cross_shard += 1;
+                    }
+                    *t.volume_minor.entry(p.currency.clone()).or_default() += p.amount_minor;
+                }
+            }
+            "transfer.failed" => t.transfers_failed += 1,
+            _ => {}
+        };
+        update(&mut s.overall);
+        update(s.per_shard.entry(shard).or_default());
+    }
+
+    pub fn totals(&self) -> (Totals, BTreeMap<u16, Totals>) {
+        let s = self.state.lock().expect("analytics lock");
+        (s.overall.clone(), s.per_shard.clone())
+    }
+
+    pub fn stats(&self) -> ConsumerStats {
+        let s = self.state.lock().expect("analytics lock");
+        let ms = |q: f64| s.lag.value_at_quantile(q) as f64;
+        ConsumerStats {
+            group: ANALYTICS_GROUP.into(),
+            received: s.received,
+            applied: s.seen.len() as u64,
+            duplicates_suppressed: s.duplicates,
+            lag: LagSummary {
+                count: s.lag.len(),
+                p50_ms: ms(0.5),
+                p99_ms: ms(0.99),
+                max_ms: s.lag.max() as f64,
+            },
+        }
+    }
+
+    /// Consumes `payment_events` forever, committing after each batch.
+    pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>) {
+        loop {
+            match subscription.poll(1_000, Duration::from_millis(200)).await {
+                Ok(batch) => {
+                    let now = now_ms();
+                    for event in &batch {
+                        self.apply(event, now);
+                    }
+                    if !batch.is_empty() {
+                        if let Err(error) = subscription.commit().await {
+                            tracing::warn!(%error, "analytics cannot commit its position");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "analytics cannot read events; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The whole pipeline of one process: bus, relay, consumers.
+pub struct Pipeline {
+    pub bus: Arc<dyn EventBus>,
+    pub relay: Arc<Relay>,
+    pub analytics: Arc<Analytics>,
+}
+
+/// What `/v1/pipeline` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PipelineReport {
+    /// Outbox rows on all shards, and those not yet published.
+    pub outbox_rows: u64,
+    pub outbox_backlog: u64,
+    /// Events the relays published (repeats after a failure included).
+    pub published: u64,
+    pub relay_failures: u64,
+    pub consumers: Vec<ConsumerStats>,
+    /// Outbox rows that no consumer has applied yet: the backlog, or lost
+    /// events once the backlog is empty.
+    pub unapplied: BTreeMap<String, u64>,
+    /// Every committed event applied exactly once by every consumer.
+    pub complete: bool,
+}
+
+impl Pipeline {
+    pub fn start_in_process(shards: Vec<Arc<dyn ShardStore>>) -> Pipeline {
+        let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::default());
+        let relay = Arc::new(Relay::new(shards, Arc::clone(&bus)));
+        let analytics = Arc::new(Analytics::default());
+        Pipeline {
+            bus,
+            relay,
+            analytics,
+        }
+    }
+
+    /// Spawns the relay and the consumers on the current runtime.
+    pub async fn spawn(
+        &self,
+        relay_interval: Duration,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let subscription = self.bus.subscribe(PAYMENT_EVENTS, ANALYTICS_GROUP).await?;
+        Ok(vec![
+            tokio::spawn(Arc::clone(&self.relay).run(relay_interval)),
+            tokio::spawn(Arc::clone(&self.analytics).run(subscription)),
+        ])
+    }
+
+    pub async fn report(
+        &self,
+        shards: &[Arc<dyn ShardStore>],
+    ) -> Result<PipelineReport, crate::ledger::StoreError> {
+        let (mut rows, mut backlog) = (0, 0);
+        for store in shards {
+            let (all, unpublished) = store.outbox_counts().await?;
+            rows += all;
+            backlog += unpublished;
+        }
+        let analytics = self.analytics.stats();
+        // Every outbox event today is a payment event.
+        let unapplied = rows.saturating_sub(analytics.applied);
+        Ok(PipelineReport {
+            outbox_rows: rows,
+            outbox_backlog: backlog,
+            published: self.relay.stats.published.load(Ordering::Relaxed),
+            relay_failures: self.relay.stats.failures.load(Ordering::Relaxed),
+            complete: backlog == 0 && analytics.applied == rows,
+            unapplied: BTreeMap::from([(ANALYTICS_GROUP.to_string(), unapplied)]),
+            consumers: vec![analytics],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, n: i64) -> Event {
+        Event {
+            id: id.into(),
+            event_type: "transfer.completed".into(),
+            key: format!("tr_{n}"),
+            shard: Some(0),
+            payload: format!(
+                r#"{{"amount_minor":{n},"currency":"INR","from_shard":0,"to_shard":1}}"#
+            ),
+            created_at_ms: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_resumes_from_its_committed_position() {
+        let bus = InProcessBus::default();
+        bus.publish("t", &[event("a", 1), event("b", 2), event("c", 3)])
+            .await
+            .unwrap();
+        let mut first = bus.subscribe("t", "g").await.unwrap();
+        let got = first.poll(2, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(got.len(), 2);
+        first.commit().await.unwrap();
+        let _uncommitted = first.poll(10, Duration::from_millis(10)).await.unwrap();
+        // A new member of the group starts after the committed two.
+        let mut second = bus.subscribe("t", "g").await.unwrap();
+        let got = second.poll(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        // Another group reads everything.
+        let mut other = bus.subscribe("t", "h").await.unwrap();
+        assert_eq!(
+            other
+                .poll(10, Duration::from_millis(10))
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        // Nothing more: poll waits, then answers empty.
+        assert!(second
+            .poll(10, Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn analytics_counts_each_event_once() {
+        let a = Analytics::default();
+        a.apply(&event("a", 5), 1_010);
+        a.apply(&event("a", 5), 1_020);
+        a.apply(&event("b", 7), 1_030);
+        let (overall, _) = a.totals();
+        assert_eq!(overall.transfers_completed, 2);
+        assert_eq!(overall.cross_shard, 2);
+        assert_eq!(overall.volume_minor["INR"], 12);
+        let stats = a.stats();
+        assert_eq!(
+            (stats.received, stats.applied, stats.duplicates_suppressed),
+            (3, 2, 1)
+        );
+        assert_eq!(stats.lag.count, 2);
+    }
+}
