@@ -240,4 +240,26 @@ impl Api {
         }
         Ok(serde_json::from_str(&text)?)
     }
+
+    /// The system's event pipeline (`GET /v1/pipeline`); `None` when the
+    /// system has none.
+    pub async fn pipeline(
+        &self,
+    ) -> anyhow::Result<Option<shardpay_reference::events::PipelineReport>> {
+        let response = self
+            .client
+            .get(self.url("/v1/pipeline"))
+            .send()
+            .await
+            .context("GET /v1/pipeline failed")?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("GET /v1/pipeline answered {status}: {text}");
+        }
+        Ok(Some(serde_json::from_str(&text)?))
+    }
 }

@@ -467,6 +467,32 @@ pub fn render(r: &Report) -> String {
             pct(f.recall)
         );
     }
+    if let Some(p) = &r.pipeline {
+        let _ = write!(
+            h,
+            "<h2>Event pipeline {}</h2><p>{} outbox rows, {} unpublished, {} published by the relays ({} relay failures).</p><table><tr><th>consumer</th><th>received</th><th>applied</th><th>duplicates suppressed</th><th>unapplied</th><th>lag p50 ms</th><th>lag p99 ms</th><th>lag max ms</th></tr>",
+            verdict(p.complete),
+            p.outbox_rows,
+            p.outbox_backlog,
+            p.published,
+            p.relay_failures
+        );
+        for c in &p.consumers {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td></tr>",
+                esc(&c.group),
+                c.received,
+                c.applied,
+                c.duplicates_suppressed,
+                p.unapplied.get(&c.group).copied().unwrap_or(0),
+                c.lag.p50_ms,
+                c.lag.p99_ms,
+                c.lag.max_ms
+            );
+        }
+        h.push_str("</table>");
+    }
     let _ = write!(
         h,
         "<h2>Scenario</h2><p>{}</p><pre>{}</pre></body></html>\n",

@@ -38,6 +38,10 @@ pub struct Report {
     /// The raw-database baseline measured before the load, when asked for.
     #[serde(default)]
     pub baseline: Option<Baseline>,
+    /// The system's event pipeline after the run, once caught up (or as it
+    /// stood when waiting gave up); `None` when the system has none.
+    #[serde(default)]
+    pub pipeline: Option<shardpay_reference::events::PipelineReport>,
     pub resources: Resources,
     pub passed: bool,
     pub failures: Vec<String>,
@@ -421,6 +425,23 @@ impl Report {
         for c in a.checks.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "  FAILED {}: {}", c.name, c.detail);
         }
+        if let Some(p) = &self.pipeline {
+            for c in &p.consumers {
+                let _ = writeln!(
+                    out,
+                    "events: {} outbox rows, {} published · {}: {} applied, {} duplicates suppressed, {} unapplied · commit-to-consume lag p50 {:.0} ms, p99 {:.0} ms · pipeline {}",
+                    p.outbox_rows,
+                    p.published,
+                    c.group,
+                    c.applied,
+                    c.duplicates_suppressed,
+                    p.unapplied.get(&c.group).copied().unwrap_or(0),
+                    c.lag.p50_ms,
+                    c.lag.p99_ms,
+                    if p.complete { "complete" } else { "INCOMPLETE" }
+                );
+            }
+        }
         let f = &a.fraud;
         let fraudulent = f.fraudulent_allowed + f.fraudulent_refused;
         let legitimate = f.legitimate_allowed + f.legitimate_refused;
@@ -605,6 +626,13 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         }
         out.resources.simulator_cpu_s += r.resources.simulator_cpu_s;
         out.resources.wall_s = out.resources.wall_s.max(r.resources.wall_s);
+        out.pipeline = match (out.pipeline.take(), &r.pipeline) {
+            (Some(mut p), Some(q)) => {
+                merge_pipeline(&mut p, q);
+                Some(p)
+            }
+            _ => None,
+        };
     }
     out.outcomes.sort_by(|a, b| b.count.cmp(&a.count));
     let c = out.totals.counts;
@@ -622,6 +650,36 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         .map_err(|e| anyhow::anyhow!("the report's scenario no longer reads: {e}"))?;
     crate::run::judge(&scenario, &mut out);
     Ok(out)
+}
+
+/// Adds another system's pipeline figures. Counts add up; lag
+/// percentiles are not mergeable from summaries, so the worse is kept.
+fn merge_pipeline(
+    into: &mut shardpay_reference::events::PipelineReport,
+    from: &shardpay_reference::events::PipelineReport,
+) {
+    into.outbox_rows += from.outbox_rows;
+    into.outbox_backlog += from.outbox_backlog;
+    into.published += from.published;
+    into.relay_failures += from.relay_failures;
+    into.complete &= from.complete;
+    for (group, n) in &from.unapplied {
+        *into.unapplied.entry(group.clone()).or_default() += n;
+    }
+    for c in &from.consumers {
+        match into.consumers.iter_mut().find(|x| x.group == c.group) {
+            Some(x) => {
+                x.received += c.received;
+                x.applied += c.applied;
+                x.duplicates_suppressed += c.duplicates_suppressed;
+                x.lag.count += c.lag.count;
+                x.lag.p50_ms = x.lag.p50_ms.max(c.lag.p50_ms);
+                x.lag.p99_ms = x.lag.p99_ms.max(c.lag.p99_ms);
+                x.lag.max_ms = x.lag.max_ms.max(c.lag.max_ms);
+            }
+            None => into.consumers.push(c.clone()),
+        }
+    }
 }
 
 fn add_counts(into: &mut Counts, from: &Counts) {

@@ -666,6 +666,7 @@ async fn drive(
     if let Some(results) = baseline {
         report.baseline = Some(crate::report::Baseline::new(results, &report));
     }
+    report.pipeline = settle_pipeline(&api).await;
     judge(scenario, &mut report);
 
     let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
@@ -923,6 +924,7 @@ fn build_report(
         audit,
         thresholds: Vec::new(),
         baseline: None,
+        pipeline: None,
         resources,
         passed: false,
         failures: Vec::new(),
@@ -930,6 +932,30 @@ fn build_report(
 }
 
 /// Judges the scenario's thresholds; sets `passed` and `failures`.
+/// How long a run waits, after the audit, for the event pipeline to apply
+/// every committed event.
+const PIPELINE_WAIT: Duration = Duration::from_secs(30);
+
+/// The pipeline once every consumer has caught up, or as it stands after
+/// [`PIPELINE_WAIT`]; `None` for a system without one (or that fails to
+/// say).
+async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::events::PipelineReport> {
+    let deadline = Instant::now() + PIPELINE_WAIT;
+    loop {
+        let report = match api.pipeline().await {
+            Ok(report) => report?,
+            Err(e) => {
+                tracing::warn!("cannot read the event pipeline: {e:#}");
+                return None;
+            }
+        };
+        if report.complete || Instant::now() >= deadline {
+            return Some(report);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn judge(scenario: &Scenario, report: &mut Report) {
     let t = &scenario.thresholds;
     let mut results = Vec::new();
@@ -969,6 +995,22 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
             limit: format!(">= {limit}"),
             actual: format!("{tps:.1}"),
             ok: tps >= limit,
+        });
+    }
+    if let (true, Some(p)) = (t.audit, &report.pipeline) {
+        let unapplied: u64 = p.unapplied.values().sum();
+        results.push(ThresholdResult {
+            name: "event pipeline complete".into(),
+            limit: "every committed event applied once by every consumer".into(),
+            actual: if p.complete {
+                format!("{} events, all applied", p.outbox_rows)
+            } else {
+                format!(
+                    "{unapplied} of {} events not applied, {} unpublished",
+                    p.outbox_rows, p.outbox_backlog
+                )
+            },
+            ok: p.complete,
         });
     }
     if t.audit {

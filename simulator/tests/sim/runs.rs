@@ -56,6 +56,19 @@ async fn a_closed_run_by_count_passes_and_writes_three_reports() {
     }
     assert!(r.accounting.retry_groups > 0);
     assert!(!r.latency.pairs.is_empty(), "cross-shard pairs recorded");
+    // Every committed change reached the analytics consumer once: at least
+    // one event per account and per accepted transfer.
+    let p = r
+        .pipeline
+        .as_ref()
+        .expect("the in-process system has a pipeline");
+    assert!(p.complete, "{p:?}");
+    assert_eq!(p.consumers[0].applied, p.outbox_rows);
+    assert!(p.outbox_rows >= r.run.accounts + r.accounting.transfers_accepted);
+    assert!(r
+        .thresholds
+        .iter()
+        .any(|t| t.name == "event pipeline complete" && t.ok));
     // goose saw the requests sent through it (racing resends bypass it).
     assert!(r.run.goose_requests > 0 && r.run.goose_requests <= c.requests);
 
@@ -163,5 +176,12 @@ async fn merged_reports_add_up() {
     assert_eq!(timeline, parts);
     assert_eq!(m.run.operations, 200);
     assert!(m.passed, "{:?}", m.failures);
-    assert_eq!(m.thresholds.len(), 2, "thresholds judged again");
+    // error rate, event pipeline, audit and accounting.
+    assert_eq!(m.thresholds.len(), 3, "thresholds judged again");
+    let p = m.pipeline.as_ref().unwrap();
+    assert_eq!(
+        p.outbox_rows,
+        a.pipeline.as_ref().unwrap().outbox_rows + b.pipeline.as_ref().unwrap().outbox_rows
+    );
+    assert!(p.complete);
 }
