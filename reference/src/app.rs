@@ -132,13 +132,14 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         Some(urls) => open_mysql(urls, &config.mysql).await?,
         None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
     };
+    let pipeline = Arc::new(Pipeline::start_in_process(shards.clone()));
     let mut manager = ShardManager::new(shards, config.manager.clone())?;
     if let Some(rules) = &config.fraud {
         rules.check()?;
-        manager = manager.with_fraud(Arc::new(FraudEngine::new(
-            rules.clone(),
-            Box::new(MemoryFeatureStore::default()),
-        )));
+        manager = manager.with_fraud(Arc::new(
+            FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()))
+                .publishing_to(Arc::clone(&pipeline.bus)),
+        ));
     }
     let manager = Arc::new(manager);
     let listener = tokio::net::TcpListener::bind(config.bind)
@@ -153,9 +154,7 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     Ok(App {
         addr,
         state: AppState {
-            pipeline: Some(Arc::new(Pipeline::start_in_process(
-                manager.shards().to_vec(),
-            ))),
+            pipeline: Some(pipeline),
             manager,
             default_currency: config.default_currency,
         },

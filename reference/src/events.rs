@@ -273,6 +273,9 @@ pub struct Totals {
     pub cross_shard: u64,
     /// Completed volume per currency, minor units.
     pub volume_minor: BTreeMap<String, i64>,
+    /// Fraud decisions by kind (allow, review, block); overall only.
+    #[serde(default)]
+    pub fraud_decisions: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -289,15 +292,18 @@ pub struct ConsumerStats {
     pub group: String,
     /// Events read, repeats included.
     pub received: u64,
-    /// Distinct events applied.
+    /// Distinct outbox events applied (events published straight to the
+    /// bus, such as fraud decisions, are counted in the totals only).
     pub applied: u64,
     pub duplicates_suppressed: u64,
-    /// From the change's commit to its application.
+    /// From the change's commit to its application (outbox events).
     pub lag: LagSummary,
 }
 
 struct AnalyticsState {
     seen: HashSet<String>,
+    /// Distinct outbox (payment) events applied.
+    outbox_applied: u64,
     received: u64,
     duplicates: u64,
     overall: Totals,
@@ -318,6 +324,7 @@ impl Default for Analytics {
         Analytics {
             state: Mutex::new(AnalyticsState {
                 seen: HashSet::new(),
+                outbox_applied: 0,
                 received: 0,
                 duplicates: 0,
                 overall: Totals::default(),
@@ -345,8 +352,20 @@ impl Analytics {
             s.duplicates += 1;
             return;
         }
-        let lag = (now - event.created_at_ms).max(1) as u64;
-        s.lag.saturating_record(lag);
+        if event.shard.is_some() {
+            s.outbox_applied += 1;
+            let lag = (now - event.created_at_ms).max(1) as u64;
+            s.lag.saturating_record(lag);
+        }
+        if let Some(decision) = event.event_type.strip_prefix("fraud.") {
+            let kind = match decision {
+                "blocked" => "block",
+                "review_required" => "review",
+                _ => "allow",
+            };
+            *s.overall.fraud_decisions.entry(kind.into()).or_default() += 1;
+            return;
+        }
         let shard = event.shard.unwrap_or(0);
         let transfer = serde_json::from_str::<TransferPayload>(&event.payload).ok();
         let update = |t: &mut Totals| match event.event_type.as_str() {
@@ -380,7 +399,7 @@ impl Analytics {
         ConsumerStats {
             group: ANALYTICS_GROUP.into(),
             received: s.received,
-            applied: s.seen.len() as u64,
+            applied: s.outbox_applied,
             duplicates_suppressed: s.duplicates,
             lag: LagSummary {
                 count: s.lag.len(),
@@ -391,7 +410,7 @@ impl Analytics {
         }
     }
 
-    /// Consumes `payment_events` forever, committing after each batch.
+    /// Consumes one topic forever, committing after each batch.
     pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>) {
         loop {
             match subscription.poll(1_000, Duration::from_millis(200)).await {
@@ -456,10 +475,12 @@ impl Pipeline {
         &self,
         relay_interval: Duration,
     ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-        let subscription = self.bus.subscribe(PAYMENT_EVENTS, ANALYTICS_GROUP).await?;
+        let payments = self.bus.subscribe(PAYMENT_EVENTS, ANALYTICS_GROUP).await?;
+        let fraud = self.bus.subscribe(FRAUD_EVENTS, ANALYTICS_GROUP).await?;
         Ok(vec![
             tokio::spawn(Arc::clone(&self.relay).run(relay_interval)),
-            tokio::spawn(Arc::clone(&self.analytics).run(subscription)),
+            tokio::spawn(Arc::clone(&self.analytics).run(payments)),
+            tokio::spawn(Arc::clone(&self.analytics).run(fraud)),
         ])
     }
 

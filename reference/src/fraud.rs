@@ -178,11 +178,58 @@ impl FeatureStore for MemoryFeatureStore {
 pub struct FraudEngine {
     config: FraudConfig,
     store: Box<dyn FeatureStore>,
+    /// Where decisions are published (`fraud_events`), if anywhere.
+    bus: Option<std::sync::Arc<dyn crate::events::EventBus>>,
 }
 
 impl FraudEngine {
     pub fn new(config: FraudConfig, store: Box<dyn FeatureStore>) -> FraudEngine {
-        FraudEngine { config, store }
+        FraudEngine {
+            config,
+            store,
+            bus: None,
+        }
+    }
+
+    /// Publishes every decision to `fraud_events` on `bus`: straight to
+    /// the bus, as a decision changes no shard (so there is no outbox row
+    /// to relay), keyed by payer.
+    pub fn publishing_to(mut self, bus: std::sync::Arc<dyn crate::events::EventBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Publishes a decision; a bus that fails loses the event (and says so
+    /// in the log), never the transfer.
+    pub async fn publish(&self, payer: &str, payee: &str, amount_minor: i64, a: &Assessment) {
+        let Some(bus) = &self.bus else { return };
+        let event_type = match a.decision {
+            Verdict::Allow => "fraud.scored",
+            Verdict::Review => "fraud.review_required",
+            Verdict::Block => "fraud.blocked",
+        };
+        let event = crate::events::Event {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            event_type: event_type.into(),
+            key: payer.into(),
+            shard: None,
+            payload: serde_json::json!({
+                "from": payer,
+                "to": payee,
+                "amount_minor": amount_minor,
+                "decision": a.decision,
+                "score": a.score,
+                "reasons": a.reasons,
+            })
+            .to_string(),
+            created_at_ms: crate::ledger::now_ms(),
+        };
+        if let Err(error) = bus
+            .publish(crate::events::FRAUD_EVENTS, std::slice::from_ref(&event))
+            .await
+        {
+            tracing::warn!(%error, "cannot publish a fraud decision");
+        }
     }
 
     pub fn config(&self) -> &FraudConfig {

@@ -418,6 +418,14 @@ impl ShardManager {
                 )
                 .await
                 .map_err(|e| ManagerError::Unavailable(format!("fraud checks failed: {e}")))?;
+            fraud
+                .publish(
+                    request.from.as_str(),
+                    request.to.as_str(),
+                    request.amount.minor(),
+                    &assessment,
+                )
+                .await;
             match assessment.decision {
                 Verdict::Block => {
                     let refusal = Refusal::Blocked {

@@ -63,6 +63,15 @@ async fn a_burst_of_large_round_payments_to_new_payees_is_blocked_and_pays_nothi
         .collect();
     assert_eq!(reasons, ["velocity_sum"], "mule0 was paid before");
     assert_eq!(app.balance_minor("mule0").await, 40_000_00);
+
+    // Every decision on a transfer was published; analytics counts them by
+    // kind (the replayed block was not scored again, and the scoring
+    // endpoint only answers).
+    crate::support::eventually("analytics to see the decisions", || async {
+        let (_, a) = app.get("/v1/analytics").await;
+        a["overall"]["fraud_decisions"] == json!({"review": 2, "block": 2})
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -126,17 +126,20 @@ impl TestApp {
             .iter()
             .map(|f| Arc::clone(f) as Arc<dyn ShardStore>)
             .collect();
+        let pipeline = Arc::new(shardpay_reference::events::Pipeline::start_in_process(
+            stores.clone(),
+        ));
         let mut manager = ShardManager::new(stores, options.manager).unwrap();
         if let Some(rules) = options.fraud {
-            manager = manager.with_fraud(Arc::new(shardpay_reference::fraud::FraudEngine::new(
-                rules,
-                Box::new(shardpay_reference::fraud::MemoryFeatureStore::default()),
-            )));
+            manager = manager.with_fraud(Arc::new(
+                shardpay_reference::fraud::FraudEngine::new(
+                    rules,
+                    Box::new(shardpay_reference::fraud::MemoryFeatureStore::default()),
+                )
+                .publishing_to(Arc::clone(&pipeline.bus)),
+            ));
         }
         let manager = Arc::new(manager);
-        let pipeline = Arc::new(shardpay_reference::events::Pipeline::start_in_process(
-            manager.shards().to_vec(),
-        ));
         pipeline
             .spawn(std::time::Duration::from_millis(10))
             .await
