@@ -120,9 +120,25 @@ up_one() {
         fresh=1
         mkdir -p "$d/data"
         [ "$(id -u)" = 0 ] && chown -R mysql:mysql "$d"
-        "$(install_db_bin)" --defaults-file="$d/my.cnf" $(run_as) --auth-root-authentication-method=socket \
-            --skip-test-db >"$d/install.log" 2>&1 ||
-            die "shard $i: initialising $d/data failed; see $d/install.log"
+        # Tried twice: a first attempt has been seen failing (rarely) while
+        # another data directory was being initialised at the same moment.
+        local attempt
+        for attempt in 1 2; do
+            if "$(install_db_bin)" --defaults-file="$d/my.cnf" $(run_as) \
+                --auth-root-authentication-method=socket --skip-test-db >"$d/install.log" 2>&1; then
+                break
+            fi
+            if [ "$attempt" = 2 ]; then
+                tail -15 "$d/install.log" >&2
+                die "shard $i: initialising $d/data failed; see $d/install.log"
+            fi
+            echo "shard $i: initialising $d/data failed; trying once more" >&2
+            cp "$d/install.log" "$d/install-1.log" 2>/dev/null || true
+            rm -rf "$d/data"
+            mkdir -p "$d/data"
+            [ "$(id -u)" = 0 ] && chown -R mysql:mysql "$d"
+            sleep 1
+        done
     fi
     [ "$(id -u)" = 0 ] && chown -R mysql:mysql "$d"
     # --defaults-file must come first.

@@ -70,7 +70,15 @@ fn with_xa_a_shard_server_killed_mid_run_loses_no_transfer() {
     shard_killed_mid_run("xa");
 }
 
+/// The two kill tests run one after the other: each starts, kills and
+/// restarts server processes, and two of those at once on 2 cpus only
+/// make each slower and noisier.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn shard_killed_mid_run(protocol: &str) {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !server_installed() {
         assert!(
             std::env::var("SHARDPAY_REQUIRE_MYSQL").as_deref() != Ok("1"),
