@@ -353,6 +353,16 @@ mod tests {
         assert!(bad.check().is_err());
     }
 
+    #[test]
+    fn the_readme_rules_file_gives_the_defaults_and_typos_are_refused() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("# serve --fraud-rules fraud.toml").unwrap();
+        let text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let config: FraudConfig = toml::from_str(text).unwrap();
+        assert_eq!(config, FraudConfig::default());
+        assert!(toml::from_str::<FraudConfig>("block_scor = 50").is_err());
+    }
+
     #[tokio::test]
     async fn the_memory_store_keeps_a_sliding_window_per_payer() {
         let store = MemoryFeatureStore::default();
