@@ -73,6 +73,35 @@ enum Command {
     /// every transfer's entries exactly once, no stale pending transfer.
     /// Exits 1 when a check fails.
     Audit(AuditArgs),
+    /// The notification service's dead-letter store: webhook deliveries
+    /// that failed every attempt
+    ///
+    /// `dlq list` shows them; `dlq replay --all` (or `--id ID`) delivers
+    /// them again, once each. A delivery that already reached its webhook
+    /// is recognised and not sent twice.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum DlqCommand {
+    /// List the dead letters.
+    List {
+        /// URL of a running shard manager.
+        #[arg(long, env = "SHARDPAY_URL", default_value = "http://127.0.0.1:8006")]
+        url: String,
+    },
+    /// Deliver dead letters again.
+    Replay {
+        /// Dead-letter ids (from `dlq list`); repeat for several.
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, env = "SHARDPAY_URL", default_value = "http://127.0.0.1:8006")]
+        url: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -219,6 +248,7 @@ fn main() -> anyhow::Result<()> {
         Command::Merge(args) => passed(simulate::merge(args)),
         Command::Baseline(args) => runtime.block_on(simulate::baseline(args)),
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Dlq(command) => runtime.block_on(dlq(command)),
         Command::Audit(args) => {
             let ok = runtime.block_on(audit(args))?;
             std::process::exit(if ok { 0 } else { 1 });
@@ -282,6 +312,56 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     app.run_until(app::shutdown_signal()).await?;
     tracing::info!("shard manager stopped");
+    Ok(())
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let (url, request) = match &command {
+        DlqCommand::List { url } => {
+            let url = format!("{}/v1/dlq", url.trim_end_matches('/'));
+            (url.clone(), client.get(url))
+        }
+        DlqCommand::Replay { ids, all, url } => {
+            let url = format!("{}/v1/dlq/replay", url.trim_end_matches('/'));
+            let body = if *all {
+                serde_json::json!({ "all": true })
+            } else {
+                serde_json::json!({ "ids": ids })
+            };
+            (url.clone(), client.post(url).json(&body))
+        }
+    };
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}; is `shardpay serve` running?"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}: {body}");
+    match command {
+        DlqCommand::List { .. } => {
+            let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
+            if letters.is_empty() {
+                println!("the dead-letter store is empty");
+            }
+            for l in &letters {
+                println!(
+                    "{}  event {} ({})  to {}  after {} attempts: {}",
+                    l["id"].as_str().unwrap_or(""),
+                    l["event_id"].as_str().unwrap_or(""),
+                    l["event_type"].as_str().unwrap_or(""),
+                    l["url"].as_str().unwrap_or(""),
+                    l["attempts"],
+                    l["last_error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        DlqCommand::Replay { .. } => println!(
+            "delivered {} · already delivered before (not sent again) {} · failed again {} · not found {}",
+            body["delivered"], body["already_delivered"], body["failed"], body["not_found"]
+        ),
+    }
     Ok(())
 }
 

@@ -439,6 +439,7 @@ pub struct Pipeline {
     pub bus: Arc<dyn EventBus>,
     pub relay: Arc<Relay>,
     pub analytics: Arc<Analytics>,
+    pub notifier: Arc<crate::notification::Notifier>,
 }
 
 /// What `/v1/pipeline` answers.
@@ -456,6 +457,9 @@ pub struct PipelineReport {
     pub unapplied: BTreeMap<String, u64>,
     /// Every committed event applied exactly once by every consumer.
     pub complete: bool,
+    /// The notification service's deliveries and dead letters.
+    #[serde(default)]
+    pub notification: Option<crate::notification::NotificationStats>,
 }
 
 impl Pipeline {
@@ -467,6 +471,7 @@ impl Pipeline {
             bus,
             relay,
             analytics,
+            notifier: Arc::new(crate::notification::Notifier::new(Default::default())),
         }
     }
 
@@ -475,13 +480,15 @@ impl Pipeline {
         &self,
         relay_interval: Duration,
     ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-        let payments = self.bus.subscribe(PAYMENT_EVENTS, ANALYTICS_GROUP).await?;
-        let fraud = self.bus.subscribe(FRAUD_EVENTS, ANALYTICS_GROUP).await?;
-        Ok(vec![
-            tokio::spawn(Arc::clone(&self.relay).run(relay_interval)),
-            tokio::spawn(Arc::clone(&self.analytics).run(payments)),
-            tokio::spawn(Arc::clone(&self.analytics).run(fraud)),
-        ])
+        use crate::notification::NOTIFICATION_GROUP;
+        let mut tasks = vec![tokio::spawn(Arc::clone(&self.relay).run(relay_interval))];
+        for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
+            let analytics = self.bus.subscribe(topic, ANALYTICS_GROUP).await?;
+            tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(analytics)));
+            let notification = self.bus.subscribe(topic, NOTIFICATION_GROUP).await?;
+            tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(notification)));
+        }
+        Ok(tasks)
     }
 
     pub async fn report(
@@ -495,16 +502,32 @@ impl Pipeline {
             backlog += unpublished;
         }
         let analytics = self.analytics.stats();
-        // Every outbox event today is a payment event.
-        let unapplied = rows.saturating_sub(analytics.applied);
+        let notification = self.notifier.stats();
+        let notification_consumer = ConsumerStats {
+            group: crate::notification::NOTIFICATION_GROUP.into(),
+            received: notification.events_received,
+            applied: notification.outbox_applied,
+            duplicates_suppressed: notification.duplicates_suppressed,
+            lag: LagSummary {
+                count: 0,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                max_ms: 0.0,
+            },
+        };
+        let unapplied: BTreeMap<String, u64> = [&analytics, &notification_consumer]
+            .iter()
+            .map(|c| (c.group.clone(), rows.saturating_sub(c.applied)))
+            .collect();
         Ok(PipelineReport {
             outbox_rows: rows,
             outbox_backlog: backlog,
             published: self.relay.stats.published.load(Ordering::Relaxed),
             relay_failures: self.relay.stats.failures.load(Ordering::Relaxed),
-            complete: backlog == 0 && analytics.applied == rows,
-            unapplied: BTreeMap::from([(ANALYTICS_GROUP.to_string(), unapplied)]),
-            consumers: vec![analytics],
+            complete: backlog == 0 && unapplied.values().all(|n| *n == 0),
+            unapplied,
+            consumers: vec![analytics, notification_consumer],
+            notification: Some(notification),
         })
     }
 }

@@ -10,6 +10,7 @@
 //!   idempotency keys, recovery.
 //! - [`fraud`]: risk scores, allow/review/block, the feature store.
 //! - [`events`]: the outbox relay, the event bus, the analytics consumer.
+//! - [`notification`]: log channel and signed webhooks, retries, dead letters.
 //! - [`audit`]: proof that money was neither created, lost nor moved twice.
 //! - [`http`]: the API (`/v1` and the modelled system's routes).
 //! - [`app`]: building, serving and shutting down.
@@ -23,6 +24,7 @@ pub mod ids;
 pub mod ledger;
 pub mod manager;
 pub mod money;
+pub mod notification;
 pub mod sharding;
 
 /// The error body every API route answers with:

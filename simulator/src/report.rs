@@ -429,15 +429,21 @@ impl Report {
             for c in &p.consumers {
                 let _ = writeln!(
                     out,
-                    "events: {} outbox rows, {} published · {}: {} applied, {} duplicates suppressed, {} unapplied · commit-to-consume lag p50 {:.0} ms, p99 {:.0} ms · pipeline {}",
+                    "events: {} outbox rows, {} published · {}: {} applied, {} duplicates suppressed, {} unapplied{} · pipeline {}",
                     p.outbox_rows,
                     p.published,
                     c.group,
                     c.applied,
                     c.duplicates_suppressed,
                     p.unapplied.get(&c.group).copied().unwrap_or(0),
-                    c.lag.p50_ms,
-                    c.lag.p99_ms,
+                    if c.lag.count > 0 {
+                        format!(
+                            " · commit-to-consume lag p50 {:.0} ms, p99 {:.0} ms",
+                            c.lag.p50_ms, c.lag.p99_ms
+                        )
+                    } else {
+                        String::new()
+                    },
                     if p.complete { "complete" } else { "INCOMPLETE" }
                 );
             }

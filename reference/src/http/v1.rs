@@ -28,6 +28,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/audit", get(run_audit))
         .route("/v1/fraud/score", post(score_transfer))
         .route("/v1/pipeline", get(pipeline_report))
+        .route("/v1/webhooks", post(register_webhook))
+        .route("/v1/dlq", get(list_dead_letters))
+        .route("/v1/dlq/replay", post(replay_dead_letters))
         .route("/v1/analytics", get(analytics_totals))
         .route("/dashboard/analytics", get(analytics_dashboard))
 }
@@ -618,4 +621,78 @@ tick();setInterval(tick,1000);
         axum::http::HeaderValue::from_static("text/html; charset=utf-8"),
     );
     response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterWebhook {
+    account: String,
+    url: String,
+}
+
+/// Registers a webhook for an account. The answer carries the signing
+/// secret, shown this once.
+async fn register_webhook(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisterWebhook>,
+) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    let account = AccountId::parse(&body.account)?;
+    let url = reqwest::Url::parse(&body.url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_url",
+                "url must be an absolute http:// or https:// URL",
+            )
+        })?;
+    if state.manager.account(&account).await?.is_none() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "account_not_found",
+            format!("account {account} does not exist"),
+        ));
+    }
+    let webhook = pipeline.notifier.register(account.as_str(), url.as_str());
+    Ok(json_response(201, &webhook))
+}
+
+async fn list_dead_letters(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    Ok(json_response(
+        200,
+        &serde_json::json!({ "dead_letters": pipeline.notifier.dead_letters() }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Replay {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Delivers dead letters again: `{"ids": [...]}` or `{"all": true}`.
+async fn replay_dead_letters(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Replay>,
+) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    if body.all == !body.ids.is_empty() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "replay_what",
+            "give either ids (a list of dead-letter ids) or all: true",
+        ));
+    }
+    let outcome = if body.all {
+        pipeline.notifier.replay(None).await
+    } else {
+        pipeline.notifier.replay(Some(&body.ids)).await
+    };
+    Ok(json_response(200, &outcome))
 }

@@ -1,0 +1,513 @@
+//! The notification service: consumes payment and fraud events and tells
+//! the accounts concerned, on a log channel and on the webhooks they
+//! registered.
+//!
+//! A webhook delivery is a POST of the event as JSON with two headers:
+//! `Shardpay-Timestamp` (Unix seconds) and `Shardpay-Signature`
+//! (`v1=` and the hex HMAC-SHA256, keyed by the webhook's secret, of
+//! `"<timestamp>.<body>"`). Receivers should recompute the signature,
+//! compare it in constant time, and refuse timestamps more than 5 minutes
+//! from their clock ([`SIGNATURE_TOLERANCE_S`]), which stops replays of
+//! captured requests. A delivery that does not get a 2xx is retried with
+//! exponential backoff and full jitter; after the last attempt it goes to
+//! the dead-letter store, from which it can be replayed. Each (event,
+//! webhook) pair is delivered at most once successfully: a replay of one
+//! already delivered is recognised and not sent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::events::{Event, Subscription};
+use crate::ledger::{now_ms, TimestampMs};
+
+/// How far a receiver should accept a delivery's timestamp from its own
+/// clock.
+pub const SIGNATURE_TOLERANCE_S: i64 = 300;
+pub const NOTIFICATION_GROUP: &str = "notification";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            base_delay_ms: 200,
+            max_delay_ms: 10_000,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `n + 1` (n counted from 1): a random
+    /// duration up to base * 2^(n-1), capped ("full jitter").
+    pub fn delay(&self, n: u32) -> Duration {
+        let ceiling = self
+            .base_delay_ms
+            .saturating_mul(1u64 << (n.saturating_sub(1)).min(20))
+            .min(self.max_delay_ms);
+        Duration::from_millis(rand::rng().random_range(0..=ceiling))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Webhook {
+    pub id: String,
+    pub account: String,
+    pub url: String,
+    /// Shown once, when registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A delivery that failed every attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub webhook_id: String,
+    pub url: String,
+    pub attempts: u32,
+    pub last_error: String,
+    pub failed_at_ms: TimestampMs,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NotificationStats {
+    pub events_received: u64,
+    pub events_applied: u64,
+    /// Distinct outbox events applied.
+    pub outbox_applied: u64,
+    pub duplicates_suppressed: u64,
+    pub logged: u64,
+    pub delivered: u64,
+    pub attempts: u64,
+    pub dead_lettered: u64,
+    pub dlq_size: u64,
+    pub replays_skipped: u64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub delivered: u64,
+    /// Already delivered before: recognised, not sent again.
+    pub already_delivered: u64,
+    pub failed: u64,
+    pub not_found: u64,
+}
+
+struct Registered {
+    webhook: Webhook,
+    secret: String,
+}
+
+#[derive(Default)]
+struct State {
+    hooks: HashMap<String, Vec<Registered>>,
+    seen: HashSet<String>,
+    /// (event id, webhook id) pairs delivered.
+    delivered: HashSet<(String, String)>,
+    dlq: BTreeMap<String, (DeadLetter, Event)>,
+}
+
+pub struct Notifier {
+    state: Mutex<State>,
+    client: reqwest::Client,
+    policy: RetryPolicy,
+    counters: Counters,
+    /// Deliveries running at once.
+    limit: tokio::sync::Semaphore,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    outbox_applied: AtomicU64,
+    duplicates: AtomicU64,
+    logged: AtomicU64,
+    delivered: AtomicU64,
+    attempts: AtomicU64,
+    dead_lettered: AtomicU64,
+    replays_skipped: AtomicU64,
+}
+
+fn sign(secret: &str, timestamp: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("v1={hex}")
+}
+
+/// Checks a delivery as a receiver should: the signature over timestamp and
+/// body, compared in constant time, and the timestamp within the
+/// tolerance of `now_s`.
+pub fn verify(secret: &str, timestamp: &str, signature: &str, body: &str, now_s: i64) -> bool {
+    let Ok(ts) = timestamp.parse::<i64>() else {
+        return false;
+    };
+    if (now_s - ts).abs() > SIGNATURE_TOLERANCE_S {
+        return false;
+    }
+    let Some(hex) = signature.strip_prefix("v1=") else {
+        return false;
+    };
+    let Some(given) = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(ts.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    mac.verify_slice(&given).is_ok()
+}
+
+/// The accounts an event concerns.
+fn accounts_of(event: &Event) -> Vec<String> {
+    let payload: serde_json::Value = serde_json::from_str(&event.payload).unwrap_or_default();
+    let mut out = Vec::new();
+    for field in ["from", "to", "account_id"] {
+        if let Some(id) = payload[field].as_str() {
+            if !out.iter().any(|a| a == id) {
+                out.push(id.to_string());
+            }
+        }
+    }
+    out
+}
+
+impl Notifier {
+    pub fn new(policy: RetryPolicy) -> Notifier {
+        Notifier {
+            state: Mutex::new(State::default()),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_millis(policy.timeout_ms))
+                .build()
+                .expect("HTTP client"),
+            policy,
+            counters: Counters::default(),
+            limit: tokio::sync::Semaphore::new(64),
+        }
+    }
+
+    /// Registers a webhook for an account; answers it with its secret.
+    pub fn register(&self, account: &str, url: &str) -> Webhook {
+        let secret = format!("whsec_{}", uuid::Uuid::new_v4().simple());
+        let webhook = Webhook {
+            id: format!("wh_{}", uuid::Uuid::new_v4().simple()),
+            account: account.to_string(),
+            url: url.to_string(),
+            secret: None,
+        };
+        self.state
+            .lock()
+            .expect("notifier lock")
+            .hooks
+            .entry(account.to_string())
+            .or_default()
+            .push(Registered {
+                webhook: webhook.clone(),
+                secret: secret.clone(),
+            });
+        Webhook {
+            secret: Some(secret),
+            ..webhook
+        }
+    }
+
+    pub fn stats(&self) -> NotificationStats {
+        let s = self.state.lock().expect("notifier lock");
+        let c = &self.counters;
+        NotificationStats {
+            events_received: c.received.load(Ordering::Relaxed),
+            events_applied: s.seen.len() as u64,
+            outbox_applied: c.outbox_applied.load(Ordering::Relaxed),
+            duplicates_suppressed: c.duplicates.load(Ordering::Relaxed),
+            logged: c.logged.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            attempts: c.attempts.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            dlq_size: s.dlq.len() as u64,
+            replays_skipped: c.replays_skipped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        let s = self.state.lock().expect("notifier lock");
+        s.dlq.values().map(|(d, _)| d.clone()).collect()
+    }
+
+    /// Takes one event: logs it, and delivers it to every webhook of the
+    /// accounts it concerns (in the background). Repeats are skipped.
+    pub fn apply(self: &Arc<Self>, event: &Event) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let targets: Vec<(Webhook, String)> = {
+            let mut s = self.state.lock().expect("notifier lock");
+            if !s.seen.insert(event.id.clone()) {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if event.shard.is_some() {
+                self.counters.outbox_applied.fetch_add(1, Ordering::Relaxed);
+            }
+            accounts_of(event)
+                .iter()
+                .flat_map(|a| s.hooks.get(a).into_iter().flatten())
+                .map(|r| (r.webhook.clone(), r.secret.clone()))
+                .collect()
+        };
+        self.counters.logged.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(event = %event.id, kind = %event.event_type, "notification (log channel)");
+        for (webhook, secret) in targets {
+            let (me, event) = (Arc::clone(self), event.clone());
+            tokio::spawn(async move {
+                let _permit = me.limit.acquire().await;
+                me.deliver_with_retries(&event, &webhook, &secret).await;
+            });
+        }
+    }
+
+    /// One POST; Ok on a 2xx.
+    async fn send(&self, event: &Event, webhook: &Webhook, secret: &str) -> Result<(), String> {
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let body = serde_json::to_string(event).expect("event serializes");
+        let timestamp = now_ms() / 1000;
+        let response = self
+            .client
+            .post(&webhook.url)
+            .header("content-type", "application/json")
+            .header("Shardpay-Timestamp", timestamp.to_string())
+            .header("Shardpay-Signature", sign(secret, timestamp, &body))
+            .header("Shardpay-Event-Id", &event.id)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {}", response.status()))
+        }
+    }
+
+    async fn deliver_with_retries(&self, event: &Event, webhook: &Webhook, secret: &str) {
+        let mut last_error = String::new();
+        for attempt in 1..=self.policy.attempts.max(1) {
+            match self.send(event, webhook, secret).await {
+                Ok(()) => {
+                    self.mark_delivered(event, webhook);
+                    return;
+                }
+                Err(e) => last_error = e,
+            }
+            if attempt < self.policy.attempts {
+                tokio::time::sleep(self.policy.delay(attempt)).await;
+            }
+        }
+        let letter = DeadLetter {
+            id: format!("dl_{}", uuid::Uuid::new_v4().simple()),
+            event_id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            webhook_id: webhook.id.clone(),
+            url: webhook.url.clone(),
+            attempts: self.policy.attempts,
+            last_error,
+            failed_at_ms: now_ms(),
+        };
+        tracing::warn!(dead_letter = %letter.id, event = %event.id, url = %webhook.url, "webhook delivery failed every attempt; kept in the dead-letter store");
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .lock()
+            .expect("notifier lock")
+            .dlq
+            .insert(letter.id.clone(), (letter, event.clone()));
+    }
+
+    fn mark_delivered(&self, event: &Event, webhook: &Webhook) {
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .lock()
+            .expect("notifier lock")
+            .delivered
+            .insert((event.id.clone(), webhook.id.clone()));
+    }
+
+    /// Delivers dead letters again, once each (no retries): `ids`, or all
+    /// of them. A letter whose event already reached its webhook (a replay
+    /// of a replay, or a late success) is recognised and dropped unsent.
+    pub async fn replay(&self, ids: Option<&[String]>) -> ReplayOutcome {
+        let mut outcome = ReplayOutcome::default();
+        let chosen: Vec<(DeadLetter, Event)> = {
+            let s = self.state.lock().expect("notifier lock");
+            match ids {
+                None => s.dlq.values().cloned().collect(),
+                Some(ids) => ids
+                    .iter()
+                    .filter_map(|id| {
+                        let found = s.dlq.get(id).cloned();
+                        if found.is_none() {
+                            outcome.not_found += 1;
+                        }
+                        found
+                    })
+                    .collect(),
+            }
+        };
+        for (letter, event) in chosen {
+            let target = {
+                let s = self.state.lock().expect("notifier lock");
+                let done = s
+                    .delivered
+                    .contains(&(letter.event_id.clone(), letter.webhook_id.clone()));
+                let hook = s
+                    .hooks
+                    .values()
+                    .flatten()
+                    .find(|r| r.webhook.id == letter.webhook_id)
+                    .map(|r| (r.webhook.clone(), r.secret.clone()));
+                (done, hook)
+            };
+            match target {
+                (true, _) => {
+                    outcome.already_delivered += 1;
+                    self.counters
+                        .replays_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .lock()
+                        .expect("notifier lock")
+                        .dlq
+                        .remove(&letter.id);
+                }
+                (false, None) => outcome.failed += 1,
+                (false, Some((webhook, secret))) => {
+                    match self.send(&event, &webhook, &secret).await {
+                        Ok(()) => {
+                            self.mark_delivered(&event, &webhook);
+                            outcome.delivered += 1;
+                            self.state
+                                .lock()
+                                .expect("notifier lock")
+                                .dlq
+                                .remove(&letter.id);
+                        }
+                        Err(e) => {
+                            outcome.failed += 1;
+                            if let Some((l, _)) = self
+                                .state
+                                .lock()
+                                .expect("notifier lock")
+                                .dlq
+                                .get_mut(&letter.id)
+                            {
+                                l.last_error = e;
+                                l.attempts += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Consumes one topic forever, committing after each batch.
+    pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>) {
+        loop {
+            match subscription.poll(1_000, Duration::from_millis(200)).await {
+                Ok(batch) => {
+                    for event in &batch {
+                        self.apply(event);
+                    }
+                    if !batch.is_empty() {
+                        if let Err(error) = subscription.commit().await {
+                            tracing::warn!(%error, "notification cannot commit its position");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "notification cannot read events; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_verifies_only_with_its_secret_body_and_a_fresh_timestamp() {
+        let sig = sign("whsec_1", 1_700_000_000, r#"{"id":"e1"}"#);
+        assert!(sig.starts_with("v1=") && sig.len() == 3 + 64);
+        let ok = |secret, ts, body, now| verify(secret, ts, &sig, body, now);
+        assert!(ok("whsec_1", "1700000000", r#"{"id":"e1"}"#, 1_700_000_100));
+        assert!(!ok(
+            "whsec_2",
+            "1700000000",
+            r#"{"id":"e1"}"#,
+            1_700_000_100
+        ));
+        assert!(!ok(
+            "whsec_1",
+            "1700000000",
+            r#"{"id":"e2"}"#,
+            1_700_000_100
+        ));
+        assert!(!ok(
+            "whsec_1",
+            "1700000001",
+            r#"{"id":"e1"}"#,
+            1_700_000_100
+        ));
+        assert!(
+            !ok("whsec_1", "1700000000", r#"{"id":"e1"}"#, 1_700_000_301),
+            "older than 5 minutes"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            base_delay_ms: 100,
+            max_delay_ms: 1_000,
+            ..RetryPolicy::default()
+        };
+        for _ in 0..200 {
+            assert!(p.delay(1) <= Duration::from_millis(100));
+            assert!(p.delay(3) <= Duration::from_millis(400));
+            assert!(p.delay(30) <= Duration::from_millis(1_000));
+        }
+        let longest = (0..500).map(|_| p.delay(3)).max().unwrap();
+        assert!(
+            longest > Duration::from_millis(200),
+            "jitter spans the range"
+        );
+    }
+}
