@@ -262,4 +262,30 @@ impl Api {
         }
         Ok(Some(serde_json::from_str(&text)?))
     }
+
+    /// Registers a webhook; answers its signing secret, or `None` when the
+    /// system has no webhooks.
+    pub async fn register_webhook(
+        &self,
+        account: &str,
+        url: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let response = self
+            .client
+            .post(self.url("/v1/webhooks"))
+            .json(&json!({ "account": account, "url": url }))
+            .send()
+            .await
+            .context("POST /v1/webhooks failed")?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("POST /v1/webhooks answered {status}: {text}");
+        }
+        let hook: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(hook["secret"].as_str().map(String::from))
+    }
 }

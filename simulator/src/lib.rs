@@ -29,6 +29,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+pub mod webhooks;
 
 use serde::{Deserialize, Serialize};
 

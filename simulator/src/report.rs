@@ -42,6 +42,9 @@ pub struct Report {
     /// stood when waiting gave up); `None` when the system has none.
     #[serde(default)]
     pub pipeline: Option<shardpay_reference::events::PipelineReport>,
+    /// The simulator's webhook receiver, for runs on the in-process system.
+    #[serde(default)]
+    pub webhooks: Option<crate::webhooks::WebhookReport>,
     pub resources: Resources,
     pub passed: bool,
     pub failures: Vec<String>,
@@ -448,6 +451,20 @@ impl Report {
                 );
             }
         }
+        if let Some(w) = &self.webhooks {
+            let _ = writeln!(
+                out,
+                "webhooks: {} accounts hooked · {} deliveries, {} distinct, {} repeats, {} bad signatures · system delivered {}, dead-lettered {} · {}",
+                w.hooked_accounts,
+                w.deliveries,
+                w.distinct,
+                w.repeats,
+                w.bad_signatures,
+                w.system_delivered,
+                w.system_dead_lettered,
+                if w.ok { "ok" } else { "FAILED" }
+            );
+        }
         let f = &a.fraud;
         let fraudulent = f.fraudulent_allowed + f.fraudulent_refused;
         let legitimate = f.legitimate_allowed + f.legitimate_refused;
@@ -632,6 +649,20 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         }
         out.resources.simulator_cpu_s += r.resources.simulator_cpu_s;
         out.resources.wall_s = out.resources.wall_s.max(r.resources.wall_s);
+        out.webhooks = match (out.webhooks.take(), &r.webhooks) {
+            (Some(mut w), Some(v)) => {
+                w.hooked_accounts += v.hooked_accounts;
+                w.deliveries += v.deliveries;
+                w.distinct += v.distinct;
+                w.repeats += v.repeats;
+                w.bad_signatures += v.bad_signatures;
+                w.system_delivered += v.system_delivered;
+                w.system_dead_lettered += v.system_dead_lettered;
+                w.ok &= v.ok;
+                Some(w)
+            }
+            _ => None,
+        };
         out.pipeline = match (out.pipeline.take(), &r.pipeline) {
             (Some(mut p), Some(q)) => {
                 merge_pipeline(&mut p, q);

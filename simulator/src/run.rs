@@ -506,6 +506,13 @@ async fn drive(
     ));
     let setup_started = Instant::now();
     let shard_of = setup(&api, scenario, &names, options.progress).await?;
+    // Webhooks for some accounts, on the in-process system only (a remote
+    // system may not reach this machine).
+    let receiver = if embedded {
+        crate::webhooks::Receiver::start(&api, &names).await?
+    } else {
+        None
+    };
     say(format!(
         "accounts created in {:.2} s",
         setup_started.elapsed().as_secs_f64()
@@ -667,6 +674,9 @@ async fn drive(
         report.baseline = Some(crate::report::Baseline::new(results, &report));
     }
     report.pipeline = settle_pipeline(&api).await;
+    if let Some(receiver) = &receiver {
+        report.webhooks = Some(settle_webhooks(&api, receiver).await);
+    }
     judge(scenario, &mut report);
 
     let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
@@ -925,6 +935,7 @@ fn build_report(
         thresholds: Vec::new(),
         baseline: None,
         pipeline: None,
+        webhooks: None,
         resources,
         passed: false,
         failures: Vec::new(),
@@ -953,6 +964,31 @@ async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::events::Pipeli
             return Some(report);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The receiver's figures once the deliveries the system made have all
+/// arrived and none is still being retried (up to [`PIPELINE_WAIT`]).
+async fn settle_webhooks(
+    api: &Api,
+    receiver: &crate::webhooks::Receiver,
+) -> crate::webhooks::WebhookReport {
+    let deadline = Instant::now() + PIPELINE_WAIT;
+    let mut last = None;
+    loop {
+        let (delivered, dead) = match api.pipeline().await {
+            Ok(Some(p)) => p
+                .notification
+                .map(|n| (n.delivered, n.dead_lettered))
+                .unwrap_or((0, 0)),
+            _ => (0, 0),
+        };
+        let now = (delivered, dead, receiver.distinct());
+        if (last == Some(now) && now.2 == delivered) || Instant::now() >= deadline {
+            return receiver.report(delivered, dead);
+        }
+        last = Some(now);
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -1011,6 +1047,17 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
                 )
             },
             ok: p.complete,
+        });
+    }
+    if let (true, Some(w)) = (t.audit, &report.webhooks) {
+        results.push(ThresholdResult {
+            name: "webhooks signed and delivered".into(),
+            limit: "every delivery verifies; every delivery the system made arrived".into(),
+            actual: format!(
+                "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
+                w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
+            ),
+            ok: w.ok,
         });
     }
     if t.audit {

@@ -69,6 +69,11 @@ async fn a_closed_run_by_count_passes_and_writes_three_reports() {
         .thresholds
         .iter()
         .any(|t| t.name == "event pipeline complete" && t.ok));
+    // The webhook receiver got every delivery the system made, signed.
+    let w = r.webhooks.as_ref().expect("in-process runs hook accounts");
+    assert!(w.ok, "{w:?}");
+    assert_eq!(w.hooked_accounts, 20);
+    assert!(w.deliveries > 0 && w.bad_signatures == 0, "{w:?}");
     // goose saw the requests sent through it (racing resends bypass it).
     assert!(r.run.goose_requests > 0 && r.run.goose_requests <= c.requests);
 
@@ -176,8 +181,11 @@ async fn merged_reports_add_up() {
     assert_eq!(timeline, parts);
     assert_eq!(m.run.operations, 200);
     assert!(m.passed, "{:?}", m.failures);
-    // error rate, event pipeline, audit and accounting.
-    assert_eq!(m.thresholds.len(), 3, "thresholds judged again");
+    // error rate, event pipeline, webhooks, audit and accounting.
+    assert_eq!(m.thresholds.len(), 4, "thresholds judged again");
+    let w = m.webhooks.as_ref().unwrap();
+    assert_eq!(w.hooked_accounts, 40);
+    assert!(w.ok);
     let p = m.pipeline.as_ref().unwrap();
     assert_eq!(
         p.outbox_rows,
