@@ -9,7 +9,7 @@ use shardpay_simulator::report::Report;
 use shardpay_simulator::run::{self, MysqlShards, RunOptions, Target};
 use shardpay_simulator::scenario::{self, Scenario};
 
-use crate::{CrossShardArg, DurabilityArg};
+use crate::{CrossShardArg, DurabilityArg, OnOff};
 use shardpay_reference::manager::CrossShard;
 
 #[derive(clap::Args)]
@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// report records it; `shardpay sweep --cross-shard saga,xa` compares.
     #[arg(long, value_enum, default_value = "saga")]
     pub cross_shard: CrossShardArg,
+    /// Fraud checks on the in-process system (default rules): on, or off to
+    /// let every transfer through to the ledger.
+    #[arg(long, value_enum, default_value = "on")]
+    pub fraud: OnOff,
     /// With --backend mysql: first measure the raw-database baseline for
     /// this many seconds per kind, so the report gives the services' TPS as
     /// a share of what the databases do.
@@ -237,6 +241,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         "--cross-shard xa needs --backend mysql: the embedded SQLite shards have no XA"
     );
     anyhow::ensure!(
+        args.fraud == OnOff::On || args.target.is_none(),
+        "--fraud applies to the in-process system; with --target, start that system with `shardpay serve --fraud off`"
+    );
+    anyhow::ensure!(
         args.cross_shard == CrossShardArg::Saga || args.target.is_none(),
         "--cross-shard applies to the in-process system; with --target, start that system with `shardpay serve --cross-shard xa`"
     );
@@ -257,6 +265,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 durability: durability(args.embedded.durability),
                 mysql,
                 cross_shard: args.cross_shard.into(),
+                fraud: args.fraud == OnOff::On,
             }
         }
     };
@@ -410,6 +419,7 @@ async fn sweep_runs(
                     durability: durability(args.durability),
                     mysql: mysql.clone(),
                     cross_shard: protocol,
+                    fraud: true,
                 },
                 reports_dir: args.reports.clone(),
                 progress: !args.quiet,

@@ -50,6 +50,8 @@ pub enum Target {
         mysql: Option<MysqlShards>,
         /// How cross-shard transfers are made atomic (XA needs MySQL).
         cross_shard: CrossShard,
+        /// Fraud checks on the in-process system (the default rules).
+        fraud: bool,
     },
     /// A system already running at this base URL.
     Url(String),
@@ -135,6 +137,7 @@ impl Embedded {
         durability: Durability,
         mysql: Option<MysqlShards>,
         cross_shard: CrossShard,
+        fraud: bool,
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
@@ -176,6 +179,9 @@ impl Embedded {
         config.shards = shards;
         config.mysql_urls = mysql_urls;
         config.manager.cross_shard = cross_shard;
+        if !fraud {
+            config.fraud = None;
+        }
         config.bind = "127.0.0.1:0".parse().expect("constant address");
         config.sqlite = SqliteConfig {
             durability,
@@ -420,6 +426,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
             durability,
             mysql,
             cross_shard,
+            fraud,
         } => {
             let system = Embedded::start(
                 *shards,
@@ -427,6 +434,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
                 *durability,
                 mysql.clone(),
                 *cross_shard,
+                *fraud,
             )
             .await?;
             let url = system.url.clone();

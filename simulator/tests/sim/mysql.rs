@@ -56,6 +56,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
             durability: Durability::Full,
             mysql: Some(MysqlShards { urls, fresh: true }),
             cross_shard,
+            fraud: true,
         },
         reports_dir: reports.path().to_path_buf(),
         progress: false,

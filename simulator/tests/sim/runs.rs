@@ -16,6 +16,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
             durability: Durability::Normal,
             mysql: None,
             cross_shard: CrossShard::Saga,
+            fraud: true,
         },
         reports_dir: reports.to_path_buf(),
         progress: false,
@@ -192,4 +193,40 @@ async fn merged_reports_add_up() {
         a.pipeline.as_ref().unwrap().outbox_rows + b.pipeline.as_ref().unwrap().outbox_rows
     );
     assert!(p.complete);
+}
+
+/// With fraud checks off, no transfer is refused as fraud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fraud_checks_off_nothing_is_blocked() {
+    let reports = tempfile::tempdir().unwrap();
+    // Fraud-heavy only, with bursts that the default rules block.
+    let s = crate::scenario("requests = 150", "model = \"closed\"\nusers = 4", "");
+    let mut s = s;
+    s.mix.same_shard = 0;
+    s.mix.cross_shard = 0;
+    s.mix.idempotent_retry = 0;
+    s.fraud.large_min = shardpay_reference::money::Amount::from_minor(60_000_00).unwrap();
+    s.fraud.large_max = shardpay_reference::money::Amount::from_minor(90_000_00).unwrap();
+    s.accounts.opening_balance =
+        shardpay_reference::money::Amount::from_minor(100_000_000_00).unwrap();
+    let mut on = options(reports.path(), 2);
+    let r = run(&s, &on).await.unwrap().report;
+    let refused =
+        |r: &Report| r.accounting.fraud.fraudulent_refused + r.accounting.fraud.legitimate_refused;
+    assert!(
+        refused(&r) > 0,
+        "the default rules block these bursts: {:?}",
+        r.accounting.fraud
+    );
+    if let Target::Embedded { fraud, .. } = &mut on.target {
+        *fraud = false;
+    }
+    let r = run(&s, &on).await.unwrap().report;
+    assert_eq!(refused(&r), 0, "{:?}", r.accounting.fraud);
+    assert!(
+        !r.outcomes.iter().any(|o| o.code == "transfer_blocked"),
+        "{:?}",
+        r.outcomes
+    );
+    assert!(r.passed, "{:?}", r.failures);
 }
