@@ -20,7 +20,8 @@ pub const HOOKED_ACCOUNTS: usize = 20;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct WebhookReport {
     pub hooked_accounts: u64,
-    /// POSTs that arrived.
+    /// POSTs that arrived (after the hook's secret was known; earlier ones
+    /// are answered 503 and come again).
     pub deliveries: u64,
     /// Distinct (webhook, event) pairs among them.
     pub distinct: u64,
@@ -41,6 +42,8 @@ struct Inner {
     /// Secret per hook number.
     secrets: HashMap<usize, String>,
     seen: HashSet<(usize, String)>,
+    /// Deliveries that came before their hook's secret was known.
+    early: u64,
     deliveries: u64,
     repeats: u64,
     bad: u64,
@@ -68,8 +71,13 @@ async fn receive(
     };
     let now = chrono::Utc::now().timestamp();
     let mut s = inner.lock().expect("receiver lock");
+    // A delivery can come before the registration's answer has given us
+    // the secret: ask for a retry, as a receiver still being set up would.
+    let Some(secret) = s.secrets.get(&hook).cloned() else {
+        s.early += 1;
+        return StatusCode::SERVICE_UNAVAILABLE;
+    };
     s.deliveries += 1;
-    let secret = s.secrets.get(&hook).cloned().unwrap_or_default();
     if !verify(
         &secret,
         &header("shardpay-timestamp"),
