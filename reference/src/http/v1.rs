@@ -135,6 +135,22 @@ fn amount_of(
     }
 }
 
+/// The positive amount a transfer (or a score request) must name.
+fn transfer_amount(
+    text: Option<&str>,
+    minor: Option<i64>,
+    currency: Currency,
+) -> Result<Amount, ApiError> {
+    let amount = amount_of(text, minor, currency, "amount")?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_amount",
+            "give amount (decimal text such as \"4.50\") or amount_minor",
+        )
+    })?;
+    Ok(amount.positive()?)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
@@ -369,20 +385,7 @@ async fn create_transfer(
     // Decimal text is read in the named currency, or the payer's; parse in
     // the default first and let the manager check the payer's currency.
     let parse_in = currency.unwrap_or(state.default_currency);
-    let amount = amount_of(
-        body.amount.as_deref(),
-        body.amount_minor,
-        parse_in,
-        "amount",
-    )?
-    .ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "missing_amount",
-            "give amount (decimal text such as \"4.50\") or amount_minor",
-        )
-    })?
-    .positive()?;
+    let amount = transfer_amount(body.amount.as_deref(), body.amount_minor, parse_in)?;
     let request = TransferRequest {
         from,
         to,
@@ -504,20 +507,11 @@ async fn score_transfer(
     };
     let from = AccountId::parse(&body.from)?;
     let to = AccountId::parse(&body.to)?;
-    let amount = amount_of(
+    let amount = transfer_amount(
         body.amount.as_deref(),
         body.amount_minor,
         state.default_currency,
-        "amount",
-    )?
-    .ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "missing_amount",
-            "give amount (decimal text such as \"4.50\") or amount_minor",
-        )
-    })?
-    .positive()?;
+    )?;
     let assessment = engine
         .score(
             from.as_str(),
