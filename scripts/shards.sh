@@ -19,6 +19,8 @@
 # Commits are durable (innodb_flush_log_at_trx_commit=1). The app user is
 # shardpay/shardpay on 127.0.0.1; the databases are shardpay_0 .. shardpay_N-1.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 DIR="${SHARDPAY_SHARDS_DIR:-/tmp/shardpay-shards-$(id -u)}"
 BASE_PORT="${SHARDPAY_SHARDS_BASE_PORT:-3316}"
@@ -65,17 +67,6 @@ pid_of() {
     pid="$(cat "$pidfile")"
     alive "$pid" || return 1
     echo "$pid"
-}
-
-# A process that exists and is not a zombie: a server killed a moment ago
-# can linger as one until it is reaped, and must count as stopped.
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    if [ -r "/proc/$1/stat" ]; then
-        local state
-        state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
-        [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
-    fi
 }
 
 write_config() {

@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::events::kafka::KafkaConfig;
+use shardpay_reference::events::BusConfig;
 use shardpay_reference::fraud::FraudConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
@@ -171,6 +173,26 @@ struct ServeArgs {
     /// ARCHITECTURE.md; keys left out keep their defaults).
     #[arg(long, env = "SHARDPAY_FRAUD_RULES")]
     fraud_rules: Option<PathBuf>,
+    /// Publish events to this Kafka-protocol broker (host:port, comma
+    /// separated for several) instead of the in-process bus.
+    /// scripts/kafka.sh up starts a local one and prints its address.
+    #[arg(long, env = "SHARDPAY_KAFKA_BOOTSTRAP")]
+    kafka: Option<String>,
+    /// Put this before every Kafka topic and consumer group name, so that
+    /// several systems can share one broker.
+    #[arg(long, env = "SHARDPAY_KAFKA_PREFIX", default_value = "")]
+    kafka_prefix: String,
+}
+
+/// The bus the `--kafka` and `--kafka-prefix` flags name.
+pub fn bus_config(kafka: Option<&str>, prefix: &str) -> BusConfig {
+    match kafka {
+        None | Some("") => BusConfig::InProcess,
+        Some(bootstrap) => BusConfig::Kafka(KafkaConfig {
+            prefix: prefix.to_string(),
+            ..KafkaConfig::new(bootstrap)
+        }),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -300,7 +322,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (OnOff::On, None) => Some(FraudConfig::default()),
             (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
         },
+        bus: bus_config(args.kafka.as_deref(), &args.kafka_prefix),
     };
+    let bus = config.bus.describe();
     let app = app::build(config).await?;
     // Scripts and tests read this line to find the port.
     println!("shardpay listening on http://{}", app.addr);
@@ -308,6 +332,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shards = args.shards,
         data_dir = %args.data_dir.display(),
         cross_shard = CrossShard::from(args.cross_shard).as_str(),
+        %bus,
         "shard manager ready"
     );
     app.run_until(app::shutdown_signal()).await?;

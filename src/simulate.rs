@@ -34,6 +34,11 @@ pub struct RunArgs {
     /// let every transfer through to the ledger.
     #[arg(long, value_enum, default_value = "on")]
     pub fraud: OnOff,
+    /// The in-process system publishes its events to this Kafka-protocol
+    /// broker (host:port) instead of its in-process bus; the run's topics
+    /// get a prefix of their own. scripts/kafka.sh up starts one.
+    #[arg(long, env = "SHARDPAY_KAFKA_BOOTSTRAP")]
+    pub kafka: Option<String>,
     /// With --backend mysql: first measure the raw-database baseline for
     /// this many seconds per kind, so the report gives the services' TPS as
     /// a share of what the databases do.
@@ -266,6 +271,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 mysql,
                 cross_shard: args.cross_shard.into(),
                 fraud: args.fraud == OnOff::On,
+                bus: crate::bus_config(args.kafka.as_deref(), ""),
             }
         }
     };
@@ -420,6 +426,7 @@ async fn sweep_runs(
                     mysql: mysql.clone(),
                     cross_shard: protocol,
                     fraud: true,
+                    bus: Default::default(),
                 },
                 reports_dir: args.reports.clone(),
                 progress: !args.quiet,

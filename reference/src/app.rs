@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::events::Pipeline;
+use crate::events::{BusConfig, Pipeline};
 use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
 use crate::http::{self, AppState};
 use crate::ids::ShardId;
@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub recovery_interval: Duration,
     /// Fraud checks before every transfer; `None` turns them off.
     pub fraud: Option<FraudConfig>,
+    /// The event bus the outbox relay publishes to.
+    pub bus: BusConfig,
 }
 
 impl ServeConfig {
@@ -55,6 +57,7 @@ impl ServeConfig {
             default_currency: Currency::DEFAULT,
             recovery_interval: Duration::from_millis(500),
             fraud: Some(FraudConfig::default()),
+            bus: BusConfig::InProcess,
         }
     }
 }
@@ -132,7 +135,8 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         Some(urls) => open_mysql(urls, &config.mysql).await?,
         None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
     };
-    let pipeline = Arc::new(Pipeline::start_in_process(shards.clone()));
+    let bus = config.bus.connect().await?;
+    let pipeline = Arc::new(Pipeline::with_bus(shards.clone(), bus));
     let mut manager = ShardManager::new(shards, config.manager.clone())?;
     if let Some(rules) = &config.fraud {
         rules.check()?;

@@ -224,12 +224,17 @@ impl FraudEngine {
             .to_string(),
             created_at_ms: crate::ledger::now_ms(),
         };
-        if let Err(error) = bus
-            .publish(crate::events::FRAUD_EVENTS, std::slice::from_ref(&event))
-            .await
-        {
-            tracing::warn!(%error, "cannot publish a fraud decision");
-        }
+        // Off the transfer's path: a broker round trip must not add to the
+        // payment's latency.
+        let bus = std::sync::Arc::clone(bus);
+        tokio::spawn(async move {
+            if let Err(error) = bus
+                .publish(crate::events::FRAUD_EVENTS, std::slice::from_ref(&event))
+                .await
+            {
+                tracing::warn!(%error, "cannot publish a fraud decision");
+            }
+        });
     }
 
     pub fn config(&self) -> &FraudConfig {

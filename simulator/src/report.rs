@@ -70,6 +70,9 @@ pub struct RunInfo {
     /// The cross-shard protocol of the system driven: "saga" or "xa".
     #[serde(default = "saga")]
     pub cross_shard: String,
+    /// The in-process system's event bus (`in-process`, `kafka://...`).
+    #[serde(default)]
+    pub bus: String,
     /// "embedded" or the URL driven.
     pub target: String,
     pub git_commit: String,
@@ -356,12 +359,13 @@ impl Report {
         let t = &self.totals;
         let _ = writeln!(
             out,
-            "\n{} · seed {} · {} shards ({}, cross-shard {}) · {} model · {} users · {:.1} s measured",
+            "\n{} · seed {} · {} shards ({}, cross-shard {}, bus {}) · {} model · {} users · {:.1} s measured",
             self.scenario.name,
             self.scenario.seed,
             self.run.shards,
             self.run.backend,
             self.run.cross_shard,
+            if self.run.bus.is_empty() { "in-process" } else { &self.run.bus },
             self.scenario.model,
             self.run.users,
             self.run.measured_s

@@ -14,6 +14,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::events::BusConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::CrossShard;
 
@@ -52,6 +53,10 @@ pub enum Target {
         cross_shard: CrossShard,
         /// Fraud checks on the in-process system (the default rules).
         fraud: bool,
+        /// The in-process system's event bus. On Kafka, the run's topics
+        /// and groups get a prefix of their own, so runs sharing a broker
+        /// never read each other's events.
+        bus: BusConfig,
     },
     /// A system already running at this base URL.
     Url(String),
@@ -138,6 +143,7 @@ impl Embedded {
         mysql: Option<MysqlShards>,
         cross_shard: CrossShard,
         fraud: bool,
+        bus: BusConfig,
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
@@ -182,6 +188,13 @@ impl Embedded {
         if !fraud {
             config.fraud = None;
         }
+        config.bus = match bus {
+            BusConfig::Kafka(mut kafka) => {
+                kafka.prefix = format!("{}run-{:08x}-", kafka.prefix, rand::random::<u32>());
+                BusConfig::Kafka(kafka)
+            }
+            other => other,
+        };
         config.bind = "127.0.0.1:0".parse().expect("constant address");
         config.sqlite = SqliteConfig {
             durability,
@@ -427,6 +440,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
             mysql,
             cross_shard,
             fraud,
+            bus,
         } => {
             let system = Embedded::start(
                 *shards,
@@ -435,6 +449,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
                 mysql.clone(),
                 *cross_shard,
                 *fraud,
+                bus.clone(),
             )
             .await?;
             let url = system.url.clone();
@@ -659,6 +674,10 @@ async fn drive(
             },
             cross_shard: match &options.target {
                 Target::Embedded { cross_shard, .. } => cross_shard.as_str().into(),
+                Target::Url(_) => "as configured on the target".into(),
+            },
+            bus: match &options.target {
+                Target::Embedded { bus, .. } => bus.describe(),
                 Target::Url(_) => "as configured on the target".into(),
             },
             target: if embedded {

@@ -7,6 +7,7 @@ mod cross_shard;
 mod events;
 mod fraud;
 mod idempotency;
+mod kafka;
 mod notification;
 mod storage;
 mod support;

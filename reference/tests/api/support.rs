@@ -21,6 +21,8 @@ pub struct TestApp {
     pub pipeline: Arc<shardpay_reference::events::Pipeline>,
     pub client: reqwest::Client,
     pub flaky: Vec<Arc<Flaky>>,
+    /// The pipeline's tasks: the relay first, then the consumers.
+    pub tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -33,6 +35,9 @@ pub struct Options {
     pub mysql_pool_size: Option<u32>,
     /// Fraud rules; `None` turns fraud checks off.
     pub fraud: Option<shardpay_reference::fraud::FraudConfig>,
+    /// Events on this Kafka broker (topics under a prefix of the test's
+    /// own) instead of the in-process bus.
+    pub kafka: Option<String>,
 }
 
 impl Default for Options {
@@ -43,6 +48,7 @@ impl Default for Options {
             mysql: false,
             mysql_pool_size: None,
             fraud: Some(Default::default()),
+            kafka: None,
         }
     }
 }
@@ -62,6 +68,35 @@ pub fn mysql_server() -> Option<String> {
             eprintln!("MySQL test skipped: set SHARDPAY_TEST_MYSQL_URL (scripts/shards.sh up 1)");
             None
         }
+    }
+}
+
+/// The broker the Kafka tests use: `SHARDPAY_TEST_KAFKA_BOOTSTRAP`, such as
+/// `127.0.0.1:9192` (`scripts/kafka.sh up` starts one). Unset, the Kafka
+/// tests say so and pass, unless `SHARDPAY_REQUIRE_KAFKA=1` (as CI sets)
+/// makes that a failure.
+pub fn kafka_server() -> Option<String> {
+    match std::env::var("SHARDPAY_TEST_KAFKA_BOOTSTRAP") {
+        Ok(bootstrap) if !bootstrap.is_empty() => Some(bootstrap),
+        _ => {
+            assert!(
+                std::env::var("SHARDPAY_REQUIRE_KAFKA").as_deref() != Ok("1"),
+                "SHARDPAY_REQUIRE_KAFKA=1 but SHARDPAY_TEST_KAFKA_BOOTSTRAP is not set; run scripts/kafka.sh up"
+            );
+            eprintln!(
+                "Kafka test skipped: set SHARDPAY_TEST_KAFKA_BOOTSTRAP (scripts/kafka.sh up)"
+            );
+            None
+        }
+    }
+}
+
+/// A Kafka bus on the test broker whose topics and groups carry a fresh
+/// prefix, so tests never read each other's events.
+pub fn kafka_config(bootstrap: &str) -> shardpay_reference::events::kafka::KafkaConfig {
+    shardpay_reference::events::kafka::KafkaConfig {
+        prefix: format!("t{}-", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        ..shardpay_reference::events::kafka::KafkaConfig::new(bootstrap)
     }
 }
 
@@ -126,8 +161,15 @@ impl TestApp {
             .iter()
             .map(|f| Arc::clone(f) as Arc<dyn ShardStore>)
             .collect();
-        let pipeline = Arc::new(shardpay_reference::events::Pipeline::start_in_process(
+        let bus = match &options.kafka {
+            None => shardpay_reference::events::BusConfig::InProcess,
+            Some(bootstrap) => {
+                shardpay_reference::events::BusConfig::Kafka(kafka_config(bootstrap))
+            }
+        };
+        let pipeline = Arc::new(shardpay_reference::events::Pipeline::with_bus(
             stores.clone(),
+            bus.connect().await.unwrap(),
         ));
         let mut manager = ShardManager::new(stores, options.manager).unwrap();
         if let Some(rules) = options.fraud {
@@ -140,7 +182,7 @@ impl TestApp {
             ));
         }
         let manager = Arc::new(manager);
-        pipeline
+        let tasks = pipeline
             .spawn(std::time::Duration::from_millis(10))
             .await
             .unwrap();
@@ -160,6 +202,7 @@ impl TestApp {
             pipeline,
             client: reqwest::Client::new(),
             flaky,
+            tasks: std::sync::Mutex::new(tasks),
             _dir: dir,
         }
     }

@@ -57,6 +57,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
             mysql: Some(MysqlShards { urls, fresh: true }),
             cross_shard,
             fraud: true,
+            bus: Default::default(),
         },
         reports_dir: reports.path().to_path_buf(),
         progress: false,

@@ -17,6 +17,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
             mysql: None,
             cross_shard: CrossShard::Saga,
             fraud: true,
+            bus: Default::default(),
         },
         reports_dir: reports.to_path_buf(),
         progress: false,

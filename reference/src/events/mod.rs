@@ -10,7 +10,8 @@
 //!
 //! The bus is a trait. [`InProcessBus`] is the embedded default: one
 //! ordered log per topic, group positions committed after processing, as a
-//! Kafka consumer group commits offsets.
+//! Kafka consumer group commits offsets. [`kafka::KafkaBus`] is the same on
+//! a Kafka-protocol broker.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,37 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{now_ms, OutboxEvent, ShardStore, TimestampMs};
+
+pub mod kafka;
+
+/// Which bus a process uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BusConfig {
+    /// In memory, in this process (the embedded default).
+    #[default]
+    InProcess,
+    /// A Kafka-protocol broker.
+    Kafka(kafka::KafkaConfig),
+}
+
+impl BusConfig {
+    /// Connects to the bus (for Kafka: checks the broker and creates the
+    /// topics).
+    pub async fn connect(&self) -> anyhow::Result<Arc<dyn EventBus>> {
+        Ok(match self {
+            BusConfig::InProcess => Arc::new(InProcessBus::default()),
+            BusConfig::Kafka(config) => Arc::new(kafka::KafkaBus::connect(config.clone()).await?),
+        })
+    }
+
+    /// `in-process` or `kafka://<bootstrap>`, for reports and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            BusConfig::InProcess => "in-process".into(),
+            BusConfig::Kafka(k) => format!("kafka://{}", k.bootstrap),
+        }
+    }
+}
 
 pub const PAYMENT_EVENTS: &str = "payment_events";
 pub const FRAUD_EVENTS: &str = "fraud_events";
@@ -464,7 +496,11 @@ pub struct PipelineReport {
 
 impl Pipeline {
     pub fn start_in_process(shards: Vec<Arc<dyn ShardStore>>) -> Pipeline {
-        let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::default());
+        Pipeline::with_bus(shards, Arc::new(InProcessBus::default()))
+    }
+
+    /// A pipeline on a bus of the caller's choosing.
+    pub fn with_bus(shards: Vec<Arc<dyn ShardStore>>, bus: Arc<dyn EventBus>) -> Pipeline {
         let relay = Arc::new(Relay::new(shards, Arc::clone(&bus)));
         let analytics = Arc::new(Analytics::default());
         Pipeline {
