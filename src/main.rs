@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::app::{self, AuthSetup, ServeConfig};
+use shardpay_reference::auth::{AuthConfig, Limit};
 use shardpay_reference::events::kafka::KafkaConfig;
 use shardpay_reference::events::BusConfig;
 use shardpay_reference::fraud::FraudConfig;
@@ -182,6 +183,92 @@ struct ServeArgs {
     /// several systems can share one broker.
     #[arg(long, env = "SHARDPAY_KAFKA_PREFIX", default_value = "")]
     kafka_prefix: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+#[derive(clap::Args)]
+struct AuthArgs {
+    /// Demo mode: no authentication at all, for the walkthrough on your own
+    /// machine. Listens on loopback only and says so loudly.
+    #[arg(long, env = "SHARDPAY_DEMO")]
+    demo: bool,
+    /// HMAC key of the access tokens (JWT, HS256), 32+ characters. Required
+    /// unless --demo or --dev. Example: SHARDPAY_JWT_SECRET=$(openssl rand -hex 32)
+    #[arg(long, env = "SHARDPAY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Development: without --jwt-secret, use a built-in secret (anyone who
+    /// reads the source can forge tokens; never in production).
+    #[arg(long, env = "SHARDPAY_DEV")]
+    dev: bool,
+    /// Keep sessions, rate limits and idempotency locks in this Redis
+    /// (redis://host:port) instead of in memory.
+    #[arg(long, env = "SHARDPAY_REDIS_URL")]
+    redis: Option<String>,
+    /// Put this before every Redis key.
+    #[arg(long, env = "SHARDPAY_REDIS_PREFIX", default_value = "shardpay:")]
+    redis_prefix: String,
+    /// Create (or reset) the user `admin` with this password at start.
+    #[arg(long, env = "SHARDPAY_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// Access-token lifetime, seconds.
+    #[arg(long, env = "SHARDPAY_ACCESS_TTL_S", default_value_t = 900)]
+    access_ttl_s: u64,
+    /// Argon2id memory per password hash, KiB (OWASP: 19456). Lower only
+    /// for load tests that log in many users.
+    #[arg(long, env = "SHARDPAY_ARGON2_MEMORY_KIB", default_value_t = 19_456)]
+    argon2_memory_kib: u32,
+    /// Argon2id passes (OWASP: 2).
+    #[arg(long, env = "SHARDPAY_ARGON2_ITERATIONS", default_value_t = 2)]
+    argon2_iterations: u32,
+    /// Login attempts per username per minute (0: no limit).
+    #[arg(long, env = "SHARDPAY_LOGIN_LIMIT_PER_USER", default_value_t = 5)]
+    login_limit_per_user: u64,
+    /// Login attempts per client address per minute (0: no limit).
+    #[arg(long, env = "SHARDPAY_LOGIN_LIMIT_PER_ADDRESS", default_value_t = 20)]
+    login_limit_per_address: u64,
+    /// Transfers per payer account per second (0: no limit).
+    #[arg(long, env = "SHARDPAY_TRANSFER_LIMIT_PER_PAYER", default_value_t = 0)]
+    transfer_limit_per_payer: u64,
+}
+
+impl AuthArgs {
+    fn setup(&self) -> anyhow::Result<AuthSetup> {
+        if self.demo {
+            return Ok(AuthSetup::Demo);
+        }
+        let secret = match (&self.jwt_secret, self.dev) {
+            (Some(s), _) => s.clone(),
+            (None, true) => shardpay_reference::auth::DEV_SECRET.to_string(),
+            (None, false) => anyhow::bail!(
+                "auth is on and no JWT secret is set: set SHARDPAY_JWT_SECRET (32+ characters, e.g. $(openssl rand -hex 32)), or pass --dev on your own machine, or --demo for no auth on loopback"
+            ),
+        };
+        let minute = Duration::from_secs(60);
+        let mut config = AuthConfig::new(secret);
+        config.access_ttl = Duration::from_secs(self.access_ttl_s.max(1));
+        config.argon2_memory_kib = self.argon2_memory_kib;
+        config.argon2_iterations = self.argon2_iterations;
+        config.login_per_user = Limit {
+            max: self.login_limit_per_user,
+            window: minute,
+        };
+        config.login_per_address = Limit {
+            max: self.login_limit_per_address,
+            window: minute,
+        };
+        config.transfers_per_payer = Limit {
+            max: self.transfer_limit_per_payer,
+            window: Duration::from_secs(1),
+        };
+        config.admin_password = self.admin_password.clone();
+        Ok(AuthSetup::On {
+            config,
+            redis: self.redis.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            dev: self.dev,
+        })
+    }
 }
 
 /// The bus the `--kafka` and `--kafka-prefix` flags name.
@@ -323,6 +410,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
         },
         bus: bus_config(args.kafka.as_deref(), &args.kafka_prefix),
+        auth: args.auth.setup()?,
     };
     let bus = config.bus.describe();
     let app = app::build(config).await?;

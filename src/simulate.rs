@@ -39,6 +39,11 @@ pub struct RunArgs {
     /// get a prefix of their own. scripts/kafka.sh up starts one.
     #[arg(long, env = "SHARDPAY_KAFKA_BOOTSTRAP")]
     pub kafka: Option<String>,
+    /// The in-process system keeps sessions, rate limits and idempotency
+    /// locks in this Redis (redis://host:port) instead of in memory. Its
+    /// auth is always on: the run logs its users in.
+    #[arg(long, env = "SHARDPAY_REDIS_URL")]
+    pub redis: Option<String>,
     /// With --backend mysql: first measure the raw-database baseline for
     /// this many seconds per kind, so the report gives the services' TPS as
     /// a share of what the databases do.
@@ -272,6 +277,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 cross_shard: args.cross_shard.into(),
                 fraud: args.fraud == OnOff::On,
                 bus: crate::bus_config(args.kafka.as_deref(), ""),
+                redis: args.redis.clone(),
             }
         }
     };
@@ -427,6 +433,7 @@ async fn sweep_runs(
                     cross_shard: protocol,
                     fraud: true,
                     bus: Default::default(),
+                    redis: None,
                 },
                 reports_dir: args.reports.clone(),
                 progress: !args.quiet,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::auth::{AuthConfig, AuthService, Stores};
 use crate::events::{BusConfig, Pipeline};
 use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
 use crate::http::{self, AppState};
@@ -41,6 +42,24 @@ pub struct ServeConfig {
     pub fraud: Option<FraudConfig>,
     /// The event bus the outbox relay publishes to.
     pub bus: BusConfig,
+    pub auth: AuthSetup,
+}
+
+/// Whether and how requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum AuthSetup {
+    /// No auth: every caller may do everything. Listens on loopback only.
+    Demo,
+    On {
+        config: AuthConfig,
+        /// Sessions, rate limits and idempotency locks on this Redis
+        /// (`redis://host:port`); in memory when `None`.
+        redis: Option<String>,
+        /// Put before every Redis key.
+        redis_prefix: String,
+        /// Allows the built-in development JWT secret.
+        dev: bool,
+    },
 }
 
 impl ServeConfig {
@@ -58,6 +77,7 @@ impl ServeConfig {
             recovery_interval: Duration::from_millis(500),
             fraud: Some(FraudConfig::default()),
             bus: BusConfig::InProcess,
+            auth: AuthSetup::Demo,
         }
     }
 }
@@ -146,6 +166,41 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         ));
     }
     let manager = Arc::new(manager);
+    let auth = match &config.auth {
+        AuthSetup::Demo => {
+            anyhow::ensure!(
+                config.bind.ip().is_loopback(),
+                "demo mode (no auth) listens on loopback only; bind 127.0.0.1, or turn auth on (leave --demo out and set SHARDPAY_JWT_SECRET)"
+            );
+            tracing::warn!(
+                "DEMO MODE: NO AUTHENTICATION. Anyone who can reach {} may move any money. Loopback only; never expose this.",
+                config.bind
+            );
+            None
+        }
+        AuthSetup::On {
+            config: auth_config,
+            redis,
+            redis_prefix,
+            dev,
+        } => {
+            auth_config.check(*dev)?;
+            if auth_config.secret == crate::auth::DEV_SECRET {
+                tracing::warn!("--dev: the JWT secret is the built-in development one; tokens can be forged by anyone who reads the source");
+            }
+            let stores = match redis {
+                Some(url) => Stores::redis(url, redis_prefix).await?,
+                None => Stores::memory(),
+            };
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("cannot create data directory {}", config.data_dir.display())
+            })?;
+            let path = config.data_dir.join("auth.sqlite");
+            let service = AuthService::open(auth_config.clone(), Some(&path), stores)?;
+            service.bootstrap_admin().await?;
+            Some(Arc::new(service))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| {
@@ -161,6 +216,7 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
             pipeline: Some(pipeline),
             manager,
             default_currency: config.default_currency,
+            auth,
         },
         listener,
         recovery_interval: config.recovery_interval,
@@ -184,9 +240,12 @@ impl App {
             None => Vec::new(),
         };
         let router = http::router(self.state);
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         recovery.abort();
         for task in consumers {
             task.abort();

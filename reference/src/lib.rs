@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod auth;
 pub mod events;
 pub mod fraud;
 pub mod http;

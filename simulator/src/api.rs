@@ -26,6 +26,8 @@ pub const AUDIT_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct Api {
     pub client: reqwest::Client,
+    /// The admin's bearer token, when the system has auth on.
+    pub token: Option<String>,
     pub base: String,
 }
 
@@ -67,8 +69,59 @@ impl Api {
             .context("cannot build the HTTP client")?;
         Ok(Api {
             client,
+            token: None,
             base: base.trim_end_matches('/').to_string(),
         })
+    }
+
+    fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+
+    /// Whether the system has auth on: `/v1/auth/me` without a token
+    /// answers 401 then, and 404 in demo mode.
+    pub async fn auth_on(&self) -> anyhow::Result<bool> {
+        let response = self
+            .client
+            .get(self.url("/v1/auth/me"))
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "GET {} failed; is the system running there?",
+                    self.url("/v1/auth/me")
+                )
+            })?;
+        Ok(response.status() == reqwest::StatusCode::UNAUTHORIZED)
+    }
+
+    /// Registers a user (`admin`: with the admin's token, any role).
+    pub async fn register(&self, username: &str, password: &str) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .post_json(
+                "/v1/auth/register",
+                &json!({ "username": username, "password": password }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Logs in; answers the access token.
+    pub async fn login(&self, username: &str, password: &str) -> anyhow::Result<String> {
+        let answer: serde_json::Value = self
+            .post_json(
+                "/v1/auth/login",
+                &json!({ "username": username, "password": password }),
+            )
+            .await
+            .with_context(|| format!("cannot log in as {username}"))?;
+        answer["access_token"]
+            .as_str()
+            .map(str::to_string)
+            .context("the login answer has no access_token")
     }
 
     fn url(&self, path: &str) -> String {
@@ -77,8 +130,7 @@ impl Api {
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self
-            .client
-            .get(self.url(path))
+            .authed(self.client.get(self.url(path)))
             .send()
             .await
             .with_context(|| {
@@ -101,8 +153,7 @@ impl Api {
         body: &serde_json::Value,
     ) -> anyhow::Result<T> {
         let response = self
-            .client
-            .post(self.url(path))
+            .authed(self.client.post(self.url(path)))
             .json(body)
             .send()
             .await
@@ -130,13 +181,22 @@ impl Api {
     pub async fn create_accounts(
         &self,
         ids: &[String],
+        owners: Option<&[String]>,
         currency: &str,
         opening_balance_minor: &[i64],
     ) -> anyhow::Result<Vec<u16>> {
         let accounts: Vec<_> = ids
             .iter()
             .zip(opening_balance_minor)
-            .map(|(id, minor)| json!({ "id": id, "currency": currency, "opening_balance_minor": minor }))
+            .enumerate()
+            .map(|(i, (id, minor))| {
+                let mut item =
+                    json!({ "id": id, "currency": currency, "opening_balance_minor": minor });
+                if let Some(owners) = owners {
+                    item["owner"] = json!(owners[i]);
+                }
+                item
+            })
             .collect();
         #[derive(Deserialize)]
         struct Item {
@@ -227,8 +287,7 @@ impl Api {
     /// The system's own ledger audit, as it answers it.
     pub async fn audit(&self) -> anyhow::Result<serde_json::Value> {
         let response = self
-            .client
-            .get(self.url("/v1/audit"))
+            .authed(self.client.get(self.url("/v1/audit")))
             .timeout(AUDIT_TIMEOUT)
             .send()
             .await
@@ -247,8 +306,7 @@ impl Api {
         &self,
     ) -> anyhow::Result<Option<shardpay_reference::events::PipelineReport>> {
         let response = self
-            .client
-            .get(self.url("/v1/pipeline"))
+            .authed(self.client.get(self.url("/v1/pipeline")))
             .send()
             .await
             .context("GET /v1/pipeline failed")?;
@@ -271,8 +329,7 @@ impl Api {
         url: &str,
     ) -> anyhow::Result<Option<String>> {
         let response = self
-            .client
-            .post(self.url("/v1/webhooks"))
+            .authed(self.client.post(self.url("/v1/webhooks")))
             .json(&json!({ "account": account, "url": url }))
             .send()
             .await

@@ -42,6 +42,9 @@ pub struct Sim {
     pub schedule: Option<Schedule>,
     /// Idempotency keys are `<key_prefix><op>-<n>`: unique per run.
     pub key_prefix: String,
+    /// With auth on: the access token of each account owner; account `i`
+    /// belongs to owner `i % tokens.len()`. Empty without auth.
+    pub tokens: Vec<String>,
     next: AtomicU64,
     executed: AtomicU64,
     start: OnceLock<Instant>,
@@ -66,9 +69,19 @@ impl Sim {
             stop: scenario.stop,
             schedule,
             key_prefix,
+            tokens: Vec::new(),
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
             start: OnceLock::new(),
+        }
+    }
+
+    /// The bearer token that may pay from account `payer`.
+    pub fn token(&self, payer: u32) -> Option<&str> {
+        if self.tokens.is_empty() {
+            None
+        } else {
+            Some(&self.tokens[payer as usize % self.tokens.len()])
         }
     }
 
@@ -271,6 +284,16 @@ impl Answer {
             Class::Accepted
         } else if self.declined() {
             Class::Declined
+        } else if self.status == 429 {
+            Class::RateLimited
+        } else if self.status == 401
+            || (self.status == 403
+                && matches!(
+                    self.code.as_str(),
+                    "not_account_owner" | "forbidden" | "opening_balance_requires_admin"
+                ))
+        {
+            Class::Unauthorized
         } else {
             Class::Error
         }
@@ -303,9 +326,16 @@ async fn send_goose(
     kind: Kind,
     key: &str,
     body: &serde_json::Value,
+    token: Option<&str>,
 ) -> Answer {
     let builder = match user.get_request_builder(&GooseMethod::Post, "/v1/transfers") {
-        Ok(b) => b.header("Idempotency-Key", key).json(body),
+        Ok(b) => {
+            let b = b.header("Idempotency-Key", key).json(body);
+            match token {
+                Some(t) => b.bearer_auth(t),
+                None => b,
+            }
+        }
         Err(e) => {
             return Answer {
                 status: 0,
@@ -346,14 +376,13 @@ async fn send_raw(
     url: &str,
     key: &str,
     body: &serde_json::Value,
+    token: Option<&str>,
 ) -> Answer {
-    match client
-        .post(url)
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-    {
+    let mut request = client.post(url).header("Idempotency-Key", key).json(body);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    match request.send().await {
         Ok(response) => Answer::read(response).await,
         Err(e) => Answer::transport(&e),
     }
@@ -420,6 +449,7 @@ async fn execute(
                 kind,
                 &key,
                 &body(sim, &transfer, transfer.amount_minor),
+                sim.token(transfer.payer),
             )
             .await;
             if let Some(outcome) = answer.outcome() {
@@ -441,6 +471,7 @@ async fn execute(
                     Kind::FraudHeavy,
                     &key,
                     &body(sim, transfer, transfer.amount_minor),
+                    sim.token(transfer.payer),
                 )
                 .await;
                 if let Some(outcome) = answer.outcome() {
@@ -496,11 +527,28 @@ async fn retry_group(
     // The first request and its racers.
     let racers = (0..concurrent).map(|_| async {
         let sent = Instant::now();
-        (send_raw(&client, &url, &key, &request_body).await, sent)
+        (
+            send_raw(
+                &client,
+                &url,
+                &key,
+                &request_body,
+                sim.token(transfer.payer),
+            )
+            .await,
+            sent,
+        )
     });
     let first = async {
         (
-            send_goose(user, Kind::IdempotentRetry, &key, &request_body).await,
+            send_goose(
+                user,
+                Kind::IdempotentRetry,
+                &key,
+                &request_body,
+                sim.token(transfer.payer),
+            )
+            .await,
             intended,
         )
     };
@@ -511,7 +559,14 @@ async fn retry_group(
     // Then the resends that wait for an answer.
     for _ in concurrent..resends {
         let sent = Instant::now();
-        let answer = send_raw(&client, &url, &key, &request_body).await;
+        let answer = send_raw(
+            &client,
+            &url,
+            &key,
+            &request_body,
+            sim.token(transfer.payer),
+        )
+        .await;
         answers.push((answer, sent));
     }
 
@@ -570,7 +625,14 @@ async fn retry_group(
     // would simply be a new request.
     if let (Some(amount), Some(_)) = (changed_amount_minor, &reference) {
         let sent = Instant::now();
-        let answer = send_raw(&client, &url, &key, &body(sim, &transfer, amount)).await;
+        let answer = send_raw(
+            &client,
+            &url,
+            &key,
+            &body(sim, &transfer, amount),
+            sim.token(transfer.payer),
+        )
+        .await;
         let refused = answer.status == 422 && answer.code == "idempotency_key_reused";
         if !refused && answer.status != 0 {
             sim.books.violation(format!(
@@ -608,7 +670,14 @@ pub async fn settle_unknown(sim: &Sim, base_url: &str) -> anyhow::Result<(u64, u
         let mut outcome = None;
         // A 409 means a request with this key is still running: wait a bit.
         for attempt in 0..20 {
-            let answer = send_raw(&client, &url, &key, &body(sim, &t, t.amount_minor)).await;
+            let answer = send_raw(
+                &client,
+                &url,
+                &key,
+                &body(sim, &t, t.amount_minor),
+                sim.token(t.payer),
+            )
+            .await;
             outcome = answer.outcome();
             if outcome.is_some()
                 || answer.status != 409 && answer.status != 0 && answer.status < 500

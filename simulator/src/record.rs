@@ -37,6 +37,11 @@ pub enum Class {
     /// Anything else: 5xx, a connection error, an unexpected 4xx, or a
     /// replay that did not match.
     Error,
+    /// 401, or a 403 of the auth checks: an error, counted on its own too.
+    Unauthorized,
+    /// 429 from a rate limit: counted on its own, not as an error (the
+    /// system did what its limits say).
+    RateLimited,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +65,12 @@ pub struct Counts {
     pub replayed: u64,
     pub declined: u64,
     pub errors: u64,
+    /// Of `errors`: refused for want of a valid token or permission.
+    #[serde(default)]
+    pub unauthorized: u64,
+    /// 429s (not in `errors`).
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 impl Counts {
@@ -70,6 +81,11 @@ impl Counts {
             Class::Replayed => self.replayed += 1,
             Class::Declined => self.declined += 1,
             Class::Error => self.errors += 1,
+            Class::Unauthorized => {
+                self.errors += 1;
+                self.unauthorized += 1;
+            }
+            Class::RateLimited => self.rate_limited += 1,
         }
     }
 }
@@ -142,7 +158,7 @@ impl Recorder {
         }
         match s.class {
             Class::Accepted => *m.timeline[second].entry(s.payer_shard).or_insert(0) += 1,
-            Class::Error => m.timeline_errors[second] += 1,
+            Class::Error | Class::Unauthorized => m.timeline_errors[second] += 1,
             _ => {}
         }
         live.saturating_record(us);

@@ -73,6 +73,10 @@ pub struct RunInfo {
     /// The in-process system's event bus (`in-process`, `kafka://...`).
     #[serde(default)]
     pub bus: String,
+    /// "off", or "on: N users own the accounts" (each transfer carries its
+    /// payer's owner's token).
+    #[serde(default)]
+    pub auth: String,
     /// "embedded" or the URL driven.
     pub target: String,
     pub git_commit: String,
@@ -359,7 +363,7 @@ impl Report {
         let t = &self.totals;
         let _ = writeln!(
             out,
-            "\n{} · seed {} · {} shards ({}, cross-shard {}, bus {}) · {} model · {} users · {:.1} s measured",
+            "\n{} · seed {} · {} shards ({}, cross-shard {}, bus {}) · {} model · {} users · {:.1} s measured · auth {}",
             self.scenario.name,
             self.scenario.seed,
             self.run.shards,
@@ -368,7 +372,8 @@ impl Report {
             if self.run.bus.is_empty() { "in-process" } else { &self.run.bus },
             self.scenario.model,
             self.run.users,
-            self.run.measured_s
+            self.run.measured_s,
+            if self.run.auth.is_empty() { "off" } else { &self.run.auth }
         );
         let _ = writeln!(
             out,
@@ -382,6 +387,13 @@ impl Report {
             t.counts.errors,
             t.error_rate * 100.0
         );
+        if t.counts.unauthorized + t.counts.rate_limited > 0 {
+            let _ = writeln!(
+                out,
+                "auth: {} unauthorized (401/403, among the errors) · {} rate limited (429, not errors)",
+                t.counts.unauthorized, t.counts.rate_limited
+            );
+        }
         let _ = writeln!(
             out,
             "\n{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -729,6 +741,8 @@ fn add_counts(into: &mut Counts, from: &Counts) {
     into.replayed += from.replayed;
     into.declined += from.declined;
     into.errors += from.errors;
+    into.unauthorized += from.unauthorized;
+    into.rate_limited += from.rate_limited;
 }
 
 fn add_series(into: &mut Vec<u64>, from: &[u64]) {

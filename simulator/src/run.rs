@@ -13,7 +13,9 @@ use anyhow::{bail, Context};
 use futures_util::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
+use shardpay_reference::app::AuthSetup;
 use shardpay_reference::app::{self, ServeConfig};
+use shardpay_reference::auth::AuthConfig;
 use shardpay_reference::events::BusConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::CrossShard;
@@ -57,6 +59,9 @@ pub enum Target {
         /// and groups get a prefix of their own, so runs sharing a broker
         /// never read each other's events.
         bus: BusConfig,
+        /// Sessions, rate limits and idempotency locks on this Redis
+        /// instead of in memory (auth is always on).
+        redis: Option<String>,
     },
     /// A system already running at this base URL.
     Url(String),
@@ -130,6 +135,8 @@ pub struct RunResult {
 /// simulator's measurements of itself leave it out.
 struct Embedded {
     url: String,
+    /// The password of its `admin` user (drawn at random per run).
+    admin_password: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
     _temp: Option<tempfile::TempDir>,
@@ -144,6 +151,7 @@ impl Embedded {
         cross_shard: CrossShard,
         fraud: bool,
         bus: BusConfig,
+        redis: Option<String>,
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
@@ -196,6 +204,23 @@ impl Embedded {
             other => other,
         };
         config.bind = "127.0.0.1:0".parse().expect("constant address");
+        // Auth on, as a deployment runs it, with what a load test needs: a
+        // secret and an admin password of the run's own, cheap password
+        // hashes (the run logs in hundreds of users) and no login limits
+        // (they all log in from this one address).
+        let admin_password = random_secret();
+        let mut auth = AuthConfig::new(random_secret());
+        auth.argon2_memory_kib = 256;
+        auth.argon2_iterations = 1;
+        auth.login_per_user.max = 0;
+        auth.login_per_address.max = 0;
+        auth.admin_password = Some(admin_password.clone());
+        config.auth = AuthSetup::On {
+            config: auth,
+            redis,
+            redis_prefix: format!("shardpay-run-{:08x}:", rand::random::<u32>()),
+            dev: false,
+        };
         config.sqlite = SqliteConfig {
             durability,
             ..SqliteConfig::default()
@@ -231,6 +256,7 @@ impl Embedded {
             .context("the reference system did not start")??;
         Ok(Embedded {
             url: format!("http://{addr}"),
+            admin_password,
             stop: Some(stop_tx),
             thread: Some(thread),
             _temp: temp,
@@ -349,11 +375,79 @@ fn opening_balances(scenario: &Scenario, accounts: usize) -> Vec<i64> {
         .collect()
 }
 
+/// Account owners of a run on a system with auth on.
+struct Owners {
+    /// The owner's username of each account, in account order.
+    of_account: Vec<String>,
+    /// Each owner's access token; account `i` belongs to owner
+    /// `i % tokens.len()`.
+    tokens: Vec<String>,
+}
+
+/// Most users a run logs in; accounts are shared out among them.
+const MAX_OWNERS: usize = 256;
+
+fn random_secret() -> String {
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+/// On a system with auth on: logs the admin in (for setup, lookups and
+/// the audit), then registers and logs in the users who will own the run's
+/// accounts, so that every transfer carries its payer's owner's token.
+/// `None` when the system runs without auth.
+async fn sign_in(
+    api: &mut Api,
+    run_id: &str,
+    accounts: usize,
+    admin_password: Option<&str>,
+    progress: bool,
+) -> anyhow::Result<Option<Owners>> {
+    if !api.auth_on().await? {
+        return Ok(None);
+    }
+    let password = admin_password.context(
+        "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
+    )?;
+    api.token = Some(api.login("admin", password).await?);
+    let users = accounts.clamp(1, MAX_OWNERS);
+    let names: Vec<String> = (0..users).map(|j| format!("{run_id}user{j}")).collect();
+    let user_password = random_secret();
+    let bar = bar(
+        progress,
+        users as u64,
+        "logging users in [{bar:30}] {pos}/{len}",
+    );
+    let api_ref = &*api;
+    let tokens: Vec<String> = futures_util::stream::iter(names.iter())
+        .map(|name| {
+            let bar = bar.clone();
+            let user_password = user_password.clone();
+            async move {
+                api_ref.register(name, &user_password).await?;
+                let token = api_ref.login(name, &user_password).await?;
+                bar.inc(1);
+                anyhow::Ok(token)
+            }
+        })
+        .buffered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    bar.finish_and_clear();
+    Ok(Some(Owners {
+        of_account: (0..accounts).map(|i| names[i % users].clone()).collect(),
+        tokens,
+    }))
+}
+
 /// Creates the run's accounts in bulk; returns each one's shard.
 async fn setup(
     api: &Api,
     scenario: &Scenario,
     names: &[String],
+    owners: Option<&[String]>,
     progress: bool,
 ) -> anyhow::Result<Vec<u16>> {
     let opening = opening_balances(scenario, names.len());
@@ -363,13 +457,17 @@ async fn setup(
         "creating accounts [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
     );
     let currency = scenario.accounts.currency.code().to_string();
-    let batches = names.chunks(BULK_BATCH).zip(opening.chunks(BULK_BATCH));
+    let batches = names
+        .chunks(BULK_BATCH)
+        .zip(opening.chunks(BULK_BATCH))
+        .enumerate();
     let shards: Vec<Vec<u16>> = futures_util::stream::iter(batches)
-        .map(|(ids, minor)| {
+        .map(|(b, (ids, minor))| {
             let bar = bar.clone();
             let currency = currency.clone();
+            let owners = owners.map(|o| &o[b * BULK_BATCH..b * BULK_BATCH + ids.len()]);
             async move {
-                let shards = api.create_accounts(ids, &currency, minor).await?;
+                let shards = api.create_accounts(ids, owners, &currency, minor).await?;
                 bar.inc(ids.len() as u64);
                 anyhow::Ok(shards)
             }
@@ -441,6 +539,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
             cross_shard,
             fraud,
             bus,
+            redis,
         } => {
             let system = Embedded::start(
                 *shards,
@@ -450,6 +549,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
                 *cross_shard,
                 *fraud,
                 bus.clone(),
+                redis.clone(),
             )
             .await?;
             let url = system.url.clone();
@@ -462,7 +562,19 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         Target::Embedded { .. } => Backend::Sqlite,
         Target::Url(_) => Backend::Remote,
     };
-    let result = drive(scenario, options, &base_url, backend, started_at).await;
+    let admin_password = match &embedded {
+        Some(system) => Some(system.admin_password.clone()),
+        None => std::env::var("SHARDPAY_ADMIN_PASSWORD").ok(),
+    };
+    let result = drive(
+        scenario,
+        options,
+        &base_url,
+        backend,
+        started_at,
+        admin_password,
+    )
+    .await;
     if let Some(system) = embedded {
         system.stop().await?;
     }
@@ -483,6 +595,7 @@ async fn drive(
     base_url: &str,
     backend: Backend,
     started_at: chrono::DateTime<chrono::Utc>,
+    admin_password: Option<String>,
 ) -> anyhow::Result<RunResult> {
     let embedded = backend != Backend::Remote;
     // Ids follow from the seed only on shards the run knows are empty.
@@ -492,7 +605,7 @@ async fn drive(
             eprintln!("{text}");
         }
     };
-    let api = Api::new(base_url)?;
+    let mut api = Api::new(base_url)?;
     let shard_info = api.shards().await.with_context(|| {
         format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
     })?;
@@ -528,7 +641,22 @@ async fn drive(
         needed
     ));
     let setup_started = Instant::now();
-    let shard_of = setup(&api, scenario, &names, options.progress).await?;
+    let owners = sign_in(
+        &mut api,
+        &run_id,
+        needed as usize,
+        admin_password.as_deref(),
+        options.progress,
+    )
+    .await?;
+    let shard_of = setup(
+        &api,
+        scenario,
+        &names,
+        owners.as_ref().map(|o| o.of_account.as_slice()),
+        options.progress,
+    )
+    .await?;
     // Webhooks for some accounts, on the in-process system only (a remote
     // system may not reach this machine).
     let receiver = if embedded {
@@ -577,7 +705,11 @@ async fn drive(
         _ => None,
     };
     let plan = Plan::new(scenario, shard_of, shards as u16);
-    let sim = Arc::new(Sim::new(scenario, plan, names.clone(), run_id.clone()));
+    let mut sim = Sim::new(scenario, plan, names.clone(), run_id.clone());
+    if let Some(owners) = owners {
+        sim.tokens = owners.tokens;
+    }
+    let sim = Arc::new(sim);
     let (progress, bar) = spawn_progress(sim.clone(), scenario, options.progress);
     let (cpu0, server0) = cpu_seconds();
     let wall = Instant::now();
@@ -679,6 +811,11 @@ async fn drive(
             bus: match &options.target {
                 Target::Embedded { bus, .. } => bus.describe(),
                 Target::Url(_) => "as configured on the target".into(),
+            },
+            auth: if sim.tokens.is_empty() {
+                "off".into()
+            } else {
+                format!("on: {} users own the accounts", sim.tokens.len())
             },
             target: if embedded {
                 "embedded".into()

@@ -81,6 +81,7 @@ fn serve_with(storage: Storage<'_>, fault: Option<&str>, extra: &[&str]) -> Serv
     command
         .args([
             "serve",
+            "--demo",
             "--port",
             "0",
             "--recovery-grace-ms",
@@ -349,4 +350,39 @@ fn on_mysql_shards_xa_branches_left_by_a_crashed_coordinator_follow_the_decision
     let text = String::from_utf8_lossy(&audit.stdout);
     assert!(audit.status.success(), "{text}");
     assert!(text.contains("no_in_doubt_xa_branches"), "{text}");
+}
+
+/// Auth is on by default: without a secret the server refuses to start
+/// and says how to fix it; demo mode refuses anything but loopback.
+#[test]
+fn the_server_refuses_to_start_without_a_secret_or_with_demo_on_a_public_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+            .arg("serve")
+            .args(["--port", "0", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .env_remove("SHARDPAY_JWT_SECRET")
+            .env_remove("SHARDPAY_DEMO")
+            .env_remove("SHARDPAY_DEV")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stderr) = run(&[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("SHARDPAY_JWT_SECRET") && stderr.contains("--demo"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--jwt-secret", "short"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("at least 32 characters"), "{stderr}");
+    let (code, stderr) = run(&["--demo", "--bind", "0.0.0.0"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("loopback only"), "{stderr}");
 }

@@ -11,8 +11,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::auth::Caller;
 use super::v1::shard_bodies;
 use super::{decimal_number, json, send, ApiError, AppState, IdempotencyHeader, MAX_PAGE};
+use crate::auth::Role;
 use crate::ids::AccountId;
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
@@ -127,6 +129,7 @@ const PAYMENT_VIEW: View<Transfer> = View {
 
 async fn create(
     state: AppState,
+    caller: Caller,
     user: String,
     balance: Amount,
     key: IdempotencyHeader,
@@ -137,6 +140,39 @@ async fn create(
         currency: state.default_currency,
         opening_balance: balance,
     };
+    // The modelled system names an account after its user: a user creates
+    // its own (unfunded); an admin funds one for the user of that name.
+    let owner = match caller.principal() {
+        None => None,
+        Some(p) if p.role == Role::Admin => Some(user.clone()),
+        Some(p) if p.role == Role::User && p.username == user => {
+            if balance.minor() != 0 {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "opening_balance_requires_admin",
+                    "only an admin creates accounts with a balance",
+                ));
+            }
+            Some(user.clone())
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "a user creates only the account named after itself",
+            ))
+        }
+    };
+    if let (Some(owner), Some(auth)) = (&owner, &state.auth) {
+        // The owner must be a registered user (422 unknown_owner otherwise).
+        if !auth.claim(&[(user.as_str(), owner.as_str())])?[0] {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "account_exists",
+                format!("account {user} exists and belongs to another user"),
+            ));
+        }
+    }
     Ok(send(
         state.manager.create_account(request, key.0, view).await?,
     ))
@@ -144,15 +180,17 @@ async fn create(
 
 async fn create_user(
     State(state): State<AppState>,
+    caller: Caller,
     key: IdempotencyHeader,
     Path((user, balance)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let balance = Amount::parse(&balance, state.default_currency)?;
-    create(state, user, balance, key, &CREATE_USER_VIEW).await
+    create(state, caller, user, balance, key, &CREATE_USER_VIEW).await
 }
 
 async fn create_account_minor(
     State(state): State<AppState>,
+    caller: Caller,
     key: IdempotencyHeader,
     Path((user, balance)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -164,14 +202,16 @@ async fn create_account_minor(
         )
     })?;
     let balance = Amount::from_minor(minor)?;
-    create(state, user, balance, key, &CREATE_ACCOUNT_VIEW).await
+    create(state, caller, user, balance, key, &CREATE_ACCOUNT_VIEW).await
 }
 
 async fn transfer(
     State(state): State<AppState>,
+    caller: Caller,
     IdempotencyHeader(key): IdempotencyHeader,
     Path((from, to, amount)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    caller.may_debit(&state, &from)?;
     let request = TransferRequest {
         from: AccountId::parse(&from)?,
         to: AccountId::parse(&to)?,
@@ -179,10 +219,7 @@ async fn transfer(
         currency: Some(state.default_currency),
     };
     Ok(send(
-        state
-            .manager
-            .transfer_funds(request, key, &PAYMENT_VIEW)
-            .await?,
+        super::guarded_transfer(&state, request, key, &PAYMENT_VIEW).await?,
     ))
 }
 
@@ -255,9 +292,11 @@ impl From<&Account> for LegacyAccount {
 
 async fn account(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
 ) -> Result<Json<LegacyAccount>, ApiError> {
     let id = AccountId::parse(&user)?;
+    caller.may_read(&state, id.as_str())?;
     let account = state.manager.account(&id).await?.ok_or_else(|| {
         ApiError::not_found("account_not_found", format!("account {id} does not exist"))
     })?;
@@ -277,8 +316,10 @@ struct Users {
 
 async fn users(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<UsersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Users>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service])?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let accounts = state.manager.list_accounts(None, limit).await?;

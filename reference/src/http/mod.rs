@@ -2,6 +2,7 @@
 //! the modelled system (`legacy`) so its walkthrough and clients run as
 //! written.
 
+pub mod auth;
 mod error;
 mod legacy;
 mod v1;
@@ -37,11 +38,14 @@ pub struct AppState {
     pub pipeline: Option<Arc<crate::events::Pipeline>>,
     /// Currency of accounts and transfers that name none.
     pub default_currency: Currency,
+    /// Authentication and authorization; `None` is demo mode (no auth).
+    pub auth: Option<Arc<crate::auth::AuthService>>,
 }
 
 /// The router of the shard-manager API, for serving or for `oneshot` tests.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .merge(auth::routes())
         .merge(v1::routes())
         .merge(legacy::routes())
         .fallback(|| async {
@@ -123,4 +127,56 @@ fn json(status: u16, value: &impl serde::Serialize) -> StoredResponse {
 /// from integer minor units without passing through a float.
 fn decimal_number(minor: i128, currency: Currency) -> Box<RawValue> {
     RawValue::from_string(format_minor(minor, currency)).expect("a decimal is a JSON number")
+}
+
+/// A transfer behind the auth service's guards: the payer's rate limit,
+/// then a short idempotency lock per (payer, key) (SET NX PX) so that a
+/// concurrent duplicate is refused before any database work. The
+/// database's idempotency record stays the source of truth: a lock store
+/// that is down only skips the lock, and a holder that dies only delays a
+/// retry until the lock expires.
+pub async fn guarded_transfer(
+    state: &AppState,
+    request: crate::manager::TransferRequest,
+    key: Option<crate::ids::IdempotencyKey>,
+    view: &crate::manager::View<crate::ledger::Transfer>,
+) -> Result<crate::manager::Reply, ApiError> {
+    let Some(auth) = &state.auth else {
+        return Ok(state.manager.transfer_funds(request, key, view).await?);
+    };
+    auth.limit(
+        "transfers",
+        request.from.as_str(),
+        auth.config().transfers_per_payer,
+    )
+    .await?;
+    let lock = match &key {
+        None => None,
+        Some(k) => {
+            let name = format!("{}:{}", request.from.as_str(), k.as_str());
+            let holder = uuid::Uuid::new_v4().simple().to_string();
+            let ttl = auth.config().idempotency_lock_ttl;
+            match auth.stores.locks.acquire(&name, &holder, ttl).await {
+                Ok(true) => Some((name, holder)),
+                Ok(false) => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "idempotency_key_in_flight",
+                        "a request with this Idempotency-Key is still being processed; retry after it finishes",
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency lock store down; using the database path alone");
+                    None
+                }
+            }
+        }
+    };
+    let result = state.manager.transfer_funds(request, key, view).await;
+    if let Some((name, holder)) = lock {
+        if let Err(e) = auth.stores.locks.release(&name, &holder).await {
+            tracing::warn!(error = %e, "cannot release an idempotency lock; it expires by itself");
+        }
+    }
+    Ok(result?)
 }

@@ -9,8 +9,10 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
 use crate::audit::{self, AuditReport};
+use crate::auth::Role;
 use crate::ids::{AccountId, TransferId};
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
@@ -155,6 +157,9 @@ fn transfer_amount(
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
     id: String,
+    /// The user who may pay from it (admins only; a user's own accounts
+    /// are theirs).
+    owner: Option<String>,
     currency: Option<String>,
     opening_balance: Option<String>,
     opening_balance_minor: Option<i64>,
@@ -162,15 +167,81 @@ struct CreateAccount {
 
 async fn create_account(
     State(state): State<AppState>,
+    caller: Caller,
     IdempotencyHeader(key): IdempotencyHeader,
     ApiJson(body): ApiJson<CreateAccount>,
 ) -> Result<Response, ApiError> {
     let request = account_request(&state, &body)?;
+    let owner = owner_for(&caller, &body, &request)?;
+    claim(&state, &[(request.id.as_str(), owner.as_deref())])?;
     let reply = state
         .manager
         .create_account(request, key, &ACCOUNT_VIEW)
         .await?;
     Ok(send(reply))
+}
+
+/// Who will own an account `caller` creates: a user owns what it creates
+/// (with no opening balance: only an admin funds accounts); an admin names
+/// the owner, or none; a service creates nothing.
+fn owner_for(
+    caller: &Caller,
+    body: &CreateAccount,
+    request: &AccountRequest,
+) -> Result<Option<String>, ApiError> {
+    let Some(p) = caller.principal() else {
+        return Ok(body.owner.clone());
+    };
+    match p.role {
+        Role::Admin => Ok(body.owner.clone()),
+        Role::User => {
+            if body.owner.as_ref().is_some_and(|o| *o != p.username) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "a user creates accounts for itself only; leave owner out",
+                ));
+            }
+            if request.opening_balance.minor() != 0 {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "opening_balance_requires_admin",
+                    "only an admin creates accounts with an opening balance",
+                ));
+            }
+            Ok(Some(p.username.clone()))
+        }
+        Role::Service => Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "a service token may not create accounts",
+        )),
+    }
+}
+
+/// Records owners before the accounts are created; an account another
+/// user owns already is refused (409) before anything is written.
+fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<bool>, ApiError> {
+    let Some(auth) = &state.auth else {
+        return Ok(vec![true; pairs.len()]);
+    };
+    let owned: Vec<(&str, &str)> = pairs
+        .iter()
+        .filter_map(|(a, o)| o.map(|o| (*a, o)))
+        .collect();
+    let mut answers = auth.claim(&owned)?.into_iter();
+    let result: Vec<bool> = pairs
+        .iter()
+        .map(|(_, o)| o.is_none() || answers.next().unwrap_or(false))
+        .collect();
+    if pairs.len() == 1 && !result[0] {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "account_exists",
+            format!("account {} exists and belongs to another user", pairs[0].0),
+        ));
+    }
+    Ok(result)
 }
 
 /// Most accounts one bulk request creates; 500 accounts fit well inside the
@@ -221,8 +292,10 @@ fn account_request(state: &AppState, body: &CreateAccount) -> Result<AccountRequ
 /// creates run concurrently, so each shard's writer commits them in groups.
 async fn create_accounts_bulk(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BulkAccounts>,
 ) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin])?;
     if body.accounts.is_empty() || body.accounts.len() > MAX_BULK {
         return Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -230,33 +303,48 @@ async fn create_accounts_bulk(
             format!("send 1 to {MAX_BULK} accounts per bulk request"),
         ));
     }
-    let creates = body.accounts.into_iter().map(|item| {
-        let state = state.clone();
-        async move {
-            let result = match account_request(&state, &item) {
-                Ok(request) => state
-                    .manager
-                    .create_account(request, None, &ACCOUNT_VIEW)
-                    .await
-                    .map_err(ApiError::from),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(reply) => BulkResult {
-                    id: item.id.clone(),
-                    status: reply.response.status,
-                    account: serde_json::value::RawValue::from_string(reply.response.body).ok(),
-                    error: None,
-                },
-                Err(e) => BulkResult {
-                    id: item.id.clone(),
-                    status: e.status.as_u16(),
-                    account: None,
-                    error: Some(serde_json::json!({ "code": e.code, "message": e.message })),
-                },
+    let pairs: Vec<(&str, Option<&str>)> = body
+        .accounts
+        .iter()
+        .map(|a| (a.id.as_str(), a.owner.as_deref()))
+        .collect();
+    let claimed = claim(&state, &pairs)?;
+    let creates = body
+        .accounts
+        .into_iter()
+        .zip(claimed)
+        .map(|(item, claimed)| {
+            let state = state.clone();
+            async move {
+                let result = match account_request(&state, &item) {
+                    Ok(_) if !claimed => Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "account_exists",
+                        format!("account {} exists and belongs to another user", item.id),
+                    )),
+                    Ok(request) => state
+                        .manager
+                        .create_account(request, None, &ACCOUNT_VIEW)
+                        .await
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(reply) => BulkResult {
+                        id: item.id.clone(),
+                        status: reply.response.status,
+                        account: serde_json::value::RawValue::from_string(reply.response.body).ok(),
+                        error: None,
+                    },
+                    Err(e) => BulkResult {
+                        id: item.id.clone(),
+                        status: e.status.as_u16(),
+                        account: None,
+                        error: Some(serde_json::json!({ "code": e.code, "message": e.message })),
+                    },
+                }
             }
-        }
-    });
+        });
     // Bounded, so a bulk request cannot take every connection of a shard's
     // pool; the writes of one request still overlap enough to commit in
     // groups.
@@ -290,8 +378,10 @@ struct Lookup {
 /// the ids no shard holds. For clients that check their own books.
 async fn lookup_transfers(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<Lookup>,
 ) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin, Role::Service])?;
     if body.ids.len() > MAX_LOOKUP {
         return Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -338,8 +428,10 @@ struct AccountPage {
 
 async fn list_accounts(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AccountPage>, ApiError> {
+    caller.require(&[Role::Admin, Role::Service])?;
     let Query(query) = query?;
     let after = query.after.as_deref().map(AccountId::parse).transpose()?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
@@ -355,9 +447,11 @@ async fn list_accounts(
 
 async fn get_account(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<AccountBody>, ApiError> {
     let id = AccountId::parse(&id)?;
+    caller.may_read(&state, id.as_str())?;
     let account = state.manager.account(&id).await?.ok_or_else(|| {
         ApiError::not_found("account_not_found", format!("account {id} does not exist"))
     })?;
@@ -376,10 +470,12 @@ struct CreateTransfer {
 
 async fn create_transfer(
     State(state): State<AppState>,
+    caller: Caller,
     IdempotencyHeader(key): IdempotencyHeader,
     ApiJson(body): ApiJson<CreateTransfer>,
 ) -> Result<Response, ApiError> {
     let from = AccountId::parse(&body.from)?;
+    caller.may_debit(&state, from.as_str())?;
     let to = AccountId::parse(&body.to)?;
     let currency = body.currency.as_deref().map(Currency::parse).transpose()?;
     // Decimal text is read in the named currency, or the payer's; parse in
@@ -392,15 +488,13 @@ async fn create_transfer(
         amount,
         currency: Some(parse_in),
     };
-    let reply = state
-        .manager
-        .transfer_funds(request, key, &TRANSFER_VIEW)
-        .await?;
+    let reply = super::guarded_transfer(&state, request, key, &TRANSFER_VIEW).await?;
     Ok(send(reply))
 }
 
 async fn get_transfer(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TransferBody>, ApiError> {
     let id = TransferId::parse(&id)?;
@@ -410,6 +504,10 @@ async fn get_transfer(
             format!("transfer {id} does not exist"),
         )
     })?;
+    // Its payer's or payee's owner may read it.
+    if caller.may_read(&state, transfer.payer.as_str()).is_err() {
+        caller.may_read(&state, transfer.payee.as_str())?;
+    }
     Ok(Json(TransferBody::from(&transfer)))
 }
 
@@ -479,7 +577,11 @@ async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn run_audit(State(state): State<AppState>) -> Result<Json<AuditReport>, ApiError> {
+async fn run_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<AuditReport>, ApiError> {
+    caller.require(&[Role::Admin])?;
     Ok(Json(audit::run(&state.manager).await?))
 }
 
@@ -496,8 +598,10 @@ struct ScoreRequest {
 /// for a transfer, recorded as an attempt of the payer. Moves no money.
 async fn score_transfer(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<ScoreRequest>,
 ) -> Result<Response, ApiError> {
+    caller.require(&[Role::Service, Role::Admin])?;
     let Some(engine) = state.manager.fraud() else {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -628,10 +732,14 @@ struct RegisterWebhook {
 /// secret, shown this once.
 async fn register_webhook(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<RegisterWebhook>,
 ) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
     let account = AccountId::parse(&body.account)?;
+    if !caller.is_admin() {
+        caller.may_debit(&state, account.as_str())?;
+    }
     let url = reqwest::Url::parse(&body.url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
@@ -653,7 +761,11 @@ async fn register_webhook(
     Ok(json_response(201, &webhook))
 }
 
-async fn list_dead_letters(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin])?;
     let pipeline = pipeline_of(&state)?;
     Ok(json_response(
         200,
@@ -673,8 +785,10 @@ struct Replay {
 /// Delivers dead letters again: `{"ids": [...]}` or `{"all": true}`.
 async fn replay_dead_letters(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<Replay>,
 ) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin])?;
     let pipeline = pipeline_of(&state)?;
     if body.all == !body.ids.is_empty() {
         return Err(ApiError::new(

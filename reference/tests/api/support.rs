@@ -23,6 +23,7 @@ pub struct TestApp {
     pub flaky: Vec<Arc<Flaky>>,
     /// The pipeline's tasks: the relay first, then the consumers.
     pub tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub auth: Option<Arc<shardpay_reference::auth::AuthService>>,
     _dir: tempfile::TempDir,
 }
 
@@ -38,6 +39,8 @@ pub struct Options {
     /// Events on this Kafka broker (topics under a prefix of the test's
     /// own) instead of the in-process bus.
     pub kafka: Option<String>,
+    /// Auth on (with this service); `None` is demo mode.
+    pub auth: Option<Arc<shardpay_reference::auth::AuthService>>,
 }
 
 impl Default for Options {
@@ -49,6 +52,7 @@ impl Default for Options {
             mysql_pool_size: None,
             fraud: Some(Default::default()),
             kafka: None,
+            auth: None,
         }
     }
 }
@@ -190,11 +194,17 @@ impl TestApp {
             pipeline: Some(Arc::clone(&pipeline)),
             manager: Arc::clone(&manager),
             default_currency: config.default_currency,
+            auth: options.auth.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
-            axum::serve(listener, http::router(state)).await.unwrap();
+            axum::serve(
+                listener,
+                http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            .unwrap();
         });
         TestApp {
             url,
@@ -203,6 +213,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             flaky,
             tasks: std::sync::Mutex::new(tasks),
+            auth: options.auth,
             _dir: dir,
         }
     }
@@ -249,10 +260,13 @@ impl TestApp {
         assert_eq!(status, 201, "{body}");
     }
 
+    /// Straight from the shards, whatever the API's auth.
     pub async fn balance_minor(&self, id: &str) -> i64 {
-        let (status, body) = self.get(&format!("/v1/accounts/{id}")).await;
-        assert_eq!(status, 200, "{body}");
-        body["balance_minor"].as_i64().unwrap()
+        let id = AccountId::parse(id).unwrap();
+        let account = self.manager.account(&id).await.unwrap();
+        account
+            .unwrap_or_else(|| panic!("account {id} does not exist"))
+            .balance_minor
     }
 
     pub async fn audit(&self) -> Value {
@@ -510,4 +524,101 @@ impl ShardStore for Flaky {
 
 pub fn inr() -> Currency {
     Currency::parse("INR").unwrap()
+}
+
+/// The Redis the Redis tests use: `SHARDPAY_TEST_REDIS_URL`, such as
+/// `redis://127.0.0.1:6379` (`scripts/redis.sh up` starts one). Unset, the
+/// Redis tests say so and pass, unless `SHARDPAY_REQUIRE_REDIS=1` (as CI
+/// sets) makes that a failure.
+pub fn redis_server() -> Option<String> {
+    match std::env::var("SHARDPAY_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("SHARDPAY_REQUIRE_REDIS").as_deref() != Ok("1"),
+                "SHARDPAY_REQUIRE_REDIS=1 but SHARDPAY_TEST_REDIS_URL is not set; run scripts/redis.sh up"
+            );
+            eprintln!("Redis test skipped: set SHARDPAY_TEST_REDIS_URL (scripts/redis.sh up)");
+            None
+        }
+    }
+}
+
+pub const TEST_SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+
+/// An auth service for tests: cheap password hashes, the test secret, an
+/// admin whose password is `admin-password`, stores on Redis (keys under a
+/// fresh prefix) or in memory.
+pub async fn auth_service(
+    redis: Option<&str>,
+    adjust: impl FnOnce(&mut shardpay_reference::auth::AuthConfig),
+) -> Arc<shardpay_reference::auth::AuthService> {
+    use shardpay_reference::auth::{AuthConfig, AuthService, Stores};
+    let mut config = AuthConfig::new(TEST_SECRET);
+    config.argon2_memory_kib = 64;
+    config.argon2_iterations = 1;
+    config.admin_password = Some("admin-password".into());
+    adjust(&mut config);
+    let stores = match redis {
+        Some(url) => {
+            let prefix = format!("t{}:", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            Stores::redis(url, &prefix).await.unwrap()
+        }
+        None => Stores::memory(),
+    };
+    let service = AuthService::open(config, None, stores).unwrap();
+    service.bootstrap_admin().await.unwrap();
+    Arc::new(service)
+}
+
+impl TestApp {
+    /// Sends with `Authorization: Bearer <token>` (no header when `None`).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (
+            status,
+            response.json().await.unwrap_or(Value::Null),
+            headers,
+        )
+    }
+
+    /// Registers (when `register`) and logs in; answers the token reply.
+    pub async fn login(&self, username: &str, password: &str, register: bool) -> Value {
+        if register {
+            let (status, answer, _) = self
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/auth/register",
+                    None,
+                    Some(serde_json::json!({"username": username, "password": password})),
+                )
+                .await;
+            assert_eq!(status, 201, "{answer}");
+        }
+        let (status, answer, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(serde_json::json!({"username": username, "password": password})),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
 }

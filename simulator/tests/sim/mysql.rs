@@ -58,6 +58,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
             cross_shard,
             fraud: true,
             bus: Default::default(),
+            redis: None,
         },
         reports_dir: reports.path().to_path_buf(),
         progress: false,

@@ -18,6 +18,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
             cross_shard: CrossShard::Saga,
             fraud: true,
             bus: Default::default(),
+            redis: None,
         },
         reports_dir: reports.to_path_buf(),
         progress: false,
@@ -49,7 +50,14 @@ async fn a_closed_run_by_count_passes_and_writes_three_reports() {
     assert_eq!(by_kind, c.requests);
     let by_shard: u64 = r.latency.shards.values().map(|h| h.count).sum();
     assert_eq!(by_shard, c.requests);
-    assert_eq!(c.requests, c.accepted + c.replayed + c.declined + c.errors);
+    assert_eq!(
+        c.requests,
+        c.accepted + c.replayed + c.declined + c.errors + c.rate_limited
+    );
+    // Auth is on: every transfer carried its payer's owner's token, and
+    // none was refused for it.
+    assert!(r.run.auth.starts_with("on: "), "{}", r.run.auth);
+    assert_eq!((c.unauthorized, c.rate_limited), (0, 0));
     for kind in Kind::ALL {
         assert!(
             r.latency.kinds.contains_key(kind.as_str()),

@@ -1,0 +1,619 @@
+//! The auth service: users with argon2 password hashes, logins that open a
+//! session, short-lived JWT access tokens bound to their session, refresh
+//! tokens that work once (rotated), logout that revokes the session, login
+//! rate limits, and who owns which account.
+//!
+//! Roles: `user` may debit only accounts it owns and read only its own;
+//! `admin` sets the system up (users, accounts with opening balances,
+//! audit, dead letters) but cannot debit anyone's account; `service` is for
+//! service-to-service calls: fraud scoring and reads.
+//!
+//! Users and account owners live in a SQLite file next to the shards (or in
+//! memory); sessions, rate-limit windows and idempotency locks live behind
+//! the traits of [`stores`], on Redis or in memory.
+
+pub mod redis;
+pub mod stores;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use stores::{IdempotencyLocks, MemoryStores, RateLimiter, Session, SessionStore, StoreDown};
+
+/// The secret `--dev` uses. The server refuses to start with it otherwise.
+pub const DEV_SECRET: &str = "shardpay-dev-secret-do-not-use-in-production";
+pub const AUDIENCE: &str = "shardpay";
+pub const ISSUER: &str = "shardpay-auth";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Admin,
+    Service,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+            Role::Service => "service",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "user" => Some(Role::User),
+            "admin" => Some(Role::Admin),
+            "service" => Some(Role::Service),
+            _ => None,
+        }
+    }
+}
+
+/// A fixed-window limit: at most `max` requests per `window` (0: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max: u64,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// HMAC key of the access tokens (HS256).
+    pub secret: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// Argon2id cost: memory in KiB and passes. The defaults are OWASP's
+    /// (19 MiB, 2 passes); a load test that logs in thousands of users may
+    /// lower them.
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub login_per_user: Limit,
+    pub login_per_address: Limit,
+    pub transfers_per_payer: Limit,
+    /// How long an idempotency lock holds if its holder dies.
+    pub idempotency_lock_ttl: Duration,
+    /// Creates (or resets) the user `admin` with this password at start.
+    pub admin_password: Option<String>,
+}
+
+impl AuthConfig {
+    pub fn new(secret: impl Into<String>) -> AuthConfig {
+        AuthConfig {
+            secret: secret.into(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(7 * 24 * 3600),
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            login_per_user: Limit {
+                max: 5,
+                window: Duration::from_secs(60),
+            },
+            login_per_address: Limit {
+                max: 20,
+                window: Duration::from_secs(60),
+            },
+            transfers_per_payer: Limit {
+                max: 0,
+                window: Duration::from_secs(1),
+            },
+            idempotency_lock_ttl: Duration::from_secs(10),
+            admin_password: None,
+        }
+    }
+
+    /// Refuses a missing, short or built-in secret unless `dev` allows the
+    /// built-in one.
+    pub fn check(&self, dev: bool) -> anyhow::Result<()> {
+        if self.secret == DEV_SECRET {
+            anyhow::ensure!(
+                dev,
+                "the JWT secret is the built-in development one; set SHARDPAY_JWT_SECRET (32+ characters), or pass --dev on a machine of your own"
+            );
+        } else {
+            anyhow::ensure!(
+                self.secret.len() >= 32,
+                "the JWT secret must be at least 32 characters; set SHARDPAY_JWT_SECRET (for example: openssl rand -hex 32)"
+            );
+        }
+        anyhow::ensure!(
+            self.argon2_memory_kib >= 8 && self.argon2_iterations >= 1,
+            "argon2 cost too low: memory at least 8 KiB, at least 1 pass"
+        );
+        Ok(())
+    }
+}
+
+/// Who is calling, from a valid access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub username: String,
+    pub role: Role,
+    pub session: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: Role,
+    pub sid: String,
+    pub aud: String,
+    pub iss: String,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Tokens {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub username: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Invalid(&'static str, String),
+    #[error("username or password is wrong")]
+    BadCredentials,
+    #[error("{0}")]
+    Unauthorized(&'static str, String),
+    #[error("{0}")]
+    Forbidden(&'static str, String),
+    #[error("username {0} is taken")]
+    Taken(String),
+    #[error("too many requests; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    #[error("the session store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreDown> for AuthError {
+    fn from(e: StoreDown) -> AuthError {
+        AuthError::Unavailable(e.0)
+    }
+}
+
+impl From<rusqlite::Error> for AuthError {
+    fn from(e: rusqlite::Error) -> AuthError {
+        AuthError::Internal(format!("user store: {e}"))
+    }
+}
+
+/// The Redis-or-memory half of the auth state.
+#[derive(Clone)]
+pub struct Stores {
+    pub sessions: Arc<dyn SessionStore>,
+    pub limits: Arc<dyn RateLimiter>,
+    pub locks: Arc<dyn IdempotencyLocks>,
+}
+
+impl Stores {
+    pub fn memory() -> Stores {
+        let m = Arc::new(MemoryStores::default());
+        Stores {
+            sessions: m.clone(),
+            limits: m.clone(),
+            locks: m,
+        }
+    }
+
+    pub async fn redis(url: &str, prefix: &str) -> anyhow::Result<Stores> {
+        let r = Arc::new(redis::RedisStores::connect(url, prefix).await?);
+        Ok(Stores {
+            sessions: r.clone(),
+            limits: r.clone(),
+            locks: r,
+        })
+    }
+}
+
+pub struct AuthService {
+    config: AuthConfig,
+    db: Mutex<rusqlite::Connection>,
+    /// Account owners seen so far (an owner never changes).
+    owners: Mutex<HashMap<String, Option<String>>>,
+    pub stores: Stores,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    argon2: Argon2<'static>,
+    /// Verified against when the user does not exist, so that a missing
+    /// user costs the same time as a wrong password.
+    dummy_hash: String,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn sha256_hex(text: &str) -> String {
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+impl AuthService {
+    /// Opens the user store (`path`, or in memory when `None`).
+    pub fn open(
+        config: AuthConfig,
+        path: Option<&Path>,
+        stores: Stores,
+    ) -> anyhow::Result<AuthService> {
+        let db = match path {
+            Some(p) => rusqlite::Connection::open(p)?,
+            None => rusqlite::Connection::open_in_memory()?,
+        };
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS users (
+                 username TEXT PRIMARY KEY,
+                 password_hash TEXT NOT NULL,
+                 role TEXT NOT NULL,
+                 created_at_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS account_owners (
+                 account TEXT PRIMARY KEY,
+                 owner TEXT NOT NULL REFERENCES users(username)
+             );",
+        )?;
+        let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
+            .map_err(|e| anyhow::anyhow!("argon2 cost: {e}"))?;
+        let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_issuer(&[ISSUER]);
+        validation.leeway = 0;
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+            .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        let dummy_hash = argon2
+            .hash_password(random_hex(16).as_bytes(), &salt)
+            .map_err(|e| anyhow::anyhow!("argon2: {e}"))?
+            .to_string();
+        let service = AuthService {
+            dummy_hash,
+            encoding: EncodingKey::from_secret(config.secret.as_bytes()),
+            decoding: DecodingKey::from_secret(config.secret.as_bytes()),
+            validation,
+            argon2,
+            db: Mutex::new(db),
+            owners: Mutex::new(HashMap::new()),
+            stores,
+            config,
+        };
+        Ok(service)
+    }
+
+    /// Creates or resets the `admin` user when the config names a password.
+    pub async fn bootstrap_admin(&self) -> anyhow::Result<()> {
+        if let Some(password) = self.config.admin_password.clone() {
+            let hash = self.hash(&password).await?;
+            self.db.lock().expect("auth db").execute(
+                "INSERT INTO users (username, password_hash, role, created_at_ms) VALUES ('admin', ?1, 'admin', ?2)
+                 ON CONFLICT(username) DO UPDATE SET password_hash = excluded.password_hash, role = 'admin'",
+                rusqlite::params![hash, crate::ledger::now_ms()],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    async fn hash(&self, password: &str) -> Result<String, AuthError> {
+        let argon2 = self.argon2.clone();
+        let password = password.to_string();
+        tokio::task::spawn_blocking(move || {
+            let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+                .map_err(|e| AuthError::Internal(e.to_string()))?;
+            argon2
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| AuthError::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))?
+    }
+
+    /// Registers a user. Only an admin may create another admin or a
+    /// service user (the caller checks who is asking).
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        role: Role,
+    ) -> Result<(), AuthError> {
+        let valid_name = (3..=64).contains(&username.len())
+            && username
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid_name {
+            return Err(AuthError::Invalid(
+                "invalid_username",
+                "username: 3 to 64 characters of letters, digits, '_', '.', '-'".into(),
+            ));
+        }
+        if password.len() < 8 || password.len() > 256 {
+            return Err(AuthError::Invalid(
+                "weak_password",
+                "password: 8 to 256 characters".into(),
+            ));
+        }
+        let hash = self.hash(password).await?;
+        let inserted = self.db.lock().expect("auth db").execute(
+            "INSERT INTO users (username, password_hash, role, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(username) DO NOTHING",
+            rusqlite::params![username, hash, role.as_str(), crate::ledger::now_ms()],
+        )?;
+        if inserted == 0 {
+            return Err(AuthError::Taken(username.into()));
+        }
+        Ok(())
+    }
+
+    /// Counts one request against a limit; over it: `RateLimited`.
+    pub async fn limit(
+        &self,
+        what: &'static str,
+        key: &str,
+        limit: Limit,
+    ) -> Result<(), AuthError> {
+        if limit.max == 0 {
+            return Ok(());
+        }
+        let hit = self
+            .stores
+            .limits
+            .hit(&format!("{what}:{key}"), limit.window)
+            .await?;
+        if hit.count > limit.max {
+            return Err(AuthError::RateLimited {
+                what,
+                retry_after: hit.reset_in,
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        address: &str,
+    ) -> Result<Tokens, AuthError> {
+        self.limit("login-user", username, self.config.login_per_user)
+            .await?;
+        self.limit("login-address", address, self.config.login_per_address)
+            .await?;
+        let row: Option<(String, String)> = {
+            let db = self.db.lock().expect("auth db");
+            let mut stmt =
+                db.prepare_cached("SELECT password_hash, role FROM users WHERE username = ?1")?;
+            let mut rows = stmt.query([username])?;
+            match rows.next()? {
+                Some(r) => Some((r.get(0)?, r.get(1)?)),
+                None => None,
+            }
+        };
+        let argon2 = self.argon2.clone();
+        let password = password.to_string();
+        // A missing user costs the same hash as a wrong password.
+        let (hash, role) = row.unwrap_or_else(|| (self.dummy_hash.clone(), String::new()));
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let role = Role::parse(&role);
+        match (ok, role) {
+            (true, Some(role)) => self.open_session(username, role).await,
+            _ => Err(AuthError::BadCredentials),
+        }
+    }
+
+    async fn open_session(&self, username: &str, role: Role) -> Result<Tokens, AuthError> {
+        let sid = random_hex(16);
+        let secret = random_hex(32);
+        let session = Session {
+            username: username.into(),
+            role: role.as_str().into(),
+            refresh_hash: sha256_hex(&secret),
+        };
+        self.stores
+            .sessions
+            .put(&sid, &session, self.config.refresh_ttl)
+            .await?;
+        self.tokens(username, role, &sid, &secret)
+    }
+
+    fn tokens(
+        &self,
+        username: &str,
+        role: Role,
+        sid: &str,
+        secret: &str,
+    ) -> Result<Tokens, AuthError> {
+        let now = now_s();
+        let claims = Claims {
+            sub: username.into(),
+            role,
+            sid: sid.into(),
+            aud: AUDIENCE.into(),
+            iss: ISSUER.into(),
+            iat: now,
+            exp: now + self.config.access_ttl.as_secs(),
+        };
+        let access_token = jsonwebtoken::encode(&Header::default(), &claims, &self.encoding)
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(Tokens {
+            access_token,
+            token_type: "Bearer",
+            expires_in: self.config.access_ttl.as_secs(),
+            refresh_token: format!("{sid}.{secret}"),
+            username: username.into(),
+            role,
+        })
+    }
+
+    /// Trades a refresh token for new tokens; the old refresh token stops
+    /// working.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
+        let invalid = || {
+            AuthError::Unauthorized(
+                "invalid_refresh_token",
+                "the refresh token is not valid (used, revoked or expired); log in again".into(),
+            )
+        };
+        let (sid, secret) = refresh_token.split_once('.').ok_or_else(invalid)?;
+        let session = self.stores.sessions.get(sid).await?.ok_or_else(invalid)?;
+        let new_secret = random_hex(32);
+        let rotated = self
+            .stores
+            .sessions
+            .rotate(
+                sid,
+                &sha256_hex(secret),
+                &sha256_hex(&new_secret),
+                self.config.refresh_ttl,
+            )
+            .await?;
+        if !rotated {
+            return Err(invalid());
+        }
+        let role = Role::parse(&session.role).ok_or_else(invalid)?;
+        self.tokens(&session.username, role, sid, &new_secret)
+    }
+
+    pub async fn logout(&self, principal: &Principal) -> Result<(), AuthError> {
+        Ok(self.stores.sessions.revoke(&principal.session).await?)
+    }
+
+    /// Checks an access token: signature, audience, issuer, expiry, and
+    /// that its session was not revoked.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Unauthorized(
+                    "token_expired",
+                    "the access token expired; refresh it (POST /v1/auth/refresh) or log in again"
+                        .into(),
+                ),
+                _ => AuthError::Unauthorized(
+                    "invalid_token",
+                    format!("the access token is not valid: {e}"),
+                ),
+            })?;
+        let claims = data.claims;
+        let session = self.stores.sessions.get(&claims.sid).await?;
+        match session {
+            Some(s) if s.username == claims.sub => Ok(Principal {
+                username: claims.sub,
+                role: claims.role,
+                session: claims.sid,
+            }),
+            _ => Err(AuthError::Unauthorized(
+                "session_revoked",
+                "this session was logged out or expired; log in again".into(),
+            )),
+        }
+    }
+
+    /// Records owners of accounts that have none yet, in one transaction;
+    /// answers, per (account, owner) pair, whether that owner owns the
+    /// account now. Every owner must be a registered user.
+    pub fn claim(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut db = self.db.lock().expect("auth db");
+        let tx = db.transaction()?;
+        let mut owned = Vec::with_capacity(pairs.len());
+        {
+            let mut user = tx.prepare_cached("SELECT 1 FROM users WHERE username = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO account_owners (account, owner) VALUES (?1, ?2) ON CONFLICT(account) DO NOTHING",
+            )?;
+            let mut select =
+                tx.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
+            let mut known = std::collections::HashSet::new();
+            for (account, owner) in pairs {
+                if !known.contains(owner) {
+                    if !user.exists([owner])? {
+                        return Err(AuthError::Invalid(
+                            "unknown_owner",
+                            format!("no user named {owner}; register it first"),
+                        ));
+                    }
+                    known.insert(*owner);
+                }
+                insert.execute([account, owner])?;
+                let current: String = select.query_row([account], |r| r.get(0))?;
+                owned.push(current == *owner);
+            }
+        }
+        tx.commit()?;
+        let mut cache = self.owners.lock().expect("owners lock");
+        for ((account, owner), mine) in pairs.iter().zip(&owned) {
+            if *mine {
+                cache.insert(account.to_string(), Some(owner.to_string()));
+            }
+        }
+        Ok(owned)
+    }
+
+    /// The owner of an account, if it has one.
+    pub fn owner_of(&self, account: &str) -> Result<Option<String>, AuthError> {
+        if let Some(Some(owner)) = self.owners.lock().expect("owners lock").get(account) {
+            return Ok(Some(owner.clone()));
+        }
+        let owner: Option<String> = {
+            let db = self.db.lock().expect("auth db");
+            let mut stmt =
+                db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
+            let mut rows = stmt.query([account])?;
+            match rows.next()? {
+                Some(r) => Some(r.get(0)?),
+                None => None,
+            }
+        };
+        if owner.is_some() {
+            self.owners
+                .lock()
+                .expect("owners lock")
+                .insert(account.into(), owner.clone());
+        }
+        Ok(owner)
+    }
+}

@@ -1,0 +1,274 @@
+//! The auth routes (`/v1/auth/...`) and who may do what.
+//!
+//! A handler that moves money or reads an account takes a [`Caller`]: the
+//! principal of a valid bearer token, or `Demo` when the server runs in
+//! demo mode (no auth, loopback only). Then it asks the caller's leave:
+//! [`Caller::may_debit`], [`Caller::may_read`], [`Caller::require`].
+
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{ApiError, ApiJson, AppState};
+use crate::auth::{AuthError, Principal, Role};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/auth/register", post(register))
+        .route("/v1/auth/login", post(login))
+        .route("/v1/auth/refresh", post(refresh))
+        .route("/v1/auth/logout", post(logout))
+        .route("/v1/auth/me", get(me))
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            AuthError::Invalid(code, _) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            AuthError::BadCredentials => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", message)
+            }
+            AuthError::Unauthorized(code, _) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+            }
+            AuthError::Forbidden(code, _) => ApiError::new(StatusCode::FORBIDDEN, code, message),
+            AuthError::Taken(_) => ApiError::new(StatusCode::CONFLICT, "username_taken", message),
+            AuthError::RateLimited { retry_after, .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+                    .retry_after(retry_after.as_millis().div_ceil(1000) as u64)
+            }
+            AuthError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_store_unavailable",
+                "the session store (Redis) is unavailable; nothing was changed, retry shortly",
+            )
+            .retry_after(1),
+            AuthError::Internal(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+        }
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Demo mode: no auth (the server listens on loopback only).
+    Demo,
+    Token(Principal),
+}
+
+fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, code, message)
+}
+
+impl Caller {
+    pub fn principal(&self) -> Option<&Principal> {
+        match self {
+            Caller::Demo => None,
+            Caller::Token(p) => Some(p),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Demo => true,
+            Caller::Token(p) => p.role == Role::Admin,
+        }
+    }
+
+    /// One of `roles` (demo mode: anyone).
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        match self {
+            Caller::Demo => Ok(()),
+            Caller::Token(p) if roles.contains(&p.role) => Ok(()),
+            Caller::Token(p) => Err(forbidden(
+                "forbidden",
+                format!(
+                    "a {} token may not do this; it needs the role {}",
+                    p.role.as_str(),
+                    roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            )),
+        }
+    }
+
+    /// Only the owner of an account may debit it: not an admin, not a
+    /// service.
+    pub fn may_debit(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
+        let Caller::Token(p) = self else {
+            return Ok(());
+        };
+        let auth = state.auth.as_ref().expect("a token implies auth");
+        if p.role == Role::User && auth.owner_of(account)?.as_deref() == Some(p.username.as_str()) {
+            return Ok(());
+        }
+        Err(forbidden(
+            "not_account_owner",
+            format!("only the owner of account {account} may pay from it"),
+        ))
+    }
+
+    /// Admins and services read any account; a user reads its own.
+    pub fn may_read(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
+        let Caller::Token(p) = self else {
+            return Ok(());
+        };
+        if matches!(p.role, Role::Admin | Role::Service) {
+            return Ok(());
+        }
+        let auth = state.auth.as_ref().expect("a token implies auth");
+        if auth.owner_of(account)?.as_deref() == Some(p.username.as_str()) {
+            return Ok(());
+        }
+        Err(forbidden(
+            "not_account_owner",
+            format!("account {account} is not yours"),
+        ))
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Caller::from_headers(&parts.headers, state).await
+    }
+}
+
+impl Caller {
+    async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Caller, ApiError> {
+        let Some(auth) = &state.auth else {
+            return Ok(Caller::Demo);
+        };
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let token = match header.and_then(|h| h.strip_prefix("Bearer ")) {
+            Some(token) => token.trim(),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_token",
+                    "send Authorization: Bearer <access token> (POST /v1/auth/login gives one)",
+                ))
+            }
+        };
+        Ok(Caller::Token(auth.authenticate(token).await?))
+    }
+}
+
+fn auth_of(state: &AppState) -> Result<&std::sync::Arc<crate::auth::AuthService>, ApiError> {
+    state.auth.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "auth_disabled",
+            "this server runs in demo mode without auth",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Register {
+    username: String,
+    password: String,
+    role: Option<Role>,
+}
+
+/// Anyone may register a user; only an admin may create an admin or a
+/// service user.
+async fn register(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Register>,
+) -> Result<Response, ApiError> {
+    let auth = auth_of(&state)?;
+    let role = body.role.unwrap_or(Role::User);
+    if role != Role::User {
+        Caller::from_headers(&headers, &state)
+            .await?
+            .require(&[Role::Admin])?;
+    }
+    auth.register(&body.username, &body.password, role).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "username": body.username, "role": role })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+/// The client's address, when the server knows it.
+pub struct Peer(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<std::net::SocketAddr>>()
+                .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string()),
+        ))
+    }
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    ApiJson(body): ApiJson<Login>,
+) -> Result<Response, ApiError> {
+    let auth = auth_of(&state)?;
+    let tokens = auth.login(&body.username, &body.password, &peer).await?;
+    Ok(Json(tokens).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refresh {
+    refresh_token: String,
+}
+
+async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Refresh>,
+) -> Result<Response, ApiError> {
+    let auth = auth_of(&state)?;
+    Ok(Json(auth.refresh(&body.refresh_token).await?).into_response())
+}
+
+async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    let auth = auth_of(&state)?;
+    if let Caller::Token(p) = &caller {
+        auth.logout(p).await?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn me(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    auth_of(&state)?;
+    let p = caller.principal().expect("auth is on");
+    Ok(Json(serde_json::json!({ "username": p.username, "role": p.role })).into_response())
+}
