@@ -25,11 +25,28 @@ use shardpay_reference::money::Currency;
     version,
     about = "Load-testing and simulation harness for sharded payment systems",
     long_about = "Load-testing and simulation harness for sharded payment systems, with a \
-reference payment system to drive.\n\nQuick start:\n  shardpay run scenarios/mixed.toml     # drive the in-process reference system, audit, report\n  shardpay run scenarios/smoke.toml --target http://127.0.0.1:8006\n  shardpay sweep scenarios/cross-shard.toml --shards 1,2,4\n  shardpay compare reports/A reports/B\n  shardpay serve            # the reference system on http://127.0.0.1:8006, 4 shards in ./data\n  shardpay audit            # prove no money was created, lost or paid twice"
+reference payment system to drive.\n\nQuick start:\n  shardpay run scenarios/mixed.toml     # drive the in-process reference system, audit, report\n  shardpay run scenarios/smoke.toml --target http://127.0.0.1:8006\n  shardpay sweep scenarios/cross-shard.toml --shards 1,2,4\n  shardpay compare reports/A reports/B\n  shardpay serve --demo     # the reference system on http://127.0.0.1:8006, 4 shards in ./data, no auth\n  shardpay audit            # prove no money was created, lost or paid twice"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text for people (pretty) or one JSON object per line
+    /// for log collectors (json). Each request's lines carry its
+    /// request_id (the x-request-id header, echoed back).
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDPAY_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -331,13 +348,15 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Pretty => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let passed = |result: anyhow::Result<bool>| -> anyhow::Result<()> {
         // 1: the run finished but failed a threshold; errors exit 2.

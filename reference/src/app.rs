@@ -217,6 +217,7 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
             manager,
             default_currency: config.default_currency,
             auth,
+            metrics: Default::default(),
         },
         listener,
         recovery_interval: config.recovery_interval,

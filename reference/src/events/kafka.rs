@@ -149,6 +149,23 @@ impl EventBus for KafkaBus {
         Ok(())
     }
 
+    async fn ready(&self) -> anyhow::Result<()> {
+        let probe = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await?
+        .with_context(|| {
+            format!(
+                "the Kafka broker at {} does not answer",
+                self.config.bootstrap
+            )
+        })
+    }
+
     async fn subscribe(&self, topic: &str, group: &str) -> anyhow::Result<Box<dyn Subscription>> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.bootstrap)

@@ -106,6 +106,10 @@ pub trait EventBus: Send + Sync {
     /// Reads `topic` as a member of `group`, from the group's committed
     /// position.
     async fn subscribe(&self, topic: &str, group: &str) -> anyhow::Result<Box<dyn Subscription>>;
+    /// Whether the bus answers (for readiness checks).
+    async fn ready(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait]

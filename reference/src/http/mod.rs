@@ -5,6 +5,7 @@
 pub mod auth;
 mod error;
 mod legacy;
+pub mod ops;
 mod v1;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub default_currency: Currency,
     /// Authentication and authorization; `None` is demo mode (no auth).
     pub auth: Option<Arc<crate::auth::AuthService>>,
+    /// Request counts and latencies for `/metrics`.
+    pub metrics: Arc<ops::Metrics>,
 }
 
 /// The router of the shard-manager API, for serving or for `oneshot` tests.
@@ -48,6 +51,11 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::routes())
         .merge(v1::routes())
         .merge(legacy::routes())
+        .merge(ops::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::observe,
+        ))
         .fallback(|| async {
             ApiError::not_found(
                 "route_not_found",

@@ -10,6 +10,7 @@ mod fraud;
 mod idempotency;
 mod kafka;
 mod notification;
+mod ops;
 mod storage;
 mod support;
 mod validation;

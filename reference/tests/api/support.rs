@@ -195,6 +195,7 @@ impl TestApp {
             manager: Arc::clone(&manager),
             default_currency: config.default_currency,
             auth: options.auth.clone(),
+            metrics: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -323,6 +324,7 @@ where
 pub struct Flaky {
     inner: Arc<dyn ShardStore>,
     writes_down: AtomicBool,
+    reads_down: AtomicBool,
     gate: tokio::sync::Semaphore,
     gated: AtomicBool,
     waiting: std::sync::atomic::AtomicUsize,
@@ -333,6 +335,7 @@ impl Flaky {
         Arc::new(Flaky {
             inner,
             writes_down: AtomicBool::new(false),
+            reads_down: AtomicBool::new(false),
             gate: tokio::sync::Semaphore::new(0),
             gated: AtomicBool::new(false),
             waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -340,6 +343,12 @@ impl Flaky {
     }
 
     /// Refuses writes only: the shard answered a read, then went away.
+    /// Reads and writes both fail, as with a shard server that is gone.
+    pub fn set_down(&self, down: bool) {
+        self.reads_down.store(down, Ordering::SeqCst);
+        self.writes_down.store(down, Ordering::SeqCst);
+    }
+
     pub fn set_writes_down(&self, down: bool) {
         self.writes_down.store(down, Ordering::SeqCst);
     }
@@ -360,7 +369,9 @@ impl Flaky {
     }
 
     async fn check(&self, write: bool) -> Result<(), StoreError> {
-        if write && self.writes_down.load(Ordering::SeqCst) {
+        if (write && self.writes_down.load(Ordering::SeqCst))
+            || self.reads_down.load(Ordering::SeqCst)
+        {
             return Err(StoreError::Unavailable {
                 shard: self.inner.shard(),
                 reason: "taken down by the test".into(),

@@ -1,0 +1,288 @@
+//! The operational surface: a request id on every request (taken from
+//! `x-request-id` or made up, echoed back and put on the request's log
+//! span), per-route request counts and latency histograms, `/metrics` in
+//! the Prometheus text format, and `/ready`, which answers 503 while a
+//! dependency (a shard, the session store, the event bus) is unreachable.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tracing::Instrument;
+
+use super::AppState;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Upper bounds of the latency buckets, seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+struct RouteStats {
+    /// Requests per status code.
+    by_status: BTreeMap<u16, u64>,
+    /// Cumulative counts per bucket, and the +Inf bucket last.
+    buckets: [u64; BUCKETS.len() + 1],
+    sum_s: f64,
+    count: u64,
+}
+
+/// Request counts and latencies per (method, route).
+#[derive(Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<(String, String), RouteStats>>,
+}
+
+impl Metrics {
+    fn observe(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let mut routes = self.routes.lock().expect("metrics lock");
+        let s = routes
+            .entry((method.to_string(), route.to_string()))
+            .or_default();
+        *s.by_status.entry(status).or_default() += 1;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                s.buckets[i] += 1;
+            }
+        }
+        s.buckets[BUCKETS.len()] += 1;
+        s.sum_s += seconds;
+        s.count += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        let routes = self.routes.lock().expect("metrics lock");
+        let _ = writeln!(
+            out,
+            "# HELP shardpay_http_requests_total HTTP requests answered, by route and status."
+        );
+        let _ = writeln!(out, "# TYPE shardpay_http_requests_total counter");
+        for ((method, route), s) in routes.iter() {
+            for (status, n) in &s.by_status {
+                let _ = writeln!(
+                    out,
+                    "shardpay_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP shardpay_http_request_duration_seconds Time to answer, by route."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE shardpay_http_request_duration_seconds histogram"
+        );
+        for ((method, route), s) in routes.iter() {
+            let labels = format!("method=\"{method}\",route=\"{route}\"");
+            for (bound, n) in BUCKETS.iter().zip(s.buckets.iter()) {
+                let _ = writeln!(
+                    out,
+                    "shardpay_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "shardpay_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                s.buckets[BUCKETS.len()]
+            );
+            let _ = writeln!(
+                out,
+                "shardpay_http_request_duration_seconds_sum{{{labels}}} {}",
+                s.sum_s
+            );
+            let _ = writeln!(
+                out,
+                "shardpay_http_request_duration_seconds_count{{{labels}}} {}",
+                s.count
+            );
+        }
+    }
+}
+
+/// Middleware on every route: request id, log span, metrics.
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_string());
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        request.headers_mut().insert(REQUEST_ID, value);
+    }
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let span = tracing::info_span!("request", request_id = %id, %method, %route);
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    span.in_scope(|| tracing::debug!(status, ms = seconds * 1e3, "answered"));
+    state.metrics.observe(&method, &route, status, seconds);
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut out = String::new();
+    state.metrics.render(&mut out);
+    let shards = super::v1::shard_bodies(&state).await;
+    let (mut pending, mut completed, mut failed) = (0u64, 0u64, 0u64);
+    for s in &shards {
+        pending += s.transfers.pending;
+        completed += s.transfers.completed;
+        failed += s.transfers.failed;
+    }
+    gauge(
+        &mut out,
+        "shardpay_transfers",
+        "Transfers on all shards, by state.",
+        &[
+            ("state=\"pending\"".into(), pending as f64),
+            ("state=\"completed\"".into(), completed as f64),
+            ("state=\"failed\"".into(), failed as f64),
+        ],
+    );
+    gauge(
+        &mut out,
+        "shardpay_shard_healthy",
+        "1 when the shard answers.",
+        &shards
+            .iter()
+            .map(|s| {
+                (
+                    format!("shard=\"{}\"", s.shard),
+                    if s.healthy { 1.0 } else { 0.0 },
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    if let Some(pipeline) = &state.pipeline {
+        if let Ok(report) = pipeline.report(state.manager.shards()).await {
+            gauge(
+                &mut out,
+                "shardpay_outbox_backlog",
+                "Outbox rows not yet published.",
+                &[(String::new(), report.outbox_backlog as f64)],
+            );
+            gauge(
+                &mut out,
+                "shardpay_outbox_rows",
+                "Outbox rows on all shards.",
+                &[(String::new(), report.outbox_rows as f64)],
+            );
+            gauge(
+                &mut out,
+                "shardpay_consumer_unapplied",
+                "Outbox events a consumer group has not applied yet (its lag, in events).",
+                &report
+                    .unapplied
+                    .iter()
+                    .map(|(g, n)| (format!("group=\"{g}\""), *n as f64))
+                    .collect::<Vec<_>>(),
+            );
+            gauge(
+                &mut out,
+                "shardpay_consumer_lag_seconds",
+                "Commit-to-consume lag of applied events, by group and quantile.",
+                &report
+                    .consumers
+                    .iter()
+                    .filter(|c| c.lag.count > 0)
+                    .flat_map(|c| {
+                        [
+                            (
+                                format!("group=\"{}\",quantile=\"0.5\"", c.group),
+                                c.lag.p50_ms / 1e3,
+                            ),
+                            (
+                                format!("group=\"{}\",quantile=\"0.99\"", c.group),
+                                c.lag.p99_ms / 1e3,
+                            ),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            if let Some(n) = &report.notification {
+                gauge(
+                    &mut out,
+                    "shardpay_dlq_size",
+                    "Webhook deliveries in the dead-letter store.",
+                    &[(String::new(), n.dlq_size as f64)],
+                );
+            }
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// 200 when every dependency answers, else 503 naming those that do not.
+async fn ready(State(state): State<AppState>) -> Response {
+    let mut problems = Vec::new();
+    for s in super::v1::shard_bodies(&state).await {
+        if !s.healthy {
+            problems.push(format!("shard {} ({}) does not answer", s.shard, s.name));
+        }
+    }
+    if let Some(auth) = &state.auth {
+        if let Err(e) = auth.stores.sessions.get("readiness-probe").await {
+            problems.push(format!("session store: {e}"));
+        }
+    }
+    if let Some(pipeline) = &state.pipeline {
+        if let Err(e) = pipeline.bus.ready().await {
+            problems.push(format!("event bus: {e:#}"));
+        }
+    }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({ "ready": problems.is_empty(), "problems": problems })),
+    )
+        .into_response()
+}

@@ -1,0 +1,76 @@
+//! The operational surface: request ids, `/metrics`, `/ready`.
+
+use serde_json::json;
+
+use crate::support::TestApp;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_carry_an_id_and_are_counted_in_metrics() {
+    let app = TestApp::start().await;
+    let (a, b, _) = app.ids_by_shard("ops");
+    app.create(&a, "100.00").await;
+    app.create(&b, "100.00").await;
+    for i in 0..2 {
+        let (status, answer) = app
+            .post(
+                "/v1/transfers",
+                json!({"from": a, "to": b, "amount": "1.00"}),
+                Some(&format!("ops-{i}")),
+            )
+            .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    // An id given is echoed; none given, one is made up.
+    let given = app
+        .client
+        .get(format!("{}/v1/shards", app.url))
+        .header("x-request-id", "trace-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "trace-abc-123");
+    let made = app
+        .client
+        .get(format!("{}/v1/shards", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.headers()["x-request-id"].len(), 16);
+
+    let metrics = app.text(reqwest::Method::GET, "/metrics").await;
+    for line in [
+        "shardpay_http_requests_total{method=\"POST\",route=\"/v1/transfers\",status=\"201\"} 2",
+        "shardpay_http_requests_total{method=\"GET\",route=\"/v1/shards\",status=\"200\"} 2",
+        "shardpay_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/transfers\"} 2",
+        "shardpay_transfers{state=\"completed\"} 2",
+        "shardpay_shard_healthy{shard=\"0\"} 1",
+        "shardpay_dlq_size 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("# TYPE shardpay_http_request_duration_seconds histogram"));
+    assert!(metrics.contains("shardpay_outbox_backlog "));
+    assert!(metrics.contains("shardpay_consumer_unapplied{group=\"analytics\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_answers_503_while_a_shard_is_down() {
+    let app = TestApp::start().await;
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(
+        (status, body["ready"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    app.flaky[1].set_down(true);
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("shard 1"), "{problems}");
+    app.flaky[1].set_down(false);
+    let (status, _) = app.get("/ready").await;
+    assert_eq!(status, 200);
+}
