@@ -1,0 +1,66 @@
+# Writes openapi.json next to this file: the shard manager's API description,
+# served at /openapi.json and /docs. Edit here, run python3 generate.py, commit
+# both; a test checks that every path it lists is routed.
+import json
+E={"$ref":"#/components/schemas/Error"}
+def op(summary, tag, auth=True, body=None, responses=None, params=None, key=False):
+    o={"summary":summary,"tags":[tag]}
+    if not auth: o["security"]=[]
+    ps=[]
+    if key: ps.append({"$ref":"#/components/parameters/IdempotencyKey"})
+    if params: ps+=params
+    if ps: o["parameters"]=ps
+    if body: o["requestBody"]={"required":True,"content":{"application/json":{"schema":body}}}
+    r={}
+    for code,desc in (responses or {"200":"OK"}).items():
+        r[code]={"description":desc}
+        if code[0] in "45": r[code]["content"]={"application/json":{"schema":E}}
+    o["responses"]=r
+    return o
+def path(name): return {"name":name,"in":"path","required":True,"schema":{"type":"string"}}
+obj=lambda props,req=(): {"type":"object","properties":props,"required":list(req),"additionalProperties":False}
+s={"type":"string"}; i={"type":"integer","format":"int64"}; b={"type":"boolean"}
+amount_props={"amount":{"type":"string","description":"decimal text of the major unit, e.g. \"4.50\""},"amount_minor":{"type":"integer","format":"int64","description":"integer minor units, e.g. 450"}}
+account_body=obj({"id":s,"owner":{"type":"string","description":"admins only: the user who may pay from it"},"currency":s,"opening_balance":{"type":"string"},"opening_balance_minor":i},["id"])
+transfer_body=obj({"from":s,"to":s,"currency":s,**amount_props},["from","to"])
+common={"401":"missing, invalid, expired or revoked token","403":"not allowed for this caller","422":"invalid input","429":"rate limited (Retry-After)","503":"a shard or the session store is unavailable"}
+spec={
+ "openapi":"3.0.3",
+ "info":{"title":"shardpay reference payment system","version":"1","description":"The shard manager's API. Money is integer minor units with a currency; amounts go in as decimal text or minor units. Errors are {\"error\":{\"code\",\"message\"}}. With auth on, send Authorization: Bearer <access token> from POST /v1/auth/login."},
+ "servers":[{"url":"http://127.0.0.1:8006"}],
+ "security":[{"bearer":[]}],
+ "components":{
+  "securitySchemes":{"bearer":{"type":"http","scheme":"bearer","bearerFormat":"JWT"}},
+  "parameters":{"IdempotencyKey":{"name":"Idempotency-Key","in":"header","required":False,"schema":{"type":"string","maxLength":255},"description":"Same key and body replays the first answer; same key, other body: 422; while the first runs: 409."}},
+  "schemas":{"Error":obj({"error":obj({"code":s,"message":s},["code","message"])},["error"])}},
+ "paths":{
+  "/v1/auth/register":{"post":op("Register a user (role admin or service: admins only)","auth",auth=False,body=obj({"username":s,"password":s,"role":{"type":"string","enum":["user","admin","service"]}},["username","password"]),responses={"201":"registered","409":"username taken","422":"invalid username or weak password"})},
+  "/v1/auth/login":{"post":op("Log in: access and refresh tokens","auth",auth=False,body=obj({"username":s,"password":s},["username","password"]),responses={"200":"tokens","401":"wrong username or password","429":"too many attempts (Retry-After)"})},
+  "/v1/auth/refresh":{"post":op("Trade a refresh token (works once) for new tokens","auth",auth=False,body=obj({"refresh_token":s},["refresh_token"]),responses={"200":"tokens","401":"refresh token used, revoked or expired"})},
+  "/v1/auth/logout":{"post":op("Revoke this session and its tokens","auth",responses={"204":"logged out","401":"no valid token"})},
+  "/v1/auth/me":{"get":op("Who the token belongs to","auth",responses={"200":"username and role","401":"no valid token"})},
+  "/v1/accounts":{"post":op("Create an account (users: their own, unfunded; admins: any owner and opening balance)","accounts",key=True,body=account_body,responses={"201":"created","409":"account exists",**common}),
+                  "get":op("List accounts, by id (admin, service)","accounts",params=[{"name":"after","in":"query","schema":s},{"name":"limit","in":"query","schema":{"type":"integer","maximum":1000}}],responses={"200":"a page: data, next_after",**common})},
+  "/v1/accounts/bulk":{"post":op("Create up to 500 accounts, each answering for itself (admin)","accounts",body=obj({"accounts":{"type":"array","items":account_body,"maxItems":500}},["accounts"]),responses={"200":"results, one per account",**common})},
+  "/v1/accounts/{id}":{"get":op("One account: balance, shard (its owner, admin, service)","accounts",params=[path("id")],responses={"200":"the account","404":"no such account",**common})},
+  "/v1/transfers":{"post":op("Move money (only the payer's owner)","transfers",key=True,body=transfer_body,responses={"201":"completed","202":"pending: recovery completes it","404":"no such payer or payee",**common,"403":"transfer blocked by fraud checks, or not the payer's owner","409":"same key still running","422":"invalid input, insufficient funds, currency mismatch, or failed (credit refused, debit reversed)"})},
+  "/v1/transfers/lookup":{"post":op("Look up to 1000 transfers by id (admin, service)","transfers",body=obj({"ids":{"type":"array","items":s,"maxItems":1000}},["ids"]),responses={"200":"found and missing",**common})},
+  "/v1/transfers/{id}":{"get":op("One transfer (payer's or payee's owner, admin, service)","transfers",params=[path("id")],responses={"200":"the transfer","404":"no such transfer",**common})},
+  "/v1/shards":{"get":op("Per shard: health, accounts, balances, transfers by state","operations",auth=False)},
+  "/v1/audit":{"get":op("Prove no money was created, lost or paid twice (admin)","operations",responses={"200":"the audit report",**common})},
+  "/v1/fraud/score":{"post":op("Score a transfer: allow, review or block, with reasons (service, admin)","fraud",body=obj({"from":s,"to":s,**amount_props},["from","to"]),responses={"200":"decision, score, reasons",**common})},
+  "/v1/pipeline":{"get":op("The event pipeline: outbox, published, per consumer applied, duplicates, lag","events",auth=False)},
+  "/v1/analytics":{"get":op("Analytics totals per shard and overall, next to the shards' own counts","events",auth=False)},
+  "/dashboard/analytics":{"get":op("The analytics dashboard (HTML, refreshes itself)","events",auth=False)},
+  "/v1/webhooks":{"post":op("Register a signed webhook for an account (its owner, admin); the secret is shown once","notifications",body=obj({"account":s,"url":s},["account","url"]),responses={"201":"the webhook and its secret","404":"no such account",**common})},
+  "/v1/dlq":{"get":op("Dead-lettered webhook deliveries (admin)","notifications",responses={"200":"dead letters",**common})},
+  "/v1/dlq/replay":{"post":op("Deliver dead letters again: ids, or all (admin)","notifications",body=obj({"ids":{"type":"array","items":s},"all":b}),responses={"200":"what was delivered, skipped, failed",**common})},
+  "/ready":{"get":op("Readiness: every shard, the session store and the event bus answer","operations",auth=False,responses={"200":"ready","503":"what does not answer"})},
+  "/metrics":{"get":op("Prometheus metrics (text format)","operations",auth=False)},
+  "/health":{"get":op("Liveness, in the modelled system's shape","operations",auth=False)},
+  "/openapi.json":{"get":op("This document","operations",auth=False)},
+  "/docs":{"get":op("This document as a page","operations",auth=False)},
+ }}
+import os
+json.dump(spec,open(os.path.join(os.path.dirname(os.path.abspath(__file__)),"openapi.json"),"w"),indent=1)
+print(len(spec["paths"]))
