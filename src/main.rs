@@ -2,6 +2,7 @@
 //! systems. This binary runs scenarios against the reference payment system
 //! (or any target), compares runs, serves the reference system and audits it.
 
+mod config;
 mod simulate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shardpay_reference::app::{self, AuthSetup, ServeConfig};
+use shardpay_reference::app::{self, AuthSetup, Peers, ServeConfig, Service};
 use shardpay_reference::auth::{AuthConfig, Limit};
 use shardpay_reference::events::kafka::KafkaConfig;
 use shardpay_reference::events::BusConfig;
@@ -85,8 +86,18 @@ enum Command {
     /// three. Compare its transfers/s with a run's to see how close the
     /// services come to what the databases can do.
     Baseline(simulate::BaselineArgs),
-    /// Serve the reference payment system (shard-manager API) on the
-    /// embedded backend: one SQLite file per shard in --data-dir.
+    /// Serve the reference payment system: all six services in one process
+    /// (the default), or one service of six
+    ///
+    /// `shardpay serve` (or `serve --all`) runs the six services in this
+    /// process on port 8006, on SQLite shard files in --data-dir, with an
+    /// in-process event bus. `shardpay serve <SERVICE>` runs one service as
+    /// its own process, on its own port (auth 8001, ledger 8002, fraud
+    /// 8003, notification 8004, analytics 8005, shard-manager 8006); the
+    /// six then share MySQL shards (--mysql-urls), a Kafka broker (--kafka)
+    /// and, with auth on, Redis (--redis), and call each other at
+    /// --auth-url, --fraud-url, --ledger-url and --notification-url.
+    /// scripts/stack.sh up starts all six on local servers.
     Serve(ServeArgs),
     /// Audit the ledger: entries sum to zero on every shard, all balances
     /// plus money in flight equal the total funded, no negative balance,
@@ -124,9 +135,61 @@ enum DlqCommand {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum ServiceArg {
+    ShardManager,
+    Auth,
+    Ledger,
+    Fraud,
+    Notification,
+    Analytics,
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Directory holding the shard files (created if missing).
+    /// The one service to run (leave out, or give --all, for all six in
+    /// this process).
+    #[arg(value_enum, env = "SHARDPAY_SERVICE", conflicts_with = "all")]
+    service: Option<ServiceArg>,
+    /// All six services in this process (the default).
+    #[arg(long)]
+    all: bool,
+    /// A TOML file of these options: each key is an option's long name
+    /// (`data_dir = "data"`, `mysql_urls = ["mysql://...", ...]`). The
+    /// command line wins over the environment, which wins over the file.
+    /// docs/configuration.md lists every key with its default.
+    #[arg(long, env = "SHARDPAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the auth service answers (split deployment).
+    #[arg(
+        long,
+        env = "SHARDPAY_AUTH_URL",
+        default_value = "http://127.0.0.1:8001"
+    )]
+    auth_url: String,
+    /// Where the ledger service answers (split deployment).
+    #[arg(
+        long,
+        env = "SHARDPAY_LEDGER_URL",
+        default_value = "http://127.0.0.1:8002"
+    )]
+    ledger_url: String,
+    /// Where the fraud service answers (split deployment).
+    #[arg(
+        long,
+        env = "SHARDPAY_FRAUD_URL",
+        default_value = "http://127.0.0.1:8003"
+    )]
+    fraud_url: String,
+    /// Where the notification service answers (split deployment).
+    #[arg(
+        long,
+        env = "SHARDPAY_NOTIFICATION_URL",
+        default_value = "http://127.0.0.1:8004"
+    )]
+    notification_url: String,
+    /// Directory holding the shard files (created if missing), and the
+    /// auth service's user store.
     #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Keep the shards in these MySQL/MariaDB databases instead of SQLite
@@ -155,9 +218,10 @@ struct ServeArgs {
     /// Address to listen on. Use 0.0.0.0 to accept other machines.
     #[arg(long, env = "SHARDPAY_BIND", default_value = "127.0.0.1")]
     bind: IpAddr,
-    /// Port of the shard-manager API (0 picks a free one and prints it).
-    #[arg(long, env = "SHARDPAY_PORT", default_value_t = 8006)]
-    port: u16,
+    /// Port to listen on (0 picks a free one and prints it). Default: the
+    /// service's own (8001-8006; 8006 for all six in one process).
+    #[arg(long, env = "SHARDPAY_PORT")]
+    port: Option<u16>,
     /// Currency of accounts and transfers that name none (ISO code).
     #[arg(long, env = "SHARDPAY_CURRENCY", default_value = "INR")]
     currency: String,
@@ -341,7 +405,12 @@ struct AuditArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = config::load_for_serve(&<Cli as clap::CommandFactory>::command(), &argv) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    let cli = Cli::parse_from(argv);
     // The server logs its work; the simulator's commands keep the terminal
     // for progress and show only warnings (RUST_LOG overrides both).
     let default_filter = match cli.command {
@@ -397,7 +466,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
         );
     }
+    let service = match args.service {
+        None => Service::All,
+        Some(ServiceArg::ShardManager) => Service::ShardManager,
+        Some(ServiceArg::Auth) => Service::Auth,
+        Some(ServiceArg::Ledger) => Service::Ledger,
+        Some(ServiceArg::Fraud) => Service::Fraud,
+        Some(ServiceArg::Notification) => Service::Notification,
+        Some(ServiceArg::Analytics) => Service::Analytics,
+    };
     let config = ServeConfig {
+        service,
+        peers: Peers {
+            auth: args.auth_url.clone(),
+            ledger: args.ledger_url.clone(),
+            fraud: args.fraud_url.clone(),
+            notification: args.notification_url.clone(),
+        },
         data_dir: args.data_dir.clone(),
         shards: args.shards,
         mysql_urls: (!args.mysql_urls.is_empty()).then(|| args.mysql_urls.clone()),
@@ -405,7 +490,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             pool_size: args.mysql_pool_size,
             acquire_timeout: Duration::from_millis(args.mysql_acquire_timeout_ms.max(50)),
         },
-        bind: SocketAddr::new(args.bind, args.port),
+        bind: SocketAddr::new(args.bind, args.port.unwrap_or(service.default_port())),
         sqlite: SqliteConfig {
             durability: match args.durability {
                 DurabilityArg::Full => Durability::Full,
@@ -436,14 +521,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Scripts and tests read this line to find the port.
     println!("shardpay listening on http://{}", app.addr);
     tracing::info!(
+        service = service.name(),
         shards = args.shards,
         data_dir = %args.data_dir.display(),
         cross_shard = CrossShard::from(args.cross_shard).as_str(),
         %bus,
-        "shard manager ready"
+        "ready"
     );
     app.run_until(app::shutdown_signal()).await?;
-    tracing::info!("shard manager stopped");
+    tracing::info!(service = service.name(), "stopped");
     Ok(())
 }
 
@@ -568,4 +654,89 @@ fn print_report(report: &serde_json::Value) {
             "FAILED"
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn serve_command() -> clap::Command {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.find_subcommand("serve").unwrap().clone()
+    }
+
+    /// docs/configuration.md lists every key with its default;
+    /// `SHARDPAY_BLESS=1 cargo test` rewrites the table after a change.
+    #[test]
+    fn the_configuration_doc_lists_every_serve_option() {
+        let table = config::reference(&serve_command());
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let (start, end) = ("<!-- keys:start -->\n", "<!-- keys:end -->");
+        let (head, rest) = doc.split_once(start).expect("the start marker");
+        let (_, tail) = rest.split_once(end).expect("the end marker");
+        let fresh = format!("{head}{start}{table}{end}{tail}");
+        if std::env::var("SHARDPAY_BLESS").as_deref() == Ok("1") {
+            std::fs::write(path, &fresh).unwrap();
+        }
+        assert!(
+            doc == fresh,
+            "docs/configuration.md is out of date; rewrite its table with SHARDPAY_BLESS=1 cargo test --release --workspace the_configuration_doc"
+        );
+        for key in [
+            "data_dir",
+            "mysql_urls",
+            "service",
+            "jwt_secret",
+            "auth_url",
+        ] {
+            assert!(table.contains(&format!("| `{key}` |")), "{key} missing");
+        }
+    }
+
+    fn settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, text).unwrap();
+        config::read(&serve_command(), &path)
+    }
+
+    #[test]
+    fn a_config_file_sets_the_options_environment_values() {
+        let got = settings(
+            "service = \"ledger\"\ndata-dir = \"/srv/data\"\nshards = 8\ndemo = true\nmysql_urls = [\"mysql://a/x\", \"mysql://b/y\"]\n",
+        )
+        .unwrap();
+        let find = |env: &str| got.iter().find(|(e, _)| e == env).map(|(_, v)| v.as_str());
+        assert_eq!(find("SHARDPAY_SERVICE"), Some("ledger"));
+        assert_eq!(find("SHARDPAY_DATA_DIR"), Some("/srv/data"));
+        assert_eq!(find("SHARDPAY_SHARDS"), Some("8"));
+        assert_eq!(find("SHARDPAY_DEMO"), Some("true"));
+        assert_eq!(find("SHARDPAY_MYSQL_URLS"), Some("mysql://a/x,mysql://b/y"));
+    }
+
+    #[test]
+    fn a_config_file_with_a_bad_key_or_value_is_refused_by_name() {
+        let e = settings("data_dri = \"x\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `data_dri`") && e.contains("data_dir"),
+            "{e}"
+        );
+        let e = settings("shards = \"many\"\n").unwrap_err().to_string();
+        assert!(e.contains("`shards`") && e.contains("many"), "{e}");
+        let e = settings("service = \"billing\"\n").unwrap_err().to_string();
+        assert!(e.contains("`service`") && e.contains("billing"), "{e}");
+        let e = settings("demo = \"yes please\"\n").unwrap_err().to_string();
+        assert!(e.contains("`demo`"), "{e}");
+        let e = settings("cross_shard = \"2pc\"\n").unwrap_err().to_string();
+        assert!(e.contains("`cross_shard`") && e.contains("2pc"), "{e}");
+        let e = settings("all = true\n").unwrap_err().to_string();
+        assert!(e.contains("`all`"), "{e}");
+        let e = settings("port = 8006\nport = 8007\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("serve.toml"), "{e}");
+    }
 }

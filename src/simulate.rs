@@ -20,6 +20,12 @@ pub struct RunArgs {
     /// reference system in-process.
     #[arg(long, env = "SHARDPAY_TARGET")]
     pub target: Option<String>,
+    /// With --target on a deployment of six services: where another
+    /// service answers, as NAME=URL (auth, notification, analytics);
+    /// repeat for each. Those left out answer at --target. Example:
+    /// --service auth=http://127.0.0.1:8001 --service notification=http://127.0.0.1:8004 --service analytics=http://127.0.0.1:8005
+    #[arg(long = "service", value_name = "NAME=URL", requires = "target")]
+    pub services: Vec<String>,
     #[command(flatten)]
     pub embedded: EmbeddedArgs,
     /// Replace the scenario's seed (same seed and file: same requests).
@@ -283,6 +289,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     };
     let options = RunOptions {
         target,
+        services: shardpay_simulator::api::parse_services(&args.services)?,
         reports_dir: args.reports,
         progress: !args.quiet,
         baseline_s: args.baseline,
@@ -425,6 +432,7 @@ async fn sweep_runs(
                 );
             }
             let options = RunOptions {
+                services: Vec::new(),
                 target: Target::Embedded {
                     shards: *shards,
                     data_dir: None,

@@ -1,5 +1,7 @@
-//! Building and running the shard manager: open the shards, start the
-//! recovery loop, serve HTTP, shut down gracefully.
+//! Building and running the reference system: one of its six services, or
+//! all six in one process. One path for all: open what the service needs
+//! (shards, bus, stores), start its background work (recovery loop, outbox
+//! relay, consumers), serve its routes, shut down gracefully.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,8 +26,115 @@ use crate::sharding::Ring;
 /// Pending transfers one recovery pass takes per shard.
 pub const RECOVERY_BATCH: u32 = 256;
 
+/// Which service a process runs. `All` is the embedded default: the six
+/// services in one process, talking through memory; each other value is
+/// one service in its own process, talking to the others over HTTP and the
+/// event bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    All,
+    /// Public API: accounts, transfers (same-shard and cross-shard),
+    /// idempotency, the audit, and the modelled system's routes.
+    ShardManager,
+    /// Users, logins, sessions, tokens, account owners.
+    Auth,
+    /// Trial balances per shard; runs the outbox relay and the recovery
+    /// loop.
+    Ledger,
+    /// Scores transfers (allow, review, block); publishes decisions.
+    Fraud,
+    /// Consumes events; webhooks, retries, the dead-letter store.
+    Notification,
+    /// Consumes events; totals, lag, the dashboard, the pipeline report.
+    Analytics,
+}
+
+impl Service {
+    /// The six services, in port order.
+    pub const SPLIT: [Service; 6] = [
+        Service::Auth,
+        Service::Ledger,
+        Service::Fraud,
+        Service::Notification,
+        Service::Analytics,
+        Service::ShardManager,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::All => "all",
+            Service::ShardManager => "shard-manager",
+            Service::Auth => "auth",
+            Service::Ledger => "ledger",
+            Service::Fraud => "fraud",
+            Service::Notification => "notification",
+            Service::Analytics => "analytics",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Service> {
+        [Service::All]
+            .into_iter()
+            .chain(Service::SPLIT)
+            .find(|s| s.name() == text)
+    }
+
+    /// Ports of the modelled system: auth 8001 ... analytics 8005, shard
+    /// manager 8006 (and the all-in-one process, whose public face it is).
+    pub fn default_port(self) -> u16 {
+        match self {
+            Service::Auth => 8001,
+            Service::Ledger => 8002,
+            Service::Fraud => 8003,
+            Service::Notification => 8004,
+            Service::Analytics => 8005,
+            Service::ShardManager | Service::All => 8006,
+        }
+    }
+
+    /// Reads or writes the shards.
+    pub fn uses_shards(self) -> bool {
+        !matches!(self, Service::Auth | Service::Fraud)
+    }
+
+    /// Publishes to or consumes from the event bus.
+    pub fn uses_bus(self) -> bool {
+        !matches!(self, Service::Auth | Service::ShardManager)
+    }
+
+    /// Whether this process runs `part`.
+    pub fn runs(self, part: Service) -> bool {
+        self == Service::All || self == part
+    }
+}
+
+/// Where the other services of a split deployment answer.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub auth: String,
+    pub ledger: String,
+    pub fraud: String,
+    pub notification: String,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        let at = |s: Service| format!("http://127.0.0.1:{}", s.default_port());
+        Peers {
+            auth: at(Service::Auth),
+            ledger: at(Service::Ledger),
+            fraud: at(Service::Fraud),
+            notification: at(Service::Notification),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// The service this process runs (`All`: the six in one process).
+    pub service: Service,
+    /// The other services, when this process runs one of six.
+    pub peers: Peers,
     pub data_dir: PathBuf,
     pub shards: u32,
     /// MySQL/MariaDB shard databases, one URL per shard in shard order.
@@ -66,6 +175,8 @@ impl ServeConfig {
     /// Defaults for a data directory: 4 shards, loopback port 8006.
     pub fn new(data_dir: impl Into<PathBuf>) -> ServeConfig {
         ServeConfig {
+            service: Service::All,
+            peers: Peers::default(),
             data_dir: data_dir.into(),
             shards: 4,
             mysql_urls: None,
@@ -148,24 +259,50 @@ pub struct App {
     recovery_interval: Duration,
 }
 
-/// Opens the shards and binds the listener (port 0 picks a free port; the
-/// bound address is in `App::addr`).
-pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
-    let shards = match &config.mysql_urls {
-        Some(urls) => open_mysql(urls, &config.mysql).await?,
-        None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
-    };
-    let bus = config.bus.connect().await?;
-    let pipeline = Arc::new(Pipeline::with_bus(shards.clone(), bus));
-    let mut manager = ShardManager::new(shards, config.manager.clone())?;
-    if let Some(rules) = &config.fraud {
-        rules.check()?;
-        manager = manager.with_fraud(Arc::new(
-            FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()))
-                .publishing_to(Arc::clone(&pipeline.bus)),
-        ));
+/// What one service of six needs that the all-in-one process does not:
+/// shards, a bus and a session store that the other processes share.
+fn check_split(config: &ServeConfig) -> anyhow::Result<()> {
+    let service = config.service;
+    if service == Service::All {
+        return Ok(());
     }
-    let manager = Arc::new(manager);
+    let name = service.name();
+    anyhow::ensure!(
+        !service.uses_shards() || config.mysql_urls.is_some(),
+        "serve {name} shares the shards with the other services: give their MySQL URLs (--mysql-urls; scripts/shards.sh up 4 starts local servers and prints them). SQLite shard files take one writer each, so they serve `serve --all` only"
+    );
+    anyhow::ensure!(
+        !service.uses_bus() || !matches!(config.bus, BusConfig::InProcess),
+        "serve {name} exchanges events with the other services: give a Kafka broker (--kafka host:port; scripts/kafka.sh up starts a local one). The in-process bus serves `serve --all` only"
+    );
+    if let AuthSetup::On { redis: None, .. } = &config.auth {
+        anyhow::bail!(
+            "serve {name} shares sessions with the other services: give a Redis (--redis redis://host:port; scripts/redis.sh up starts a local one), or run every service with --demo"
+        );
+    }
+    Ok(())
+}
+
+/// Opens what the configured service needs (shards, bus, stores) and binds
+/// the listener (port 0 picks a free port; the bound address is in
+/// `App::addr`).
+pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
+    check_split(&config)?;
+    let service = config.service;
+    let split = service != Service::All;
+    let shards = if service.uses_shards() {
+        Some(match &config.mysql_urls {
+            Some(urls) => open_mysql(urls, &config.mysql).await?,
+            None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
+        })
+    } else {
+        None
+    };
+    let bus = if service.uses_bus() {
+        Some(config.bus.connect().await?)
+    } else {
+        None
+    };
     let auth = match &config.auth {
         AuthSetup::Demo => {
             anyhow::ensure!(
@@ -192,15 +329,58 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
                 Some(url) => Stores::redis(url, redis_prefix).await?,
                 None => Stores::memory(),
             };
-            std::fs::create_dir_all(&config.data_dir).with_context(|| {
-                format!("cannot create data directory {}", config.data_dir.display())
-            })?;
-            let path = config.data_dir.join("auth.sqlite");
-            let service = AuthService::open(auth_config.clone(), Some(&path), stores)?;
-            service.bootstrap_admin().await?;
+            let service = if service.runs(Service::Auth) {
+                std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                    format!("cannot create data directory {}", config.data_dir.display())
+                })?;
+                let path = config.data_dir.join("auth.sqlite");
+                let auth = AuthService::open(auth_config.clone(), Some(&path), stores)?;
+                auth.bootstrap_admin().await?;
+                auth
+            } else {
+                // Tokens are checked here (same secret, same sessions);
+                // account owners are the auth service's to keep.
+                AuthService::open(auth_config.clone(), None, stores)?
+                    .with_remote_owners(&config.peers.auth, service.name())
+            };
             Some(Arc::new(service))
         }
     };
+    let fraud = match &config.fraud {
+        None => None,
+        Some(rules) if service.runs(Service::Fraud) => {
+            rules.check()?;
+            let mut engine =
+                FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()));
+            if let Some(bus) = &bus {
+                engine = engine.publishing_to(Arc::clone(bus));
+            }
+            Some(Arc::new(engine))
+        }
+        Some(_) if service == Service::ShardManager => Some(Arc::new(FraudEngine::remote(
+            &config.peers.fraud,
+            auth.clone(),
+        ))),
+        Some(_) => None,
+    };
+    let mut pipeline = None;
+    let mut manager = None;
+    if let Some(shards) = shards {
+        if let Some(bus) = &bus {
+            let mut p = Pipeline::with_bus(shards.clone(), Arc::clone(bus));
+            if split {
+                p = p.for_service(service, config.peers.clone());
+            }
+            pipeline = Some(Arc::new(p));
+        }
+        let mut m = ShardManager::new(shards, config.manager.clone())?;
+        if service.runs(Service::ShardManager) {
+            if let Some(engine) = &fraud {
+                m = m.with_fraud(Arc::clone(engine));
+            }
+        }
+        manager = Some(Arc::new(m));
+    }
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| {
@@ -213,8 +393,11 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     Ok(App {
         addr,
         state: AppState {
-            pipeline: Some(pipeline),
+            service,
+            peers: split.then(|| config.peers.clone()),
+            pipeline,
             manager,
+            fraud,
             default_currency: config.default_currency,
             auth,
             metrics: Default::default(),
@@ -231,10 +414,14 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let recovery = tokio::spawn(recovery_loop(
-            Arc::clone(&self.state.manager),
-            self.recovery_interval,
-        ));
+        let service = self.state.service;
+        let recovery = match &self.state.manager {
+            Some(manager) if service.runs(Service::Ledger) => Some(tokio::spawn(recovery_loop(
+                Arc::clone(manager),
+                self.recovery_interval,
+            ))),
+            _ => None,
+        };
         let pipeline = self.state.pipeline.clone();
         let consumers = match &pipeline {
             Some(p) => p.spawn(RELAY_INTERVAL).await?,
@@ -247,13 +434,15 @@ impl App {
         )
         .with_graceful_shutdown(shutdown)
         .await;
-        recovery.abort();
+        if let Some(recovery) = recovery {
+            recovery.abort();
+        }
         for task in consumers {
             task.abort();
         }
         // Publish what the last requests wrote (bounded: a shard that is
         // down keeps its rows for the next start).
-        if let Some(p) = pipeline {
+        if let Some(p) = pipeline.filter(|_| service.runs(Service::Ledger)) {
             for _ in 0..20 {
                 if p.relay.relay_once().await == 0 {
                     break;

@@ -180,7 +180,22 @@ pub struct FraudEngine {
     store: Box<dyn FeatureStore>,
     /// Where decisions are published (`fraud_events`), if anywhere.
     bus: Option<std::sync::Arc<dyn crate::events::EventBus>>,
+    /// The fraud service of a split deployment, which scores (and
+    /// publishes) in place of this engine's own rules.
+    remote: Option<RemoteFraud>,
 }
+
+/// The fraud service, over HTTP.
+struct RemoteFraud {
+    url: String,
+    client: reqwest::Client,
+    /// Mints this service's token for the call, when auth is on.
+    auth: Option<std::sync::Arc<crate::auth::AuthService>>,
+}
+
+/// How long the shard manager waits for a score before it refuses the
+/// transfer with 503 (a transfer is never made unscored).
+pub const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl FraudEngine {
     pub fn new(config: FraudConfig, store: Box<dyn FeatureStore>) -> FraudEngine {
@@ -188,7 +203,35 @@ impl FraudEngine {
             config,
             store,
             bus: None,
+            remote: None,
         }
+    }
+
+    /// An engine that asks the fraud service at `url` (`POST
+    /// /v1/fraud/score`, which also publishes the decision).
+    pub fn remote(
+        url: &str,
+        auth: Option<std::sync::Arc<crate::auth::AuthService>>,
+    ) -> FraudEngine {
+        let client = reqwest::Client::builder()
+            .timeout(REMOTE_TIMEOUT)
+            .build()
+            .expect("an HTTP client with a timeout builds");
+        FraudEngine {
+            config: FraudConfig::default(),
+            store: Box::new(MemoryFeatureStore::default()),
+            bus: None,
+            remote: Some(RemoteFraud {
+                url: format!("{}/v1/fraud/score", url.trim_end_matches('/')),
+                client,
+                auth,
+            }),
+        }
+    }
+
+    /// Whether scores come from the fraud service over HTTP.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
     }
 
     /// Publishes every decision to `fraud_events` on `bus`: straight to
@@ -202,6 +245,7 @@ impl FraudEngine {
     /// Publishes a decision; a bus that fails loses the event (and says so
     /// in the log), never the transfer.
     pub async fn publish(&self, payer: &str, payee: &str, amount_minor: i64, a: &Assessment) {
+        // A remote engine's decisions were published by the fraud service.
         let Some(bus) = &self.bus else { return };
         let event_type = match a.decision {
             Verdict::Allow => "fraud.scored",
@@ -249,6 +293,9 @@ impl FraudEngine {
         amount_minor: i64,
         at_ms: TimestampMs,
     ) -> anyhow::Result<Assessment> {
+        if let Some(remote) = &self.remote {
+            return remote.score(payer, payee, amount_minor).await;
+        }
         let features = self
             .store
             .observe(
@@ -260,6 +307,39 @@ impl FraudEngine {
             )
             .await?;
         Ok(assess(&self.config, amount_minor, &features))
+    }
+}
+
+impl RemoteFraud {
+    async fn score(
+        &self,
+        payer: &str,
+        payee: &str,
+        amount_minor: i64,
+    ) -> anyhow::Result<Assessment> {
+        let mut request = self.client.post(&self.url).json(&serde_json::json!({
+            "from": payer,
+            "to": payee,
+            "amount_minor": amount_minor,
+            "publish": true,
+        }));
+        if let Some(auth) = &self.auth {
+            let token = auth
+                .service_token()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?;
+            request = request.bearer_auth(token);
+        }
+        request = crate::http::ops::with_request_id(request);
+        let response = request.send().await.map_err(|e| {
+            anyhow::anyhow!("the fraud service at {} does not answer: {e}", self.url)
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            anyhow::bail!("the fraud service answered {status}: {text}");
+        }
+        Ok(response.json().await?)
     }
 }
 

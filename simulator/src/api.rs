@@ -29,6 +29,48 @@ pub struct Api {
     /// The admin's bearer token, when the system has auth on.
     pub token: Option<String>,
     pub base: String,
+    /// Base URLs of the services of a split deployment that answer some
+    /// paths instead of `base` (the shard manager): auth, notification,
+    /// analytics.
+    pub services: Vec<(String, String)>,
+}
+
+/// The service of a split deployment that answers `path`, by its prefix.
+pub fn service_of(path: &str) -> &'static str {
+    if path.starts_with("/v1/auth/") {
+        "auth"
+    } else if path.starts_with("/v1/webhooks") || path.starts_with("/v1/dlq") {
+        "notification"
+    } else if path.starts_with("/v1/pipeline") || path.starts_with("/v1/analytics") {
+        "analytics"
+    } else {
+        "shard-manager"
+    }
+}
+
+/// Services `--service NAME=URL` may name.
+pub const SERVICES: [&str; 3] = ["auth", "notification", "analytics"];
+
+/// Checks `NAME=URL` pairs.
+pub fn parse_services(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (name, url) = pair.split_once('=').with_context(|| {
+                format!("--service {pair}: write NAME=URL, such as auth=http://127.0.0.1:8001")
+            })?;
+            anyhow::ensure!(
+                SERVICES.contains(&name),
+                "--service {pair}: the simulator calls {} besides the shard manager (--target)",
+                SERVICES.join(", ")
+            );
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--service {pair}: the URL must start with http:// or https://"
+            );
+            Ok((name.to_string(), url.trim_end_matches('/').to_string()))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,6 +113,7 @@ impl Api {
             client,
             token: None,
             base: base.trim_end_matches('/').to_string(),
+            services: Vec::new(),
         })
     }
 
@@ -125,7 +168,13 @@ impl Api {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        let service = service_of(path);
+        let base = self
+            .services
+            .iter()
+            .find(|(name, _)| name == service)
+            .map_or(self.base.as_str(), |(_, url)| url.as_str());
+        format!("{base}{path}")
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

@@ -116,6 +116,10 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub target: Target,
+    /// With `Target::Url`, the other services of a split deployment (auth,
+    /// notification, analytics) by name; those left out answer at the
+    /// target.
+    pub services: Vec<(String, String)>,
     /// Parent of the run's report folder.
     pub reports_dir: PathBuf,
     /// Show progress bars (when stderr is a terminal) and the summary.
@@ -606,6 +610,7 @@ async fn drive(
         }
     };
     let mut api = Api::new(base_url)?;
+    api.services = options.services.clone();
     let shard_info = api.shards().await.with_context(|| {
         format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
     })?;

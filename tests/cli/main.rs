@@ -4,6 +4,8 @@
 
 mod run;
 mod shard_kill;
+mod sigterm;
+mod six;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -140,6 +142,17 @@ fn get(url: &str) -> Value {
     runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
 
+/// `shardpay audit --url URL` exits 0 and says the audit passed.
+fn assert_audit_passes(url: &str) {
+    let audit = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["audit", "--url", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{text}");
+    assert!(text.contains("audit passed"), "{text}");
+}
+
 fn ring_pair() -> (String, String) {
     // Two accounts on different shards of four.
     let ring = shardpay_reference::sharding::Ring::new(4).unwrap();
@@ -211,13 +224,7 @@ fn crash_between_debit_and_credit(storage: Storage<'_>) {
     assert_eq!(balance(&payer), Some(100_00 - 12_34));
     assert_eq!(balance(&payee), Some(12_34));
 
-    let audit = Command::new(env!("CARGO_BIN_EXE_shardpay"))
-        .args(["audit", "--url", &server.url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&audit.stdout);
-    assert!(audit.status.success(), "{text}");
-    assert!(text.contains("audit passed"), "{text}");
+    assert_audit_passes(&server.url);
 }
 
 #[test]

@@ -183,6 +183,9 @@ pub enum AuthError {
     },
     #[error("the session store is unavailable: {0}")]
     Unavailable(String),
+    /// The auth service of a split deployment did not answer.
+    #[error("the auth service is unavailable: {0}")]
+    PeerUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -240,6 +243,29 @@ pub struct AuthService {
     /// Verified against when the user does not exist, so that a missing
     /// user costs the same time as a wrong password.
     dummy_hash: String,
+    /// In a split deployment, every service but auth asks the auth service
+    /// for account owners.
+    remote: Option<RemoteOwners>,
+    /// This process's own service token and its expiry (seconds).
+    service_token: Mutex<Option<(String, u64)>>,
+}
+
+/// The auth service's owner routes, over HTTP.
+struct RemoteOwners {
+    url: String,
+    client: reqwest::Client,
+    /// The service asking (its service token's subject).
+    caller: String,
+}
+
+#[derive(Deserialize)]
+struct OwnedAnswer {
+    owned: Vec<bool>,
+}
+
+#[derive(Deserialize)]
+struct OwnerAnswer {
+    owner: Option<String>,
 }
 
 fn now_s() -> u64 {
@@ -309,8 +335,71 @@ impl AuthService {
             owners: Mutex::new(HashMap::new()),
             stores,
             config,
+            remote: None,
+            service_token: Mutex::new(None),
         };
         Ok(service)
+    }
+
+    /// Keeps account owners at the auth service at `url` instead of in
+    /// this process; `caller` names this service in its service token.
+    pub fn with_remote_owners(mut self, url: &str, caller: &str) -> AuthService {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client with a timeout builds");
+        self.remote = Some(RemoteOwners {
+            url: url.trim_end_matches('/').to_string(),
+            client,
+            caller: caller.to_string(),
+        });
+        self
+    }
+
+    /// A service-role access token for this process's calls to the other
+    /// services: a session of its own in the shared session store, signed
+    /// with the shared secret, minted again before it expires.
+    pub async fn service_token(&self) -> Result<String, AuthError> {
+        let now = now_s();
+        let margin = (self.config.access_ttl.as_secs() / 4).max(1);
+        if let Some((token, exp)) = self.service_token.lock().expect("token lock").as_ref() {
+            if *exp > now + margin {
+                return Ok(token.clone());
+            }
+        }
+        let name = match &self.remote {
+            Some(r) => format!("service:{}", r.caller),
+            None => "service:auth".to_string(),
+        };
+        let tokens = self.open_session(&name, Role::Service).await?;
+        let exp = now + self.config.access_ttl.as_secs();
+        *self.service_token.lock().expect("token lock") = Some((tokens.access_token.clone(), exp));
+        Ok(tokens.access_token)
+    }
+
+    async fn remote_call(
+        &self,
+        remote: &RemoteOwners,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, AuthError> {
+        let token = self.service_token().await?;
+        let request = crate::http::ops::with_request_id(request.bearer_auth(token));
+        let response = request.send().await.map_err(|e| {
+            AuthError::PeerUnavailable(format!("{} does not answer: {e}", remote.url))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
+        Err(match body["error"]["code"].as_str() {
+            Some("unknown_owner") => AuthError::Invalid("unknown_owner", message),
+            _ => AuthError::PeerUnavailable(format!("{} answered {status}: {message}", remote.url)),
+        })
     }
 
     /// Creates or resets the `admin` user when the config names a password.
@@ -553,7 +642,43 @@ impl AuthService {
     /// Records owners of accounts that have none yet, in one transaction;
     /// answers, per (account, owner) pair, whether that owner owns the
     /// account now. Every owner must be a registered user.
-    pub fn claim(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+    pub async fn claim(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(remote) = &self.remote else {
+            return self.claim_here(pairs);
+        };
+        let body = serde_json::json!({
+            "pairs": pairs
+                .iter()
+                .map(|(account, owner)| serde_json::json!({"account": account, "owner": owner}))
+                .collect::<Vec<_>>(),
+        });
+        let url = format!("{}/v1/auth/owners", remote.url);
+        let response = self
+            .remote_call(remote, remote.client.post(url).json(&body))
+            .await?;
+        let answer: OwnedAnswer = response
+            .json()
+            .await
+            .map_err(|e| AuthError::PeerUnavailable(format!("owners answer: {e}")))?;
+        if answer.owned.len() != pairs.len() {
+            return Err(AuthError::PeerUnavailable(
+                "the owners answer does not match the request".into(),
+            ));
+        }
+        let mut cache = self.owners.lock().expect("owners lock");
+        for ((account, owner), mine) in pairs.iter().zip(&answer.owned) {
+            if *mine {
+                cache.insert(account.to_string(), Some(owner.to_string()));
+            }
+        }
+        Ok(answer.owned)
+    }
+
+    /// [`AuthService::claim`] on this process's own user store.
+    pub fn claim_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
         if pairs.is_empty() {
             return Ok(Vec::new());
         }
@@ -594,7 +719,30 @@ impl AuthService {
     }
 
     /// The owner of an account, if it has one.
-    pub fn owner_of(&self, account: &str) -> Result<Option<String>, AuthError> {
+    pub async fn owner_of(&self, account: &str) -> Result<Option<String>, AuthError> {
+        if let Some(Some(owner)) = self.owners.lock().expect("owners lock").get(account) {
+            return Ok(Some(owner.clone()));
+        }
+        let Some(remote) = &self.remote else {
+            return self.owner_here(account);
+        };
+        let url = format!("{}/v1/auth/owners/{account}", remote.url);
+        let response = self.remote_call(remote, remote.client.get(url)).await?;
+        let answer: OwnerAnswer = response
+            .json()
+            .await
+            .map_err(|e| AuthError::PeerUnavailable(format!("owner answer: {e}")))?;
+        if let Some(owner) = &answer.owner {
+            self.owners
+                .lock()
+                .expect("owners lock")
+                .insert(account.into(), Some(owner.clone()));
+        }
+        Ok(answer.owner)
+    }
+
+    /// [`AuthService::owner_of`] on this process's own user store.
+    pub fn owner_here(&self, account: &str) -> Result<Option<String>, AuthError> {
         if let Some(Some(owner)) = self.owners.lock().expect("owners lock").get(account) {
             return Ok(Some(owner.clone()));
         }

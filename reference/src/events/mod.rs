@@ -470,12 +470,25 @@ impl Analytics {
     }
 }
 
-/// The whole pipeline of one process: bus, relay, consumers.
+/// The whole pipeline of one process: bus, relay, consumers. In a split
+/// deployment each service runs its part: the ledger the relay, the
+/// notification and analytics services their consumers.
 pub struct Pipeline {
     pub bus: Arc<dyn EventBus>,
     pub relay: Arc<Relay>,
     pub analytics: Arc<Analytics>,
     pub notifier: Arc<crate::notification::Notifier>,
+    /// The service whose part this process runs.
+    service: crate::app::Service,
+    /// Where the parts this process does not run answer (split only).
+    peers: Option<crate::app::Peers>,
+}
+
+/// What `/v1/ledger/relay` answers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayCounts {
+    pub published: u64,
+    pub failures: u64,
 }
 
 /// What `/v1/pipeline` answers.
@@ -512,6 +525,22 @@ impl Pipeline {
             relay,
             analytics,
             notifier: Arc::new(crate::notification::Notifier::new(Default::default())),
+            service: crate::app::Service::All,
+            peers: None,
+        }
+    }
+
+    /// Runs only `service`'s part; its report asks `peers` for the rest.
+    pub fn for_service(mut self, service: crate::app::Service, peers: crate::app::Peers) -> Self {
+        self.service = service;
+        self.peers = Some(peers);
+        self
+    }
+
+    pub fn relay_stats(&self) -> RelayCounts {
+        RelayCounts {
+            published: self.relay.stats.published.load(Ordering::Relaxed),
+            failures: self.relay.stats.failures.load(Ordering::Relaxed),
         }
     }
 
@@ -520,29 +549,49 @@ impl Pipeline {
         &self,
         relay_interval: Duration,
     ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        use crate::app::Service;
         use crate::notification::NOTIFICATION_GROUP;
-        let mut tasks = vec![tokio::spawn(Arc::clone(&self.relay).run(relay_interval))];
+        let mut tasks = Vec::new();
+        if self.service.runs(Service::Ledger) {
+            tasks.push(tokio::spawn(Arc::clone(&self.relay).run(relay_interval)));
+        }
         for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
-            let analytics = self.bus.subscribe(topic, ANALYTICS_GROUP).await?;
-            tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(analytics)));
-            let notification = self.bus.subscribe(topic, NOTIFICATION_GROUP).await?;
-            tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(notification)));
+            if self.service.runs(Service::Analytics) {
+                let analytics = self.bus.subscribe(topic, ANALYTICS_GROUP).await?;
+                tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(analytics)));
+            }
+            if self.service.runs(Service::Notification) {
+                let notification = self.bus.subscribe(topic, NOTIFICATION_GROUP).await?;
+                tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(notification)));
+            }
         }
         Ok(tasks)
     }
 
-    pub async fn report(
-        &self,
-        shards: &[Arc<dyn ShardStore>],
-    ) -> Result<PipelineReport, crate::ledger::StoreError> {
+    /// The pipeline end to end. In a split deployment (the analytics
+    /// service answers) the relay's and the notification consumer's counts
+    /// come from the ledger and notification services; one that does not
+    /// answer makes this an error rather than a report of lost events.
+    pub async fn report(&self) -> anyhow::Result<PipelineReport> {
         let (mut rows, mut backlog) = (0, 0);
-        for store in shards {
+        for store in &self.relay.shards {
             let (all, unpublished) = store.outbox_counts().await?;
             rows += all;
             backlog += unpublished;
         }
         let analytics = self.analytics.stats();
-        let notification = self.notifier.stats();
+        let remote = self
+            .peers
+            .as_ref()
+            .filter(|_| self.service == crate::app::Service::Analytics);
+        let (relay, notification) = match remote {
+            None => (self.relay_stats(), self.notifier.stats()),
+            Some(peers) => {
+                let relay = peer_json(&peers.ledger, "/v1/ledger/relay").await?;
+                let notification = peer_json(&peers.notification, "/v1/notification/stats").await?;
+                (relay, notification)
+            }
+        };
         let notification_consumer = ConsumerStats {
             group: crate::notification::NOTIFICATION_GROUP.into(),
             received: notification.events_received,
@@ -562,14 +611,32 @@ impl Pipeline {
         Ok(PipelineReport {
             outbox_rows: rows,
             outbox_backlog: backlog,
-            published: self.relay.stats.published.load(Ordering::Relaxed),
-            relay_failures: self.relay.stats.failures.load(Ordering::Relaxed),
+            published: relay.published,
+            relay_failures: relay.failures,
             complete: backlog == 0 && unapplied.values().all(|n| *n == 0),
             unapplied,
             consumers: vec![analytics, notification_consumer],
             notification: Some(notification),
         })
     }
+}
+
+/// A JSON answer of another service (no auth needed: counts only).
+async fn peer_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let down = |e: String| anyhow::anyhow!("{url}: {e}");
+    let response = crate::http::ops::with_request_id(
+        reqwest::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(5)),
+    )
+    .send()
+    .await
+    .map_err(|e| down(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(down(format!("answered {}", response.status())));
+    }
+    response.json().await.map_err(|e| down(e.to_string()))
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
         .route("/v1/auth/me", get(me))
+        .route("/v1/auth/owners", post(claim_owners))
+        .route("/v1/auth/owners/{account}", get(owner_of))
 }
 
 impl From<AuthError> for ApiError {
@@ -48,6 +50,12 @@ impl From<AuthError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "auth_store_unavailable",
                 "the session store (Redis) is unavailable; nothing was changed, retry shortly",
+            )
+            .retry_after(1),
+            AuthError::PeerUnavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_service_unavailable",
+                format!("{message}; nothing was changed, retry shortly"),
             )
             .retry_after(1),
             AuthError::Internal(_) => {
@@ -106,12 +114,14 @@ impl Caller {
 
     /// Only the owner of an account may debit it: not an admin, not a
     /// service.
-    pub fn may_debit(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
+    pub async fn may_debit(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
         let Caller::Token(p) = self else {
             return Ok(());
         };
         let auth = state.auth.as_ref().expect("a token implies auth");
-        if p.role == Role::User && auth.owner_of(account)?.as_deref() == Some(p.username.as_str()) {
+        if p.role == Role::User
+            && auth.owner_of(account).await?.as_deref() == Some(p.username.as_str())
+        {
             return Ok(());
         }
         Err(forbidden(
@@ -121,7 +131,7 @@ impl Caller {
     }
 
     /// Admins and services read any account; a user reads its own.
-    pub fn may_read(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
+    pub async fn may_read(&self, state: &AppState, account: &str) -> Result<(), ApiError> {
         let Caller::Token(p) = self else {
             return Ok(());
         };
@@ -129,7 +139,7 @@ impl Caller {
             return Ok(());
         }
         let auth = state.auth.as_ref().expect("a token implies auth");
-        if auth.owner_of(account)?.as_deref() == Some(p.username.as_str()) {
+        if auth.owner_of(account).await?.as_deref() == Some(p.username.as_str()) {
             return Ok(());
         }
         Err(forbidden(
@@ -271,4 +281,58 @@ async fn me(State(state): State<AppState>, caller: Caller) -> Result<Response, A
     auth_of(&state)?;
     let p = caller.principal().expect("auth is on");
     Ok(Json(serde_json::json!({ "username": p.username, "role": p.role })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerPair {
+    account: String,
+    owner: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimOwners {
+    pairs: Vec<OwnerPair>,
+}
+
+/// For the other services of a split deployment (service or admin token):
+/// records owners of accounts that have none yet; answers, per pair,
+/// whether that owner owns the account now.
+async fn claim_owners(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ClaimOwners>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Service, Role::Admin])?;
+    let auth = auth_of(&state)?;
+    if body.pairs.len() > 1000 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_pairs",
+            "at most 1000 pairs per request",
+        ));
+    }
+    for pair in &body.pairs {
+        crate::ids::AccountId::parse(&pair.account)?;
+    }
+    let pairs: Vec<(&str, &str)> = body
+        .pairs
+        .iter()
+        .map(|p| (p.account.as_str(), p.owner.as_str()))
+        .collect();
+    let owned = auth.claim(&pairs).await?;
+    Ok(Json(serde_json::json!({ "owned": owned })).into_response())
+}
+
+/// For the other services: the owner of an account, or null.
+async fn owner_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(account): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Service, Role::Admin])?;
+    let auth = auth_of(&state)?;
+    let owner = auth.owner_of(&account).await?;
+    Ok(Json(serde_json::json!({ "account": account, "owner": owner })).into_response())
 }

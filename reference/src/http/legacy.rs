@@ -165,7 +165,7 @@ async fn create(
     };
     if let (Some(owner), Some(auth)) = (&owner, &state.auth) {
         // The owner must be a registered user (422 unknown_owner otherwise).
-        if !auth.claim(&[(user.as_str(), owner.as_str())])?[0] {
+        if !auth.claim(&[(user.as_str(), owner.as_str())]).await?[0] {
             return Err(ApiError::new(
                 axum::http::StatusCode::CONFLICT,
                 "account_exists",
@@ -174,7 +174,10 @@ async fn create(
         }
     }
     Ok(send(
-        state.manager.create_account(request, key.0, view).await?,
+        state
+            .manager()?
+            .create_account(request, key.0, view)
+            .await?,
     ))
 }
 
@@ -211,7 +214,7 @@ async fn transfer(
     IdempotencyHeader(key): IdempotencyHeader,
     Path((from, to, amount)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.may_debit(&state, &from)?;
+    caller.may_debit(&state, &from).await?;
     let request = TransferRequest {
         from: AccountId::parse(&from)?,
         to: AccountId::parse(&to)?,
@@ -238,8 +241,8 @@ async fn user_shard(
     Path(user): Path<String>,
 ) -> Result<Json<UserShard>, ApiError> {
     let id = AccountId::parse(&user)?;
-    let shard = state.manager.ring().shard_of(&id);
-    let account = state.manager.account(&id).await?;
+    let shard = state.manager()?.ring().shard_of(&id);
+    let account = state.manager()?.account(&id).await?;
     Ok(Json(UserShard {
         user,
         user_id: account.as_ref().map(|a| a.id.to_string()),
@@ -257,7 +260,7 @@ async fn user_route(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = AccountId::parse(&user)?;
-    let ring = state.manager.ring();
+    let ring = state.manager()?.ring();
     Ok(Json(serde_json::json!({
         "user_id": id.to_string(),
         "shard_id": ring.shard_of(&id).index(),
@@ -296,8 +299,8 @@ async fn account(
     Path(user): Path<String>,
 ) -> Result<Json<LegacyAccount>, ApiError> {
     let id = AccountId::parse(&user)?;
-    caller.may_read(&state, id.as_str())?;
-    let account = state.manager.account(&id).await?.ok_or_else(|| {
+    caller.may_read(&state, id.as_str()).await?;
+    let account = state.manager()?.account(&id).await?.ok_or_else(|| {
         ApiError::not_found("account_not_found", format!("account {id} does not exist"))
     })?;
     Ok(Json(LegacyAccount::from(&account)))
@@ -322,7 +325,7 @@ async fn users(
     caller.require(&[Role::Admin, Role::Service])?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-    let accounts = state.manager.list_accounts(None, limit).await?;
+    let accounts = state.manager()?.list_accounts(None, limit).await?;
     let users: Vec<_> = accounts.iter().map(LegacyAccount::from).collect();
     Ok(Json(Users {
         total: users.len(),

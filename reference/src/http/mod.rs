@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 
 pub use error::ApiError;
 
+use crate::app::{Peers, Service};
 use crate::ids::IdempotencyKey;
 use crate::ledger::StoredResponse;
 use crate::manager::{Reply, ShardManager};
@@ -33,7 +34,15 @@ pub const MAX_PAGE: u32 = 1000;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub manager: Arc<ShardManager>,
+    /// The service this process runs, which decides its routes.
+    pub service: Service,
+    /// The other services, when this process runs one of six.
+    pub peers: Option<Peers>,
+    /// The shards and the transfer logic, in the services that use shards.
+    pub manager: Option<Arc<ShardManager>>,
+    /// The fraud rules, in the fraud service (or the all-in-one process);
+    /// the shard manager of a split deployment asks the fraud service.
+    pub fraud: Option<Arc<crate::fraud::FraudEngine>>,
     /// The outbox relay, the bus and the consumers, when this process runs
     /// them.
     pub pipeline: Option<Arc<crate::events::Pipeline>>,
@@ -45,12 +54,34 @@ pub struct AppState {
     pub metrics: Arc<ops::Metrics>,
 }
 
-/// The router of the shard-manager API, for serving or for `oneshot` tests.
+impl AppState {
+    /// The shard manager of a process that uses shards.
+    pub fn manager(&self) -> Result<&Arc<ShardManager>, ApiError> {
+        self.manager.as_ref().ok_or_else(|| {
+            ApiError::not_found(
+                "not_served_here",
+                format!("the {} service keeps no shards", self.service.name()),
+            )
+        })
+    }
+}
+
+/// The routes of the process's service (all of them for `Service::All`),
+/// for serving or for `oneshot` tests.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(auth::routes())
-        .merge(v1::routes())
-        .merge(legacy::routes())
+    let service = state.service;
+    let mut routes = Router::new();
+    if service.runs(Service::Auth) {
+        routes = routes.merge(auth::routes());
+    }
+    if service.runs(Service::ShardManager) {
+        // The modelled system's routes, its /health among them.
+        routes = routes.merge(legacy::routes());
+    } else {
+        routes = routes.merge(ops::health_routes());
+    }
+    routes
+        .merge(v1::routes(service))
         .merge(ops::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -150,7 +181,7 @@ pub async fn guarded_transfer(
     view: &crate::manager::View<crate::ledger::Transfer>,
 ) -> Result<crate::manager::Reply, ApiError> {
     let Some(auth) = &state.auth else {
-        return Ok(state.manager.transfer_funds(request, key, view).await?);
+        return Ok(state.manager()?.transfer_funds(request, key, view).await?);
     };
     auth.limit(
         "transfers",
@@ -180,7 +211,7 @@ pub async fn guarded_transfer(
             }
         }
     };
-    let result = state.manager.transfer_funds(request, key, view).await;
+    let result = state.manager()?.transfer_funds(request, key, view).await;
     if let Some((name, holder)) = lock {
         if let Err(e) = auth.stores.locks.release(&name, &holder).await {
             tracing::warn!(error = %e, "cannot release an idempotency lock; it expires by itself");

@@ -109,6 +109,20 @@ impl Metrics {
     }
 }
 
+tokio::task_local! {
+    /// The id of the request this task is answering.
+    static CURRENT_REQUEST_ID: String;
+}
+
+/// Adds the id of the request being answered to a call to another
+/// service, so that one id follows a payment through every service's logs.
+pub fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match CURRENT_REQUEST_ID.try_with(|id| id.clone()) {
+        Ok(id) => request.header(REQUEST_ID, id),
+        Err(_) => request,
+    }
+}
+
 /// Middleware on every route: request id, log span, metrics.
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let id = request
@@ -128,7 +142,9 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let span = tracing::info_span!("request", request_id = %id, %method, %route);
     let started = Instant::now();
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = CURRENT_REQUEST_ID
+        .scope(id.clone(), next.run(request).instrument(span.clone()))
+        .await;
     let seconds = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     span.in_scope(|| tracing::debug!(status, ms = seconds * 1e3, "answered"));
@@ -137,6 +153,44 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         response.headers_mut().insert(REQUEST_ID, value);
     }
     response
+}
+
+/// `/health` (liveness) of the services other than the shard manager,
+/// whose `/health` is the modelled system's.
+pub fn health_routes() -> Router<AppState> {
+    Router::new().route(
+        "/health",
+        get(|State(state): State<AppState>| async move {
+            axum::Json(serde_json::json!({ "ok": true, "service": state.service.name() }))
+        }),
+    )
+}
+
+/// The services `state`'s service calls, by name and URL.
+fn peers_needed(state: &AppState) -> Vec<(&'static str, String)> {
+    use crate::app::Service;
+    let Some(peers) = &state.peers else {
+        return Vec::new();
+    };
+    let mut needed = Vec::new();
+    let auth_on = state.auth.is_some();
+    match state.service {
+        Service::ShardManager => {
+            if auth_on {
+                needed.push(("auth", peers.auth.clone()));
+            }
+            if state.fraud.as_ref().is_some_and(|f| f.is_remote()) {
+                needed.push(("fraud", peers.fraud.clone()));
+            }
+        }
+        Service::Notification if auth_on => needed.push(("auth", peers.auth.clone())),
+        Service::Analytics => {
+            needed.push(("ledger", peers.ledger.clone()));
+            needed.push(("notification", peers.notification.clone()));
+        }
+        _ => {}
+    }
+    needed
 }
 
 pub fn routes() -> Router<AppState> {
@@ -246,39 +300,41 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     state.metrics.render(&mut out);
-    let shards = super::v1::shard_bodies(&state).await;
-    let (mut pending, mut completed, mut failed) = (0u64, 0u64, 0u64);
-    for s in &shards {
-        pending += s.transfers.pending;
-        completed += s.transfers.completed;
-        failed += s.transfers.failed;
+    if state.manager.is_some() {
+        let shards = super::v1::shard_bodies(&state).await;
+        let (mut pending, mut completed, mut failed) = (0u64, 0u64, 0u64);
+        for s in &shards {
+            pending += s.transfers.pending;
+            completed += s.transfers.completed;
+            failed += s.transfers.failed;
+        }
+        gauge(
+            &mut out,
+            "shardpay_transfers",
+            "Transfers on all shards, by state.",
+            &[
+                ("state=\"pending\"".into(), pending as f64),
+                ("state=\"completed\"".into(), completed as f64),
+                ("state=\"failed\"".into(), failed as f64),
+            ],
+        );
+        gauge(
+            &mut out,
+            "shardpay_shard_healthy",
+            "1 when the shard answers.",
+            &shards
+                .iter()
+                .map(|s| {
+                    (
+                        format!("shard=\"{}\"", s.shard),
+                        if s.healthy { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
     }
-    gauge(
-        &mut out,
-        "shardpay_transfers",
-        "Transfers on all shards, by state.",
-        &[
-            ("state=\"pending\"".into(), pending as f64),
-            ("state=\"completed\"".into(), completed as f64),
-            ("state=\"failed\"".into(), failed as f64),
-        ],
-    );
-    gauge(
-        &mut out,
-        "shardpay_shard_healthy",
-        "1 when the shard answers.",
-        &shards
-            .iter()
-            .map(|s| {
-                (
-                    format!("shard=\"{}\"", s.shard),
-                    if s.healthy { 1.0 } else { 0.0 },
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
     if let Some(pipeline) = &state.pipeline {
-        if let Ok(report) = pipeline.report(state.manager.shards()).await {
+        if let Ok(report) = pipeline.report().await {
             gauge(
                 &mut out,
                 "shardpay_outbox_backlog",
@@ -298,6 +354,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 &report
                     .unapplied
                     .iter()
+                    .filter(|(g, _)| runs_group(&state, g))
                     .map(|(g, n)| (format!("group=\"{g}\""), *n as f64))
                     .collect::<Vec<_>>(),
             );
@@ -308,7 +365,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 &report
                     .consumers
                     .iter()
-                    .filter(|c| c.lag.count > 0)
+                    .filter(|c| c.lag.count > 0 && runs_group(&state, &c.group))
                     .flat_map(|c| {
                         [
                             (
@@ -323,7 +380,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
                     })
                     .collect::<Vec<_>>(),
             );
-            if let Some(n) = &report.notification {
+            if let Some(n) = report
+                .notification
+                .as_ref()
+                .filter(|_| state.service.runs(crate::app::Service::Notification))
+            {
                 gauge(
                     &mut out,
                     "shardpay_dlq_size",
@@ -343,6 +404,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Whether this process runs the consumer group `group`.
+fn runs_group(state: &AppState, group: &str) -> bool {
+    use crate::app::Service;
+    if group == crate::events::ANALYTICS_GROUP {
+        state.service.runs(Service::Analytics)
+    } else if group == crate::notification::NOTIFICATION_GROUP {
+        state.service.runs(Service::Notification)
+    } else {
+        true
+    }
+}
+
 /// 200 when every dependency answers, else 503 naming those that do not.
 async fn ready(State(state): State<AppState>) -> Response {
     let mut problems = Vec::new();
@@ -359,6 +432,19 @@ async fn ready(State(state): State<AppState>) -> Response {
     if let Some(pipeline) = &state.pipeline {
         if let Err(e) = pipeline.bus.ready().await {
             problems.push(format!("event bus: {e:#}"));
+        }
+    }
+    for (name, url) in peers_needed(&state) {
+        let health = format!("{}/health", url.trim_end_matches('/'));
+        let answer = reqwest::Client::new()
+            .get(&health)
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => problems.push(format!("{name} service at {url} answered {}", r.status())),
+            Err(e) => problems.push(format!("{name} service at {url} does not answer: {e}")),
         }
     }
     let status = if problems.is_empty() {

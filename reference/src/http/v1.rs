@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
+use crate::app::Service;
 use crate::audit::{self, AuditReport};
 use crate::auth::Role;
 use crate::ids::{AccountId, TransferId};
@@ -18,23 +19,147 @@ use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
 use crate::money::{format_minor, Amount, Currency};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/accounts", post(create_account).get(list_accounts))
-        .route("/v1/accounts/bulk", post(create_accounts_bulk))
-        .route("/v1/accounts/{id}", get(get_account))
-        .route("/v1/transfers", post(create_transfer))
-        .route("/v1/transfers/lookup", post(lookup_transfers))
-        .route("/v1/transfers/{id}", get(get_transfer))
-        .route("/v1/shards", get(shards))
-        .route("/v1/audit", get(run_audit))
-        .route("/v1/fraud/score", post(score_transfer))
-        .route("/v1/pipeline", get(pipeline_report))
-        .route("/v1/webhooks", post(register_webhook))
-        .route("/v1/dlq", get(list_dead_letters))
-        .route("/v1/dlq/replay", post(replay_dead_letters))
-        .route("/v1/analytics", get(analytics_totals))
-        .route("/dashboard/analytics", get(analytics_dashboard))
+/// The `/v1` routes of `service` (all of them for `Service::All`).
+pub fn routes(service: Service) -> Router<AppState> {
+    let mut routes = Router::new();
+    if service.runs(Service::ShardManager) {
+        routes = routes
+            .route("/v1/accounts", post(create_account).get(list_accounts))
+            .route("/v1/accounts/bulk", post(create_accounts_bulk))
+            .route("/v1/accounts/{id}", get(get_account))
+            .route("/v1/transfers", post(create_transfer))
+            .route("/v1/transfers/lookup", post(lookup_transfers))
+            .route("/v1/transfers/{id}", get(get_transfer));
+    }
+    if service.runs(Service::ShardManager) || service.runs(Service::Ledger) {
+        routes = routes
+            .route("/v1/shards", get(shards))
+            .route("/v1/audit", get(run_audit));
+    }
+    if service.runs(Service::Ledger) {
+        routes = routes
+            .route("/v1/ledger/trial-balance", get(trial_balance))
+            .route("/v1/accounts/{id}/entries", get(account_entries))
+            .route("/v1/ledger/relay", get(relay_stats));
+    }
+    if service.runs(Service::Fraud) {
+        routes = routes.route("/v1/fraud/score", post(score_transfer));
+    }
+    if service.runs(Service::Notification) {
+        routes = routes
+            .route("/v1/webhooks", post(register_webhook))
+            .route("/v1/dlq", get(list_dead_letters))
+            .route("/v1/dlq/replay", post(replay_dead_letters))
+            .route("/v1/notification/stats", get(notification_stats));
+    }
+    if service.runs(Service::Analytics) {
+        routes = routes
+            .route("/v1/pipeline", get(pipeline_report))
+            .route("/v1/analytics", get(analytics_totals))
+            .route("/dashboard/analytics", get(analytics_dashboard));
+    }
+    routes
+}
+
+/// Per shard, what its ledger adds up to: the sum of its entries per
+/// currency (zero when it balances), balance totals per kind of account,
+/// and the money it sent into and took out of flight.
+async fn trial_balance(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin, Role::Service])?;
+    let mut shards = Vec::new();
+    for store in state.manager()?.shards() {
+        let a = store
+            .audit()
+            .await
+            .map_err(crate::manager::ManagerError::from)?;
+        let sums = |v: &[(Currency, i128)]| -> serde_json::Map<String, serde_json::Value> {
+            v.iter()
+                .map(|(c, m)| (c.to_string(), serde_json::Value::from(*m as i64)))
+                .collect()
+        };
+        let totals: Vec<serde_json::Value> = a
+            .totals
+            .iter()
+            .map(|(kind, c, m)| {
+                serde_json::json!({ "kind": kind, "currency": c.to_string(), "balance_minor": *m as i64 })
+            })
+            .collect();
+        shards.push(serde_json::json!({
+            "shard": store.shard().index(),
+            "entry_sum_minor": sums(&a.entry_sum_by_currency),
+            "balanced": a.entry_sum_by_currency.iter().all(|(_, m)| *m == 0),
+            "totals": totals,
+            "sent_into_flight_minor": sums(&a.sent_minor_by_currency),
+            "taken_out_of_flight_minor": sums(&a.received_minor_by_currency),
+        }));
+    }
+    Ok(json_response(200, &serde_json::json!({ "shards": shards })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// An account's statement: its ledger entries, oldest first, a page at a
+/// time (`after` the last entry id of the previous page).
+async fn account_entries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<EntriesQuery>,
+) -> Result<Response, ApiError> {
+    let id = AccountId::parse(&id)?;
+    caller.may_read(&state, id.as_str()).await?;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_limit",
+            format!("limit must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    let manager = state.manager()?;
+    let Some(account) = manager.account(&id).await? else {
+        return Err(ApiError::not_found(
+            "account_not_found",
+            format!("account {id} does not exist"),
+        ));
+    };
+    let store = &manager.shards()[manager.ring().shard_of(&id).index()];
+    let entries = store
+        .account_entries(&id, query.after.unwrap_or(0), limit)
+        .await
+        .map_err(crate::manager::ManagerError::from)?;
+    let next_after = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(json_response(
+        200,
+        &serde_json::json!({
+            "account": AccountBody::from(&account),
+            "entries": entries,
+            "next_after": next_after,
+        }),
+    ))
+}
+
+/// What this process's outbox relay has published.
+async fn relay_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    Ok(json_response(200, &pipeline.relay_stats()))
+}
+
+/// The notification consumer's deliveries, dead letters and applied
+/// events (the analytics service's pipeline report reads it).
+async fn notification_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let pipeline = pipeline_of(&state)?;
+    Ok(json_response(200, &pipeline.notifier.stats()))
 }
 
 #[derive(Serialize)]
@@ -173,9 +298,9 @@ async fn create_account(
 ) -> Result<Response, ApiError> {
     let request = account_request(&state, &body)?;
     let owner = owner_for(&caller, &body, &request)?;
-    claim(&state, &[(request.id.as_str(), owner.as_deref())])?;
+    claim(&state, &[(request.id.as_str(), owner.as_deref())]).await?;
     let reply = state
-        .manager
+        .manager()?
         .create_account(request, key, &ACCOUNT_VIEW)
         .await?;
     Ok(send(reply))
@@ -221,7 +346,7 @@ fn owner_for(
 
 /// Records owners before the accounts are created; an account another
 /// user owns already is refused (409) before anything is written.
-fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<bool>, ApiError> {
+async fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<bool>, ApiError> {
     let Some(auth) = &state.auth else {
         return Ok(vec![true; pairs.len()]);
     };
@@ -229,7 +354,7 @@ fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<bool>, 
         .iter()
         .filter_map(|(a, o)| o.map(|o| (*a, o)))
         .collect();
-    let mut answers = auth.claim(&owned)?.into_iter();
+    let mut answers = auth.claim(&owned).await?.into_iter();
     let result: Vec<bool> = pairs
         .iter()
         .map(|(_, o)| o.is_none() || answers.next().unwrap_or(false))
@@ -308,7 +433,7 @@ async fn create_accounts_bulk(
         .iter()
         .map(|a| (a.id.as_str(), a.owner.as_deref()))
         .collect();
-    let claimed = claim(&state, &pairs)?;
+    let claimed = claim(&state, &pairs).await?;
     let creates = body
         .accounts
         .into_iter()
@@ -322,11 +447,13 @@ async fn create_accounts_bulk(
                         "account_exists",
                         format!("account {} exists and belongs to another user", item.id),
                     )),
-                    Ok(request) => state
-                        .manager
-                        .create_account(request, None, &ACCOUNT_VIEW)
-                        .await
-                        .map_err(ApiError::from),
+                    Ok(request) => match state.manager() {
+                        Ok(manager) => manager
+                            .create_account(request, None, &ACCOUNT_VIEW)
+                            .await
+                            .map_err(ApiError::from),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 match result {
@@ -394,7 +521,8 @@ async fn lookup_transfers(
         .iter()
         .map(|id| TransferId::parse(id))
         .collect::<Result<Vec<_>, _>>()?;
-    let lookups = ids.iter().map(|id| state.manager.transfer(id));
+    let manager = state.manager()?;
+    let lookups = ids.iter().map(|id| manager.transfer(id));
     let mut found = Vec::new();
     let mut missing = Vec::new();
     for (id, result) in ids
@@ -435,7 +563,7 @@ async fn list_accounts(
     let Query(query) = query?;
     let after = query.after.as_deref().map(AccountId::parse).transpose()?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let accounts = state.manager.list_accounts(after, limit).await?;
+    let accounts = state.manager()?.list_accounts(after, limit).await?;
     let next_after = (accounts.len() == limit as usize)
         .then(|| accounts.last().map(|a| a.id.to_string()))
         .flatten();
@@ -451,8 +579,8 @@ async fn get_account(
     Path(id): Path<String>,
 ) -> Result<Json<AccountBody>, ApiError> {
     let id = AccountId::parse(&id)?;
-    caller.may_read(&state, id.as_str())?;
-    let account = state.manager.account(&id).await?.ok_or_else(|| {
+    caller.may_read(&state, id.as_str()).await?;
+    let account = state.manager()?.account(&id).await?.ok_or_else(|| {
         ApiError::not_found("account_not_found", format!("account {id} does not exist"))
     })?;
     Ok(Json(AccountBody::from(&account)))
@@ -475,7 +603,7 @@ async fn create_transfer(
     ApiJson(body): ApiJson<CreateTransfer>,
 ) -> Result<Response, ApiError> {
     let from = AccountId::parse(&body.from)?;
-    caller.may_debit(&state, from.as_str())?;
+    caller.may_debit(&state, from.as_str()).await?;
     let to = AccountId::parse(&body.to)?;
     let currency = body.currency.as_deref().map(Currency::parse).transpose()?;
     // Decimal text is read in the named currency, or the payer's; parse in
@@ -498,15 +626,19 @@ async fn get_transfer(
     Path(id): Path<String>,
 ) -> Result<Json<TransferBody>, ApiError> {
     let id = TransferId::parse(&id)?;
-    let transfer = state.manager.transfer(&id).await?.ok_or_else(|| {
+    let transfer = state.manager()?.transfer(&id).await?.ok_or_else(|| {
         ApiError::not_found(
             "transfer_not_found",
             format!("transfer {id} does not exist"),
         )
     })?;
     // Its payer's or payee's owner may read it.
-    if caller.may_read(&state, transfer.payer.as_str()).is_err() {
-        caller.may_read(&state, transfer.payee.as_str())?;
+    if caller
+        .may_read(&state, transfer.payer.as_str())
+        .await
+        .is_err()
+    {
+        caller.may_read(&state, transfer.payee.as_str()).await?;
     }
     Ok(Json(TransferBody::from(&transfer)))
 }
@@ -533,7 +665,8 @@ pub struct TransferCounts {
 /// Per-shard figures; a shard that cannot answer is reported unhealthy.
 pub async fn shard_bodies(state: &AppState) -> Vec<ShardBody> {
     let mut out = Vec::new();
-    for store in state.manager.shards() {
+    let shards = state.manager.as_ref().map_or(&[][..], |m| m.shards());
+    for store in shards {
         let shard = store.shard();
         let body = match store.stats().await {
             Ok(stats) => ShardBody {
@@ -582,7 +715,7 @@ async fn run_audit(
     caller: Caller,
 ) -> Result<Json<AuditReport>, ApiError> {
     caller.require(&[Role::Admin])?;
-    Ok(Json(audit::run(&state.manager).await?))
+    Ok(Json(audit::run(state.manager()?).await?))
 }
 
 #[derive(Deserialize)]
@@ -592,6 +725,10 @@ struct ScoreRequest {
     to: String,
     amount: Option<String>,
     amount_minor: Option<i64>,
+    /// Publish the decision to `fraud_events`: the shard manager asks so
+    /// when it scores a transfer it is about to make.
+    #[serde(default)]
+    publish: bool,
 }
 
 /// The fraud service's scoring endpoint: the decision, score and reasons
@@ -602,7 +739,7 @@ async fn score_transfer(
     ApiJson(body): ApiJson<ScoreRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Service, Role::Admin])?;
-    let Some(engine) = state.manager.fraud() else {
+    let Some(engine) = &state.fraud else {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "fraud_checks_off",
@@ -631,7 +768,21 @@ async fn score_transfer(
                 format!("fraud checks failed: {e}"),
             )
         })?;
+    if body.publish {
+        engine
+            .publish(from.as_str(), to.as_str(), amount.minor(), &assessment)
+            .await;
+    }
     Ok(json_response(200, &assessment))
+}
+
+fn pipeline_unavailable(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "pipeline_unavailable",
+        format!("cannot read the event pipeline: {e:#}"),
+    )
+    .retry_after(1)
 }
 
 fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::events::Pipeline>, ApiError> {
@@ -648,10 +799,7 @@ fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::events::Pipeli
 /// consumer's applied events, duplicates suppressed and lag.
 async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
-    let report = pipeline
-        .report(state.manager.shards())
-        .await
-        .map_err(crate::manager::ManagerError::from)?;
+    let report = pipeline.report().await.map_err(pipeline_unavailable)?;
     Ok(json_response(200, &report))
 }
 
@@ -662,7 +810,7 @@ async fn analytics_totals(State(state): State<AppState>) -> Result<Response, Api
     let pipeline = pipeline_of(&state)?;
     let (overall, per_shard) = pipeline.analytics.totals();
     let mut shard_completed = Vec::new();
-    for store in state.manager.shards() {
+    for store in state.manager()?.shards() {
         shard_completed.push(
             store
                 .stats()
@@ -678,10 +826,7 @@ async fn analytics_totals(State(state): State<AppState>) -> Result<Response, Api
                 .map_or(0, |t| t.transfers_completed)
         })
         .collect();
-    let pipeline_report = pipeline
-        .report(state.manager.shards())
-        .await
-        .map_err(crate::manager::ManagerError::from)?;
+    let pipeline_report = pipeline.report().await.map_err(pipeline_unavailable)?;
     Ok(json_response(
         200,
         &serde_json::json!({
@@ -738,7 +883,7 @@ async fn register_webhook(
     let pipeline = pipeline_of(&state)?;
     let account = AccountId::parse(&body.account)?;
     if !caller.is_admin() {
-        caller.may_debit(&state, account.as_str())?;
+        caller.may_debit(&state, account.as_str()).await?;
     }
     let url = reqwest::Url::parse(&body.url)
         .ok()
@@ -750,7 +895,7 @@ async fn register_webhook(
                 "url must be an absolute http:// or https:// URL",
             )
         })?;
-    if state.manager.account(&account).await?.is_none() {
+    if state.manager()?.account(&account).await?.is_none() {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "account_not_found",

@@ -407,6 +407,15 @@ pub trait ShardStore: Send + Sync + 'static {
     /// A transfer whose payer is on this shard.
     async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError>;
 
+    /// An account's ledger entries with ids after `after`, oldest first, at
+    /// most `limit` (its statement, page by page).
+    async fn account_entries(
+        &self,
+        account: &AccountId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
+
     /// Pending transfers created before `created_before`, oldest first.
     async fn pending_transfers(
         &self,
@@ -442,6 +451,18 @@ pub trait ShardStore: Send + Sync + 'static {
     fn two_phase(&self) -> Option<&dyn TwoPhase> {
         None
     }
+}
+
+/// One ledger entry: a negative amount debits the account, a positive one
+/// credits it. `id` orders the entries of one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub transfer_id: String,
+    pub account_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub created_at_ms: TimestampMs,
 }
 
 /// The id of one branch of a two-phase transfer: the global transaction id

@@ -109,3 +109,66 @@ async fn every_documented_path_is_served() {
         }
     }
 }
+
+/// An account's statement (the ledger service's route) lists its entries
+/// oldest first, a page at a time; they add up to its balance. The
+/// trial balance shows every shard balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_add_up_to_the_balance_and_shards_balance() {
+    let app = TestApp::start().await;
+    let (a, b, _) = app.ids_by_shard("stmt");
+    app.create(&a, "100.00").await;
+    app.create(&b, "5.00").await;
+    for (i, (from, to, amount)) in [(&a, &b, "12.50"), (&b, &a, "2.25"), (&a, &b, "0.10")]
+        .iter()
+        .enumerate()
+    {
+        let (status, answer) = app
+            .post(
+                "/v1/transfers",
+                json!({"from": from, "to": to, "amount": amount}),
+                Some(&format!("stmt-{i}")),
+            )
+            .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = app
+            .get(&format!("/v1/accounts/{a}/entries?limit=2&after={after}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let entries = page["entries"].as_array().unwrap();
+        assert!(entries.len() <= 2);
+        seen.extend(entries.iter().cloned());
+        match page["next_after"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let amounts: Vec<i64> = seen
+        .iter()
+        .map(|e| e["amount_minor"].as_i64().unwrap())
+        .collect();
+    assert_eq!(amounts, [100_00, -12_50, 2_25, -10], "{seen:?}");
+    let ids: Vec<i64> = seen.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(amounts.iter().sum::<i64>(), app.balance_minor(&a).await);
+
+    let (status, body) = app.get("/v1/accounts/nobody/entries").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("account_not_found"))
+    );
+    let (status, _) = app.get(&format!("/v1/accounts/{a}/entries?limit=0")).await;
+    assert_eq!(status, 422);
+
+    let (status, trial) = app.get("/v1/ledger/trial-balance").await;
+    assert_eq!(status, 200, "{trial}");
+    let shards = trial["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 4);
+    for shard in shards {
+        assert_eq!(shard["balanced"], true, "{shard}");
+    }
+}

@@ -191,8 +191,11 @@ impl TestApp {
             .await
             .unwrap();
         let state = AppState {
+            service: shardpay_reference::app::Service::All,
+            peers: None,
+            fraud: manager.fraud().cloned(),
             pipeline: Some(Arc::clone(&pipeline)),
-            manager: Arc::clone(&manager),
+            manager: Some(Arc::clone(&manager)),
             default_currency: config.default_currency,
             auth: options.auth.clone(),
             metrics: Default::default(),
@@ -502,6 +505,16 @@ impl ShardStore for Flaky {
     async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError> {
         self.check(false).await?;
         self.inner.transfer(id).await
+    }
+
+    async fn account_entries(
+        &self,
+        account: &AccountId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<shardpay_reference::ledger::LedgerEntry>, StoreError> {
+        self.check(false).await?;
+        self.inner.account_entries(account, after, limit).await
     }
     async fn pending_transfers(
         &self,

@@ -20,7 +20,7 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use super::{
     Account, AccountKind, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite,
-    NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
+    LedgerEntry, NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
     StoredResponse, TimestampMs, Transfer, TransferState,
 };
 use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
@@ -1133,6 +1133,39 @@ impl ShardStore for MysqlShard {
 
     async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError> {
         reading!(self, |tx| tx.transfer(id.as_str(), false).await)
+    }
+
+    async fn account_entries(
+        &self,
+        account: &AccountId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        reading!(self, |tx| {
+            let rows = tx
+                .all(
+                    sqlx::query(
+                        "SELECT id, transfer_id, account_id, amount_minor, currency, created_at_ms
+                         FROM ledger_entries WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
+                    )
+                    .bind(account.as_str())
+                    .bind(after)
+                    .bind(limit),
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(LedgerEntry {
+                        id: tx.get(r, 0)?,
+                        transfer_id: tx.get(r, 1)?,
+                        account_id: tx.get(r, 2)?,
+                        amount_minor: tx.get(r, 3)?,
+                        currency: tx.get(r, 4)?,
+                        created_at_ms: tx.get(r, 5)?,
+                    })
+                })
+                .collect()
+        })
     }
 
     async fn pending_transfers(

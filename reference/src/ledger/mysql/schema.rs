@@ -97,6 +97,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
 pub enum MigrationError {
     #[error("shard database is at schema version {found}, newer than this build knows ({known}); use a newer shardpay")]
     TooNew { found: i64, known: i64 },
+    #[error("another process has held the schema migration lock for 60 s; is a migration stuck? (see SHOW PROCESSLIST)")]
+    Locked,
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }
@@ -105,16 +107,35 @@ pub enum MigrationError {
 /// MySQL, so each statement is applied and then the version recorded; a
 /// migration is written so that a crash part-way is visible, not silent.
 pub async fn migrate(pool: &MySqlPool) -> Result<(), MigrationError> {
+    // Services of a split deployment start at once against the same
+    // databases: one migrates, the others wait on this named lock (held by
+    // the connection, so freed if its holder dies) and find it done.
+    let mut conn = pool.acquire().await?;
+    let locked: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(CONCAT('shardpay_migrate:', DATABASE()), 60)")
+            .fetch_one(&mut *conn)
+            .await?;
+    if locked != Some(1) {
+        return Err(MigrationError::Locked);
+    }
+    let result = migrate_locked(&mut conn).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK(CONCAT('shardpay_migrate:', DATABASE()))")
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> Result<(), MigrationError> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version BIGINT NOT NULL PRIMARY KEY,
             applied_at_ms BIGINT NOT NULL
         ) ENGINE=InnoDB",
     )
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
     let found = found.unwrap_or(0);
     let known = MIGRATIONS.len() as i64;
@@ -123,12 +144,12 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), MigrationError> {
     }
     for (index, statements) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         for sql in *statements {
-            sqlx::query(sql).execute(pool).await?;
+            sqlx::query(sql).execute(&mut *conn).await?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)")
             .bind(index as i64 + 1)
             .bind(super::super::now_ms())
-            .execute(pool)
+            .execute(&mut *conn)
             .await?;
     }
     Ok(())

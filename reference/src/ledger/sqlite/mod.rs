@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
     Account, AccountKind, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite,
-    NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
+    LedgerEntry, NewAccount, OutboxEvent, Refusal, ShardAudit, ShardStats, ShardStore, StoreError,
     StoredResponse, TimestampMs, Transfer, TransferState,
 };
 use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
@@ -825,6 +825,33 @@ impl ShardStore for SqliteShard {
     async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError> {
         let id = id.clone();
         self.read(move |ctx| ctx.transfer(id.as_str())).await
+    }
+
+    async fn account_entries(
+        &self,
+        account: &AccountId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let account = account.clone();
+        self.read(move |ctx| {
+            ctx.query_all(
+                "SELECT id, transfer_id, account_id, amount_minor, currency, created_at_ms
+                 FROM ledger_entries WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                params![account.as_str(), after, limit],
+                |r| {
+                    Ok(LedgerEntry {
+                        id: r.get(0)?,
+                        transfer_id: r.get(1)?,
+                        account_id: r.get(2)?,
+                        amount_minor: r.get(3)?,
+                        currency: r.get(4)?,
+                        created_at_ms: r.get(5)?,
+                    })
+                },
+            )
+        })
+        .await
     }
 
     async fn pending_transfers(
