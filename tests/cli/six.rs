@@ -436,22 +436,24 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         !fraud_metrics.contains("shardpay_transfers{"),
         "{fraud_metrics}"
     );
-    // The relay publishes the last transfer's events within moments.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ledger_metrics = metrics(by_name("ledger"));
-        if ledger_metrics.contains("shardpay_outbox_backlog 0\n") {
-            break;
+    // The last transfer's events are published and applied within moments.
+    let eventually = |p: &Process, line: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = metrics(p);
+            if now.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {line:?} in\n{now}");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "{ledger_metrics}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(metrics(notification).contains("shardpay_dlq_size"));
-    let analytics_metrics = metrics(analytics);
-    assert!(
-        analytics_metrics.contains("shardpay_consumer_unapplied{group=\"analytics\"} 0"),
-        "{analytics_metrics}"
+    };
+    eventually(by_name("ledger"), "shardpay_outbox_backlog 0");
+    eventually(
+        analytics,
+        "shardpay_consumer_unapplied{group=\"analytics\"} 0",
     );
+    assert!(metrics(notification).contains("shardpay_dlq_size"));
 
     let fraud_log = std::fs::read_to_string(log("fraud")).unwrap();
     assert!(
