@@ -186,3 +186,113 @@ fn unpublished(dir: &Path) -> u64 {
         left
     })
 }
+
+/// SIGTERM in the middle of a simulator run against the served system,
+/// which is started again on the same port at once: the run's books
+/// (every transfer it sent, settled by resending its key and body) and
+/// the system's audit both pass, and nothing else fails but the event
+/// pipeline's count (see below).
+#[test]
+fn sigterm_during_a_simulator_run_loses_no_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+            .args(["serve", "--demo", "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("shardpay listening on"), "{line:?}");
+        child
+    };
+    let mut server = start();
+    let reports = dir.path().join("reports");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["run", "scenarios/smoke.toml", "--quiet", "--target", &url])
+        .arg("--reports")
+        .arg(&reports)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Once the load is under way (transfers are being made), stop the
+    // server and start it again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shards = std::panic::catch_unwind(|| get(&format!("{url}/v1/shards")));
+        let completed: u64 = shards
+            .ok()
+            .and_then(|s| {
+                s["shards"].as_array().map(|a| {
+                    a.iter()
+                        .map(|x| x["transfers"]["completed"].as_u64().unwrap_or(0))
+                        .sum()
+                })
+            })
+            .unwrap_or(0);
+        if completed > 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run made no transfers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = server.wait().unwrap();
+    assert!(stopped.success(), "SIGTERM is a clean stop, not {stopped}");
+    let _restarted = super::Server {
+        child: start(),
+        url: url.clone(),
+    };
+    let finished = run.wait().unwrap();
+
+    let report_dir = std::fs::read_dir(&reports)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    // The in-process bus and its consumers' counts live in the process, so
+    // the restarted one counts events from its start: the pipeline check
+    // is the one threshold a restart may fail.
+    for failure in report["failures"].as_array().unwrap() {
+        assert!(
+            failure
+                .as_str()
+                .unwrap()
+                .starts_with("event pipeline complete"),
+            "{failure}"
+        );
+    }
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_audit_passes(&url);
+    eprintln!(
+        "sigterm during a run: exit {finished}, {} errors of {} requests, {} answers settled after the run; failures {}",
+        report["totals"]["counts"]["errors"], report["totals"]["counts"]["requests"], report["accounting"]["settled_after_run"], report["failures"]
+    );
+}
