@@ -460,6 +460,27 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         fraud_log.contains(&trace),
         "the fraud service did not log request id {trace}"
     );
+
+    // Each service stops cleanly on SIGTERM (as `docker compose stop` and
+    // scripts/stack.sh down stop them), the shard manager first.
+    for (name, process) in order.iter().zip(processes.iter_mut()).rev() {
+        assert!(Command::new("kill")
+            .args(["-TERM", &process.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{name} ignored SIGTERM for 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{name} stopped with {status}");
+        let said = std::fs::read_to_string(log(name)).unwrap();
+        assert!(said.contains("\"stopped\""), "{name} did not log its stop");
+    }
 }
 
 fn call(base: &str, path: &str, token: Option<&str>, body: Value, expect: u16) -> Value {
