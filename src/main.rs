@@ -308,6 +308,14 @@ struct AuthArgs {
     /// Login attempts per client address per minute (0: no limit).
     #[arg(long, env = "SHARDPAY_LOGIN_LIMIT_PER_ADDRESS", default_value_t = 20)]
     login_limit_per_address: u64,
+    /// Registrations per client address per minute, admins' excepted (0:
+    /// no limit). Each one costs a password hash.
+    #[arg(
+        long,
+        env = "SHARDPAY_REGISTER_LIMIT_PER_ADDRESS",
+        default_value_t = 10
+    )]
+    register_limit_per_address: u64,
     /// Transfers per payer account per second (0: no limit).
     #[arg(long, env = "SHARDPAY_TRANSFER_LIMIT_PER_PAYER", default_value_t = 0)]
     transfer_limit_per_payer: u64,
@@ -336,6 +344,10 @@ impl AuthArgs {
         };
         config.login_per_address = Limit {
             max: self.login_limit_per_address,
+            window: minute,
+        };
+        config.register_per_address = Limit {
+            max: self.register_limit_per_address,
             window: minute,
         };
         config.transfers_per_payer = Limit {

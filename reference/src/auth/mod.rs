@@ -81,6 +81,9 @@ pub struct AuthConfig {
     pub argon2_iterations: u32,
     pub login_per_user: Limit,
     pub login_per_address: Limit,
+    /// Registrations per client address: each costs a password hash, so an
+    /// open register route is a cheap way to load the server.
+    pub register_per_address: Limit,
     pub transfers_per_payer: Limit,
     /// How long an idempotency lock holds if its holder dies.
     pub idempotency_lock_ttl: Duration,
@@ -102,6 +105,10 @@ impl AuthConfig {
             },
             login_per_address: Limit {
                 max: 20,
+                window: Duration::from_secs(60),
+            },
+            register_per_address: Limit {
+                max: 10,
                 window: Duration::from_secs(60),
             },
             transfers_per_payer: Limit {

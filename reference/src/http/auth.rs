@@ -205,14 +205,35 @@ struct Register {
 async fn register(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Peer(peer): Peer,
     ApiJson(body): ApiJson<Register>,
 ) -> Result<Response, ApiError> {
     let auth = auth_of(&state)?;
     let role = body.role.unwrap_or(Role::User);
+    let caller = match headers.contains_key(axum::http::header::AUTHORIZATION) {
+        true => Some(Caller::from_headers(&headers, &state).await?),
+        false => None,
+    };
     if role != Role::User {
-        Caller::from_headers(&headers, &state)
-            .await?
+        caller
+            .as_ref()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_token",
+                    "only an admin may create an admin or a service user; send its token",
+                )
+            })?
             .require(&[Role::Admin])?;
+    }
+    // Admins (setting up users for a load test, say) are not limited.
+    if !caller.as_ref().is_some_and(|c| c.is_admin()) {
+        auth.limit(
+            "register-address",
+            &peer,
+            auth.config().register_per_address,
+        )
+        .await?;
     }
     auth.register(&body.username, &body.password, role).await?;
     Ok((

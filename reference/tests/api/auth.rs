@@ -306,6 +306,59 @@ async fn brute_force_logins_get_429_on_redis() {
     brute_force_logins_get_429(Some(&redis)).await;
 }
 
+/// Registering costs a password hash: an address gets 10 a minute;
+/// registrations an admin makes are not counted.
+async fn registrations_are_limited_per_address(redis: Option<&str>) {
+    let app = app_with_auth(redis).await;
+    let register = |name: String, token: Option<String>| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::POST,
+                "/v1/auth/register",
+                token.as_deref(),
+                Some(json!({"username": name, "password": "a long enough password"})),
+            )
+            .await
+        }
+    };
+    for i in 0..10 {
+        let (status, answer, _) = register(format!("reg{i}"), None).await;
+        assert_eq!(status, 201, "registration {i}: {answer}");
+    }
+    let (status, answer, headers) = register("reg10".into(), None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{answer}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    let admin = token(&app.login("admin", "admin-password", false).await);
+    let (status, answer, _) = register("reg11".into(), Some(admin)).await;
+    assert_eq!(status, 201, "an admin's registration: {answer}");
+    // The refused one was not created: logging in as it fails.
+    let (status, _, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"username": "reg10", "password": "a long enough password"})),
+        )
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_are_limited_per_address_in_memory() {
+    registrations_are_limited_per_address(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_are_limited_per_address_on_redis() {
+    let Some(redis) = redis_server() else { return };
+    registrations_are_limited_per_address(Some(&redis)).await;
+}
+
 async fn stores(redis: Option<&str>) -> Stores {
     match redis {
         Some(url) => {
