@@ -23,7 +23,7 @@ s={"type":"string"}; i={"type":"integer","format":"int64"}; b={"type":"boolean"}
 amount_props={"amount":{"type":"string","description":"decimal text of the major unit, e.g. \"4.50\""},"amount_minor":{"type":"integer","format":"int64","description":"integer minor units, e.g. 450"}}
 account_body=obj({"id":s,"owner":{"type":"string","description":"admins only: the user who may pay from it"},"currency":s,"opening_balance":{"type":"string"},"opening_balance_minor":i},["id"])
 transfer_body=obj({"from":s,"to":s,"currency":s,**amount_props},["from","to"])
-common={"401":"missing, invalid, expired or revoked token","403":"not allowed for this caller","422":"invalid input","429":"rate limited (Retry-After)","503":"a shard or the session store is unavailable"}
+common={"401":"missing, invalid, expired or revoked token","403":"not allowed for this caller","422":"invalid input","429":"rate limited (Retry-After)","503":"a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry"}
 spec={
  "openapi":"3.0.3",
  "info":{"title":"shardpay reference payment system","version":"1","description":"The reference system's API: the routes of its six services. Run as one process (shardpay serve) all of them answer on one port; run as six (shardpay serve <service>) each service answers its own: auth 8001, ledger 8002, fraud 8003, notification 8004, analytics 8005, shard manager 8006. Money is integer minor units with a currency; amounts go in as decimal text or minor units. Errors are {\"error\":{\"code\",\"message\"}}. With auth on, send Authorization: Bearer <access token> from POST /v1/auth/login."},

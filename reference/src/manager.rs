@@ -141,6 +141,10 @@ pub enum ManagerError {
     IdempotencyKeyInFlight,
     #[error("{0}")]
     Unavailable(String),
+    /// The fraud checks could not run (the fraud service does not answer):
+    /// the transfer is refused, never made unscored.
+    #[error("fraud checks failed: {0}; nothing was changed, retry shortly")]
+    FraudUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -417,7 +421,7 @@ impl ShardManager {
                     now,
                 )
                 .await
-                .map_err(|e| ManagerError::Unavailable(format!("fraud checks failed: {e}")))?;
+                .map_err(|e| ManagerError::FraudUnavailable(format!("{e:#}")))?;
             fraud
                 .publish(
                     request.from.as_str(),

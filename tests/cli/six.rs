@@ -461,9 +461,50 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         "the fraud service did not log request id {trace}"
     );
 
+    // With the fraud service down, the shard manager refuses transfers
+    // (they are never made unscored), moves nothing, and is not ready.
+    let manager_url = manager.url.clone();
+    let balance = |token: &str| {
+        get_auth(&format!("{manager_url}/v1/accounts/{tag}a"), token)["balance_minor"].as_i64()
+    };
+    let before = balance(&user);
+    stop(
+        &mut processes[order.iter().position(|n| *n == "fraud").unwrap()],
+        "fraud",
+        &log("fraud"),
+    );
+    let refused = call_with(
+        &manager_url,
+        "/v1/transfers",
+        Some(&user),
+        serde_json::json!({"from": format!("{tag}a"), "to": format!("{tag}b"), "amount": "1.00"}),
+        &[("idempotency-key", "six-3")],
+    );
+    assert_eq!(refused.0, 503, "{refused:?}");
+    assert_eq!(
+        refused.1["error"]["code"], "fraud_unavailable",
+        "{refused:?}"
+    );
+    assert_eq!(balance(&user), before);
+    let ready = get(&format!("{manager_url}/ready")).unwrap();
+    assert_eq!(ready.0, 503, "{ready:?}");
+    assert!(
+        ready.1["problems"].to_string().contains("fraud"),
+        "{ready:?}"
+    );
+
     // Each service stops cleanly on SIGTERM (as `docker compose stop` and
     // scripts/stack.sh down stop them), the shard manager first.
     for (name, process) in order.iter().zip(processes.iter_mut()).rev() {
+        if *name != "fraud" {
+            stop(process, name, &log(name));
+        }
+    }
+}
+
+/// SIGTERM; the process must exit 0 within 30 s and log its stop.
+fn stop(process: &mut Process, name: &str, log: &Path) {
+    {
         assert!(Command::new("kill")
             .args(["-TERM", &process.child.id().to_string()])
             .status()
@@ -478,7 +519,7 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(status.success(), "{name} stopped with {status}");
-        let said = std::fs::read_to_string(log(name)).unwrap();
+        let said = std::fs::read_to_string(log).unwrap();
         assert!(said.contains("\"stopped\""), "{name} did not log its stop");
     }
 }

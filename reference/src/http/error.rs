@@ -94,6 +94,12 @@ impl From<ManagerError> for ApiError {
                 "shard_unavailable",
                 message,
             ),
+            ManagerError::FraudUnavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fraud_unavailable",
+                message,
+            )
+            .retry_after(1),
             ManagerError::Internal(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
