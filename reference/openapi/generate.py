@@ -38,6 +38,7 @@ spec={
   "/v1/auth/login":{"post":op("Log in: access and refresh tokens","auth",auth=False,body=obj({"username":s,"password":s},["username","password"]),responses={"200":"tokens","401":"wrong username or password","429":"too many attempts (Retry-After)"})},
   "/v1/auth/refresh":{"post":op("Trade a refresh token (works once) for new tokens","auth",auth=False,body=obj({"refresh_token":s},["refresh_token"]),responses={"200":"tokens","401":"refresh token used, revoked or expired"})},
   "/v1/auth/logout":{"post":op("Revoke this session and its tokens","auth",responses={"204":"logged out","401":"no valid token"})},
+  "/v1/auth/logout-all":{"post":op("Log out everywhere: revoke every session of the caller (admins: of the user named) and all their tokens","auth",body=obj({"username":s}),responses={"200":"username and sessions revoked",**common})},
   "/v1/auth/me":{"get":op("Who the token belongs to","auth",responses={"200":"username and role","401":"no valid token"})},
   "/v1/auth/owners":{"post":op("Record owners of accounts that have none yet; per pair, whether that owner owns it now (service, admin: the other services of a split deployment)","auth",body=obj({"pairs":{"type":"array","maxItems":1000,"items":obj({"account":s,"owner":s},["account","owner"])}},["pairs"]),responses={"200":"owned: one boolean per pair",**common})},
   "/v1/auth/owners/{account}":{"get":op("The owner of an account, or null (service, admin)","auth",params=[path("account")],responses={"200":"account and owner",**common})},

@@ -616,6 +616,12 @@ impl AuthService {
         Ok(self.stores.sessions.revoke(&principal.session).await?)
     }
 
+    /// Revokes every session of `username`: its access and refresh tokens
+    /// stop working at once, wherever they are.
+    pub async fn logout_everywhere(&self, username: &str) -> Result<u64, AuthError> {
+        Ok(self.stores.sessions.revoke_user(username).await?)
+    }
+
     /// Checks an access token: signature, audience, issuer, expiry, and
     /// that its session was not revoked.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {

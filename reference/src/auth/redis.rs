@@ -10,13 +10,15 @@ use redis::{AsyncCommands, Script};
 
 use super::stores::{Hit, IdempotencyLocks, RateLimiter, Session, SessionStore, StoreDown};
 
-/// Keys are `<prefix>sess:<sid>`, `<prefix>rl:<key>`, `<prefix>idem:<key>`.
+/// Keys are `<prefix>sess:<sid>`, `<prefix>usess:<username>` (the set of a
+/// user's session ids), `<prefix>rl:<key>`, `<prefix>idem:<key>`.
 pub struct RedisStores {
     conn: ConnectionManager,
     prefix: String,
     hit: Script,
     rotate: Script,
     release: Script,
+    revoke_user: Script,
 }
 
 fn down(e: redis::RedisError) -> StoreDown {
@@ -33,14 +35,29 @@ if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1])
 return {n, ttl}
 "#;
 
-/// Swap the refresh hash only if it is still the old one.
+/// Swap the refresh hash only if it is still the old one; the user's set
+/// of sessions lives at least as long as the session.
 const ROTATE: &str = r#"
 if redis.call('HGET', KEYS[1], 'refresh') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'refresh', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  local user = redis.call('HGET', KEYS[1], 'user')
+  if user then redis.call('PEXPIRE', ARGV[4] .. user, ARGV[3]) end
   return 1
 end
 return 0
+"#;
+
+/// Delete every session in the user's set, then the set; answers how many
+/// still existed.
+const REVOKE_USER: &str = r#"
+local sids = redis.call('SMEMBERS', KEYS[1])
+local n = 0
+for _, sid in ipairs(sids) do
+  n = n + redis.call('DEL', ARGV[1] .. sid)
+end
+redis.call('DEL', KEYS[1])
+return n
 "#;
 
 /// Delete the lock only if this holder still has it.
@@ -72,6 +89,7 @@ impl RedisStores {
             hit: Script::new(HIT),
             rotate: Script::new(ROTATE),
             release: Script::new(RELEASE),
+            revoke_user: Script::new(REVOKE_USER),
         })
     }
 
@@ -88,6 +106,7 @@ fn ms(d: Duration) -> u64 {
 impl SessionStore for RedisStores {
     async fn put(&self, sid: &str, session: &Session, ttl: Duration) -> Result<(), StoreDown> {
         let key = self.key("sess", sid);
+        let user_key = self.key("usess", &session.username);
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()
@@ -95,6 +114,10 @@ impl SessionStore for RedisStores {
             .hset(&key, "role", &session.role)
             .hset(&key, "refresh", &session.refresh_hash)
             .pexpire(&key, ms(ttl) as i64)
+            // Every session gets the same lifetime, so the newest one
+            // expires last: the set lives as long as it.
+            .sadd(&user_key, sid)
+            .pexpire(&user_key, ms(ttl) as i64)
             .query_async::<()>(&mut conn)
             .await
             .map_err(down)
@@ -135,6 +158,7 @@ impl SessionStore for RedisStores {
             .arg(old)
             .arg(new)
             .arg(ms(ttl))
+            .arg(self.key("usess", ""))
             .invoke_async(&mut conn)
             .await
             .map_err(down)?;
@@ -144,6 +168,16 @@ impl SessionStore for RedisStores {
     async fn revoke(&self, sid: &str) -> Result<(), StoreDown> {
         let mut conn = self.conn.clone();
         conn.del::<_, ()>(self.key("sess", sid)).await.map_err(down)
+    }
+
+    async fn revoke_user(&self, username: &str) -> Result<u64, StoreDown> {
+        let mut conn = self.conn.clone();
+        self.revoke_user
+            .key(self.key("usess", username))
+            .arg(self.key("sess", ""))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(down)
     }
 }
 

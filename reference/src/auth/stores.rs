@@ -39,6 +39,9 @@ pub trait SessionStore: Send + Sync {
         ttl: Duration,
     ) -> Result<bool, StoreDown>;
     async fn revoke(&self, sid: &str) -> Result<(), StoreDown>;
+    /// Revokes every session of `username` ("log out everywhere");
+    /// answers how many there were.
+    async fn revoke_user(&self, username: &str) -> Result<u64, StoreDown>;
 }
 
 /// What a rate limit answered.
@@ -114,6 +117,22 @@ impl SessionStore for MemoryStores {
     async fn revoke(&self, sid: &str) -> Result<(), StoreDown> {
         self.sessions.lock().expect("sessions lock").remove(sid);
         Ok(())
+    }
+
+    async fn revoke_user(&self, username: &str) -> Result<u64, StoreDown> {
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let before = sessions.len();
+        let mut live = 0;
+        sessions.retain(|_, (s, expires)| {
+            let theirs = s.username == username;
+            if theirs && *expires > now {
+                live += 1;
+            }
+            !theirs
+        });
+        debug_assert!(sessions.len() <= before);
+        Ok(live)
     }
 }
 

@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/login", post(login))
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
+        .route("/v1/auth/logout-all", post(logout_all))
         .route("/v1/auth/me", get(me))
         .route("/v1/auth/owners", post(claim_owners))
         .route("/v1/auth/owners/{account}", get(owner_of))
@@ -296,6 +297,44 @@ async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Respons
         auth.logout(p).await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogoutAll {
+    /// Admins only: whose sessions (default: the caller's own).
+    username: Option<String>,
+}
+
+/// Log out everywhere: every session of the caller (or, for an admin, of
+/// the user named) is revoked, with all its tokens.
+async fn logout_all(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let auth = auth_of(&state)?;
+    let p = caller.principal().expect("auth is on");
+    let body: LogoutAll = if body.iter().all(u8::is_ascii_whitespace) {
+        LogoutAll::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                format!("send no body, or {{\"username\": \"...\"}} (admins): {e}"),
+            )
+        })?
+    };
+    let username = match body.username {
+        Some(other) if other != p.username => {
+            caller.require(&[Role::Admin])?;
+            other
+        }
+        _ => p.username.clone(),
+    };
+    let revoked = auth.logout_everywhere(&username).await?;
+    Ok(Json(serde_json::json!({ "username": username, "revoked": revoked })).into_response())
 }
 
 async fn me(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {

@@ -646,3 +646,84 @@ async fn redis_going_down_neither_loses_nor_doubles_money() {
     let report = shardpay_reference::audit::run(&app.manager).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// Log out everywhere: every session of the user is revoked, access and
+/// refresh tokens alike; an admin may do it for another user, a user may
+/// not.
+async fn logout_everywhere_revokes_every_session(redis: Option<&str>) {
+    let app = app_with_auth(redis).await;
+    let first = app.login("erin", "erin-password-1", true).await;
+    let second = app.login("erin", "erin-password-1", false).await;
+    let other = app.login("frank", "frank-password-1", true).await;
+    let me = |t: &Value| {
+        let t = token(t);
+        let app = &app;
+        async move { app.call(Method::GET, "/v1/auth/me", Some(&t), None).await.0 }
+    };
+    assert_eq!(me(&second).await, 200);
+    // frank may not log erin out.
+    let (status, answer, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/logout-all",
+            Some(&token(&other)),
+            Some(json!({"username": "erin"})),
+        )
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(me(&second).await, 200);
+    let (status, answer, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/logout-all",
+            Some(&token(&first)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, answer["revoked"].as_u64()),
+        (200, Some(2)),
+        "{answer}"
+    );
+    assert_eq!(me(&first).await, 401);
+    assert_eq!(me(&second).await, 401);
+    let (status, _, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": second["refresh_token"]})),
+        )
+        .await;
+    assert_eq!(status, 401, "the refresh token went with its session");
+    assert_eq!(me(&other).await, 200, "other users keep their sessions");
+    // An admin logs a user out everywhere.
+    let third = app.login("erin", "erin-password-1", false).await;
+    assert_eq!(me(&third).await, 200);
+    let admin = token(&app.login("admin", "admin-password", false).await);
+    let (status, answer, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/logout-all",
+            Some(&admin),
+            Some(json!({"username": "erin"})),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["revoked"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    assert_eq!(me(&third).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_everywhere_revokes_every_session_in_memory() {
+    logout_everywhere_revokes_every_session(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_everywhere_revokes_every_session_on_redis() {
+    let Some(redis) = redis_server() else { return };
+    logout_everywhere_revokes_every_session(Some(&redis)).await;
+}
