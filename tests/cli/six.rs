@@ -298,9 +298,14 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
     );
     // Each service serves its own routes, not the others'.
     let get = reqwest::blocking_get_like();
-    assert_eq!(
-        get(&format!("{}/v1/analytics", manager.url)).unwrap().0,
-        404
+    let elsewhere = get(&format!("{}/v1/analytics", manager.url)).unwrap();
+    assert_eq!(elsewhere.0, 404);
+    assert!(
+        elsewhere.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("served by the analytics service"),
+        "{elsewhere:?}"
     );
     assert_eq!(get(&format!("{}/v1/shards", fraud.url)).unwrap().0, 404);
     let health = get(&format!("{}/health", fraud.url)).unwrap();

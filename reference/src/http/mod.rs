@@ -87,14 +87,73 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             ops::observe,
         ))
-        .fallback(|| async {
-            ApiError::not_found(
-                "route_not_found",
-                "no such route; see README.md for the API",
-            )
-        })
+        .fallback(route_not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The service of a split deployment that serves `path`, if another one.
+fn served_by(path: &str) -> Option<Service> {
+    let prefixes: [(&str, Service); 10] = [
+        ("/v1/auth/", Service::Auth),
+        ("/v1/ledger/", Service::Ledger),
+        ("/v1/fraud/", Service::Fraud),
+        ("/v1/webhooks", Service::Notification),
+        ("/v1/dlq", Service::Notification),
+        ("/v1/notification/", Service::Notification),
+        ("/v1/pipeline", Service::Analytics),
+        ("/v1/analytics", Service::Analytics),
+        ("/dashboard/", Service::Analytics),
+        ("/v1/accounts", Service::ShardManager),
+    ];
+    if path.starts_with("/v1/accounts/") && path.ends_with("/entries") {
+        return Some(Service::Ledger);
+    }
+    prefixes
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix))
+        .map(|(_, service)| *service)
+        .or_else(|| {
+            path.starts_with("/v1/transfers")
+                .then_some(Service::ShardManager)
+        })
+}
+
+/// 404 for a route this process does not serve; in a split deployment,
+/// naming the service that does.
+async fn route_not_found(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    uri: axum::http::Uri,
+) -> ApiError {
+    let elsewhere = served_by(uri.path()).filter(|s| !state.service.runs(*s));
+    match (elsewhere, &state.peers) {
+        (Some(service), Some(peers)) => {
+            let url = match service {
+                Service::Auth => Some(peers.auth.as_str()),
+                Service::Ledger => Some(peers.ledger.as_str()),
+                Service::Fraud => Some(peers.fraud.as_str()),
+                Service::Notification => Some(peers.notification.as_str()),
+                _ => None,
+            };
+            let at = url.map_or_else(
+                || format!("on port {}", service.default_port()),
+                |u| format!("at {u}"),
+            );
+            ApiError::not_found(
+                "route_not_found",
+                format!(
+                    "this is the {} service; {} is served by the {} service ({at})",
+                    state.service.name(),
+                    uri.path(),
+                    service.name()
+                ),
+            )
+        }
+        _ => ApiError::not_found(
+            "route_not_found",
+            "no such route; see README.md for the API",
+        ),
+    }
 }
 
 /// A JSON body whose rejections answer in our error shape.
