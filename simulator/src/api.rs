@@ -48,6 +48,19 @@ pub fn service_of(path: &str) -> &'static str {
     }
 }
 
+/// A 404 from a service of a split deployment that says another service
+/// serves the route: the run needs `--service NAME=URL`.
+fn split_hint(name: &str, answer: &str) -> anyhow::Result<()> {
+    if answer.contains(&format!("served by the {name} service")) {
+        let said: serde_json::Value = serde_json::from_str(answer).unwrap_or_default();
+        bail!(
+            "{}; tell the simulator where: --service {name}=URL",
+            said["error"]["message"].as_str().unwrap_or(answer)
+        );
+    }
+    Ok(())
+}
+
 /// Services `--service NAME=URL` may name.
 pub const SERVICES: [&str; 3] = ["auth", "notification", "analytics"];
 
@@ -138,7 +151,12 @@ impl Api {
                     self.url("/v1/auth/me")
                 )
             })?;
-        Ok(response.status() == reqwest::StatusCode::UNAUTHORIZED)
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            let text = response.text().await.unwrap_or_default();
+            split_hint("auth", &text)?;
+        }
+        Ok(status == reqwest::StatusCode::UNAUTHORIZED)
     }
 
     /// Registers a user (`admin`: with the admin's token, any role).
@@ -360,10 +378,11 @@ impl Api {
             .await
             .context("GET /v1/pipeline failed")?;
         let status = response.status();
+        let text = response.text().await?;
         if status == reqwest::StatusCode::NOT_FOUND {
+            split_hint("analytics", &text)?;
             return Ok(None);
         }
-        let text = response.text().await?;
         if !status.is_success() {
             bail!("GET /v1/pipeline answered {status}: {text}");
         }
@@ -384,10 +403,11 @@ impl Api {
             .await
             .context("POST /v1/webhooks failed")?;
         let status = response.status();
+        let text = response.text().await?;
         if status == reqwest::StatusCode::NOT_FOUND {
+            split_hint("notification", &text)?;
             return Ok(None);
         }
-        let text = response.text().await?;
         if !status.is_success() {
             bail!("POST /v1/webhooks answered {status}: {text}");
         }

@@ -311,6 +311,25 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
     let health = get(&format!("{}/health", fraud.url)).unwrap();
     assert_eq!(health.1["service"], "fraud", "{health:?}");
 
+    // Without --service, the simulator is told where the auth routes are.
+    let lost = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args([
+            "run",
+            "scenarios/smoke.toml",
+            "--quiet",
+            "--target",
+            &manager.url,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&lost.stderr);
+    assert_eq!(lost.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("served by the auth service") && said.contains("--service auth=URL"),
+        "{said}"
+    );
+
     let reports = dir.path().join("reports");
     let run = Command::new(env!("CARGO_BIN_EXE_shardpay"))
         .args([
