@@ -355,6 +355,9 @@ pub struct Analytics {
 
 pub const ANALYTICS_GROUP: &str = "analytics";
 
+/// Outbox rows per page when analytics rebuilds its totals.
+pub const REBUILD_PAGE: u32 = 5_000;
+
 impl Default for Analytics {
     fn default() -> Self {
         Analytics {
@@ -380,18 +383,54 @@ struct TransferPayload {
 }
 
 impl Analytics {
-    /// Applies one event unless its id was applied before.
+    /// Applies one event from the bus unless its id was applied before.
     pub fn apply(&self, event: &Event, now: TimestampMs) {
+        self.apply_one(event, Some(now));
+    }
+
+    /// Rebuilds the totals from the shards' outboxes (every row, published
+    /// or not), as a restarted analytics service must: its totals live in
+    /// memory, and the bus goes on from where the group left off. Events
+    /// that arrive from the bus afterwards are recognised by id. Decisions
+    /// of the fraud service are not in any outbox (published at most once)
+    /// and are not rebuilt. Answers how many events it applied.
+    pub async fn rebuild(&self, shards: &[Arc<dyn ShardStore>]) -> anyhow::Result<u64> {
+        let mut applied = 0;
+        for store in shards {
+            let mut after = 0;
+            loop {
+                let page = store.outbox_page(after, REBUILD_PAGE).await?;
+                for row in &page {
+                    self.apply_one(&Event::from_outbox(row), None);
+                    applied += 1;
+                }
+                match page.last() {
+                    Some(last) if page.len() == REBUILD_PAGE as usize => after = last.seq,
+                    _ => break,
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies one event unless its id was applied before; `now` is the
+    /// time it came off the bus (`None` when rebuilt from an outbox, which
+    /// says nothing of the pipeline's lag).
+    fn apply_one(&self, event: &Event, now: Option<TimestampMs>) {
         let mut s = self.state.lock().expect("analytics lock");
-        s.received += 1;
+        if now.is_some() {
+            s.received += 1;
+        }
         if !s.seen.insert(event.id.clone()) {
             s.duplicates += 1;
             return;
         }
         if event.shard.is_some() {
             s.outbox_applied += 1;
-            let lag = (now - event.created_at_ms).max(1) as u64;
-            s.lag.saturating_record(lag);
+            if let Some(now) = now {
+                let lag = (now - event.created_at_ms).max(1) as u64;
+                s.lag.saturating_record(lag);
+            }
         }
         if let Some(decision) = event.event_type.strip_prefix("fraud.") {
             let kind = match decision {
@@ -554,6 +593,19 @@ impl Pipeline {
         let mut tasks = Vec::new();
         if self.service.runs(Service::Ledger) {
             tasks.push(tokio::spawn(Arc::clone(&self.relay).run(relay_interval)));
+        }
+        if self.service.runs(Service::Analytics) {
+            // Before subscribing: what the bus delivers after this is
+            // either new or recognised.
+            let started = std::time::Instant::now();
+            let rebuilt = self.analytics.rebuild(&self.relay.shards).await?;
+            if rebuilt > 0 {
+                tracing::info!(
+                    events = rebuilt,
+                    ms = started.elapsed().as_millis() as u64,
+                    "analytics rebuilt its totals from the shards' outboxes"
+                );
+            }
         }
         for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
             if self.service.runs(Service::Analytics) {

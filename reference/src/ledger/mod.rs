@@ -437,6 +437,12 @@ pub trait ShardStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<u64, StoreError>;
 
+    /// Up to `limit` outbox events after position `after_seq`, published or
+    /// not, oldest first: the shard's event log, for a consumer that
+    /// rebuilds its state.
+    async fn outbox_page(&self, after_seq: i64, limit: u32)
+        -> Result<Vec<OutboxEvent>, StoreError>;
+
     /// Up to `limit` outbox events not yet published, oldest first.
     async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
 

@@ -186,6 +186,43 @@ pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dy
             .unwrap(),
         1
     );
+
+    // The outbox as a log: every row, published or not, in order, by page.
+    let (rows, unpublished) = a.outbox_counts().await.unwrap();
+    assert!(rows >= 4 && unpublished == rows, "{rows} {unpublished}");
+    let all = a.outbox_page(0, 1_000).await.unwrap();
+    assert_eq!(all.len() as u64, rows);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    a.mark_published(&[all[0].seq], now_ms()).await.unwrap();
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = a.outbox_page(after, 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        paged.extend(page);
+    }
+    assert_eq!(
+        paged, all,
+        "pages of 2 give the same log, the published row too"
+    );
+
+    // A statement: the account's entries in order, adding up to its balance.
+    let entries = a
+        .account_entries(&AccountId::parse("p").unwrap(), 0, 100)
+        .await
+        .unwrap();
+    assert!(entries.len() >= 3, "{entries:?}");
+    assert!(entries.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        entries.iter().map(|e| e.amount_minor).sum::<i64>(),
+        balance(a, "p").await
+    );
+    let rest = a
+        .account_entries(&AccountId::parse("p").unwrap(), entries[0].id, 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, entries[1..]);
 }
 
 #[tokio::test]

@@ -507,6 +507,15 @@ impl ShardStore for Flaky {
         self.inner.transfer(id).await
     }
 
+    async fn outbox_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<shardpay_reference::ledger::OutboxEvent>, StoreError> {
+        self.check(false).await?;
+        self.inner.outbox_page(after_seq, limit).await
+    }
+
     async fn account_entries(
         &self,
         account: &AccountId,

@@ -246,6 +246,20 @@ impl Tx<'_> {
         T::read(row, index).map_err(|e| self.corrupt(format!("unexpected column {index}: {e}")))
     }
 
+    /// An outbox row read as `id, event_id, event_type, aggregate_id,
+    /// payload, created_at_ms`.
+    fn outbox_event(&self, r: &MySqlRow) -> Result<OutboxEvent, StoreError> {
+        Ok(OutboxEvent {
+            seq: self.get(r, 0)?,
+            event_id: self.get(r, 1)?,
+            event_type: self.get(r, 2)?,
+            key: self.get(r, 3)?,
+            shard: self.shard,
+            payload: self.get(r, 4)?,
+            created_at_ms: self.get(r, 5)?,
+        })
+    }
+
     fn currency(&self, code: &str) -> Result<Currency, StoreError> {
         Currency::parse(code)
             .map_err(|_| self.corrupt(format!("unknown currency {code:?} in shard database")))
@@ -1193,6 +1207,26 @@ impl ShardStore for MysqlShard {
         reading!(self, |tx| tx.credit_outcome(id.as_str(), false).await)
     }
 
+    async fn outbox_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        reading!(self, |tx| {
+            let rows = tx
+                .all(
+                    sqlx::query(
+                        "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
+                         FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    )
+                    .bind(after_seq)
+                    .bind(limit),
+                )
+                .await?;
+            rows.iter().map(|r| tx.outbox_event(r)).collect()
+        })
+    }
+
     async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         reading!(self, |tx| {
             let rows = tx
@@ -1204,19 +1238,7 @@ impl ShardStore for MysqlShard {
                     .bind(limit),
                 )
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(OutboxEvent {
-                        seq: tx.get(r, 0)?,
-                        event_id: tx.get(r, 1)?,
-                        event_type: tx.get(r, 2)?,
-                        key: tx.get(r, 3)?,
-                        shard: tx.shard,
-                        payload: tx.get(r, 4)?,
-                        created_at_ms: tx.get(r, 5)?,
-                    })
-                })
-                .collect()
+            rows.iter().map(|r| tx.outbox_event(r)).collect()
         })
     }
 

@@ -879,6 +879,23 @@ impl ShardStore for SqliteShard {
         self.read(move |ctx| ctx.credit_outcome(id.as_str())).await
     }
 
+    async fn outbox_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let shard = self.shard;
+        self.read(move |ctx| {
+            ctx.query_all(
+                "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms FROM outbox
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                params![after_seq, limit as i64],
+                |r| outbox_event(r, shard),
+            )
+        })
+        .await
+    }
+
     async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         let shard = self.shard;
         self.read(move |ctx| {
@@ -886,17 +903,7 @@ impl ShardStore for SqliteShard {
                 "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms FROM outbox
                  WHERE published_at_ms IS NULL ORDER BY id LIMIT ?1",
                 [limit as i64],
-                |r| {
-                    Ok(OutboxEvent {
-                        seq: r.get(0)?,
-                        event_id: r.get(1)?,
-                        event_type: r.get(2)?,
-                        key: r.get(3)?,
-                        shard,
-                        payload: r.get(4)?,
-                        created_at_ms: r.get(5)?,
-                    })
-                },
+                |r| outbox_event(r, shard),
             )
         })
         .await
@@ -1163,4 +1170,18 @@ fn audit_snapshot(ctx: &Ctx<'_>) -> Result<ShardAudit, StoreError> {
         )?
         .unwrap_or_default();
     Ok(audit)
+}
+
+/// An outbox row read as `id, event_id, event_type, aggregate_id, payload,
+/// created_at_ms`.
+fn outbox_event(r: &rusqlite::Row<'_>, shard: ShardId) -> rusqlite::Result<OutboxEvent> {
+    Ok(OutboxEvent {
+        seq: r.get(0)?,
+        event_id: r.get(1)?,
+        event_type: r.get(2)?,
+        key: r.get(3)?,
+        shard,
+        payload: r.get(4)?,
+        created_at_ms: r.get(5)?,
+    })
 }
