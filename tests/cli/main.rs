@@ -49,11 +49,7 @@ fn mysql_databases() -> Option<Vec<String>> {
         }
     };
     let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         use sqlx::Connection;
         let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
         let mut urls = Vec::new();
@@ -118,11 +114,7 @@ fn serve_with(storage: Storage<'_>, fault: Option<&str>, extra: &[&str]) -> Serv
 }
 
 fn post(url: &str, body: Value, key: &str) -> Result<(u16, Value), reqwest::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let response = reqwest::Client::new()
             .post(url)
             .header("Idempotency-Key", key)
@@ -135,11 +127,28 @@ fn post(url: &str, body: Value, key: &str) -> Result<(u16, Value), reqwest::Erro
 }
 
 fn get(url: &str) -> Value {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+/// Runs a future to its end on a runtime of its own: the tests are plain
+/// threads that drive processes.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+        .unwrap()
+        .block_on(future)
+}
+
+/// The report.json of the one run that wrote its report under `reports`.
+fn only_report(reports: &Path) -> Value {
+    let dir = std::fs::read_dir(reports)
+        .unwrap()
+        .next()
+        .expect("a report folder")
+        .unwrap()
+        .path();
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
 
 /// `shardpay audit --url URL` exits 0 and says the audit passed.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{assert_audit_passes, get, post, serve_with, Storage};
+use super::{assert_audit_passes, block_on, get, only_report, post, serve_with, Storage};
 
 const ACCOUNTS: usize = 8;
 const OPENING_MINOR: i64 = 1_000_00;
@@ -174,11 +174,7 @@ fn unpublished(dir: &Path) -> u64 {
         &shardpay_reference::ledger::sqlite::SqliteConfig::default(),
     )
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let mut left = 0;
         for store in &stores {
             left += store.outbox_counts().await.unwrap().1;
@@ -267,15 +263,7 @@ fn sigterm_during_a_simulator_run_loses_no_transfer() {
     };
     let finished = run.wait().unwrap();
 
-    let report_dir = std::fs::read_dir(&reports)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
-            .unwrap();
+    let report = only_report(&reports);
     assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
     // Analytics rebuilds its totals from the outboxes when it starts, so it
     // has every event; the notification consumer keeps what it delivered in

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::mysql_databases;
+use super::{block_on, mysql_databases, only_report};
 
 /// One service process; killed when dropped.
 struct Process {
@@ -111,12 +111,8 @@ fn serve_env_names() -> Vec<String> {
 }
 
 fn get_auth(url: &str, token: &str) -> Value {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        ::reqwest::Client::new()
+    block_on(async {
+        reqwest::Client::new()
             .get(url)
             .bearer_auth(token)
             .send()
@@ -129,11 +125,7 @@ fn get_auth(url: &str, token: &str) -> Value {
 }
 
 fn text(url: &str) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async { ::reqwest::get(url).await.unwrap().text().await.unwrap() })
+    block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
 
 fn free_port() -> u16 {
@@ -146,9 +138,8 @@ fn free_port() -> u16 {
 
 fn ready(name: &str, url: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let client = reqwest::blocking_get_like();
     loop {
-        let answer = client(&format!("{url}/ready"));
+        let answer = get(&format!("{url}/ready"));
         if let Some((200, _)) = answer {
             return;
         }
@@ -161,22 +152,13 @@ fn ready(name: &str, url: &str, log: &Path) {
     }
 }
 
-/// A blocking GET answering (status, JSON body), or `None` when nothing
-/// answers.
-mod reqwest {
-    pub fn blocking_get_like() -> impl Fn(&str) -> Option<(u16, serde_json::Value)> {
-        |url: &str| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let response = ::reqwest::get(url).await.ok()?;
-                let status = response.status().as_u16();
-                Some((status, response.json().await.unwrap_or_default()))
-            })
-        }
-    }
+/// A GET answering (status, JSON body), or `None` when nothing answers.
+fn get(url: &str) -> Option<(u16, Value)> {
+    block_on(async {
+        let response = reqwest::get(url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.unwrap_or_default()))
+    })
 }
 
 #[test]
@@ -297,7 +279,6 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         by_name("shard-manager"),
     );
     // Each service serves its own routes, not the others'.
-    let get = reqwest::blocking_get_like();
     let elsewhere = get(&format!("{}/v1/analytics", manager.url)).unwrap();
     assert_eq!(elsewhere.0, 404);
     assert!(
@@ -357,15 +338,7 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(run.status.success(), "the run failed:\n{said}");
-    let report_dir = std::fs::read_dir(&reports)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
-            .unwrap();
+    let report = only_report(&reports);
     assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
     assert_eq!(
         report["pipeline"]["complete"], true,
@@ -561,12 +534,8 @@ fn call_with(
     body: Value,
     headers: &[(&str, &str)],
 ) -> (u16, Value) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut request = ::reqwest::Client::new()
+    block_on(async {
+        let mut request = reqwest::Client::new()
             .post(format!("{base}{path}"))
             .json(&body);
         if let Some(t) = token {
@@ -582,12 +551,8 @@ fn call_with(
 }
 
 fn login(auth: &str, username: &str, password: &str) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let answer: Value = ::reqwest::Client::new()
+    block_on(async {
+        let answer: Value = reqwest::Client::new()
             .post(format!("{auth}/v1/auth/login"))
             .json(&serde_json::json!({"username": username, "password": password}))
             .send()
