@@ -135,22 +135,17 @@ enum DlqCommand {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-enum ServiceArg {
-    ShardManager,
-    Auth,
-    Ledger,
-    Fraud,
-    Notification,
-    Analytics,
+/// `serve`'s SERVICE argument: the names `Service` knows.
+fn service_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(Service::SPLIT.map(Service::name))
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The one service to run (leave out, or give --all, for all six in
     /// this process).
-    #[arg(value_enum, env = "SHARDPAY_SERVICE", conflicts_with = "all")]
-    service: Option<ServiceArg>,
+    #[arg(value_parser = service_names(), env = "SHARDPAY_SERVICE", conflicts_with = "all")]
+    service: Option<String>,
     /// All six services in this process (the default).
     #[arg(long)]
     all: bool,
@@ -478,14 +473,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
         );
     }
-    let service = match args.service {
+    let service = match &args.service {
         None => Service::All,
-        Some(ServiceArg::ShardManager) => Service::ShardManager,
-        Some(ServiceArg::Auth) => Service::Auth,
-        Some(ServiceArg::Ledger) => Service::Ledger,
-        Some(ServiceArg::Fraud) => Service::Fraud,
-        Some(ServiceArg::Notification) => Service::Notification,
-        Some(ServiceArg::Analytics) => Service::Analytics,
+        Some(name) => Service::parse(name).expect("clap accepts only service names"),
     };
     let config = ServeConfig {
         service,
