@@ -53,6 +53,7 @@ fn fixture(runtime: &tokio::runtime::Runtime) -> Fixture {
                 id: id.clone(),
                 currency: Currency::DEFAULT,
                 opening_balance: Amount::from_minor(1_000_000_000).unwrap(),
+                owner: None,
             };
             manager
                 .create_account(request, None, &account_view)

@@ -92,8 +92,11 @@ up() {
             echo "$s: already running (pid $(pid_of "$s"))" >&2
             continue
         fi
+        # A local stack: the simulator's webhook receiver listens on
+        # loopback, so webhooks may go there (never the default).
         # shellcheck disable=SC2086
         SHARDPAY_JWT_SECRET="$jwt" SHARDPAY_ADMIN_PASSWORD="$admin" \
+            SHARDPAY_WEBHOOKS_TO_PRIVATE_NETWORKS=true \
             nohup "$BIN" --log-format json serve "$s" \
             --port "$(port_of "$s")" \
             --data-dir "$DIR/data" \

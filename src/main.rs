@@ -259,6 +259,12 @@ struct ServeArgs {
     /// several systems can share one broker.
     #[arg(long, env = "SHARDPAY_KAFKA_PREFIX", default_value = "")]
     kafka_prefix: String,
+    /// Deliver webhooks to loopback and private addresses too (a receiver
+    /// on this machine or its network). Off by default, so that a webhook
+    /// cannot reach this machine's own services; for tests and local
+    /// receivers only, and the server says so at start.
+    #[arg(long, env = "SHARDPAY_WEBHOOKS_TO_PRIVATE_NETWORKS")]
+    webhooks_to_private_networks: bool,
     #[command(flatten)]
     auth: AuthArgs,
 }
@@ -517,6 +523,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         bus: bus_config(args.kafka.as_deref(), &args.kafka_prefix),
         auth: args.auth.setup()?,
+        webhooks: shardpay_reference::notification::WebhookPolicy {
+            allow_private: args.webhooks_to_private_networks,
+        },
     };
     let bus = config.bus.describe();
     let app = app::build(config).await?;

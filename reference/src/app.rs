@@ -152,6 +152,8 @@ pub struct ServeConfig {
     /// The event bus the outbox relay publishes to.
     pub bus: BusConfig,
     pub auth: AuthSetup,
+    /// Where webhooks may be delivered.
+    pub webhooks: crate::notification::WebhookPolicy,
 }
 
 /// Whether and how requests are authenticated.
@@ -189,6 +191,7 @@ impl ServeConfig {
             fraud: Some(FraudConfig::default()),
             bus: BusConfig::InProcess,
             auth: AuthSetup::Demo,
+            webhooks: Default::default(),
         }
     }
 }
@@ -367,7 +370,12 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     let mut manager = None;
     if let Some(shards) = shards {
         if let Some(bus) = &bus {
-            let mut p = Pipeline::with_bus(shards.clone(), Arc::clone(bus));
+            let mut p = Pipeline::with_bus(shards.clone(), Arc::clone(bus))
+                .with_webhooks(config.webhooks)
+                .with_auth(auth.clone());
+            if config.webhooks.allow_private && service.runs(Service::Notification) {
+                tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
+            }
             if split {
                 p = p.for_service(service, config.peers.clone());
             }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::ledger::{now_ms, AccountKind, CreditOutcome, ShardAudit};
+use crate::ledger::{now_ms, AccountKind, CreditOutcome, ShardAudit, TimestampMs};
 use crate::manager::{ManagerError, ShardManager};
 use crate::money::{format_minor, Currency};
 
@@ -99,6 +99,7 @@ pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
         &shards,
         &pending_credited,
         manager.config().recovery_deadline_ms,
+        now_ms(),
     );
     if manager.shards().iter().any(|s| s.two_phase().is_some()) {
         let mut checks = Checks(std::mem::take(&mut report.checks));
@@ -109,10 +110,15 @@ pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
     Ok(report)
 }
 
+/// Judges the shards' snapshots (in shard order) without reading anything:
+/// `pending_credited` holds the pending transfers whose payee's shard has
+/// already credited them, and a pending transfer created more than
+/// `recovery_deadline_ms` before `now` is stale.
 fn evaluate(
     shards: &[ShardAudit],
     pending_credited: &[(Currency, i128)],
     recovery_deadline_ms: i64,
+    now: TimestampMs,
 ) -> AuditReport {
     let mut checks = Checks(Vec::new());
     let per_shard = |f: &dyn Fn(&ShardAudit) -> Vec<String>| -> Vec<String> {
@@ -221,7 +227,6 @@ fn evaluate(
             .collect(),
     );
 
-    let now = now_ms();
     let pending: Vec<_> = shards.iter().flat_map(|s| s.pending.iter()).collect();
     checks.add(
         "no_stale_pending_transfers",
@@ -274,4 +279,426 @@ fn money_totals(shards: &[ShardAudit]) -> Vec<CurrencyTotals> {
             in_flight: format_minor(in_flight, currency),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The audit's verdicts over hand-built snapshots. A consistent pair of
+    //! shards passes; each corruption is written into the snapshots as a
+    //! shard's audit query would read it back, and must fail exactly the
+    //! checks named, no more and no fewer.
+
+    use super::*;
+    use crate::ids::{AccountId, ShardId, TransferId};
+    use crate::ledger::{Transfer, TransferState};
+    use crate::money::Amount;
+
+    const NOW: TimestampMs = 1_700_000_000_000;
+    const DEADLINE_MS: i64 = 60_000;
+
+    const ALL_CHECKS: [&str; 7] = [
+        "entries_sum_to_zero",
+        "balances_match_entries",
+        "no_negative_balances",
+        "in_flight_matches_transfers",
+        "transfers_have_entries_exactly_once",
+        "money_conserved",
+        "no_stale_pending_transfers",
+    ];
+
+    fn usd() -> Currency {
+        Currency::parse("USD").unwrap()
+    }
+
+    fn tid(n: u32) -> TransferId {
+        TransferId::parse(&format!("tr_{n:032x}")).unwrap()
+    }
+
+    fn pending(
+        n: u32,
+        (payer, payer_shard): (&str, u32),
+        (payee, payee_shard): (&str, u32),
+        minor: i64,
+        created_at_ms: TimestampMs,
+    ) -> Transfer {
+        Transfer {
+            id: tid(n),
+            payer: AccountId::parse(payer).unwrap(),
+            payee: AccountId::parse(payee).unwrap(),
+            amount: Amount::from_minor(minor).unwrap(),
+            currency: usd(),
+            payer_shard: ShardId::new(payer_shard).unwrap(),
+            payee_shard: ShardId::new(payee_shard).unwrap(),
+            state: TransferState::Pending,
+            failure_code: None,
+            created_at_ms,
+            updated_at_ms: created_at_ms,
+        }
+    }
+
+    /// The snapshots of two shards and the pending transfers already
+    /// credited on their payee's shard, in USD minor units:
+    ///
+    /// - shard 0: alice opened with 100.00, bob with 50.00;
+    ///   shard 1: carol opened with 70.00.
+    /// - t1 alice -> bob 10.00, same shard, completed.
+    /// - t2 alice -> carol 20.00, cross-shard, completed and credited.
+    /// - t3 carol -> bob 5.00, cross-shard, failed: shard 0 refused the
+    ///   credit and shard 1 reversed the debit (nets to nothing).
+    /// - t4 alice -> carol 3.00, cross-shard, pending, not credited yet.
+    /// - t5 carol -> alice 4.00, cross-shard, pending, already credited.
+    ///
+    /// Balances: alice 71.00, bob 60.00, carol 86.00; in flight on shard 0
+    /// +20 +3 -4 = 19.00, on shard 1 -20 +4 = -16.00; funded 220.00 =
+    /// 217.00 in balances + 3.00 in flight (t4).
+    struct World {
+        shards: Vec<ShardAudit>,
+        pending_credited: Vec<(Currency, i128)>,
+    }
+
+    fn consistent() -> World {
+        let shard_0 = ShardAudit {
+            entry_sum_by_currency: vec![(usd(), 0)],
+            totals: vec![
+                (AccountKind::Funding, usd(), -15_000),
+                (AccountKind::InFlight, usd(), 1_900),
+                (AccountKind::User, usd(), 7_100 + 6_000),
+            ],
+            pending: vec![pending(4, ("alice", 0), ("carol", 1), 300, NOW - 1_000)],
+            sent_minor_by_currency: vec![(usd(), 2_000 + 300)],
+            received_minor_by_currency: vec![(usd(), 400)],
+            completed_cross_out: (1, 2_000),
+            credited_in: (1, 400),
+            ..Default::default()
+        };
+        let shard_1 = ShardAudit {
+            entry_sum_by_currency: vec![(usd(), 0)],
+            totals: vec![
+                (AccountKind::Funding, usd(), -7_000),
+                (AccountKind::InFlight, usd(), -1_600),
+                (AccountKind::User, usd(), 8_600),
+            ],
+            pending: vec![pending(5, ("carol", 1), ("alice", 0), 400, NOW - 1_000)],
+            sent_minor_by_currency: vec![(usd(), 400)],
+            received_minor_by_currency: vec![(usd(), 2_000)],
+            completed_cross_out: (0, 0),
+            credited_in: (1, 2_000),
+            ..Default::default()
+        };
+        World {
+            shards: vec![shard_0, shard_1],
+            pending_credited: vec![(usd(), 400)],
+        }
+    }
+
+    impl World {
+        fn judge(&self) -> AuditReport {
+            evaluate(&self.shards, &self.pending_credited, DEADLINE_MS, NOW)
+        }
+    }
+
+    fn add_to_total(shard: &mut ShardAudit, kind: AccountKind, delta: i128) {
+        let total = shard
+            .totals
+            .iter_mut()
+            .find(|(k, _, _)| *k == kind)
+            .expect("a total of that kind");
+        total.2 += delta;
+    }
+
+    fn check<'a>(report: &'a AuditReport, name: &str) -> &'a Check {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name}"))
+    }
+
+    /// The report failed, exactly `failing` failed (each saying why), and
+    /// every other check passed with nothing to say.
+    fn assert_fails_exactly(report: &AuditReport, failing: &[&str]) {
+        assert!(!report.ok, "{report:#?}");
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name).collect();
+        assert_eq!(names, ALL_CHECKS, "the checks and their order");
+        let failed: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect();
+        let mut want = failing.to_vec();
+        want.sort_by_key(|name| ALL_CHECKS.iter().position(|c| c == name));
+        assert_eq!(failed, want, "{report:#?}");
+        for c in &report.checks {
+            assert_eq!(c.ok, c.problems.is_empty(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn consistent_shards_pass_every_check() {
+        let report = consistent().judge();
+        assert!(report.ok, "{report:#?}");
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name).collect();
+        assert_eq!(names, ALL_CHECKS);
+        for c in &report.checks {
+            assert!(c.ok && c.problems.is_empty(), "{c:?}");
+        }
+        assert_eq!(report.shards, 2);
+        assert_eq!(report.pending_transfers, 2);
+        assert_eq!(report.totals.len(), 1);
+        let usd_totals = &report.totals[0];
+        assert_eq!(usd_totals.currency, usd());
+        assert_eq!(usd_totals.funded_minor, 22_000);
+        assert_eq!(usd_totals.balances_minor, 21_700);
+        assert_eq!(usd_totals.in_flight_minor, 300);
+        assert_eq!(usd_totals.funded, "220.00");
+    }
+
+    /// `UPDATE accounts SET balance_minor = balance_minor + 1` on bob.
+    #[test]
+    fn a_balance_off_by_one_minor_unit_fails_balances_and_conservation() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        shard
+            .balance_mismatches
+            .push("bob: balance 6001, entries 6000".into());
+        add_to_total(shard, AccountKind::User, 1);
+        let report = world.judge();
+        assert_fails_exactly(&report, &["balances_match_entries", "money_conserved"]);
+        assert_eq!(
+            check(&report, "balances_match_entries").problems,
+            ["shard 0: bob: balance 6001, entries 6000"]
+        );
+        assert_eq!(
+            check(&report, "money_conserved").problems,
+            ["USD: balances 217.01 + in flight 3.00 != funded 220.00"]
+        );
+    }
+
+    /// One minor unit moved from alice to bob by editing both balances: the
+    /// totals still add up, so only the entries can tell.
+    #[test]
+    fn balances_edited_to_cancel_out_are_caught_by_their_entries() {
+        let mut world = consistent();
+        world.shards[0].balance_mismatches = vec![
+            "alice: balance 7099, entries 7100".into(),
+            "bob: balance 6001, entries 6000".into(),
+        ];
+        let report = world.judge();
+        assert_fails_exactly(&report, &["balances_match_entries"]);
+        assert_eq!(check(&report, "balances_match_entries").problems.len(), 2);
+    }
+
+    /// bob's +10.00 entry of t1 deleted.
+    #[test]
+    fn a_missing_entry_fails_the_entry_checks() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        shard.entry_sum_by_currency = vec![(usd(), -1_000)];
+        shard
+            .balance_mismatches
+            .push("bob: balance 6000, entries 5000".into());
+        shard.bad_transfers.push(format!(
+            "{} (completed, cross_shard=false): 1 entries, payer net -1000, expected 2 entries and payer net -1000",
+            tid(1)
+        ));
+        let report = world.judge();
+        assert_fails_exactly(
+            &report,
+            &[
+                "entries_sum_to_zero",
+                "balances_match_entries",
+                "transfers_have_entries_exactly_once",
+            ],
+        );
+        assert_eq!(
+            check(&report, "entries_sum_to_zero").problems,
+            ["shard 0: USD entries sum to -1000"]
+        );
+        assert!(
+            check(&report, "transfers_have_entries_exactly_once").problems[0]
+                .starts_with(&format!("shard 0: {}", tid(1)))
+        );
+    }
+
+    /// bob's +10.00 entry of t1 written twice.
+    #[test]
+    fn a_duplicated_entry_fails_the_entry_checks() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        shard.entry_sum_by_currency = vec![(usd(), 1_000)];
+        shard
+            .balance_mismatches
+            .push("bob: balance 6000, entries 7000".into());
+        shard.bad_transfers.push(format!(
+            "{} (completed, cross_shard=false): 3 entries, payer net -1000, expected 2 entries and payer net -1000",
+            tid(1)
+        ));
+        let report = world.judge();
+        assert_fails_exactly(
+            &report,
+            &[
+                "entries_sum_to_zero",
+                "balances_match_entries",
+                "transfers_have_entries_exactly_once",
+            ],
+        );
+        assert_eq!(
+            check(&report, "entries_sum_to_zero").problems,
+            ["shard 0: USD entries sum to 1000"]
+        );
+    }
+
+    /// Both entries of t1 written twice and both balances moved with them:
+    /// the shard balances, only the transfer's own entries show it was paid
+    /// twice.
+    #[test]
+    fn a_same_shard_transfer_paid_twice_fails_only_the_exactly_once_check() {
+        let mut world = consistent();
+        world.shards[0].bad_transfers.push(format!(
+            "{} (completed, cross_shard=false): 4 entries, payer net -2000, expected 2 entries and payer net -1000",
+            tid(1)
+        ));
+        let report = world.judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+    }
+
+    /// Step (b) of t2 applied twice on shard 1 (carol +20.00 and in-flight
+    /// -20.00 again): no money is created overall, but shard 1's in-flight
+    /// account no longer matches what its transfers imply.
+    #[test]
+    fn a_credit_applied_twice_fails_in_flight_and_exactly_once() {
+        let mut world = consistent();
+        let shard = &mut world.shards[1];
+        add_to_total(shard, AccountKind::User, 2_000);
+        add_to_total(shard, AccountKind::InFlight, -2_000);
+        shard.bad_credits.push(format!(
+            "credit {} (credited): 4 entries, payee net 4000",
+            tid(2)
+        ));
+        let report = world.judge();
+        assert_fails_exactly(
+            &report,
+            &[
+                "in_flight_matches_transfers",
+                "transfers_have_entries_exactly_once",
+            ],
+        );
+        assert_eq!(
+            check(&report, "in_flight_matches_transfers").problems,
+            ["shard 1: USD in-flight account holds -3600, transfers imply -1600"]
+        );
+    }
+
+    /// The in-flight account's balance edited by one minor unit.
+    #[test]
+    fn an_in_flight_balance_off_by_one_fails_in_flight_balances_and_conservation() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        shard
+            .balance_mismatches
+            .push("~in_flight:USD: balance 1901, entries 1900".into());
+        add_to_total(shard, AccountKind::InFlight, 1);
+        let report = world.judge();
+        assert_fails_exactly(
+            &report,
+            &[
+                "balances_match_entries",
+                "in_flight_matches_transfers",
+                "money_conserved",
+            ],
+        );
+        assert_eq!(
+            check(&report, "in_flight_matches_transfers").problems,
+            ["shard 0: USD in-flight account holds 1901, transfers imply 1900"]
+        );
+    }
+
+    /// Step (a) of t4 credited bob instead of the in-flight account: the
+    /// transfer's entry count, its net and the payer's side are all right,
+    /// balances follow entries and the total is kept; only the in-flight
+    /// account is short of what the transfers imply.
+    #[test]
+    fn money_sent_to_a_customer_instead_of_in_flight_fails_only_the_in_flight_check() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        add_to_total(shard, AccountKind::InFlight, -300);
+        add_to_total(shard, AccountKind::User, 300);
+        let report = world.judge();
+        assert_fails_exactly(&report, &["in_flight_matches_transfers"]);
+        assert_eq!(
+            check(&report, "in_flight_matches_transfers").problems,
+            ["shard 0: USD in-flight account holds 1600, transfers imply 1900"]
+        );
+    }
+
+    /// t2's amount changed from 20.00 to 20.01 on its payer's shard; the
+    /// payee's shard still credited 20.00.
+    #[test]
+    fn a_transfer_amount_changed_fails_in_flight_and_exactly_once() {
+        let mut world = consistent();
+        let shard = &mut world.shards[0];
+        shard.bad_transfers.push(format!(
+            "{} (completed, cross_shard=true): 2 entries, payer net -2000, expected 2 entries and payer net -2001",
+            tid(2)
+        ));
+        shard.sent_minor_by_currency = vec![(usd(), 2_301)];
+        shard.completed_cross_out = (1, 2_001);
+        let report = world.judge();
+        assert_fails_exactly(
+            &report,
+            &[
+                "in_flight_matches_transfers",
+                "transfers_have_entries_exactly_once",
+            ],
+        );
+        assert_eq!(
+            check(&report, "in_flight_matches_transfers").problems,
+            ["shard 0: USD in-flight account holds 1900, transfers imply 1901"]
+        );
+        let problems = &check(&report, "transfers_have_entries_exactly_once").problems;
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(
+            problems[1],
+            "1 completed cross-shard transfers (2001 minor units) and 1 credited pending ones, but 2 credits (2400 minor units) on payee shards"
+        );
+    }
+
+    /// Shard 1 restored from a copy taken before t2's credit: every shard is
+    /// consistent on its own, and money adds up (it is in flight), but a
+    /// completed transfer has no credit anywhere.
+    #[test]
+    fn a_completed_transfer_without_its_credit_fails_the_exactly_once_check() {
+        let mut world = consistent();
+        let shard = &mut world.shards[1];
+        add_to_total(shard, AccountKind::User, -2_000);
+        add_to_total(shard, AccountKind::InFlight, 2_000);
+        shard.received_minor_by_currency = vec![];
+        shard.credited_in = (0, 0);
+        let report = world.judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+        assert_eq!(
+            check(&report, "transfers_have_entries_exactly_once").problems,
+            ["1 completed cross-shard transfers (2000 minor units) and 1 credited pending ones, but 1 credits (400 minor units) on payee shards"]
+        );
+    }
+
+    /// t4 left pending past the recovery deadline; exactly at the deadline
+    /// it is still in time.
+    #[test]
+    fn a_stale_pending_transfer_fails_only_the_stale_check() {
+        let mut world = consistent();
+        world.shards[0].pending[0].created_at_ms = NOW - DEADLINE_MS;
+        let report = world.judge();
+        assert!(report.ok, "{report:#?}");
+
+        world.shards[0].pending[0].created_at_ms = NOW - DEADLINE_MS - 1;
+        let report = world.judge();
+        assert_fails_exactly(&report, &["no_stale_pending_transfers"]);
+        assert_eq!(
+            check(&report, "no_stale_pending_transfers").problems,
+            [format!("{} pending for 60 s (deadline 60 s)", tid(4))]
+        );
+        assert_eq!(report.pending_transfers, 2);
+    }
 }

@@ -199,6 +199,10 @@ pub struct AccountRequest {
     pub id: AccountId,
     pub currency: Currency,
     pub opening_balance: Amount,
+    /// The user the account is made for, when auth is on. Part of the
+    /// request's fingerprint, so a replay of the create (same key, same
+    /// body) can only be for the same owner.
+    pub owner: Option<String>,
 }
 
 pub struct ShardManager {
@@ -315,14 +319,13 @@ impl ShardManager {
         view: &View<Account>,
     ) -> Result<Reply, ManagerError> {
         let store = self.store_of(&request.id);
-        let fingerprint = fingerprint(
-            view.route,
-            &[
-                request.id.as_str(),
-                request.currency.code(),
-                &request.opening_balance.minor().to_string(),
-            ],
-        );
+        let owner_field = request.owner.as_ref().map(|o| format!("owner:{o}"));
+        let balance = request.opening_balance.minor().to_string();
+        let mut fields = vec![request.id.as_str(), request.currency.code(), &balance];
+        if let Some(owner) = &owner_field {
+            fields.push(owner);
+        }
+        let fingerprint = fingerprint(view.route, &fields);
         let _running = self.claim_key(&request.id, key.as_ref())?;
         let now = now_ms();
         let account = Account {

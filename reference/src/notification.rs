@@ -31,6 +31,141 @@ use crate::ledger::{now_ms, TimestampMs};
 /// clock.
 pub const SIGNATURE_TOLERANCE_S: i64 = 300;
 pub const NOTIFICATION_GROUP: &str = "notification";
+/// Webhooks one account may register: a transfer concerns two accounts,
+/// so one event makes at most twice this many deliveries.
+pub const MAX_WEBHOOKS_PER_ACCOUNT: usize = 5;
+/// Webhooks registered in all (memory held for them is bounded).
+pub const MAX_WEBHOOKS: usize = 100_000;
+/// Longest webhook URL accepted, in bytes.
+pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+
+/// Where webhooks may point.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WebhookPolicy {
+    /// Deliver to loopback, private, link-local and other non-public
+    /// addresses too. Off by default: a webhook is a request this server
+    /// makes on a client's behalf, and must not reach this machine's own
+    /// services or its network's. Tests and the simulator's own receiver,
+    /// which listen on loopback, turn it on (`serve
+    /// --webhooks-to-private-networks`, which says so at start).
+    pub allow_private: bool,
+}
+
+/// Why a webhook cannot be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookRefused {
+    #[error("url must be an absolute http:// or https:// URL of at most {MAX_WEBHOOK_URL_LEN} bytes, with a host")]
+    InvalidUrl,
+    #[error("{0} is not a public address; webhooks go only to public hosts (this server runs without --webhooks-to-private-networks)")]
+    NotPublic(String),
+    #[error("an account may register at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks")]
+    TooManyForAccount,
+    #[error("the server holds its maximum of {MAX_WEBHOOKS} webhooks")]
+    TooMany,
+}
+
+impl WebhookRefused {
+    pub fn code(&self) -> &'static str {
+        match self {
+            WebhookRefused::InvalidUrl => "invalid_url",
+            WebhookRefused::NotPublic(_) => "webhook_url_not_public",
+            WebhookRefused::TooManyForAccount => "too_many_webhooks",
+            WebhookRefused::TooMany => "too_many_webhooks",
+        }
+    }
+}
+
+/// Whether `ip` is an address on the public internet: not loopback,
+/// private, link-local (cloud metadata lives there), shared, reserved,
+/// documentation, multicast or unspecified. IPv6 addresses that embed an
+/// IPv4 one are judged by it.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr};
+    fn v4(ip: Ipv4Addr) -> bool {
+        let [a, b, c, _] = ip.octets();
+        !(ip.is_unspecified()
+            || ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_broadcast()
+            || ip.is_documentation()
+            || ip.is_multicast()
+            || a == 0
+            || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+            || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+            || (a == 198 && (b == 18 || b == 19)) // benchmarking
+            || a >= 240) // reserved
+    }
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            if let Some(mapped) = ip.to_ipv4_mapped() {
+                return v4(mapped);
+            }
+            let s = ip.segments();
+            !(ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64: embeds IPv4
+                || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0)) // IPv4-compatible
+        }
+    }
+}
+
+/// Checks a webhook URL when it is registered: http(s), a host, not too
+/// long, and (unless private networks are allowed) no literal address or
+/// loopback name that is not public. A name's addresses are checked again
+/// at every delivery, on what it resolves to then.
+pub fn check_url(url: &str, policy: WebhookPolicy) -> Result<reqwest::Url, WebhookRefused> {
+    if url.len() > MAX_WEBHOOK_URL_LEN {
+        return Err(WebhookRefused::InvalidUrl);
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|_| WebhookRefused::InvalidUrl)?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(WebhookRefused::InvalidUrl);
+    }
+    let host = parsed.host().ok_or(WebhookRefused::InvalidUrl)?;
+    if !policy.allow_private {
+        let refused = |h: String| Err(WebhookRefused::NotPublic(h));
+        match host {
+            url::Host::Ipv4(ip) if !is_public(ip.into()) => return refused(ip.to_string()),
+            url::Host::Ipv6(ip) if !is_public(ip.into()) => return refused(ip.to_string()),
+            url::Host::Domain(name) => {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if name == "localhost" || name.ends_with(".localhost") {
+                    return refused(name);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(parsed)
+}
+
+/// Resolves webhook hosts to their public addresses only, at connection
+/// time: a name that resolves (or is re-pointed, DNS rebinding) to a
+/// private address gets no connection.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let public: Vec<std::net::SocketAddr> = found.filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address; webhooks go only to public hosts"
+                )
+                .into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RetryPolicy {
@@ -129,6 +264,7 @@ pub struct Notifier {
     state: Mutex<State>,
     client: reqwest::Client,
     policy: RetryPolicy,
+    webhooks: WebhookPolicy,
     counters: Counters,
     /// Deliveries running at once.
     limit: tokio::sync::Semaphore,
@@ -201,21 +337,28 @@ fn accounts_of(event: &Event) -> Vec<String> {
 }
 
 impl Notifier {
-    pub fn new(policy: RetryPolicy) -> Notifier {
+    pub fn new(policy: RetryPolicy, webhooks: WebhookPolicy) -> Notifier {
+        // Redirects are never followed: a redirect would carry the
+        // signature headers to wherever the receiver points.
+        let mut client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(policy.timeout_ms))
+            .redirect(reqwest::redirect::Policy::none());
+        if !webhooks.allow_private {
+            client = client.dns_resolver(std::sync::Arc::new(PublicOnly));
+        }
         Notifier {
             state: Mutex::new(State::default()),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_millis(policy.timeout_ms))
-                .build()
-                .expect("HTTP client"),
+            client: client.build().expect("HTTP client"),
             policy,
+            webhooks,
             counters: Counters::default(),
             limit: tokio::sync::Semaphore::new(64),
         }
     }
 
     /// Registers a webhook for an account; answers it with its secret.
-    pub fn register(&self, account: &str, url: &str) -> Webhook {
+    pub fn register(&self, account: &str, url: &str) -> Result<Webhook, WebhookRefused> {
+        let url = check_url(url, self.webhooks)?;
         let secret = format!("whsec_{}", uuid::Uuid::new_v4().simple());
         let webhook = Webhook {
             id: format!("wh_{}", uuid::Uuid::new_v4().simple()),
@@ -223,20 +366,25 @@ impl Notifier {
             url: url.to_string(),
             secret: None,
         };
-        self.state
-            .lock()
-            .expect("notifier lock")
-            .hooks
-            .entry(account.to_string())
-            .or_default()
-            .push(Registered {
+        {
+            let mut state = self.state.lock().expect("notifier lock");
+            let total: usize = state.hooks.values().map(Vec::len).sum();
+            if total >= MAX_WEBHOOKS {
+                return Err(WebhookRefused::TooMany);
+            }
+            let hooks = state.hooks.entry(account.to_string()).or_default();
+            if hooks.len() >= MAX_WEBHOOKS_PER_ACCOUNT {
+                return Err(WebhookRefused::TooManyForAccount);
+            }
+            hooks.push(Registered {
                 webhook: webhook.clone(),
                 secret: secret.clone(),
             });
-        Webhook {
+        }
+        Ok(Webhook {
             secret: Some(secret),
             ..webhook
-        }
+        })
     }
 
     pub fn stats(&self) -> NotificationStats {
@@ -294,6 +442,8 @@ impl Notifier {
     /// One POST; Ok on a 2xx.
     async fn send(&self, event: &Event, webhook: &Webhook, secret: &str) -> Result<(), String> {
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        // Literal addresses skip the resolver: check them here, every time.
+        check_url(&webhook.url, self.webhooks).map_err(|e| e.to_string())?;
         let body = serde_json::to_string(event).expect("event serializes");
         let timestamp = now_ms() / 1000;
         let response = self
@@ -307,10 +457,15 @@ impl Notifier {
             .send()
             .await
             .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
+        let status = response.status();
+        if status.is_success() {
             Ok(())
+        } else if status.is_redirection() {
+            Err(format!(
+                "answered {status}; redirects are not followed, register the final URL"
+            ))
         } else {
-            Err(format!("answered {}", response.status()))
+            Err(format!("answered {status}"))
         }
     }
 
@@ -490,6 +645,89 @@ mod tests {
             !ok("whsec_1", "1700000000", r#"{"id":"e1"}"#, 1_700_000_301),
             "older than 5 minutes"
         );
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["1.1.1.1", "8.8.8.8", "93.184.216.34", "2606:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn webhook_urls_to_this_machine_are_refused_unless_allowed() {
+        let strict = WebhookPolicy::default();
+        let open = WebhookPolicy {
+            allow_private: true,
+        };
+        for url in [
+            "http://127.0.0.1:8001/x",
+            "http://localhost/x",
+            "http://a.localhost./x",
+            "http://[::1]/x",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://0.0.0.0:8006/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+        ] {
+            assert_eq!(
+                check_url(url, strict).unwrap_err().code(),
+                "webhook_url_not_public",
+                "{url}"
+            );
+            assert!(check_url(url, open).is_ok(), "{url}");
+        }
+        for bad in ["ftp://example.com/", "not a url", "http://", "file:///etc/passwd"] {
+            assert_eq!(check_url(bad, strict).unwrap_err().code(), "invalid_url", "{bad}");
+        }
+        assert!(check_url("https://hooks.example.com/shardpay", strict).is_ok());
+        let long = format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_LEN));
+        assert_eq!(check_url(&long, open).unwrap_err().code(), "invalid_url");
+    }
+
+    #[test]
+    fn an_account_has_a_bounded_number_of_webhooks() {
+        let n = Notifier::new(RetryPolicy::default(), WebhookPolicy::default());
+        for _ in 0..MAX_WEBHOOKS_PER_ACCOUNT {
+            n.register("alice", "https://hooks.example.com/a").unwrap();
+        }
+        assert_eq!(
+            n.register("alice", "https://hooks.example.com/a")
+                .unwrap_err()
+                .code(),
+            "too_many_webhooks"
+        );
+        assert!(n.register("bob", "https://hooks.example.com/b").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_loopback_gets_no_connection() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let refused = PublicOnly.resolve(name).await;
+        assert!(refused.is_err(), "localhost resolves to loopback only");
     }
 
     #[test]

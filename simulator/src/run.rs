@@ -208,6 +208,8 @@ impl Embedded {
             other => other,
         };
         config.bind = "127.0.0.1:0".parse().expect("constant address");
+        // The run's webhook receiver listens on loopback.
+        config.webhooks.allow_private = true;
         // Auth on, as a deployment runs it, with what a load test needs: a
         // secret and an admin password of the run's own, cheap password
         // hashes (the run logs in hundreds of users) and no login limits
@@ -415,7 +417,9 @@ async fn sign_in(
     let password = admin_password.context(
         "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
     )?;
-    api.token = Some(api.login("admin", password).await?);
+    if api.token.is_none() {
+        api.token = Some(api.login("admin", password).await?);
+    }
     let users = accounts.clamp(1, MAX_OWNERS);
     let names: Vec<String> = (0..users).map(|j| format!("{run_id}user{j}")).collect();
     let user_password = random_secret();
@@ -611,6 +615,14 @@ async fn drive(
     };
     let mut api = Api::new(base_url)?;
     api.services = options.services.clone();
+    // The shards' figures are for staff: with auth on, the admin logs in
+    // first.
+    if api.auth_on().await.unwrap_or(false) {
+        let password = admin_password.as_deref().context(
+            "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
+        )?;
+        api.token = Some(api.login("admin", password).await?);
+    }
     let shard_info = api.shards().await.with_context(|| {
         format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
     })?;

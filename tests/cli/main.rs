@@ -2,6 +2,7 @@
 //! the two steps of a cross-shard transfer is restarted and recovery
 //! finishes the transfer; `shardpay audit` agrees.
 
+mod audit;
 mod run;
 mod shard_kill;
 mod sigterm;

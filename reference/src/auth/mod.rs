@@ -33,6 +33,8 @@ use stores::{IdempotencyLocks, MemoryStores, RateLimiter, Session, SessionStore,
 pub const DEV_SECRET: &str = "shardpay-dev-secret-do-not-use-in-production";
 pub const AUDIENCE: &str = "shardpay";
 pub const ISSUER: &str = "shardpay-auth";
+/// Longest password accepted, in bytes; hashing cost grows with length.
+pub const MAX_PASSWORD_LEN: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,6 +195,9 @@ pub enum AuthError {
     /// The auth service of a split deployment did not answer.
     #[error("the auth service is unavailable: {0}")]
     PeerUnavailable(String),
+    /// Every password-hashing slot stayed busy.
+    #[error("the server is busy checking other passwords; retry shortly")]
+    Busy,
     #[error("{0}")]
     Internal(String),
 }
@@ -255,7 +260,20 @@ pub struct AuthService {
     remote: Option<RemoteOwners>,
     /// This process's own service token and its expiry (seconds).
     service_token: Mutex<Option<(String, u64)>>,
+    /// Password hashes computed at once (each takes ~19 MiB and a core for
+    /// tens of milliseconds): more wait, up to [`HASH_WAIT`].
+    hashing: tokio::sync::Semaphore,
 }
+
+/// Password hashes computed at once: one per core, so logins cannot take
+/// every core or, at 19 MiB each, unbounded memory.
+fn hash_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Longest a login or registration waits for a hashing slot before it is
+/// answered 503 (the server is busy hashing other passwords).
+pub const HASH_WAIT: Duration = Duration::from_secs(5);
 
 /// The auth service's owner routes, over HTTP.
 struct RemoteOwners {
@@ -273,6 +291,14 @@ struct OwnedAnswer {
 #[derive(Deserialize)]
 struct OwnerAnswer {
     owner: Option<String>,
+}
+
+/// A username: 3 to 64 letters, digits, '_', '.', '-'.
+pub fn valid_username(username: &str) -> bool {
+    (3..=64).contains(&username.len())
+        && username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 fn now_s() -> u64 {
@@ -344,6 +370,7 @@ impl AuthService {
             config,
             remote: None,
             service_token: Mutex::new(None),
+            hashing: tokio::sync::Semaphore::new(hash_slots()),
         };
         Ok(service)
     }
@@ -426,7 +453,16 @@ impl AuthService {
         &self.config
     }
 
+    /// A slot to compute one password hash in.
+    async fn hash_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+        match tokio::time::timeout(HASH_WAIT, self.hashing.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(AuthError::Busy),
+        }
+    }
+
     async fn hash(&self, password: &str) -> Result<String, AuthError> {
+        let _slot = self.hash_slot().await?;
         let argon2 = self.argon2.clone();
         let password = password.to_string();
         tokio::task::spawn_blocking(move || {
@@ -449,17 +485,13 @@ impl AuthService {
         password: &str,
         role: Role,
     ) -> Result<(), AuthError> {
-        let valid_name = (3..=64).contains(&username.len())
-            && username
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-        if !valid_name {
+        if !valid_username(username) {
             return Err(AuthError::Invalid(
                 "invalid_username",
                 "username: 3 to 64 characters of letters, digits, '_', '.', '-'".into(),
             ));
         }
-        if password.len() < 8 || password.len() > 256 {
+        if password.len() < 8 || password.len() > MAX_PASSWORD_LEN {
             return Err(AuthError::Invalid(
                 "weak_password",
                 "password: 8 to 256 characters".into(),
@@ -507,9 +539,14 @@ impl AuthService {
         password: &str,
         address: &str,
     ) -> Result<Tokens, AuthError> {
-        self.limit("login-user", username, self.config.login_per_user)
-            .await?;
+        // The address first: a refused flood then leaves no per-user keys.
         self.limit("login-address", address, self.config.login_per_address)
+            .await?;
+        if !valid_username(username) {
+            // No such user can exist; nothing to count or hash.
+            return Err(AuthError::BadCredentials);
+        }
+        self.limit("login-user", username, self.config.login_per_user)
             .await?;
         let row: Option<(String, String)> = {
             let db = self.db.lock().expect("auth db");
@@ -525,6 +562,7 @@ impl AuthService {
         let password = password.to_string();
         // A missing user costs the same hash as a wrong password.
         let (hash, role) = row.unwrap_or_else(|| (self.dummy_hash.clone(), String::new()));
+        let _slot = self.hash_slot().await?;
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash)
                 .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
@@ -606,7 +644,16 @@ impl AuthService {
             )
             .await?;
         if !rotated {
-            return Err(invalid());
+            // A refresh token that was already traded in is being used
+            // again: one of its two holders is a thief, and we cannot tell
+            // which. Revoke the whole session, so neither keeps access
+            // (refresh-token rotation practice, RFC 6819 5.2.2.3).
+            self.stores.sessions.revoke(sid).await?;
+            tracing::warn!(user = %session.username, "a used refresh token came back; its session is revoked");
+            return Err(AuthError::Unauthorized(
+                "refresh_token_reused",
+                "this refresh token was already used; the session is revoked for safety, log in again".into(),
+            ));
         }
         let role = Role::parse(&session.role).ok_or_else(invalid)?;
         self.tokens(&session.username, role, sid, &new_secret)
@@ -688,6 +735,74 @@ impl AuthService {
             }
         }
         Ok(answer.owned)
+    }
+
+    /// Before accounts are created for owners: checks every owner is a
+    /// registered user and answers, per pair, whether the account is free
+    /// for that owner (no owner yet, or that one). Records nothing.
+    pub async fn check_owners(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(remote) = &self.remote else {
+            return self.check_here(pairs);
+        };
+        let body = serde_json::json!({
+            "pairs": pairs
+                .iter()
+                .map(|(account, owner)| serde_json::json!({"account": account, "owner": owner}))
+                .collect::<Vec<_>>(),
+            "check_only": true,
+        });
+        let url = format!("{}/v1/auth/owners", remote.url);
+        let response = self
+            .remote_call(remote, remote.client.post(url).json(&body))
+            .await?;
+        let answer: OwnedAnswer = response
+            .json()
+            .await
+            .map_err(|e| AuthError::PeerUnavailable(format!("owners answer: {e}")))?;
+        if answer.owned.len() != pairs.len() {
+            return Err(AuthError::PeerUnavailable(
+                "the owners answer does not match the request".into(),
+            ));
+        }
+        Ok(answer.owned)
+    }
+
+    /// [`AuthService::check_owners`] on this process's own user store.
+    pub fn check_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+        let db = self.db.lock().expect("auth db");
+        let mut user = db.prepare_cached("SELECT 1 FROM users WHERE username = ?1")?;
+        let mut select = db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
+        let mut known = std::collections::HashSet::new();
+        let mut free = Vec::with_capacity(pairs.len());
+        for (account, owner) in pairs {
+            if !known.contains(owner) {
+                if !user.exists([owner])? {
+                    return Err(AuthError::Invalid(
+                        "unknown_owner",
+                        format!("no user named {owner}; register it first"),
+                    ));
+                }
+                known.insert(*owner);
+            }
+            let mut rows = select.query([account])?;
+            let current: Option<String> = match rows.next()? {
+                Some(r) => Some(r.get(0)?),
+                None => None,
+            };
+            free.push(current.is_none_or(|c| c == *owner));
+        }
+        Ok(free)
+    }
+
+    /// An admin gives an account without an owner to `owner` (a registered
+    /// user). Answers whether `owner` owns it now: false when another
+    /// user already does (owners never change once set, which is what
+    /// lets every service cache them).
+    pub async fn assign_owner(&self, account: &str, owner: &str) -> Result<bool, AuthError> {
+        Ok(self.claim(&[(account, owner)]).await?[0])
     }
 
     /// [`AuthService::claim`] on this process's own user store.

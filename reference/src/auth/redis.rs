@@ -94,6 +94,8 @@ impl RedisStores {
     }
 
     fn key(&self, kind: &str, key: &str) -> String {
+        // Keys built from client input are bounded in size here too.
+        let key = super::stores::bounded_key(key);
         format!("{}{kind}:{key}", self.prefix)
     }
 }

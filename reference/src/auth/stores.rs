@@ -68,6 +68,34 @@ pub trait IdempotencyLocks: Send + Sync {
     async fn release(&self, key: &str, token: &str) -> Result<(), StoreDown>;
 }
 
+/// Rate-limit windows and idempotency locks held at most, each: past this,
+/// expired ones are swept, and if the map is still full a new key is
+/// refused (a limit answers "over", a lock "held") rather than grown.
+pub const MAX_MEMORY_KEYS: usize = 100_000;
+/// Longest key kept as it is; a longer one (built from client input) is
+/// kept as a hash of itself, so a key costs a bounded number of bytes.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// `key`, or a fixed-size stand-in for a long one.
+pub fn bounded_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.len() <= MAX_KEY_LEN {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        let digest = xxhash_rust::xxh3::xxh3_128(key.as_bytes());
+        std::borrow::Cow::Owned(format!("#{digest:032x}"))
+    }
+}
+
+/// Makes room for one more key in `map`: sweeps expired entries when it is
+/// full; answers false when it is still full.
+fn room<V>(map: &mut HashMap<String, V>, expired: impl Fn(&V) -> bool) -> bool {
+    if map.len() < MAX_MEMORY_KEYS {
+        return true;
+    }
+    map.retain(|_, v| !expired(v));
+    map.len() < MAX_MEMORY_KEYS
+}
+
 /// The in-memory twin of all three.
 #[derive(Default)]
 pub struct MemoryStores {
@@ -79,12 +107,21 @@ pub struct MemoryStores {
 #[async_trait]
 impl SessionStore for MemoryStores {
     async fn put(&self, sid: &str, session: &Session, ttl: Duration) -> Result<(), StoreDown> {
+        let now = Instant::now();
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        sessions.insert(sid.into(), (session.clone(), Instant::now() + ttl));
+        if !room(&mut sessions, |(_, expires)| *expires <= now) {
+            return Err(StoreDown(format!(
+                "the in-memory session store holds its maximum of {MAX_MEMORY_KEYS} live sessions"
+            )));
+        }
+        sessions.insert(sid.into(), (session.clone(), now + ttl));
         Ok(())
     }
 
     async fn get(&self, sid: &str) -> Result<Option<Session>, StoreDown> {
+        if sid.len() > MAX_KEY_LEN {
+            return Ok(None);
+        }
         let mut sessions = self.sessions.lock().expect("sessions lock");
         match sessions.get(sid) {
             Some((s, expires)) if *expires > Instant::now() => Ok(Some(s.clone())),
@@ -140,11 +177,18 @@ impl SessionStore for MemoryStores {
 impl RateLimiter for MemoryStores {
     async fn hit(&self, key: &str, window: Duration) -> Result<Hit, StoreDown> {
         let now = Instant::now();
+        let key = bounded_key(key);
         let mut windows = self.windows.lock().expect("windows lock");
-        if windows.len() > 100_000 {
-            windows.retain(|_, (_, end)| *end > now);
+        if !windows.contains_key(key.as_ref()) && !room(&mut windows, |(_, end)| *end <= now) {
+            // Full of live windows: count this key as over any limit.
+            return Ok(Hit {
+                count: u64::MAX,
+                reset_in: window,
+            });
         }
-        let entry = windows.entry(key.into()).or_insert((0, now + window));
+        let entry = windows
+            .entry(key.into_owned())
+            .or_insert((0, now + window));
         if entry.1 <= now {
             *entry = (0, now + window);
         }
@@ -160,20 +204,29 @@ impl RateLimiter for MemoryStores {
 impl IdempotencyLocks for MemoryStores {
     async fn acquire(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreDown> {
         let now = Instant::now();
+        let key = bounded_key(key);
         let mut locks = self.locks.lock().expect("locks lock");
-        match locks.get(key) {
+        match locks.get(key.as_ref()) {
             Some((_, expires)) if *expires > now => Ok(false),
-            _ => {
-                locks.insert(key.into(), (token.into(), now + ttl));
+            Some(_) => {
+                locks.insert(key.into_owned(), (token.into(), now + ttl));
+                Ok(true)
+            }
+            None => {
+                if !room(&mut locks, |(_, expires)| *expires <= now) {
+                    return Ok(false);
+                }
+                locks.insert(key.into_owned(), (token.into(), now + ttl));
                 Ok(true)
             }
         }
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<(), StoreDown> {
+        let key = bounded_key(key);
         let mut locks = self.locks.lock().expect("locks lock");
-        if locks.get(key).is_some_and(|(t, _)| t == token) {
-            locks.remove(key);
+        if locks.get(key.as_ref()).is_some_and(|(t, _)| t == token) {
+            locks.remove(key.as_ref());
         }
         Ok(())
     }

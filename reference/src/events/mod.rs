@@ -521,6 +521,9 @@ pub struct Pipeline {
     service: crate::app::Service,
     /// Where the parts this process does not run answer (split only).
     peers: Option<crate::app::Peers>,
+    /// Mints the service token the report's calls to other services carry
+    /// (their counts are for staff only).
+    auth: Option<Arc<crate::auth::AuthService>>,
 }
 
 /// What `/v1/ledger/relay` answers.
@@ -563,10 +566,29 @@ impl Pipeline {
             bus,
             relay,
             analytics,
-            notifier: Arc::new(crate::notification::Notifier::new(Default::default())),
+            notifier: Arc::new(crate::notification::Notifier::new(
+                Default::default(),
+                Default::default(),
+            )),
             service: crate::app::Service::All,
             peers: None,
+            auth: None,
         }
+    }
+
+    /// Calls to other services carry a service token from `auth`.
+    pub fn with_auth(mut self, auth: Option<Arc<crate::auth::AuthService>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Webhook deliveries under `policy` (where they may go).
+    pub fn with_webhooks(mut self, policy: crate::notification::WebhookPolicy) -> Self {
+        self.notifier = Arc::new(crate::notification::Notifier::new(
+            Default::default(),
+            policy,
+        ));
+        self
     }
 
     /// Runs only `service`'s part; its report asks `peers` for the rest.
@@ -639,8 +661,14 @@ impl Pipeline {
         let (relay, notification) = match remote {
             None => (self.relay_stats(), self.notifier.stats()),
             Some(peers) => {
-                let relay = peer_json(&peers.ledger, "/v1/ledger/relay").await?;
-                let notification = peer_json(&peers.notification, "/v1/notification/stats").await?;
+                let token = match &self.auth {
+                    Some(auth) => Some(auth.service_token().await?),
+                    None => None,
+                };
+                let token = token.as_deref();
+                let relay = peer_json(&peers.ledger, "/v1/ledger/relay", token).await?;
+                let notification =
+                    peer_json(&peers.notification, "/v1/notification/stats", token).await?;
                 (relay, notification)
             }
         };
@@ -673,15 +701,22 @@ impl Pipeline {
     }
 }
 
-/// A JSON answer of another service (no auth needed: counts only).
-async fn peer_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
+/// A JSON answer of another service, asked with this service's token
+/// when auth is on.
+async fn peer_json<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<T> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let down = |e: String| anyhow::anyhow!("{url}: {e}");
-    let response = crate::http::ops::with_request_id(
-        reqwest::Client::new()
-            .get(&url)
-            .timeout(Duration::from_secs(5)),
-    )
+    let mut request = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = crate::http::ops::with_request_id(request)
     .send()
     .await
     .map_err(|e| down(e.to_string()))?;

@@ -25,7 +25,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/logout-all", post(logout_all))
         .route("/v1/auth/me", get(me))
         .route("/v1/auth/owners", post(claim_owners))
-        .route("/v1/auth/owners/{account}", get(owner_of))
+        .route(
+            "/v1/auth/owners/{account}",
+            get(owner_of).put(assign_owner),
+        )
 }
 
 impl From<AuthError> for ApiError {
@@ -59,6 +62,9 @@ impl From<AuthError> for ApiError {
                 format!("{message}; nothing was changed, retry shortly"),
             )
             .retry_after(1),
+            AuthError::Busy => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).retry_after(1)
+            }
             AuthError::Internal(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
@@ -157,12 +163,16 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // The permission guard authenticated this request already.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
         Caller::from_headers(&parts.headers, state).await
     }
 }
 
 impl Caller {
-    async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Caller, ApiError> {
+    pub(super) async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Caller, ApiError> {
         let Some(auth) = &state.auth else {
             return Ok(Caller::Demo);
         };
@@ -354,6 +364,10 @@ struct OwnerPair {
 #[serde(deny_unknown_fields)]
 struct ClaimOwners {
     pairs: Vec<OwnerPair>,
+    /// Only check: every owner is a user, and answer per pair whether the
+    /// account is free for that owner. Records nothing.
+    #[serde(default)]
+    check_only: bool,
 }
 
 /// For the other services of a split deployment (service or admin token):
@@ -381,8 +395,52 @@ async fn claim_owners(
         .iter()
         .map(|p| (p.account.as_str(), p.owner.as_str()))
         .collect();
-    let owned = auth.claim(&pairs).await?;
+    let owned = if body.check_only {
+        auth.check_owners(&pairs).await?
+    } else {
+        auth.claim(&pairs).await?
+    };
     Ok(Json(serde_json::json!({ "owned": owned })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignOwner {
+    owner: String,
+}
+
+/// An admin gives an account that has no owner (made by an admin without
+/// one, or in demo mode) to a registered user. Owners never change once
+/// set: naming another user for an owned account answers 409.
+async fn assign_owner(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(account): axum::extract::Path<String>,
+    ApiJson(body): ApiJson<AssignOwner>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin])?;
+    let auth = auth_of(&state)?;
+    let id = crate::ids::AccountId::parse(&account)?;
+    if let Some(manager) = &state.manager {
+        if manager.account(&id).await?.is_none() {
+            return Err(ApiError::not_found(
+                "account_not_found",
+                format!("account {id} does not exist"),
+            ));
+        }
+    }
+    if !auth.assign_owner(id.as_str(), &body.owner).await? {
+        let current = auth.owner_of(id.as_str()).await?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "owner_already_set",
+            format!(
+                "account {id} belongs to {}; owners do not change once set",
+                current.as_deref().unwrap_or("another user")
+            ),
+        ));
+    }
+    Ok(Json(serde_json::json!({ "account": id.as_str(), "owner": body.owner })).into_response())
 }
 
 /// For the other services: the owner of an account, or null.
@@ -393,6 +451,7 @@ async fn owner_of(
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Service, Role::Admin])?;
     let auth = auth_of(&state)?;
+    crate::ids::AccountId::parse(&account)?;
     let owner = auth.owner_of(&account).await?;
     Ok(Json(serde_json::json!({ "account": account, "owner": owner })).into_response())
 }

@@ -48,8 +48,15 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, error = %self.message, "request failed");
         }
+        // A 5xx message is logged above, never sent: it may carry a
+        // database driver's or another service's words (addresses, SQL).
         let message = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
             "internal error; the request may be retried with the same Idempotency-Key".to_string()
+        } else if self.status.is_server_error() {
+            format!(
+                "a service this request needs is unavailable ({}); retry shortly with the same Idempotency-Key",
+                self.code
+            )
         } else {
             self.message
         };

@@ -135,10 +135,11 @@ async fn create(
     key: IdempotencyHeader,
     view: &View<Account>,
 ) -> Result<Response, ApiError> {
-    let request = AccountRequest {
+    let mut request = AccountRequest {
         id: AccountId::parse(&user)?,
         currency: state.default_currency,
         opening_balance: balance,
+        owner: None,
     };
     // The modelled system names an account after its user: a user creates
     // its own (unfunded); an admin funds one for the user of that name.
@@ -163,22 +164,21 @@ async fn create(
             ))
         }
     };
-    if let (Some(owner), Some(auth)) = (&owner, &state.auth) {
-        // The owner must be a registered user (422 unknown_owner otherwise).
-        if !auth.claim(&[(user.as_str(), owner.as_str())]).await?[0] {
-            return Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "account_exists",
-                format!("account {user} exists and belongs to another user"),
-            ));
-        }
+    request.owner = owner.clone();
+    let pair = [(user.as_str(), owner.as_deref())];
+    if !super::v1::check_owners(&state, &pair).await?[0] {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "account_exists",
+            format!("account {user} exists and belongs to another user"),
+        ));
     }
-    Ok(send(
-        state
-            .manager()?
-            .create_account(request, key.0, view)
-            .await?,
-    ))
+    let reply = state
+        .manager()?
+        .create_account(request, key.0, view)
+        .await?;
+    super::v1::record_owners(&state, &pair, &[reply.response.status < 300]).await?;
+    Ok(send(reply))
 }
 
 async fn create_user(
@@ -198,10 +198,11 @@ async fn create_account_minor(
     Path((user, balance)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let minor: i64 = balance.parse().map_err(|_| {
+        let shown: String = balance.chars().take(40).collect();
         ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_amount",
-            format!("balance {balance:?} must be a whole number of minor units"),
+            format!("balance {shown:?} must be a whole number of minor units"),
         )
     })?;
     let balance = Amount::from_minor(minor)?;
@@ -230,7 +231,8 @@ async fn transfer(
 struct UserShard {
     user: String,
     user_id: Option<String>,
-    shard: String,
+    /// The shard's index, an integer as the modelled system answers it.
+    shard: usize,
     shard_id: usize,
     balance: Option<Box<RawValue>>,
     exists: bool,
@@ -238,15 +240,17 @@ struct UserShard {
 
 async fn user_shard(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
 ) -> Result<Json<UserShard>, ApiError> {
     let id = AccountId::parse(&user)?;
+    caller.may_read(&state, id.as_str()).await?;
     let shard = state.manager()?.ring().shard_of(&id);
     let account = state.manager()?.account(&id).await?;
     Ok(Json(UserShard {
         user,
         user_id: account.as_ref().map(|a| a.id.to_string()),
-        shard: shard.name(),
+        shard: shard.index(),
         shard_id: shard.index(),
         balance: account
             .as_ref()

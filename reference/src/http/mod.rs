@@ -6,6 +6,7 @@ pub mod auth;
 mod error;
 mod legacy;
 pub mod ops;
+pub mod permissions;
 mod v1;
 
 use std::sync::Arc;
@@ -31,6 +32,17 @@ use crate::money::{format_minor, Currency};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Most accounts one list request returns.
 pub const MAX_PAGE: u32 = 1000;
+/// Longest a request may take before it is answered 503: far above any
+/// healthy answer (a saga step waits at most its lock timeout), short
+/// enough that a stuck request does not hold its connection forever.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a client may take to send its body: a slow sender cannot hold a
+/// connection and a task open by trickling bytes.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Requests answered at once; more wait for a slot. Well above what the
+/// simulator drives (hundreds of users) and bounds the memory and tasks a
+/// flood of connections can take.
+pub const MAX_CONCURRENT_REQUESTS: usize = 2048;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -85,11 +97,96 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            permissions::guard,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             ops::observe,
         ))
         .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_TIMEOUT,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(axum::middleware::from_fn(json_errors))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
         .with_state(state)
+}
+
+/// 405 in the error shape, naming the methods the route takes.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+/// Most of a plain-text error body kept in the JSON error's message.
+const MAX_REWRITTEN_MESSAGE: usize = 512;
+
+/// Every error answers in the one JSON shape, whoever made it: an
+/// extractor's plain-text rejection, axum's empty 405, a timeout layer's
+/// empty 503 are rewritten here (our own `ApiError`s pass unchanged).
+async fn json_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REWRITTEN_MESSAGE * 4)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "route_not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::SERVICE_UNAVAILABLE => "timeout",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message = match (code, text.trim()) {
+        ("timeout", _) => "the request took too long and was stopped; retry with the same Idempotency-Key".to_string(),
+        ("internal", _) => "internal error; the request may be retried with the same Idempotency-Key".to_string(),
+        (_, "") => status
+            .canonical_reason()
+            .unwrap_or("the request was refused")
+            .to_string(),
+        (_, t) => t.chars().take(MAX_REWRITTEN_MESSAGE).collect(),
+    };
+    let mut error = ApiError::new(status, code, message);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        error = error.retry_after(1);
+    }
+    let mut rewritten = error.into_response();
+    for (name, value) in parts.headers.iter() {
+        if name == axum::http::header::ALLOW || name == ops::REQUEST_ID {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+    }
+    rewritten
 }
 
 /// The service of a split deployment that serves `path`, if another one.

@@ -135,7 +135,12 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     if let Ok(value) = HeaderValue::from_str(&id) {
         request.headers_mut().insert(REQUEST_ID, value);
     }
-    let method = request.method().to_string();
+    // The method is a label of the metrics: only the standard ones are
+    // kept as they are, so invented methods cannot grow /metrics.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS") => m.to_string(),
+        _ => "other".to_string(),
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -296,13 +296,19 @@ async fn create_account(
     IdempotencyHeader(key): IdempotencyHeader,
     ApiJson(body): ApiJson<CreateAccount>,
 ) -> Result<Response, ApiError> {
-    let request = account_request(&state, &body)?;
+    let mut request = account_request(&state, &body)?;
     let owner = owner_for(&caller, &body, &request)?;
-    claim(&state, &[(request.id.as_str(), owner.as_deref())]).await?;
+    request.owner = owner.clone();
+    let id = request.id.clone();
+    let pair = [(id.as_str(), owner.as_deref())];
+    if !check_owners(&state, &pair).await?[0] {
+        return Err(owned_by_another(id.as_str()));
+    }
     let reply = state
         .manager()?
         .create_account(request, key, &ACCOUNT_VIEW)
         .await?;
+    record_owners(&state, &pair, &[reply.response.status < 300]).await?;
     Ok(send(reply))
 }
 
@@ -344,9 +350,21 @@ fn owner_for(
     }
 }
 
-/// Records owners before the accounts are created; an account another
-/// user owns already is refused (409) before anything is written.
-async fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<bool>, ApiError> {
+fn owned_by_another(account: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "account_exists",
+        format!("account {account} exists and belongs to another user"),
+    )
+}
+
+/// Before accounts are created for owners: every owner named must be a
+/// registered user (422 `unknown_owner`); answers, per account, whether it
+/// is free for its owner (no owner yet, or that one). Records nothing.
+pub(super) async fn check_owners(
+    state: &AppState,
+    pairs: &[(&str, Option<&str>)],
+) -> Result<Vec<bool>, ApiError> {
     let Some(auth) = &state.auth else {
         return Ok(vec![true; pairs.len()]);
     };
@@ -354,19 +372,41 @@ async fn claim(state: &AppState, pairs: &[(&str, Option<&str>)]) -> Result<Vec<b
         .iter()
         .filter_map(|(a, o)| o.map(|o| (*a, o)))
         .collect();
-    let mut answers = auth.claim(&owned).await?.into_iter();
-    let result: Vec<bool> = pairs
+    let mut answers = auth.check_owners(&owned).await?.into_iter();
+    Ok(pairs
         .iter()
         .map(|(_, o)| o.is_none() || answers.next().unwrap_or(false))
+        .collect())
+}
+
+/// After the creates: records the owner of each account that `made` says
+/// this request created (or replayed the creation of, with the same key
+/// and the same owner in its fingerprint). An account whose create failed
+/// (it existed already, say) gets no owner from this request: ownership
+/// follows only the create that made the account. If this step fails, the
+/// account stays without an owner: nobody can pay from it until the
+/// create is retried with its Idempotency-Key or an admin assigns it.
+pub(super) async fn record_owners(
+    state: &AppState,
+    pairs: &[(&str, Option<&str>)],
+    made: &[bool],
+) -> Result<(), ApiError> {
+    let Some(auth) = &state.auth else {
+        return Ok(());
+    };
+    let owned: Vec<(&str, &str)> = pairs
+        .iter()
+        .zip(made)
+        .filter(|(_, made)| **made)
+        .filter_map(|((a, o), _)| o.map(|o| (*a, o)))
         .collect();
-    if pairs.len() == 1 && !result[0] {
-        return Err(ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "account_exists",
-            format!("account {} exists and belongs to another user", pairs[0].0),
-        ));
+    let recorded = auth.claim(&owned).await?;
+    for ((account, owner), mine) in owned.iter().zip(recorded) {
+        if !mine {
+            tracing::warn!(%account, %owner, "an account was created for an owner, but an admin had given it to another user first");
+        }
     }
-    Ok(result)
+    Ok(())
 }
 
 /// Most accounts one bulk request creates; 500 accounts fit well inside the
@@ -409,6 +449,7 @@ fn account_request(state: &AppState, body: &CreateAccount) -> Result<AccountRequ
         id,
         currency,
         opening_balance,
+        owner: None,
     })
 }
 
@@ -428,50 +469,49 @@ async fn create_accounts_bulk(
             format!("send 1 to {MAX_BULK} accounts per bulk request"),
         ));
     }
-    let pairs: Vec<(&str, Option<&str>)> = body
+    let owned_pairs: Vec<(String, Option<String>)> = body
         .accounts
         .iter()
-        .map(|a| (a.id.as_str(), a.owner.as_deref()))
+        .map(|a| (a.id.clone(), a.owner.clone()))
         .collect();
-    let claimed = claim(&state, &pairs).await?;
-    let creates = body
-        .accounts
-        .into_iter()
-        .zip(claimed)
-        .map(|(item, claimed)| {
-            let state = state.clone();
-            async move {
-                let result = match account_request(&state, &item) {
-                    Ok(_) if !claimed => Err(ApiError::new(
-                        axum::http::StatusCode::CONFLICT,
-                        "account_exists",
-                        format!("account {} exists and belongs to another user", item.id),
-                    )),
-                    Ok(request) => match state.manager() {
+    let pairs: Vec<(&str, Option<&str>)> = owned_pairs
+        .iter()
+        .map(|(a, o)| (a.as_str(), o.as_deref()))
+        .collect();
+    let free = check_owners(&state, &pairs).await?;
+    let creates = body.accounts.into_iter().zip(free).map(|(item, free)| {
+        let state = state.clone();
+        async move {
+            let result = match account_request(&state, &item) {
+                Ok(_) if !free => Err(owned_by_another(&item.id)),
+                Ok(mut request) => {
+                    request.owner = item.owner.clone();
+                    match state.manager() {
                         Ok(manager) => manager
                             .create_account(request, None, &ACCOUNT_VIEW)
                             .await
                             .map_err(ApiError::from),
                         Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(reply) => BulkResult {
-                        id: item.id.clone(),
-                        status: reply.response.status,
-                        account: serde_json::value::RawValue::from_string(reply.response.body).ok(),
-                        error: None,
-                    },
-                    Err(e) => BulkResult {
-                        id: item.id.clone(),
-                        status: e.status.as_u16(),
-                        account: None,
-                        error: Some(serde_json::json!({ "code": e.code, "message": e.message })),
-                    },
+                    }
                 }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(reply) => BulkResult {
+                    id: item.id.clone(),
+                    status: reply.response.status,
+                    account: serde_json::value::RawValue::from_string(reply.response.body).ok(),
+                    error: None,
+                },
+                Err(e) => BulkResult {
+                    id: item.id.clone(),
+                    status: e.status.as_u16(),
+                    account: None,
+                    error: Some(serde_json::json!({ "code": e.code, "message": e.message })),
+                },
             }
-        });
+        }
+    });
     // Bounded, so a bulk request cannot take every connection of a shard's
     // pool; the writes of one request still overlap enough to commit in
     // groups.
@@ -479,6 +519,8 @@ async fn create_accounts_bulk(
         .buffered(BULK_CONCURRENCY)
         .collect()
         .await;
+    let made: Vec<bool> = results.iter().map(|r| r.status < 300).collect();
+    record_owners(&state, &pairs, &made).await?;
     Ok(json_response(
         200,
         &serde_json::json!({ "results": results }),
@@ -841,7 +883,9 @@ async fn analytics_totals(State(state): State<AppState>) -> Result<Response, Api
 }
 
 /// A page that shows the analytics totals and refreshes itself every
-/// second. Self-contained: no scripts from elsewhere.
+/// second. Self-contained: no scripts from elsewhere. It holds no data:
+/// with auth on it reads `/v1/analytics` with the token given after `#`
+/// in its address (`#token=...`), which never leaves the browser.
 async fn analytics_dashboard() -> Response {
     let page = r#"<!doctype html><html><head><meta charset="utf-8"><title>shardpay analytics</title>
 <style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}.ok{color:#070}.bad{color:#b00}</style>
@@ -849,7 +893,9 @@ async fn analytics_dashboard() -> Response {
 <script>
 function row(name,t){const v=Object.entries(t.volume_minor||{}).map(([c,m])=>c+' '+(m/100).toFixed(2)).join(', ');
 return `<tr><th>${name}</th><td>${t.accounts_created}</td><td>${t.transfers_completed}</td><td>${t.same_shard}</td><td>${t.cross_shard}</td><td>${t.transfers_failed}</td><td>${v}</td></tr>`;}
-async function tick(){try{const r=await fetch('/v1/analytics');const a=await r.json();
+const token=new URLSearchParams(location.hash.slice(1)).get('token');
+async function tick(){try{const r=await fetch('/v1/analytics',{headers:token?{Authorization:'Bearer '+token}:{}});const a=await r.json();
+if(!r.ok){document.getElementById('status').textContent=(a.error&&a.error.message||r.status)+' (with auth on, open this page as /dashboard/analytics#token=<admin or service access token>)';return;}
 const c=a.consumer;document.getElementById('status').innerHTML=
 `events applied ${c.applied} · duplicates suppressed ${c.duplicates_suppressed} · lag p50 ${c.lag.p50_ms} ms, p99 ${c.lag.p99_ms} ms · `+
 (a.matches_shards?'<span class=ok>totals match the shards</span>':'<span class=bad>totals differ from the shards (catching up?)</span>');
@@ -885,16 +931,6 @@ async fn register_webhook(
     if !caller.is_admin() {
         caller.may_debit(&state, account.as_str()).await?;
     }
-    let url = reqwest::Url::parse(&body.url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https"))
-        .ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_url",
-                "url must be an absolute http:// or https:// URL",
-            )
-        })?;
     if state.manager()?.account(&account).await?.is_none() {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -902,7 +938,19 @@ async fn register_webhook(
             format!("account {account} does not exist"),
         ));
     }
-    let webhook = pipeline.notifier.register(account.as_str(), url.as_str());
+    let webhook = pipeline
+        .notifier
+        .register(account.as_str(), &body.url)
+        .map_err(|e| {
+            let status = match e {
+                crate::notification::WebhookRefused::TooManyForAccount
+                | crate::notification::WebhookRefused::TooMany => {
+                    axum::http::StatusCode::CONFLICT
+                }
+                _ => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            ApiError::new(status, e.code(), e.to_string())
+        })?;
     Ok(json_response(201, &webhook))
 }
 

@@ -106,7 +106,9 @@ async fn only_the_owner_moves_money(redis: Option<&str>) {
     for (token, status, code) in [
         (None, 401, "missing_token"),
         (Some(bob.as_str()), 403, "not_account_owner"),
-        (Some(admin.as_str()), 403, "not_account_owner"),
+        // Admins set the system up; the permission table gives them no
+        // transfer route at all.
+        (Some(admin.as_str()), 403, "forbidden"),
         (Some(tampered.as_str()), 401, "invalid_token"),
         (Some(forged.as_str()), 401, "invalid_token"),
         (Some(admin_role_claimed.as_str()), 401, "invalid_token"),
@@ -203,10 +205,41 @@ async fn only_the_owner_moves_money(redis: Option<&str>) {
             Some(json!({"refresh_token": refresh})),
         )
         .await;
+    // A used refresh token coming back means one of its holders stole it:
+    // the whole session is revoked, the thief's and the owner's tokens.
     assert_eq!(
         (status, again["error"]["code"].as_str()),
-        (401, Some("invalid_refresh_token"))
+        (401, Some("refresh_token_reused")),
+        "{again}"
     );
+    let (status, me, _) = app
+        .call(Method::GET, "/v1/auth/me", Some(&token(&renewed)), None)
+        .await;
+    assert_eq!(
+        (status, me["error"]["code"].as_str()),
+        (401, Some("session_revoked")),
+        "the refreshed access token dies with its session: {me}"
+    );
+    let (status, _, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": renewed["refresh_token"]})),
+        )
+        .await;
+    assert_eq!(status, 401, "so does the rotated refresh token");
+    let alice_login = app.login("alice", "alice-password", false).await;
+    let alice = token(&alice_login);
+    let (status, renewed, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({"refresh_token": alice_login["refresh_token"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{renewed}");
     let (status, me, _) = app
         .call(Method::GET, "/v1/auth/me", Some(&token(&renewed)), None)
         .await;

@@ -7,6 +7,7 @@ mod concurrency;
 mod cross_shard;
 mod events;
 mod fraud;
+mod hostile;
 mod idempotency;
 mod kafka;
 mod notification;

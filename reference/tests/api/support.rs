@@ -41,6 +41,8 @@ pub struct Options {
     pub kafka: Option<String>,
     /// Auth on (with this service); `None` is demo mode.
     pub auth: Option<Arc<shardpay_reference::auth::AuthService>>,
+    /// Webhooks may go to loopback (the tests' receivers listen there).
+    pub webhooks_to_private_networks: bool,
 }
 
 impl Default for Options {
@@ -53,6 +55,7 @@ impl Default for Options {
             fraud: Some(Default::default()),
             kafka: None,
             auth: None,
+            webhooks_to_private_networks: true,
         }
     }
 }
@@ -171,10 +174,15 @@ impl TestApp {
                 shardpay_reference::events::BusConfig::Kafka(kafka_config(bootstrap))
             }
         };
-        let pipeline = Arc::new(shardpay_reference::events::Pipeline::with_bus(
-            stores.clone(),
-            bus.connect().await.unwrap(),
-        ));
+        let pipeline = Arc::new(
+            shardpay_reference::events::Pipeline::with_bus(
+                stores.clone(),
+                bus.connect().await.unwrap(),
+            )
+            .with_webhooks(shardpay_reference::notification::WebhookPolicy {
+                allow_private: options.webhooks_to_private_networks,
+            }),
+        );
         let mut manager = ShardManager::new(stores, options.manager).unwrap();
         if let Some(rules) = options.fraud {
             manager = manager.with_fraud(Arc::new(
@@ -621,6 +629,51 @@ impl TestApp {
             request = request.json(&body);
         }
         let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (
+            status,
+            response.json().await.unwrap_or(Value::Null),
+            headers,
+        )
+    }
+
+    /// With auth on: `admin_token` creates `id` for `owner` (or none) with
+    /// an opening balance.
+    pub async fn create_as(&self, admin_token: &str, id: &str, owner: Option<&str>, opening: &str) {
+        let mut body = serde_json::json!({"id": id, "opening_balance": opening});
+        if let Some(owner) = owner {
+            body["owner"] = serde_json::json!(owner);
+        }
+        let (status, answer, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/accounts",
+                Some(admin_token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+
+    /// Like [`TestApp::call`], with an Idempotency-Key.
+    pub async fn call_with_key(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        key: &str,
+        body: Value,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let response = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         (
