@@ -110,7 +110,8 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64: embeds IPv4
-                || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0)) // IPv4-compatible
+                || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0))
+            // IPv4-compatible
         }
     }
 }
@@ -699,8 +700,17 @@ mod tests {
             );
             assert!(check_url(url, open).is_ok(), "{url}");
         }
-        for bad in ["ftp://example.com/", "not a url", "http://", "file:///etc/passwd"] {
-            assert_eq!(check_url(bad, strict).unwrap_err().code(), "invalid_url", "{bad}");
+        for bad in [
+            "ftp://example.com/",
+            "not a url",
+            "http://",
+            "file:///etc/passwd",
+        ] {
+            assert_eq!(
+                check_url(bad, strict).unwrap_err().code(),
+                "invalid_url",
+                "{bad}"
+            );
         }
         assert!(check_url("https://hooks.example.com/shardpay", strict).is_ok());
         let long = format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_LEN));

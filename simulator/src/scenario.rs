@@ -25,6 +25,9 @@ pub const MAX_USERS: u32 = 10_000;
 pub const MAX_RESENDS: u32 = 16;
 /// Most transfers in one fraud burst.
 pub const MAX_BURST: u32 = 100;
+/// Largest weight of one kind in `[mix]`: weights are proportions, and
+/// four of them must add up without overflowing.
+pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// A scenario error: where it is and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1238,5 +1241,813 @@ p99_ms = { all = 100.0 }
         let z = src.find('3').unwrap();
         assert_eq!(key_at(src, z), "t.x.y.z");
         assert_eq!(key_at(src, src.find("1").unwrap()), "a");
+    }
+}
+
+/// Property tests: a scenario file is text someone typed, so no text may
+/// panic the reader, every refusal names the file and a line within it
+/// (and the key when it names one), and every scenario accepted keeps the
+/// bounds scenarios/README.md gives its keys.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::{select, Index};
+
+    /// The scenario files shipped in `scenarios/`.
+    const FILES: &[(&str, &str)] = &[
+        (
+            "cross-shard.toml",
+            include_str!("../../scenarios/cross-shard.toml"),
+        ),
+        (
+            "fraud-heavy.toml",
+            include_str!("../../scenarios/fraud-heavy.toml"),
+        ),
+        (
+            "idempotent-retry.toml",
+            include_str!("../../scenarios/idempotent-retry.toml"),
+        ),
+        ("mixed.toml", include_str!("../../scenarios/mixed.toml")),
+        (
+            "same-shard.toml",
+            include_str!("../../scenarios/same-shard.toml"),
+        ),
+        ("smoke.toml", include_str!("../../scenarios/smoke.toml")),
+    ];
+
+    /// Every key scenarios/README.md documents, and the table headers.
+    const KEYS: &[&str] = &[
+        "name",
+        "description",
+        "seed",
+        "duration_s",
+        "requests",
+        "warmup_s",
+        "count",
+        "opening_balance",
+        "currency",
+        "popularity",
+        "distribution",
+        "exponent",
+        "hot_set",
+        "hot_share",
+        "model",
+        "users",
+        "think_time_ms",
+        "rate",
+        "start_rate",
+        "stages",
+        "max_in_flight",
+        "same_shard",
+        "cross_shard",
+        "idempotent_retry",
+        "fraud_heavy",
+        "min",
+        "max",
+        "resends",
+        "concurrent",
+        "changed_body_share",
+        "fraud_share",
+        "burst",
+        "large_min",
+        "large_max",
+        "round_to",
+        "new_payees",
+        "p99_ms",
+        "error_rate",
+        "min_tps",
+        "audit",
+        "target",
+        "all",
+    ];
+    const HEADERS: &[&str] = &[
+        "[accounts]",
+        "[load]",
+        "[mix]",
+        "[amounts]",
+        "[idempotent_retry]",
+        "[fraud_heavy]",
+        "[thresholds]",
+        "[[load.stages]]",
+        "[accounts.popularity]",
+        "[thresholds.p99_ms]",
+    ];
+
+    const FILE: &str = "scenarios/t.toml";
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 10_000,
+            // Failures are kept as explicit regression tests, not files.
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// The reader's answer for `source`: an accepted scenario within its
+    /// bounds, or an error naming this file, a line of it and the key.
+    fn check_answer(source: &str) -> Result<(), TestCaseError> {
+        match parse(source, FILE) {
+            Ok(s) => check_bounds(&s),
+            Err(e) => {
+                let lines = source.split('\n').count();
+                prop_assert_eq!(e.file.as_str(), FILE);
+                prop_assert!(
+                    (1..=lines).contains(&e.line),
+                    "line {} of {}: {}",
+                    e.line,
+                    lines,
+                    e
+                );
+                prop_assert!(!e.message.trim().is_empty(), "{}", e);
+                let shown = e.to_string();
+                let at = format!("{FILE}:{}: ", e.line);
+                prop_assert!(shown.starts_with(&at), "{}", shown);
+                if !e.key.is_empty() {
+                    prop_assert!(shown.contains(&format!("`{}`", e.key)), "{}", shown);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The bounds scenarios/README.md gives each key, on the checked types.
+    fn check_bounds(s: &Scenario) -> Result<(), TestCaseError> {
+        let shown = format!("{s:?}");
+        prop_assert!(!s.name.is_empty());
+        prop_assert!(s
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        prop_assert!(s.stop.seconds().is_some() || s.stop.count().is_some());
+        if let Some(seconds) = s.stop.seconds() {
+            prop_assert!((1..=MAX_DURATION_S).contains(&seconds), "{}", shown);
+            prop_assert!(s.warmup_s < seconds, "{}", shown);
+        }
+        if let Some(count) = s.stop.count() {
+            prop_assert!(count >= 1, "{}", shown);
+        }
+        let a = &s.accounts;
+        prop_assert!((2..=MAX_ACCOUNTS).contains(&a.count), "{}", shown);
+        prop_assert!(a.opening_balance.minor() > 0, "{}", shown);
+        if let Popularity::Zipf {
+            exponent,
+            hot_set,
+            hot_share,
+        } = a.popularity
+        {
+            prop_assert!(exponent > 0.0 && exponent <= 5.0, "{}", shown);
+            prop_assert!((1..=a.count).contains(&hot_set), "{}", shown);
+            prop_assert!((0.0..=1.0).contains(&hot_share), "{}", shown);
+        }
+        match &s.load {
+            Load::Closed {
+                users,
+                think_time_ms: (lo, hi),
+            } => {
+                prop_assert!((1..=MAX_USERS).contains(users), "{}", shown);
+                prop_assert!(lo <= hi, "{}", shown);
+            }
+            Load::Open {
+                start_rate_per_s,
+                stages,
+                max_in_flight,
+            } => {
+                let rate = |x: f64| x.is_finite() && (0.0..=1_000_000.0).contains(&x);
+                prop_assert!(rate(*start_rate_per_s), "{}", shown);
+                prop_assert!(!stages.is_empty(), "{}", shown);
+                let mut total = 0u64;
+                for stage in stages {
+                    prop_assert!(stage.duration_s >= 1, "{}", shown);
+                    prop_assert!(rate(stage.target_per_s), "{}", shown);
+                    total = total.saturating_add(stage.duration_s);
+                }
+                prop_assert_eq!(Some(total), s.stop.seconds(), "{}", shown);
+                prop_assert!((1..=MAX_USERS).contains(max_in_flight), "{}", shown);
+            }
+        }
+        prop_assert!(s.mix.total() > 0, "{}", shown);
+
+        prop_assert!(s.amounts.min.minor() > 0, "{}", shown);
+        prop_assert!(s.amounts.min <= s.amounts.max, "{}", shown);
+        let r = &s.retry;
+        prop_assert!((1..=MAX_RESENDS).contains(&r.resends), "{}", shown);
+        prop_assert!(r.concurrent <= r.resends, "{}", shown);
+        prop_assert!((0.0..=1.0).contains(&r.changed_body_share), "{}", shown);
+        let f = &s.fraud;
+        prop_assert!((0.0..=1.0).contains(&f.fraud_share), "{}", shown);
+        prop_assert!((1..=MAX_BURST).contains(&f.burst), "{}", shown);
+        prop_assert!(
+            f.large_min.minor() > 0 && f.round_to.minor() > 0,
+            "{}",
+            shown
+        );
+        prop_assert!(f.large_min <= f.large_max, "{}", shown);
+        prop_assert!(f.round_to <= f.large_max, "{}", shown);
+        prop_assert!((1..=MAX_ACCOUNTS).contains(&f.new_payees), "{}", shown);
+        for (kind, ms) in &s.thresholds.p99_ms {
+            prop_assert!(kind == "all" || Kind::parse(kind).is_some(), "{}", shown);
+            prop_assert!(ms.is_finite() && *ms > 0.0, "{}", shown);
+        }
+        if let Some(e) = s.thresholds.error_rate {
+            prop_assert!((0.0..=1.0).contains(&e), "{}", shown);
+        }
+        if let Some(m) = s.thresholds.min_tps {
+            prop_assert!(m.is_finite() && m >= 0.0, "{}", shown);
+        }
+        prop_assert_eq!(s.file.as_str(), FILE);
+        Ok(())
+    }
+
+    // ---- values --------------------------------------------------------
+
+    /// Integers at and around every bound the checks use, and any i64.
+    fn integer() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => select(vec![
+                "0", "1", "-1", "2", "3", "5", "16", "17", "64", "100", "101", "256", "1000",
+                "10000", "10001", "86399", "86400", "86401", "1000000", "1000001", "10000000",
+                "10000001", "2147483648", "4294967295", "4294967296", "9223372036854775807",
+                "-9223372036854775808", "9223372036854775808", "1_000", "0x10", "0o7", "0b1",
+                "+1", "01",
+            ])
+            .prop_map(String::from),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => (0u64..100_000).prop_map(|n| n.to_string()),
+        ]
+        .boxed()
+    }
+
+    /// Floats at the bounds, and ones that are not numbers.
+    fn float() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => select(vec![
+                "0.0", "-0.0", "1.0", "0.5", "1.0000001", "5.0", "5.1", "1e308", "1e309",
+                "-1e-308", "5e-324", "inf", "-inf", "nan", "+nan", "-nan", "1000000.0",
+                "1000000.1", "1e6", "1e-300", "0.001",
+            ])
+            .prop_map(String::from),
+            1 => any::<f64>().prop_map(|x| toml::Value::Float(x).to_string()),
+        ]
+        .boxed()
+    }
+
+    fn number() -> BoxedStrategy<String> {
+        prop_oneof![3 => integer(), 1 => float()].boxed()
+    }
+
+    /// Amount text, good and bad, as a TOML string.
+    fn amount() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => (1u64..10_000_000).prop_map(|n| format!("{}.{:02}", n / 100, n % 100)),
+            1 => select(vec![
+                "4.50", "0", "0.00", "0.01", "-1", "--1", "1.001", "1.0000",
+                "10000000000000.00", "10000000000000.01", "99999999999999999999999", "", " 1 ",
+                "1e3", "\u{ff11}",
+            ])
+            .prop_map(String::from),
+            1 => (1usize..20_000).prop_map(|n| "-".repeat(n)),
+        ]
+        .prop_map(|s| toml::Value::String(s).to_string())
+        .boxed()
+    }
+
+    fn word() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => select(vec![
+                "closed", "open", "rush", "zipf", "uniform", "INR", "jpy", "KWD", "XXX", "", "t",
+                "a b", "all", "same_shard", "cross_shard", "idempotent_retry", "fraud_heavy",
+            ])
+            .prop_map(String::from),
+            1 => any::<String>(),
+        ]
+        .prop_map(|s| toml::Value::String(s).to_string())
+        .boxed()
+    }
+
+    /// An integer from `range` most of the time, otherwise any integer.
+    fn int(range: std::ops::RangeInclusive<u64>) -> BoxedStrategy<String> {
+        prop_oneof![5 => range.prop_map(|n| n.to_string()), 1 => integer()].boxed()
+    }
+
+    /// A float from `range` most of the time, otherwise any float.
+    fn real(range: Range<f64>) -> BoxedStrategy<String> {
+        prop_oneof![
+            5 => range.prop_map(|x| toml::Value::Float(x).to_string()),
+            1 => float(),
+        ]
+        .boxed()
+    }
+
+    fn stages() -> BoxedStrategy<String> {
+        prop::collection::vec((int(1..=30), real(0.0..2_000.0)), 0..6)
+            .prop_map(|stages| {
+                let stages: Vec<String> = stages
+                    .into_iter()
+                    .map(|(d, t)| format!("{{ duration_s = {d}, target = {t} }}"))
+                    .collect();
+                format!("[{}]", stages.join(", "))
+            })
+            .boxed()
+    }
+
+    /// `{ k = v, ... }` with each pair present or not.
+    fn inline_table(pairs: Vec<(&'static str, BoxedStrategy<String>)>) -> BoxedStrategy<String> {
+        let pairs: Vec<BoxedStrategy<Option<String>>> = pairs
+            .into_iter()
+            .map(|(k, v)| {
+                prop_oneof![
+                    1 => Just(None),
+                    3 => v.prop_map(move |v| Some(format!("{k} = {v}"))),
+                ]
+                .boxed()
+            })
+            .collect();
+        pairs
+            .prop_map(|pairs| {
+                let pairs: Vec<String> = pairs.into_iter().flatten().collect();
+                format!("{{ {} }}", pairs.join(", "))
+            })
+            .boxed()
+    }
+
+    fn popularity() -> BoxedStrategy<String> {
+        inline_table(vec![
+            (
+                "distribution",
+                prop_oneof![
+                    5 => select(vec!["\"zipf\"", "\"uniform\""]).prop_map(String::from),
+                    1 => word(),
+                ]
+                .boxed(),
+            ),
+            ("exponent", real(0.0..6.0)),
+            ("hot_set", int(0..=2_000)),
+            ("hot_share", real(0.0..1.2)),
+        ])
+    }
+
+    fn p99() -> BoxedStrategy<String> {
+        inline_table(vec![
+            ("all", real(0.0..1_000.0)),
+            ("same_shard", real(0.0..1_000.0)),
+            ("cross_shard", real(0.0..1_000.0)),
+            ("idempotent_retry", real(0.0..1_000.0)),
+            ("fraud_heavy", real(0.0..1_000.0)),
+            ("allx", real(0.0..1_000.0)),
+        ])
+    }
+
+    /// Any value for any key: the right type or not.
+    fn toml_value() -> BoxedStrategy<String> {
+        prop_oneof![
+            4 => integer(),
+            3 => float(),
+            3 => amount(),
+            2 => word(),
+            1 => select(vec![
+                "true", "false", "[]", "{}", "{ a = 1 }", "1979-05-27T07:32:00Z", "1979-05-27",
+                "[[]]", "[1, \"a\"]", "\"\"\"\nmulti\n\"\"\"", "'literal'",
+            ])
+            .prop_map(String::from),
+            1 => stages(),
+            1 => p99(),
+            1 => popularity(),
+            1 => prop::collection::vec(integer(), 0..4)
+                .prop_map(|items| format!("[{}]", items.join(", "))),
+        ]
+        .boxed()
+    }
+
+    // ---- whole documents -----------------------------------------------
+
+    /// `key = value` with a plausible value, or a value of any kind, or
+    /// no line at all; `present` of 10 times with a plausible value.
+    fn line(
+        key: &'static str,
+        plausible: BoxedStrategy<String>,
+        present: u32,
+    ) -> BoxedStrategy<String> {
+        prop_oneof![
+            10 - present => Just(String::new()),
+            present => plausible.prop_map(move |v| format!("{key} = {v}\n")),
+            1 => toml_value().prop_map(move |v| format!("{key} = {v}\n")),
+        ]
+        .boxed()
+    }
+
+    fn table(header: &'static str, lines: Vec<BoxedStrategy<String>>) -> BoxedStrategy<String> {
+        lines
+            .prop_map(move |lines| format!("\n{header}\n{}", lines.concat()))
+            .boxed()
+    }
+
+    fn optional(table: BoxedStrategy<String>) -> BoxedStrategy<String> {
+        prop_oneof![Just(String::new()), table].boxed()
+    }
+
+    /// A scenario written from the documented keys, each present or not,
+    /// mostly with values of the right type near their bounds.
+    fn document() -> impl Strategy<Value = String> {
+        let share = || real(0.0..1.1);
+        let top = vec![
+            line(
+                "name",
+                prop_oneof![9 => Just("\"t\"".to_string()), 1 => word()].boxed(),
+                9,
+            ),
+            line("description", word(), 3),
+            line("seed", integer(), 5),
+            line("duration_s", int(1..=100), 6),
+            line("requests", int(1..=10_000), 3),
+            line("warmup_s", int(0..=30), 4),
+        ];
+        let accounts = table(
+            "[accounts]",
+            vec![
+                line("count", int(0..=1_000), 9),
+                line("opening_balance", amount(), 9),
+                line(
+                    "currency",
+                    prop_oneof![
+                        3 => select(vec!["\"INR\"", "\"jpy\"", "\"KWD\""]).prop_map(String::from),
+                        1 => word(),
+                    ]
+                    .boxed(),
+                    3,
+                ),
+                line("popularity", popularity(), 4),
+            ],
+        );
+        let load = table(
+            "[load]",
+            vec![
+                line(
+                    "model",
+                    prop_oneof![
+                        5 => select(vec!["\"closed\"", "\"open\""]).prop_map(String::from),
+                        1 => word(),
+                    ]
+                    .boxed(),
+                    9,
+                ),
+                line("users", int(0..=100), 4),
+                line(
+                    "think_time_ms",
+                    prop::collection::vec(int(0..=20), 0..4)
+                        .prop_map(|items| format!("[{}]", items.join(", ")))
+                        .boxed(),
+                    3,
+                ),
+                line("rate", real(0.0..5_000.0), 4),
+                line("start_rate", real(0.0..5_000.0), 3),
+                line("stages", stages(), 4),
+                line("max_in_flight", int(0..=600), 3),
+            ],
+        );
+        let mix = table(
+            "[mix]",
+            vec![
+                line("same_shard", int(0..=60), 5),
+                line("cross_shard", int(0..=60), 5),
+                line("idempotent_retry", int(0..=60), 5),
+                line("fraud_heavy", int(0..=60), 5),
+            ],
+        );
+        let amounts = optional(table(
+            "[amounts]",
+            vec![line("min", amount(), 8), line("max", amount(), 8)],
+        ));
+        let retry = optional(table(
+            "[idempotent_retry]",
+            vec![
+                line("resends", int(0..=20), 5),
+                line("concurrent", int(0..=20), 5),
+                line("changed_body_share", share(), 5),
+            ],
+        ));
+        let fraud = optional(table(
+            "[fraud_heavy]",
+            vec![
+                line("fraud_share", share(), 5),
+                line("burst", int(0..=120), 5),
+                line("large_min", amount(), 5),
+                line("large_max", amount(), 5),
+                line("round_to", amount(), 5),
+                line("new_payees", int(0..=5_000), 5),
+            ],
+        ));
+        let thresholds = optional(table(
+            "[thresholds]",
+            vec![
+                line("p99_ms", p99(), 5),
+                line("error_rate", share(), 5),
+                line("min_tps", real(-1.0..1_000.0), 5),
+                line(
+                    "audit",
+                    select(vec!["true", "false"]).prop_map(String::from).boxed(),
+                    5,
+                ),
+            ],
+        ));
+        (top, accounts, load, mix, amounts, retry, fraud, thresholds).prop_map(
+            |(top, accounts, load, mix, amounts, retry, fraud, thresholds)| {
+                [
+                    top.concat(),
+                    accounts,
+                    load,
+                    mix,
+                    amounts,
+                    retry,
+                    fraud,
+                    thresholds,
+                ]
+                .concat()
+            },
+        )
+    }
+
+    /// Text that is TOML-shaped without being a scenario: keys, headers,
+    /// brackets, quotes, numbers and unicode in any order, and deep nesting.
+    fn toml_soup() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            4 => select(vec![
+                "[", "]", "[[", "]]", "{", "}", "=", ",", ".", "\"", "'", "\"\"\"", "'''", "\n",
+                " ", "#", "\\", "\\u", "\\U0010FFFF", "\\ud800", "\r", "\t", "\u{0}", "\u{7f}",
+                "\u{feff}", "\u{e9}", "\u{10ffff}", "1", "-", "+", "_", "e", "inf", "nan",
+                "true", "1979-05-27T07:32:00Z", "07:32:00", "0x", "a.b",
+            ])
+            .prop_map(String::from),
+            2 => select(KEYS.to_vec()).prop_map(String::from),
+            1 => select(HEADERS.to_vec()).prop_map(String::from),
+            2 => toml_value(),
+            1 => any::<char>().prop_map(String::from),
+        ];
+        let nested = (
+            select(vec!["a = ", "[load]\nstages = ", "x = { y = "]),
+            select(vec!["[", "{ a = ", "[{ b = "]),
+            1usize..20_000,
+        )
+            .prop_map(|(start, open, depth)| format!("{start}{}1", open.repeat(depth)));
+        prop_oneof![
+            6 => prop::collection::vec(token, 0..120).prop_map(|tokens| tokens.concat()),
+            2 => any::<String>(),
+            1 => nested,
+        ]
+    }
+
+    // ---- mutations of the shipped files --------------------------------
+
+    /// One change to a scenario file's values: the file stays TOML, and
+    /// mostly stays of the right types, so the checks after the reader run.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        /// Give the n-th `key = value` line a new value.
+        SetKey(Index, String),
+        /// Add `key = value` (a documented key) before a line.
+        AddKey(Index, &'static str, String),
+        /// Replace one number literal.
+        SetNumber(Index, String),
+        /// Replace every copy of one number literal (all stages at once).
+        SetEveryNumber(Index, String),
+        /// Remove the n-th `key = value` line.
+        DeleteKey(Index),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            3 => (any::<Index>(), toml_value()).prop_map(|(i, v)| Edit::SetKey(i, v)),
+            2 => (any::<Index>(), select(KEYS.to_vec()), toml_value())
+                .prop_map(|(i, k, v)| Edit::AddKey(i, k, v)),
+            4 => (any::<Index>(), number()).prop_map(|(i, v)| Edit::SetNumber(i, v)),
+            2 => (any::<Index>(), number()).prop_map(|(i, v)| Edit::SetEveryNumber(i, v)),
+            1 => any::<Index>().prop_map(Edit::DeleteKey),
+        ]
+    }
+
+    /// One change to a scenario file's text, blind to what it means.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        DeleteLine(Index),
+        DuplicateLine(Index),
+        SwapLines(Index, Index),
+        ReplaceLine(Index, String),
+        AddHeader(Index, &'static str),
+        DeleteBytes(Index, usize),
+        InsertBytes(Index, Vec<u8>),
+        ReplaceByte(Index, u8),
+        Truncate(Index),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        let junk = prop_oneof![
+            prop::collection::vec(any::<u8>(), 1..8),
+            select(vec![
+                "=", "[", "]", "{", "}", ",", "\"", "'", "#", "\n", ".", "\\", "\u{0}", "\u{feff}",
+                "\u{e9}", "\r\n", "[[", "\"\"\"",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+        ];
+        let line = prop_oneof![
+            any::<String>(),
+            (select(KEYS.to_vec()), toml_value()).prop_map(|(k, v)| format!("{k} = {v}")),
+            select(HEADERS.to_vec()).prop_map(String::from),
+        ];
+        prop_oneof![
+            2 => any::<Index>().prop_map(Damage::DeleteLine),
+            2 => any::<Index>().prop_map(Damage::DuplicateLine),
+            1 => (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Damage::SwapLines(a, b)),
+            2 => (any::<Index>(), line).prop_map(|(i, l)| Damage::ReplaceLine(i, l)),
+            1 => (any::<Index>(), select(HEADERS.to_vec()))
+                .prop_map(|(i, h)| Damage::AddHeader(i, h)),
+            1 => (any::<Index>(), 1usize..40).prop_map(|(i, n)| Damage::DeleteBytes(i, n)),
+            2 => (any::<Index>(), junk).prop_map(|(i, b)| Damage::InsertBytes(i, b)),
+            2 => (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Damage::ReplaceByte(i, b)),
+            1 => any::<Index>().prop_map(Damage::Truncate),
+        ]
+    }
+
+    fn lines_of(text: &str) -> Vec<String> {
+        text.split('\n').map(String::from).collect()
+    }
+
+    /// Indices of the `key = value` lines.
+    fn keyed(lines: &[String]) -> Vec<usize> {
+        (0..lines.len())
+            .filter(|&n| {
+                let l = lines[n].trim_start();
+                !l.starts_with('#') && !l.starts_with('[') && l.contains('=')
+            })
+            .collect()
+    }
+
+    /// Byte ranges of the number literals in `text`.
+    fn numbers(text: &str) -> Vec<Range<usize>> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i].is_ascii_digit() {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                out.push(start..i);
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn apply_edit(text: &str, edit: &Edit) -> String {
+        let mut lines = lines_of(text);
+        match edit {
+            Edit::SetKey(i, value) => {
+                let keyed = keyed(&lines);
+                if let Some(&n) = keyed.get(i.index(keyed.len().max(1))) {
+                    let key = lines[n].split('=').next().unwrap_or("").to_string();
+                    lines[n] = format!("{key}= {value}");
+                }
+            }
+            Edit::AddKey(i, key, value) => {
+                lines.insert(i.index(lines.len() + 1), format!("{key} = {value}"));
+            }
+            Edit::DeleteKey(i) => {
+                let keyed = keyed(&lines);
+                if let Some(&n) = keyed.get(i.index(keyed.len().max(1))) {
+                    lines.remove(n);
+                }
+            }
+            Edit::SetNumber(i, value) => {
+                let found = numbers(text);
+                return match found.get(i.index(found.len().max(1))) {
+                    Some(r) => format!("{}{value}{}", &text[..r.start], &text[r.end..]),
+                    None => text.to_string(),
+                };
+            }
+            Edit::SetEveryNumber(i, value) => {
+                let found = numbers(text);
+                let Some(chosen) = found.get(i.index(found.len().max(1))) else {
+                    return text.to_string();
+                };
+                let literal = &text[chosen.clone()];
+                let mut out = String::new();
+                let mut last = 0;
+                for r in found.iter().filter(|r| &text[(*r).clone()] == literal) {
+                    out.push_str(&text[last..r.start]);
+                    out.push_str(value);
+                    last = r.end;
+                }
+                out.push_str(&text[last..]);
+                return out;
+            }
+        }
+        lines.join("\n")
+    }
+
+    fn apply_damage(text: &str, damage: &Damage) -> String {
+        let mut lines = lines_of(text);
+        let mut bytes = text.as_bytes().to_vec();
+        match damage {
+            Damage::DeleteLine(i) => {
+                lines.remove(i.index(lines.len()));
+            }
+            Damage::DuplicateLine(i) => {
+                let n = i.index(lines.len());
+                let copy = lines[n].clone();
+                lines.insert(n, copy);
+            }
+            Damage::SwapLines(a, b) => {
+                let len = lines.len();
+                lines.swap(a.index(len), b.index(len));
+            }
+            Damage::ReplaceLine(i, line) => {
+                let n = i.index(lines.len());
+                lines[n] = line.clone();
+            }
+            Damage::AddHeader(i, header) => {
+                lines.insert(i.index(lines.len() + 1), header.to_string());
+            }
+            Damage::DeleteBytes(i, n) => {
+                let at = i.index(bytes.len() + 1);
+                let end = (at + n).min(bytes.len());
+                bytes.drain(at..end);
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+            Damage::InsertBytes(i, junk) => {
+                let at = i.index(bytes.len() + 1);
+                bytes.splice(at..at, junk.iter().copied());
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+            Damage::ReplaceByte(i, b) => {
+                if !bytes.is_empty() {
+                    let at = i.index(bytes.len());
+                    bytes[at] = *b;
+                }
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+            Damage::Truncate(i) => {
+                bytes.truncate(i.index(bytes.len() + 1));
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+        }
+        lines.join("\n")
+    }
+
+    #[test]
+    fn every_shipped_scenario_is_read_and_tested() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".toml"))
+            .collect();
+        shipped.sort();
+        let known: Vec<String> = FILES.iter().map(|(name, _)| name.to_string()).collect();
+        assert_eq!(shipped, known, "add new scenario files to FILES");
+        for (name, text) in FILES {
+            let s = parse(text, name).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(s.file, *name);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_text_is_read_or_refused_with_its_place(text in toml_soup()) {
+            check_answer(&text)?;
+        }
+
+        #[test]
+        fn documents_of_the_documented_keys_are_checked(text in document()) {
+            check_answer(&text)?;
+        }
+
+        #[test]
+        fn shipped_files_with_changed_values_are_checked(
+            file in select(FILES.to_vec()),
+            edits in prop_oneof![2 => prop::collection::vec(edit(), 1..2), 1 => prop::collection::vec(edit(), 2..5)],
+        ) {
+            let mut text = file.1.to_string();
+            for e in &edits {
+                text = apply_edit(&text, e);
+            }
+            check_answer(&text)?;
+        }
+
+        #[test]
+        fn damaged_shipped_files_are_refused_with_their_place(
+            file in select(FILES.to_vec()),
+            damage in prop::collection::vec(damage(), 1..5),
+        ) {
+            let mut text = file.1.to_string();
+            for d in &damage {
+                text = apply_damage(&text, d);
+            }
+            check_answer(&text)?;
+        }
     }
 }

@@ -774,7 +774,8 @@ impl AuthService {
     pub fn check_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
         let db = self.db.lock().expect("auth db");
         let mut user = db.prepare_cached("SELECT 1 FROM users WHERE username = ?1")?;
-        let mut select = db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
+        let mut select =
+            db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
         let mut known = std::collections::HashSet::new();
         let mut free = Vec::with_capacity(pairs.len());
         for (account, owner) in pairs {

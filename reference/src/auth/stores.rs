@@ -186,9 +186,7 @@ impl RateLimiter for MemoryStores {
                 reset_in: window,
             });
         }
-        let entry = windows
-            .entry(key.into_owned())
-            .or_insert((0, now + window));
+        let entry = windows.entry(key.into_owned()).or_insert((0, now + window));
         if entry.1 <= now {
             *entry = (0, now + window);
         }

@@ -717,9 +717,9 @@ async fn peer_json<T: serde::de::DeserializeOwned>(
         request = request.bearer_auth(token);
     }
     let response = crate::http::ops::with_request_id(request)
-    .send()
-    .await
-    .map_err(|e| down(e.to_string()))?;
+        .send()
+        .await
+        .map_err(|e| down(e.to_string()))?;
     if !response.status().is_success() {
         return Err(down(format!("answered {}", response.status())));
     }

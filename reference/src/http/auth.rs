@@ -25,10 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/logout-all", post(logout_all))
         .route("/v1/auth/me", get(me))
         .route("/v1/auth/owners", post(claim_owners))
-        .route(
-            "/v1/auth/owners/{account}",
-            get(owner_of).put(assign_owner),
-        )
+        .route("/v1/auth/owners/{account}", get(owner_of).put(assign_owner))
 }
 
 impl From<AuthError> for ApiError {
@@ -172,7 +169,10 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 impl Caller {
-    pub(super) async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Caller, ApiError> {
+    pub(super) async fn from_headers(
+        headers: &HeaderMap,
+        state: &AppState,
+    ) -> Result<Caller, ApiError> {
         let Some(auth) = &state.auth else {
             return Ok(Caller::Demo);
         };

@@ -168,8 +168,13 @@ async fn json_errors(request: Request, next: axum::middleware::Next) -> Response
         _ => "invalid_request",
     };
     let message = match (code, text.trim()) {
-        ("timeout", _) => "the request took too long and was stopped; retry with the same Idempotency-Key".to_string(),
-        ("internal", _) => "internal error; the request may be retried with the same Idempotency-Key".to_string(),
+        ("timeout", _) => {
+            "the request took too long and was stopped; retry with the same Idempotency-Key"
+                .to_string()
+        }
+        ("internal", _) => {
+            "internal error; the request may be retried with the same Idempotency-Key".to_string()
+        }
         (_, "") => status
             .canonical_reason()
             .unwrap_or("the request was refused")

@@ -87,8 +87,16 @@ pub const TABLE: &[(&str, &str, Access)] = &[
     ("GET", "/v1/analytics", Access::Roles(STAFF)),
     ("GET", "/dashboard/analytics", Access::Public),
     // The modelled system's routes.
-    ("POST", "/create_user/{user}/{balance}", Access::Roles(USER_OR_ADMIN)),
-    ("POST", "/transfer/{from}/{to}/{amount}", Access::Roles(USER)),
+    (
+        "POST",
+        "/create_user/{user}/{balance}",
+        Access::Roles(USER_OR_ADMIN),
+    ),
+    (
+        "POST",
+        "/transfer/{from}/{to}/{amount}",
+        Access::Roles(USER),
+    ),
     ("GET", "/user_shard/{user}", Access::Roles(ANY_ROLE)),
     ("GET", "/user/{user}/shard", Access::Public),
     ("GET", "/accounts/{user}", Access::Roles(ANY_ROLE)),

@@ -944,9 +944,7 @@ async fn register_webhook(
         .map_err(|e| {
             let status = match e {
                 crate::notification::WebhookRefused::TooManyForAccount
-                | crate::notification::WebhookRefused::TooMany => {
-                    axum::http::StatusCode::CONFLICT
-                }
+                | crate::notification::WebhookRefused::TooMany => axum::http::StatusCode::CONFLICT,
                 _ => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             };
             ApiError::new(status, e.code(), e.to_string())
