@@ -3,6 +3,7 @@
 //! finishes the transfer; `shardpay audit` agrees.
 
 mod audit;
+mod memory;
 mod run;
 mod shard_kill;
 mod sigterm;
