@@ -123,9 +123,17 @@ pub trait FeatureStore: Send + Sync {
 #[derive(Default)]
 struct PayerState {
     recent: VecDeque<(TimestampMs, i64)>,
-    sum: i64,
+    /// Sum of `recent`, wide enough that no number of transfers overflows.
+    sum: i128,
     payees: HashSet<String>,
 }
+
+/// Payees remembered per payer. Past this the set starts again: a payee
+/// then counts as new once more (more reviews, never fewer).
+const MAX_PAYEES_PER_PAYER: usize = 1024;
+/// Payers remembered per lock part (64 parts). Past this, payers with no
+/// attempt inside the window are forgotten.
+const MAX_PAYERS_PER_PART: usize = 4096;
 
 /// The embedded feature store: per payer, the attempts inside the window
 /// and the payees paid. Split over 64 locks by payer.
@@ -153,22 +161,28 @@ impl FeatureStore for MemoryFeatureStore {
     ) -> anyhow::Result<Features> {
         let part = xxhash_rust::xxh3::xxh3_64(payer.as_bytes()) as usize % self.parts.len();
         let mut map = self.parts[part].lock().expect("feature store lock");
+        if map.len() >= MAX_PAYERS_PER_PART && !map.contains_key(payer) {
+            map.retain(|_, s| s.recent.back().is_some_and(|(t, _)| *t > at_ms - window_ms));
+        }
         let state = map.entry(payer.to_string()).or_default();
         while let Some(&(t, amount)) = state.recent.front() {
             if t > at_ms - window_ms {
                 break;
             }
             state.recent.pop_front();
-            state.sum -= amount;
+            state.sum -= amount as i128;
         }
         let features = Features {
             count_in_window: state.recent.len() as u32,
-            sum_in_window: state.sum,
+            sum_in_window: i64::try_from(state.sum).unwrap_or(i64::MAX),
             paid_payee_before: state.payees.contains(payee),
         };
         state.recent.push_back((at_ms, amount_minor));
-        state.sum += amount_minor;
+        state.sum += amount_minor as i128;
         if !features.paid_payee_before {
+            if state.payees.len() >= MAX_PAYEES_PER_PAYER {
+                state.payees.clear();
+            }
             state.payees.insert(payee.to_string());
         }
         Ok(features)

@@ -453,7 +453,9 @@ impl Analytics {
                     } else {
                         t.cross_shard += 1;
                     }
-                    *t.volume_minor.entry(p.currency.clone()).or_default() += p.amount_minor;
+                    let volume = t.volume_minor.entry(p.currency.clone()).or_default();
+                    // Saturating: a total is a report, never a reason to panic.
+                    *volume = volume.saturating_add(p.amount_minor);
                 }
             }
             "transfer.failed" => t.transfers_failed += 1,

@@ -701,8 +701,8 @@ impl Tx<'_> {
         let mut out = Vec::new();
         for r in &rows {
             let code: String = self.get(r, 0)?;
-            let sum: Option<i64> = self.get(r, 1)?;
-            out.push((self.currency(&code)?, sum.unwrap_or(0) as i128));
+            let Sum(sum) = self.get(r, 1)?;
+            out.push((self.currency(&code)?, sum));
         }
         Ok(out)
     }
@@ -744,6 +744,24 @@ macro_rules! plain_column {
     )*};
 }
 plain_column!(i64, i32, u16, Option<i64>, Option<u16>);
+
+/// A SUM over many rows, read as text (`CAST(SUM(..) AS CHAR)`) into an
+/// `i128`: `CAST(.. AS SIGNED)` would clamp a sum past the `i64` range
+/// with only a warning, and a wrong total is worse than an error. NULL
+/// (no rows) is zero.
+struct Sum(i128);
+
+impl Column for Sum {
+    fn read(row: &MySqlRow, index: usize) -> Result<Self, sqlx::Error> {
+        let Some(text) = Option::<String>::read(row, index)? else {
+            return Ok(Sum(0));
+        };
+        text.trim()
+            .parse::<i128>()
+            .map(Sum)
+            .map_err(|e| sqlx::Error::Decode(format!("sum {text:?}: {e}").into()))
+    }
+}
 
 const TRANSFER_COLUMNS: &str = "id, payer, payee, amount_minor, currency, payer_shard, \
      payee_shard, state, failure_code, created_at_ms, updated_at_ms";
@@ -1288,7 +1306,7 @@ impl ShardStore for MysqlShard {
             };
             let balances = tx
                 .sums_by_currency(
-                    "SELECT currency, CAST(SUM(balance_minor) AS SIGNED) FROM accounts
+                    "SELECT currency, CAST(SUM(balance_minor) AS CHAR) FROM accounts
                      WHERE kind = 'user' GROUP BY currency ORDER BY currency",
                 )
                 .await?;
@@ -1360,7 +1378,7 @@ async fn audit_snapshot(tx: &mut Tx<'_>) -> Result<ShardAudit, StoreError> {
     let mut audit = ShardAudit {
         entry_sum_by_currency: tx
             .sums_by_currency(
-                "SELECT currency, CAST(SUM(amount_minor) AS SIGNED) FROM ledger_entries
+                "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM ledger_entries
                  GROUP BY currency",
             )
             .await?,
@@ -1388,17 +1406,17 @@ async fn audit_snapshot(tx: &mut Tx<'_>) -> Result<ShardAudit, StoreError> {
     audit.negative_balances = strings(tx, rows)?;
     let rows = tx
         .all(sqlx::query(
-            "SELECT kind, currency, CAST(SUM(balance_minor) AS SIGNED) FROM accounts
+            "SELECT kind, currency, CAST(SUM(balance_minor) AS CHAR) FROM accounts
              GROUP BY kind, currency",
         ))
         .await?;
     for r in &rows {
         let kind: String = tx.get(r, 0)?;
         let code: String = tx.get(r, 1)?;
-        let sum: i64 = tx.get(r, 2)?;
+        let Sum(sum) = tx.get(r, 2)?;
         let kind = AccountKind::parse(&kind)
             .ok_or_else(|| tx.corrupt(format!("unknown account kind {kind:?}")))?;
-        audit.totals.push((kind, tx.currency(&code)?, sum as i128));
+        audit.totals.push((kind, tx.currency(&code)?, sum));
     }
     let rows = tx
         .all(sqlx::query(
@@ -1478,32 +1496,32 @@ async fn audit_snapshot(tx: &mut Tx<'_>) -> Result<ShardAudit, StoreError> {
         .collect::<Result<_, _>>()?;
     audit.sent_minor_by_currency = tx
         .sums_by_currency(
-            "SELECT currency, CAST(SUM(amount_minor) AS SIGNED) FROM transfers
+            "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM transfers
              WHERE payer_shard <> payee_shard AND state <> 'failed' GROUP BY currency",
         )
         .await?;
     audit.received_minor_by_currency = tx
         .sums_by_currency(
-            "SELECT currency, CAST(SUM(amount_minor) AS SIGNED) FROM inbound_credits
+            "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM inbound_credits
              WHERE outcome = 'credited' GROUP BY currency",
         )
         .await?;
     let pair = |tx: &Tx<'_>, row: Option<MySqlRow>| -> Result<(u64, i128), StoreError> {
         match row {
-            Some(r) => Ok((tx.get::<i64>(&r, 0)? as u64, tx.get::<i64>(&r, 1)? as i128)),
+            Some(r) => Ok((tx.get::<i64>(&r, 0)? as u64, tx.get::<Sum>(&r, 1)?.0)),
             None => Ok((0, 0)),
         }
     };
     let row = tx
         .optional(sqlx::query(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS SIGNED) FROM transfers
+            "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM transfers
              WHERE payer_shard <> payee_shard AND state = 'completed'",
         ))
         .await?;
     audit.completed_cross_out = pair(tx, row)?;
     let row = tx
         .optional(sqlx::query(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS SIGNED) FROM inbound_credits
+            "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM inbound_credits
              WHERE outcome = 'credited'",
         ))
         .await?;

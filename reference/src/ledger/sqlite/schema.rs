@@ -84,6 +84,105 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at_ms);
     "#,
+    // 2: the same tables, STRICT: a value of the wrong type (an integer
+    // that overflowed into REAL, text in an amount) is refused by SQLite
+    // instead of stored. Rebuilt in place; a file holding such a value
+    // fails this migration rather than carry it on.
+    r#"
+    CREATE TABLE accounts_strict (
+        id             TEXT PRIMARY KEY,
+        kind           TEXT NOT NULL CHECK (kind IN ('user', 'funding', 'in_flight')),
+        currency       TEXT NOT NULL,
+        balance_minor  INTEGER NOT NULL,
+        created_at_ms  INTEGER NOT NULL,
+        CHECK (kind <> 'user' OR balance_minor >= 0)
+    ) STRICT, WITHOUT ROWID;
+
+    -- Transfers whose payer lives on this shard.
+    CREATE TABLE transfers_strict (
+        id             TEXT PRIMARY KEY,
+        payer          TEXT NOT NULL,
+        payee          TEXT NOT NULL,
+        amount_minor   INTEGER NOT NULL CHECK (amount_minor > 0),
+        currency       TEXT NOT NULL,
+        payer_shard    INTEGER NOT NULL,
+        payee_shard    INTEGER NOT NULL,
+        state          TEXT NOT NULL CHECK (state IN ('pending', 'completed', 'failed')),
+        failure_code   TEXT,
+        created_at_ms  INTEGER NOT NULL,
+        updated_at_ms  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+
+    -- Step (b) of cross-shard transfers whose payee lives on this shard.
+    CREATE TABLE inbound_credits_strict (
+        transfer_id    TEXT PRIMARY KEY,
+        payer          TEXT NOT NULL,
+        payee          TEXT NOT NULL,
+        amount_minor   INTEGER NOT NULL CHECK (amount_minor > 0),
+        currency       TEXT NOT NULL,
+        payer_shard    INTEGER NOT NULL,
+        outcome        TEXT NOT NULL CHECK (outcome IN ('credited', 'refused')),
+        refusal_code   TEXT,
+        created_at_ms  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+
+    -- Double entry: negative amounts debit, positive amounts credit. The
+    -- entries of one shard sum to zero per currency.
+    CREATE TABLE ledger_entries_strict (
+        id             INTEGER PRIMARY KEY,
+        transfer_id    TEXT NOT NULL,
+        account_id     TEXT NOT NULL,
+        amount_minor   INTEGER NOT NULL CHECK (amount_minor <> 0),
+        currency       TEXT NOT NULL,
+        created_at_ms  INTEGER NOT NULL
+    ) STRICT;
+
+    -- Transactional outbox: events written with the change they describe.
+    CREATE TABLE outbox_strict (
+        id              INTEGER PRIMARY KEY,
+        event_id        TEXT NOT NULL UNIQUE,
+        event_type      TEXT NOT NULL,
+        aggregate_id    TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        created_at_ms   INTEGER NOT NULL,
+        published_at_ms INTEGER
+    ) STRICT;
+
+    CREATE TABLE idempotency_keys_strict (
+        scope           TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        fingerprint     TEXT NOT NULL,
+        resource_id     TEXT,
+        response_status INTEGER,
+        response_body   TEXT,
+        created_at_ms   INTEGER NOT NULL,
+        expires_at_ms   INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO accounts_strict SELECT * FROM accounts;
+    DROP TABLE accounts;
+    ALTER TABLE accounts_strict RENAME TO accounts;
+    INSERT INTO transfers_strict SELECT * FROM transfers;
+    DROP TABLE transfers;
+    ALTER TABLE transfers_strict RENAME TO transfers;
+    INSERT INTO inbound_credits_strict SELECT * FROM inbound_credits;
+    DROP TABLE inbound_credits;
+    ALTER TABLE inbound_credits_strict RENAME TO inbound_credits;
+    INSERT INTO ledger_entries_strict SELECT * FROM ledger_entries;
+    DROP TABLE ledger_entries;
+    ALTER TABLE ledger_entries_strict RENAME TO ledger_entries;
+    INSERT INTO outbox_strict SELECT * FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_strict RENAME TO outbox;
+    INSERT INTO idempotency_keys_strict SELECT * FROM idempotency_keys;
+    DROP TABLE idempotency_keys;
+    ALTER TABLE idempotency_keys_strict RENAME TO idempotency_keys;
+    CREATE INDEX transfers_pending ON transfers (created_at_ms) WHERE state = 'pending';
+    CREATE INDEX ledger_entries_account ON ledger_entries (account_id, id);
+    CREATE INDEX ledger_entries_transfer ON ledger_entries (transfer_id);
+    CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at_ms IS NULL;
+    CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at_ms);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -108,4 +207,49 @@ pub fn migrate(conn: &mut Connection) -> Result<(), MigrationError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_strict_so_a_wrong_type_is_refused_not_stored() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A file made by the first release, with a row in it, migrates.
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(MIGRATIONS[0]).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.execute(
+            "INSERT INTO accounts VALUES ('alice', 'user', 'INR', 450, 1)",
+            [],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        migrate(&mut conn).unwrap();
+        let balance: i64 = conn
+            .query_row(
+                "SELECT balance_minor FROM accounts WHERE id = 'alice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(balance, 450, "rows survive the rebuild");
+        // An integer past i64 once became a REAL silently; now refused.
+        let overflow = conn.execute(
+            "UPDATE accounts SET balance_minor = balance_minor * 1e30 WHERE id = 'alice'",
+            [],
+        );
+        assert!(overflow.is_err(), "a REAL in an INTEGER column is refused");
+        let text = conn.execute(
+            "INSERT INTO ledger_entries (transfer_id, account_id, amount_minor, currency, created_at_ms)
+             VALUES ('t', 'alice', 'ten', 'INR', 1)",
+            [],
+        );
+        assert!(text.is_err(), "text in an amount is refused");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
 }
