@@ -44,7 +44,8 @@ struct CreatedUser {
     user: String,
     user_id: String,
     balance: Box<RawValue>,
-    shard: String,
+    /// The shard's index: the modelled system answers integers here.
+    shard: usize,
     shard_id: usize,
     message: String,
 }
@@ -57,7 +58,7 @@ fn render_created(a: &Account) -> StoredResponse {
             user: a.id.to_string(),
             user_id: a.id.to_string(),
             balance: decimal_number(a.balance_minor as i128, a.currency),
-            shard: a.shard.name(),
+            shard: a.shard.index(),
             shard_id: a.shard.index(),
             message: format!("User {} created on {}", a.id, a.shard.name()),
         },
@@ -80,8 +81,8 @@ struct Payment {
     from_user: String,
     to_user: String,
     amount: Box<RawValue>,
-    from_shard: String,
-    to_shard: String,
+    from_shard: usize,
+    to_shard: usize,
     cross_shard: bool,
     status: TransferState,
     message: String,
@@ -113,8 +114,8 @@ fn render_payment(t: &Transfer) -> StoredResponse {
             from_user: t.payer.to_string(),
             to_user: t.payee.to_string(),
             amount: decimal_number(t.amount.minor() as i128, t.currency),
-            from_shard: t.payer_shard.name(),
-            to_shard: t.payee_shard.name(),
+            from_shard: t.payer_shard.index(),
+            to_shard: t.payee_shard.index(),
             cross_shard: t.is_cross_shard(),
             status: t.state,
             message,
@@ -230,10 +231,13 @@ async fn transfer(
 #[derive(Serialize)]
 struct UserShard {
     user: String,
-    user_id: Option<String>,
+    user_id: String,
     /// The shard's index, an integer as the modelled system answers it.
     shard: usize,
     shard_id: usize,
+    /// Left out when the account does not exist, as the modelled system
+    /// does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     balance: Option<Box<RawValue>>,
     exists: bool,
 }
@@ -249,7 +253,7 @@ async fn user_shard(
     let account = state.manager()?.account(&id).await?;
     Ok(Json(UserShard {
         user,
-        user_id: account.as_ref().map(|a| a.id.to_string()),
+        user_id: id.to_string(),
         shard: shard.index(),
         shard_id: shard.index(),
         balance: account
@@ -274,24 +278,26 @@ async fn user_route(
 
 #[derive(Serialize)]
 struct LegacyAccount {
+    found: bool,
     user: String,
     user_id: String,
     balance: Box<RawValue>,
     balance_minor: i64,
     currency: String,
-    shard: String,
+    shard: usize,
     shard_id: usize,
 }
 
 impl From<&Account> for LegacyAccount {
     fn from(a: &Account) -> Self {
         LegacyAccount {
+            found: true,
             user: a.id.to_string(),
             user_id: a.id.to_string(),
             balance: decimal_number(a.balance_minor as i128, a.currency),
             balance_minor: a.balance_minor,
             currency: a.currency.to_string(),
-            shard: a.shard.name(),
+            shard: a.shard.index(),
             shard_id: a.shard.index(),
         }
     }
