@@ -586,10 +586,18 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        DlqCommand::Replay { .. } => println!(
-            "delivered {} · already delivered before (not sent again) {} · failed again {} · not found {}",
-            body["delivered"], body["already_delivered"], body["failed"], body["not_found"]
-        ),
+        DlqCommand::Replay { .. } => {
+            println!(
+                "delivered {} · already delivered before (not sent again) {} · failed again {} · not found {}",
+                body["delivered"], body["already_delivered"], body["failed"], body["not_found"]
+            );
+            if body["not_attempted"].as_u64().unwrap_or(0) > 0 {
+                println!(
+                    "{} not attempted: the replay's time budget ran out; they stay in the store, run the replay again",
+                    body["not_attempted"]
+                );
+            }
+        }
     }
     Ok(())
 }

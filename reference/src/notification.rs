@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -245,7 +246,27 @@ pub struct ReplayOutcome {
     pub already_delivered: u64,
     pub failed: u64,
     pub not_found: u64,
+    /// Left in the store for a later replay: the request's time budget
+    /// ([`REPLAY_BUDGET`]) ran out first.
+    #[serde(default)]
+    pub not_attempted: u64,
 }
+
+/// What replaying one dead letter did.
+enum ReplayStep {
+    Delivered,
+    Already,
+    Failed,
+    NotAttempted,
+}
+
+/// Dead letters sent at once by a replay.
+const REPLAY_CONCURRENCY: usize = 32;
+/// How long one replay request starts new deliveries: well inside the
+/// server's request timeout, so a store of letters to unreachable hosts
+/// answers with what it did instead of timing out; the rest stay for the
+/// next replay.
+pub const REPLAY_BUDGET: Duration = Duration::from_secs(15);
 
 struct Registered {
     webhook: Webhook,
@@ -533,62 +554,81 @@ impl Notifier {
                     .collect(),
             }
         };
-        for (letter, event) in chosen {
-            let target = {
-                let s = self.state.lock().expect("notifier lock");
-                let done = s
-                    .delivered
-                    .contains(&(letter.event_id.clone(), letter.webhook_id.clone()));
-                let hook = s
-                    .hooks
-                    .values()
-                    .flatten()
-                    .find(|r| r.webhook.id == letter.webhook_id)
-                    .map(|r| (r.webhook.clone(), r.secret.clone()));
-                (done, hook)
-            };
-            match target {
-                (true, _) => {
-                    outcome.already_delivered += 1;
-                    self.counters
-                        .replays_skipped
-                        .fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + REPLAY_BUDGET;
+        let steps: Vec<ReplayStep> = futures_util::stream::iter(chosen)
+            .map(|(letter, event)| async move {
+                if tokio::time::Instant::now() >= deadline {
+                    return ReplayStep::NotAttempted;
+                }
+                self.replay_one(letter, event).await
+            })
+            .buffer_unordered(REPLAY_CONCURRENCY)
+            .collect()
+            .await;
+        for step in steps {
+            match step {
+                ReplayStep::Delivered => outcome.delivered += 1,
+                ReplayStep::Already => outcome.already_delivered += 1,
+                ReplayStep::Failed => outcome.failed += 1,
+                ReplayStep::NotAttempted => outcome.not_attempted += 1,
+            }
+        }
+        outcome
+    }
+
+    /// Delivers one dead letter again, once.
+    async fn replay_one(&self, letter: DeadLetter, event: Event) -> ReplayStep {
+        let target = {
+            let s = self.state.lock().expect("notifier lock");
+            let done = s
+                .delivered
+                .contains(&(letter.event_id.clone(), letter.webhook_id.clone()));
+            let hook = s
+                .hooks
+                .values()
+                .flatten()
+                .find(|r| r.webhook.id == letter.webhook_id)
+                .map(|r| (r.webhook.clone(), r.secret.clone()));
+            (done, hook)
+        };
+        match target {
+            (true, _) => {
+                self.counters
+                    .replays_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .lock()
+                    .expect("notifier lock")
+                    .dlq
+                    .remove(&letter.id);
+                ReplayStep::Already
+            }
+            (false, None) => ReplayStep::Failed,
+            (false, Some((webhook, secret))) => match self.send(&event, &webhook, &secret).await {
+                Ok(()) => {
+                    self.mark_delivered(&event, &webhook);
                     self.state
                         .lock()
                         .expect("notifier lock")
                         .dlq
                         .remove(&letter.id);
+                    ReplayStep::Delivered
                 }
-                (false, None) => outcome.failed += 1,
-                (false, Some((webhook, secret))) => {
-                    match self.send(&event, &webhook, &secret).await {
-                        Ok(()) => {
-                            self.mark_delivered(&event, &webhook);
-                            outcome.delivered += 1;
-                            self.state
-                                .lock()
-                                .expect("notifier lock")
-                                .dlq
-                                .remove(&letter.id);
-                        }
-                        Err(e) => {
-                            outcome.failed += 1;
-                            if let Some((l, _)) = self
-                                .state
-                                .lock()
-                                .expect("notifier lock")
-                                .dlq
-                                .get_mut(&letter.id)
-                            {
-                                l.last_error = e;
-                                l.attempts += 1;
-                            }
-                        }
+                Err(e) => {
+                    if let Some((l, _)) = self
+                        .state
+                        .lock()
+                        .expect("notifier lock")
+                        .dlq
+                        .get_mut(&letter.id)
+                    {
+                        l.last_error = e;
+                        l.attempts += 1;
                     }
+                    ReplayStep::Failed
                 }
-            }
+            },
         }
-        outcome
     }
 
     /// Consumes one topic forever, committing after each batch.

@@ -295,14 +295,10 @@ struct RawStage {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawMix {
-    #[serde(default)]
-    same_shard: u32,
-    #[serde(default)]
-    cross_shard: u32,
-    #[serde(default)]
-    idempotent_retry: u32,
-    #[serde(default)]
-    fraud_heavy: u32,
+    same_shard: Option<Spanned<u32>>,
+    cross_shard: Option<Spanned<u32>>,
+    idempotent_retry: Option<Spanned<u32>>,
+    fraud_heavy: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +535,7 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             }
         })
         .transpose()?;
+    let requests_span = raw.requests.as_ref().map(|r| r.span());
     let requests = raw
         .requests
         .map(|r| {
@@ -560,7 +557,17 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             let rate = stages[0].target_per_s;
             stages[0].duration_s = match (duration, requests) {
                 (Some(d), _) => d,
-                (None, Some(n)) => ((n as f64 / rate).ceil() as u64).max(1),
+                (None, Some(n)) => {
+                    let seconds = (n as f64 / rate).ceil();
+                    if seconds > MAX_DURATION_S as f64 {
+                        return Err(at.err(
+                            requests_span.unwrap_or(load_span),
+                            "requests",
+                            format!("at load.rate, these requests take longer than a run may last ({MAX_DURATION_S} s): raise the rate, lower requests or set duration_s"),
+                        ));
+                    }
+                    (seconds as u64).max(1)
+                }
                 (None, None) => {
                     return Err(at.err(
                         load_span,
@@ -626,11 +633,22 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
 
     let mix_span = raw.mix.span();
     let m = raw.mix.into_inner();
+    // Each weight is bounded, so their sums (here and in the plan) cannot
+    // overflow: weights adding up past u32::MAX once panicked here.
+    let weight = |w: Option<Spanned<u32>>, key: &str| match w {
+        None => Ok(0),
+        Some(w) if *w.get_ref() > MAX_WEIGHT => Err(at.err(
+            w.span(),
+            &format!("mix.{key}"),
+            format!("must be 0 to {MAX_WEIGHT}: weights are proportions"),
+        )),
+        Some(w) => Ok(w.into_inner()),
+    };
     let mix = Mix {
-        same_shard: m.same_shard,
-        cross_shard: m.cross_shard,
-        idempotent_retry: m.idempotent_retry,
-        fraud_heavy: m.fraud_heavy,
+        same_shard: weight(m.same_shard, "same_shard")?,
+        cross_shard: weight(m.cross_shard, "cross_shard")?,
+        idempotent_retry: weight(m.idempotent_retry, "idempotent_retry")?,
+        fraud_heavy: weight(m.fraud_heavy, "fraud_heavy")?,
     };
     if mix.total() == 0 {
         return Err(at.err(
@@ -920,18 +938,30 @@ fn check_load(l: RawLoad, span: Range<usize>, at: &Locator) -> Result<Load, Scen
                         }
                     };
                     let mut out = Vec::new();
+                    // The stages are the run's length, so together they
+                    // keep duration_s's bound (their u64 sum once
+                    // overflowed and panicked).
+                    let mut total: u64 = 0;
                     for (i, s) in stages.iter().enumerate() {
-                        if s.duration_s == 0 || !rate_ok(s.target) {
+                        if !(1..=MAX_DURATION_S).contains(&s.duration_s) || !rate_ok(s.target) {
                             return Err(at.err(
                                 stages_span.clone(),
                                 &format!("load.stages[{i}]"),
-                                "each stage needs duration_s >= 1 and a target of 0 to 1,000,000 arrivals per second",
+                                format!("each stage needs duration_s of 1 to {MAX_DURATION_S} and a target of 0 to 1,000,000 arrivals per second"),
                             ));
                         }
+                        total = total.saturating_add(s.duration_s);
                         out.push(Stage {
                             duration_s: s.duration_s,
                             target_per_s: s.target,
                         });
+                    }
+                    if total > MAX_DURATION_S {
+                        return Err(at.err(
+                            stages_span,
+                            "load.stages",
+                            format!("the stages last {total} s; a run lasts 1 to {MAX_DURATION_S} s"),
+                        ));
                     }
                     (start, out)
                 }
@@ -1235,6 +1265,67 @@ p99_ms = { all = 100.0 }
         ));
     }
 
+    // Found by the property tests (proptests below); each input is the
+    // one they reduced it to, or the file they changed.
+
+    #[test]
+    fn mix_weights_are_bounded_instead_of_overflowing_their_sum() {
+        // Once panicked: "attempt to add with overflow" in Mix::total.
+        let text = GOOD.replace("same_shard = 3", "same_shard = 4294967295");
+        let e = error_of(&text);
+        assert_eq!((e.line, e.key.as_str()), (17, "mix.same_shard"), "{e}");
+        let text = GOOD.replace("cross_shard = 1", "cross_shard = 1000001");
+        assert_eq!(error_of(&text).key, "mix.cross_shard");
+        let text = GOOD.replace("same_shard = 3", "same_shard = 1000000");
+        assert_eq!(parse(&text, "t.toml").unwrap().mix.total(), 1_000_001);
+    }
+
+    #[test]
+    fn stages_last_at_most_a_day() {
+        // Once accepted as a run of 86,401 s.
+        let text = "name = \"t\"\n\n[accounts]\ncount = 2\nopening_balance = \"0.01\"\n\n[load]\nmodel = \"open\"\nstages = [{ duration_s = 86401, target = 0.0 }]\n\n[mix]\nfraud_heavy = 1\n";
+        let e = error_of(text);
+        assert_eq!((e.line, e.key.as_str()), (9, "load.stages[0]"), "{e}");
+        // Stages of a day each: together too long.
+        let text = text.replace(
+            "{ duration_s = 86401, target = 0.0 }",
+            "{ duration_s = 86400, target = 1.0 }, { duration_s = 1, target = 1.0 }",
+        );
+        let e = error_of(&text);
+        assert_eq!(e.key, "load.stages", "{e}");
+        assert!(e.message.contains("86401 s"), "{e}");
+    }
+
+    #[test]
+    fn huge_stages_are_refused_instead_of_overflowing_their_sum() {
+        // Once panicked: the u64 sum of the stages' lengths overflowed.
+        let mixed = include_str!("../../scenarios/mixed.toml");
+        let text = mixed.replace("duration_s = 5,", "duration_s = 9223372036854775807,");
+        let e = error_of(&text);
+        assert_eq!(e.key, "load.stages[0]", "{e}");
+    }
+
+    #[test]
+    fn a_constant_rate_for_a_count_of_requests_lasts_at_most_a_day() {
+        let text = GOOD
+            .replace("duration_s = 10\n", "requests = 1000\n")
+            .replace(
+                "model = \"closed\"\nusers = 4",
+                "model = \"open\"\nrate = 0.001",
+            );
+        let e = error_of(&text);
+        assert_eq!((e.line, e.key.as_str()), (4, "requests"), "{e}");
+        let text = text.replace("rate = 0.001", "rate = 100.0");
+        let s = parse(&text, "t.toml").unwrap();
+        assert_eq!(
+            s.stop,
+            Stop::Either {
+                seconds: 10,
+                count: 1000
+            }
+        );
+    }
+
     #[test]
     fn key_at_reads_tables_and_inline_tables() {
         let src = "a = 1\n[t]\nx = { y = { z = 3 } }\n";
@@ -1428,6 +1519,9 @@ mod proptests {
             }
         }
         prop_assert!(s.mix.total() > 0, "{}", shown);
+        for kind in Kind::ALL {
+            prop_assert!(s.mix.weight(kind) <= MAX_WEIGHT, "{}", shown);
+        }
 
         prop_assert!(s.amounts.min.minor() > 0, "{}", shown);
         prop_assert!(s.amounts.min <= s.amounts.max, "{}", shown);
@@ -1497,11 +1591,12 @@ mod proptests {
         prop_oneof![3 => integer(), 1 => float()].boxed()
     }
 
-    /// Amount text, good and bad, as a TOML string.
-    fn amount() -> BoxedStrategy<String> {
+    /// Amount text, good and bad, as a TOML string: mostly minor units
+    /// from `minor` written with two decimals.
+    fn amount_in(minor: Range<u64>) -> BoxedStrategy<String> {
         prop_oneof![
-            3 => (1u64..10_000_000).prop_map(|n| format!("{}.{:02}", n / 100, n % 100)),
-            1 => select(vec![
+            30 => minor.prop_map(|n| format!("{}.{:02}", n / 100, n % 100)),
+            2 => select(vec![
                 "4.50", "0", "0.00", "0.01", "-1", "--1", "1.001", "1.0000",
                 "10000000000000.00", "10000000000000.01", "99999999999999999999999", "", " 1 ",
                 "1e3", "\u{ff11}",
@@ -1511,6 +1606,10 @@ mod proptests {
         ]
         .prop_map(|s| toml::Value::String(s).to_string())
         .boxed()
+    }
+
+    fn amount() -> BoxedStrategy<String> {
+        amount_in(1..10_000_000)
     }
 
     fn word() -> BoxedStrategy<String> {
@@ -1528,13 +1627,13 @@ mod proptests {
 
     /// An integer from `range` most of the time, otherwise any integer.
     fn int(range: std::ops::RangeInclusive<u64>) -> BoxedStrategy<String> {
-        prop_oneof![5 => range.prop_map(|n| n.to_string()), 1 => integer()].boxed()
+        prop_oneof![12 => range.prop_map(|n| n.to_string()), 1 => integer()].boxed()
     }
 
     /// A float from `range` most of the time, otherwise any float.
     fn real(range: Range<f64>) -> BoxedStrategy<String> {
         prop_oneof![
-            5 => range.prop_map(|x| toml::Value::Float(x).to_string()),
+            12 => range.prop_map(|x| toml::Value::Float(x).to_string()),
             1 => float(),
         ]
         .boxed()
@@ -1552,14 +1651,16 @@ mod proptests {
             .boxed()
     }
 
-    /// `{ k = v, ... }` with each pair present or not.
-    fn inline_table(pairs: Vec<(&'static str, BoxedStrategy<String>)>) -> BoxedStrategy<String> {
+    /// `{ k = v, ... }`, each pair present `present` of 10 times.
+    fn inline_table(
+        pairs: Vec<(&'static str, BoxedStrategy<String>, u32)>,
+    ) -> BoxedStrategy<String> {
         let pairs: Vec<BoxedStrategy<Option<String>>> = pairs
             .into_iter()
-            .map(|(k, v)| {
+            .map(|(k, v, present)| {
                 prop_oneof![
-                    1 => Just(None),
-                    3 => v.prop_map(move |v| Some(format!("{k} = {v}"))),
+                    10 - present => Just(None),
+                    present => v.prop_map(move |v| Some(format!("{k} = {v}"))),
                 ]
                 .boxed()
             })
@@ -1573,29 +1674,26 @@ mod proptests {
     }
 
     fn popularity() -> BoxedStrategy<String> {
+        let distribution = prop_oneof![
+            12 => select(vec!["\"zipf\"", "\"uniform\""]).prop_map(String::from),
+            1 => word(),
+        ];
         inline_table(vec![
-            (
-                "distribution",
-                prop_oneof![
-                    5 => select(vec!["\"zipf\"", "\"uniform\""]).prop_map(String::from),
-                    1 => word(),
-                ]
-                .boxed(),
-            ),
-            ("exponent", real(0.0..6.0)),
-            ("hot_set", int(0..=2_000)),
-            ("hot_share", real(0.0..1.2)),
+            ("distribution", distribution.boxed(), 10),
+            ("exponent", real(0.0..6.0), 5),
+            ("hot_set", int(0..=2_000), 5),
+            ("hot_share", real(0.0..1.2), 5),
         ])
     }
 
     fn p99() -> BoxedStrategy<String> {
         inline_table(vec![
-            ("all", real(0.0..1_000.0)),
-            ("same_shard", real(0.0..1_000.0)),
-            ("cross_shard", real(0.0..1_000.0)),
-            ("idempotent_retry", real(0.0..1_000.0)),
-            ("fraud_heavy", real(0.0..1_000.0)),
-            ("allx", real(0.0..1_000.0)),
+            ("all", real(0.0..1_000.0), 5),
+            ("same_shard", real(0.0..1_000.0), 3),
+            ("cross_shard", real(0.0..1_000.0), 3),
+            ("idempotent_retry", real(0.0..1_000.0), 3),
+            ("fraud_heavy", real(0.0..1_000.0), 3),
+            ("allx", real(0.0..1_000.0), 1),
         ])
     }
 
@@ -1622,16 +1720,16 @@ mod proptests {
 
     // ---- whole documents -----------------------------------------------
 
-    /// `key = value` with a plausible value, or a value of any kind, or
-    /// no line at all; `present` of 10 times with a plausible value.
+    /// `key = value`: `present` of 10 times with a plausible value, now and
+    /// then with a value of any kind, otherwise no line at all.
     fn line(
         key: &'static str,
         plausible: BoxedStrategy<String>,
         present: u32,
     ) -> BoxedStrategy<String> {
         prop_oneof![
-            10 - present => Just(String::new()),
-            present => plausible.prop_map(move |v| format!("{key} = {v}\n")),
+            4 * (10 - present) => Just(String::new()),
+            4 * present => plausible.prop_map(move |v| format!("{key} = {v}\n")),
             1 => toml_value().prop_map(move |v| format!("{key} = {v}\n")),
         ]
         .boxed()
@@ -1651,23 +1749,103 @@ mod proptests {
     /// mostly with values of the right type near their bounds.
     fn document() -> impl Strategy<Value = String> {
         let share = || real(0.0..1.1);
-        let top = vec![
+        let name = line(
+            "name",
+            prop_oneof![30 => Just("\"t\"".to_string()), 1 => word()].boxed(),
+            10,
+        );
+        let model = |model: &'static str| {
             line(
-                "name",
-                prop_oneof![9 => Just("\"t\"".to_string()), 1 => word()].boxed(),
-                9,
-            ),
+                "model",
+                prop_oneof![12 => Just(format!("\"{model}\"")), 1 => word()].boxed(),
+                10,
+            )
+        };
+        let users = |present| line("users", int(0..=100), present);
+        let think_time = |present| {
+            line(
+                "think_time_ms",
+                prop::collection::vec(int(0..=20), 0..4)
+                    .prop_map(|items| format!("[{}]", items.join(", ")))
+                    .boxed(),
+                present,
+            )
+        };
+        let in_flight = |present| line("max_in_flight", int(0..=600), present);
+        let rate = |present| line("rate", real(0.0..5_000.0), present);
+        let start_rate = |present| line("start_rate", real(0.0..5_000.0), present);
+        let stages = |present| line("stages", stages(), present);
+        // The top level and [load] go together: a closed run, an open run
+        // at a constant rate, or an open run in stages, each now and then
+        // with a key of another.
+        let closed = (
+            vec![
+                name.clone(),
+                line("duration_s", int(1..=100), 8),
+                line("requests", int(1..=10_000), 3),
+                line("warmup_s", int(0..=30), 4),
+            ],
+            vec![
+                model("closed"),
+                users(5),
+                think_time(4),
+                rate(1),
+                in_flight(1),
+            ],
+        );
+        let constant = (
+            vec![
+                name.clone(),
+                line("duration_s", int(1..=100), 6),
+                line("requests", int(1..=10_000), 6),
+                line("warmup_s", int(0..=30), 3),
+            ],
+            vec![
+                model("open"),
+                rate(10),
+                start_rate(1),
+                in_flight(4),
+                users(1),
+            ],
+        );
+        let staged = (
+            vec![
+                name,
+                line("duration_s", int(1..=100), 1),
+                line("requests", int(1..=10_000), 3),
+                line("warmup_s", int(0..=30), 3),
+            ],
+            vec![
+                model("open"),
+                stages(10),
+                start_rate(5),
+                in_flight(4),
+                rate(1),
+                think_time(1),
+            ],
+        );
+        let top_and_load = prop_oneof![closed, constant, staged]
+            .prop_map(|(top, load)| format!("{}\n[load]\n{}", top.concat(), load.concat()));
+        let top = vec![
             line("description", word(), 3),
-            line("seed", integer(), 5),
-            line("duration_s", int(1..=100), 6),
-            line("requests", int(1..=10_000), 3),
-            line("warmup_s", int(0..=30), 4),
+            line("seed", int(0..=1_000), 5),
+        ];
+        let zipf = inline_table(vec![
+            ("distribution", Just("\"zipf\"".to_string()).boxed(), 10),
+            ("exponent", real(0.0..6.0), 5),
+            ("hot_set", int(0..=2_000), 5),
+            ("hot_share", real(0.0..1.2), 5),
+        ]);
+        let popularity = prop_oneof![
+            1 => Just("{ distribution = \"uniform\" }".to_string()),
+            4 => zipf,
+            1 => popularity(),
         ];
         let accounts = table(
             "[accounts]",
             vec![
-                line("count", int(0..=1_000), 9),
-                line("opening_balance", amount(), 9),
+                line("count", int(0..=1_000), 10),
+                line("opening_balance", amount(), 10),
                 line(
                     "currency",
                     prop_oneof![
@@ -1677,33 +1855,7 @@ mod proptests {
                     .boxed(),
                     3,
                 ),
-                line("popularity", popularity(), 4),
-            ],
-        );
-        let load = table(
-            "[load]",
-            vec![
-                line(
-                    "model",
-                    prop_oneof![
-                        5 => select(vec!["\"closed\"", "\"open\""]).prop_map(String::from),
-                        1 => word(),
-                    ]
-                    .boxed(),
-                    9,
-                ),
-                line("users", int(0..=100), 4),
-                line(
-                    "think_time_ms",
-                    prop::collection::vec(int(0..=20), 0..4)
-                        .prop_map(|items| format!("[{}]", items.join(", ")))
-                        .boxed(),
-                    3,
-                ),
-                line("rate", real(0.0..5_000.0), 4),
-                line("start_rate", real(0.0..5_000.0), 3),
-                line("stages", stages(), 4),
-                line("max_in_flight", int(0..=600), 3),
+                line("popularity", popularity.boxed(), 4),
             ],
         );
         let mix = table(
@@ -1717,7 +1869,10 @@ mod proptests {
         );
         let amounts = optional(table(
             "[amounts]",
-            vec![line("min", amount(), 8), line("max", amount(), 8)],
+            vec![
+                line("min", amount_in(1..20_000), 10),
+                line("max", amount_in(10_000..10_000_000), 10),
+            ],
         ));
         let retry = optional(table(
             "[idempotent_retry]",
@@ -1732,9 +1887,9 @@ mod proptests {
             vec![
                 line("fraud_share", share(), 5),
                 line("burst", int(0..=120), 5),
-                line("large_min", amount(), 5),
-                line("large_max", amount(), 5),
-                line("round_to", amount(), 5),
+                line("large_min", amount_in(1..200_000), 5),
+                line("large_max", amount_in(100_000..10_000_000), 5),
+                line("round_to", amount_in(1..200_000), 5),
                 line("new_payees", int(0..=5_000), 5),
             ],
         ));
@@ -1751,21 +1906,34 @@ mod proptests {
                 ),
             ],
         ));
-        (top, accounts, load, mix, amounts, retry, fraud, thresholds).prop_map(
-            |(top, accounts, load, mix, amounts, retry, fraud, thresholds)| {
-                [
-                    top.concat(),
-                    accounts,
-                    load,
-                    mix,
-                    amounts,
-                    retry,
-                    fraud,
-                    thresholds,
-                ]
-                .concat()
-            },
+        (
+            top,
+            top_and_load,
+            accounts,
+            mix,
+            amounts,
+            retry,
+            fraud,
+            thresholds,
         )
+            .prop_map(
+                |(top, top_and_load, accounts, mix, amounts, retry, fraud, thresholds)| {
+                    // Top-level keys come before the first table.
+                    let (first, load) = top_and_load.split_once("\n[load]\n").unwrap();
+                    [
+                        top.concat(),
+                        first.to_string(),
+                        accounts,
+                        format!("\n[load]\n{load}"),
+                        mix,
+                        amounts,
+                        retry,
+                        fraud,
+                        thresholds,
+                    ]
+                    .concat()
+                },
+            )
     }
 
     /// Text that is TOML-shaped without being a scenario: keys, headers,
