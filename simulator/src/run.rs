@@ -617,7 +617,15 @@ async fn drive(
     api.services = options.services.clone();
     // The shards' figures are for staff: with auth on, the admin logs in
     // first.
-    if api.auth_on().await.unwrap_or(false) {
+    let auth_on = match api.auth_on().await {
+        Ok(on) => on,
+        // A split deployment's hint (where the auth routes are) is the
+        // answer to give.
+        Err(e) if e.to_string().contains("--service") => return Err(e),
+        // Unreachable: reading the shards below says how to start it.
+        Err(_) => false,
+    };
+    if auth_on {
         let password = admin_password.as_deref().context(
             "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
         )?;

@@ -216,9 +216,10 @@ async fn transfer(
     IdempotencyHeader(key): IdempotencyHeader,
     Path((from, to, amount)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.may_debit(&state, &from).await?;
+    let from = AccountId::parse(&from)?;
+    caller.may_debit(&state, from.as_str()).await?;
     let request = TransferRequest {
-        from: AccountId::parse(&from)?,
+        from,
         to: AccountId::parse(&to)?,
         amount: Amount::parse_positive(&amount, state.default_currency)?,
         currency: Some(state.default_currency),

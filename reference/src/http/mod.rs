@@ -33,9 +33,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Most accounts one list request returns.
 pub const MAX_PAGE: u32 = 1000;
 /// Longest a request may take before it is answered 503: far above any
-/// healthy answer (a saga step waits at most its lock timeout), short
-/// enough that a stuck request does not hold its connection forever.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// healthy answer (a saga step waits at most its lock timeout; an audit of
+/// a few million transfers takes seconds), short enough that a stuck
+/// request does not hold its connection forever.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Longest a client may take to send its body: a slow sender cannot hold a
 /// connection and a task open by trickling bytes.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
