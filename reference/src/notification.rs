@@ -39,6 +39,13 @@ pub const MAX_WEBHOOKS_PER_ACCOUNT: usize = 5;
 pub const MAX_WEBHOOKS: usize = 100_000;
 /// Longest webhook URL accepted, in bytes.
 pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+/// Deliveries waiting or running at once. Past this, an event's delivery
+/// goes straight to the dead-letter store ("queue full"), to be replayed
+/// later: a receiver that hangs cannot make the queue, and the memory it
+/// holds, grow without bound or delay everyone else's deliveries forever.
+pub const MAX_QUEUED_DELIVERIES: u64 = 10_000;
+/// Dead letters kept; past this the oldest are dropped (and counted).
+pub const MAX_DEAD_LETTERS: usize = 10_000;
 
 /// Where webhooks may point.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,6 +118,11 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64: embeds IPv4
+                || s[0] == 0x2002 // 6to4: embeds IPv4
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (s[0] == 0x100 && s[1] == 0 && s[2] == 0 && s[3] == 0) // discard
+                || (s[0..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0) // IPv4-translated
                 || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0))
             // IPv4-compatible
         }
@@ -236,6 +248,13 @@ pub struct NotificationStats {
     pub dead_lettered: u64,
     pub dlq_size: u64,
     pub replays_skipped: u64,
+    /// Dead letters dropped, oldest first, to keep the store within
+    /// [`MAX_DEAD_LETTERS`].
+    #[serde(default)]
+    pub dead_letters_dropped: u64,
+    /// Deliveries waiting or running now (at most [`MAX_QUEUED_DELIVERIES`]).
+    #[serde(default)]
+    pub deliveries_queued: u64,
 }
 
 /// What a replay did.
@@ -280,6 +299,9 @@ struct State {
     /// (event id, webhook id) pairs delivered.
     delivered: HashSet<(String, String)>,
     dlq: BTreeMap<String, (DeadLetter, Event)>,
+    /// (event id, webhook id) pairs a replay is sending now: another
+    /// replay leaves them alone, so two replays never both send one.
+    replaying: HashSet<(String, String)>,
 }
 
 pub struct Notifier {
@@ -302,6 +324,11 @@ struct Counters {
     attempts: AtomicU64,
     dead_lettered: AtomicU64,
     replays_skipped: AtomicU64,
+    dead_letters_dropped: AtomicU64,
+    /// Deliveries spawned and not finished.
+    queued: AtomicU64,
+    /// Dead letters made, numbering them in order.
+    letters: AtomicU64,
 }
 
 fn sign(secret: &str, timestamp: i64, body: &str) -> String {
@@ -364,7 +391,10 @@ impl Notifier {
         // signature headers to wherever the receiver points.
         let mut client = reqwest::Client::builder()
             .timeout(Duration::from_millis(policy.timeout_ms))
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy from the environment would resolve names itself,
+            // past the public-only resolver.
+            .no_proxy();
         if !webhooks.allow_private {
             client = client.dns_resolver(std::sync::Arc::new(PublicOnly));
         }
@@ -423,6 +453,8 @@ impl Notifier {
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             dlq_size: s.dlq.len() as u64,
             replays_skipped: c.replays_skipped.load(Ordering::Relaxed),
+            dead_letters_dropped: c.dead_letters_dropped.load(Ordering::Relaxed),
+            deliveries_queued: c.queued.load(Ordering::Relaxed),
         }
     }
 
@@ -453,10 +485,22 @@ impl Notifier {
         self.counters.logged.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(event = %event.id, kind = %event.event_type, "notification (log channel)");
         for (webhook, secret) in targets {
+            let queued = self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            if queued >= MAX_QUEUED_DELIVERIES {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                self.bury(
+                    event,
+                    &webhook,
+                    0,
+                    format!("not attempted: {MAX_QUEUED_DELIVERIES} deliveries were already waiting; replay it later"),
+                );
+                continue;
+            }
             let (me, event) = (Arc::clone(self), event.clone());
             tokio::spawn(async move {
                 let _permit = me.limit.acquire().await;
                 me.deliver_with_retries(&event, &webhook, &secret).await;
+                me.counters.queued.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -505,23 +549,38 @@ impl Notifier {
                 tokio::time::sleep(self.policy.delay(attempt)).await;
             }
         }
+        self.bury(event, webhook, self.policy.attempts, last_error);
+    }
+
+    /// Keeps a delivery that did not happen in the dead-letter store,
+    /// dropping the oldest letter when the store is full.
+    fn bury(&self, event: &Event, webhook: &Webhook, attempts: u32, last_error: String) {
+        let failed_at_ms = now_ms();
         let letter = DeadLetter {
-            id: format!("dl_{}", uuid::Uuid::new_v4().simple()),
+            // Numbered, so the store's order is oldest first.
+            id: format!(
+                "dl_{:012}_{}",
+                self.counters.letters.fetch_add(1, Ordering::Relaxed),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             event_id: event.id.clone(),
             event_type: event.event_type.clone(),
             webhook_id: webhook.id.clone(),
             url: webhook.url.clone(),
-            attempts: self.policy.attempts,
+            attempts,
             last_error,
-            failed_at_ms: now_ms(),
+            failed_at_ms,
         };
-        tracing::warn!(dead_letter = %letter.id, event = %event.id, url = %webhook.url, "webhook delivery failed every attempt; kept in the dead-letter store");
+        tracing::warn!(dead_letter = %letter.id, event = %event.id, url = %webhook.url, "webhook delivery failed; kept in the dead-letter store");
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        self.state
-            .lock()
-            .expect("notifier lock")
-            .dlq
-            .insert(letter.id.clone(), (letter, event.clone()));
+        let mut state = self.state.lock().expect("notifier lock");
+        while state.dlq.len() >= MAX_DEAD_LETTERS {
+            state.dlq.pop_first();
+            self.counters
+                .dead_letters_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        state.dlq.insert(letter.id.clone(), (letter, event.clone()));
     }
 
     fn mark_delivered(&self, event: &Event, webhook: &Webhook) {
@@ -554,17 +613,36 @@ impl Notifier {
                     .collect(),
             }
         };
+        // Letters of the same (event, webhook) pair are replayed one after
+        // the other, so the second sees the first delivered and is not
+        // sent; different pairs go out at once.
+        let mut groups: Vec<Vec<(DeadLetter, Event)>> = Vec::new();
+        let mut group_of: HashMap<(String, String), usize> = HashMap::new();
+        for (letter, event) in chosen {
+            let pair = (letter.event_id.clone(), letter.webhook_id.clone());
+            let index = *group_of.entry(pair).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[index].push((letter, event));
+        }
         let deadline = tokio::time::Instant::now() + REPLAY_BUDGET;
-        let steps: Vec<ReplayStep> = futures_util::stream::iter(chosen)
-            .map(|(letter, event)| async move {
-                if tokio::time::Instant::now() >= deadline {
-                    return ReplayStep::NotAttempted;
+        let steps: Vec<Vec<ReplayStep>> = futures_util::stream::iter(groups)
+            .map(|group| async move {
+                let mut steps = Vec::with_capacity(group.len());
+                for (letter, event) in group {
+                    steps.push(if tokio::time::Instant::now() >= deadline {
+                        ReplayStep::NotAttempted
+                    } else {
+                        self.replay_one(letter, event).await
+                    });
                 }
-                self.replay_one(letter, event).await
+                steps
             })
             .buffer_unordered(REPLAY_CONCURRENCY)
             .collect()
             .await;
+        let steps = steps.into_iter().flatten();
         for step in steps {
             match step {
                 ReplayStep::Delivered => outcome.delivered += 1,
@@ -578,11 +656,13 @@ impl Notifier {
 
     /// Delivers one dead letter again, once.
     async fn replay_one(&self, letter: DeadLetter, event: Event) -> ReplayStep {
+        let pair = (letter.event_id.clone(), letter.webhook_id.clone());
         let target = {
-            let s = self.state.lock().expect("notifier lock");
-            let done = s
-                .delivered
-                .contains(&(letter.event_id.clone(), letter.webhook_id.clone()));
+            let mut s = self.state.lock().expect("notifier lock");
+            let done = s.delivered.contains(&pair);
+            if !done && !s.replaying.insert(pair.clone()) {
+                return ReplayStep::NotAttempted;
+            }
             let hook = s
                 .hooks
                 .values()
@@ -603,31 +683,48 @@ impl Notifier {
                     .remove(&letter.id);
                 ReplayStep::Already
             }
-            (false, None) => ReplayStep::Failed,
-            (false, Some((webhook, secret))) => match self.send(&event, &webhook, &secret).await {
-                Ok(()) => {
-                    self.mark_delivered(&event, &webhook);
-                    self.state
-                        .lock()
-                        .expect("notifier lock")
-                        .dlq
-                        .remove(&letter.id);
-                    ReplayStep::Delivered
-                }
-                Err(e) => {
-                    if let Some((l, _)) = self
-                        .state
-                        .lock()
-                        .expect("notifier lock")
-                        .dlq
-                        .get_mut(&letter.id)
-                    {
-                        l.last_error = e;
-                        l.attempts += 1;
+            (false, None) => {
+                self.state
+                    .lock()
+                    .expect("notifier lock")
+                    .replaying
+                    .remove(&pair);
+                ReplayStep::Failed
+            }
+            (false, Some((webhook, secret))) => {
+                // Marked delivered before the pair is let go, so no other
+                // replay can slip in between and send it again.
+                let step = match self.send(&event, &webhook, &secret).await {
+                    Ok(()) => {
+                        self.mark_delivered(&event, &webhook);
+                        self.state
+                            .lock()
+                            .expect("notifier lock")
+                            .dlq
+                            .remove(&letter.id);
+                        ReplayStep::Delivered
                     }
-                    ReplayStep::Failed
-                }
-            },
+                    Err(e) => {
+                        if let Some((l, _)) = self
+                            .state
+                            .lock()
+                            .expect("notifier lock")
+                            .dlq
+                            .get_mut(&letter.id)
+                        {
+                            l.last_error = e;
+                            l.attempts += 1;
+                        }
+                        ReplayStep::Failed
+                    }
+                };
+                self.state
+                    .lock()
+                    .expect("notifier lock")
+                    .replaying
+                    .remove(&pair);
+                step
+            }
         }
     }
 
@@ -709,6 +806,11 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
             "2001:db8::1",
+            "2002:7f00:1::",
+            "2001::1",
+            "fec0::1",
+            "100::1",
+            "::ffff:0:7f00:1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
@@ -778,6 +880,34 @@ mod tests {
         let name: reqwest::dns::Name = "localhost".parse().unwrap();
         let refused = PublicOnly.resolve(name).await;
         assert!(refused.is_err(), "localhost resolves to loopback only");
+    }
+
+    #[test]
+    fn the_dead_letter_store_keeps_the_newest_within_its_bound() {
+        let n = Notifier::new(RetryPolicy::default(), WebhookPolicy::default());
+        let hook = n.register("alice", "https://hooks.example.com/a").unwrap();
+        let event = |i: usize| Event {
+            id: format!("e{i}"),
+            event_type: "transfer.completed".into(),
+            key: "alice".into(),
+            shard: None,
+            payload: "{}".into(),
+            created_at_ms: 0,
+        };
+        for i in 0..MAX_DEAD_LETTERS + 5 {
+            n.bury(&event(i), &hook, 1, "down".into());
+        }
+        let stats = n.stats();
+        assert_eq!(stats.dlq_size, MAX_DEAD_LETTERS as u64);
+        assert_eq!(stats.dead_letters_dropped, 5);
+        let kept = n.dead_letters();
+        assert!(
+            !kept.iter().any(|d| d.event_id == "e0"),
+            "the oldest letters go first"
+        );
+        assert!(kept
+            .iter()
+            .any(|d| d.event_id == format!("e{}", MAX_DEAD_LETTERS + 4)));
     }
 
     #[test]

@@ -175,13 +175,13 @@ pub struct Tokens {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("{0}")]
+    #[error("{1}")]
     Invalid(&'static str, String),
     #[error("username or password is wrong")]
     BadCredentials,
-    #[error("{0}")]
+    #[error("{1}")]
     Unauthorized(&'static str, String),
-    #[error("{0}")]
+    #[error("{1}")]
     Forbidden(&'static str, String),
     #[error("username {0} is taken")]
     Taken(String),
@@ -292,6 +292,24 @@ struct OwnedAnswer {
 struct OwnerAnswer {
     owner: Option<String>,
 }
+
+/// Whether a user may create the account `id` for itself: accounts are
+/// named after their user (`alice`, `alice-savings`, `alice.2`), so no
+/// user can take the id another user's name stands for.
+pub fn names_own_account(username: &str, id: &str) -> bool {
+    match id.strip_prefix(username) {
+        Some("") => true,
+        Some(rest) => rest.len() > 1 && matches!(rest.as_bytes()[0], b'-' | b'.' | b'_' | b'@'),
+        None => false,
+    }
+}
+
+/// Accounts one user may create a minute: each one is a row on a shard
+/// and room for webhooks, so a user cannot grow the system without bound.
+pub const ACCOUNTS_PER_USER: Limit = Limit {
+    max: 20,
+    window: Duration::from_secs(60),
+};
 
 /// A username: 3 to 64 letters, digits, '_', '.', '-'.
 pub fn valid_username(username: &str) -> bool {
@@ -577,9 +595,34 @@ impl AuthService {
         }
     }
 
+    /// The refresh secret of generation `generation` of session `sid`:
+    /// `<generation>.<hex HMAC-SHA256 of "refresh.<sid>.<generation>">`,
+    /// keyed by the server's secret. Only this server can make one, so a
+    /// presented secret that verifies but is not the session's current one
+    /// is a token it issued earlier: a reuse, not a guess.
+    fn refresh_secret(&self, sid: &str, generation: u64) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(self.config.secret.as_bytes())
+            .expect("any key length");
+        mac.update(format!("refresh.{sid}.{generation}").as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{generation}.{hex}")
+    }
+
+    /// The generation of `secret` if this server issued it for `sid`.
+    fn issued_generation(&self, sid: &str, secret: &str) -> Option<u64> {
+        let (generation, _) = secret.split_once('.')?;
+        let generation: u64 = generation.parse().ok()?;
+        let expected = self.refresh_secret(sid, generation);
+        // Compared as hashes: equal-length digests, no early exit on the
+        // secret's own bytes.
+        (sha256_hex(&expected) == sha256_hex(secret)).then_some(generation)
+    }
+
     async fn open_session(&self, username: &str, role: Role) -> Result<Tokens, AuthError> {
         let sid = random_hex(16);
-        let secret = random_hex(32);
+        let secret = self.refresh_secret(&sid, 0);
         let session = Session {
             username: username.into(),
             role: role.as_str().into(),
@@ -631,8 +674,14 @@ impl AuthService {
             )
         };
         let (sid, secret) = refresh_token.split_once('.').ok_or_else(invalid)?;
+        if sid.len() > 64 || secret.len() > 128 {
+            return Err(invalid());
+        }
+        // A secret this server never issued is a guess: refused, and the
+        // session (whose id is no secret) is left alone.
+        let generation = self.issued_generation(sid, secret).ok_or_else(invalid)?;
         let session = self.stores.sessions.get(sid).await?.ok_or_else(invalid)?;
-        let new_secret = random_hex(32);
+        let new_secret = self.refresh_secret(sid, generation + 1);
         let rotated = self
             .stores
             .sessions
@@ -644,10 +693,11 @@ impl AuthService {
             )
             .await?;
         if !rotated {
-            // A refresh token that was already traded in is being used
-            // again: one of its two holders is a thief, and we cannot tell
-            // which. Revoke the whole session, so neither keeps access
-            // (refresh-token rotation practice, RFC 6819 5.2.2.3).
+            // A refresh token this server issued, but not the session's
+            // current one, is being used again: one of its two holders is
+            // a thief, and we cannot tell which. Revoke the whole session,
+            // so neither keeps access (refresh-token rotation practice,
+            // RFC 6819 5.2.2.3).
             self.stores.sessions.revoke(sid).await?;
             tracing::warn!(user = %session.username, "a used refresh token came back; its session is revoked");
             return Err(AuthError::Unauthorized(
@@ -773,7 +823,8 @@ impl AuthService {
     /// [`AuthService::check_owners`] on this process's own user store.
     pub fn check_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
         let db = self.db.lock().expect("auth db");
-        let mut user = db.prepare_cached("SELECT 1 FROM users WHERE username = ?1")?;
+        let mut user =
+            db.prepare_cached("SELECT 1 FROM users WHERE username = ?1 AND role = 'user'")?;
         let mut select =
             db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
         let mut known = std::collections::HashSet::new();
@@ -783,7 +834,7 @@ impl AuthService {
                 if !user.exists([owner])? {
                     return Err(AuthError::Invalid(
                         "unknown_owner",
-                        format!("no user named {owner}; register it first"),
+                        format!("no user named {owner}; register it first (owners are users, not admins or services, who cannot pay)"),
                     ));
                 }
                 known.insert(*owner);
@@ -815,7 +866,8 @@ impl AuthService {
         let tx = db.transaction()?;
         let mut owned = Vec::with_capacity(pairs.len());
         {
-            let mut user = tx.prepare_cached("SELECT 1 FROM users WHERE username = ?1")?;
+            let mut user =
+                tx.prepare_cached("SELECT 1 FROM users WHERE username = ?1 AND role = 'user'")?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO account_owners (account, owner) VALUES (?1, ?2) ON CONFLICT(account) DO NOTHING",
             )?;
@@ -827,7 +879,7 @@ impl AuthService {
                     if !user.exists([owner])? {
                         return Err(AuthError::Invalid(
                             "unknown_owner",
-                            format!("no user named {owner}; register it first"),
+                            format!("no user named {owner}; register it first (owners are users, not admins or services, who cannot pay)"),
                         ));
                     }
                     known.insert(*owner);
@@ -892,5 +944,58 @@ impl AuthService {
                 .insert(account.into(), owner.clone());
         }
         Ok(owner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_names_only_its_own_accounts() {
+        for id in ["alice", "alice-savings", "alice.2", "alice_b", "alice@home"] {
+            assert!(names_own_account("alice", id), "{id}");
+        }
+        for id in ["carol", "alicex", "alice-", "xalice", "ali", "Alice", ""] {
+            assert!(!names_own_account("alice", id), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_refresh_token_this_server_issued_counts_as_reused() {
+        let mut config = AuthConfig::new("a-test-secret-of-at-least-32-characters!!");
+        config.argon2_memory_kib = 64;
+        config.argon2_iterations = 1;
+        let auth = AuthService::open(config, None, Stores::memory()).unwrap();
+        auth.register("alice", "alice-password", Role::User)
+            .await
+            .unwrap();
+        let first = auth.login("alice", "alice-password", "t").await.unwrap();
+        let sid = first.refresh_token.split_once('.').unwrap().0.to_string();
+        // A guess at the secret of a known session id: refused, and the
+        // session lives on (a session id is no secret: it is in every
+        // access token).
+        for guess in [
+            format!("{sid}.0.deadbeef"),
+            format!("{sid}.1.{}", "0".repeat(64)),
+            format!("{sid}.x"),
+        ] {
+            let err = auth.refresh(&guess).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::Unauthorized("invalid_refresh_token", _)),
+                "{err:?}"
+            );
+        }
+        assert!(auth.authenticate(&first.access_token).await.is_ok());
+        // The real one works once; presented again, the session is revoked.
+        let second = auth.refresh(&first.refresh_token).await.unwrap();
+        let err = auth.refresh(&first.refresh_token).await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::Unauthorized("refresh_token_reused", _)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("log in again"), "{err}");
+        assert!(auth.authenticate(&second.access_token).await.is_err());
+        assert!(auth.refresh(&second.refresh_token).await.is_err());
     }
 }

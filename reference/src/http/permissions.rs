@@ -168,13 +168,22 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
 /// Whether `host` (a `Host` header value, or an origin's host and port)
 /// names this machine: `localhost`, `127.0.0.0/8` or `[::1]`, any port.
 fn is_loopback_host(host: &str) -> bool {
+    let port_ok = |port: &str| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((inside, _)) => inside,
+            Some((inside, "")) => inside,
+            Some((inside, after)) => match after.strip_prefix(':') {
+                Some(port) if port_ok(port) => inside,
+                _ => return false,
+            },
             None => return false,
         }
     } else {
-        host.rsplit_once(':').map_or(host, |(name, _)| name)
+        match host.rsplit_once(':') {
+            Some((name, port)) if port_ok(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
     };
     let name = name.to_ascii_lowercase();
     if name == "localhost" {
@@ -258,6 +267,10 @@ mod tests {
             "0.0.0.0:8006",
             "[::]:8006",
             "[::1",
+            "[::1]x",
+            "localhost:evil.example",
+            "127.0.0.1:8006@evil.example",
+            "localhost:",
             "",
             "127.0.0.1.nip.io",
         ] {

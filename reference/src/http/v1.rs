@@ -112,8 +112,9 @@ async fn account_entries(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(query): Query<EntriesQuery>,
+    query: Result<Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     let id = AccountId::parse(&id)?;
     caller.may_read(&state, id.as_str()).await?;
     let limit = query.limit.unwrap_or(100);
@@ -298,6 +299,12 @@ async fn create_account(
 ) -> Result<Response, ApiError> {
     let mut request = account_request(&state, &body)?;
     let owner = owner_for(&caller, &body, &request)?;
+    if let (Some(p), Some(auth)) = (caller.principal(), &state.auth) {
+        if p.role == Role::User {
+            auth.limit("accounts-user", &p.username, crate::auth::ACCOUNTS_PER_USER)
+                .await?;
+        }
+    }
     request.owner = owner.clone();
     let id = request.id.clone();
     let pair = [(id.as_str(), owner.as_deref())];
@@ -326,6 +333,18 @@ fn owner_for(
     match p.role {
         Role::Admin => Ok(body.owner.clone()),
         Role::User => {
+            if !crate::auth::names_own_account(&p.username, request.id.as_str()) {
+                // Otherwise a user could create the account named after
+                // another user (who then cannot) and be paid in its place.
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "account_id_not_yours",
+                    format!(
+                        "a user's accounts are named after it: {0}, or {0} followed by '-', '.', '_' or '@' and more",
+                        p.username
+                    ),
+                ));
+            }
             if body.owner.as_ref().is_some_and(|o| *o != p.username) {
                 return Err(ApiError::new(
                     axum::http::StatusCode::FORBIDDEN,
