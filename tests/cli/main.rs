@@ -103,6 +103,12 @@ fn serve_with(storage: Storage<'_>, fault: Option<&str>, extra: &[&str]) -> Serv
     if let Some(fault) = fault {
         command.env("SHARDPAY_FAULT", fault);
     }
+    start(command)
+}
+
+/// Starts a `shardpay serve` command (stdout piped) and reads the URL it
+/// prints first.
+fn start(mut command: Command) -> Server {
     let mut child = command.spawn().expect("start shardpay serve");
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();

@@ -4,13 +4,12 @@
 //! left 116 MiB behind, and 500 requests with invented HTTP methods grew
 //! `/metrics` from 3 KB to 74 MB.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{block_on, Server};
+use super::{block_on, start, Server};
 
 /// Most the server's resident memory may grow through the hostile load.
 /// The load's bodies alone add up to more than 120 MiB; a server that
@@ -28,7 +27,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn serve_with_auth(dir: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardpay"));
+    command
         .args(["serve", "--port", "0", "--data-dir"])
         .arg(dir)
         .args([
@@ -44,18 +44,14 @@ fn serve_with_auth(dir: &std::path::Path) -> Server {
         .env_remove("SHARDPAY_DEMO")
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start shardpay serve");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("shardpay listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, url }
+        .stderr(Stdio::null());
+    start(command)
+}
+
+/// The size of `/metrics`, in bytes.
+async fn metrics_len(client: &reqwest::Client, url: &str) -> usize {
+    let response = client.get(format!("{url}/metrics")).send().await.unwrap();
+    response.text().await.unwrap().len()
 }
 
 #[test]
@@ -83,15 +79,7 @@ fn hostile_requests_leave_memory_and_metrics_bounded() {
                 .await
                 .unwrap();
         }
-        let metrics_before = client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-            .len();
+        let metrics_before = metrics_len(&client, &url).await;
         let before = rss_kib(pid);
         let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
         let long_name = |i: usize| format!("{i:06}{}", "u".repeat(60_000));
@@ -152,15 +140,7 @@ fn hostile_requests_leave_memory_and_metrics_bounded() {
         let health = client.get(format!("{url}/health")).send().await.unwrap();
         assert_eq!(health.status(), 200, "the server is up");
         let after = rss_kib(pid);
-        let metrics_after = client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-            .len();
+        let metrics_after = metrics_len(&client, &url).await;
         eprintln!(
             "resident memory {before} KiB -> {after} KiB; /metrics {metrics_before} -> {metrics_after} bytes; answers {statuses:?}, {cut_short} cut short while sending"
         );

@@ -753,100 +753,21 @@ impl AuthService {
     /// answers, per (account, owner) pair, whether that owner owns the
     /// account now. Every owner must be a registered user.
     pub async fn claim(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
-        if pairs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let Some(remote) = &self.remote else {
-            return self.claim_here(pairs);
-        };
-        let body = serde_json::json!({
-            "pairs": pairs
-                .iter()
-                .map(|(account, owner)| serde_json::json!({"account": account, "owner": owner}))
-                .collect::<Vec<_>>(),
-        });
-        let url = format!("{}/v1/auth/owners", remote.url);
-        let response = self
-            .remote_call(remote, remote.client.post(url).json(&body))
-            .await?;
-        let answer: OwnedAnswer = response
-            .json()
-            .await
-            .map_err(|e| AuthError::PeerUnavailable(format!("owners answer: {e}")))?;
-        if answer.owned.len() != pairs.len() {
-            return Err(AuthError::PeerUnavailable(
-                "the owners answer does not match the request".into(),
-            ));
-        }
+        let owned = self.owners_call(pairs, true).await?;
         let mut cache = self.owners.lock().expect("owners lock");
-        for ((account, owner), mine) in pairs.iter().zip(&answer.owned) {
+        for ((account, owner), mine) in pairs.iter().zip(&owned) {
             if *mine {
                 cache.insert(account.to_string(), Some(owner.to_string()));
             }
         }
-        Ok(answer.owned)
+        Ok(owned)
     }
 
     /// Before accounts are created for owners: checks every owner is a
     /// registered user and answers, per pair, whether the account is free
     /// for that owner (no owner yet, or that one). Records nothing.
     pub async fn check_owners(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
-        if pairs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let Some(remote) = &self.remote else {
-            return self.check_here(pairs);
-        };
-        let body = serde_json::json!({
-            "pairs": pairs
-                .iter()
-                .map(|(account, owner)| serde_json::json!({"account": account, "owner": owner}))
-                .collect::<Vec<_>>(),
-            "check_only": true,
-        });
-        let url = format!("{}/v1/auth/owners", remote.url);
-        let response = self
-            .remote_call(remote, remote.client.post(url).json(&body))
-            .await?;
-        let answer: OwnedAnswer = response
-            .json()
-            .await
-            .map_err(|e| AuthError::PeerUnavailable(format!("owners answer: {e}")))?;
-        if answer.owned.len() != pairs.len() {
-            return Err(AuthError::PeerUnavailable(
-                "the owners answer does not match the request".into(),
-            ));
-        }
-        Ok(answer.owned)
-    }
-
-    /// [`AuthService::check_owners`] on this process's own user store.
-    pub fn check_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
-        let db = self.db.lock().expect("auth db");
-        let mut user =
-            db.prepare_cached("SELECT 1 FROM users WHERE username = ?1 AND role = 'user'")?;
-        let mut select =
-            db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
-        let mut known = std::collections::HashSet::new();
-        let mut free = Vec::with_capacity(pairs.len());
-        for (account, owner) in pairs {
-            if !known.contains(owner) {
-                if !user.exists([owner])? {
-                    return Err(AuthError::Invalid(
-                        "unknown_owner",
-                        format!("no user named {owner}; register it first (owners are users, not admins or services, who cannot pay)"),
-                    ));
-                }
-                known.insert(*owner);
-            }
-            let mut rows = select.query([account])?;
-            let current: Option<String> = match rows.next()? {
-                Some(r) => Some(r.get(0)?),
-                None => None,
-            };
-            free.push(current.is_none_or(|c| c == *owner));
-        }
-        Ok(free)
+        self.owners_call(pairs, false).await
     }
 
     /// An admin gives an account without an owner to `owner` (a registered
@@ -857,14 +778,54 @@ impl AuthService {
         Ok(self.claim(&[(account, owner)]).await?[0])
     }
 
-    /// [`AuthService::claim`] on this process's own user store.
-    pub fn claim_here(&self, pairs: &[(&str, &str)]) -> Result<Vec<bool>, AuthError> {
+    /// [`AuthService::claim`] (`record`) or [`AuthService::check_owners`],
+    /// here or at the auth service of a split deployment.
+    async fn owners_call(
+        &self,
+        pairs: &[(&str, &str)],
+        record: bool,
+    ) -> Result<Vec<bool>, AuthError> {
         if pairs.is_empty() {
             return Ok(Vec::new());
         }
+        let Some(remote) = &self.remote else {
+            return self.owners_here(pairs, record);
+        };
+        let body = serde_json::json!({
+            "pairs": pairs
+                .iter()
+                .map(|(account, owner)| serde_json::json!({"account": account, "owner": owner}))
+                .collect::<Vec<_>>(),
+            "check_only": !record,
+        });
+        let url = format!("{}/v1/auth/owners", remote.url);
+        let response = self
+            .remote_call(remote, remote.client.post(url).json(&body))
+            .await?;
+        let answer: OwnedAnswer = response
+            .json()
+            .await
+            .map_err(|e| AuthError::PeerUnavailable(format!("owners answer: {e}")))?;
+        if answer.owned.len() != pairs.len() {
+            return Err(AuthError::PeerUnavailable(
+                "the owners answer does not match the request".into(),
+            ));
+        }
+        Ok(answer.owned)
+    }
+
+    /// On this process's own user store, in one transaction: every owner
+    /// must be a user; with `record`, owners are written for accounts that
+    /// have none. Answers, per pair, whether the account is (with `record`)
+    /// or would be (without) that owner's.
+    pub fn owners_here(
+        &self,
+        pairs: &[(&str, &str)],
+        record: bool,
+    ) -> Result<Vec<bool>, AuthError> {
         let mut db = self.db.lock().expect("auth db");
         let tx = db.transaction()?;
-        let mut owned = Vec::with_capacity(pairs.len());
+        let mut answers = Vec::with_capacity(pairs.len());
         {
             let mut user =
                 tx.prepare_cached("SELECT 1 FROM users WHERE username = ?1 AND role = 'user'")?;
@@ -884,19 +845,19 @@ impl AuthService {
                     }
                     known.insert(*owner);
                 }
-                insert.execute([account, owner])?;
-                let current: String = select.query_row([account], |r| r.get(0))?;
-                owned.push(current == *owner);
+                if record {
+                    insert.execute([account, owner])?;
+                }
+                let mut rows = select.query([account])?;
+                let current: Option<String> = match rows.next()? {
+                    Some(r) => Some(r.get(0)?),
+                    None => None,
+                };
+                answers.push(current.is_none_or(|c| c == *owner));
             }
         }
         tx.commit()?;
-        let mut cache = self.owners.lock().expect("owners lock");
-        for ((account, owner), mine) in pairs.iter().zip(&owned) {
-            if *mine {
-                cache.insert(account.to_string(), Some(owner.to_string()));
-            }
-        }
-        Ok(owned)
+        Ok(answers)
     }
 
     /// The owner of an account, if it has one.
