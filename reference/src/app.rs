@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::auth::{AuthConfig, AuthService, Stores};
-use crate::events::{BusConfig, Pipeline};
+use crate::events::BusConfig;
 use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
 use crate::http::{self, AppState};
 use crate::ids::ShardId;
@@ -21,113 +21,13 @@ use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
 use crate::ledger::ShardStore;
 use crate::manager::{ManagerConfig, ShardManager};
 use crate::money::Currency;
+use crate::pipeline::Pipeline;
 use crate::sharding::Ring;
+
+pub use crate::peers::{Peers, Service};
 
 /// Pending transfers one recovery pass takes per shard.
 pub const RECOVERY_BATCH: u32 = 256;
-
-/// Which service a process runs. `All` is the embedded default: the six
-/// services in one process, talking through memory; each other value is
-/// one service in its own process, talking to the others over HTTP and the
-/// event bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    All,
-    /// Public API: accounts, transfers (same-shard and cross-shard),
-    /// idempotency, the audit, and the modelled system's routes.
-    ShardManager,
-    /// Users, logins, sessions, tokens, account owners.
-    Auth,
-    /// Trial balances per shard; runs the outbox relay and the recovery
-    /// loop.
-    Ledger,
-    /// Scores transfers (allow, review, block); publishes decisions.
-    Fraud,
-    /// Consumes events; webhooks, retries, the dead-letter store.
-    Notification,
-    /// Consumes events; totals, lag, the dashboard, the pipeline report.
-    Analytics,
-}
-
-impl Service {
-    /// The six services, in port order.
-    pub const SPLIT: [Service; 6] = [
-        Service::Auth,
-        Service::Ledger,
-        Service::Fraud,
-        Service::Notification,
-        Service::Analytics,
-        Service::ShardManager,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::All => "all",
-            Service::ShardManager => "shard-manager",
-            Service::Auth => "auth",
-            Service::Ledger => "ledger",
-            Service::Fraud => "fraud",
-            Service::Notification => "notification",
-            Service::Analytics => "analytics",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Service> {
-        [Service::All]
-            .into_iter()
-            .chain(Service::SPLIT)
-            .find(|s| s.name() == text)
-    }
-
-    /// Ports of the modelled system: auth 8001 ... analytics 8005, shard
-    /// manager 8006 (and the all-in-one process, whose public face it is).
-    pub fn default_port(self) -> u16 {
-        match self {
-            Service::Auth => 8001,
-            Service::Ledger => 8002,
-            Service::Fraud => 8003,
-            Service::Notification => 8004,
-            Service::Analytics => 8005,
-            Service::ShardManager | Service::All => 8006,
-        }
-    }
-
-    /// Reads or writes the shards.
-    pub fn uses_shards(self) -> bool {
-        !matches!(self, Service::Auth | Service::Fraud)
-    }
-
-    /// Publishes to or consumes from the event bus.
-    pub fn uses_bus(self) -> bool {
-        !matches!(self, Service::Auth | Service::ShardManager)
-    }
-
-    /// Whether this process runs `part`.
-    pub fn runs(self, part: Service) -> bool {
-        self == Service::All || self == part
-    }
-}
-
-/// Where the other services of a split deployment answer.
-#[derive(Debug, Clone)]
-pub struct Peers {
-    pub auth: String,
-    pub ledger: String,
-    pub fraud: String,
-    pub notification: String,
-}
-
-impl Default for Peers {
-    fn default() -> Peers {
-        let at = |s: Service| format!("http://127.0.0.1:{}", s.default_port());
-        Peers {
-            auth: at(Service::Auth),
-            ledger: at(Service::Ledger),
-            fraud: at(Service::Fraud),
-            notification: at(Service::Notification),
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::ledger::{now_ms, AccountKind, CreditOutcome, ShardAudit, TimestampMs};
+use crate::ledger::{
+    now_ms, AccountKind, AccountMismatch, CreditEntries, CreditOutcome, ShardAudit, TimestampMs,
+    TransferEntries, TransferState,
+};
 use crate::manager::{ManagerError, ShardManager};
 use crate::money::{format_minor, Currency};
 
@@ -141,11 +144,21 @@ fn evaluate(
     );
     checks.add(
         "balances_match_entries",
-        per_shard(&|s| s.balance_mismatches.clone()),
+        per_shard(&|s| {
+            s.accounts_to_check
+                .iter()
+                .filter_map(balance_problem)
+                .collect()
+        }),
     );
     checks.add(
         "no_negative_balances",
-        per_shard(&|s| s.negative_balances.clone()),
+        per_shard(&|s| {
+            s.accounts_to_check
+                .iter()
+                .filter_map(negative_problem)
+                .collect()
+        }),
     );
     checks.add(
         "in_flight_matches_transfers",
@@ -178,17 +191,7 @@ fn evaluate(
                 .collect()
         }),
     );
-    let mut entry_problems = per_shard(&|s| {
-        let mut p = s.bad_transfers.clone();
-        p.extend(s.bad_credits.iter().cloned());
-        if s.orphan_entries > 0 {
-            p.push(format!(
-                "{} entries belong to no transfer",
-                s.orphan_entries
-            ));
-        }
-        p
-    });
+    let mut entry_problems = per_shard(&entry_problems);
     // Every completed cross-shard transfer was credited exactly once, and no
     // failed one was: credits = completed + pending-but-credited.
     let completed: (u64, i128) = shards.iter().fold((0, 0), |acc, s| {
@@ -251,6 +254,97 @@ fn evaluate(
         totals,
         pending_transfers: pending.len(),
     }
+}
+
+/// An account whose balance is not the sum of its entries.
+pub fn balance_problem(a: &AccountMismatch) -> Option<String> {
+    (a.balance_minor as i128 != a.entries_minor).then(|| {
+        format!(
+            "{}: balance {}, entries {}",
+            a.account, a.balance_minor, a.entries_minor
+        )
+    })
+}
+
+/// A customer account below zero.
+pub fn negative_problem(a: &AccountMismatch) -> Option<String> {
+    (a.kind == AccountKind::User && a.balance_minor < 0)
+        .then(|| format!("{}: {}", a.account, a.balance_minor))
+}
+
+/// A transfer whose entries on its payer's shard are not exactly what its
+/// state implies: same-shard completed, payer -amount and payee +amount (2
+/// entries); cross-shard pending or completed, payer -amount and in-flight
+/// +amount; cross-shard failed, those two and their reversal (4, payer net
+/// 0). Every transfer's entries sum to zero.
+pub fn transfer_problem(t: &TransferEntries) -> Option<String> {
+    let amount = t.amount_minor as i128;
+    let (want_entries, want_payer) = match (t.state, t.cross_shard) {
+        (TransferState::Completed, false) => (2, -amount),
+        (TransferState::Pending | TransferState::Completed, true) => (2, -amount),
+        (TransferState::Failed, true) => (4, 0),
+        // A same-shard transfer is never pending or failed.
+        _ => (-1, 0),
+    };
+    let ok = t.entries == want_entries && t.net_minor == 0 && t.payer_net_minor == want_payer;
+    (!ok).then(|| {
+        format!(
+            "{} ({}, cross_shard={}): {} entries, payer net {}, expected {want_entries} entries and payer net {want_payer}",
+            t.id,
+            t.state.as_str(),
+            t.cross_shard,
+            t.entries,
+            t.payer_net_minor
+        )
+    })
+}
+
+/// A credit whose entries on its payee's shard are not what its outcome
+/// implies: credited, in-flight -amount and payee +amount; refused, none.
+pub fn credit_problem(c: &CreditEntries) -> Option<String> {
+    let (want_entries, want_payee) = if c.credited {
+        (2, c.amount_minor as i128)
+    } else {
+        (0, 0)
+    };
+    (c.entries != want_entries || c.payee_net_minor != want_payee).then(|| {
+        format!(
+            "credit {} ({}): {} entries, payee net {}",
+            c.transfer_id,
+            if c.credited { "credited" } else { "refused" },
+            c.entries,
+            c.payee_net_minor
+        )
+    })
+}
+
+/// One shard's transfers, credits and entries that are wrong on their own.
+pub fn entry_problems(s: &ShardAudit) -> Vec<String> {
+    let mut problems: Vec<String> = s.transfers.iter().filter_map(transfer_problem).collect();
+    problems.extend(s.credits.iter().filter_map(credit_problem));
+    if s.orphan_entries > 0 {
+        problems.push(format!(
+            "{} entries belong to no transfer",
+            s.orphan_entries
+        ));
+    }
+    problems
+}
+
+/// Everything wrong with one shard read on its own (the checks that need
+/// no other shard): entries that do not sum to zero, balances that differ
+/// from their entries or are below zero, and [`entry_problems`].
+pub fn shard_problems(s: &ShardAudit) -> Vec<String> {
+    let mut problems: Vec<String> = s
+        .entry_sum_by_currency
+        .iter()
+        .filter(|(_, sum)| *sum != 0)
+        .map(|(c, sum)| format!("{c} entries sum to {sum}"))
+        .collect();
+    problems.extend(s.accounts_to_check.iter().filter_map(balance_problem));
+    problems.extend(s.accounts_to_check.iter().filter_map(negative_problem));
+    problems.extend(entry_problems(s));
+    problems
 }
 
 fn money_totals(shards: &[ShardAudit]) -> Vec<CurrencyTotals> {
@@ -364,6 +458,15 @@ mod tests {
                 (AccountKind::InFlight, usd(), 1_900),
                 (AccountKind::User, usd(), 7_100 + 6_000),
             ],
+            transfers: vec![
+                entries(1, TransferState::Completed, false, 1_000, (2, 0, -1_000)),
+                entries(2, TransferState::Completed, true, 2_000, (2, 0, -2_000)),
+                entries(4, TransferState::Pending, true, 300, (2, 0, -300)),
+            ],
+            credits: vec![
+                credit(3, false, 500, (0, 0)),
+                credit(5, true, 400, (2, 400)),
+            ],
             pending: vec![pending(4, ("alice", 0), ("carol", 1), 300, NOW - 1_000)],
             sent_minor_by_currency: vec![(usd(), 2_000 + 300)],
             received_minor_by_currency: vec![(usd(), 400)],
@@ -378,6 +481,11 @@ mod tests {
                 (AccountKind::InFlight, usd(), -1_600),
                 (AccountKind::User, usd(), 8_600),
             ],
+            transfers: vec![
+                entries(3, TransferState::Failed, true, 500, (4, 0, 0)),
+                entries(5, TransferState::Pending, true, 400, (2, 0, -400)),
+            ],
+            credits: vec![credit(2, true, 2_000, (2, 2_000))],
             pending: vec![pending(5, ("carol", 1), ("alice", 0), 400, NOW - 1_000)],
             sent_minor_by_currency: vec![(usd(), 400)],
             received_minor_by_currency: vec![(usd(), 2_000)],
@@ -395,6 +503,65 @@ mod tests {
         fn judge(&self) -> AuditReport {
             evaluate(&self.shards, &self.pending_credited, DEADLINE_MS, NOW)
         }
+    }
+
+    /// Transfer `n` as its payer's shard reads it, with (entries, net,
+    /// payer's net).
+    fn entries(
+        n: u32,
+        state: TransferState,
+        cross_shard: bool,
+        amount_minor: i64,
+        (entries, net_minor, payer_net_minor): (i64, i128, i128),
+    ) -> TransferEntries {
+        TransferEntries {
+            id: tid(n).to_string(),
+            state,
+            cross_shard,
+            amount_minor,
+            entries,
+            net_minor,
+            payer_net_minor,
+        }
+    }
+
+    /// The credit of transfer `n`, with (entries, payee's net).
+    fn credit(
+        n: u32,
+        credited: bool,
+        amount_minor: i64,
+        (entries, payee_net_minor): (i64, i128),
+    ) -> CreditEntries {
+        CreditEntries {
+            transfer_id: tid(n).to_string(),
+            credited,
+            amount_minor,
+            entries,
+            payee_net_minor,
+        }
+    }
+
+    fn mismatch(
+        account: &str,
+        kind: AccountKind,
+        balance_minor: i64,
+        entries_minor: i128,
+    ) -> AccountMismatch {
+        AccountMismatch {
+            account: account.into(),
+            kind,
+            balance_minor,
+            entries_minor,
+        }
+    }
+
+    fn transfer_row(shard: &mut ShardAudit, n: u32) -> &mut TransferEntries {
+        let id = tid(n).to_string();
+        shard
+            .transfers
+            .iter_mut()
+            .find(|t| t.id == id)
+            .expect("that transfer")
     }
 
     fn add_to_total(shard: &mut ShardAudit, kind: AccountKind, delta: i128) {
@@ -460,8 +627,8 @@ mod tests {
         let mut world = consistent();
         let shard = &mut world.shards[0];
         shard
-            .balance_mismatches
-            .push("bob: balance 6001, entries 6000".into());
+            .accounts_to_check
+            .push(mismatch("bob", AccountKind::User, 6_001, 6_000));
         add_to_total(shard, AccountKind::User, 1);
         let report = world.judge();
         assert_fails_exactly(&report, &["balances_match_entries", "money_conserved"]);
@@ -480,9 +647,9 @@ mod tests {
     #[test]
     fn balances_edited_to_cancel_out_are_caught_by_their_entries() {
         let mut world = consistent();
-        world.shards[0].balance_mismatches = vec![
-            "alice: balance 7099, entries 7100".into(),
-            "bob: balance 6001, entries 6000".into(),
+        world.shards[0].accounts_to_check = vec![
+            mismatch("alice", AccountKind::User, 7_099, 7_100),
+            mismatch("bob", AccountKind::User, 6_001, 6_000),
         ];
         let report = world.judge();
         assert_fails_exactly(&report, &["balances_match_entries"]);
@@ -496,12 +663,15 @@ mod tests {
         let shard = &mut world.shards[0];
         shard.entry_sum_by_currency = vec![(usd(), -1_000)];
         shard
-            .balance_mismatches
-            .push("bob: balance 6000, entries 5000".into());
-        shard.bad_transfers.push(format!(
-            "{} (completed, cross_shard=false): 1 entries, payer net -1000, expected 2 entries and payer net -1000",
-            tid(1)
-        ));
+            .accounts_to_check
+            .push(mismatch("bob", AccountKind::User, 6_000, 5_000));
+        *transfer_row(shard, 1) = entries(
+            1,
+            TransferState::Completed,
+            false,
+            1_000,
+            (1, -1_000, -1_000),
+        );
         let report = world.judge();
         assert_fails_exactly(
             &report,
@@ -528,12 +698,15 @@ mod tests {
         let shard = &mut world.shards[0];
         shard.entry_sum_by_currency = vec![(usd(), 1_000)];
         shard
-            .balance_mismatches
-            .push("bob: balance 6000, entries 7000".into());
-        shard.bad_transfers.push(format!(
-            "{} (completed, cross_shard=false): 3 entries, payer net -1000, expected 2 entries and payer net -1000",
-            tid(1)
-        ));
+            .accounts_to_check
+            .push(mismatch("bob", AccountKind::User, 6_000, 7_000));
+        *transfer_row(shard, 1) = entries(
+            1,
+            TransferState::Completed,
+            false,
+            1_000,
+            (3, 1_000, -1_000),
+        );
         let report = world.judge();
         assert_fails_exactly(
             &report,
@@ -555,10 +728,8 @@ mod tests {
     #[test]
     fn a_same_shard_transfer_paid_twice_fails_only_the_exactly_once_check() {
         let mut world = consistent();
-        world.shards[0].bad_transfers.push(format!(
-            "{} (completed, cross_shard=false): 4 entries, payer net -2000, expected 2 entries and payer net -1000",
-            tid(1)
-        ));
+        *transfer_row(&mut world.shards[0], 1) =
+            entries(1, TransferState::Completed, false, 1_000, (4, 0, -2_000));
         let report = world.judge();
         assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
     }
@@ -572,10 +743,7 @@ mod tests {
         let shard = &mut world.shards[1];
         add_to_total(shard, AccountKind::User, 2_000);
         add_to_total(shard, AccountKind::InFlight, -2_000);
-        shard.bad_credits.push(format!(
-            "credit {} (credited): 4 entries, payee net 4000",
-            tid(2)
-        ));
+        shard.credits[0] = credit(2, true, 2_000, (4, 4_000));
         let report = world.judge();
         assert_fails_exactly(
             &report,
@@ -595,9 +763,12 @@ mod tests {
     fn an_in_flight_balance_off_by_one_fails_in_flight_balances_and_conservation() {
         let mut world = consistent();
         let shard = &mut world.shards[0];
-        shard
-            .balance_mismatches
-            .push("~in_flight:USD: balance 1901, entries 1900".into());
+        shard.accounts_to_check.push(mismatch(
+            "~in_flight:USD",
+            AccountKind::InFlight,
+            1_901,
+            1_900,
+        ));
         add_to_total(shard, AccountKind::InFlight, 1);
         let report = world.judge();
         assert_fails_exactly(
@@ -638,10 +809,7 @@ mod tests {
     fn a_transfer_amount_changed_fails_in_flight_and_exactly_once() {
         let mut world = consistent();
         let shard = &mut world.shards[0];
-        shard.bad_transfers.push(format!(
-            "{} (completed, cross_shard=true): 2 entries, payer net -2000, expected 2 entries and payer net -2001",
-            tid(2)
-        ));
+        transfer_row(shard, 2).amount_minor = 2_001;
         shard.sent_minor_by_currency = vec![(usd(), 2_301)];
         shard.completed_cross_out = (1, 2_001);
         let report = world.judge();
@@ -700,5 +868,80 @@ mod tests {
             [format!("{} pending for 60 s (deadline 60 s)", tid(4))]
         );
         assert_eq!(report.pending_transfers, 2);
+    }
+
+    /// bob driven to -1.00 by an edit that also wrote the entry: the books
+    /// balance, but a customer is below zero.
+    #[test]
+    fn a_negative_customer_balance_fails_only_that_check() {
+        let mut world = consistent();
+        world.shards[0]
+            .accounts_to_check
+            .push(mismatch("bob", AccountKind::User, -100, -100));
+        let report = world.judge();
+        assert_fails_exactly(&report, &["no_negative_balances"]);
+        assert_eq!(
+            check(&report, "no_negative_balances").problems,
+            ["shard 0: bob: -100"]
+        );
+        // System accounts run negative by design.
+        let mut world = consistent();
+        world.shards[0].accounts_to_check.push(mismatch(
+            "~funding:USD",
+            AccountKind::Funding,
+            -15_000,
+            -15_000,
+        ));
+        assert!(world.judge().ok);
+    }
+
+    /// t3 marked failed on shard 1 without its reversal's two entries: the
+    /// payer was never paid back.
+    #[test]
+    fn a_failed_transfer_without_its_reversal_fails_exactly_once() {
+        let mut world = consistent();
+        *transfer_row(&mut world.shards[1], 3) =
+            entries(3, TransferState::Failed, true, 500, (2, 0, -500));
+        let report = world.judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+        assert_eq!(
+            check(&report, "transfers_have_entries_exactly_once").problems,
+            [format!(
+                "shard 1: {} (failed, cross_shard=true): 2 entries, payer net -500, expected 4 entries and payer net 0",
+                tid(3)
+            )]
+        );
+    }
+
+    /// The refused credit of t3 moved money anyway.
+    #[test]
+    fn a_refused_credit_that_moved_money_fails_exactly_once() {
+        let mut world = consistent();
+        world.shards[0].credits[0] = credit(3, false, 500, (2, 500));
+        let report = world.judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+    }
+
+    /// A same-shard transfer recorded pending can only be a bug.
+    #[test]
+    fn a_pending_same_shard_transfer_fails_exactly_once() {
+        let mut world = consistent();
+        transfer_row(&mut world.shards[0], 1).state = TransferState::Pending;
+        assert_fails_exactly(&world.judge(), &["transfers_have_entries_exactly_once"]);
+    }
+
+    /// Entries written under an id no transfer or credit has.
+    #[test]
+    fn orphan_entries_fail_exactly_once() {
+        let mut world = consistent();
+        world.shards[1].orphan_entries = 2;
+        let report = world.judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+        assert_eq!(
+            check(&report, "transfers_have_entries_exactly_once").problems,
+            ["shard 1: 2 entries belong to no transfer"]
+        );
+        assert_eq!(shard_problems(&world.shards[1]).len(), 1);
+        assert!(shard_problems(&consistent().shards[1]).is_empty());
     }
 }

@@ -344,7 +344,7 @@ impl RemoteFraud {
                 .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?;
             request = request.bearer_auth(token);
         }
-        request = crate::http::ops::with_request_id(request);
+        request = crate::peers::with_request_id(request);
         let response = request.send().await.map_err(|e| {
             anyhow::anyhow!("the fraud service at {} does not answer: {e}", self.url)
         })?;

@@ -26,6 +26,8 @@ pub mod ledger;
 pub mod manager;
 pub mod money;
 pub mod notification;
+pub mod peers;
+pub mod pipeline;
 pub mod sharding;
 
 /// The error body every API route answers with:

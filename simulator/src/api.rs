@@ -371,7 +371,7 @@ impl Api {
     /// system has none.
     pub async fn pipeline(
         &self,
-    ) -> anyhow::Result<Option<shardpay_reference::events::PipelineReport>> {
+    ) -> anyhow::Result<Option<shardpay_reference::pipeline::PipelineReport>> {
         let response = self
             .authed(self.client.get(self.url("/v1/pipeline")))
             .send()

@@ -22,46 +22,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::{Connection, MySqlPool};
 
 use crate::record::new_histogram;
 use crate::report::Hist;
+pub use crate::report::{BaselineKind, BaselineResult};
 
 /// Accounts per shard in the baseline tables: enough that random pairs
 /// rarely collide, as in the scenarios.
 pub const ACCOUNTS_PER_SHARD: u32 = 10_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BaselineKind {
-    SameShard,
-    CrossShard,
-    CrossShardXa,
-}
-
-impl BaselineKind {
-    /// The kind of traffic in a report this baseline is the ceiling of.
-    pub fn traffic(self) -> &'static str {
-        match self {
-            BaselineKind::SameShard => "same_shard",
-            BaselineKind::CrossShard | BaselineKind::CrossShardXa => "cross_shard",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BaselineResult {
-    pub kind: BaselineKind,
-    pub shards: usize,
-    pub concurrency: usize,
-    pub seconds: f64,
-    pub transfers: u64,
-    pub tps: f64,
-    /// Latency of one whole transfer (all its transactions), microseconds.
-    pub latency: Hist,
-}
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE accounts (id VARCHAR(64) NOT NULL PRIMARY KEY, balance_minor BIGINT NOT NULL) ENGINE=InnoDB",

@@ -41,7 +41,7 @@ pub struct Report {
     /// The system's event pipeline after the run, once caught up (or as it
     /// stood when waiting gave up); `None` when the system has none.
     #[serde(default)]
-    pub pipeline: Option<shardpay_reference::events::PipelineReport>,
+    pub pipeline: Option<shardpay_reference::pipeline::PipelineReport>,
     /// The simulator's webhook receiver, for runs on the in-process system.
     #[serde(default)]
     pub webhooks: Option<crate::webhooks::WebhookReport>,
@@ -264,11 +264,43 @@ pub struct ThresholdResult {
     pub ok: bool,
 }
 
+/// The kinds of transfer the raw-database baseline measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineKind {
+    SameShard,
+    CrossShard,
+    CrossShardXa,
+}
+
+impl BaselineKind {
+    /// The kind of traffic in a report this baseline is the ceiling of.
+    pub fn traffic(self) -> &'static str {
+        match self {
+            BaselineKind::SameShard => "same_shard",
+            BaselineKind::CrossShard | BaselineKind::CrossShardXa => "cross_shard",
+        }
+    }
+}
+
+/// One kind of transfer measured raw by the baseline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaselineResult {
+    pub kind: BaselineKind,
+    pub shards: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub transfers: u64,
+    pub tps: f64,
+    /// Latency of one whole transfer (all its transactions), microseconds.
+    pub latency: Hist,
+}
+
 /// The transfer transactions sent straight to the shard databases (no HTTP,
 /// no services) at the run's concurrency, and the services' share of it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Baseline {
-    pub results: Vec<crate::baseline::BaselineResult>,
+    pub results: Vec<BaselineResult>,
     /// Per kind: the run's accepted transfers per second of that kind
     /// against the raw-database figure.
     pub ratios: Vec<BaselineRatio>,
@@ -283,7 +315,7 @@ pub struct BaselineRatio {
 }
 
 impl Baseline {
-    pub fn new(results: Vec<crate::baseline::BaselineResult>, report: &Report) -> Baseline {
+    pub fn new(results: Vec<BaselineResult>, report: &Report) -> Baseline {
         let seconds = report.run.measured_s.max(1e-3);
         let ratios = results
             .iter()
@@ -708,8 +740,8 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
 /// Adds another system's pipeline figures. Counts add up; lag
 /// percentiles are not mergeable from summaries, so the worse is kept.
 fn merge_pipeline(
-    into: &mut shardpay_reference::events::PipelineReport,
-    from: &shardpay_reference::events::PipelineReport,
+    into: &mut shardpay_reference::pipeline::PipelineReport,
+    from: &shardpay_reference::pipeline::PipelineReport,
 ) {
     into.outbox_rows += from.outbox_rows;
     into.outbox_backlog += from.outbox_backlog;

@@ -1139,7 +1139,7 @@ const PIPELINE_WAIT: Duration = Duration::from_secs(30);
 /// The pipeline once every consumer has caught up, or as it stands after
 /// [`PIPELINE_WAIT`]; `None` for a system without one (or that fails to
 /// say).
-async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::events::PipelineReport> {
+async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::pipeline::PipelineReport> {
     let deadline = Instant::now() + PIPELINE_WAIT;
     loop {
         let report = match api.pipeline().await {

@@ -435,7 +435,7 @@ impl AuthService {
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, AuthError> {
         let token = self.service_token().await?;
-        let request = crate::http::ops::with_request_id(request.bearer_auth(token));
+        let request = crate::peers::with_request_id(request.bearer_auth(token));
         let response = request.send().await.map_err(|e| {
             AuthError::PeerUnavailable(format!("{} does not answer: {e}", remote.url))
         })?;

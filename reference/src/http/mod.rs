@@ -21,11 +21,11 @@ use serde_json::value::RawValue;
 
 pub use error::ApiError;
 
-use crate::app::{Peers, Service};
 use crate::ids::IdempotencyKey;
 use crate::ledger::StoredResponse;
 use crate::manager::{Reply, ShardManager};
 use crate::money::{format_minor, Currency};
+use crate::peers::{Peers, Service};
 
 /// Largest request body accepted. Our requests are a few hundred bytes;
 /// 64 KiB leaves room for bulk account creation.
@@ -58,7 +58,7 @@ pub struct AppState {
     pub fraud: Option<Arc<crate::fraud::FraudEngine>>,
     /// The outbox relay, the bus and the consumers, when this process runs
     /// them.
-    pub pipeline: Option<Arc<crate::events::Pipeline>>,
+    pub pipeline: Option<Arc<crate::pipeline::Pipeline>>,
     /// Currency of accounts and transfers that name none.
     pub default_currency: Currency,
     /// Authentication and authorization; `None` is demo mode (no auth).

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::AppState;
 
-pub const REQUEST_ID: &str = "x-request-id";
+pub use crate::peers::{with_request_id, REQUEST_ID};
 
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 14] = [
@@ -109,20 +109,6 @@ impl Metrics {
     }
 }
 
-tokio::task_local! {
-    /// The id of the request this task is answering.
-    static CURRENT_REQUEST_ID: String;
-}
-
-/// Adds the id of the request being answered to a call to another
-/// service, so that one id follows a payment through every service's logs.
-pub fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    match CURRENT_REQUEST_ID.try_with(|id| id.clone()) {
-        Ok(id) => request.header(REQUEST_ID, id),
-        Err(_) => request,
-    }
-}
-
 /// Middleware on every route: request id, log span, metrics.
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let id = request
@@ -147,7 +133,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let span = tracing::info_span!("request", request_id = %id, %method, %route);
     let started = Instant::now();
-    let mut response = CURRENT_REQUEST_ID
+    let mut response = crate::peers::CURRENT_REQUEST_ID
         .scope(id.clone(), next.run(request).instrument(span.clone()))
         .await;
     let seconds = started.elapsed().as_secs_f64();
@@ -173,7 +159,7 @@ pub fn health_routes() -> Router<AppState> {
 
 /// The services `state`'s service calls, by name and URL.
 fn peers_needed(state: &AppState) -> Vec<(&'static str, String)> {
-    use crate::app::Service;
+    use crate::peers::Service;
     let Some(peers) = &state.peers else {
         return Vec::new();
     };
@@ -388,7 +374,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             if let Some(n) = report
                 .notification
                 .as_ref()
-                .filter(|_| state.service.runs(crate::app::Service::Notification))
+                .filter(|_| state.service.runs(crate::peers::Service::Notification))
             {
                 gauge(
                     &mut out,
@@ -411,7 +397,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Whether this process runs the consumer group `group`.
 fn runs_group(state: &AppState, group: &str) -> bool {
-    use crate::app::Service;
+    use crate::peers::Service;
     if group == crate::events::ANALYTICS_GROUP {
         state.service.runs(Service::Analytics)
     } else if group == crate::notification::NOTIFICATION_GROUP {

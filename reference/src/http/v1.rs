@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
-use crate::app::Service;
 use crate::audit::{self, AuditReport};
 use crate::auth::Role;
 use crate::ids::{AccountId, TransferId};
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
 use crate::money::{format_minor, Amount, Currency};
+use crate::peers::Service;
 
 /// The `/v1` routes of `service` (all of them for `Service::All`).
 pub fn routes(service: Service) -> Router<AppState> {
@@ -846,7 +846,7 @@ fn pipeline_unavailable(e: anyhow::Error) -> ApiError {
     .retry_after(1)
 }
 
-fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::events::Pipeline>, ApiError> {
+fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::pipeline::Pipeline>, ApiError> {
     state.pipeline.as_ref().ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,

@@ -10,6 +10,7 @@
 //! balance, and `~in_flight:<CUR>` holds money between the two local steps
 //! of a cross-shard transfer.
 
+mod book;
 pub mod mysql;
 pub mod sqlite;
 
@@ -280,22 +281,21 @@ pub struct ShardStats {
     pub transfers_failed: u64,
 }
 
-/// Everything the audit needs from one shard, read in one snapshot.
+/// Everything the audit needs from one shard, read in one snapshot. The
+/// rules that judge it are in `crate::audit`.
 #[derive(Debug, Clone, Default)]
 pub struct ShardAudit {
     /// Sum of all ledger entries per currency (must be zero).
     pub entry_sum_by_currency: Vec<(Currency, i128)>,
-    /// Accounts whose balance differs from the sum of their entries.
-    pub balance_mismatches: Vec<String>,
-    /// Customer accounts below zero.
-    pub negative_balances: Vec<String>,
+    /// Accounts whose balance differs from the sum of their entries, or
+    /// customer accounts below zero.
+    pub accounts_to_check: Vec<AccountMismatch>,
     /// Balance totals per (kind, currency).
     pub totals: Vec<(AccountKind, Currency, i128)>,
-    /// Transfers (payer side) whose entries are not exactly what their state
-    /// implies, with what is wrong.
-    pub bad_transfers: Vec<String>,
-    /// Credits (payee side) whose entries are not what their outcome implies.
-    pub bad_credits: Vec<String>,
+    /// Every transfer whose payer is on this shard, with its entries.
+    pub transfers: Vec<TransferEntries>,
+    /// Every credit (payee side) recorded on this shard, with its entries.
+    pub credits: Vec<CreditEntries>,
     /// Entries that belong to no transfer, credit or opening balance.
     pub orphan_entries: u64,
     /// Cross-shard transfers from this shard: pending ones in full.
@@ -309,6 +309,43 @@ pub struct ShardAudit {
     pub completed_cross_out: (u64, i128),
     /// Credits applied on this shard (count, sum).
     pub credited_in: (u64, i128),
+}
+
+/// An account whose balance is not the sum of its entries, or is below zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountMismatch {
+    pub account: String,
+    pub kind: AccountKind,
+    pub balance_minor: i64,
+    /// The sum of the account's ledger entries.
+    pub entries_minor: i128,
+}
+
+/// A transfer (payer side) with the entries written under its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferEntries {
+    pub id: String,
+    pub state: TransferState,
+    pub cross_shard: bool,
+    pub amount_minor: i64,
+    /// How many entries carry its id on this shard.
+    pub entries: i64,
+    /// Their sum.
+    pub net_minor: i128,
+    /// The sum of those on the payer's account.
+    pub payer_net_minor: i128,
+}
+
+/// A credit (payee side) with the entries written under its transfer id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditEntries {
+    pub transfer_id: String,
+    /// Credited, or refused for good.
+    pub credited: bool,
+    pub amount_minor: i64,
+    pub entries: i64,
+    /// The sum of those on the payee's account.
+    pub payee_net_minor: i128,
 }
 
 /// A shard's storage. One implementation per backend; the same test suite

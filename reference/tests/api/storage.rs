@@ -44,15 +44,12 @@ async fn balance(store: &dyn ShardStore, id: &str) -> i64 {
         .balance_minor
 }
 
+/// Entries sum to zero, balances match their entries and none is below
+/// zero, every transfer and credit has exactly its entries, none is orphaned
+/// (the audit's rules, `shardpay_reference::audit::shard_problems`).
 fn assert_clean(audit: &ShardAudit) {
-    assert!(
-        audit.entry_sum_by_currency.iter().all(|(_, s)| *s == 0),
-        "{audit:?}"
-    );
-    assert!(audit.balance_mismatches.is_empty(), "{audit:?}");
-    assert!(audit.negative_balances.is_empty(), "{audit:?}");
-    assert!(audit.bad_transfers.is_empty(), "{audit:?}");
-    assert!(audit.bad_credits.is_empty(), "{audit:?}");
+    let problems = shardpay_reference::audit::shard_problems(audit);
+    assert!(problems.is_empty(), "{problems:?} in {audit:?}");
     assert_eq!(audit.orphan_entries, 0);
 }
 

@@ -18,7 +18,7 @@ use shardpay_reference::money::Currency;
 pub struct TestApp {
     pub url: String,
     pub manager: Arc<ShardManager>,
-    pub pipeline: Arc<shardpay_reference::events::Pipeline>,
+    pub pipeline: Arc<shardpay_reference::pipeline::Pipeline>,
     pub client: reqwest::Client,
     pub flaky: Vec<Arc<Flaky>>,
     /// The pipeline's tasks: the relay first, then the consumers.
@@ -175,7 +175,7 @@ impl TestApp {
             }
         };
         let pipeline = Arc::new(
-            shardpay_reference::events::Pipeline::with_bus(
+            shardpay_reference::pipeline::Pipeline::with_bus(
                 stores.clone(),
                 bus.connect().await.unwrap(),
             )

@@ -10,11 +10,13 @@
 //! statements are not preparable and their ids cannot be bound, so they go
 //! as plain text built from ids this module checks.
 
-use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
-use sqlx::{Executor, MySql, Row};
+use std::time::Duration;
 
-use super::{classify, Column, MysqlShard, Tx, DUPLICATE_KEY, MAX_ATTEMPTS};
+use async_trait::async_trait;
+use sqlx::{Executor, Row};
+
+use super::{attempts, classify, Held, MysqlShard, DUPLICATE_KEY, MAX_ATTEMPTS};
+use crate::ledger::book;
 use crate::ledger::{
     now_ms, BranchId, DebitOutcome, Decision, IdempotencyWrite, PreparedBranch, PreparedDebit,
     StoreError, TimestampMs, Transfer, TransferState, TwoPhase,
@@ -66,121 +68,59 @@ fn error_number(error: &sqlx::Error) -> u16 {
     }
 }
 
-/// Ends and rolls back a branch that has not been prepared. If the session
-/// cannot confirm it, the connection is closed rather than pooled (the
-/// server then rolls the branch back itself).
-async fn abort_open(conn: &mut PoolConnection<MySql>, xid: &str) {
-    let _ = (&mut **conn).execute(&*format!("XA END {xid}")).await;
-    if let Err(e) = (&mut **conn).execute(&*format!("XA ROLLBACK {xid}")).await {
-        if error_number(&e) != XAER_NOTA {
-            conn.close_on_drop();
-        }
+/// Ends and rolls back a branch that has not been prepared. Answers
+/// whether the session confirmed it (the connection may be pooled again);
+/// if not, the held connection is closed when dropped, and the server
+/// rolls the branch back itself.
+pub(super) async fn abort_open(held: &mut Held, xid: &str) -> bool {
+    let _ = held.text(&format!("XA END {xid}")).await;
+    match held.text(&format!("XA ROLLBACK {xid}")).await {
+        Ok(()) => true,
+        Err(e) => error_number(&e) == XAER_NOTA,
     }
 }
 
-/// Runs `$body` (using `$tx: &mut Tx`) inside `XA START`/`XA END` on a
-/// connection of its own, again from the start after a deadlock or
-/// lock-wait timeout. Answers the connection, with the branch ended but
-/// neither prepared nor committed, and the body's value.
-macro_rules! in_branch {
-    ($self:ident, $xid:expr, |$tx:ident| $body:expr) => {{
-        let xid: &str = $xid;
-        let mut attempt = 1;
-        loop {
-            let mut conn = match $self.pool.acquire().await {
-                Ok(conn) => conn,
-                Err(e) => break Err(classify($self.shard, &e).1),
-            };
-            if let Err(e) = (&mut *conn).execute(&*format!("XA START {xid}")).await {
-                conn.close_on_drop();
-                break Err(classify($self.shard, &e).1);
-            }
-            let mut tx_state = Tx {
-                conn: &mut *conn,
-                shard: $self.shard,
-                retry: false,
-            };
-            let result = {
-                let $tx = &mut tx_state;
-                $body
-            };
-            let retry = tx_state.retry;
-            match result {
-                Ok(value) => match (&mut *conn).execute(&*format!("XA END {xid}")).await {
-                    Ok(_) => break Ok((conn, value)),
-                    Err(e) => {
-                        abort_open(&mut conn, xid).await;
-                        break Err(classify($self.shard, &e).1);
-                    }
-                },
-                Err(error) => {
-                    abort_open(&mut conn, xid).await;
-                    if retry && attempt < MAX_ATTEMPTS {
-                        attempt += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(2 * attempt as u64))
-                            .await;
-                        continue;
-                    }
-                    break Err(error);
-                }
-            }
-        }
-    }};
-}
-
-/// A prepared branch and the session that prepared it.
+/// A prepared branch and the session that prepared it. Never pooled while
+/// it holds the branch: dropped unresolved, the connection is closed.
 struct MysqlBranch {
     id: BranchId,
     xid: String,
-    conn: Option<PoolConnection<MySql>>,
+    held: Option<Held>,
 }
 
 impl MysqlBranch {
     async fn prepare(
         id: &BranchId,
         xid: String,
-        mut conn: PoolConnection<MySql>,
+        mut held: Held,
     ) -> Result<MysqlBranch, StoreError> {
-        if let Err(e) = (&mut *conn).execute(&*format!("XA PREPARE {xid}")).await {
+        if let Err(e) = held.text(&format!("XA PREPARE {xid}")).await {
             // Whether it was prepared is unknown if the connection broke;
             // either way no decision exists, so recovery rolls it back.
-            let _ = (&mut *conn).execute(&*format!("XA ROLLBACK {xid}")).await;
-            conn.close_on_drop();
+            let _ = held.text(&format!("XA ROLLBACK {xid}")).await;
             return Err(classify(id.shard, &e).1);
         }
         Ok(MysqlBranch {
             id: id.clone(),
             xid,
-            conn: Some(conn),
+            held: Some(held),
         })
     }
 
     async fn finish(&mut self, decision: Decision) -> Result<(), StoreError> {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(mut held) = self.held.take() else {
             return Ok(());
         };
         let verb = match decision {
             Decision::Commit => "COMMIT",
             Decision::Abort => "ROLLBACK",
         };
-        match (&mut *conn)
-            .execute(&*format!("XA {verb} {}", self.xid))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                conn.close_on_drop();
-                Err(classify(self.id.shard, &e).1)
+        match held.text(&format!("XA {verb} {}", self.xid)).await {
+            Ok(()) => {
+                drop(held.release());
+                Ok(())
             }
-        }
-    }
-}
-
-impl Drop for MysqlBranch {
-    fn drop(&mut self) {
-        // Never pool a session that still holds a prepared branch.
-        if let Some(conn) = self.conn.as_mut() {
-            conn.close_on_drop();
+            Err(e) => Err(classify(self.id.shard, &e).1),
         }
     }
 }
@@ -200,8 +140,8 @@ impl PreparedBranch for MysqlBranch {
     }
 
     async fn abandon(mut self: Box<Self>) {
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
+        if let Some(held) = self.held.take() {
+            let _ = held.release().close().await;
         }
     }
 }
@@ -215,27 +155,23 @@ impl TwoPhase for MysqlShard {
         idempotency: Option<IdempotencyWrite>,
     ) -> Result<PreparedDebit, StoreError> {
         let xid = self.xid(id)?;
-        let (mut conn, outcome) = in_branch!(self, &xid, |tx| tx
-            .debit_into_flight(
-                transfer,
-                TransferState::Completed,
-                "transfer.completed",
-                idempotency.as_ref()
-            )
-            .await)?;
+        let step = (TransferState::Completed, "transfer.completed");
+        let (mut held, outcome) = attempts!(self, Some(&xid), |s| book::debit_to_in_flight(
+            s,
+            transfer,
+            step,
+            idempotency.as_ref()
+        ))?;
         match outcome {
             DebitOutcome::Applied(_) => Ok(PreparedDebit::Prepared(Box::new(
-                MysqlBranch::prepare(id, xid, conn).await?,
+                MysqlBranch::prepare(id, xid, held).await?,
             ))),
             DebitOutcome::Declined(refusal) => {
                 // The decline moves no money: keep it under the key now.
-                if let Err(e) = (&mut *conn)
-                    .execute(&*format!("XA COMMIT {xid} ONE PHASE"))
-                    .await
-                {
-                    conn.close_on_drop();
+                if let Err(e) = held.text(&format!("XA COMMIT {xid} ONE PHASE")).await {
                     return Err(classify(self.shard, &e).1);
                 }
+                drop(held.release());
                 Ok(PreparedDebit::Declined(refusal))
             }
         }
@@ -247,19 +183,16 @@ impl TwoPhase for MysqlShard {
         transfer: &Transfer,
     ) -> Result<Box<dyn PreparedBranch>, StoreError> {
         let xid = self.xid(id)?;
-        let (mut conn, refusal) =
-            in_branch!(self, &xid, |tx| tx.credit_out_of_flight(transfer).await)?;
+        let (mut held, refusal) = attempts!(self, Some(&xid), |s| book::credit_out_of_flight(
+            s, transfer
+        ))?;
         if let Some(refusal) = refusal {
-            if (&mut *conn)
-                .execute(&*format!("XA ROLLBACK {xid}"))
-                .await
-                .is_err()
-            {
-                conn.close_on_drop();
+            if held.text(&format!("XA ROLLBACK {xid}")).await.is_ok() {
+                drop(held.release());
             }
             return Err(refusal.into());
         }
-        Ok(Box::new(MysqlBranch::prepare(id, xid, conn).await?))
+        Ok(Box::new(MysqlBranch::prepare(id, xid, held).await?))
     }
 
     async fn decide(&self, gtrid: &str, decision: Decision) -> Result<Decision, StoreError> {
@@ -292,8 +225,11 @@ impl TwoPhase for MysqlShard {
             .await
             .map_err(|e| classify(self.shard, &e).1)?;
         let Some(row) = row else { return Ok(None) };
-        let text = String::read(&row, 0).map_err(|e| classify(self.shard, &e).1)?;
-        match text.as_str() {
+        let text: Vec<u8> = row
+            .try_get_unchecked(0)
+            .map_err(|e| classify(self.shard, &e).1)?;
+        let text = String::from_utf8_lossy(&text);
+        match &*text {
             "commit" => Ok(Some(Decision::Commit)),
             "abort" => Ok(Some(Decision::Abort)),
             other => Err(StoreError::Internal {
@@ -330,11 +266,13 @@ impl TwoPhase for MysqlShard {
     }
 
     async fn in_doubt(&self) -> Result<Vec<BranchId>, StoreError> {
-        let mut conn = self.reader().await?;
-        let rows = (&mut *conn)
+        let mut held = self.hold().await?;
+        let rows = held
+            .conn()
             .fetch_all("XA RECOVER")
             .await
             .map_err(|e| classify(self.shard, &e).1)?;
+        drop(held.release());
         let mut found = Vec::new();
         for row in rows {
             let number = |i: usize| -> i64 {
@@ -369,18 +307,21 @@ impl TwoPhase for MysqlShard {
 
     async fn resolve(&self, id: &BranchId, decision: Decision) -> Result<(), StoreError> {
         let xid = self.xid(id)?;
-        let mut conn = self.reader().await?;
+        let mut held = self.hold().await?;
         let verb = match decision {
             Decision::Commit => "COMMIT",
             Decision::Abort => "ROLLBACK",
         };
-        match (&mut *conn).execute(&*format!("XA {verb} {xid}")).await {
-            Ok(_) => Ok(()),
-            Err(e) if error_number(&e) == XAER_NOTA => Ok(()),
-            Err(e) => {
-                conn.close_on_drop();
-                Err(classify(self.shard, &e).1)
+        match held.text(&format!("XA {verb} {xid}")).await {
+            Ok(()) => {
+                drop(held.release());
+                Ok(())
             }
+            Err(e) if error_number(&e) == XAER_NOTA => {
+                drop(held.release());
+                Ok(())
+            }
+            Err(e) => Err(classify(self.shard, &e).1),
         }
     }
 }

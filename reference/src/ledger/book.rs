@@ -1,0 +1,1240 @@
+//! The ledger's logic, written once for every backend.
+//!
+//! Every write a shard makes (an account with its opening balance, a
+//! same-shard transfer, each step of the saga, each branch of an XA
+//! transfer, idempotency records, outbox rows) and every read is a function
+//! here, generic over a [`Session`]: a connection inside a transaction that
+//! a backend provides. A backend supplies only what differs between
+//! databases: how a statement is sent and its rows read, the few
+//! statements whose SQL differs ([`Dialect`]), whether rows are locked with
+//! `FOR UPDATE`, how a transaction begins, commits and is retried.
+//!
+//! The SQL below is the dialect both SQLite and MySQL/MariaDB accept:
+//! positional `?` parameters, the `key` column in backticks, integer casts
+//! written `CAST(.. AS SIGNED)` and sums read back as text (`CAST(.. AS
+//! CHAR)`), since a sum of `BIGINT`s may pass `i64`.
+
+use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
+use crate::money::{Amount, Currency};
+
+use super::{
+    payee_refusal, payer_refusal, Account, AccountKind, CreditOutcome, DebitOutcome,
+    IdempotencyRecord, IdempotencyWrite, LedgerEntry, NewAccount, OutboxEvent, Refusal, ShardStats,
+    StoreError, StoredResponse, TimestampMs, Transfer, TransferState,
+};
+use super::{AccountMismatch, CreditEntries, ShardAudit, TransferEntries};
+
+/// A statement parameter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Param<'a> {
+    Int(i64),
+    Text(&'a str),
+    Null,
+}
+
+impl From<i64> for Param<'_> {
+    fn from(v: i64) -> Self {
+        Param::Int(v)
+    }
+}
+
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(v: &'a str) -> Self {
+        Param::Text(v)
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Param<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        v.map_or(Param::Null, Param::Text)
+    }
+}
+
+impl From<Option<i64>> for Param<'_> {
+    fn from(v: Option<i64>) -> Self {
+        v.map_or(Param::Null, Param::Int)
+    }
+}
+
+/// One value of a result row, as the backend read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cell {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+/// One result row, with the shard it came from (for error messages).
+#[derive(Debug)]
+pub(crate) struct Row {
+    pub cells: Vec<Cell>,
+    pub shard: ShardId,
+}
+
+impl Row {
+    fn bad(&self, index: usize, want: &str) -> StoreError {
+        corrupt(
+            self.shard,
+            format!(
+                "column {index} is {:?}, expected {want}",
+                self.cells.get(index)
+            ),
+        )
+    }
+
+    fn int(&self, index: usize) -> Result<i64, StoreError> {
+        match self.cells.get(index) {
+            Some(Cell::Int(v)) => Ok(*v),
+            Some(Cell::Text(t)) => t.parse().map_err(|_| self.bad(index, "an integer")),
+            _ => Err(self.bad(index, "an integer")),
+        }
+    }
+
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        match self.cells.get(index) {
+            Some(Cell::Null) => Ok(None),
+            _ => self.int(index).map(Some),
+        }
+    }
+
+    /// A sum, read as text or integer; `NULL` (no rows summed) is zero.
+    fn sum(&self, index: usize) -> Result<i128, StoreError> {
+        match self.cells.get(index) {
+            Some(Cell::Null) => Ok(0),
+            Some(Cell::Int(v)) => Ok(*v as i128),
+            Some(Cell::Text(t)) => t.parse().map_err(|_| self.bad(index, "a sum")),
+            None => Err(self.bad(index, "a sum")),
+        }
+    }
+
+    fn text(&self, index: usize) -> Result<String, StoreError> {
+        match self.cells.get(index) {
+            Some(Cell::Text(t)) => Ok(t.clone()),
+            _ => Err(self.bad(index, "text")),
+        }
+    }
+
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        match self.cells.get(index) {
+            Some(Cell::Null) => Ok(None),
+            _ => self.text(index).map(Some),
+        }
+    }
+
+    fn currency(&self, index: usize) -> Result<Currency, StoreError> {
+        let code = self.text(index)?;
+        Currency::parse(&code).map_err(|_| {
+            corrupt(
+                self.shard,
+                format!("unknown currency {code:?} in the shard"),
+            )
+        })
+    }
+}
+
+pub(crate) fn corrupt(shard: ShardId, reason: String) -> StoreError {
+    StoreError::Internal { shard, reason }
+}
+
+/// The statements whose SQL differs between backends.
+pub(crate) struct Dialect {
+    /// Inserts a system account unless it exists (`id, kind, currency,
+    /// created_at_ms`).
+    pub insert_system_account: &'static str,
+    /// Deletes up to `?2` idempotency records expired at `?1`.
+    pub purge_expired: &'static str,
+    /// Opens a read-only transaction that sees one snapshot of the shard.
+    pub begin_snapshot: &'static [&'static str],
+}
+
+/// A connection inside a transaction (or a read), as a backend provides it.
+///
+/// Its futures may complete without waiting (SQLite runs them on the
+/// shard's own thread, see `sqlite::run_now`) or talk to a server (MySQL).
+pub(crate) trait Session {
+    fn shard(&self) -> ShardId;
+    fn dialect(&self) -> &'static Dialect;
+    /// Whether reads of rows about to change take row locks (`FOR UPDATE`):
+    /// a server with many writers needs them; a file with one writer
+    /// neither needs nor understands them.
+    fn locks_rows(&self) -> bool;
+    /// Runs a statement; answers the rows it changed.
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+    /// Runs a query; answers its rows.
+    async fn rows(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
+}
+
+/// A statement that locks the rows it reads where the backend locks rows:
+/// the plain form and the `FOR UPDATE` form.
+macro_rules! locking {
+    ($sql:literal) => {
+        [$sql, concat!($sql, " FOR UPDATE")]
+    };
+}
+
+async fn row<S: Session>(
+    s: &mut S,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Option<Row>, StoreError> {
+    Ok(s.rows(sql, params).await?.into_iter().next())
+}
+
+fn pick<S: Session>(s: &S, statement: &[&'static str; 2], lock: bool) -> &'static str {
+    statement[(lock && s.locks_rows()) as usize]
+}
+
+// --- accounts -------------------------------------------------------------
+
+const USER_ACCOUNT: [&str; 2] =
+    locking!("SELECT currency, balance_minor FROM accounts WHERE id = ? AND kind = 'user'");
+
+/// A customer account's (currency, balance), locked for the rest of the
+/// transaction where the backend locks rows.
+async fn user_account<S: Session>(
+    s: &mut S,
+    id: &AccountId,
+) -> Result<Option<(Currency, i64)>, StoreError> {
+    let sql = pick(s, &USER_ACCOUNT, true);
+    match row(s, sql, &[id.as_str().into()]).await? {
+        None => Ok(None),
+        Some(r) => Ok(Some((r.currency(0)?, r.int(1)?))),
+    }
+}
+
+async fn add_balance<S: Session>(s: &mut S, id: &str, delta: i64) -> Result<(), StoreError> {
+    let changed = s
+        .execute(
+            "UPDATE accounts SET balance_minor = balance_minor + ? WHERE id = ?",
+            &[delta.into(), id.into()],
+        )
+        .await?;
+    if changed != 1 {
+        return Err(corrupt(
+            s.shard(),
+            format!("account {id} vanished during a transaction"),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes sure the system account of `kind` for `currency` exists; answers
+/// its id. A plain read first: inserting over an existing row would take a
+/// lock that the balance update after it must upgrade, and two transactions
+/// doing that deadlock on a server that locks rows.
+async fn system_account<S: Session>(
+    s: &mut S,
+    kind: AccountKind,
+    currency: Currency,
+    now: TimestampMs,
+) -> Result<String, StoreError> {
+    let id = kind.system_account_id(currency);
+    let exists = row(
+        s,
+        "SELECT 1 FROM accounts WHERE id = ?",
+        &[id.as_str().into()],
+    )
+    .await?;
+    if exists.is_none() {
+        let sql = s.dialect().insert_system_account;
+        s.execute(
+            sql,
+            &[
+                id.as_str().into(),
+                kind.as_str().into(),
+                currency.code().into(),
+                now.into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(id)
+}
+
+/// Moves `amount` from `from` to `to`, with its two entries.
+async fn post<S: Session>(
+    s: &mut S,
+    reference: &str,
+    (from, to): (&str, &str),
+    amount: i64,
+    currency: Currency,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    add_balance(s, from, -amount).await?;
+    add_balance(s, to, amount).await?;
+    s.execute(
+        "INSERT INTO ledger_entries (transfer_id, account_id, amount_minor, currency, created_at_ms)
+         VALUES (?, ?, ?, ?, ?), (?, ?, ?, ?, ?)",
+        &[
+            reference.into(),
+            from.into(),
+            (-amount).into(),
+            currency.code().into(),
+            now.into(),
+            reference.into(),
+            to.into(),
+            amount.into(),
+            currency.code().into(),
+            now.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn outbox<S: Session>(
+    s: &mut S,
+    event_type: &str,
+    aggregate_id: &str,
+    payload: serde_json::Value,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    let event_id = uuid::Uuid::new_v4().simple().to_string();
+    let payload = payload.to_string();
+    s.execute(
+        "INSERT INTO outbox (event_id, event_type, aggregate_id, payload, created_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
+        &[
+            event_id.as_str().into(),
+            event_type.into(),
+            aggregate_id.into(),
+            payload.as_str().into(),
+            now.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+fn account_from_row(r: &Row) -> Result<Account, StoreError> {
+    let id = r.text(0)?;
+    Ok(Account {
+        id: AccountId::parse(&id)
+            .map_err(|_| corrupt(r.shard, format!("bad account id {id:?}")))?,
+        currency: r.currency(1)?,
+        balance_minor: r.int(2)?,
+        shard: r.shard,
+        created_at_ms: r.int(3)?,
+    })
+}
+
+/// Creates a customer account, funding its opening balance from the shard's
+/// funding account, with entries, outbox event and idempotency record.
+pub(crate) async fn create_account<S: Session>(
+    s: &mut S,
+    account: &NewAccount,
+    idem: Option<&IdempotencyWrite>,
+) -> Result<Account, StoreError> {
+    let now = account.created_at_ms;
+    let id = account.id.as_str();
+    claim_idempotency(s, idem, now).await?;
+    // Two creates racing past this read: the second insert hits the primary
+    // key, and the backend runs that transaction again, which finds the row.
+    if row(s, "SELECT 1 FROM accounts WHERE id = ?", &[id.into()])
+        .await?
+        .is_some()
+    {
+        return Err(Refusal::AccountExists(account.id.clone()).into());
+    }
+    s.execute(
+        "INSERT INTO accounts (id, kind, currency, balance_minor, created_at_ms)
+         VALUES (?, 'user', ?, 0, ?)",
+        &[id.into(), account.currency.code().into(), now.into()],
+    )
+    .await?;
+    let opening = account.opening_balance.minor();
+    if opening > 0 {
+        let funding = system_account(s, AccountKind::Funding, account.currency, now).await?;
+        let reference = format!("open:{id}");
+        post(
+            s,
+            &reference,
+            (&funding, id),
+            opening,
+            account.currency,
+            now,
+        )
+        .await?;
+    }
+    let payload = serde_json::json!({
+        "account_id": id,
+        "currency": account.currency.code(),
+        "opening_balance_minor": opening,
+        "shard": s.shard().index(),
+    });
+    outbox(s, "account.created", id, payload, now).await?;
+    write_idempotency(s, idem, id, idem.and_then(|i| i.response.as_ref()), now).await?;
+    Ok(Account {
+        id: account.id.clone(),
+        currency: account.currency,
+        balance_minor: opening,
+        shard: s.shard(),
+        created_at_ms: now,
+    })
+}
+
+pub(crate) async fn account<S: Session>(
+    s: &mut S,
+    id: &AccountId,
+) -> Result<Option<Account>, StoreError> {
+    let found = row(
+        s,
+        "SELECT id, currency, balance_minor, created_at_ms FROM accounts
+         WHERE id = ? AND kind = 'user'",
+        &[id.as_str().into()],
+    )
+    .await?;
+    found.as_ref().map(account_from_row).transpose()
+}
+
+pub(crate) async fn list_accounts<S: Session>(
+    s: &mut S,
+    after: Option<&AccountId>,
+    limit: u32,
+) -> Result<Vec<Account>, StoreError> {
+    let after = after.map(|a| a.as_str()).unwrap_or("");
+    let rows = s
+        .rows(
+            "SELECT id, currency, balance_minor, created_at_ms FROM accounts
+             WHERE kind = 'user' AND id > ? ORDER BY id LIMIT ?",
+            &[after.into(), i64::from(limit).into()],
+        )
+        .await?;
+    rows.iter().map(account_from_row).collect()
+}
+
+pub(crate) async fn account_entries<S: Session>(
+    s: &mut S,
+    account: &AccountId,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<LedgerEntry>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT id, transfer_id, account_id, amount_minor, currency, created_at_ms
+             FROM ledger_entries WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
+            &[
+                account.as_str().into(),
+                after.into(),
+                i64::from(limit).into(),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(LedgerEntry {
+                id: r.int(0)?,
+                transfer_id: r.text(1)?,
+                account_id: r.text(2)?,
+                amount_minor: r.int(3)?,
+                currency: r.text(4)?,
+                created_at_ms: r.int(5)?,
+            })
+        })
+        .collect()
+}
+
+// --- idempotency ------------------------------------------------------------
+
+const IDEMPOTENCY_RECORD: [&str; 2] = locking!(
+    "SELECT fingerprint, resource_id, response_status, response_body, expires_at_ms
+     FROM idempotency_keys WHERE scope = ? AND `key` = ?"
+);
+
+/// The record for `scope` and `key`, expired or not.
+async fn idempotency_row<S: Session>(
+    s: &mut S,
+    scope: &str,
+    key: &str,
+    lock: bool,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let sql = pick(s, &IDEMPOTENCY_RECORD, lock);
+    let Some(r) = row(s, sql, &[scope.into(), key.into()]).await? else {
+        return Ok(None);
+    };
+    let status = r.opt_int(2)?;
+    let status = status
+        .map(|v| u16::try_from(v).map_err(|_| r.bad(2, "an HTTP status")))
+        .transpose()?;
+    Ok(Some(IdempotencyRecord {
+        fingerprint: r.text(0)?,
+        resource_id: r.opt_text(1)?,
+        response: status
+            .zip(r.opt_text(3)?)
+            .map(|(status, body)| StoredResponse { status, body }),
+        expires_at_ms: r.int(4)?,
+    }))
+}
+
+/// The live (unexpired) record for `scope` and `key`.
+pub(crate) async fn idempotency_record<S: Session>(
+    s: &mut S,
+    scope: &AccountId,
+    key: &IdempotencyKey,
+    now: TimestampMs,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let record = idempotency_row(s, scope.as_str(), key.as_str(), false).await?;
+    Ok(record.filter(|r| r.expires_at_ms > now))
+}
+
+/// Refuses the write if a live record holds the key; clears an expired one.
+/// The record is locked where the backend locks rows. Two requests racing
+/// on a new key both pass; the second one's insert then hits the primary
+/// key, and its rerun finds the first one's record.
+async fn claim_idempotency<S: Session>(
+    s: &mut S,
+    idem: Option<&IdempotencyWrite>,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    let Some(idem) = idem else { return Ok(()) };
+    let (scope, key) = (idem.scope.as_str(), idem.key.as_str());
+    let Some(record) = idempotency_row(s, scope, key, true).await? else {
+        return Ok(());
+    };
+    if record.expires_at_ms > now {
+        return Err(StoreError::IdempotencyKeyExists(record));
+    }
+    s.execute(
+        "DELETE FROM idempotency_keys WHERE scope = ? AND `key` = ?",
+        &[scope.into(), key.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_idempotency<S: Session>(
+    s: &mut S,
+    idem: Option<&IdempotencyWrite>,
+    resource_id: &str,
+    response: Option<&StoredResponse>,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    let Some(idem) = idem else { return Ok(()) };
+    s.execute(
+        "INSERT INTO idempotency_keys
+           (scope, `key`, fingerprint, resource_id, response_status, response_body,
+            created_at_ms, expires_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        &[
+            idem.scope.as_str().into(),
+            idem.key.as_str().into(),
+            idem.fingerprint.as_str().into(),
+            resource_id.into(),
+            response.map(|r| i64::from(r.status)).into(),
+            response.map(|r| r.body.as_str()).into(),
+            now.into(),
+            idem.expires_at_ms.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Keeps the final response of a request whose record was written without
+/// one (a cross-shard transfer), unless one is already kept.
+pub(crate) async fn save_idempotent_response<S: Session>(
+    s: &mut S,
+    scope: &AccountId,
+    key: &IdempotencyKey,
+    response: &StoredResponse,
+) -> Result<(), StoreError> {
+    s.execute(
+        "UPDATE idempotency_keys SET response_status = ?, response_body = ?
+         WHERE scope = ? AND `key` = ? AND response_status IS NULL",
+        &[
+            i64::from(response.status).into(),
+            response.body.as_str().into(),
+            scope.as_str().into(),
+            key.as_str().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Keeps the answer of a transfer refused before it reached the ledger
+/// under its key; writes nothing else.
+pub(crate) async fn record_decline<S: Session>(
+    s: &mut S,
+    idem: &IdempotencyWrite,
+    transfer_id: &TransferId,
+    response: &StoredResponse,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    claim_idempotency(s, Some(idem), now).await?;
+    write_idempotency(s, Some(idem), transfer_id.as_str(), Some(response), now).await
+}
+
+pub(crate) async fn purge_expired_idempotency<S: Session>(
+    s: &mut S,
+    now: TimestampMs,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let sql = s.dialect().purge_expired;
+    s.execute(sql, &[now.into(), i64::from(limit).into()]).await
+}
+
+// --- transfers ----------------------------------------------------------------
+
+const TRANSFER: [&str; 2] = locking!(
+    "SELECT id, payer, payee, amount_minor, currency, payer_shard, payee_shard, state,
+            failure_code, created_at_ms, updated_at_ms
+     FROM transfers WHERE id = ?"
+);
+
+fn transfer_from_row(r: &Row) -> Result<Transfer, StoreError> {
+    let id = r.text(0)?;
+    let bad = |what: &str| corrupt(r.shard, format!("transfer {id} has a bad {what}"));
+    let shard = |index: usize, what: &str| {
+        u32::try_from(r.int(index)?)
+            .ok()
+            .and_then(|i| ShardId::new(i).ok())
+            .ok_or_else(|| bad(what))
+    };
+    Ok(Transfer {
+        id: TransferId::parse(&id).map_err(|_| bad("id"))?,
+        payer: AccountId::parse(&r.text(1)?).map_err(|_| bad("payer"))?,
+        payee: AccountId::parse(&r.text(2)?).map_err(|_| bad("payee"))?,
+        amount: Amount::from_minor(r.int(3)?).map_err(|_| bad("amount"))?,
+        currency: r.currency(4)?,
+        payer_shard: shard(5, "payer shard")?,
+        payee_shard: shard(6, "payee shard")?,
+        state: TransferState::parse(&r.text(7)?).ok_or_else(|| bad("state"))?,
+        failure_code: r.opt_text(8)?,
+        created_at_ms: r.int(9)?,
+        updated_at_ms: r.int(10)?,
+    })
+}
+
+async fn find_transfer<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    lock: bool,
+) -> Result<Option<Transfer>, StoreError> {
+    let sql = pick(s, &TRANSFER, lock);
+    let found = row(s, sql, &[id.as_str().into()]).await?;
+    found.as_ref().map(transfer_from_row).transpose()
+}
+
+/// A transfer whose payer is on this shard.
+pub(crate) async fn transfer<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+) -> Result<Option<Transfer>, StoreError> {
+    find_transfer(s, id, false).await
+}
+
+async fn existing_transfer<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    lock: bool,
+) -> Result<Transfer, StoreError> {
+    find_transfer(s, id, lock)
+        .await?
+        .ok_or_else(|| corrupt(s.shard(), format!("transfer {id} not found")))
+}
+
+/// Pending transfers created before `created_before`, oldest first.
+pub(crate) async fn pending_transfers<S: Session>(
+    s: &mut S,
+    created_before: TimestampMs,
+    limit: u32,
+) -> Result<Vec<Transfer>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT id, payer, payee, amount_minor, currency, payer_shard, payee_shard, state,
+                    failure_code, created_at_ms, updated_at_ms
+             FROM transfers WHERE state = 'pending' AND created_at_ms < ?
+             ORDER BY created_at_ms LIMIT ?",
+            &[created_before.into(), i64::from(limit).into()],
+        )
+        .await?;
+    rows.iter().map(transfer_from_row).collect()
+}
+
+async fn insert_transfer<S: Session>(s: &mut S, t: &Transfer) -> Result<(), StoreError> {
+    s.execute(
+        "INSERT INTO transfers (id, payer, payee, amount_minor, currency, payer_shard,
+            payee_shard, state, failure_code, created_at_ms, updated_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        &[
+            t.id.as_str().into(),
+            t.payer.as_str().into(),
+            t.payee.as_str().into(),
+            t.amount.minor().into(),
+            t.currency.code().into(),
+            (t.payer_shard.index() as i64).into(),
+            (t.payee_shard.index() as i64).into(),
+            t.state.as_str().into(),
+            t.failure_code.as_deref().into(),
+            t.created_at_ms.into(),
+            t.updated_at_ms.into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn transfer_event<S: Session>(
+    s: &mut S,
+    event_type: &str,
+    t: &Transfer,
+) -> Result<(), StoreError> {
+    let payload = serde_json::json!({
+        "transfer_id": t.id.as_str(),
+        "from": t.payer.as_str(),
+        "to": t.payee.as_str(),
+        "amount_minor": t.amount.minor(),
+        "currency": t.currency.code(),
+        "from_shard": t.payer_shard.index(),
+        "to_shard": t.payee_shard.index(),
+        "state": t.state.as_str(),
+        "failure_code": t.failure_code,
+    });
+    outbox(s, event_type, t.id.as_str(), payload, t.updated_at_ms).await
+}
+
+/// Keeps a decline under the request's key and answers it.
+async fn decline<S: Session>(
+    s: &mut S,
+    t: &Transfer,
+    refusal: Refusal,
+    idem: Option<&IdempotencyWrite>,
+) -> Result<DebitOutcome, StoreError> {
+    let response = refusal.response();
+    write_idempotency(s, idem, t.id.as_str(), Some(&response), t.created_at_ms).await?;
+    Ok(DebitOutcome::Declined(refusal))
+}
+
+/// A same-shard transfer: both balances, two entries, the transfer
+/// (completed), its event and the idempotency record. The two accounts are
+/// read (and locked) in id order, so two transfers never wait on each other
+/// in opposite orders.
+pub(crate) async fn transfer_local<S: Session>(
+    s: &mut S,
+    t: &Transfer,
+    idem: Option<&IdempotencyWrite>,
+) -> Result<DebitOutcome, StoreError> {
+    debug_assert_eq!(t.payer_shard, t.payee_shard);
+    let now = t.created_at_ms;
+    claim_idempotency(s, idem, now).await?;
+    let (payer, payee) = if t.payer.as_str() <= t.payee.as_str() {
+        let payer = user_account(s, &t.payer).await?;
+        (payer, user_account(s, &t.payee).await?)
+    } else {
+        let payee = user_account(s, &t.payee).await?;
+        (user_account(s, &t.payer).await?, payee)
+    };
+    let decline_for = payer_refusal(t, payer)?;
+    if let Some(refusal) = payee_refusal(t, payee) {
+        return Err(refusal.into());
+    }
+    if let Some(refusal) = decline_for {
+        return decline(s, t, refusal, idem).await;
+    }
+    let mut done = t.clone();
+    done.state = TransferState::Completed;
+    let accounts = (t.payer.as_str(), t.payee.as_str());
+    post(
+        s,
+        t.id.as_str(),
+        accounts,
+        t.amount.minor(),
+        t.currency,
+        now,
+    )
+    .await?;
+    insert_transfer(s, &done).await?;
+    transfer_event(s, "transfer.completed", &done).await?;
+    write_idempotency(
+        s,
+        idem,
+        t.id.as_str(),
+        idem.and_then(|i| i.response.as_ref()),
+        now,
+    )
+    .await?;
+    Ok(DebitOutcome::Applied(done))
+}
+
+/// The payer's side of a cross-shard transfer: debit the payer into the
+/// in-flight account and record the transfer in `state` with the event
+/// `event` (pending and `transfer.initiated` for the saga's step (a);
+/// completed and `transfer.completed` for an XA branch, which commits only
+/// together with the credit).
+pub(crate) async fn debit_to_in_flight<S: Session>(
+    s: &mut S,
+    t: &Transfer,
+    (state, event): (TransferState, &str),
+    idem: Option<&IdempotencyWrite>,
+) -> Result<DebitOutcome, StoreError> {
+    let now = t.created_at_ms;
+    claim_idempotency(s, idem, now).await?;
+    let payer = user_account(s, &t.payer).await?;
+    if let Some(refusal) = payer_refusal(t, payer)? {
+        return decline(s, t, refusal, idem).await;
+    }
+    let mut recorded = t.clone();
+    recorded.state = state;
+    let in_flight = system_account(s, AccountKind::InFlight, t.currency, now).await?;
+    let accounts = (t.payer.as_str(), in_flight.as_str());
+    post(
+        s,
+        t.id.as_str(),
+        accounts,
+        t.amount.minor(),
+        t.currency,
+        now,
+    )
+    .await?;
+    insert_transfer(s, &recorded).await?;
+    transfer_event(s, event, &recorded).await?;
+    write_idempotency(
+        s,
+        idem,
+        t.id.as_str(),
+        idem.and_then(|i| i.response.as_ref()),
+        now,
+    )
+    .await?;
+    Ok(DebitOutcome::Applied(recorded))
+}
+
+const CREDIT_OUTCOME: [&str; 2] =
+    locking!("SELECT outcome, refusal_code FROM inbound_credits WHERE transfer_id = ?");
+
+async fn find_credit_outcome<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    lock: bool,
+) -> Result<Option<CreditOutcome>, StoreError> {
+    let sql = pick(s, &CREDIT_OUTCOME, lock);
+    let Some(r) = row(s, sql, &[id.as_str().into()]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(match r.text(0)?.as_str() {
+        "credited" => CreditOutcome::Credited,
+        _ => CreditOutcome::Refused {
+            code: r.opt_text(1)?.unwrap_or_else(|| "refused".into()),
+        },
+    }))
+}
+
+/// The outcome of a credit step already run for `id`, if any.
+pub(crate) async fn credit_outcome<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+) -> Result<Option<CreditOutcome>, StoreError> {
+    find_credit_outcome(s, id, false).await
+}
+
+/// The payee's side: record the credit's outcome and, unless refused,
+/// credit the payee from the in-flight account. Answers the refusal.
+pub(crate) async fn credit_out_of_flight<S: Session>(
+    s: &mut S,
+    t: &Transfer,
+) -> Result<Option<Refusal>, StoreError> {
+    let now = super::now_ms();
+    let payee = user_account(s, &t.payee).await?;
+    let refusal = payee_refusal(t, payee);
+    let (outcome, code) = match &refusal {
+        None => ("credited", None),
+        Some(r) => ("refused", Some(r.code())),
+    };
+    s.execute(
+        "INSERT INTO inbound_credits (transfer_id, payer, payee, amount_minor, currency,
+            payer_shard, outcome, refusal_code, created_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        &[
+            t.id.as_str().into(),
+            t.payer.as_str().into(),
+            t.payee.as_str().into(),
+            t.amount.minor().into(),
+            t.currency.code().into(),
+            (t.payer_shard.index() as i64).into(),
+            outcome.into(),
+            code.into(),
+            now.into(),
+        ],
+    )
+    .await?;
+    if refusal.is_some() {
+        return Ok(refusal);
+    }
+    let in_flight = system_account(s, AccountKind::InFlight, t.currency, now).await?;
+    let accounts = (in_flight.as_str(), t.payee.as_str());
+    post(
+        s,
+        t.id.as_str(),
+        accounts,
+        t.amount.minor(),
+        t.currency,
+        now,
+    )
+    .await?;
+    Ok(None)
+}
+
+/// Step (b) of the saga: idempotent on the transfer id, so a second call
+/// answers what the first decided and writes nothing.
+pub(crate) async fn credit_from_in_flight<S: Session>(
+    s: &mut S,
+    t: &Transfer,
+) -> Result<CreditOutcome, StoreError> {
+    if let Some(outcome) = find_credit_outcome(s, &t.id, true).await? {
+        return Ok(outcome);
+    }
+    Ok(match credit_out_of_flight(s, t).await? {
+        None => CreditOutcome::Credited,
+        Some(refusal) => CreditOutcome::Refused {
+            code: refusal.code().to_string(),
+        },
+    })
+}
+
+/// Step (c): mark a pending transfer completed. Answers the transfer as it
+/// stands afterwards (a failed transfer stays failed).
+pub(crate) async fn complete_transfer<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    now: TimestampMs,
+) -> Result<Transfer, StoreError> {
+    let mut t = existing_transfer(s, id, true).await?;
+    if t.state != TransferState::Pending {
+        return Ok(t);
+    }
+    s.execute(
+        "UPDATE transfers SET state = 'completed', updated_at_ms = ?
+         WHERE id = ? AND state = 'pending'",
+        &[now.into(), id.as_str().into()],
+    )
+    .await?;
+    t.state = TransferState::Completed;
+    t.updated_at_ms = now;
+    transfer_event(s, "transfer.completed", &t).await?;
+    Ok(t)
+}
+
+/// Undoes step (a) of a transfer whose credit was refused for good: money
+/// back from in-flight to the payer, the transfer failed with `code`.
+pub(crate) async fn reverse_transfer<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    code: &str,
+    now: TimestampMs,
+) -> Result<Transfer, StoreError> {
+    let mut t = existing_transfer(s, id, true).await?;
+    if t.state != TransferState::Pending {
+        return Ok(t);
+    }
+    // The payer's row first, as every transfer locks it.
+    user_account(s, &t.payer).await?;
+    let in_flight = system_account(s, AccountKind::InFlight, t.currency, now).await?;
+    let accounts = (in_flight.as_str(), t.payer.as_str());
+    post(
+        s,
+        t.id.as_str(),
+        accounts,
+        t.amount.minor(),
+        t.currency,
+        now,
+    )
+    .await?;
+    s.execute(
+        "UPDATE transfers SET state = 'failed', failure_code = ?, updated_at_ms = ?
+         WHERE id = ?",
+        &[code.into(), now.into(), id.as_str().into()],
+    )
+    .await?;
+    t.state = TransferState::Failed;
+    t.failure_code = Some(code.to_string());
+    t.updated_at_ms = now;
+    transfer_event(s, "transfer.failed", &t).await?;
+    Ok(t)
+}
+
+// --- outbox -------------------------------------------------------------------
+
+fn outbox_event(r: &Row) -> Result<OutboxEvent, StoreError> {
+    Ok(OutboxEvent {
+        seq: r.int(0)?,
+        event_id: r.text(1)?,
+        event_type: r.text(2)?,
+        key: r.text(3)?,
+        shard: r.shard,
+        payload: r.text(4)?,
+        created_at_ms: r.int(5)?,
+    })
+}
+
+/// Up to `limit` outbox events after `after_seq`, published or not.
+pub(crate) async fn outbox_page<S: Session>(
+    s: &mut S,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Vec<OutboxEvent>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
+             FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            &[after_seq.into(), i64::from(limit).into()],
+        )
+        .await?;
+    rows.iter().map(outbox_event).collect()
+}
+
+/// Up to `limit` outbox events not yet published, oldest first.
+pub(crate) async fn unpublished_events<S: Session>(
+    s: &mut S,
+    limit: u32,
+) -> Result<Vec<OutboxEvent>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
+             FROM outbox WHERE published_at_ms IS NULL ORDER BY id LIMIT ?",
+            &[i64::from(limit).into()],
+        )
+        .await?;
+    rows.iter().map(outbox_event).collect()
+}
+
+/// `UPDATE .. WHERE id IN (?, ..)` statements for 1, 8, 64 and 512
+/// positions: a batch is padded to the next size by repeating its last
+/// position, so a backend caches four statements, not one per batch size.
+const PUBLISH_BATCHES: [usize; 4] = [1, 8, 64, 512];
+
+/// Marks outbox events (by position) published at `now`.
+pub(crate) async fn mark_published<S: Session>(
+    s: &mut S,
+    seqs: &[i64],
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    let largest = PUBLISH_BATCHES[PUBLISH_BATCHES.len() - 1];
+    for chunk in seqs.chunks(largest) {
+        let size = PUBLISH_BATCHES
+            .iter()
+            .copied()
+            .find(|&n| n >= chunk.len())
+            .unwrap_or(largest);
+        let sql = format!(
+            "UPDATE outbox SET published_at_ms = ? WHERE published_at_ms IS NULL AND id IN ({})",
+            vec!["?"; size].join(", ")
+        );
+        let last = chunk[chunk.len() - 1];
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(size + 1);
+        params.push(now.into());
+        params.extend(chunk.iter().map(|&seq| Param::Int(seq)));
+        params.resize(size + 1, Param::Int(last));
+        s.execute(&sql, &params).await?;
+    }
+    Ok(())
+}
+
+/// Outbox rows in all, and those still unpublished.
+pub(crate) async fn outbox_counts<S: Session>(s: &mut S) -> Result<(u64, u64), StoreError> {
+    let found = row(
+        s,
+        "SELECT COUNT(*), CAST(COALESCE(SUM(published_at_ms IS NULL), 0) AS SIGNED) FROM outbox",
+        &[],
+    )
+    .await?;
+    match found {
+        Some(r) => Ok((r.int(0)? as u64, r.int(1)? as u64)),
+        None => Ok((0, 0)),
+    }
+}
+
+// --- figures ------------------------------------------------------------------
+
+async fn sums_by_currency<S: Session>(
+    s: &mut S,
+    sql: &str,
+) -> Result<Vec<(Currency, i128)>, StoreError> {
+    let rows = s.rows(sql, &[]).await?;
+    rows.iter()
+        .map(|r| Ok((r.currency(0)?, r.sum(1)?)))
+        .collect()
+}
+
+/// A count and a sum, from a query answering one row of both.
+async fn count_and_sum<S: Session>(s: &mut S, sql: &str) -> Result<(u64, i128), StoreError> {
+    match row(s, sql, &[]).await? {
+        Some(r) => Ok((r.int(0)? as u64, r.sum(1)?)),
+        None => Ok((0, 0)),
+    }
+}
+
+/// Per-shard counts for `/v1/shards` and the modelled system's stats.
+pub(crate) async fn stats<S: Session>(s: &mut S) -> Result<ShardStats, StoreError> {
+    let (accounts, _) =
+        count_and_sum(s, "SELECT COUNT(*), 0 FROM accounts WHERE kind = 'user'").await?;
+    let balance_minor_by_currency = sums_by_currency(
+        s,
+        "SELECT currency, CAST(SUM(balance_minor) AS CHAR) FROM accounts
+         WHERE kind = 'user' GROUP BY currency ORDER BY currency",
+    )
+    .await?;
+    let mut stats = ShardStats {
+        accounts,
+        balance_minor_by_currency,
+        ..Default::default()
+    };
+    let states = s
+        .rows("SELECT state, COUNT(*) FROM transfers GROUP BY state", &[])
+        .await?;
+    for r in &states {
+        let count = r.int(1)? as u64;
+        match r.text(0)?.as_str() {
+            "pending" => stats.transfers_pending = count,
+            "completed" => stats.transfers_completed = count,
+            _ => stats.transfers_failed = count,
+        }
+    }
+    Ok(stats)
+}
+
+/// Reads every figure the audit needs. The caller runs it inside one
+/// snapshot (`Dialect::begin_snapshot`); the rules that judge the figures
+/// are in `crate::audit`.
+pub(crate) async fn audit_snapshot<S: Session>(s: &mut S) -> Result<ShardAudit, StoreError> {
+    let mut audit = ShardAudit {
+        entry_sum_by_currency: sums_by_currency(
+            s,
+            "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM ledger_entries
+             GROUP BY currency",
+        )
+        .await?,
+        ..Default::default()
+    };
+    let rows = s
+        .rows(
+            "SELECT a.id, a.kind, a.balance_minor, CAST(COALESCE(e.total, 0) AS CHAR)
+             FROM accounts a
+             LEFT JOIN (SELECT account_id, SUM(amount_minor) AS total FROM ledger_entries
+                        GROUP BY account_id) e ON e.account_id = a.id
+             WHERE a.balance_minor <> COALESCE(e.total, 0)
+                OR (a.kind = 'user' AND a.balance_minor < 0)",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        audit.accounts_to_check.push(AccountMismatch {
+            account: r.text(0)?,
+            kind: AccountKind::parse(&r.text(1)?).ok_or_else(|| r.bad(1, "an account kind"))?,
+            balance_minor: r.int(2)?,
+            entries_minor: r.sum(3)?,
+        });
+    }
+    let rows = s
+        .rows(
+            "SELECT kind, currency, CAST(SUM(balance_minor) AS CHAR) FROM accounts
+             GROUP BY kind, currency",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        let kind = AccountKind::parse(&r.text(0)?).ok_or_else(|| r.bad(0, "an account kind"))?;
+        audit.totals.push((kind, r.currency(1)?, r.sum(2)?));
+    }
+    audit.transfers = transfer_entries(s).await?;
+    audit.credits = credit_entries(s).await?;
+    let (orphans, _) = count_and_sum(
+        s,
+        "SELECT COUNT(*), 0 FROM ledger_entries e
+         WHERE e.transfer_id NOT LIKE 'open:%'
+           AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.id = e.transfer_id)
+           AND NOT EXISTS (SELECT 1 FROM inbound_credits c WHERE c.transfer_id = e.transfer_id)",
+    )
+    .await?;
+    audit.orphan_entries = orphans;
+    audit.pending = pending_transfers(s, i64::MAX, u32::MAX).await?;
+    audit.sent_minor_by_currency = sums_by_currency(
+        s,
+        "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM transfers
+         WHERE payer_shard <> payee_shard AND state <> 'failed' GROUP BY currency",
+    )
+    .await?;
+    audit.received_minor_by_currency = sums_by_currency(
+        s,
+        "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM inbound_credits
+         WHERE outcome = 'credited' GROUP BY currency",
+    )
+    .await?;
+    audit.completed_cross_out = count_and_sum(
+        s,
+        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM transfers
+         WHERE payer_shard <> payee_shard AND state = 'completed'",
+    )
+    .await?;
+    audit.credited_in = count_and_sum(
+        s,
+        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM inbound_credits
+         WHERE outcome = 'credited'",
+    )
+    .await?;
+    Ok(audit)
+}
+
+/// Each transfer of this shard with the count and sums of its entries.
+async fn transfer_entries<S: Session>(s: &mut S) -> Result<Vec<TransferEntries>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT t.id, t.state, CAST(t.payer_shard <> t.payee_shard AS SIGNED), t.amount_minor,
+                    COUNT(e.id), CAST(COALESCE(SUM(e.amount_minor), 0) AS CHAR),
+                    CAST(COALESCE(SUM(CASE WHEN e.account_id = t.payer THEN e.amount_minor END), 0) AS CHAR)
+             FROM transfers t LEFT JOIN ledger_entries e ON e.transfer_id = t.id
+             GROUP BY t.id, t.state, t.payer_shard, t.payee_shard, t.amount_minor",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TransferEntries {
+                id: r.text(0)?,
+                state: TransferState::parse(&r.text(1)?).ok_or_else(|| r.bad(1, "a state"))?,
+                cross_shard: r.int(2)? != 0,
+                amount_minor: r.int(3)?,
+                entries: r.int(4)?,
+                net_minor: r.sum(5)?,
+                payer_net_minor: r.sum(6)?,
+            })
+        })
+        .collect()
+}
+
+/// Each credit recorded on this shard with the count and payee sum of its
+/// entries.
+async fn credit_entries<S: Session>(s: &mut S) -> Result<Vec<CreditEntries>, StoreError> {
+    let rows = s
+        .rows(
+            "SELECT c.transfer_id, c.outcome, c.amount_minor, COUNT(e.id),
+                    CAST(COALESCE(SUM(CASE WHEN e.account_id = c.payee THEN e.amount_minor END), 0) AS CHAR)
+             FROM inbound_credits c LEFT JOIN ledger_entries e ON e.transfer_id = c.transfer_id
+             GROUP BY c.transfer_id, c.outcome, c.amount_minor",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(CreditEntries {
+                transfer_id: r.text(0)?,
+                credited: r.text(1)? == "credited",
+                amount_minor: r.int(2)?,
+                entries: r.int(3)?,
+                payee_net_minor: r.sum(4)?,
+            })
+        })
+        .collect()
+}
+
+/// The audit's figures, read inside one snapshot of the shard.
+pub(crate) async fn audit<S: Session>(s: &mut S) -> Result<ShardAudit, StoreError> {
+    for sql in s.dialect().begin_snapshot {
+        s.execute(sql, &[]).await?;
+    }
+    let audit = audit_snapshot(s).await;
+    let committed = s.execute("COMMIT", &[]).await;
+    let audit = audit?;
+    committed?;
+    Ok(audit)
+}

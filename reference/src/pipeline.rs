@@ -1,0 +1,237 @@
+//! The event pipeline of one process: the outbox relay, the bus and the
+//! consumers this process runs, and the pipeline report that checks every
+//! committed event was applied exactly once by every consumer. In a split
+//! deployment each service runs its part (the ledger the relay, the
+//! notification and analytics services their consumers) and the report
+//! reads the other parts' counts from their services.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::*;
+use crate::ledger::ShardStore;
+
+/// The whole pipeline of one process: bus, relay, consumers. In a split
+/// deployment each service runs its part: the ledger the relay, the
+/// notification and analytics services their consumers.
+pub struct Pipeline {
+    pub bus: Arc<dyn EventBus>,
+    pub relay: Arc<Relay>,
+    pub analytics: Arc<Analytics>,
+    pub notifier: Arc<crate::notification::Notifier>,
+    /// The service whose part this process runs.
+    service: crate::peers::Service,
+    /// Where the parts this process does not run answer (split only).
+    peers: Option<crate::peers::Peers>,
+    /// Mints the service token the report's calls to other services carry
+    /// (their counts are for staff only).
+    auth: Option<Arc<crate::auth::AuthService>>,
+}
+
+/// What `/v1/ledger/relay` answers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayCounts {
+    pub published: u64,
+    pub failures: u64,
+}
+
+/// What `/v1/pipeline` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PipelineReport {
+    /// Outbox rows on all shards, and those not yet published.
+    pub outbox_rows: u64,
+    pub outbox_backlog: u64,
+    /// Events the relays published (repeats after a failure included).
+    pub published: u64,
+    pub relay_failures: u64,
+    pub consumers: Vec<ConsumerStats>,
+    /// Outbox rows that no consumer has applied yet: the backlog, or lost
+    /// events once the backlog is empty.
+    pub unapplied: BTreeMap<String, u64>,
+    /// Every committed event applied exactly once by every consumer.
+    pub complete: bool,
+    /// The notification service's deliveries and dead letters.
+    #[serde(default)]
+    pub notification: Option<crate::notification::NotificationStats>,
+}
+
+impl Pipeline {
+    pub fn start_in_process(shards: Vec<Arc<dyn ShardStore>>) -> Pipeline {
+        Pipeline::with_bus(shards, Arc::new(InProcessBus::default()))
+    }
+
+    /// A pipeline on a bus of the caller's choosing.
+    pub fn with_bus(shards: Vec<Arc<dyn ShardStore>>, bus: Arc<dyn EventBus>) -> Pipeline {
+        let relay = Arc::new(Relay::new(shards, Arc::clone(&bus)));
+        let analytics = Arc::new(Analytics::default());
+        Pipeline {
+            bus,
+            relay,
+            analytics,
+            notifier: Arc::new(crate::notification::Notifier::new(
+                Default::default(),
+                Default::default(),
+            )),
+            service: crate::peers::Service::All,
+            peers: None,
+            auth: None,
+        }
+    }
+
+    /// Calls to other services carry a service token from `auth`.
+    pub fn with_auth(mut self, auth: Option<Arc<crate::auth::AuthService>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Webhook deliveries under `policy` (where they may go).
+    pub fn with_webhooks(mut self, policy: crate::notification::WebhookPolicy) -> Self {
+        self.notifier = Arc::new(crate::notification::Notifier::new(
+            Default::default(),
+            policy,
+        ));
+        self
+    }
+
+    /// Runs only `service`'s part; its report asks `peers` for the rest.
+    pub fn for_service(
+        mut self,
+        service: crate::peers::Service,
+        peers: crate::peers::Peers,
+    ) -> Self {
+        self.service = service;
+        self.peers = Some(peers);
+        self
+    }
+
+    pub fn relay_stats(&self) -> RelayCounts {
+        RelayCounts {
+            published: self.relay.stats.published.load(Ordering::Relaxed),
+            failures: self.relay.stats.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Spawns the relay and the consumers on the current runtime.
+    pub async fn spawn(
+        &self,
+        relay_interval: Duration,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        use crate::notification::NOTIFICATION_GROUP;
+        use crate::peers::Service;
+        let mut tasks = Vec::new();
+        if self.service.runs(Service::Ledger) {
+            tasks.push(tokio::spawn(Arc::clone(&self.relay).run(relay_interval)));
+        }
+        if self.service.runs(Service::Analytics) {
+            // Before subscribing: what the bus delivers after this is
+            // either new or recognised.
+            let started = std::time::Instant::now();
+            let rebuilt = self.analytics.rebuild(self.relay.shards()).await?;
+            if rebuilt > 0 {
+                tracing::info!(
+                    events = rebuilt,
+                    ms = started.elapsed().as_millis() as u64,
+                    "analytics rebuilt its totals from the shards' outboxes"
+                );
+            }
+        }
+        for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
+            if self.service.runs(Service::Analytics) {
+                let analytics = self.bus.subscribe(topic, ANALYTICS_GROUP).await?;
+                tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(analytics)));
+            }
+            if self.service.runs(Service::Notification) {
+                let notification = self.bus.subscribe(topic, NOTIFICATION_GROUP).await?;
+                tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(notification)));
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// The pipeline end to end. In a split deployment (the analytics
+    /// service answers) the relay's and the notification consumer's counts
+    /// come from the ledger and notification services; one that does not
+    /// answer makes this an error rather than a report of lost events.
+    pub async fn report(&self) -> anyhow::Result<PipelineReport> {
+        let (mut rows, mut backlog) = (0, 0);
+        for store in self.relay.shards() {
+            let (all, unpublished) = store.outbox_counts().await?;
+            rows += all;
+            backlog += unpublished;
+        }
+        let analytics = self.analytics.stats();
+        let remote = self
+            .peers
+            .as_ref()
+            .filter(|_| self.service == crate::peers::Service::Analytics);
+        let (relay, notification) = match remote {
+            None => (self.relay_stats(), self.notifier.stats()),
+            Some(peers) => {
+                let token = match &self.auth {
+                    Some(auth) => Some(auth.service_token().await?),
+                    None => None,
+                };
+                let token = token.as_deref();
+                let relay = peer_json(&peers.ledger, "/v1/ledger/relay", token).await?;
+                let notification =
+                    peer_json(&peers.notification, "/v1/notification/stats", token).await?;
+                (relay, notification)
+            }
+        };
+        let notification_consumer = ConsumerStats {
+            group: crate::notification::NOTIFICATION_GROUP.into(),
+            received: notification.events_received,
+            applied: notification.outbox_applied,
+            duplicates_suppressed: notification.duplicates_suppressed,
+            lag: LagSummary {
+                count: 0,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                max_ms: 0.0,
+            },
+        };
+        let unapplied: BTreeMap<String, u64> = [&analytics, &notification_consumer]
+            .iter()
+            .map(|c| (c.group.clone(), rows.saturating_sub(c.applied)))
+            .collect();
+        Ok(PipelineReport {
+            outbox_rows: rows,
+            outbox_backlog: backlog,
+            published: relay.published,
+            relay_failures: relay.failures,
+            complete: backlog == 0 && unapplied.values().all(|n| *n == 0),
+            unapplied,
+            consumers: vec![analytics, notification_consumer],
+            notification: Some(notification),
+        })
+    }
+}
+
+/// A JSON answer of another service, asked with this service's token
+/// when auth is on.
+async fn peer_json<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let down = |e: String| anyhow::anyhow!("{url}: {e}");
+    let mut request = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = crate::peers::with_request_id(request)
+        .send()
+        .await
+        .map_err(|e| down(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(down(format!("answered {}", response.status())));
+    }
+    response.json().await.map_err(|e| down(e.to_string()))
+}
