@@ -1,9 +1,8 @@
 # One image for the six services of docker-compose.yml (and for the
 # simulator): `shardpay serve <service>`, `shardpay run ...`.
 FROM rust:1.95-bookworm AS build
-# librdkafka is built from source by the rdkafka crate.
-RUN apt-get update && apt-get install -y --no-install-recommends cmake \
-    && rm -rf /var/lib/apt/lists/*
+# librdkafka is built from source by its own configure script (the image
+# has the C compiler and make it needs).
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin shardpay

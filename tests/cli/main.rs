@@ -4,6 +4,7 @@
 
 mod audit;
 mod memory;
+mod modules;
 mod run;
 mod shard_kill;
 mod sigterm;

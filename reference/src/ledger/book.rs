@@ -24,6 +24,209 @@ use super::{
 };
 use super::{AccountMismatch, CreditEntries, ShardAudit, TransferEntries};
 
+/// Implements [`ShardStore`] for a backend from its two ways of running
+/// ledger code: `$write!(self, |s| body)` runs `body` (a future using the
+/// backend's session `s`) as one transaction that commits on `Ok`, and
+/// `$read!(self, |s| body)` runs it as a read. Every method is the
+/// matching function of `book`; the arguments are owned before they go
+/// in, as a backend may run the body on a thread of its own. `$extra` adds
+/// methods (two-phase commit, where the backend has it).
+macro_rules! shard_store {
+    ($backend:ty, $write:ident, $read:ident $(, $($extra:tt)*)?) => {
+        #[async_trait::async_trait]
+        impl $crate::ledger::ShardStore for $backend {
+            fn shard(&self) -> $crate::ids::ShardId {
+                self.shard
+            }
+
+            async fn create_account(
+                &self,
+                account: $crate::ledger::NewAccount,
+                idempotency: Option<$crate::ledger::IdempotencyWrite>,
+            ) -> Result<$crate::ledger::Account, $crate::ledger::StoreError> {
+                $write!(self, |s| book::create_account(s, &account, idempotency.as_ref()))
+            }
+
+            async fn account(
+                &self,
+                id: &$crate::ids::AccountId,
+            ) -> Result<Option<$crate::ledger::Account>, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $read!(self, |s| book::account(s, &id))
+            }
+
+            async fn list_accounts(
+                &self,
+                after: Option<$crate::ids::AccountId>,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::Account>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::list_accounts(s, after.as_ref(), limit))
+            }
+
+            async fn idempotency_record(
+                &self,
+                scope: &$crate::ids::AccountId,
+                key: &$crate::ids::IdempotencyKey,
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<Option<$crate::ledger::IdempotencyRecord>, $crate::ledger::StoreError> {
+                let (scope, key) = (scope.clone(), key.clone());
+                $read!(self, |s| book::idempotency_record(s, &scope, &key, now))
+            }
+
+            async fn save_idempotent_response(
+                &self,
+                scope: &$crate::ids::AccountId,
+                key: &$crate::ids::IdempotencyKey,
+                response: $crate::ledger::StoredResponse,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let (scope, key) = (scope.clone(), key.clone());
+                $write!(self, |s| book::save_idempotent_response(s, &scope, &key, &response))
+            }
+
+            async fn record_decline(
+                &self,
+                idempotency: $crate::ledger::IdempotencyWrite,
+                transfer_id: &$crate::ids::TransferId,
+                response: $crate::ledger::StoredResponse,
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let id = transfer_id.clone();
+                $write!(self, |s| book::record_decline(s, &idempotency, &id, &response, now))
+            }
+
+            async fn transfer_local(
+                &self,
+                transfer: &$crate::ledger::Transfer,
+                idempotency: Option<$crate::ledger::IdempotencyWrite>,
+            ) -> Result<$crate::ledger::DebitOutcome, $crate::ledger::StoreError> {
+                let t = transfer.clone();
+                $write!(self, |s| book::transfer_local(s, &t, idempotency.as_ref()))
+            }
+
+            async fn debit_to_in_flight(
+                &self,
+                transfer: &$crate::ledger::Transfer,
+                idempotency: Option<$crate::ledger::IdempotencyWrite>,
+            ) -> Result<$crate::ledger::DebitOutcome, $crate::ledger::StoreError> {
+                let t = transfer.clone();
+                let step = ($crate::ledger::TransferState::Pending, "transfer.initiated");
+                $write!(self, |s| book::debit_to_in_flight(s, &t, step, idempotency.as_ref()))
+            }
+
+            async fn credit_from_in_flight(
+                &self,
+                transfer: &$crate::ledger::Transfer,
+            ) -> Result<$crate::ledger::CreditOutcome, $crate::ledger::StoreError> {
+                let t = transfer.clone();
+                $write!(self, |s| book::credit_from_in_flight(s, &t))
+            }
+
+            async fn complete_transfer(
+                &self,
+                id: &$crate::ids::TransferId,
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<$crate::ledger::Transfer, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $write!(self, |s| book::complete_transfer(s, &id, now))
+            }
+
+            async fn reverse_transfer(
+                &self,
+                id: &$crate::ids::TransferId,
+                code: &str,
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<$crate::ledger::Transfer, $crate::ledger::StoreError> {
+                let (id, code) = (id.clone(), code.to_string());
+                $write!(self, |s| book::reverse_transfer(s, &id, &code, now))
+            }
+
+            async fn transfer(
+                &self,
+                id: &$crate::ids::TransferId,
+            ) -> Result<Option<$crate::ledger::Transfer>, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $read!(self, |s| book::transfer(s, &id))
+            }
+
+            async fn account_entries(
+                &self,
+                account: &$crate::ids::AccountId,
+                after: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::LedgerEntry>, $crate::ledger::StoreError> {
+                let account = account.clone();
+                $read!(self, |s| book::account_entries(s, &account, after, limit))
+            }
+
+            async fn pending_transfers(
+                &self,
+                created_before: $crate::ledger::TimestampMs,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::Transfer>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::pending_transfers(s, created_before, limit))
+            }
+
+            async fn credit_outcome(
+                &self,
+                id: &$crate::ids::TransferId,
+            ) -> Result<Option<$crate::ledger::CreditOutcome>, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $read!(self, |s| book::credit_outcome(s, &id))
+            }
+
+            async fn stats(&self) -> Result<$crate::ledger::ShardStats, $crate::ledger::StoreError> {
+                $read!(self, |s| book::stats(s))
+            }
+
+            async fn audit(&self) -> Result<$crate::ledger::ShardAudit, $crate::ledger::StoreError> {
+                $read!(self, |s| book::audit(s))
+            }
+
+            async fn purge_expired_idempotency(
+                &self,
+                now: $crate::ledger::TimestampMs,
+                limit: u32,
+            ) -> Result<u64, $crate::ledger::StoreError> {
+                $write!(self, |s| book::purge_expired_idempotency(s, now, limit))
+            }
+
+            async fn outbox_page(
+                &self,
+                after_seq: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::OutboxEvent>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::outbox_page(s, after_seq, limit))
+            }
+
+            async fn unpublished_events(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::OutboxEvent>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::unpublished_events(s, limit))
+            }
+
+            async fn mark_published(
+                &self,
+                seqs: &[i64],
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                if seqs.is_empty() {
+                    return Ok(());
+                }
+                let seqs = seqs.to_vec();
+                $write!(self, |s| book::mark_published(s, &seqs, now))
+            }
+
+            async fn outbox_counts(&self) -> Result<(u64, u64), $crate::ledger::StoreError> {
+                $read!(self, |s| book::outbox_counts(s))
+            }
+
+            $($($extra)*)?
+        }
+    };
+}
+pub(crate) use shard_store;
+
 /// A statement parameter.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Param<'a> {

@@ -14,18 +14,13 @@ mod xa;
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::pool::PoolConnection;
 use sqlx::{Decode, Executor, MySql, MySqlConnection, MySqlPool, Row as _, TypeInfo, ValueRef};
 
 use super::book::{self, Cell, Dialect, Param, Row, Session};
-use super::{
-    Account, CreditOutcome, DebitOutcome, IdempotencyRecord, IdempotencyWrite, LedgerEntry,
-    NewAccount, OutboxEvent, ShardAudit, ShardStats, ShardStore, StoreError, StoredResponse,
-    TimestampMs, Transfer, TransferState,
-};
-use crate::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
+use super::StoreError;
+use crate::ids::ShardId;
 pub use schema::MIGRATIONS;
 
 /// Times a transaction is run when the server reports a deadlock or a lock
@@ -463,190 +458,14 @@ macro_rules! reading {
     }};
 }
 
-#[async_trait]
-impl ShardStore for MysqlShard {
-    fn shard(&self) -> ShardId {
-        self.shard
-    }
-
-    async fn create_account(
-        &self,
-        account: NewAccount,
-        idempotency: Option<IdempotencyWrite>,
-    ) -> Result<Account, StoreError> {
-        transaction!(self, |s| book::create_account(
-            s,
-            &account,
-            idempotency.as_ref()
-        ))
-    }
-
-    async fn account(&self, id: &AccountId) -> Result<Option<Account>, StoreError> {
-        reading!(self, |s| book::account(s, id))
-    }
-
-    async fn list_accounts(
-        &self,
-        after: Option<AccountId>,
-        limit: u32,
-    ) -> Result<Vec<Account>, StoreError> {
-        reading!(self, |s| book::list_accounts(s, after.as_ref(), limit))
-    }
-
-    async fn idempotency_record(
-        &self,
-        scope: &AccountId,
-        key: &IdempotencyKey,
-        now: TimestampMs,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        reading!(self, |s| book::idempotency_record(s, scope, key, now))
-    }
-
-    async fn save_idempotent_response(
-        &self,
-        scope: &AccountId,
-        key: &IdempotencyKey,
-        response: StoredResponse,
-    ) -> Result<(), StoreError> {
-        transaction!(self, |s| book::save_idempotent_response(
-            s, scope, key, &response
-        ))
-    }
-
-    async fn record_decline(
-        &self,
-        idempotency: IdempotencyWrite,
-        transfer_id: &TransferId,
-        response: StoredResponse,
-        now: TimestampMs,
-    ) -> Result<(), StoreError> {
-        transaction!(self, |s| book::record_decline(
-            s,
-            &idempotency,
-            transfer_id,
-            &response,
-            now
-        ))
-    }
-
-    async fn transfer_local(
-        &self,
-        transfer: &Transfer,
-        idempotency: Option<IdempotencyWrite>,
-    ) -> Result<DebitOutcome, StoreError> {
-        transaction!(self, |s| book::transfer_local(
-            s,
-            transfer,
-            idempotency.as_ref()
-        ))
-    }
-
-    async fn debit_to_in_flight(
-        &self,
-        transfer: &Transfer,
-        idempotency: Option<IdempotencyWrite>,
-    ) -> Result<DebitOutcome, StoreError> {
-        let step = (TransferState::Pending, "transfer.initiated");
-        transaction!(self, |s| book::debit_to_in_flight(
-            s,
-            transfer,
-            step,
-            idempotency.as_ref()
-        ))
-    }
-
-    async fn credit_from_in_flight(
-        &self,
-        transfer: &Transfer,
-    ) -> Result<CreditOutcome, StoreError> {
-        transaction!(self, |s| book::credit_from_in_flight(s, transfer))
-    }
-
-    async fn complete_transfer(
-        &self,
-        id: &TransferId,
-        now: TimestampMs,
-    ) -> Result<Transfer, StoreError> {
-        transaction!(self, |s| book::complete_transfer(s, id, now))
-    }
-
-    async fn reverse_transfer(
-        &self,
-        id: &TransferId,
-        code: &str,
-        now: TimestampMs,
-    ) -> Result<Transfer, StoreError> {
-        transaction!(self, |s| book::reverse_transfer(s, id, code, now))
-    }
-
-    async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError> {
-        reading!(self, |s| book::transfer(s, id))
-    }
-
-    async fn account_entries(
-        &self,
-        account: &AccountId,
-        after: i64,
-        limit: u32,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        reading!(self, |s| book::account_entries(s, account, after, limit))
-    }
-
-    async fn pending_transfers(
-        &self,
-        created_before: TimestampMs,
-        limit: u32,
-    ) -> Result<Vec<Transfer>, StoreError> {
-        reading!(self, |s| book::pending_transfers(s, created_before, limit))
-    }
-
-    async fn credit_outcome(&self, id: &TransferId) -> Result<Option<CreditOutcome>, StoreError> {
-        reading!(self, |s| book::credit_outcome(s, id))
-    }
-
-    async fn outbox_page(
-        &self,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        reading!(self, |s| book::outbox_page(s, after_seq, limit))
-    }
-
-    async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        reading!(self, |s| book::unpublished_events(s, limit))
-    }
-
-    async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError> {
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        transaction!(self, |s| book::mark_published(s, seqs, now))
-    }
-
-    async fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
-        reading!(self, |s| book::outbox_counts(s))
-    }
-
-    async fn stats(&self) -> Result<ShardStats, StoreError> {
-        reading!(self, |s| book::stats(s))
-    }
-
-    async fn audit(&self) -> Result<ShardAudit, StoreError> {
-        reading!(self, |s| book::audit(s))
-    }
-
-    async fn purge_expired_idempotency(
-        &self,
-        now: TimestampMs,
-        limit: u32,
-    ) -> Result<u64, StoreError> {
-        transaction!(self, |s| book::purge_expired_idempotency(s, now, limit))
-    }
-
+book::shard_store!(
+    MysqlShard,
+    transaction,
+    reading,
     fn two_phase(&self) -> Option<&dyn super::TwoPhase> {
         Some(self)
     }
-}
+);
 
 #[cfg(test)]
 mod tests {
