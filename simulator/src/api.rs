@@ -35,17 +35,13 @@ pub struct Api {
     pub services: Vec<(String, String)>,
 }
 
-/// The service of a split deployment that answers `path`, by its prefix.
+/// The service of a split deployment that answers `path` (a query string
+/// ignored): the reference system's own route table says which, the one
+/// its routers and API description are built from. Paths no other
+/// service serves go to the shard manager (`--target`).
 pub fn service_of(path: &str) -> &'static str {
-    if path.starts_with("/v1/auth/") {
-        "auth"
-    } else if path.starts_with("/v1/webhooks") || path.starts_with("/v1/dlq") {
-        "notification"
-    } else if path.starts_with("/v1/pipeline") || path.starts_with("/v1/analytics") {
-        "analytics"
-    } else {
-        "shard-manager"
-    }
+    let path = path.split('?').next().unwrap_or(path);
+    shardpay_reference::http::served_by(path).map_or("shard-manager", |s| s.name())
 }
 
 /// A 404 from a service of a split deployment that says another service

@@ -36,7 +36,7 @@ pub const ISSUER: &str = "shardpay-auth";
 /// Longest password accepted, in bytes; hashing cost grows with length.
 pub const MAX_PASSWORD_LEN: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,

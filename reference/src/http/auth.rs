@@ -9,23 +9,25 @@ use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{ApiError, ApiJson, AppState};
+use super::{ApiError, ApiJson, AppState, ErrorBody};
 use crate::auth::{AuthError, Principal, Role};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/auth/register", post(register))
-        .route("/v1/auth/login", post(login))
-        .route("/v1/auth/refresh", post(refresh))
-        .route("/v1/auth/logout", post(logout))
-        .route("/v1/auth/logout-all", post(logout_all))
-        .route("/v1/auth/me", get(me))
-        .route("/v1/auth/owners", post(claim_owners))
-        .route("/v1/auth/owners/{account}", get(owner_of).put(assign_owner))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(me))
+        .routes(routes!(claim_owners))
+        .routes(routes!(owner_of, assign_owner))
 }
 
 impl From<AuthError> for ApiError {
@@ -203,7 +205,7 @@ fn auth_of(state: &AppState) -> Result<&std::sync::Arc<crate::auth::AuthService>
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Register {
     username: String,
@@ -213,6 +215,19 @@ struct Register {
 
 /// Anyone may register a user; only an admin may create an admin or a
 /// service user.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/register",
+    tag = "auth",
+    summary = "Register a user (role admin or service: admins only)",
+    security(()),
+    request_body = Register,
+    responses(
+        (status = 201, description = "registered"),
+        (status = 409, description = "username taken", body = ErrorBody),
+        (status = 422, description = "invalid username or weak password", body = ErrorBody),
+    ),
+)]
 async fn register(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -254,7 +269,7 @@ async fn register(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     username: String,
@@ -277,6 +292,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    summary = "Log in: access and refresh tokens",
+    security(()),
+    request_body = Login,
+    responses(
+        (status = 200, description = "tokens"),
+        (status = 401, description = "wrong username or password", body = ErrorBody),
+        (status = 429, description = "too many attempts (Retry-After)", body = ErrorBody),
+    ),
+)]
 async fn login(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -287,12 +315,24 @@ async fn login(
     Ok(Json(tokens).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Refresh {
     refresh_token: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    summary = "Trade a refresh token (works once) for new tokens",
+    security(()),
+    request_body = Refresh,
+    responses(
+        (status = 200, description = "tokens"),
+        (status = 401, description = "refresh token used, revoked or expired", body = ErrorBody),
+    ),
+)]
 async fn refresh(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Refresh>,
@@ -301,6 +341,16 @@ async fn refresh(
     Ok(Json(auth.refresh(&body.refresh_token).await?).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    summary = "Revoke this session and its tokens",
+    responses(
+        (status = 204, description = "logged out"),
+        (status = 401, description = "no valid token", body = ErrorBody),
+    ),
+)]
 async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let auth = auth_of(&state)?;
     if let Caller::Token(p) = &caller {
@@ -309,7 +359,7 @@ async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Respons
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LogoutAll {
     /// Admins only: whose sessions (default: the caller's own).
@@ -318,6 +368,21 @@ struct LogoutAll {
 
 /// Log out everywhere: every session of the caller (or, for an admin, of
 /// the user named) is revoked, with all its tokens.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout-all",
+    tag = "auth",
+    summary = "Log out everywhere: revoke every session of the caller (admins: of the user named) and all their tokens",
+    request_body = LogoutAll,
+    responses(
+        (status = 200, description = "username and sessions revoked"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn logout_all(
     State(state): State<AppState>,
     caller: Caller,
@@ -347,20 +412,30 @@ async fn logout_all(
     Ok(Json(serde_json::json!({ "username": username, "revoked": revoked })).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/auth/me",
+    tag = "auth",
+    summary = "Who the token belongs to",
+    responses(
+        (status = 200, description = "username and role"),
+        (status = 401, description = "no valid token", body = ErrorBody),
+    ),
+)]
 async fn me(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     auth_of(&state)?;
     let p = caller.principal().expect("auth is on");
     Ok(Json(serde_json::json!({ "username": p.username, "role": p.role })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OwnerPair {
     account: String,
     owner: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ClaimOwners {
     pairs: Vec<OwnerPair>,
@@ -373,6 +448,21 @@ struct ClaimOwners {
 /// For the other services of a split deployment (service or admin token):
 /// records owners of accounts that have none yet; answers, per pair,
 /// whether that owner owns the account now.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/owners",
+    tag = "auth",
+    summary = "Record owners of accounts that have none yet; per pair, whether that owner owns it now (service, admin: the other services of a split deployment). check_only: record nothing, answer whether each account is free for its owner",
+    request_body = ClaimOwners,
+    responses(
+        (status = 200, description = "owned: one boolean per pair"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn claim_owners(
     State(state): State<AppState>,
     caller: Caller,
@@ -403,7 +493,7 @@ async fn claim_owners(
     Ok(Json(serde_json::json!({ "owned": owned })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AssignOwner {
     owner: String,
@@ -412,6 +502,26 @@ struct AssignOwner {
 /// An admin gives an account that has no owner (made by an admin without
 /// one, or in demo mode) to a registered user. Owners never change once
 /// set: naming another user for an owned account answers 409.
+#[utoipa::path(
+    put,
+    path = "/v1/auth/owners/{account}",
+    tag = "auth",
+    summary = "Give an account without an owner to a registered user (admin); owners never change once set",
+    params(
+        ("account" = String, Path),
+    ),
+    request_body = AssignOwner,
+    responses(
+        (status = 200, description = "account and owner"),
+        (status = 404, description = "no such account", body = ErrorBody),
+        (status = 409, description = "another user owns it", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn assign_owner(
     State(state): State<AppState>,
     caller: Caller,
@@ -444,6 +554,23 @@ async fn assign_owner(
 }
 
 /// For the other services: the owner of an account, or null.
+#[utoipa::path(
+    get,
+    path = "/v1/auth/owners/{account}",
+    tag = "auth",
+    summary = "The owner of an account, or null (service, admin)",
+    params(
+        ("account" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "account and owner"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn owner_of(
     State(state): State<AppState>,
     caller: Caller,

@@ -6,36 +6,37 @@
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
 use super::v1::shard_bodies;
-use super::{decimal_number, json, send, ApiError, AppState, IdempotencyHeader, MAX_PAGE};
+use super::{
+    decimal_number, json, send, ApiError, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE,
+};
 use crate::auth::Role;
 use crate::ids::AccountId;
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
 use crate::money::{Amount, Currency};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/create_user/{user}/{balance}", post(create_user))
-        .route("/transfer/{from}/{to}/{amount}", post(transfer))
-        .route("/user_shard/{user}", get(user_shard))
-        .route("/user/{user}/shard", get(user_route))
-        .route("/accounts/{user}", get(account))
-        .route(
-            "/accounts/{user}/create/{balance}",
-            post(create_account_minor),
-        )
-        .route("/users", get(users))
-        .route("/stats", get(stats))
-        .route("/analytics", get(analytics))
-        .route("/shard-stats", get(shard_stats))
-        .route("/health", get(health))
+/// The modelled system's routes, each documented in the API description.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_user))
+        .routes(routes!(transfer))
+        .routes(routes!(user_shard))
+        .routes(routes!(user_route))
+        .routes(routes!(account))
+        .routes(routes!(create_account_minor))
+        .routes(routes!(users))
+        .routes(routes!(stats))
+        .routes(routes!(analytics))
+        .routes(routes!(shard_stats))
+        .routes(routes!(health))
 }
 
 #[derive(Serialize)]
@@ -182,6 +183,23 @@ async fn create(
     Ok(send(reply))
 }
 
+#[utoipa::path(
+    post,
+    path = "/create_user/{user}/{balance}",
+    tag = "modelled system",
+    summary = "Create an account with an opening balance in decimal text (the modelled system's route)",
+    params(
+        ("user" = String, Path),
+        ("balance" = String, Path),
+    ),
+    responses(
+        (status = 201, description = "created"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn create_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -192,6 +210,23 @@ async fn create_user(
     create(state, caller, user, balance, key, &CREATE_USER_VIEW).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/accounts/{user}/create/{balance}",
+    tag = "modelled system",
+    summary = "Create an account with an opening balance in minor units",
+    params(
+        ("user" = String, Path),
+        ("balance" = String, Path),
+    ),
+    responses(
+        (status = 201, description = "created"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn create_account_minor(
     State(state): State<AppState>,
     caller: Caller,
@@ -210,6 +245,24 @@ async fn create_account_minor(
     create(state, caller, user, balance, key, &CREATE_ACCOUNT_VIEW).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/transfer/{from}/{to}/{amount}",
+    tag = "modelled system",
+    summary = "Move a decimal amount from one account to another (the modelled system's route)",
+    params(
+        ("from" = String, Path),
+        ("to" = String, Path),
+        ("amount" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "transferred"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn transfer(
     State(state): State<AppState>,
     caller: Caller,
@@ -243,6 +296,22 @@ struct UserShard {
     exists: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/user_shard/{user}",
+    tag = "modelled system",
+    summary = "The shard an account lives on",
+    params(
+        ("user" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "user and shard"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn user_shard(
     State(state): State<AppState>,
     caller: Caller,
@@ -264,6 +333,19 @@ async fn user_shard(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/user/{user}/shard",
+    tag = "modelled system",
+    summary = "The shard an account would live on, whether or not it exists",
+    security(()),
+    params(
+        ("user" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "user and shard"),
+    ),
+)]
 async fn user_route(
     State(state): State<AppState>,
     Path(user): Path<String>,
@@ -304,6 +386,22 @@ impl From<&Account> for LegacyAccount {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/accounts/{user}",
+    tag = "modelled system",
+    summary = "One account in the modelled system's shape",
+    params(
+        ("user" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "the account"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn account(
     State(state): State<AppState>,
     caller: Caller,
@@ -328,6 +426,19 @@ struct Users {
     users: Vec<LegacyAccount>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/users",
+    tag = "modelled system",
+    summary = "Accounts, a page at a time (admin, service)",
+    responses(
+        (status = 200, description = "accounts"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn users(
     State(state): State<AppState>,
     caller: Caller,
@@ -410,6 +521,19 @@ struct Stats<'a> {
     shards: Vec<ShardSummary<'a>>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "modelled system",
+    summary = "Totals across shards in the default currency (admin, service)",
+    responses(
+        (status = 200, description = "totals"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn stats(State(state): State<AppState>) -> Response {
     let t = totals(&state).await;
     let body = Stats {
@@ -451,6 +575,19 @@ struct Analytics {
     shards: Vec<ShardBalance>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/analytics",
+    tag = "modelled system",
+    summary = "Transfer counts and volume across shards (admin, service)",
+    responses(
+        (status = 200, description = "analytics"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn analytics(State(state): State<AppState>) -> Json<Analytics> {
     let t = totals(&state).await;
     // Average in whole minor units, rounded half away from zero.
@@ -478,6 +615,19 @@ async fn analytics(State(state): State<AppState>) -> Json<Analytics> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/shard-stats",
+    tag = "modelled system",
+    summary = "Per shard: health, accounts, balances, transfers by state (admin, service)",
+    responses(
+        (status = 200, description = "shards"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn shard_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
     let t = totals(&state).await;
     Json(serde_json::json!({
@@ -486,6 +636,16 @@ async fn shard_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "modelled system",
+    summary = "Liveness (the shard manager's in the modelled system's shape)",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     let t = totals(&state).await;
     let ok = t.healthy_shards == t.total_shards;

@@ -9,7 +9,7 @@ pub mod ops;
 pub mod permissions;
 mod v1;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
@@ -79,11 +80,11 @@ impl AppState {
     }
 }
 
-/// The routes of the process's service (all of them for `Service::All`),
-/// for serving or for `oneshot` tests.
-pub fn router(state: AppState) -> Router {
-    let service = state.service;
-    let mut routes = Router::new();
+/// The routes of `service` (all of them for `Service::All`), each with its
+/// description: the one route table, from which the router, the API
+/// description and which service serves a path are all derived.
+pub fn api(service: Service) -> OpenApiRouter<AppState> {
+    let mut routes = OpenApiRouter::new();
     if service.runs(Service::Auth) {
         routes = routes.merge(auth::routes());
     }
@@ -93,9 +94,14 @@ pub fn router(state: AppState) -> Router {
     } else {
         routes = routes.merge(ops::health_routes());
     }
+    routes.merge(v1::routes(service)).merge(ops::routes())
+}
+
+/// The routes of the process's service (all of them for `Service::All`),
+/// for serving or for `oneshot` tests.
+pub fn router(state: AppState) -> Router {
+    let (routes, _) = api(state.service).split_for_parts();
     routes
-        .merge(v1::routes(service))
-        .merge(ops::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             permissions::guard,
@@ -195,31 +201,101 @@ async fn json_errors(request: Request, next: axum::middleware::Next) -> Response
     rewritten
 }
 
-/// The service of a split deployment that serves `path`, if another one.
-fn served_by(path: &str) -> Option<Service> {
-    let prefixes: [(&str, Service); 10] = [
-        ("/v1/auth/", Service::Auth),
-        ("/v1/ledger/", Service::Ledger),
-        ("/v1/fraud/", Service::Fraud),
-        ("/v1/webhooks", Service::Notification),
-        ("/v1/dlq", Service::Notification),
-        ("/v1/notification/", Service::Notification),
-        ("/v1/pipeline", Service::Analytics),
-        ("/v1/analytics", Service::Analytics),
-        ("/dashboard/", Service::Analytics),
-        ("/v1/accounts", Service::ShardManager),
-    ];
-    if path.starts_with("/v1/accounts/") && path.ends_with("/entries") {
-        return Some(Service::Ledger);
+/// The shape of every error answer (`{"error":{"code","message"}}`), for
+/// the API description.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorDetail {
+    /// A stable machine code, such as `insufficient_funds`.
+    code: String,
+    /// What was wrong, for a person.
+    message: String,
+}
+
+/// The API description (OpenAPI 3) of every route, as JSON: derived from
+/// the handlers' annotations and the types of their bodies. Served at
+/// `/openapi.json`; `reference/openapi/openapi.json` is a copy a test keeps
+/// equal to it.
+pub fn openapi_json() -> &'static str {
+    static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
+        let (_, mut doc) = api(Service::All).split_for_parts();
+        doc.info = utoipa::openapi::InfoBuilder::new()
+            .title("shardpay reference payment system")
+            .version("1")
+            .description(Some(API_DESCRIPTION))
+            .build();
+        doc.servers = Some(vec![utoipa::openapi::server::Server::new(
+            "http://127.0.0.1:8006",
+        )]);
+        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                utoipa::openapi::security::SecurityScheme::Http(
+                    utoipa::openapi::security::HttpBuilder::new()
+                        .scheme(utoipa::openapi::security::HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .build(),
+                ),
+            );
+        doc.to_pretty_json()
+            .expect("the API description serializes")
+    });
+    &DOCUMENT
+}
+
+const API_DESCRIPTION: &str = "The reference system's API: the routes of its six services. \
+Run as one process (shardpay serve) all of them answer on one port; run as six (shardpay \
+serve <service>) each service answers its own: auth 8001, ledger 8002, fraud 8003, \
+notification 8004, analytics 8005, shard manager 8006. Money is integer minor units with a \
+currency; amounts go in as decimal text or minor units. Errors are \
+{\"error\":{\"code\",\"message\"}}. With auth on, send Authorization: Bearer <access token> \
+from POST /v1/auth/login.";
+
+/// Whether the routed path `template` (`/v1/accounts/{id}`) matches `path`.
+fn template_matches(template: &str, path: &str) -> bool {
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(t), Some(p)) if t == p || (t.starts_with('{') && !p.is_empty()) => {}
+            _ => return false,
+        }
     }
-    prefixes
+}
+
+/// The service that serves `path` in a split deployment (the shard manager
+/// first where several do), from the route table.
+pub fn served_by(path: &str) -> Option<Service> {
+    static PATHS: LazyLock<Vec<(Service, Vec<String>)>> = LazyLock::new(|| {
+        let mut order = vec![Service::ShardManager];
+        order.extend(
+            Service::SPLIT
+                .into_iter()
+                .filter(|s| *s != Service::ShardManager),
+        );
+        order
+            .into_iter()
+            .map(|s| {
+                let (_, doc) = api(s).split_for_parts();
+                (s, doc.paths.paths.keys().cloned().collect())
+            })
+            .collect()
+    });
+    PATHS
         .iter()
-        .find(|(prefix, _)| path.starts_with(prefix))
-        .map(|(_, service)| *service)
-        .or_else(|| {
-            path.starts_with("/v1/transfers")
-                .then_some(Service::ShardManager)
-        })
+        .find(|(_, templates)| templates.iter().any(|t| template_matches(t, path)))
+        .map(|(service, _)| *service)
 }
 
 /// 404 for a route this process does not serve; in a split deployment,

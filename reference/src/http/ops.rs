@@ -13,11 +13,11 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::AppState;
+use super::{AppState, ErrorBody};
 
 pub use crate::peers::{with_request_id, REQUEST_ID};
 
@@ -148,13 +148,22 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
 
 /// `/health` (liveness) of the services other than the shard manager,
 /// whose `/health` is the modelled system's.
-pub fn health_routes() -> Router<AppState> {
-    Router::new().route(
-        "/health",
-        get(|State(state): State<AppState>| async move {
-            axum::Json(serde_json::json!({ "ok": true, "service": state.service.name() }))
-        }),
-    )
+pub fn health_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health))
+}
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    summary = "Liveness (the shard manager's in the modelled system's shape)",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
+async fn health(State(state): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({ "ok": true, "service": state.service.name() })).into_response()
 }
 
 /// The services `state`'s service calls, by name and URL.
@@ -184,21 +193,28 @@ fn peers_needed(state: &AppState) -> Vec<(&'static str, String)> {
     needed
 }
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/ready", get(ready))
-        .route("/openapi.json", get(openapi))
-        .route("/docs", get(docs))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(ready))
+        .routes(routes!(openapi))
+        .routes(routes!(docs))
 }
 
-/// The API description (OpenAPI 3), written in `reference/openapi/`.
-pub const OPENAPI: &str = include_str!("../../openapi/openapi.json");
-
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    summary = "This document",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
 async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
+        super::openapi_json(),
     )
         .into_response()
 }
@@ -213,8 +229,19 @@ fn escape(text: &str) -> String {
 /// The API description as a page: every operation with its summary, who
 /// may call it, its body fields and its answers. Self-contained: no
 /// scripts, nothing fetched.
+#[utoipa::path(
+    get,
+    path = "/docs",
+    tag = "operations",
+    summary = "This document as a page",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
 async fn docs() -> Response {
-    let spec: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+    let spec: serde_json::Value =
+        serde_json::from_str(super::openapi_json()).expect("the API description is JSON");
     let mut page = String::from(
         "<!doctype html><meta charset=utf-8><title>shardpay API</title>\
          <style>body{font:14px system-ui;max-width:960px;margin:2em auto;padding:0 1em}\
@@ -232,7 +259,11 @@ async fn docs() -> Response {
         for (path, ops) in paths {
             let Some(ops) = ops.as_object() else { continue };
             for (method, op) in ops {
-                let public = op["security"].as_array().is_some_and(|a| a.is_empty());
+                // `[]` or `[{}]`: no token needed.
+                let public = op["security"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .all(|r| r.as_object().is_some_and(|r| r.is_empty()))
+                });
                 let _ = write!(
                     page,
                     "<h2><span class=m>{}</span><code>{}</code></h2><p>{}{}</p>",
@@ -245,8 +276,14 @@ async fn docs() -> Response {
                         " · bearer token"
                     }
                 );
-                let fields =
-                    &op["requestBody"]["content"]["application/json"]["schema"]["properties"];
+                let mut schema = &op["requestBody"]["content"]["application/json"]["schema"];
+                if let Some(name) = schema["$ref"]
+                    .as_str()
+                    .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                {
+                    schema = &spec["components"]["schemas"][name];
+                }
+                let fields = &schema["properties"];
                 if let Some(fields) = fields.as_object() {
                     let names: Vec<String> = fields
                         .keys()
@@ -288,6 +325,16 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics (text format)",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     state.metrics.render(&mut out);
@@ -408,6 +455,17 @@ fn runs_group(state: &AppState, group: &str) -> bool {
 }
 
 /// 200 when every dependency answers, else 503 naming those that do not.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    summary = "Readiness: every shard, the session store, the event bus and the services this one calls answer",
+    security(()),
+    responses(
+        (status = 200, description = "ready"),
+        (status = 503, description = "what does not answer", body = ErrorBody),
+    ),
+)]
 async fn ready(State(state): State<AppState>) -> Response {
     let mut problems = Vec::new();
     for s in super::v1::shard_bodies(&state).await {

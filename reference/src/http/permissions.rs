@@ -290,4 +290,58 @@ mod tests {
         assert_eq!(access(&Method::DELETE, "/health"), None);
         assert_eq!(access(&Method::GET, "/no/such/route"), None);
     }
+
+    /// A route cannot be added without documentation: the API description
+    /// is made from the same route table as the router, and every
+    /// permission row (without which a route answers 403 to everyone) must
+    /// be an operation of it, and the other way round.
+    #[test]
+    fn every_row_is_documented_and_every_documented_route_has_a_row() {
+        let spec: serde_json::Value =
+            serde_json::from_str(crate::http::openapi_json()).expect("JSON");
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, ops) in spec["paths"].as_object().expect("paths") {
+            for (method, op) in ops.as_object().expect("operations") {
+                assert!(
+                    op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{method} {path} has no summary"
+                );
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let rows: std::collections::BTreeSet<(String, String)> = TABLE
+            .iter()
+            .map(|(m, r, _)| (m.to_string(), r.to_string()))
+            .collect();
+        let undocumented: Vec<_> = rows.difference(&documented).collect();
+        let without_row: Vec<_> = documented.difference(&rows).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes without documentation: {undocumented:?}"
+        );
+        assert!(
+            without_row.is_empty(),
+            "documented routes without a row: {without_row:?}"
+        );
+    }
+
+    #[test]
+    fn the_route_table_says_which_service_serves_a_path() {
+        use crate::http::served_by;
+        use crate::peers::Service;
+        assert_eq!(served_by("/v1/auth/login"), Some(Service::Auth));
+        assert_eq!(served_by("/v1/accounts/alice"), Some(Service::ShardManager));
+        assert_eq!(
+            served_by("/v1/accounts/alice/entries"),
+            Some(Service::Ledger)
+        );
+        assert_eq!(served_by("/v1/ledger/relay"), Some(Service::Ledger));
+        assert_eq!(served_by("/v1/fraud/score"), Some(Service::Fraud));
+        assert_eq!(served_by("/v1/dlq/replay"), Some(Service::Notification));
+        assert_eq!(served_by("/v1/pipeline"), Some(Service::Analytics));
+        assert_eq!(served_by("/dashboard/analytics"), Some(Service::Analytics));
+        assert_eq!(served_by("/v1/shards"), Some(Service::ShardManager));
+        assert_eq!(served_by("/v1/accounts//entries"), None);
+        assert_eq!(served_by("/v1/nothing"), None);
+    }
 }

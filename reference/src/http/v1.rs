@@ -4,13 +4,12 @@
 
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::{json, send, ApiError, ApiJson, AppState, IdempotencyHeader, MAX_PAGE};
+use super::{json, send, ApiError, ApiJson, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE};
 use crate::audit::{self, AuditReport};
 use crate::auth::Role;
 use crate::ids::{AccountId, TransferId};
@@ -18,45 +17,46 @@ use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
 use crate::money::{format_minor, Amount, Currency};
 use crate::peers::Service;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The `/v1` routes of `service` (all of them for `Service::All`).
-pub fn routes(service: Service) -> Router<AppState> {
-    let mut routes = Router::new();
+pub fn routes(service: Service) -> OpenApiRouter<AppState> {
+    let mut routes = OpenApiRouter::new();
     if service.runs(Service::ShardManager) {
         routes = routes
-            .route("/v1/accounts", post(create_account).get(list_accounts))
-            .route("/v1/accounts/bulk", post(create_accounts_bulk))
-            .route("/v1/accounts/{id}", get(get_account))
-            .route("/v1/transfers", post(create_transfer))
-            .route("/v1/transfers/lookup", post(lookup_transfers))
-            .route("/v1/transfers/{id}", get(get_transfer));
+            .routes(routes!(create_account, list_accounts))
+            .routes(routes!(create_accounts_bulk))
+            .routes(routes!(get_account))
+            .routes(routes!(create_transfer))
+            .routes(routes!(lookup_transfers))
+            .routes(routes!(get_transfer));
     }
     if service.runs(Service::ShardManager) || service.runs(Service::Ledger) {
-        routes = routes
-            .route("/v1/shards", get(shards))
-            .route("/v1/audit", get(run_audit));
+        routes = routes.routes(routes!(shards)).routes(routes!(run_audit));
     }
     if service.runs(Service::Ledger) {
         routes = routes
-            .route("/v1/ledger/trial-balance", get(trial_balance))
-            .route("/v1/accounts/{id}/entries", get(account_entries))
-            .route("/v1/ledger/relay", get(relay_stats));
+            .routes(routes!(trial_balance))
+            .routes(routes!(account_entries))
+            .routes(routes!(relay_stats));
     }
     if service.runs(Service::Fraud) {
-        routes = routes.route("/v1/fraud/score", post(score_transfer));
+        routes = routes.routes(routes!(score_transfer));
     }
     if service.runs(Service::Notification) {
         routes = routes
-            .route("/v1/webhooks", post(register_webhook))
-            .route("/v1/dlq", get(list_dead_letters))
-            .route("/v1/dlq/replay", post(replay_dead_letters))
-            .route("/v1/notification/stats", get(notification_stats));
+            .routes(routes!(register_webhook))
+            .routes(routes!(list_dead_letters))
+            .routes(routes!(replay_dead_letters))
+            .routes(routes!(notification_stats));
     }
     if service.runs(Service::Analytics) {
         routes = routes
-            .route("/v1/pipeline", get(pipeline_report))
-            .route("/v1/analytics", get(analytics_totals))
-            .route("/dashboard/analytics", get(analytics_dashboard));
+            .routes(routes!(pipeline_report))
+            .routes(routes!(analytics_totals))
+            .routes(routes!(analytics_dashboard));
     }
     routes
 }
@@ -64,6 +64,20 @@ pub fn routes(service: Service) -> Router<AppState> {
 /// Per shard, what its ledger adds up to: the sum of its entries per
 /// currency (zero when it balances), balance totals per kind of account,
 /// and the money it sent into and took out of flight.
+#[utoipa::path(
+    get,
+    path = "/v1/ledger/trial-balance",
+    tag = "ledger",
+    summary = "Per shard: sum of entries per currency (zero when balanced), balance totals per kind of account, money sent into and taken out of flight (admin, service)",
+    responses(
+        (status = 200, description = "shards"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn trial_balance(
     State(state): State<AppState>,
     caller: Caller,
@@ -108,6 +122,26 @@ struct EntriesQuery {
 
 /// An account's statement: its ledger entries, oldest first, a page at a
 /// time (`after` the last entry id of the previous page).
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}/entries",
+    tag = "ledger",
+    summary = "An account's statement: its ledger entries, oldest first, a page at a time (its owner, admin, service; the ledger service)",
+    params(
+        ("id" = String, Path),
+        ("after" = Option<i64>, Query),
+        ("limit" = Option<i64>, Query),
+    ),
+    responses(
+        (status = 200, description = "account, entries, next_after"),
+        (status = 404, description = "no such account", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn account_entries(
     State(state): State<AppState>,
     caller: Caller,
@@ -151,6 +185,20 @@ async fn account_entries(
 }
 
 /// What this process's outbox relay has published.
+#[utoipa::path(
+    get,
+    path = "/v1/ledger/relay",
+    tag = "ledger",
+    summary = "What this process's outbox relay has published, and its failed passes (admin, service)",
+    responses(
+        (status = 200, description = "counts"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn relay_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
     Ok(json_response(200, &pipeline.relay_stats()))
@@ -158,12 +206,26 @@ async fn relay_stats(State(state): State<AppState>) -> Result<Response, ApiError
 
 /// The notification consumer's deliveries, dead letters and applied
 /// events (the analytics service's pipeline report reads it).
+#[utoipa::path(
+    get,
+    path = "/v1/notification/stats",
+    tag = "notifications",
+    summary = "The notification consumer's counts: events applied, deliveries, attempts, dead letters (admin, service)",
+    responses(
+        (status = 200, description = "counts"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn notification_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
     Ok(json_response(200, &pipeline.notifier.stats()))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AccountBody {
     id: String,
     currency: String,
@@ -186,7 +248,7 @@ impl From<&Account> for AccountBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct TransferBody {
     id: String,
     from: String,
@@ -279,7 +341,7 @@ fn transfer_amount(
     Ok(amount.positive()?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
     id: String,
@@ -291,6 +353,25 @@ struct CreateAccount {
     opening_balance_minor: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    summary = "Create an account (users: their own, unfunded; admins: any owner and opening balance)",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body replays the first answer; same key, other body: 422; while the first runs: 409."),
+    ),
+    request_body = CreateAccount,
+    responses(
+        (status = 201, description = "created", body = AccountBody),
+        (status = 409, description = "account exists", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn create_account(
     State(state): State<AppState>,
     caller: Caller,
@@ -434,7 +515,7 @@ pub const MAX_BULK: usize = 500;
 /// Creates of one bulk request in flight at once.
 const BULK_CONCURRENCY: usize = 16;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkAccounts {
     accounts: Vec<CreateAccount>,
@@ -475,6 +556,21 @@ fn account_request(state: &AppState, body: &CreateAccount) -> Result<AccountRequ
 /// Creates up to `MAX_BULK` accounts in one request. Each account succeeds
 /// or fails on its own (an existing id answers 409 for that item only); the
 /// creates run concurrently, so each shard's writer commits them in groups.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/bulk",
+    tag = "accounts",
+    summary = "Create up to 500 accounts, each answering for itself (admin)",
+    request_body = BulkAccounts,
+    responses(
+        (status = 200, description = "results, one per account"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn create_accounts_bulk(
     State(state): State<AppState>,
     caller: Caller,
@@ -556,7 +652,7 @@ fn json_response(status: u16, value: &impl Serialize) -> Response {
 /// Most transfers one lookup names.
 pub const MAX_LOOKUP: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Lookup {
     ids: Vec<String>,
@@ -564,6 +660,21 @@ struct Lookup {
 
 /// Looks up many transfers by id: `found` holds those that exist, `missing`
 /// the ids no shard holds. For clients that check their own books.
+#[utoipa::path(
+    post,
+    path = "/v1/transfers/lookup",
+    tag = "transfers",
+    summary = "Look up to 1000 transfers by id (admin, service)",
+    request_body = Lookup,
+    responses(
+        (status = 200, description = "found and missing"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn lookup_transfers(
     State(state): State<AppState>,
     caller: Caller,
@@ -608,13 +719,31 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AccountPage {
     data: Vec<AccountBody>,
     /// Pass as `after` to get the next page; absent on the last page.
     next_after: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts",
+    tag = "accounts",
+    summary = "List accounts, by id (admin, service)",
+    params(
+        ("after" = Option<String>, Query),
+        ("limit" = Option<i64>, Query),
+    ),
+    responses(
+        (status = 200, description = "a page: data, next_after", body = AccountPage),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn list_accounts(
     State(state): State<AppState>,
     caller: Caller,
@@ -634,6 +763,24 @@ async fn list_accounts(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{id}",
+    tag = "accounts",
+    summary = "One account: balance, shard (its owner, admin, service)",
+    params(
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "the account", body = AccountBody),
+        (status = 404, description = "no such account", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn get_account(
     State(state): State<AppState>,
     caller: Caller,
@@ -647,7 +794,7 @@ async fn get_account(
     Ok(Json(AccountBody::from(&account)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTransfer {
     from: String,
@@ -657,6 +804,27 @@ struct CreateTransfer {
     currency: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/transfers",
+    tag = "transfers",
+    summary = "Move money (only the payer's owner)",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body replays the first answer; same key, other body: 422; while the first runs: 409."),
+    ),
+    request_body = CreateTransfer,
+    responses(
+        (status = 201, description = "completed", body = TransferBody),
+        (status = 202, description = "pending: recovery completes it"),
+        (status = 404, description = "no such payer or payee", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "transfer blocked by fraud checks, or not the payer's owner", body = ErrorBody),
+        (status = 422, description = "invalid input, insufficient funds, currency mismatch, or failed (credit refused, debit reversed)", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        (status = 409, description = "same key still running", body = ErrorBody),
+    ),
+)]
 async fn create_transfer(
     State(state): State<AppState>,
     caller: Caller,
@@ -681,6 +849,24 @@ async fn create_transfer(
     Ok(send(reply))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/transfers/{id}",
+    tag = "transfers",
+    summary = "One transfer (payer's or payee's owner, admin, service)",
+    params(
+        ("id" = String, Path),
+    ),
+    responses(
+        (status = 200, description = "the transfer", body = TransferBody),
+        (status = 404, description = "no such transfer", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn get_transfer(
     State(state): State<AppState>,
     caller: Caller,
@@ -762,6 +948,20 @@ pub async fn shard_bodies(state: &AppState) -> Vec<ShardBody> {
     out
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/shards",
+    tag = "operations",
+    summary = "Per shard: health, accounts, balances, transfers by state (admin, service)",
+    responses(
+        (status = 200, description = "shards"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
     let shards = shard_bodies(&state).await;
     Json(serde_json::json!({
@@ -771,6 +971,20 @@ async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "operations",
+    summary = "Prove no money was created, lost or paid twice (admin)",
+    responses(
+        (status = 200, description = "the audit report"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn run_audit(
     State(state): State<AppState>,
     caller: Caller,
@@ -779,7 +993,7 @@ async fn run_audit(
     Ok(Json(audit::run(state.manager()?).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ScoreRequest {
     from: String,
@@ -794,6 +1008,21 @@ struct ScoreRequest {
 
 /// The fraud service's scoring endpoint: the decision, score and reasons
 /// for a transfer, recorded as an attempt of the payer. Moves no money.
+#[utoipa::path(
+    post,
+    path = "/v1/fraud/score",
+    tag = "fraud",
+    summary = "Score a transfer: allow, review or block, with reasons (service, admin); publish: true also publishes the decision (the shard manager asks so)",
+    request_body = ScoreRequest,
+    responses(
+        (status = 200, description = "decision, score, reasons"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn score_transfer(
     State(state): State<AppState>,
     caller: Caller,
@@ -858,6 +1087,20 @@ fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::pipeline::Pipe
 
 /// The event pipeline: outbox rows and backlog, events published, and each
 /// consumer's applied events, duplicates suppressed and lag.
+#[utoipa::path(
+    get,
+    path = "/v1/pipeline",
+    tag = "events",
+    summary = "The event pipeline: outbox, published, per consumer applied, duplicates, lag (admin, service)",
+    responses(
+        (status = 200, description = "the pipeline report"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
     let report = pipeline.report().await.map_err(pipeline_unavailable)?;
@@ -867,6 +1110,20 @@ async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiE
 /// The analytics service's totals, overall and per shard, next to the
 /// shards' own counts: `matches_shards` is true when the completed
 /// transfers agree (once the pipeline has caught up).
+#[utoipa::path(
+    get,
+    path = "/v1/analytics",
+    tag = "events",
+    summary = "Analytics totals per shard and overall, next to the shards' own counts (admin, service)",
+    responses(
+        (status = 200, description = "totals"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn analytics_totals(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
     let (overall, per_shard) = pipeline.analytics.totals();
@@ -905,6 +1162,16 @@ async fn analytics_totals(State(state): State<AppState>) -> Result<Response, Api
 /// second. Self-contained: no scripts from elsewhere. It holds no data:
 /// with auth on it reads `/v1/analytics` with the token given after `#`
 /// in its address (`#token=...`), which never leaves the browser.
+#[utoipa::path(
+    get,
+    path = "/dashboard/analytics",
+    tag = "events",
+    summary = "The analytics dashboard (HTML, refreshes itself; with auth on, open it as /dashboard/analytics#token=<admin or service access token>)",
+    security(()),
+    responses(
+        (status = 200, description = "OK"),
+    ),
+)]
 async fn analytics_dashboard() -> Response {
     let page = r#"<!doctype html><html><head><meta charset="utf-8"><title>shardpay analytics</title>
 <style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}.ok{color:#070}.bad{color:#b00}</style>
@@ -931,7 +1198,7 @@ tick();setInterval(tick,1000);
     response
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterWebhook {
     account: String,
@@ -940,6 +1207,23 @@ struct RegisterWebhook {
 
 /// Registers a webhook for an account. The answer carries the signing
 /// secret, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "notifications",
+    summary = "Register a signed webhook for an account (its owner, admin); the secret is shown once",
+    request_body = RegisterWebhook,
+    responses(
+        (status = 201, description = "the webhook and its secret"),
+        (status = 404, description = "no such account", body = ErrorBody),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid URL, or not a public address (unless the server allows private networks)", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        (status = 409, description = "the account has its maximum of 5 webhooks", body = ErrorBody),
+    ),
+)]
 async fn register_webhook(
     State(state): State<AppState>,
     caller: Caller,
@@ -971,6 +1255,20 @@ async fn register_webhook(
     Ok(json_response(201, &webhook))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/dlq",
+    tag = "notifications",
+    summary = "Dead-lettered webhook deliveries (admin)",
+    responses(
+        (status = 200, description = "dead letters"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn list_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
@@ -983,7 +1281,7 @@ async fn list_dead_letters(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Replay {
     #[serde(default)]
@@ -993,6 +1291,21 @@ struct Replay {
 }
 
 /// Delivers dead letters again: `{"ids": [...]}` or `{"all": true}`.
+#[utoipa::path(
+    post,
+    path = "/v1/dlq/replay",
+    tag = "notifications",
+    summary = "Deliver dead letters again: ids, or all (admin)",
+    request_body = Replay,
+    responses(
+        (status = 200, description = "what was delivered, skipped, failed"),
+        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
+        (status = 403, description = "not allowed for this caller", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody),
+        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
+        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+    ),
+)]
 async fn replay_dead_letters(
     State(state): State<AppState>,
     caller: Caller,

@@ -82,7 +82,7 @@ pub struct NewAccount {
     pub created_at_ms: TimestampMs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TransferState {
     Pending,

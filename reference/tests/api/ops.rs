@@ -172,3 +172,22 @@ async fn statements_add_up_to_the_balance_and_shards_balance() {
         assert_eq!(shard["balanced"], true, "{shard}");
     }
 }
+
+/// `reference/openapi/openapi.json` is the API description the code makes
+/// (from the handlers' annotations and their body types), so a reader of
+/// the repository sees what the server serves. After changing a route:
+/// `SHARDPAY_WRITE_OPENAPI=1 cargo test --release -p shardpay-reference --test api openapi`.
+#[test]
+fn the_checked_in_openapi_json_is_the_one_the_code_makes() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
+    let made = shardpay_reference::http::openapi_json();
+    if std::env::var_os("SHARDPAY_WRITE_OPENAPI").is_some() {
+        std::fs::write(path, made).unwrap();
+    }
+    let kept = std::fs::read_to_string(path).unwrap();
+    assert!(
+        kept == made,
+        "reference/openapi/openapi.json differs from what the code makes; rewrite it with \
+         SHARDPAY_WRITE_OPENAPI=1 cargo test --release -p shardpay-reference --test api openapi"
+    );
+}
