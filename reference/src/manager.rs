@@ -185,6 +185,51 @@ pub struct Reply {
     pub replayed: bool,
 }
 
+/// What every step of one transfer request needs.
+struct Attempt<'a> {
+    request: &'a TransferRequest,
+    key: Option<&'a IdempotencyKey>,
+    /// Hash of the route and the parsed request: a retry under the same
+    /// key must match it.
+    fingerprint: String,
+    now: TimestampMs,
+    view: &'a View<Transfer>,
+}
+
+fn transfer_fingerprint(route: &str, request: &TransferRequest) -> String {
+    let currency = request.currency.map(|c| c.code().to_string());
+    fingerprint(
+        route,
+        &[
+            request.from.as_str(),
+            request.to.as_str(),
+            &request.amount.minor().to_string(),
+            currency.as_deref().unwrap_or(""),
+        ],
+    )
+}
+
+/// The transfer's currency (the payer's unless the request names one),
+/// which both accounts must hold.
+fn transfer_currency(
+    request: &TransferRequest,
+    payer: &Account,
+    payee: &Account,
+) -> Result<Currency, ManagerError> {
+    let currency = request.currency.unwrap_or(payer.currency);
+    for account in [payer, payee] {
+        if account.currency != currency {
+            return Err(Refusal::CurrencyMismatch {
+                account: account.id.clone(),
+                account_currency: account.currency,
+                requested: currency,
+            }
+            .into());
+        }
+    }
+    Ok(currency)
+}
+
 #[derive(Debug, Clone)]
 pub struct TransferRequest {
     pub from: AccountId,
@@ -358,6 +403,12 @@ impl ShardManager {
         }
     }
 
+    /// Moves money, in the steps of a transfer: refuse a transfer to
+    /// oneself; hold back while an audit reads; claim the key in this
+    /// process; replay the key's first answer or find both accounts; settle
+    /// the currency; ask fraud; then write: one local transaction
+    /// (same-shard), XA (cross-shard with `--cross-shard xa`), or step (a)
+    /// of the saga and the rest in a task of its own.
     pub async fn transfer_funds(
         self: &Arc<Self>,
         request: TransferRequest,
@@ -371,174 +422,50 @@ impl ShardManager {
             ));
         }
         let shared = Arc::clone(&self.quiesce).read_owned().await;
-        let payer_shard = self.ring.shard_of(&request.from);
-        let payee_shard = self.ring.shard_of(&request.to);
-        let payer_store = &self.shards[payer_shard.index()];
-        let currency_text = request.currency.map(|c| c.code().to_string());
-        let fingerprint = fingerprint(
-            view.route,
-            &[
-                request.from.as_str(),
-                request.to.as_str(),
-                &request.amount.minor().to_string(),
-                currency_text.as_deref().unwrap_or(""),
-            ],
-        );
-        let _running = self.claim_key(&request.from, key.as_ref())?;
-        let now = now_ms();
-
-        // Look at the key and the accounts before writing anything.
-        let payer_lookup = payer_store.account(&request.from);
-        let payee_lookup = self.shards[payee_shard.index()].account(&request.to);
-        let (payer, payee) = tokio::join!(payer_lookup, payee_lookup);
-        if let Some(key) = &key {
-            if let Some(record) = payer_store
-                .idempotency_record(&request.from, key, now)
-                .await?
-            {
-                return self
-                    .replay(record, &fingerprint, &request.from, key, view)
-                    .await;
-            }
+        let attempt = Attempt {
+            fingerprint: transfer_fingerprint(view.route, &request),
+            request: &request,
+            key: key.as_ref(),
+            now: now_ms(),
+            view,
+        };
+        let _running = self.claim_key(&request.from, attempt.key)?;
+        let (payer, payee) = match self.accounts_or_replay(&attempt).await? {
+            Ok(accounts) => accounts,
+            Err(replayed) => return Ok(replayed),
+        };
+        let currency = transfer_currency(&request, &payer, &payee)?;
+        if let Some(replayed) = self.screen(&attempt).await? {
+            return Ok(replayed);
         }
-        let payer = payer?.ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
-        let payee = payee?.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
-        let currency = request.currency.unwrap_or(payer.currency);
-        for account in [&payer, &payee] {
-            if account.currency != currency {
-                return Err(Refusal::CurrencyMismatch {
-                    account: account.id.clone(),
-                    account_currency: account.currency,
-                    requested: currency,
-                }
-                .into());
-            }
-        }
-
-        if let Some(fraud) = &self.fraud {
-            let assessment = fraud
-                .score(
-                    request.from.as_str(),
-                    request.to.as_str(),
-                    request.amount.minor(),
-                    now,
-                )
-                .await
-                .map_err(|e| ManagerError::FraudUnavailable(format!("{e:#}")))?;
-            fraud
-                .publish(
-                    request.from.as_str(),
-                    request.to.as_str(),
-                    request.amount.minor(),
-                    &assessment,
-                )
-                .await;
-            match assessment.decision {
-                Verdict::Block => {
-                    let refusal = Refusal::Blocked {
-                        score: assessment.score,
-                        reasons: assessment.reasons,
-                    };
-                    // Kept under the key like a decline for lack of
-                    // funds: a retry replays this answer, not a new score.
-                    if let Some(key) = &key {
-                        let record = IdempotencyWrite {
-                            scope: request.from.clone(),
-                            key: key.clone(),
-                            fingerprint: fingerprint.clone(),
-                            expires_at_ms: now + self.config.idempotency_ttl_ms,
-                            response: None,
-                        };
-                        match payer_store
-                            .record_decline(
-                                record,
-                                &TransferId::generate(),
-                                refusal.response(),
-                                now,
-                            )
-                            .await
-                        {
-                            Ok(()) => {}
-                            Err(StoreError::IdempotencyKeyExists(record)) => {
-                                return self
-                                    .replay(record, &fingerprint, &request.from, key, view)
-                                    .await;
-                            }
-                            Err(error) => return Err(error.into()),
-                        }
-                    }
-                    return Err(refusal.into());
-                }
-                Verdict::Review => tracing::debug!(
-                    payer = %request.from,
-                    score = assessment.score,
-                    reasons = ?assessment.reasons,
-                    "transfer marked for review"
-                ),
-                Verdict::Allow => {}
-            }
-        }
-
         let transfer = Transfer {
             id: TransferId::generate(),
             payer: request.from.clone(),
             payee: request.to.clone(),
             amount: request.amount,
             currency,
-            payer_shard,
-            payee_shard,
+            payer_shard: self.ring.shard_of(&request.from),
+            payee_shard: self.ring.shard_of(&request.to),
             state: TransferState::Pending,
             failure_code: None,
-            created_at_ms: now,
-            updated_at_ms: now,
+            created_at_ms: attempt.now,
+            updated_at_ms: attempt.now,
         };
         let cross_shard = transfer.is_cross_shard();
         let xa = cross_shard && self.config.cross_shard == CrossShard::Xa;
-        let idempotency = key.clone().map(|key| IdempotencyWrite {
-            scope: request.from.clone(),
-            key,
-            fingerprint: fingerprint.clone(),
-            expires_at_ms: now + self.config.idempotency_ttl_ms,
-            // A same-shard or XA transfer's answer is known before it
-            // commits; a saga's only after its last step.
-            response: (!cross_shard || xa).then(|| {
-                let mut done = transfer.clone();
-                done.state = TransferState::Completed;
-                (view.render)(&done)
-            }),
-        });
+        // A same-shard or XA transfer's answer is known before it commits;
+        // a saga's only after its last step.
+        let idempotency =
+            self.idempotency_write(&attempt, (!cross_shard || xa).then_some(&transfer));
         if xa {
-            // Runs in its own task, holding the shared guard, so a client
-            // that hangs up cannot drop a branch half-way.
-            let manager = Arc::clone(self);
-            let render = view.render;
-            let route = view.route;
-            let task = tokio::spawn(async move {
-                let _shared = shared;
-                let view = View { route, render };
-                manager
-                    .transfer_xa(transfer, idempotency, key, &fingerprint, &view)
-                    .await
-            });
-            return task
-                .await
-                .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))?;
+            let fingerprint = attempt.fingerprint.clone();
+            return self
+                .spawn_xa(shared, transfer, idempotency, key, fingerprint, view)
+                .await;
         }
-        let debit = if cross_shard {
-            payer_store.debit_to_in_flight(&transfer, idempotency).await
-        } else {
-            payer_store.transfer_local(&transfer, idempotency).await
-        };
-        let applied = match debit {
-            Ok(DebitOutcome::Applied(applied)) => applied,
-            Ok(DebitOutcome::Declined(refusal)) => return Err(refusal.into()),
-            Err(StoreError::IdempotencyKeyExists(record)) => {
-                let key = key.expect("a key record exists only with a key");
-                return self
-                    .replay(record, &fingerprint, &request.from, &key, view)
-                    .await;
-            }
-            Err(error) => return Err(error.into()),
+        let applied = match self.debit(&attempt, &transfer, idempotency).await? {
+            Ok(applied) => applied,
+            Err(replayed) => return Ok(replayed),
         };
         if !cross_shard {
             return Ok(Reply {
@@ -550,10 +477,186 @@ impl ShardManager {
             tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
             std::process::abort();
         }
-        // The rest of the saga runs in its own task, holding the shared
-        // guard, so a client that hangs up cannot stop it between steps.
+        self.spawn_saga(shared, applied, key, view.render).await
+    }
+
+    /// Looks at the key and both accounts before anything is written: the
+    /// key's first answer when it has one (`Err`), or the two accounts.
+    async fn accounts_or_replay(
+        &self,
+        attempt: &Attempt<'_>,
+    ) -> Result<Result<(Account, Account), Reply>, ManagerError> {
+        let request = attempt.request;
+        let payer_store = self.store_of(&request.from);
+        let payee_lookup = self.store_of(&request.to).account(&request.to);
+        let (payer, payee) = tokio::join!(payer_store.account(&request.from), payee_lookup);
+        if let Some(key) = attempt.key {
+            if let Some(record) = payer_store
+                .idempotency_record(&request.from, key, attempt.now)
+                .await?
+            {
+                return self.replay_attempt(attempt, record).await.map(Err);
+            }
+        }
+        let payer = payer?.ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
+        let payee = payee?.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
+        Ok(Ok((payer, payee)))
+    }
+
+    /// The first answer kept under the attempt's key, if its body matches.
+    async fn replay_attempt(
+        &self,
+        attempt: &Attempt<'_>,
+        record: IdempotencyRecord,
+    ) -> Result<Reply, ManagerError> {
+        let key = attempt.key.expect("a key record exists only with a key");
+        self.replay(
+            record,
+            &attempt.fingerprint,
+            &attempt.request.from,
+            key,
+            attempt.view,
+        )
+        .await
+    }
+
+    /// The fraud check, before any shard is written: `Ok(None)` to go on;
+    /// a block is an error, kept under the key like a decline for lack of
+    /// funds so a retry replays it (`Ok(Some)`: the key already held one).
+    async fn screen(&self, attempt: &Attempt<'_>) -> Result<Option<Reply>, ManagerError> {
+        let Some(fraud) = &self.fraud else {
+            return Ok(None);
+        };
+        let request = attempt.request;
+        let (from, to, minor) = (
+            request.from.as_str(),
+            request.to.as_str(),
+            request.amount.minor(),
+        );
+        let assessment = fraud
+            .score(from, to, minor, attempt.now)
+            .await
+            .map_err(|e| ManagerError::FraudUnavailable(format!("{e:#}")))?;
+        fraud.publish(from, to, minor, &assessment).await;
+        match assessment.decision {
+            Verdict::Allow => return Ok(None),
+            Verdict::Review => {
+                tracing::debug!(
+                    payer = %request.from,
+                    score = assessment.score,
+                    reasons = ?assessment.reasons,
+                    "transfer marked for review"
+                );
+                return Ok(None);
+            }
+            Verdict::Block => {}
+        }
+        let refusal = Refusal::Blocked {
+            score: assessment.score,
+            reasons: assessment.reasons,
+        };
+        if let Some(record) = self.idempotency_write(attempt, None) {
+            let kept = self
+                .store_of(&request.from)
+                .record_decline(
+                    record,
+                    &TransferId::generate(),
+                    refusal.response(),
+                    attempt.now,
+                )
+                .await;
+            match kept {
+                Ok(()) => {}
+                Err(StoreError::IdempotencyKeyExists(record)) => {
+                    return self.replay_attempt(attempt, record).await.map(Some);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(refusal.into())
+    }
+
+    /// What the attempt writes under its key (nothing without one), with
+    /// the answer of `completed` when it is known before the commit.
+    fn idempotency_write(
+        &self,
+        attempt: &Attempt<'_>,
+        completed: Option<&Transfer>,
+    ) -> Option<IdempotencyWrite> {
+        let key = attempt.key?;
+        Some(IdempotencyWrite {
+            scope: attempt.request.from.clone(),
+            key: key.clone(),
+            fingerprint: attempt.fingerprint.clone(),
+            expires_at_ms: attempt.now + self.config.idempotency_ttl_ms,
+            response: completed.map(|t| {
+                let mut done = t.clone();
+                done.state = TransferState::Completed;
+                (attempt.view.render)(&done)
+            }),
+        })
+    }
+
+    /// The same-shard transfer, or step (a) of the saga, on the payer's
+    /// shard: the transfer as applied, or the key's first answer (`Err`)
+    /// when another request wrote it first.
+    async fn debit(
+        &self,
+        attempt: &Attempt<'_>,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<Result<Transfer, Reply>, ManagerError> {
+        let payer_store = self.store_of(&transfer.payer);
+        let debit = if transfer.is_cross_shard() {
+            payer_store.debit_to_in_flight(transfer, idempotency).await
+        } else {
+            payer_store.transfer_local(transfer, idempotency).await
+        };
+        match debit {
+            Ok(DebitOutcome::Applied(applied)) => Ok(Ok(applied)),
+            Ok(DebitOutcome::Declined(refusal)) => Err(refusal.into()),
+            Err(StoreError::IdempotencyKeyExists(record)) => {
+                self.replay_attempt(attempt, record).await.map(Err)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Runs an XA transfer in its own task, holding the shared guard, so a
+    /// client that hangs up cannot drop a branch half-way.
+    async fn spawn_xa(
+        self: &Arc<Self>,
+        shared: tokio::sync::OwnedRwLockReadGuard<()>,
+        transfer: Transfer,
+        idempotency: Option<IdempotencyWrite>,
+        key: Option<IdempotencyKey>,
+        fingerprint: String,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
         let manager = Arc::clone(self);
-        let render = view.render;
+        let (route, render) = (view.route, view.render);
+        let task = tokio::spawn(async move {
+            let _shared = shared;
+            let view = View { route, render };
+            manager
+                .transfer_xa(transfer, idempotency, key, &fingerprint, &view)
+                .await
+        });
+        task.await
+            .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))?
+    }
+
+    /// Runs the rest of the saga (steps (b) and (c), or the reversal) in its
+    /// own task, holding the shared guard, so a client that hangs up cannot
+    /// stop it between steps; keeps the final answer under the key.
+    async fn spawn_saga(
+        self: &Arc<Self>,
+        shared: tokio::sync::OwnedRwLockReadGuard<()>,
+        applied: Transfer,
+        key: Option<IdempotencyKey>,
+        render: fn(&Transfer) -> StoredResponse,
+    ) -> Result<Reply, ManagerError> {
+        let manager = Arc::clone(self);
         let saga = tokio::spawn(async move {
             let _shared = shared;
             let finished = manager.finish(&applied).await;
@@ -562,8 +665,8 @@ impl ShardManager {
                 // Best effort: if this write is lost, a retry rebuilds the
                 // answer from the transfer itself.
                 let _ = manager
-                    .store_of(&request.from)
-                    .save_idempotent_response(&request.from, key, response.clone())
+                    .store_of(&applied.payer)
+                    .save_idempotent_response(&applied.payer, key, response.clone())
                     .await;
             }
             response
