@@ -1,5 +1,6 @@
 //! Identifiers, each checked once at the boundary and opaque afterwards.
 
+use crate::codes::ErrorCode;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -39,12 +40,12 @@ pub enum IdError {
 }
 
 impl IdError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            IdError::Account(_) => "invalid_account_id",
-            IdError::Transfer(_) => "invalid_transfer_id",
-            IdError::IdempotencyKey => "invalid_idempotency_key",
-            IdError::Shard(_) => "invalid_shard",
+            IdError::Account(_) => ErrorCode::InvalidAccountId,
+            IdError::Transfer(_) => ErrorCode::InvalidTransferId,
+            IdError::IdempotencyKey => ErrorCode::InvalidIdempotencyKey,
+            IdError::Shard(_) => ErrorCode::InvalidShard,
         }
     }
 }

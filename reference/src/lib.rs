@@ -18,6 +18,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod codes;
 pub mod events;
 pub mod fraud;
 pub mod http;

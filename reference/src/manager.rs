@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use crate::codes::ErrorCode;
 use crate::fraud::{FraudEngine, Verdict};
 use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
@@ -130,7 +131,7 @@ impl Default for ManagerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
     #[error("{message}")]
-    Invalid { code: &'static str, message: String },
+    Invalid { code: ErrorCode, message: String },
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error("Idempotency-Key was already used with a different request; use a new key for a new request")]
@@ -150,7 +151,7 @@ pub enum ManagerError {
 }
 
 impl ManagerError {
-    pub fn invalid(code: &'static str, message: impl Into<String>) -> ManagerError {
+    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> ManagerError {
         ManagerError::Invalid {
             code,
             message: message.into(),
@@ -417,7 +418,7 @@ impl ShardManager {
     ) -> Result<Reply, ManagerError> {
         if request.from == request.to {
             return Err(ManagerError::invalid(
-                "same_account",
+                ErrorCode::SameAccount,
                 "a transfer needs two different accounts",
             ));
         }

@@ -4,6 +4,7 @@
 //! [`Amount`] in the currency's minor units. Inside the core, amounts are
 //! `i64` minor units; sums that could exceed `i64` are taken in `i128`.
 
+use crate::codes::ErrorCode;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -144,14 +145,14 @@ impl MoneyError {
     }
 
     /// The stable machine code clients see in error responses.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            MoneyError::Malformed(_) => "invalid_amount",
-            MoneyError::TooPrecise { .. } => "amount_too_precise",
-            MoneyError::Negative(_) => "negative_amount",
-            MoneyError::Zero => "zero_amount",
-            MoneyError::TooLarge(_) => "amount_too_large",
-            MoneyError::UnsupportedCurrency(_) => "unsupported_currency",
+            MoneyError::Malformed(_) => ErrorCode::InvalidAmount,
+            MoneyError::TooPrecise { .. } => ErrorCode::AmountTooPrecise,
+            MoneyError::Negative(_) => ErrorCode::NegativeAmount,
+            MoneyError::Zero => ErrorCode::ZeroAmount,
+            MoneyError::TooLarge(_) => ErrorCode::AmountTooLarge,
+            MoneyError::UnsupportedCurrency(_) => ErrorCode::UnsupportedCurrency,
         }
     }
 }
@@ -610,7 +611,7 @@ mod proptests {
                     }
                 }
                 prop_assert_eq!(
-                    got.as_ref().map(|a| a.minor()).map_err(|e| e.code()),
+                    got.as_ref().map(|a| a.minor()).map_err(|e| e.code().as_str()),
                     expected(&text, currency),
                     "{:?} in {}", text, currency
                 );

@@ -14,6 +14,7 @@
 //! webhook) pair is delivered at most once successfully: a replay of one
 //! already delivered is recognised and not sent.
 
+use crate::codes::ErrorCode;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,12 +74,12 @@ pub enum WebhookRefused {
 }
 
 impl WebhookRefused {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            WebhookRefused::InvalidUrl => "invalid_url",
-            WebhookRefused::NotPublic(_) => "webhook_url_not_public",
-            WebhookRefused::TooManyForAccount => "too_many_webhooks",
-            WebhookRefused::TooMany => "too_many_webhooks",
+            WebhookRefused::InvalidUrl => ErrorCode::InvalidUrl,
+            WebhookRefused::NotPublic(_) => ErrorCode::WebhookUrlNotPublic,
+            WebhookRefused::TooManyForAccount => ErrorCode::TooManyWebhooks,
+            WebhookRefused::TooMany => ErrorCode::TooManyWebhooks,
         }
     }
 }

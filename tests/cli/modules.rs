@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 /// may import its own submodules and anything in a lower layer, never a
 /// module of its own layer or above.
 const REFERENCE_LAYERS: &[&[&str]] = &[
+    &["codes"],
     &["money", "ids"],
     &["sharding"],
     &["ledger"],

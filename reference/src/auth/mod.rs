@@ -15,6 +15,7 @@
 pub mod redis;
 pub mod stores;
 
+use crate::codes::ErrorCode;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -176,13 +177,13 @@ pub struct Tokens {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("{1}")]
-    Invalid(&'static str, String),
+    Invalid(ErrorCode, String),
     #[error("username or password is wrong")]
     BadCredentials,
     #[error("{1}")]
-    Unauthorized(&'static str, String),
+    Unauthorized(ErrorCode, String),
     #[error("{1}")]
-    Forbidden(&'static str, String),
+    Forbidden(ErrorCode, String),
     #[error("username {0} is taken")]
     Taken(String),
     #[error("too many requests; retry in {} s", retry_after.as_secs().max(1))]
@@ -449,7 +450,7 @@ impl AuthService {
             .unwrap_or("no message")
             .to_string();
         Err(match body["error"]["code"].as_str() {
-            Some("unknown_owner") => AuthError::Invalid("unknown_owner", message),
+            Some("unknown_owner") => AuthError::Invalid(ErrorCode::UnknownOwner, message),
             _ => AuthError::PeerUnavailable(format!("{} answered {status}: {message}", remote.url)),
         })
     }
@@ -505,13 +506,13 @@ impl AuthService {
     ) -> Result<(), AuthError> {
         if !valid_username(username) {
             return Err(AuthError::Invalid(
-                "invalid_username",
+                ErrorCode::InvalidUsername,
                 "username: 3 to 64 characters of letters, digits, '_', '.', '-'".into(),
             ));
         }
         if password.len() < 8 || password.len() > MAX_PASSWORD_LEN {
             return Err(AuthError::Invalid(
-                "weak_password",
+                ErrorCode::WeakPassword,
                 "password: 8 to 256 characters".into(),
             ));
         }
@@ -669,7 +670,7 @@ impl AuthService {
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
         let invalid = || {
             AuthError::Unauthorized(
-                "invalid_refresh_token",
+                ErrorCode::InvalidRefreshToken,
                 "the refresh token is not valid (used, revoked or expired); log in again".into(),
             )
         };
@@ -700,8 +701,7 @@ impl AuthService {
             // RFC 6819 5.2.2.3).
             self.stores.sessions.revoke(sid).await?;
             tracing::warn!(user = %session.username, "a used refresh token came back; its session is revoked");
-            return Err(AuthError::Unauthorized(
-                "refresh_token_reused",
+            return Err(AuthError::Unauthorized(ErrorCode::RefreshTokenReused,
                 "this refresh token was already used; the session is revoked for safety, log in again".into(),
             ));
         }
@@ -725,12 +725,12 @@ impl AuthService {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Unauthorized(
-                    "token_expired",
+                    ErrorCode::TokenExpired,
                     "the access token expired; refresh it (POST /v1/auth/refresh) or log in again"
                         .into(),
                 ),
                 _ => AuthError::Unauthorized(
-                    "invalid_token",
+                    ErrorCode::InvalidToken,
                     format!("the access token is not valid: {e}"),
                 ),
             })?;
@@ -743,7 +743,7 @@ impl AuthService {
                 session: claims.sid,
             }),
             _ => Err(AuthError::Unauthorized(
-                "session_revoked",
+                ErrorCode::SessionRevoked,
                 "this session was logged out or expired; log in again".into(),
             )),
         }
@@ -838,8 +838,7 @@ impl AuthService {
             for (account, owner) in pairs {
                 if !known.contains(owner) {
                     if !user.exists([owner])? {
-                        return Err(AuthError::Invalid(
-                            "unknown_owner",
+                        return Err(AuthError::Invalid(ErrorCode::UnknownOwner,
                             format!("no user named {owner}; register it first (owners are users, not admins or services, who cannot pay)"),
                         ));
                     }
@@ -943,7 +942,10 @@ mod tests {
         ] {
             let err = auth.refresh(&guess).await.unwrap_err();
             assert!(
-                matches!(err, AuthError::Unauthorized("invalid_refresh_token", _)),
+                matches!(
+                    err,
+                    AuthError::Unauthorized(ErrorCode::InvalidRefreshToken, _)
+                ),
                 "{err:?}"
             );
         }
@@ -952,7 +954,10 @@ mod tests {
         let second = auth.refresh(&first.refresh_token).await.unwrap();
         let err = auth.refresh(&first.refresh_token).await.unwrap_err();
         assert!(
-            matches!(err, AuthError::Unauthorized("refresh_token_reused", _)),
+            matches!(
+                err,
+                AuthError::Unauthorized(ErrorCode::RefreshTokenReused, _)
+            ),
             "{err:?}"
         );
         assert!(err.to_string().contains("log in again"), "{err}");

@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 
 use super::{ApiError, ApiJson, AppState, ErrorBody};
 use crate::auth::{AuthError, Principal, Role};
+use crate::codes::ErrorCode;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -34,39 +35,28 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         let message = e.to_string();
         match e {
-            AuthError::Invalid(code, _) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            AuthError::Invalid(code, _) => ApiError::new(code, message),
+            AuthError::BadCredentials => ApiError::new(ErrorCode::InvalidCredentials, message),
+            AuthError::Unauthorized(code, _) | AuthError::Forbidden(code, _) => {
+                ApiError::new(code, message)
             }
-            AuthError::BadCredentials => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", message)
-            }
-            AuthError::Unauthorized(code, _) => {
-                ApiError::new(StatusCode::UNAUTHORIZED, code, message)
-            }
-            AuthError::Forbidden(code, _) => ApiError::new(StatusCode::FORBIDDEN, code, message),
-            AuthError::Taken(_) => ApiError::new(StatusCode::CONFLICT, "username_taken", message),
+            AuthError::Taken(_) => ApiError::new(ErrorCode::UsernameTaken, message),
             AuthError::RateLimited { retry_after, .. } => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+                ApiError::new(ErrorCode::RateLimited, message)
                     .retry_after(retry_after.as_millis().div_ceil(1000) as u64)
             }
             AuthError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "auth_store_unavailable",
+                ErrorCode::AuthStoreUnavailable,
                 "the session store (Redis) is unavailable; nothing was changed, retry shortly",
             )
             .retry_after(1),
             AuthError::PeerUnavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "auth_service_unavailable",
+                ErrorCode::AuthServiceUnavailable,
                 format!("{message}; nothing was changed, retry shortly"),
             )
             .retry_after(1),
-            AuthError::Busy => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).retry_after(1)
-            }
-            AuthError::Internal(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-            }
+            AuthError::Busy => ApiError::new(ErrorCode::Busy, message).retry_after(1),
+            AuthError::Internal(_) => ApiError::new(ErrorCode::Internal, message),
         }
     }
 }
@@ -79,8 +69,8 @@ pub enum Caller {
     Token(Principal),
 }
 
-fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, code, message)
+fn forbidden(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::new(code, message)
 }
 
 impl Caller {
@@ -104,7 +94,7 @@ impl Caller {
             Caller::Demo => Ok(()),
             Caller::Token(p) if roles.contains(&p.role) => Ok(()),
             Caller::Token(p) => Err(forbidden(
-                "forbidden",
+                ErrorCode::Forbidden,
                 format!(
                     "a {} token may not do this; it needs the role {}",
                     p.role.as_str(),
@@ -131,7 +121,7 @@ impl Caller {
             return Ok(());
         }
         Err(forbidden(
-            "not_account_owner",
+            ErrorCode::NotAccountOwner,
             format!("only the owner of account {account} may pay from it"),
         ))
     }
@@ -149,7 +139,7 @@ impl Caller {
             return Ok(());
         }
         Err(forbidden(
-            "not_account_owner",
+            ErrorCode::NotAccountOwner,
             format!("account {account} is not yours"),
         ))
     }
@@ -185,8 +175,7 @@ impl Caller {
             Some(token) => token.trim(),
             None => {
                 return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_token",
+                    ErrorCode::MissingToken,
                     "send Authorization: Bearer <access token> (POST /v1/auth/login gives one)",
                 ))
             }
@@ -198,8 +187,7 @@ impl Caller {
 fn auth_of(state: &AppState) -> Result<&std::sync::Arc<crate::auth::AuthService>, ApiError> {
     state.auth.as_ref().ok_or_else(|| {
         ApiError::new(
-            StatusCode::NOT_FOUND,
-            "auth_disabled",
+            ErrorCode::AuthDisabled,
             "this server runs in demo mode without auth",
         )
     })
@@ -245,8 +233,7 @@ async fn register(
             .as_ref()
             .ok_or_else(|| {
                 ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_token",
+                    ErrorCode::MissingToken,
                     "only an admin may create an admin or a service user; send its token",
                 )
             })?
@@ -395,8 +382,7 @@ async fn logout_all(
     } else {
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!("send no body, or {{\"username\": \"...\"}} (admins): {e}"),
             )
         })?
@@ -472,8 +458,7 @@ async fn claim_owners(
     let auth = auth_of(&state)?;
     if body.pairs.len() > 1000 {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "too_many_pairs",
+            ErrorCode::TooManyPairs,
             "at most 1000 pairs per request",
         ));
     }
@@ -533,8 +518,8 @@ async fn assign_owner(
     let id = crate::ids::AccountId::parse(&account)?;
     if let Some(manager) = &state.manager {
         if manager.account(&id).await?.is_none() {
-            return Err(ApiError::not_found(
-                "account_not_found",
+            return Err(ApiError::new(
+                ErrorCode::AccountNotFound,
                 format!("account {id} does not exist"),
             ));
         }
@@ -542,8 +527,7 @@ async fn assign_owner(
     if !auth.assign_owner(id.as_str(), &body.owner).await? {
         let current = auth.owner_of(id.as_str()).await?;
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "owner_already_set",
+            ErrorCode::OwnerAlreadySet,
             format!(
                 "account {id} belongs to {}; owners do not change once set",
                 current.as_deref().unwrap_or("another user")

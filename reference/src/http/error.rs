@@ -6,21 +6,32 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::codes::ErrorCode;
 use crate::ids::IdError;
 use crate::manager::ManagerError;
 use crate::money::MoneyError;
 
 #[derive(Debug)]
 pub struct ApiError {
+    /// The code's own status, except for errors of other layers rewritten
+    /// into this shape (`ApiError::rewritten`).
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// Seconds, sent as `Retry-After` (429 and 503 answers).
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// An error with `code`, answering the code's status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        let status = StatusCode::from_u16(code.status()).expect("codes carry valid statuses");
+        ApiError::rewritten(status, code, message)
+    }
+
+    /// An error another layer answered with `status` (a rejection before
+    /// any route, a timeout), put in this shape under the nearest code.
+    pub fn rewritten(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -33,20 +44,12 @@ impl ApiError {
         self.retry_after = Some(seconds.max(1));
         self
     }
-
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, code, message)
-    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(code = self.code, error = %self.message, "request failed");
+            tracing::error!(code = self.code.as_str(), error = %self.message, "request failed");
         }
         // A 5xx message is logged above, never sent: it may carry a
         // database driver's or another service's words (addresses, SQL).
@@ -55,12 +58,12 @@ impl IntoResponse for ApiError {
         } else if self.status.is_server_error() {
             format!(
                 "a service this request needs is unavailable ({}); retry shortly with the same Idempotency-Key",
-                self.code
+                self.code.as_str()
             )
         } else {
             self.message
         };
-        let body = crate::error_body(self.code, &message);
+        let body = crate::error_body(self.code.as_str(), &message);
         let mut response = (
             self.status,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -80,83 +83,56 @@ impl From<ManagerError> for ApiError {
     fn from(error: ManagerError) -> ApiError {
         let message = error.to_string();
         match error {
-            ManagerError::Invalid { code, .. } => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            ManagerError::Invalid { code, .. } => ApiError::new(code, message),
+            ManagerError::Refused(refusal) => ApiError::new(refusal.code(), message),
+            ManagerError::IdempotencyKeyReused => {
+                ApiError::new(ErrorCode::IdempotencyKeyReused, message)
             }
-            ManagerError::Refused(refusal) => ApiError::new(
-                StatusCode::from_u16(refusal.http_status()).expect("valid status"),
-                refusal.code(),
-                message,
-            ),
-            ManagerError::IdempotencyKeyReused => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                message,
-            ),
             ManagerError::IdempotencyKeyInFlight => {
-                ApiError::new(StatusCode::CONFLICT, "idempotency_key_in_flight", message)
+                ApiError::new(ErrorCode::IdempotencyKeyInFlight, message)
             }
-            ManagerError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shard_unavailable",
-                message,
-            ),
-            ManagerError::FraudUnavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "fraud_unavailable",
-                message,
-            )
-            .retry_after(1),
-            ManagerError::Internal(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            ManagerError::Unavailable(_) => ApiError::new(ErrorCode::ShardUnavailable, message),
+            ManagerError::FraudUnavailable(_) => {
+                ApiError::new(ErrorCode::FraudUnavailable, message).retry_after(1)
             }
+            ManagerError::Internal(_) => ApiError::new(ErrorCode::Internal, message),
         }
     }
 }
 
 impl From<MoneyError> for ApiError {
     fn from(error: MoneyError) -> ApiError {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            error.code(),
-            error.to_string(),
-        )
+        ApiError::new(error.code(), error.to_string())
     }
 }
 
 impl From<IdError> for ApiError {
     fn from(error: IdError) -> ApiError {
-        ApiError::bad_request(error.code(), error.to_string())
+        ApiError::new(error.code(), error.to_string())
     }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
-        let status = rejection.status();
         let code = match &rejection {
-            JsonRejection::JsonSyntaxError(_) => "malformed_json",
-            JsonRejection::JsonDataError(_) => "invalid_body",
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-            _ if status == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            _ => "invalid_body",
+            JsonRejection::JsonSyntaxError(_) => ErrorCode::MalformedJson,
+            JsonRejection::JsonDataError(_) => ErrorCode::InvalidBody,
+            JsonRejection::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
+            _ => ErrorCode::InvalidBody,
         };
-        let status = if code == "invalid_body" && status != StatusCode::PAYLOAD_TOO_LARGE {
-            StatusCode::BAD_REQUEST
-        } else {
-            status
-        };
-        ApiError::new(status, code, rejection.body_text())
+        ApiError::new(code, rejection.body_text())
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> ApiError {
-        ApiError::bad_request("invalid_path", rejection.body_text())
+        ApiError::new(ErrorCode::InvalidPath, rejection.body_text())
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> ApiError {
-        ApiError::bad_request("invalid_query", rejection.body_text())
+        ApiError::new(ErrorCode::InvalidQuery, rejection.body_text())
     }
 }

@@ -18,6 +18,7 @@ use super::{
     decimal_number, json, send, ApiError, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE,
 };
 use crate::auth::Role;
+use crate::codes::ErrorCode;
 use crate::ids::AccountId;
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
@@ -151,8 +152,7 @@ async fn create(
         Some(p) if p.role == Role::User && p.username == user => {
             if balance.minor() != 0 {
                 return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "opening_balance_requires_admin",
+                    ErrorCode::OpeningBalanceRequiresAdmin,
                     "only an admin creates accounts with a balance",
                 ));
             }
@@ -160,8 +160,7 @@ async fn create(
         }
         Some(_) => {
             return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "forbidden",
+                ErrorCode::Forbidden,
                 "a user creates only the account named after itself",
             ))
         }
@@ -170,8 +169,7 @@ async fn create(
     let pair = [(user.as_str(), owner.as_deref())];
     if !super::v1::check_owners(&state, &pair).await?[0] {
         return Err(ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "account_exists",
+            ErrorCode::AccountExists,
             format!("account {user} exists and belongs to another user"),
         ));
     }
@@ -236,8 +234,7 @@ async fn create_account_minor(
     let minor: i64 = balance.parse().map_err(|_| {
         let shown: String = balance.chars().take(40).collect();
         ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_amount",
+            ErrorCode::InvalidAmount,
             format!("balance {shown:?} must be a whole number of minor units"),
         )
     })?;
@@ -410,7 +407,10 @@ async fn account(
     let id = AccountId::parse(&user)?;
     caller.may_read(&state, id.as_str()).await?;
     let account = state.manager()?.account(&id).await?.ok_or_else(|| {
-        ApiError::not_found("account_not_found", format!("account {id} does not exist"))
+        ApiError::new(
+            ErrorCode::AccountNotFound,
+            format!("account {id} does not exist"),
+        )
     })?;
     Ok(Json(LegacyAccount::from(&account)))
 }

@@ -22,6 +22,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
+use crate::codes::ErrorCode;
 use crate::ids::IdempotencyKey;
 use crate::ledger::StoredResponse;
 use crate::manager::{Reply, ShardManager};
@@ -72,8 +73,8 @@ impl AppState {
     /// The shard manager of a process that uses shards.
     pub fn manager(&self) -> Result<&Arc<ShardManager>, ApiError> {
         self.manager.as_ref().ok_or_else(|| {
-            ApiError::not_found(
-                "not_served_here",
+            ApiError::new(
+                ErrorCode::NotServedHere,
                 format!("the {} service keeps no shards", self.service.name()),
             )
         })
@@ -130,8 +131,7 @@ pub fn router(state: AppState) -> Router {
 /// 405 in the error shape, naming the methods the route takes.
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{} does not take {method}", uri.path()),
     )
 }
@@ -162,24 +162,24 @@ async fn json_errors(request: Request, next: axum::middleware::Next) -> Response
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::NOT_FOUND => "route_not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::REQUEST_TIMEOUT => "request_timeout",
-        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
-        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
-        StatusCode::SERVICE_UNAVAILABLE => "timeout",
-        s if s.is_server_error() => "internal",
-        _ => "invalid_request",
+        StatusCode::BAD_REQUEST => ErrorCode::BadRequest,
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::InvalidRequest,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Timeout,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::InvalidRequest,
     };
     let message = match (code, text.trim()) {
-        ("timeout", _) => {
+        (ErrorCode::Timeout, _) => {
             "the request took too long and was stopped; retry with the same Idempotency-Key"
                 .to_string()
         }
-        ("internal", _) => {
+        (ErrorCode::Internal, _) => {
             "internal error; the request may be retried with the same Idempotency-Key".to_string()
         }
         (_, "") => status
@@ -188,7 +188,7 @@ async fn json_errors(request: Request, next: axum::middleware::Next) -> Response
             .to_string(),
         (_, t) => t.chars().take(MAX_REWRITTEN_MESSAGE).collect(),
     };
-    let mut error = ApiError::new(status, code, message);
+    let mut error = ApiError::rewritten(status, code, message);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         error = error.retry_after(1);
     }
@@ -213,10 +213,25 @@ pub struct ErrorBody {
 #[allow(dead_code)]
 pub struct ErrorDetail {
     /// A stable machine code, such as `insufficient_funds`.
-    code: String,
+    code: ErrorCode,
     /// What was wrong, for a person.
     message: String,
 }
+
+/// Error codes in the API description: the list of every code.
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(ErrorCode::ALL.iter().map(|c| c.as_str())))
+            .description(Some(
+                "A stable error code; each comes with one HTTP status (reference/src/codes.rs)",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorCode {}
 
 /// The API description (OpenAPI 3) of every route, as JSON: derived from
 /// the handlers' annotations and the types of their bodies. Served at
@@ -318,8 +333,8 @@ async fn route_not_found(
                 || format!("on port {}", service.default_port()),
                 |u| format!("at {u}"),
             );
-            ApiError::not_found(
-                "route_not_found",
+            ApiError::new(
+                ErrorCode::RouteNotFound,
                 format!(
                     "this is the {} service; {} is served by the {} service ({at})",
                     state.service.name(),
@@ -328,8 +343,8 @@ async fn route_not_found(
                 ),
             )
         }
-        _ => ApiError::not_found(
-            "route_not_found",
+        _ => ApiError::new(
+            ErrorCode::RouteNotFound,
             "no such route; see README.md for the API",
         ),
     }
@@ -362,8 +377,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
             return Ok(IdempotencyHeader(None));
         };
         let text = value.to_str().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_idempotency_key",
+            ApiError::new(
+                ErrorCode::InvalidIdempotencyKey,
                 "Idempotency-Key must be printable ASCII",
             )
         })?;
@@ -436,9 +451,7 @@ pub async fn guarded_transfer(
             match auth.stores.locks.acquire(&name, &holder, ttl).await {
                 Ok(true) => Some((name, holder)),
                 Ok(false) => {
-                    return Err(ApiError::new(
-                        axum::http::StatusCode::CONFLICT,
-                        "idempotency_key_in_flight",
+                    return Err(ApiError::new(ErrorCode::IdempotencyKeyInFlight,
                         "a request with this Idempotency-Key is still being processed; retry after it finishes",
                     ))
                 }

@@ -15,13 +15,14 @@
 //! rebinding).
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::auth::Role;
+use crate::codes::ErrorCode;
 
 /// What a route asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,8 +135,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         .unwrap_or_default();
     let Some(access) = access(request.method(), &route) else {
         return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "no_permission_rule",
+            ErrorCode::NoPermissionRule,
             format!(
                 "{} {route} has no row in the permission table; refused to everyone",
                 request.method()
@@ -205,9 +205,7 @@ fn same_site(request: &Request) -> Result<(), ApiError> {
         .map(|h| h.to_str().unwrap_or("\u{0}"));
     if let Some(host) = host {
         if !is_loopback_host(host) {
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "host_not_allowed",
+            return Err(ApiError::new(ErrorCode::HostNotAllowed,
                 "demo mode answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1])",
             ));
         }
@@ -234,8 +232,7 @@ fn same_site(request: &Request) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cross_origin_refused",
+            ErrorCode::CrossOriginRefused,
             "demo mode refuses state-changing requests from another site's page",
         ))
     }

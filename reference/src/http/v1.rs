@@ -12,6 +12,7 @@ use super::auth::Caller;
 use super::{json, send, ApiError, ApiJson, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE};
 use crate::audit::{self, AuditReport};
 use crate::auth::Role;
+use crate::codes::ErrorCode;
 use crate::ids::{AccountId, TransferId};
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
@@ -154,15 +155,14 @@ async fn account_entries(
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_limit",
+            ErrorCode::InvalidLimit,
             format!("limit must be 1 to {MAX_PAGE}"),
         ));
     }
     let manager = state.manager()?;
     let Some(account) = manager.account(&id).await? else {
-        return Err(ApiError::not_found(
-            "account_not_found",
+        return Err(ApiError::new(
+            ErrorCode::AccountNotFound,
             format!("account {id} does not exist"),
         ));
     };
@@ -315,8 +315,7 @@ fn amount_of(
 ) -> Result<Option<Amount>, ApiError> {
     match (text, minor) {
         (Some(_), Some(_)) => Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "ambiguous_amount",
+            ErrorCode::AmbiguousAmount,
             format!("give either {field} or {field}_minor, not both"),
         )),
         (Some(text), None) => Ok(Some(Amount::parse(text, currency)?)),
@@ -333,8 +332,7 @@ fn transfer_amount(
 ) -> Result<Amount, ApiError> {
     let amount = amount_of(text, minor, currency, "amount")?.ok_or_else(|| {
         ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "missing_amount",
+            ErrorCode::MissingAmount,
             "give amount (decimal text such as \"4.50\") or amount_minor",
         )
     })?;
@@ -417,9 +415,7 @@ fn owner_for(
             if !crate::auth::names_own_account(&p.username, request.id.as_str()) {
                 // Otherwise a user could create the account named after
                 // another user (who then cannot) and be paid in its place.
-                return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "account_id_not_yours",
+                return Err(ApiError::new(ErrorCode::AccountIdNotYours,
                     format!(
                         "a user's accounts are named after it: {0}, or {0} followed by '-', '.', '_' or '@' and more",
                         p.username
@@ -428,23 +424,20 @@ fn owner_for(
             }
             if body.owner.as_ref().is_some_and(|o| *o != p.username) {
                 return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "a user creates accounts for itself only; leave owner out",
                 ));
             }
             if request.opening_balance.minor() != 0 {
                 return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "opening_balance_requires_admin",
+                    ErrorCode::OpeningBalanceRequiresAdmin,
                     "only an admin creates accounts with an opening balance",
                 ));
             }
             Ok(Some(p.username.clone()))
         }
         Role::Service => Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             "a service token may not create accounts",
         )),
     }
@@ -452,8 +445,7 @@ fn owner_for(
 
 fn owned_by_another(account: &str) -> ApiError {
     ApiError::new(
-        axum::http::StatusCode::CONFLICT,
-        "account_exists",
+        ErrorCode::AccountExists,
         format!("account {account} exists and belongs to another user"),
     )
 }
@@ -579,8 +571,7 @@ async fn create_accounts_bulk(
     caller.require(&[Role::Admin])?;
     if body.accounts.is_empty() || body.accounts.len() > MAX_BULK {
         return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "bulk_size",
+            ErrorCode::BulkSize,
             format!("send 1 to {MAX_BULK} accounts per bulk request"),
         ));
     }
@@ -683,8 +674,7 @@ async fn lookup_transfers(
     caller.require(&[Role::Admin, Role::Service])?;
     if body.ids.len() > MAX_LOOKUP {
         return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "lookup_size",
+            ErrorCode::LookupSize,
             format!("name at most {MAX_LOOKUP} transfers per lookup"),
         ));
     }
@@ -789,7 +779,10 @@ async fn get_account(
     let id = AccountId::parse(&id)?;
     caller.may_read(&state, id.as_str()).await?;
     let account = state.manager()?.account(&id).await?.ok_or_else(|| {
-        ApiError::not_found("account_not_found", format!("account {id} does not exist"))
+        ApiError::new(
+            ErrorCode::AccountNotFound,
+            format!("account {id} does not exist"),
+        )
     })?;
     Ok(Json(AccountBody::from(&account)))
 }
@@ -874,8 +867,8 @@ async fn get_transfer(
 ) -> Result<Json<TransferBody>, ApiError> {
     let id = TransferId::parse(&id)?;
     let transfer = state.manager()?.transfer(&id).await?.ok_or_else(|| {
-        ApiError::not_found(
-            "transfer_not_found",
+        ApiError::new(
+            ErrorCode::TransferNotFound,
             format!("transfer {id} does not exist"),
         )
     })?;
@@ -1031,8 +1024,7 @@ async fn score_transfer(
     caller.require(&[Role::Service, Role::Admin])?;
     let Some(engine) = &state.fraud else {
         return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "fraud_checks_off",
+            ErrorCode::FraudChecksOff,
             "fraud checks are off on this server (serve --fraud on turns them on)",
         ));
     };
@@ -1053,8 +1045,7 @@ async fn score_transfer(
         .await
         .map_err(|e| {
             ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "fraud_unavailable",
+                ErrorCode::FraudUnavailable,
                 format!("fraud checks failed: {e}"),
             )
         })?;
@@ -1068,21 +1059,17 @@ async fn score_transfer(
 
 fn pipeline_unavailable(e: anyhow::Error) -> ApiError {
     ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "pipeline_unavailable",
+        ErrorCode::PipelineUnavailable,
         format!("cannot read the event pipeline: {e:#}"),
     )
     .retry_after(1)
 }
 
 fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::pipeline::Pipeline>, ApiError> {
-    state.pipeline.as_ref().ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "no_pipeline",
-            "this process runs no event pipeline",
-        )
-    })
+    state
+        .pipeline
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorCode::NoPipeline, "this process runs no event pipeline"))
 }
 
 /// The event pipeline: outbox rows and backlog, events published, and each
@@ -1236,22 +1223,14 @@ async fn register_webhook(
     }
     if state.manager()?.account(&account).await?.is_none() {
         return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "account_not_found",
+            ErrorCode::AccountNotFound,
             format!("account {account} does not exist"),
         ));
     }
     let webhook = pipeline
         .notifier
         .register(account.as_str(), &body.url)
-        .map_err(|e| {
-            let status = match e {
-                crate::notification::WebhookRefused::TooManyForAccount
-                | crate::notification::WebhookRefused::TooMany => axum::http::StatusCode::CONFLICT,
-                _ => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            };
-            ApiError::new(status, e.code(), e.to_string())
-        })?;
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     Ok(json_response(201, &webhook))
 }
 
@@ -1315,8 +1294,7 @@ async fn replay_dead_letters(
     let pipeline = pipeline_of(&state)?;
     if body.all == !body.ids.is_empty() {
         return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "replay_what",
+            ErrorCode::ReplayWhat,
             "give either ids (a list of dead-letter ids) or all: true",
         ));
     }

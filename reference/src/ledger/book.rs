@@ -1042,7 +1042,7 @@ pub(crate) async fn credit_out_of_flight<S: Session>(
     let refusal = payee_refusal(t, payee);
     let (outcome, code) = match &refusal {
         None => ("credited", None),
-        Some(r) => ("refused", Some(r.code())),
+        Some(r) => ("refused", Some(r.code().as_str())),
     };
     s.execute(
         "INSERT INTO inbound_credits (transfer_id, payer, payee, amount_minor, currency,

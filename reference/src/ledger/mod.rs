@@ -14,6 +14,7 @@ mod book;
 pub mod mysql;
 pub mod sqlite;
 
+use crate::codes::ErrorCode;
 use async_trait::async_trait;
 use serde::Serialize;
 
@@ -189,33 +190,26 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Refusal::AccountNotFound(_) => "account_not_found",
-            Refusal::AccountExists(_) => "account_exists",
-            Refusal::CurrencyMismatch { .. } => "currency_mismatch",
-            Refusal::InsufficientFunds(_) => "insufficient_funds",
-            Refusal::BalanceOverflow(_) => "balance_overflow",
-            Refusal::Blocked { .. } => "transfer_blocked",
+            Refusal::AccountNotFound(_) => ErrorCode::AccountNotFound,
+            Refusal::AccountExists(_) => ErrorCode::AccountExists,
+            Refusal::CurrencyMismatch { .. } => ErrorCode::CurrencyMismatch,
+            Refusal::InsufficientFunds(_) => ErrorCode::InsufficientFunds,
+            Refusal::BalanceOverflow(_) => ErrorCode::BalanceOverflow,
+            Refusal::Blocked { .. } => ErrorCode::TransferBlocked,
         }
     }
 
     pub fn http_status(&self) -> u16 {
-        match self {
-            Refusal::AccountNotFound(_) => 404,
-            Refusal::AccountExists(_) => 409,
-            Refusal::Blocked { .. } => 403,
-            Refusal::CurrencyMismatch { .. }
-            | Refusal::InsufficientFunds(_)
-            | Refusal::BalanceOverflow(_) => 422,
-        }
+        self.code().status()
     }
 
     /// The error body every API route answers with for this refusal.
     pub fn response(&self) -> StoredResponse {
         StoredResponse {
             status: self.http_status(),
-            body: crate::error_body(self.code(), &self.to_string()),
+            body: crate::error_body(self.code().as_str(), &self.to_string()),
         }
     }
 }
