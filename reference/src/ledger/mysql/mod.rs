@@ -445,6 +445,8 @@ macro_rules! transaction {
 }
 
 /// Runs `$body` (using `$s`) outside a transaction, on a pooled connection.
+/// A read that failed may have left session state behind (the audit's
+/// snapshot opens a transaction), so its connection is closed, not pooled.
 macro_rules! reading {
     ($self:ident, |$s:ident| $body:expr) => {{
         let mut held = $self.hold().await?;
@@ -453,7 +455,9 @@ macro_rules! reading {
             let $s = &mut session;
             $body.await
         };
-        drop(held.release());
+        if result.is_ok() {
+            drop(held.release());
+        }
         result
     }};
 }
