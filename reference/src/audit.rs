@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::ledger::{
     now_ms, AccountKind, AccountMismatch, CreditEntries, CreditOutcome, ShardAudit, TimestampMs,
-    TransferEntries, TransferState,
+    Transfer, TransferEntries, TransferState,
 };
 use crate::manager::{ManagerError, ShardManager};
 use crate::money::{format_minor, Currency};
@@ -123,7 +123,6 @@ fn evaluate(
     recovery_deadline_ms: i64,
     now: TimestampMs,
 ) -> AuditReport {
-    let mut checks = Checks(Vec::new());
     let per_shard = |f: &dyn Fn(&ShardAudit) -> Vec<String>| -> Vec<String> {
         shards
             .iter()
@@ -131,17 +130,8 @@ fn evaluate(
             .flat_map(|(i, s)| f(s).into_iter().map(move |p| format!("shard {i}: {p}")))
             .collect()
     };
-
-    checks.add(
-        "entries_sum_to_zero",
-        per_shard(&|s| {
-            s.entry_sum_by_currency
-                .iter()
-                .filter(|(_, sum)| *sum != 0)
-                .map(|(c, sum)| format!("{c} entries sum to {sum}"))
-                .collect()
-        }),
-    );
+    let mut checks = Checks(Vec::new());
+    checks.add("entries_sum_to_zero", per_shard(&entry_sum_problems));
     checks.add(
         "balances_match_entries",
         per_shard(&|s| {
@@ -162,91 +152,18 @@ fn evaluate(
     );
     checks.add(
         "in_flight_matches_transfers",
-        per_shard(&|s| {
-            let mut want: BTreeMap<&str, i128> = BTreeMap::new();
-            for (c, sum) in &s.sent_minor_by_currency {
-                *want.entry(c.code()).or_default() += sum;
-            }
-            for (c, sum) in &s.received_minor_by_currency {
-                *want.entry(c.code()).or_default() -= sum;
-            }
-            let mut have: BTreeMap<&str, i128> = BTreeMap::new();
-            for (kind, c, sum) in &s.totals {
-                if *kind == AccountKind::InFlight {
-                    *have.entry(c.code()).or_default() += sum;
-                }
-            }
-            let codes: std::collections::BTreeSet<&str> =
-                want.keys().chain(have.keys()).copied().collect();
-            codes
-                .into_iter()
-                .filter_map(|c| {
-                    let (w, h) = (
-                        want.get(c).copied().unwrap_or(0),
-                        have.get(c).copied().unwrap_or(0),
-                    );
-                    (w != h)
-                        .then(|| format!("{c} in-flight account holds {h}, transfers imply {w}"))
-                })
-                .collect()
-        }),
+        per_shard(&in_flight_problems),
     );
-    let mut entry_problems = per_shard(&entry_problems);
-    // Every completed cross-shard transfer was credited exactly once, and no
-    // failed one was: credits = completed + pending-but-credited.
-    let completed: (u64, i128) = shards.iter().fold((0, 0), |acc, s| {
-        (
-            acc.0 + s.completed_cross_out.0,
-            acc.1 + s.completed_cross_out.1,
-        )
-    });
-    let credited: (u64, i128) = shards.iter().fold((0, 0), |acc, s| {
-        (acc.0 + s.credited_in.0, acc.1 + s.credited_in.1)
-    });
-    let halfway = (
-        pending_credited.len() as u64,
-        pending_credited.iter().map(|(_, a)| a).sum::<i128>(),
-    );
-    if (completed.0 + halfway.0, completed.1 + halfway.1) != credited {
-        entry_problems.push(format!(
-            "{} completed cross-shard transfers ({} minor units) and {} credited pending ones, but {} credits ({} minor units) on payee shards",
-            completed.0, completed.1, halfway.0, credited.0, credited.1
-        ));
-    }
-    checks.add("transfers_have_entries_exactly_once", entry_problems);
-
+    let mut exactly_once = per_shard(&entry_problems);
+    exactly_once.extend(credit_count_problem(shards, pending_credited));
+    checks.add("transfers_have_entries_exactly_once", exactly_once);
     let totals = money_totals(shards);
-    checks.add(
-        "money_conserved",
-        totals
-            .iter()
-            .filter(|t| t.balances_minor + t.in_flight_minor != t.funded_minor)
-            .map(|t| {
-                format!(
-                    "{}: balances {} + in flight {} != funded {}",
-                    t.currency, t.balances, t.in_flight, t.funded
-                )
-            })
-            .collect(),
-    );
-
-    let pending: Vec<_> = shards.iter().flat_map(|s| s.pending.iter()).collect();
+    checks.add("money_conserved", conservation_problems(&totals));
+    let pending: Vec<&Transfer> = shards.iter().flat_map(|s| s.pending.iter()).collect();
     checks.add(
         "no_stale_pending_transfers",
-        pending
-            .iter()
-            .filter(|t| now - t.created_at_ms > recovery_deadline_ms)
-            .map(|t| {
-                format!(
-                    "{} pending for {} s (deadline {} s)",
-                    t.id,
-                    (now - t.created_at_ms) / 1000,
-                    recovery_deadline_ms / 1000
-                )
-            })
-            .collect(),
+        stale_problems(&pending, recovery_deadline_ms, now),
     );
-
     AuditReport {
         ok: checks.0.iter().all(|c| c.ok),
         shards: shards.len(),
@@ -254,6 +171,104 @@ fn evaluate(
         totals,
         pending_transfers: pending.len(),
     }
+}
+
+/// Currencies whose entries on one shard do not sum to zero.
+fn entry_sum_problems(s: &ShardAudit) -> Vec<String> {
+    s.entry_sum_by_currency
+        .iter()
+        .filter(|(_, sum)| *sum != 0)
+        .map(|(c, sum)| format!("{c} entries sum to {sum}"))
+        .collect()
+}
+
+/// A shard's in-flight account against what its transfers imply: money
+/// sent into flight by its payers (not failed) less credits it took out.
+fn in_flight_problems(s: &ShardAudit) -> Vec<String> {
+    let mut want: BTreeMap<&str, i128> = BTreeMap::new();
+    for (c, sum) in &s.sent_minor_by_currency {
+        *want.entry(c.code()).or_default() += sum;
+    }
+    for (c, sum) in &s.received_minor_by_currency {
+        *want.entry(c.code()).or_default() -= sum;
+    }
+    let mut have: BTreeMap<&str, i128> = BTreeMap::new();
+    for (kind, c, sum) in &s.totals {
+        if *kind == AccountKind::InFlight {
+            *have.entry(c.code()).or_default() += sum;
+        }
+    }
+    let codes: std::collections::BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
+    codes
+        .into_iter()
+        .filter_map(|c| {
+            let (w, h) = (
+                want.get(c).copied().unwrap_or(0),
+                have.get(c).copied().unwrap_or(0),
+            );
+            (w != h).then(|| format!("{c} in-flight account holds {h}, transfers imply {w}"))
+        })
+        .collect()
+}
+
+/// Every completed cross-shard transfer was credited exactly once, and no
+/// failed one was: credits = completed + pending-but-credited.
+fn credit_count_problem(
+    shards: &[ShardAudit],
+    pending_credited: &[(Currency, i128)],
+) -> Option<String> {
+    let sum = |f: fn(&ShardAudit) -> (u64, i128)| {
+        shards
+            .iter()
+            .map(f)
+            .fold((0u64, 0i128), |acc, x| (acc.0 + x.0, acc.1 + x.1))
+    };
+    let completed = sum(|s| s.completed_cross_out);
+    let credited = sum(|s| s.credited_in);
+    let halfway = (
+        pending_credited.len() as u64,
+        pending_credited.iter().map(|(_, a)| a).sum::<i128>(),
+    );
+    ((completed.0 + halfway.0, completed.1 + halfway.1) != credited).then(|| {
+        format!(
+            "{} completed cross-shard transfers ({} minor units) and {} credited pending ones, but {} credits ({} minor units) on payee shards",
+            completed.0, completed.1, halfway.0, credited.0, credited.1
+        )
+    })
+}
+
+/// Currencies whose balances and money in flight differ from what was funded.
+fn conservation_problems(totals: &[CurrencyTotals]) -> Vec<String> {
+    totals
+        .iter()
+        .filter(|t| t.balances_minor + t.in_flight_minor != t.funded_minor)
+        .map(|t| {
+            format!(
+                "{}: balances {} + in flight {} != funded {}",
+                t.currency, t.balances, t.in_flight, t.funded
+            )
+        })
+        .collect()
+}
+
+/// Pending transfers older than the recovery deadline.
+fn stale_problems(
+    pending: &[&Transfer],
+    recovery_deadline_ms: i64,
+    now: TimestampMs,
+) -> Vec<String> {
+    pending
+        .iter()
+        .filter(|t| now - t.created_at_ms > recovery_deadline_ms)
+        .map(|t| {
+            format!(
+                "{} pending for {} s (deadline {} s)",
+                t.id,
+                (now - t.created_at_ms) / 1000,
+                recovery_deadline_ms / 1000
+            )
+        })
+        .collect()
 }
 
 /// An account whose balance is not the sum of its entries.
