@@ -293,3 +293,94 @@ async fn sqlite_shard_files_survive_reopening() {
     assert_eq!(balance(&store, "kept").await, 7_00);
     assert_clean(&store.audit().await.unwrap());
 }
+
+/// A request dropped mid-transaction (a client that hangs up, a timeout)
+/// must leave nothing open: cancels each transfer after a growing delay,
+/// so some land before, inside and after the transaction; then the same
+/// accounts must still move money at once (no lock left held, no pooled
+/// connection inside an old transaction), and the shard must audit clean
+/// with every unit of money accounted for.
+async fn cancelled_transfers_leave_nothing_open(store: &dyn ShardStore) {
+    store
+        .create_account(account("cx_a", 100_000), None)
+        .await
+        .unwrap();
+    store
+        .create_account(account("cx_b", 0), None)
+        .await
+        .unwrap();
+    let mut finished = 0;
+    for i in 0..300u64 {
+        let (from, to) = if i % 2 == 0 {
+            ("cx_a", "cx_b")
+        } else {
+            ("cx_b", "cx_a")
+        };
+        let t = transfer(from, to, 1, 0);
+        let delay = std::time::Duration::from_micros((i % 100) * 10);
+        if let Ok(outcome) = tokio::time::timeout(delay, store.transfer_local(&t, None)).await {
+            outcome.unwrap();
+            finished += 1;
+        }
+    }
+    // Every later transfer on the same rows goes through, promptly: a
+    // lock left by a cancelled transaction would hold it for the lock-wait
+    // timeout and answer unavailable.
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let t = transfer("cx_a", "cx_b", 1, 0);
+        let outcome = store.transfer_local(&t, None).await.unwrap();
+        assert!(matches!(outcome, DebitOutcome::Applied(_)), "{outcome:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+    let (a, b) = (balance(store, "cx_a").await, balance(store, "cx_b").await);
+    assert_eq!(
+        a + b,
+        100_000,
+        "money created or lost by cancelled transfers"
+    );
+    assert_clean(&store.audit().await.unwrap());
+    eprintln!("{finished} of 300 cancelled-or-not transfers finished before their deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_transfers_cancelled_mid_flight_leave_nothing_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteShard::open(
+        dir.path(),
+        ShardId::new(0).unwrap(),
+        &SqliteConfig::default(),
+    )
+    .unwrap();
+    cancelled_transfers_leave_nothing_open(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_transfers_cancelled_mid_transaction_leave_nothing_open() {
+    use shardpay_reference::ledger::mysql::{MysqlConfig, MysqlShard};
+    use sqlx::Connection;
+    let Some(server) = crate::support::mysql_server() else {
+        return;
+    };
+    let db = format!("t{}_cx", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // A small pool, so a connection pooled inside an old transaction
+    // would be handed out again soon.
+    let config = MysqlConfig {
+        pool_size: 2,
+        ..MysqlConfig::default()
+    };
+    let store = MysqlShard::connect(
+        &format!("{server}/{db}"),
+        ShardId::new(0).unwrap(),
+        1,
+        &config,
+    )
+    .await
+    .unwrap();
+    cancelled_transfers_leave_nothing_open(&store).await;
+}
