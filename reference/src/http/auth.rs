@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiJson, AppState, ErrorBody};
+use super::{ApiError, ApiJson, AppState, CommonErrors, ErrorBody};
 use crate::auth::{AuthError, Principal, Role};
 use crate::codes::ErrorCode;
 
@@ -363,11 +363,7 @@ struct LogoutAll {
     request_body = LogoutAll,
     responses(
         (status = 200, description = "username and sessions revoked"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn logout_all(
@@ -442,11 +438,7 @@ struct ClaimOwners {
     request_body = ClaimOwners,
     responses(
         (status = 200, description = "owned: one boolean per pair"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn claim_owners(
@@ -500,11 +492,7 @@ struct AssignOwner {
         (status = 200, description = "account and owner"),
         (status = 404, description = "no such account", body = ErrorBody),
         (status = 409, description = "another user owns it", body = ErrorBody),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn assign_owner(
@@ -548,11 +536,7 @@ async fn assign_owner(
     ),
     responses(
         (status = 200, description = "account and owner"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn owner_of(

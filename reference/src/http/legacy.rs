@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::auth::Caller;
 use super::v1::shard_bodies;
 use super::{
-    decimal_number, json, send, ApiError, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE,
+    decimal_number, json, send, ApiError, AppState, IdempotencyHeader, ModelledErrors, MAX_PAGE,
 };
 use crate::auth::Role;
 use crate::codes::ErrorCode;
@@ -192,10 +192,7 @@ async fn create(
     ),
     responses(
         (status = 201, description = "created"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn create_user(
@@ -219,10 +216,7 @@ async fn create_user(
     ),
     responses(
         (status = 201, description = "created"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn create_account_minor(
@@ -254,10 +248,7 @@ async fn create_account_minor(
     ),
     responses(
         (status = 200, description = "transferred"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn transfer(
@@ -303,10 +294,7 @@ struct UserShard {
     ),
     responses(
         (status = 200, description = "user and shard"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn user_shard(
@@ -393,10 +381,7 @@ impl From<&Account> for LegacyAccount {
     ),
     responses(
         (status = 200, description = "the account"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn account(
@@ -433,10 +418,7 @@ struct Users {
     summary = "Accounts, a page at a time (admin, service)",
     responses(
         (status = 200, description = "accounts"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn users(
@@ -528,10 +510,7 @@ struct Stats<'a> {
     summary = "Totals across shards in the default currency (admin, service)",
     responses(
         (status = 200, description = "totals"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn stats(State(state): State<AppState>) -> Response {
@@ -582,10 +561,7 @@ struct Analytics {
     summary = "Transfer counts and volume across shards (admin, service)",
     responses(
         (status = 200, description = "analytics"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn analytics(State(state): State<AppState>) -> Json<Analytics> {
@@ -622,10 +598,7 @@ async fn analytics(State(state): State<AppState>) -> Json<Analytics> {
     summary = "Per shard: health, accounts, balances, transfers by state (admin, service)",
     responses(
         (status = 200, description = "shards"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 503, description = "a shard or a service it needs is unavailable; nothing changed, retry", body = ErrorBody),
+        ModelledErrors,
     ),
 )]
 async fn shard_stats(State(state): State<AppState>) -> Json<serde_json::Value> {

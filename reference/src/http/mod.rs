@@ -218,6 +218,49 @@ pub struct ErrorDetail {
     message: String,
 }
 
+/// The errors most routes may answer, described once for the API
+/// description.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum CommonErrors {
+    #[response(
+        status = 401,
+        description = "missing, invalid, expired or revoked token"
+    )]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "not allowed for this caller")]
+    Forbidden(ErrorBody),
+    #[response(status = 422, description = "invalid input")]
+    Invalid(ErrorBody),
+    #[response(status = 429, description = "rate limited (Retry-After)")]
+    RateLimited(ErrorBody),
+    #[response(
+        status = 503,
+        description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry"
+    )]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of the modelled system's routes, described once.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ModelledErrors {
+    #[response(
+        status = 401,
+        description = "missing, invalid, expired or revoked token"
+    )]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "not allowed for this caller")]
+    Forbidden(ErrorBody),
+    #[response(status = 422, description = "invalid input")]
+    Invalid(ErrorBody),
+    #[response(
+        status = 503,
+        description = "a shard or a service it needs is unavailable; nothing changed, retry"
+    )]
+    Unavailable(ErrorBody),
+}
+
 /// Error codes in the API description: the list of every code.
 impl utoipa::PartialSchema for ErrorCode {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {

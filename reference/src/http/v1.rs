@@ -9,7 +9,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::{json, send, ApiError, ApiJson, AppState, ErrorBody, IdempotencyHeader, MAX_PAGE};
+use super::{
+    json, send, ApiError, ApiJson, AppState, CommonErrors, ErrorBody, IdempotencyHeader, MAX_PAGE,
+};
 use crate::audit::{self, AuditReport};
 use crate::auth::Role;
 use crate::codes::ErrorCode;
@@ -72,11 +74,7 @@ pub fn routes(service: Service) -> OpenApiRouter<AppState> {
     summary = "Per shard: sum of entries per currency (zero when balanced), balance totals per kind of account, money sent into and taken out of flight (admin, service)",
     responses(
         (status = 200, description = "shards"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn trial_balance(
@@ -136,11 +134,7 @@ struct EntriesQuery {
     responses(
         (status = 200, description = "account, entries, next_after"),
         (status = 404, description = "no such account", body = ErrorBody),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn account_entries(
@@ -192,11 +186,7 @@ async fn account_entries(
     summary = "What this process's outbox relay has published, and its failed passes (admin, service)",
     responses(
         (status = 200, description = "counts"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn relay_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -213,11 +203,7 @@ async fn relay_stats(State(state): State<AppState>) -> Result<Response, ApiError
     summary = "The notification consumer's counts: events applied, deliveries, attempts, dead letters (admin, service)",
     responses(
         (status = 200, description = "counts"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn notification_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -363,11 +349,7 @@ struct CreateAccount {
     responses(
         (status = 201, description = "created", body = AccountBody),
         (status = 409, description = "account exists", body = ErrorBody),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn create_account(
@@ -556,11 +538,7 @@ fn account_request(state: &AppState, body: &CreateAccount) -> Result<AccountRequ
     request_body = BulkAccounts,
     responses(
         (status = 200, description = "results, one per account"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn create_accounts_bulk(
@@ -659,11 +637,7 @@ struct Lookup {
     request_body = Lookup,
     responses(
         (status = 200, description = "found and missing"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn lookup_transfers(
@@ -727,11 +701,7 @@ struct AccountPage {
     ),
     responses(
         (status = 200, description = "a page: data, next_after", body = AccountPage),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn list_accounts(
@@ -764,11 +734,7 @@ async fn list_accounts(
     responses(
         (status = 200, description = "the account", body = AccountBody),
         (status = 404, description = "no such account", body = ErrorBody),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn get_account(
@@ -853,11 +819,7 @@ async fn create_transfer(
     responses(
         (status = 200, description = "the transfer", body = TransferBody),
         (status = 404, description = "no such transfer", body = ErrorBody),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn get_transfer(
@@ -948,11 +910,7 @@ pub async fn shard_bodies(state: &AppState) -> Vec<ShardBody> {
     summary = "Per shard: health, accounts, balances, transfers by state (admin, service)",
     responses(
         (status = 200, description = "shards"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -971,11 +929,7 @@ async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
     summary = "Prove no money was created, lost or paid twice (admin)",
     responses(
         (status = 200, description = "the audit report"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn run_audit(
@@ -1009,11 +963,7 @@ struct ScoreRequest {
     request_body = ScoreRequest,
     responses(
         (status = 200, description = "decision, score, reasons"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn score_transfer(
@@ -1081,11 +1031,7 @@ fn pipeline_of(state: &AppState) -> Result<&std::sync::Arc<crate::pipeline::Pipe
     summary = "The event pipeline: outbox, published, per consumer applied, duplicates, lag (admin, service)",
     responses(
         (status = 200, description = "the pipeline report"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -1104,11 +1050,7 @@ async fn pipeline_report(State(state): State<AppState>) -> Result<Response, ApiE
     summary = "Analytics totals per shard and overall, next to the shards' own counts (admin, service)",
     responses(
         (status = 200, description = "totals"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn analytics_totals(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -1241,11 +1183,7 @@ async fn register_webhook(
     summary = "Dead-lettered webhook deliveries (admin)",
     responses(
         (status = 200, description = "dead letters"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn list_dead_letters(
@@ -1278,11 +1216,7 @@ struct Replay {
     request_body = Replay,
     responses(
         (status = 200, description = "what was delivered, skipped, failed"),
-        (status = 401, description = "missing, invalid, expired or revoked token", body = ErrorBody),
-        (status = 403, description = "not allowed for this caller", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody),
-        (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        CommonErrors,
     ),
 )]
 async fn replay_dead_letters(
