@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::auth::{AuthConfig, AuthService, Stores};
-use crate::events::BusConfig;
+use crate::events::{BusConfig, EventBus};
 use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
-use crate::http::{self, AppState};
+use crate::http::AppState;
 use crate::ids::ShardId;
 use crate::ledger::mysql::{MysqlConfig, MysqlShard};
 use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
@@ -206,89 +206,16 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     } else {
         None
     };
-    let auth = match &config.auth {
-        AuthSetup::Demo => {
-            anyhow::ensure!(
-                config.bind.ip().is_loopback(),
-                "demo mode (no auth) listens on loopback only; bind 127.0.0.1, or turn auth on (leave --demo out and set SHARDPAY_JWT_SECRET)"
-            );
-            tracing::warn!(
-                "DEMO MODE: NO AUTHENTICATION. Anyone who can reach {} may move any money. Loopback only; never expose this.",
-                config.bind
-            );
-            None
+    let auth = open_auth(&config).await?;
+    let fraud = open_fraud(&config, bus.as_ref(), &auth)?;
+    let (manager, pipeline) = match shards {
+        Some(shards) => {
+            let pipeline = bus.map(|bus| open_pipeline(&config, &shards, bus, &auth));
+            let manager = open_manager(&config, shards, &fraud)?;
+            (Some(manager), pipeline)
         }
-        AuthSetup::On {
-            config: auth_config,
-            redis,
-            redis_prefix,
-            dev,
-        } => {
-            auth_config.check(*dev)?;
-            if auth_config.secret == crate::auth::DEV_SECRET {
-                tracing::warn!("--dev: the JWT secret is the built-in development one; tokens can be forged by anyone who reads the source");
-            }
-            let stores = match redis {
-                Some(url) => Stores::redis(url, redis_prefix).await?,
-                None => Stores::memory(),
-            };
-            let service = if service.runs(Service::Auth) {
-                std::fs::create_dir_all(&config.data_dir).with_context(|| {
-                    format!("cannot create data directory {}", config.data_dir.display())
-                })?;
-                let path = config.data_dir.join("auth.sqlite");
-                let auth = AuthService::open(auth_config.clone(), Some(&path), stores)?;
-                auth.bootstrap_admin().await?;
-                auth
-            } else {
-                // Tokens are checked here (same secret, same sessions);
-                // account owners are the auth service's to keep.
-                AuthService::open(auth_config.clone(), None, stores)?
-                    .with_remote_owners(&config.peers.auth, service.name())
-            };
-            Some(Arc::new(service))
-        }
+        None => (None, None),
     };
-    let fraud = match &config.fraud {
-        None => None,
-        Some(rules) if service.runs(Service::Fraud) => {
-            rules.check()?;
-            let mut engine =
-                FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()));
-            if let Some(bus) = &bus {
-                engine = engine.publishing_to(Arc::clone(bus));
-            }
-            Some(Arc::new(engine))
-        }
-        Some(_) if service == Service::ShardManager => Some(Arc::new(FraudEngine::remote(
-            &config.peers.fraud,
-            auth.clone(),
-        ))),
-        Some(_) => None,
-    };
-    let mut pipeline = None;
-    let mut manager = None;
-    if let Some(shards) = shards {
-        if let Some(bus) = &bus {
-            let mut p = Pipeline::with_bus(shards.clone(), Arc::clone(bus))
-                .with_webhooks(config.webhooks)
-                .with_auth(auth.clone());
-            if config.webhooks.allow_private && service.runs(Service::Notification) {
-                tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
-            }
-            if split {
-                p = p.for_service(service, config.peers.clone());
-            }
-            pipeline = Some(Arc::new(p));
-        }
-        let mut m = ShardManager::new(shards, config.manager.clone())?;
-        if service.runs(Service::ShardManager) {
-            if let Some(engine) = &fraud {
-                m = m.with_fraud(Arc::clone(engine));
-            }
-        }
-        manager = Some(Arc::new(m));
-    }
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| {
@@ -315,6 +242,118 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     })
 }
 
+/// Authentication as configured: none in demo mode (loopback only), else
+/// the auth service with its users here (the auth service) or remote (the
+/// others check tokens with the same secret and sessions).
+async fn open_auth(config: &ServeConfig) -> anyhow::Result<Option<Arc<AuthService>>> {
+    let (auth_config, redis, redis_prefix, dev) = match &config.auth {
+        AuthSetup::Demo => {
+            anyhow::ensure!(
+                config.bind.ip().is_loopback(),
+                "demo mode (no auth) listens on loopback only; bind 127.0.0.1, or turn auth on (leave --demo out and set SHARDPAY_JWT_SECRET)"
+            );
+            tracing::warn!(
+                "DEMO MODE: NO AUTHENTICATION. Anyone who can reach {} may move any money. Loopback only; never expose this.",
+                config.bind
+            );
+            return Ok(None);
+        }
+        AuthSetup::On {
+            config,
+            redis,
+            redis_prefix,
+            dev,
+        } => (config, redis, redis_prefix, *dev),
+    };
+    auth_config.check(dev)?;
+    if auth_config.secret == crate::auth::DEV_SECRET {
+        tracing::warn!("--dev: the JWT secret is the built-in development one; tokens can be forged by anyone who reads the source");
+    }
+    let stores = match redis {
+        Some(url) => Stores::redis(url, redis_prefix).await?,
+        None => Stores::memory(),
+    };
+    let service = config.service;
+    let auth = if service.runs(Service::Auth) {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        let path = config.data_dir.join("auth.sqlite");
+        let auth = AuthService::open(auth_config.clone(), Some(&path), stores)?;
+        auth.bootstrap_admin().await?;
+        auth
+    } else {
+        // Tokens are checked here (same secret, same sessions); account
+        // owners are the auth service's to keep.
+        AuthService::open(auth_config.clone(), None, stores)?
+            .with_remote_owners(&config.peers.auth, service.name())
+    };
+    Ok(Some(Arc::new(auth)))
+}
+
+/// The fraud rules: here in the fraud service (publishing decisions to the
+/// bus), a client of the fraud service in a split shard manager.
+fn open_fraud(
+    config: &ServeConfig,
+    bus: Option<&Arc<dyn EventBus>>,
+    auth: &Option<Arc<AuthService>>,
+) -> anyhow::Result<Option<Arc<FraudEngine>>> {
+    let service = config.service;
+    Ok(match &config.fraud {
+        None => None,
+        Some(rules) if service.runs(Service::Fraud) => {
+            rules.check()?;
+            let mut engine =
+                FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()));
+            if let Some(bus) = bus {
+                engine = engine.publishing_to(Arc::clone(bus));
+            }
+            Some(Arc::new(engine))
+        }
+        Some(_) if service == Service::ShardManager => Some(Arc::new(FraudEngine::remote(
+            &config.peers.fraud,
+            auth.clone(),
+        ))),
+        Some(_) => None,
+    })
+}
+
+/// The outbox relay, the bus and the consumers this service runs.
+fn open_pipeline(
+    config: &ServeConfig,
+    shards: &[Arc<dyn ShardStore>],
+    bus: Arc<dyn EventBus>,
+    auth: &Option<Arc<AuthService>>,
+) -> Arc<Pipeline> {
+    let service = config.service;
+    let mut pipeline = Pipeline::with_bus(shards.to_vec(), bus)
+        .with_webhooks(config.webhooks)
+        .with_auth(auth.clone());
+    if config.webhooks.allow_private && service.runs(Service::Notification) {
+        tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
+    }
+    if service != Service::All {
+        pipeline = pipeline.for_service(service, config.peers.clone());
+    }
+    Arc::new(pipeline)
+}
+
+/// The shard manager over `shards`, screening with `fraud` where it moves
+/// money.
+fn open_manager(
+    config: &ServeConfig,
+    shards: Vec<Arc<dyn ShardStore>>,
+    fraud: &Option<Arc<FraudEngine>>,
+) -> anyhow::Result<Arc<ShardManager>> {
+    let mut manager = ShardManager::new(shards, config.manager.clone())?;
+    if config.service.runs(Service::ShardManager) {
+        if let Some(engine) = fraud {
+            manager = manager.with_fraud(Arc::clone(engine));
+        }
+    }
+    Ok(Arc::new(manager))
+}
+
 impl App {
     /// Serves until `shutdown` resolves, then stops accepting, lets running
     /// requests finish, and stops the recovery loop.
@@ -335,7 +374,7 @@ impl App {
             Some(p) => p.spawn(RELAY_INTERVAL).await?,
             None => Vec::new(),
         };
-        let router = http::router(self.state);
+        let router = crate::api::router(self.state);
         let served = axum::serve(
             self.listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::{Analytics, ANALYTICS_GROUP};
 use crate::events::*;
 use crate::ledger::ShardStore;
 

@@ -41,7 +41,7 @@ pub struct Api {
 /// service serves go to the shard manager (`--target`).
 pub fn service_of(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or(path);
-    shardpay_reference::http::served_by(path).map_or("shard-manager", |s| s.name())
+    shardpay_reference::api::served_by(path).map_or("shard-manager", |s| s.name())
 }
 
 /// A 404 from a service of a split deployment that says another service

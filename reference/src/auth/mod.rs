@@ -13,6 +13,7 @@
 //! the traits of [`stores`], on Redis or in memory.
 
 pub mod redis;
+pub mod routes;
 pub mod stores;
 
 use crate::codes::ErrorCode;

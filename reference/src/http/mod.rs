@@ -1,32 +1,33 @@
-//! The shard manager's HTTP API: our JSON API under `/v1`, and the routes of
-//! the modelled system (`legacy`) so its walkthrough and clients run as
-//! written.
+//! What every service's routes stand on: the state a handler gets, the
+//! error shape, the extractors (a JSON body, an Idempotency-Key, the
+//! [`auth::Caller`]), who may call what ([`permissions`]), and the routes
+//! every process serves ([`ops`]: health, readiness, metrics). Each
+//! service's own routes are in its folder (`manager::routes`,
+//! `ledger::routes`, ...); [`crate::api`] puts them together.
 
 pub mod auth;
 mod error;
-mod legacy;
+pub mod metrics;
 pub mod ops;
 pub mod permissions;
-mod v1;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
 use crate::codes::ErrorCode;
 use crate::ids::IdempotencyKey;
 use crate::ledger::StoredResponse;
+use crate::ledger::{Account, Transfer, TransferState};
 use crate::manager::{Reply, ShardManager};
-use crate::money::{format_minor, Currency};
+use crate::money::{format_minor, Amount, Currency};
 use crate::peers::{Peers, Service};
 
 /// Largest request body accepted. Our requests are a few hundred bytes;
@@ -66,7 +67,7 @@ pub struct AppState {
     /// Authentication and authorization; `None` is demo mode (no auth).
     pub auth: Option<Arc<crate::auth::AuthService>>,
     /// Request counts and latencies for `/metrics`.
-    pub metrics: Arc<ops::Metrics>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -81,55 +82,8 @@ impl AppState {
     }
 }
 
-/// The routes of `service` (all of them for `Service::All`), each with its
-/// description: the one route table, from which the router, the API
-/// description and which service serves a path are all derived.
-pub fn api(service: Service) -> OpenApiRouter<AppState> {
-    let mut routes = OpenApiRouter::new();
-    if service.runs(Service::Auth) {
-        routes = routes.merge(auth::routes());
-    }
-    if service.runs(Service::ShardManager) {
-        // The modelled system's routes, its /health among them.
-        routes = routes.merge(legacy::routes());
-    } else {
-        routes = routes.merge(ops::health_routes());
-    }
-    routes.merge(v1::routes(service)).merge(ops::routes())
-}
-
-/// The routes of the process's service (all of them for `Service::All`),
-/// for serving or for `oneshot` tests.
-pub fn router(state: AppState) -> Router {
-    let (routes, _) = api(state.service).split_for_parts();
-    routes
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            permissions::guard,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            ops::observe,
-        ))
-        .fallback(route_not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            BODY_TIMEOUT,
-        ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(axum::middleware::from_fn(json_errors))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            MAX_CONCURRENT_REQUESTS,
-        ))
-        .with_state(state)
-}
-
 /// 405 in the error shape, naming the methods the route takes.
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         ErrorCode::MethodNotAllowed,
         format!("{} does not take {method}", uri.path()),
@@ -142,7 +96,7 @@ const MAX_REWRITTEN_MESSAGE: usize = 512;
 /// Every error answers in the one JSON shape, whoever made it: an
 /// extractor's plain-text rejection, axum's empty 405, a timeout layer's
 /// empty 503 are rewritten here (our own `ApiError`s pass unchanged).
-async fn json_errors(request: Request, next: axum::middleware::Next) -> Response {
+pub async fn json_errors(request: Request, next: axum::middleware::Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -276,123 +230,6 @@ impl utoipa::PartialSchema for ErrorCode {
 
 impl utoipa::ToSchema for ErrorCode {}
 
-/// The API description (OpenAPI 3) of every route, as JSON: derived from
-/// the handlers' annotations and the types of their bodies. Served at
-/// `/openapi.json`; `reference/openapi/openapi.json` is a copy a test keeps
-/// equal to it.
-pub fn openapi_json() -> &'static str {
-    static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
-        let (_, mut doc) = api(Service::All).split_for_parts();
-        doc.info = utoipa::openapi::InfoBuilder::new()
-            .title("shardpay reference payment system")
-            .version("1")
-            .description(Some(API_DESCRIPTION))
-            .build();
-        doc.servers = Some(vec![utoipa::openapi::server::Server::new(
-            "http://127.0.0.1:8006",
-        )]);
-        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
-            "bearer",
-            Vec::<String>::new(),
-        )]);
-        doc.components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(
-                "bearer",
-                utoipa::openapi::security::SecurityScheme::Http(
-                    utoipa::openapi::security::HttpBuilder::new()
-                        .scheme(utoipa::openapi::security::HttpAuthScheme::Bearer)
-                        .bearer_format("JWT")
-                        .build(),
-                ),
-            );
-        doc.to_pretty_json()
-            .expect("the API description serializes")
-    });
-    &DOCUMENT
-}
-
-const API_DESCRIPTION: &str = "The reference system's API: the routes of its six services. \
-Run as one process (shardpay serve) all of them answer on one port; run as six (shardpay \
-serve <service>) each service answers its own: auth 8001, ledger 8002, fraud 8003, \
-notification 8004, analytics 8005, shard manager 8006. Money is integer minor units with a \
-currency; amounts go in as decimal text or minor units. Errors are \
-{\"error\":{\"code\",\"message\"}}. With auth on, send Authorization: Bearer <access token> \
-from POST /v1/auth/login.";
-
-/// Whether the routed path `template` (`/v1/accounts/{id}`) matches `path`.
-fn template_matches(template: &str, path: &str) -> bool {
-    let (mut t, mut p) = (template.split('/'), path.split('/'));
-    loop {
-        match (t.next(), p.next()) {
-            (None, None) => return true,
-            (Some(t), Some(p)) if t == p || (t.starts_with('{') && !p.is_empty()) => {}
-            _ => return false,
-        }
-    }
-}
-
-/// The service that serves `path` in a split deployment (the shard manager
-/// first where several do), from the route table.
-pub fn served_by(path: &str) -> Option<Service> {
-    static PATHS: LazyLock<Vec<(Service, Vec<String>)>> = LazyLock::new(|| {
-        let mut order = vec![Service::ShardManager];
-        order.extend(
-            Service::SPLIT
-                .into_iter()
-                .filter(|s| *s != Service::ShardManager),
-        );
-        order
-            .into_iter()
-            .map(|s| {
-                let (_, doc) = api(s).split_for_parts();
-                (s, doc.paths.paths.keys().cloned().collect())
-            })
-            .collect()
-    });
-    PATHS
-        .iter()
-        .find(|(_, templates)| templates.iter().any(|t| template_matches(t, path)))
-        .map(|(service, _)| *service)
-}
-
-/// 404 for a route this process does not serve; in a split deployment,
-/// naming the service that does.
-async fn route_not_found(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    uri: axum::http::Uri,
-) -> ApiError {
-    let elsewhere = served_by(uri.path()).filter(|s| !state.service.runs(*s));
-    match (elsewhere, &state.peers) {
-        (Some(service), Some(peers)) => {
-            let url = match service {
-                Service::Auth => Some(peers.auth.as_str()),
-                Service::Ledger => Some(peers.ledger.as_str()),
-                Service::Fraud => Some(peers.fraud.as_str()),
-                Service::Notification => Some(peers.notification.as_str()),
-                _ => None,
-            };
-            let at = url.map_or_else(
-                || format!("on port {}", service.default_port()),
-                |u| format!("at {u}"),
-            );
-            ApiError::new(
-                ErrorCode::RouteNotFound,
-                format!(
-                    "this is the {} service; {} is served by the {} service ({at})",
-                    state.service.name(),
-                    uri.path(),
-                    service.name()
-                ),
-            )
-        }
-        _ => ApiError::new(
-            ErrorCode::RouteNotFound,
-            "no such route; see README.md for the API",
-        ),
-    }
-}
-
 /// A JSON body whose rejections answer in our error shape.
 pub struct ApiJson<T>(pub T);
 
@@ -430,7 +267,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
 }
 
 /// Sends a stored or fresh response, marking replays as Stripe does.
-fn send(reply: Reply) -> Response {
+pub fn send(reply: Reply) -> Response {
     let mut response = stored(reply.response);
     if reply.replayed {
         response
@@ -440,7 +277,7 @@ fn send(reply: Reply) -> Response {
     response
 }
 
-fn stored(response: StoredResponse) -> Response {
+pub fn stored(response: StoredResponse) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
     (
         status,
@@ -451,7 +288,7 @@ fn stored(response: StoredResponse) -> Response {
 }
 
 /// A JSON response body with its status.
-fn json(status: u16, value: &impl serde::Serialize) -> StoredResponse {
+pub fn json(status: u16, value: &impl serde::Serialize) -> StoredResponse {
     StoredResponse {
         status,
         body: serde_json::to_string(value).expect("responses serialize"),
@@ -460,7 +297,7 @@ fn json(status: u16, value: &impl serde::Serialize) -> StoredResponse {
 
 /// A money amount as a JSON number of the major unit (`470.50`), written
 /// from integer minor units without passing through a float.
-fn decimal_number(minor: i128, currency: Currency) -> Box<RawValue> {
+pub fn decimal_number(minor: i128, currency: Currency) -> Box<RawValue> {
     RawValue::from_string(format_minor(minor, currency)).expect("a decimal is a JSON number")
 }
 
@@ -512,4 +349,180 @@ pub async fn guarded_transfer(
         }
     }
     Ok(result?)
+}
+
+/// Exactly one of `amount` (decimal text) and `amount_minor`.
+pub fn amount_of(
+    text: Option<&str>,
+    minor: Option<i64>,
+    currency: Currency,
+    field: &str,
+) -> Result<Option<Amount>, ApiError> {
+    match (text, minor) {
+        (Some(_), Some(_)) => Err(ApiError::new(
+            ErrorCode::AmbiguousAmount,
+            format!("give either {field} or {field}_minor, not both"),
+        )),
+        (Some(text), None) => Ok(Some(Amount::parse(text, currency)?)),
+        (None, Some(minor)) => Ok(Some(Amount::from_minor(minor)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The positive amount a transfer (or a score request) must name.
+pub fn transfer_amount(
+    text: Option<&str>,
+    minor: Option<i64>,
+    currency: Currency,
+) -> Result<Amount, ApiError> {
+    let amount = amount_of(text, minor, currency, "amount")?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::MissingAmount,
+            "give amount (decimal text such as \"4.50\") or amount_minor",
+        )
+    })?;
+    Ok(amount.positive()?)
+}
+
+pub fn json_response(status: u16, value: &impl serde::Serialize) -> Response {
+    send(crate::manager::Reply {
+        response: json(status, value),
+        replayed: false,
+    })
+}
+
+#[derive(serde::Serialize)]
+pub struct ShardBody {
+    pub shard: usize,
+    pub name: String,
+    pub healthy: bool,
+    pub accounts: u64,
+    /// Customer balances per currency, in minor units.
+    pub balance_minor: std::collections::BTreeMap<String, i128>,
+    pub transfers: TransferCounts,
+    pub error: Option<String>,
+}
+
+#[derive(serde::Serialize, Default)]
+pub struct TransferCounts {
+    pub pending: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// Per-shard figures; a shard that cannot answer is reported unhealthy.
+pub async fn shard_bodies(state: &AppState) -> Vec<ShardBody> {
+    let mut out = Vec::new();
+    let shards = state.manager.as_ref().map_or(&[][..], |m| m.shards());
+    for store in shards {
+        let shard = store.shard();
+        let body = match store.stats().await {
+            Ok(stats) => ShardBody {
+                shard: shard.index(),
+                name: shard.name(),
+                healthy: true,
+                accounts: stats.accounts,
+                balance_minor: stats
+                    .balance_minor_by_currency
+                    .iter()
+                    .map(|(c, v)| (c.to_string(), *v))
+                    .collect(),
+                transfers: TransferCounts {
+                    pending: stats.transfers_pending,
+                    completed: stats.transfers_completed,
+                    failed: stats.transfers_failed,
+                },
+                error: None,
+            },
+            Err(error) => ShardBody {
+                shard: shard.index(),
+                name: shard.name(),
+                healthy: false,
+                accounts: 0,
+                balance_minor: Default::default(),
+                transfers: TransferCounts::default(),
+                error: Some(error.to_string()),
+            },
+        };
+        out.push(body);
+    }
+    out
+}
+
+pub fn pipeline_unavailable(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        ErrorCode::PipelineUnavailable,
+        format!("cannot read the event pipeline: {e:#}"),
+    )
+    .retry_after(1)
+}
+
+pub fn pipeline_of(
+    state: &AppState,
+) -> Result<&std::sync::Arc<crate::pipeline::Pipeline>, ApiError> {
+    state
+        .pipeline
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorCode::NoPipeline, "this process runs no event pipeline"))
+}
+
+/// An account as the API shows it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AccountBody {
+    id: String,
+    currency: String,
+    balance: String,
+    balance_minor: i64,
+    shard: usize,
+    created_at_ms: i64,
+}
+
+impl From<&Account> for AccountBody {
+    fn from(a: &Account) -> Self {
+        AccountBody {
+            id: a.id.to_string(),
+            currency: a.currency.to_string(),
+            balance: format_minor(a.balance_minor as i128, a.currency),
+            balance_minor: a.balance_minor,
+            shard: a.shard.index(),
+            created_at_ms: a.created_at_ms,
+        }
+    }
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TransferBody {
+    id: String,
+    from: String,
+    to: String,
+    amount: String,
+    amount_minor: i64,
+    currency: String,
+    state: TransferState,
+    failure_code: Option<String>,
+    from_shard: usize,
+    to_shard: usize,
+    cross_shard: bool,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
+
+impl From<&Transfer> for TransferBody {
+    fn from(t: &Transfer) -> Self {
+        TransferBody {
+            id: t.id.to_string(),
+            from: t.payer.to_string(),
+            to: t.payee.to_string(),
+            amount: format_minor(t.amount.minor() as i128, t.currency),
+            amount_minor: t.amount.minor(),
+            currency: t.currency.to_string(),
+            state: t.state,
+            failure_code: t.failure_code.clone(),
+            from_shard: t.payer_shard.index(),
+            to_shard: t.payee_shard.index(),
+            cross_shard: t.is_cross_shard(),
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+        }
+    }
 }

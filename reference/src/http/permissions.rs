@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn every_row_is_documented_and_every_documented_route_has_a_row() {
         let spec: serde_json::Value =
-            serde_json::from_str(crate::http::openapi_json()).expect("JSON");
+            serde_json::from_str(crate::api::openapi_json()).expect("JSON");
         let mut documented = std::collections::BTreeSet::new();
         for (path, ops) in spec["paths"].as_object().expect("paths") {
             for (method, op) in ops.as_object().expect("operations") {
@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn the_route_table_says_which_service_serves_a_path() {
-        use crate::http::served_by;
+        use crate::api::served_by;
         use crate::peers::Service;
         assert_eq!(served_by("/v1/auth/login"), Some(Service::Auth));
         assert_eq!(served_by("/v1/accounts/alice"), Some(Service::ShardManager));

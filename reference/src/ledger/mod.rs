@@ -12,6 +12,7 @@
 
 mod book;
 pub mod mysql;
+pub mod routes;
 pub mod sqlite;
 
 use crate::codes::ErrorCode;

@@ -90,7 +90,7 @@ async fn analytics_rebuilds_its_totals_from_the_outboxes() {
     })
     .await;
     let live = &app.pipeline.analytics;
-    let fresh = shardpay_reference::events::Analytics::default();
+    let fresh = shardpay_reference::analytics::Analytics::default();
     let rows = fresh.rebuild(app.manager.shards()).await.unwrap();
     let (_, p) = app.get("/v1/pipeline").await;
     assert_eq!(rows, p["outbox_rows"].as_u64().unwrap());

@@ -658,7 +658,7 @@ async fn the_permission_matrix_holds_for_every_route_and_caller() {
 
     // The table and the API description: every documented operation has a
     // row, and "no token needed" means the same in both.
-    let spec: Value = serde_json::from_str(shardpay_reference::http::openapi_json()).unwrap();
+    let spec: Value = serde_json::from_str(shardpay_reference::api::openapi_json()).unwrap();
     for (path, ops) in spec["paths"].as_object().unwrap() {
         for (method, op) in ops.as_object().unwrap() {
             let row = TABLE

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use shardpay_reference::analytics::ANALYTICS_GROUP;
 use shardpay_reference::events::kafka::KafkaBus;
-use shardpay_reference::events::{Event, EventBus, ANALYTICS_GROUP, PAYMENT_EVENTS};
+use shardpay_reference::events::{Event, EventBus, PAYMENT_EVENTS};
 
 use crate::support::{eventually, kafka_config, kafka_server, Options, TestApp};
 

@@ -183,7 +183,7 @@ async fn statements_add_up_to_the_balance_and_shards_balance() {
 #[test]
 fn the_checked_in_openapi_json_is_the_one_the_code_makes() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
-    let made = shardpay_reference::http::openapi_json();
+    let made = shardpay_reference::api::openapi_json();
     if std::env::var_os("SHARDPAY_WRITE_OPENAPI").is_some() {
         std::fs::write(path, made).unwrap();
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use shardpay_reference::app::{self, ServeConfig};
-use shardpay_reference::http::{self, AppState};
+use shardpay_reference::http::AppState;
 use shardpay_reference::ids::{AccountId, IdempotencyKey, ShardId, TransferId};
 use shardpay_reference::ledger::sqlite::SqliteConfig;
 use shardpay_reference::ledger::*;
@@ -213,7 +213,8 @@ impl TestApp {
         tokio::spawn(async move {
             axum::serve(
                 listener,
-                http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                shardpay_reference::api::router(state)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
             )
             .await
             .unwrap();

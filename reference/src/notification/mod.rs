@@ -14,6 +14,8 @@
 //! webhook) pair is delivered at most once successfully: a replay of one
 //! already delivered is recognised and not sent.
 
+pub mod routes;
+
 use crate::codes::ErrorCode;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,6 +18,8 @@
 //! feature store, blocked ones included, so retrying a blocked transfer
 //! does not wash its velocity away.
 
+pub mod routes;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
@@ -454,7 +456,7 @@ mod tests {
 
     #[test]
     fn the_readme_rules_file_gives_the_defaults_and_typos_are_refused() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let start = readme.find("# serve --fraud-rules fraud.toml").unwrap();
         let text = &readme[start..start + readme[start..].find("```").unwrap()];
         let config: FraudConfig = toml::from_str(text).unwrap();

@@ -12,13 +12,13 @@ use serde_json::value::RawValue;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
-use super::v1::shard_bodies;
-use super::{
-    decimal_number, json, send, ApiError, AppState, IdempotencyHeader, ModelledErrors, MAX_PAGE,
-};
 use crate::auth::Role;
 use crate::codes::ErrorCode;
+use crate::http::auth::Caller;
+use crate::http::{
+    decimal_number, json, send, shard_bodies, ApiError, AppState, IdempotencyHeader,
+    ModelledErrors, MAX_PAGE,
+};
 use crate::ids::AccountId;
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
 use crate::manager::{AccountRequest, TransferRequest, View};
@@ -167,7 +167,7 @@ async fn create(
     };
     request.owner = owner.clone();
     let pair = [(user.as_str(), owner.as_deref())];
-    if !super::v1::check_owners(&state, &pair).await?[0] {
+    if !super::check_owners(&state, &pair).await?[0] {
         return Err(ApiError::new(
             ErrorCode::AccountExists,
             format!("account {user} exists and belongs to another user"),
@@ -177,7 +177,7 @@ async fn create(
         .manager()?
         .create_account(request, key.0, view)
         .await?;
-    super::v1::record_owners(&state, &pair, &[reply.response.status < 300]).await?;
+    super::record_owners(&state, &pair, &[reply.response.status < 300]).await?;
     Ok(send(reply))
 }
 
@@ -266,7 +266,7 @@ async fn transfer(
         currency: Some(state.default_currency),
     };
     Ok(send(
-        super::guarded_transfer(&state, request, key, &PAYMENT_VIEW).await?,
+        crate::http::guarded_transfer(&state, request, key, &PAYMENT_VIEW).await?,
     ))
 }
 
@@ -445,7 +445,7 @@ struct Totals {
     healthy_shards: usize,
     accounts: u64,
     balance_minor: i128,
-    shards: Vec<super::v1::ShardBody>,
+    shards: Vec<crate::http::ShardBody>,
 }
 
 impl Totals {
@@ -457,7 +457,7 @@ impl Totals {
         }
     }
 
-    fn shard_balance(&self, s: &super::v1::ShardBody) -> Box<RawValue> {
+    fn shard_balance(&self, s: &crate::http::ShardBody) -> Box<RawValue> {
         let minor = s
             .balance_minor
             .get(self.currency.code())
@@ -490,7 +490,7 @@ struct ShardSummary<'a> {
     healthy: bool,
     accounts: u64,
     balance: Box<RawValue>,
-    transfers: &'a super::v1::TransferCounts,
+    transfers: &'a crate::http::TransferCounts,
 }
 
 #[derive(Serialize)]

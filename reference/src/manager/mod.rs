@@ -17,6 +17,8 @@
 //! leaves prepared branches that recovery commits or rolls back as the
 //! decision log says (`resolve_in_doubt`).
 
+pub mod routes;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +30,7 @@ use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
     now_ms, Account, BranchId, CreditOutcome, DebitOutcome, Decision, IdempotencyRecord,
     IdempotencyWrite, NewAccount, PreparedBranch, PreparedDebit, Refusal, ShardStore, StoreError,
-    StoredResponse, TimestampMs, Transfer, TransferState,
+    StoredResponse, TimestampMs, Transfer, TransferState, TwoPhase,
 };
 use crate::money::{Amount, Currency};
 use crate::sharding::Ring;
@@ -723,95 +725,22 @@ impl ShardManager {
         fingerprint: &str,
         view: &View<Transfer>,
     ) -> Result<Reply, ManagerError> {
-        let no_xa = |shard: crate::ids::ShardId| {
-            ManagerError::Internal(format!("shard {shard} has no two-phase commit"))
-        };
-        let payer_xa = self.shards[transfer.payer_shard.index()]
-            .two_phase()
-            .ok_or_else(|| no_xa(transfer.payer_shard))?;
-        let payee_xa = self.shards[transfer.payee_shard.index()]
-            .two_phase()
-            .ok_or_else(|| no_xa(transfer.payee_shard))?;
-        let gtrid = BranchId::gtrid(transfer.payer_shard, &transfer.id);
-        let debit_id = BranchId {
-            gtrid: gtrid.clone(),
-            shard: transfer.payer_shard,
-        };
-        let credit_id = BranchId {
-            gtrid: gtrid.clone(),
-            shard: transfer.payee_shard,
-        };
-        let _live = LiveGtrid::claim(&self.xa_live, gtrid.clone());
-
-        // Branches are opened in shard order: two transfers between the
-        // same shards then lock in the same order, and the lock-wait
-        // timeout settles what InnoDB cannot see across shards.
-        let debited = if transfer.payer_shard < transfer.payee_shard {
-            let debit = payer_xa
-                .prepare_debit(&debit_id, &transfer, idempotency)
-                .await;
-            let debit = match debit {
-                Ok(PreparedDebit::Prepared(branch)) => branch,
-                Ok(PreparedDebit::Declined(refusal)) => return Err(refusal.into()),
-                Err(error) => {
-                    return self
-                        .xa_refused(error, &transfer, key, fingerprint, view)
-                        .await
-                }
-            };
-            match payee_xa.prepare_credit(&credit_id, &transfer).await {
-                Ok(credit) => Ok((debit, credit)),
-                Err(error) => {
-                    undo(debit).await;
-                    Err(error)
-                }
+        let xa = XaTransfer::new(&self.shards, &transfer)?;
+        let _live = LiveGtrid::claim(&self.xa_live, xa.gtrid.clone());
+        let (debit, credit) = match xa.prepare(&transfer, idempotency).await {
+            Ok(branches) => branches,
+            Err(NotPrepared::Debit(error)) => {
+                return self
+                    .xa_refused(error, &transfer, key, fingerprint, view)
+                    .await
             }
-        } else {
-            let credit = payee_xa.prepare_credit(&credit_id, &transfer).await?;
-            match payer_xa
-                .prepare_debit(&debit_id, &transfer, idempotency)
-                .await
-            {
-                Ok(PreparedDebit::Prepared(debit)) => Ok((debit, credit)),
-                Ok(PreparedDebit::Declined(refusal)) => {
-                    undo(credit).await;
-                    return Err(refusal.into());
-                }
-                Err(error) => {
-                    undo(credit).await;
-                    return self
-                        .xa_refused(error, &transfer, key, fingerprint, view)
-                        .await;
-                }
-            }
+            Err(NotPrepared::Refused(error)) => return Err(error),
         };
-        let (debit, credit) = debited?;
         if self.config.fault == Some(Fault::CrashAfterPrepare) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after XA PREPARE");
             std::process::abort();
         }
-
-        match payer_xa.decide(&gtrid, Decision::Commit).await {
-            Ok(Decision::Commit) => {}
-            Ok(Decision::Abort) => {
-                undo(debit).await;
-                undo(credit).await;
-                return Err(ManagerError::Unavailable(format!(
-                    "transfer {} was rolled back by recovery before it could commit; nothing was paid; retry with the same Idempotency-Key",
-                    transfer.id
-                )));
-            }
-            Err(error) => {
-                // Whether the decision was written is unknown: leave both
-                // branches prepared for recovery, which reads the log.
-                debit.abandon().await;
-                credit.abandon().await;
-                return Err(ManagerError::Unavailable(format!(
-                    "the commit decision for transfer {} could not be confirmed ({error}); recovery settles it; retry with the same Idempotency-Key for the outcome",
-                    transfer.id
-                )));
-            }
-        }
+        let (debit, credit) = xa.decide(&transfer, debit, credit).await?;
         if self.config.fault == Some(Fault::CrashAfterDecision) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after the XA decision");
             std::process::abort();
@@ -1074,6 +1003,130 @@ async fn undo(branch: Box<dyn PreparedBranch>) {
     let id = branch.id().clone();
     if let Err(error) = branch.rollback().await {
         tracing::warn!(branch = %id, %error, "XA rollback failed; recovery will roll the branch back");
+    }
+}
+
+/// Why an XA transfer's two branches were not both prepared.
+enum NotPrepared {
+    /// The payer's branch could not run: an earlier request's key record
+    /// may answer instead (`xa_refused` tells).
+    Debit(StoreError),
+    /// Declined, or the payee's branch failed; nothing is prepared.
+    Refused(ManagerError),
+}
+
+/// The two branches of one XA transfer and the shards that run them.
+struct XaTransfer<'a> {
+    payer: &'a dyn TwoPhase,
+    payee: &'a dyn TwoPhase,
+    gtrid: String,
+    debit_id: BranchId,
+    credit_id: BranchId,
+}
+
+impl<'a> XaTransfer<'a> {
+    fn new(shards: &'a [Arc<dyn ShardStore>], transfer: &Transfer) -> Result<Self, ManagerError> {
+        let xa_of = |shard: crate::ids::ShardId| {
+            shards[shard.index()].two_phase().ok_or_else(|| {
+                ManagerError::Internal(format!("shard {shard} has no two-phase commit"))
+            })
+        };
+        let gtrid = BranchId::gtrid(transfer.payer_shard, &transfer.id);
+        Ok(XaTransfer {
+            payer: xa_of(transfer.payer_shard)?,
+            payee: xa_of(transfer.payee_shard)?,
+            debit_id: BranchId {
+                gtrid: gtrid.clone(),
+                shard: transfer.payer_shard,
+            },
+            credit_id: BranchId {
+                gtrid: gtrid.clone(),
+                shard: transfer.payee_shard,
+            },
+            gtrid,
+        })
+    }
+
+    /// Prepares both branches, in shard order: two transfers between the
+    /// same shards then lock in the same order, and the lock-wait timeout
+    /// settles what InnoDB cannot see across shards. A branch prepared
+    /// before the other failed is rolled back.
+    async fn prepare(
+        &self,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<(Box<dyn PreparedBranch>, Box<dyn PreparedBranch>), NotPrepared> {
+        let refused = |e: StoreError| NotPrepared::Refused(e.into());
+        if transfer.payer_shard < transfer.payee_shard {
+            let debit = self.prepare_debit(transfer, idempotency).await?;
+            match self.payee.prepare_credit(&self.credit_id, transfer).await {
+                Ok(credit) => Ok((debit, credit)),
+                Err(error) => {
+                    undo(debit).await;
+                    Err(refused(error))
+                }
+            }
+        } else {
+            let credit = self
+                .payee
+                .prepare_credit(&self.credit_id, transfer)
+                .await
+                .map_err(refused)?;
+            match self.prepare_debit(transfer, idempotency).await {
+                Ok(debit) => Ok((debit, credit)),
+                Err(not) => {
+                    undo(credit).await;
+                    Err(not)
+                }
+            }
+        }
+    }
+
+    async fn prepare_debit(
+        &self,
+        transfer: &Transfer,
+        idempotency: Option<IdempotencyWrite>,
+    ) -> Result<Box<dyn PreparedBranch>, NotPrepared> {
+        match self
+            .payer
+            .prepare_debit(&self.debit_id, transfer, idempotency)
+            .await
+        {
+            Ok(PreparedDebit::Prepared(branch)) => Ok(branch),
+            Ok(PreparedDebit::Declined(refusal)) => Err(NotPrepared::Refused(refusal.into())),
+            Err(error) => Err(NotPrepared::Debit(error)),
+        }
+    }
+
+    /// Records the commit decision in the payer shard's log and hands the
+    /// branches back to be committed. If recovery aborted them first, both
+    /// are rolled back; if whether the decision was written is unknown,
+    /// both are left prepared for recovery, which reads the log.
+    async fn decide(
+        &self,
+        transfer: &Transfer,
+        debit: Box<dyn PreparedBranch>,
+        credit: Box<dyn PreparedBranch>,
+    ) -> Result<(Box<dyn PreparedBranch>, Box<dyn PreparedBranch>), ManagerError> {
+        match self.payer.decide(&self.gtrid, Decision::Commit).await {
+            Ok(Decision::Commit) => Ok((debit, credit)),
+            Ok(Decision::Abort) => {
+                undo(debit).await;
+                undo(credit).await;
+                Err(ManagerError::Unavailable(format!(
+                    "transfer {} was rolled back by recovery before it could commit; nothing was paid; retry with the same Idempotency-Key",
+                    transfer.id
+                )))
+            }
+            Err(error) => {
+                debit.abandon().await;
+                credit.abandon().await;
+                Err(ManagerError::Unavailable(format!(
+                    "the commit decision for transfer {} could not be confirmed ({error}); recovery settles it; retry with the same Idempotency-Key for the outcome",
+                    transfer.id
+                )))
+            }
+        }
     }
 }
 
