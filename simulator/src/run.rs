@@ -29,7 +29,7 @@ use crate::report::{
     Audit, Hist, Latency, Machine, OutcomeRow, Report, Resources, RunInfo, ScenarioInfo,
     ThresholdResult, Timeline, Totals, SCHEMA,
 };
-use crate::scenario::{Scenario, Stop};
+use crate::scenario::{Scenario, Stop, Thresholds};
 use crate::Kind;
 
 /// How long the books wait, after the run, for pending cross-shard
@@ -1131,7 +1131,6 @@ fn build_report(
     }
 }
 
-/// Judges the scenario's thresholds; sets `passed` and `failures`.
 /// How long a run waits, after the audit, for the event pipeline to apply
 /// every committed event.
 const PIPELINE_WAIT: Duration = Duration::from_secs(30);
@@ -1181,87 +1180,15 @@ async fn settle_webhooks(
     }
 }
 
+/// Judges the scenario's thresholds; sets `passed` and `failures`.
 pub fn judge(scenario: &Scenario, report: &mut Report) {
     let t = &scenario.thresholds;
-    let mut results = Vec::new();
-    for (kind, limit_ms) in &t.p99_ms {
-        let hist = if kind == "all" {
-            Some(&report.latency.all)
-        } else {
-            report.latency.kinds.get(kind)
-        };
-        let (actual, ok) = match hist.filter(|h| h.count > 0) {
-            Some(h) => {
-                let ms = h.p99_us as f64 / 1000.0;
-                (format!("{ms:.2} ms"), ms <= *limit_ms)
-            }
-            None => ("no requests of this kind".into(), false),
-        };
-        results.push(ThresholdResult {
-            name: format!("p99 latency, {kind}"),
-            limit: format!("<= {limit_ms} ms"),
-            actual,
-            ok,
-        });
-    }
-    if let Some(limit) = t.error_rate {
-        let rate = report.totals.error_rate;
-        results.push(ThresholdResult {
-            name: "error rate".into(),
-            limit: format!("<= {:.3}%", limit * 100.0),
-            actual: format!("{:.3}%", rate * 100.0),
-            ok: rate <= limit,
-        });
-    }
-    if let Some(limit) = t.min_tps {
-        let tps = report.totals.tps;
-        results.push(ThresholdResult {
-            name: "transfers per second".into(),
-            limit: format!(">= {limit}"),
-            actual: format!("{tps:.1}"),
-            ok: tps >= limit,
-        });
-    }
-    if let (true, Some(p)) = (t.audit, &report.pipeline) {
-        let unapplied: u64 = p.unapplied.values().sum();
-        results.push(ThresholdResult {
-            name: "event pipeline complete".into(),
-            limit: "every committed event applied once by every consumer".into(),
-            actual: if p.complete {
-                format!("{} events, all applied", p.outbox_rows)
-            } else {
-                format!(
-                    "{unapplied} of {} events not applied, {} unpublished",
-                    p.outbox_rows, p.outbox_backlog
-                )
-            },
-            ok: p.complete,
-        });
-    }
-    if let (true, Some(w)) = (t.audit, &report.webhooks) {
-        results.push(ThresholdResult {
-            name: "webhooks signed and delivered".into(),
-            limit: "every delivery verifies; every delivery the system made arrived".into(),
-            actual: format!(
-                "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
-                w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
-            ),
-            ok: w.ok,
-        });
-    }
+    let mut results = latency_results(&t.p99_ms, &report.latency);
+    results.extend(rate_results(t, &report.totals));
     if t.audit {
-        let ok = report.audit.ok && report.accounting.ok;
-        results.push(ThresholdResult {
-            name: "audit and accounting".into(),
-            limit: "pass".into(),
-            actual: match (report.audit.ok, report.accounting.ok) {
-                (true, true) => "passed".into(),
-                (false, true) => format!("audit {}", report.audit.summary),
-                (true, false) => "accounting failed".into(),
-                (false, false) => "audit and accounting failed".into(),
-            },
-            ok,
-        });
+        results.extend(report.pipeline.as_ref().map(pipeline_result));
+        results.extend(report.webhooks.as_ref().map(webhooks_result));
+        results.push(audit_result(&report.audit, &report.accounting));
     }
     if report.run.interrupted {
         results.push(ThresholdResult {
@@ -1278,6 +1205,97 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
         .collect();
     report.passed = report.failures.is_empty();
     report.thresholds = results;
+}
+
+/// Each p99 limit against its kind's latency ("all": every request's); a
+/// kind without requests fails its limit.
+fn latency_results(limits_ms: &BTreeMap<String, f64>, latency: &Latency) -> Vec<ThresholdResult> {
+    limits_ms
+        .iter()
+        .map(|(kind, limit_ms)| {
+            let hist = if kind == "all" {
+                Some(&latency.all)
+            } else {
+                latency.kinds.get(kind)
+            };
+            let (actual, ok) = match hist.filter(|h| h.count > 0) {
+                Some(h) => {
+                    let ms = h.p99_us as f64 / 1000.0;
+                    (format!("{ms:.2} ms"), ms <= *limit_ms)
+                }
+                None => ("no requests of this kind".into(), false),
+            };
+            ThresholdResult {
+                name: format!("p99 latency, {kind}"),
+                limit: format!("<= {limit_ms} ms"),
+                actual,
+                ok,
+            }
+        })
+        .collect()
+}
+
+/// The error-rate and transfers-per-second limits the scenario sets.
+fn rate_results(t: &Thresholds, totals: &Totals) -> Vec<ThresholdResult> {
+    let error_rate = t.error_rate.map(|limit| ThresholdResult {
+        name: "error rate".into(),
+        limit: format!("<= {:.3}%", limit * 100.0),
+        actual: format!("{:.3}%", totals.error_rate * 100.0),
+        ok: totals.error_rate <= limit,
+    });
+    let tps = t.min_tps.map(|limit| ThresholdResult {
+        name: "transfers per second".into(),
+        limit: format!(">= {limit}"),
+        actual: format!("{:.1}", totals.tps),
+        ok: totals.tps >= limit,
+    });
+    error_rate.into_iter().chain(tps).collect()
+}
+
+/// Every committed event applied once by every consumer.
+fn pipeline_result(p: &shardpay_reference::pipeline::PipelineReport) -> ThresholdResult {
+    let unapplied: u64 = p.unapplied.values().sum();
+    ThresholdResult {
+        name: "event pipeline complete".into(),
+        limit: "every committed event applied once by every consumer".into(),
+        actual: if p.complete {
+            format!("{} events, all applied", p.outbox_rows)
+        } else {
+            format!(
+                "{unapplied} of {} events not applied, {} unpublished",
+                p.outbox_rows, p.outbox_backlog
+            )
+        },
+        ok: p.complete,
+    }
+}
+
+/// Every webhook delivery verifies, and every one the system made arrived.
+fn webhooks_result(w: &crate::webhooks::WebhookReport) -> ThresholdResult {
+    ThresholdResult {
+        name: "webhooks signed and delivered".into(),
+        limit: "every delivery verifies; every delivery the system made arrived".into(),
+        actual: format!(
+            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
+            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
+        ),
+        ok: w.ok,
+    }
+}
+
+/// The system's audit and the simulator's own accounting both pass.
+fn audit_result(audit: &Audit, accounting: &Accounting) -> ThresholdResult {
+    ThresholdResult {
+        name: "audit and accounting".into(),
+        limit: "pass".into(),
+        actual: match (audit.ok, accounting.ok) {
+            (true, true) => "passed".into(),
+            (false, true) => format!("audit {}", audit.summary),
+            (true, false) => "accounting failed".into(),
+            (false, false) => "audit and accounting failed".into(),
+        },
+        ok: audit.ok && accounting.ok,
+    }
 }
 
 /// Kinds in the order reports list them.
