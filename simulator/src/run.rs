@@ -24,7 +24,7 @@ use crate::accounting::{self, Accounting, Check, Outcome};
 use crate::api::{Api, BULK_BATCH, SETUP_CONCURRENCY};
 use crate::driver::{self, Sim};
 use crate::plan::Plan;
-use crate::record::Measured;
+use crate::record::{Counts, Measured};
 use crate::report::{
     Audit, Hist, Latency, Machine, OutcomeRow, Report, Resources, RunInfo, ScenarioInfo,
     ThresholdResult, Timeline, Totals, SCHEMA,
@@ -1033,6 +1033,8 @@ async fn check_books(
     })
 }
 
+/// The report of a run from what it measured, with its thresholds not yet
+/// judged.
 fn build_report(
     scenario: &Scenario,
     m: Measured,
@@ -1044,18 +1046,61 @@ fn build_report(
 ) -> Report {
     let measured_s = (m.last_at.as_secs_f64() - scenario.warmup_s as f64).max(1e-3);
     run.measured_s = (measured_s * 1000.0).round() / 1000.0;
-    let c = m.counts;
-    let totals = Totals {
-        counts: c,
-        tps: c.accepted as f64 / measured_s,
-        rps: c.requests as f64 / measured_s,
-        error_rate: if c.requests == 0 {
+    let totals = totals(m.counts, measured_s);
+    let latency = latency(&m);
+    let by_kind = m
+        .counts_by_kind
+        .iter()
+        .map(|(k, c)| (k.as_str().to_string(), *c))
+        .collect();
+    let timeline = timeline(scenario.warmup_s, run.shards, m.timeline, m.timeline_errors);
+    let outcomes = outcome_rows(m.outcomes);
+    Report {
+        schema: SCHEMA.into(),
+        scenario: ScenarioInfo {
+            name: scenario.name.clone(),
+            file: scenario.file.clone(),
+            seed: scenario.seed,
+            model: scenario.load.model().into(),
+            source: scenario.source.clone(),
+        },
+        run,
+        machine,
+        totals,
+        by_kind,
+        latency,
+        timeline,
+        outcomes,
+        accounting,
+        audit,
+        thresholds: Vec::new(),
+        baseline: None,
+        pipeline: None,
+        webhooks: None,
+        resources,
+        passed: false,
+        failures: Vec::new(),
+    }
+}
+
+/// Counts and rates over the measured window.
+fn totals(counts: Counts, measured_s: f64) -> Totals {
+    Totals {
+        counts,
+        tps: counts.accepted as f64 / measured_s,
+        rps: counts.requests as f64 / measured_s,
+        error_rate: if counts.requests == 0 {
             0.0
         } else {
-            c.errors as f64 / c.requests as f64
+            counts.errors as f64 / counts.requests as f64
         },
-    };
-    let latency = Latency {
+    }
+}
+
+/// The latency histograms: all requests, by kind, by payer shard and by
+/// shard pair.
+fn latency(m: &Measured) -> Latency {
+    Latency {
         all: Hist::of(&m.all),
         kinds: m
             .kinds
@@ -1072,25 +1117,38 @@ fn build_report(
             .iter()
             .map(|((a, b), h)| (format!("{a}->{b}"), Hist::of(h)))
             .collect(),
-    };
+    }
+}
+
+/// Accepted transfers per second for every shard (zero where it had none),
+/// and errors per second.
+fn timeline(
+    warmup_s: u64,
+    shard_count: usize,
+    per_second: Vec<BTreeMap<u16, u64>>,
+    errors: Vec<u64>,
+) -> Timeline {
     let mut shards: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for shard in 0..run.shards as u16 {
+    for shard in 0..shard_count as u16 {
         shards.insert(
             shard.to_string(),
-            m.timeline
+            per_second
                 .iter()
                 .map(|second| second.get(&shard).copied().unwrap_or(0))
                 .collect(),
         );
     }
-    let timeline = Timeline {
+    Timeline {
         interval_s: 1,
-        warmup_s: scenario.warmup_s,
+        warmup_s,
         shards,
-        errors: m.timeline_errors,
-    };
-    let mut outcomes: Vec<OutcomeRow> = m
-        .outcomes
+        errors,
+    }
+}
+
+/// The answers by status and code, most frequent first.
+fn outcome_rows(outcomes: BTreeMap<(u16, String), u64>) -> Vec<OutcomeRow> {
+    let mut rows: Vec<OutcomeRow> = outcomes
         .into_iter()
         .map(|((status, code), count)| OutcomeRow {
             status,
@@ -1098,37 +1156,8 @@ fn build_report(
             count,
         })
         .collect();
-    outcomes.sort_by(|a, b| b.count.cmp(&a.count));
-    Report {
-        schema: SCHEMA.into(),
-        scenario: ScenarioInfo {
-            name: scenario.name.clone(),
-            file: scenario.file.clone(),
-            seed: scenario.seed,
-            model: scenario.load.model().into(),
-            source: scenario.source.clone(),
-        },
-        run,
-        machine,
-        totals,
-        by_kind: m
-            .counts_by_kind
-            .iter()
-            .map(|(k, c)| (k.as_str().to_string(), *c))
-            .collect(),
-        latency,
-        timeline,
-        outcomes,
-        accounting,
-        audit,
-        thresholds: Vec::new(),
-        baseline: None,
-        pipeline: None,
-        webhooks: None,
-        resources,
-        passed: false,
-        failures: Vec::new(),
-    }
+    rows.sort_by(|a, b| b.count.cmp(&a.count));
+    rows
 }
 
 /// How long a run waits, after the audit, for the event pipeline to apply
