@@ -20,8 +20,8 @@ use shardpay_reference::events::BusConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::CrossShard;
 
-use crate::accounting::{self, Accounting, Check, Outcome};
-use crate::api::{Api, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::accounting::{self, Accounting, Check, Entry, Outcome};
+use crate::api::{Api, TransferView, BULK_BATCH, SETUP_CONCURRENCY};
 use crate::driver::{self, Sim};
 use crate::plan::Plan;
 use crate::record::{Counts, Measured};
@@ -889,16 +889,9 @@ async fn check_books(
 ) -> anyhow::Result<Accounting> {
     let (settled, unsettled) = driver::settle_unknown(sim, &api.base).await?;
     let mut entries = sim.books.entries();
-    let accepted_ids: Vec<String> = entries
-        .iter()
-        .filter_map(|(_, e)| match &e.outcome {
-            Outcome::Accepted { id, .. } => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
+    let accepted_ids = accepted_ids(&entries);
     let distinct: HashSet<&String> = accepted_ids.iter().collect();
-    let mut checks = Vec::new();
-    checks.push(Check {
+    let mut checks = vec![Check {
         name: "one transfer per idempotency key".into(),
         ok: distinct.len() == accepted_ids.len(),
         detail: format!(
@@ -906,69 +899,9 @@ async fn check_books(
             accepted_ids.len(),
             distinct.len()
         ),
-    });
-
-    // Wait for pending transfers to finish, then read every accepted one.
-    let deadline = Instant::now() + PENDING_DEADLINE;
-    let found = loop {
-        let found = api.lookup(&accepted_ids).await?;
-        let pending = found.iter().filter(|t| t.state == "pending").count();
-        if pending == 0 || Instant::now() >= deadline {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let by_id: HashMap<&str, &crate::api::TransferView> =
-        found.iter().map(|t| (t.id.as_str(), t)).collect();
-    let mut missing = 0;
-    let mut mismatched = Vec::new();
-    let mut still_pending = 0;
-    for (_, e) in entries.iter_mut() {
-        if let Outcome::Accepted { id, state } = &mut e.outcome {
-            match by_id.get(id.as_str()) {
-                None => missing += 1,
-                Some(t) => {
-                    if t.from != names[e.payer as usize]
-                        || t.to != names[e.payee as usize]
-                        || t.amount_minor != e.amount_minor
-                    {
-                        if mismatched.len() < 5 {
-                            mismatched
-                                .push(format!("{id}: {} -> {} {}", t.from, t.to, t.amount_minor));
-                        }
-                    }
-                    if t.state == "pending" {
-                        still_pending += 1;
-                    }
-                    *state = t.state.clone();
-                }
-            }
-        }
-    }
-    checks.push(Check {
-        name: "every accepted transfer exists as sent".into(),
-        ok: missing == 0 && mismatched.is_empty(),
-        detail: if missing == 0 && mismatched.is_empty() {
-            format!(
-                "{} transfers found with their payer, payee and amount",
-                found.len()
-            )
-        } else {
-            format!(
-                "{missing} missing, {} differ from what was sent {}",
-                mismatched.len(),
-                mismatched.join("; ")
-            )
-        },
-    });
-    checks.push(Check {
-        name: "every accepted transfer finished".into(),
-        ok: still_pending == 0,
-        detail: format!(
-            "{still_pending} still pending after waiting up to {} s",
-            PENDING_DEADLINE.as_secs()
-        ),
-    });
+    }];
+    let found = lookup_once_finished(api, &accepted_ids).await?;
+    checks.extend(check_found(&mut entries, &found, names));
     let (violation_count, violations, retry_groups) = sim.books.violations();
     checks.push(Check {
         name: "idempotent retries replayed the first answer".into(),
@@ -980,39 +913,9 @@ async fn check_books(
         ok: unsettled == 0,
         detail: format!("{settled} settled after the run by resending, {unsettled} unsettled"),
     });
-
-    // Balances: each account against the books, and the total.
-    let opening = opening_balances(scenario, names.len());
-    let expected = accounting::expected_balances(&entries, &opening);
-    let actual = api.balances(&sim.key_prefix).await?;
-    checks.push(accounting::balance_check(names, &expected, &actual));
-    let total_before: i128 = opening.iter().map(|m| *m as i128).sum();
-    let total_after: i128 = actual.values().map(|m| *m as i128).sum();
-    checks.push(Check {
-        name: "money total unchanged".into(),
-        ok: total_before == total_after && actual.len() == names.len(),
-        detail: format!(
-            "{} accounts hold {total_after} minor units; they opened with {total_before}",
-            actual.len()
-        ),
-    });
-
-    let shard_info = api.shards().await?;
-    let transfers_after: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
-    let grew = transfers_after - transfers_before.min(transfers_after);
-    checks.push(Check {
-        name: "no transfer beyond those accepted".into(),
-        ok: grew == distinct.len() as u64 || !embedded && grew > distinct.len() as u64,
-        detail: format!(
-            "the system's transfer count grew by {grew}; the simulator saw {} accepted{}",
-            distinct.len(),
-            if embedded {
-                ""
-            } else {
-                " (other clients of the target would add to the count)"
-            }
-        ),
-    });
+    checks.extend(check_balances(api, scenario, sim, names, &entries).await?);
+    let accepted = distinct.len() as u64;
+    checks.push(check_transfer_count(api, transfers_before, accepted, embedded).await?);
 
     let declined = entries
         .iter()
@@ -1023,13 +926,150 @@ async fn check_books(
         ok: checks.iter().all(|c| c.ok),
         checks,
         transfers_sent: entries.len() as u64,
-        transfers_accepted: distinct.len() as u64,
+        transfers_accepted: accepted,
         transfers_declined: declined,
         settled_after_run: settled,
         unsettled,
         retry_groups,
         violations,
         fraud,
+    })
+}
+
+/// The transfer id of every accepted entry.
+fn accepted_ids(entries: &[(String, Entry)]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|(_, e)| match &e.outcome {
+            Outcome::Accepted { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads the transfers once none is pending any more, or as they stand
+/// after [`PENDING_DEADLINE`].
+async fn lookup_once_finished(api: &Api, ids: &[String]) -> anyhow::Result<Vec<TransferView>> {
+    let deadline = Instant::now() + PENDING_DEADLINE;
+    loop {
+        let found = api.lookup(ids).await?;
+        let pending = found.iter().filter(|t| t.state == "pending").count();
+        if pending == 0 || Instant::now() >= deadline {
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Checks that every accepted transfer exists with the payer, payee and
+/// amount it was sent with, and has finished; records on each accepted
+/// entry the state the system gives it.
+fn check_found(
+    entries: &mut [(String, Entry)],
+    found: &[TransferView],
+    names: &[String],
+) -> [Check; 2] {
+    let by_id: HashMap<&str, &TransferView> = found.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut missing = 0;
+    // The first few that differ, for the detail.
+    let mut mismatched = Vec::new();
+    let mut still_pending = 0;
+    for (_, e) in entries.iter_mut() {
+        let Outcome::Accepted { id, state } = &mut e.outcome else {
+            continue;
+        };
+        let Some(t) = by_id.get(id.as_str()) else {
+            missing += 1;
+            continue;
+        };
+        let as_sent = t.from == names[e.payer as usize]
+            && t.to == names[e.payee as usize]
+            && t.amount_minor == e.amount_minor;
+        if !as_sent && mismatched.len() < 5 {
+            mismatched.push(format!("{id}: {} -> {} {}", t.from, t.to, t.amount_minor));
+        }
+        if t.state == "pending" {
+            still_pending += 1;
+        }
+        *state = t.state.clone();
+    }
+    let exists = missing == 0 && mismatched.is_empty();
+    [
+        Check {
+            name: "every accepted transfer exists as sent".into(),
+            ok: exists,
+            detail: if exists {
+                format!(
+                    "{} transfers found with their payer, payee and amount",
+                    found.len()
+                )
+            } else {
+                format!(
+                    "{missing} missing, {} differ from what was sent {}",
+                    mismatched.len(),
+                    mismatched.join("; ")
+                )
+            },
+        },
+        Check {
+            name: "every accepted transfer finished".into(),
+            ok: still_pending == 0,
+            detail: format!(
+                "{still_pending} still pending after waiting up to {} s",
+                PENDING_DEADLINE.as_secs()
+            ),
+        },
+    ]
+}
+
+/// Each account's balance against the books, and the money total against
+/// the opening balances.
+async fn check_balances(
+    api: &Api,
+    scenario: &Scenario,
+    sim: &Sim,
+    names: &[String],
+    entries: &[(String, Entry)],
+) -> anyhow::Result<[Check; 2]> {
+    let opening = opening_balances(scenario, names.len());
+    let expected = accounting::expected_balances(entries, &opening);
+    let actual = api.balances(&sim.key_prefix).await?;
+    let each = accounting::balance_check(names, &expected, &actual);
+    let total_before: i128 = opening.iter().map(|m| *m as i128).sum();
+    let total_after: i128 = actual.values().map(|m| *m as i128).sum();
+    let total = Check {
+        name: "money total unchanged".into(),
+        ok: total_before == total_after && actual.len() == names.len(),
+        detail: format!(
+            "{} accounts hold {total_after} minor units; they opened with {total_before}",
+            actual.len()
+        ),
+    };
+    Ok([each, total])
+}
+
+/// The system's transfer count grew by the transfers accepted: exactly, on
+/// the in-process system; at least, on a target other clients may use.
+async fn check_transfer_count(
+    api: &Api,
+    transfers_before: u64,
+    accepted: u64,
+    embedded: bool,
+) -> anyhow::Result<Check> {
+    let shard_info = api.shards().await?;
+    let transfers_after: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+    let grew = transfers_after - transfers_before.min(transfers_after);
+    Ok(Check {
+        name: "no transfer beyond those accepted".into(),
+        ok: grew == accepted || !embedded && grew > accepted,
+        detail: format!(
+            "the system's transfer count grew by {grew}; the simulator saw {accepted} accepted{}",
+            if embedded {
+                ""
+            } else {
+                " (other clients of the target would add to the count)"
+            }
+        ),
     })
 }
 
