@@ -159,40 +159,9 @@ impl Embedded {
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
-            Some(m) => {
-                anyhow::ensure!(
-                    m.urls.len() >= shards as usize,
-                    "{shards} shards need {shards} MySQL URLs; {} given",
-                    m.urls.len()
-                );
-                let urls: Vec<String> = m.urls[..shards as usize].to_vec();
-                if m.fresh {
-                    for url in &urls {
-                        recreate_database(url).await?;
-                    }
-                }
-                Some(urls)
-            }
+            Some(m) => Some(mysql_shard_urls(shards, m).await?),
         };
-        let (temp, dir) = match data_dir {
-            Some(dir) => {
-                if dir.join("shardpay.json").exists() {
-                    bail!(
-                        "{} already holds shard files; give a new --data-dir (a run needs fresh shards so its books start from zero)",
-                        dir.display()
-                    );
-                }
-                (None, dir)
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("shardpay-run-")
-                    .tempdir()
-                    .context("cannot create a temporary data directory")?;
-                let dir = temp.path().to_path_buf();
-                (Some(temp), dir)
-            }
-        };
+        let (temp, dir) = fresh_data_dir(data_dir)?;
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
         config.mysql_urls = mysql_urls;
@@ -200,37 +169,26 @@ impl Embedded {
         if !fraud {
             config.fraud = None;
         }
-        config.bus = match bus {
-            BusConfig::Kafka(mut kafka) => {
-                kafka.prefix = format!("{}run-{:08x}-", kafka.prefix, rand::random::<u32>());
-                BusConfig::Kafka(kafka)
-            }
-            other => other,
-        };
+        config.bus = with_run_prefix(bus);
         config.bind = "127.0.0.1:0".parse().expect("constant address");
         // The run's webhook receiver listens on loopback.
         config.webhooks.allow_private = true;
-        // Auth on, as a deployment runs it, with what a load test needs: a
-        // secret and an admin password of the run's own, cheap password
-        // hashes (the run logs in hundreds of users) and no login limits
-        // (they all log in from this one address).
         let admin_password = random_secret();
-        let mut auth = AuthConfig::new(random_secret());
-        auth.argon2_memory_kib = 256;
-        auth.argon2_iterations = 1;
-        auth.login_per_user.max = 0;
-        auth.login_per_address.max = 0;
-        auth.admin_password = Some(admin_password.clone());
-        config.auth = AuthSetup::On {
-            config: auth,
-            redis,
-            redis_prefix: format!("shardpay-run-{:08x}:", rand::random::<u32>()),
-            dev: false,
-        };
+        config.auth = load_test_auth(&admin_password, redis);
         config.sqlite = SqliteConfig {
             durability,
             ..SqliteConfig::default()
         };
+        Embedded::serve(config, admin_password, temp).await
+    }
+
+    /// Starts the reference system on a thread and runtime of its own, and
+    /// waits until it listens.
+    async fn serve(
+        config: ServeConfig,
+        admin_password: String,
+        temp: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Embedded> {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -279,6 +237,81 @@ impl Embedded {
                 .map_err(|_| anyhow::anyhow!("the reference system panicked"))??;
         }
         Ok(())
+    }
+}
+
+/// The first `shards` of the MySQL URLs, each database emptied first when
+/// the run owns them.
+async fn mysql_shard_urls(shards: u32, mysql: MysqlShards) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(
+        mysql.urls.len() >= shards as usize,
+        "{shards} shards need {shards} MySQL URLs; {} given",
+        mysql.urls.len()
+    );
+    let urls: Vec<String> = mysql.urls[..shards as usize].to_vec();
+    if mysql.fresh {
+        for url in &urls {
+            recreate_database(url).await?;
+        }
+    }
+    Ok(urls)
+}
+
+/// The folder for the shard files: the one given, which must not hold
+/// shards yet, or a temporary one (returned too, so that it lives as long
+/// as the run).
+fn fresh_data_dir(
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match data_dir {
+        Some(dir) => {
+            if dir.join("shardpay.json").exists() {
+                bail!(
+                    "{} already holds shard files; give a new --data-dir (a run needs fresh shards so its books start from zero)",
+                    dir.display()
+                );
+            }
+            Ok((None, dir))
+        }
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("shardpay-run-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            let dir = temp.path().to_path_buf();
+            Ok((Some(temp), dir))
+        }
+    }
+}
+
+/// The event bus with, on Kafka, a topic and group prefix of the run's own,
+/// so runs sharing a broker never read each other's events.
+fn with_run_prefix(bus: BusConfig) -> BusConfig {
+    match bus {
+        BusConfig::Kafka(mut kafka) => {
+            kafka.prefix = format!("{}run-{:08x}-", kafka.prefix, rand::random::<u32>());
+            BusConfig::Kafka(kafka)
+        }
+        other => other,
+    }
+}
+
+/// Auth on, as a deployment runs it, with what a load test needs: a secret
+/// and an admin password of the run's own, cheap password hashes (the run
+/// logs in hundreds of users) and no login limits (they all log in from
+/// this one address).
+fn load_test_auth(admin_password: &str, redis: Option<String>) -> AuthSetup {
+    let mut auth = AuthConfig::new(random_secret());
+    auth.argon2_memory_kib = 256;
+    auth.argon2_iterations = 1;
+    auth.login_per_user.max = 0;
+    auth.login_per_address.max = 0;
+    auth.admin_password = Some(admin_password.to_string());
+    AuthSetup::On {
+        config: auth,
+        redis,
+        redis_prefix: format!("shardpay-run-{:08x}:", rand::random::<u32>()),
+        dev: false,
     }
 }
 
