@@ -21,7 +21,8 @@ use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::CrossShard;
 
 use crate::accounting::{self, Accounting, Check, Entry, Outcome};
-use crate::api::{Api, TransferView, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::api::{Api, ShardInfo, TransferView, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::baseline::{BaselineKind, BaselineResult};
 use crate::driver::{self, Sim};
 use crate::plan::Plan;
 use crate::record::{Counts, Measured};
@@ -630,6 +631,8 @@ enum Backend {
     Remote,
 }
 
+/// One run on a started target: connect, create the accounts, measure the
+/// baseline, drive the load, check the books and audit, report.
 async fn drive(
     scenario: &Scenario,
     options: &RunOptions,
@@ -638,235 +641,288 @@ async fn drive(
     started_at: chrono::DateTime<chrono::Utc>,
     admin_password: Option<String>,
 ) -> anyhow::Result<RunResult> {
-    let embedded = backend != Backend::Remote;
-    // Ids follow from the seed only on shards the run knows are empty.
-    let fresh = matches!(backend, Backend::Sqlite | Backend::Mysql { fresh: true });
-    let say = |text: String| {
-        if options.progress {
-            eprintln!("{text}");
-        }
-    };
-    let mut api = Api::new(base_url)?;
-    api.services = options.services.clone();
-    // The shards' figures are for staff: with auth on, the admin logs in
-    // first.
-    let auth_on = match api.auth_on().await {
-        Ok(on) => on,
-        // A split deployment's hint (where the auth routes are) is the
-        // answer to give.
-        Err(e) if e.to_string().contains("--service") => return Err(e),
-        // Unreachable: reading the shards below says how to start it.
-        Err(_) => false,
-    };
-    if auth_on {
-        let password = admin_password.as_deref().context(
-            "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
-        )?;
-        api.token = Some(api.login("admin", password).await?);
-    }
-    let shard_info = api.shards().await.with_context(|| {
-        format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
-    })?;
-    let shards = shard_info.len();
-    if let Some(down) = shard_info.iter().find(|s| !s.healthy) {
-        bail!(
-            "shard {} ({}) is not healthy; fix it before a run",
-            down.shard,
-            down.name
-        );
-    }
-    let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
-
-    // On fresh embedded shards the ids follow from the seed, so the same
-    // seed and file send the same requests. A target may already hold the
-    // ids of an earlier run, so there each run draws its own.
-    let run_id = if fresh {
-        format!("s{:06x}_", crate::plan::mix64(scenario.seed) & 0xff_ffff)
-    } else {
-        format!("r{:06x}_", rand::rng().random_range(0..0x100_0000u32))
-    };
-    let needed = Plan::accounts_needed(scenario);
-    let names: Vec<String> = (0..needed).map(|i| format!("{run_id}{i}")).collect();
-    say(format!(
-        "{}: {} shards at {}; creating {} accounts (run id {run_id})",
-        scenario.name,
-        shards,
-        match backend {
-            Backend::Sqlite => "in-process (SQLite)",
-            Backend::Mysql { .. } => "in-process (MySQL shards)",
-            Backend::Remote => base_url,
-        },
-        needed
-    ));
-    let setup_started = Instant::now();
-    let owners = sign_in(
-        &mut api,
-        &run_id,
-        needed as usize,
-        admin_password.as_deref(),
-        options.progress,
-    )
-    .await?;
-    let shard_of = setup(
-        &api,
+    let cx = RunContext {
         scenario,
-        &names,
-        owners.as_ref().map(|o| o.of_account.as_slice()),
-        options.progress,
-    )
-    .await?;
-    // Webhooks for some accounts, on the in-process system only (a remote
-    // system may not reach this machine).
-    let receiver = if embedded {
-        crate::webhooks::Receiver::start(&api, &names).await?
-    } else {
-        None
+        options,
+        base_url,
+        backend,
+        started_at,
     };
-    say(format!(
-        "accounts created in {:.2} s",
-        setup_started.elapsed().as_secs_f64()
-    ));
-
-    let baseline = match (&options.target, options.baseline_s) {
-        (
-            Target::Embedded {
-                mysql: Some(m),
-                cross_shard,
-                ..
-            },
-            Some(seconds),
-        ) => {
-            let urls: Vec<String> = m.urls.iter().take(shards).cloned().collect();
-            let mut results = Vec::new();
-            let mut kinds = Vec::new();
-            if scenario.mix.same_shard > 0 || shards == 1 {
-                kinds.push(crate::baseline::BaselineKind::SameShard);
-            }
-            if scenario.mix.cross_shard > 0 && shards > 1 {
-                kinds.push(match *cross_shard {
-                    CrossShard::Saga => crate::baseline::BaselineKind::CrossShard,
-                    CrossShard::Xa => crate::baseline::BaselineKind::CrossShardXa,
-                });
-            }
-            for kind in kinds {
-                say(format!("raw-database baseline, {kind:?}, {seconds} s"));
-                results.push(
-                    crate::baseline::run(&urls, kind, scenario.load.users() as usize, seconds)
-                        .await?,
-                );
-            }
-            Some(results)
-        }
-        (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
-            bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
-        }
-        _ => None,
-    };
-    let plan = Plan::new(scenario, shard_of, shards as u16);
-    let mut sim = Sim::new(scenario, plan, names.clone(), run_id.clone());
-    if let Some(owners) = owners {
+    let (mut api, shard_info) = cx.connect(admin_password.as_deref()).await?;
+    let shards = shard_info.len();
+    let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+    let accounts = cx
+        .create_accounts(&mut api, shards, admin_password.as_deref())
+        .await?;
+    let baseline = cx.measure_baseline(shards).await?;
+    let plan = Plan::new(scenario, accounts.shard_of, shards as u16);
+    let mut sim = Sim::new(
+        scenario,
+        plan,
+        accounts.names.clone(),
+        accounts.run_id.clone(),
+    );
+    if let Some(owners) = accounts.owners {
         sim.tokens = owners.tokens;
     }
     let sim = Arc::new(sim);
-    let (progress, bar) = spawn_progress(sim.clone(), scenario, options.progress);
-    let (cpu0, server0) = cpu_seconds();
-    let wall = Instant::now();
-    let goose = driver::attack(scenario, sim.clone(), base_url).await;
-    let wall_s = wall.elapsed().as_secs_f64();
-    let (cpu1, server1) = cpu_seconds();
-    progress.abort();
-    bar.finish_and_clear();
-    let goose = goose?;
-    // Ctrl-C makes goose end the attack early: fewer operations than the
-    // count, or less time than the length.
-    let executed = sim.executed();
-    let interrupted = match scenario.stop {
-        Stop::Requests { count } => executed < count,
-        Stop::Duration { seconds } => wall_s < seconds as f64,
-        Stop::Either { seconds, count } => executed < count && wall_s < seconds as f64,
-    };
-    if interrupted {
-        say("interrupted: the load stopped early; settling the books and auditing what ran".into());
-    }
-    let goose_requests: u64 = goose
-        .requests
-        .values()
-        .map(|r| (r.success_count + r.fail_count) as u64)
-        .sum();
+    let load = cx.load(&sim).await?;
 
-    say("load done; settling the books and auditing".into());
-    let accounting = check_books(&api, scenario, &sim, &names, transfers_before, embedded).await?;
-    let audit_raw = api.audit().await?;
-    let audit_ok = audit_raw["ok"].as_bool().unwrap_or(false);
-    let audit = Audit {
-        ok: audit_ok,
-        summary: if audit_ok {
-            "every audit check passed".into()
-        } else {
-            let failed: Vec<String> = audit_raw["checks"]
-                .as_array()
-                .map(|checks| {
-                    checks
-                        .iter()
-                        .filter(|c| c["ok"] == false)
-                        .map(|c| {
-                            let problems: Vec<&str> = c["problems"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|p| p.as_str())
-                                .take(3)
-                                .collect();
-                            format!(
-                                "{}: {}",
-                                c["name"].as_str().unwrap_or("?"),
-                                problems.join(", ")
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            format!("failed: {}", failed.join("; "))
-        },
-        raw: audit_raw,
-    };
-
+    cx.say("load done; settling the books and auditing".into());
+    let names = &accounts.names;
+    let accounting =
+        check_books(&api, scenario, &sim, names, transfers_before, cx.embedded()).await?;
+    let audit = read_audit(&api).await?;
     let sim =
         Arc::try_unwrap(sim).map_err(|_| anyhow::anyhow!("a virtual user outlived the run"))?;
-    let operations = sim.executed();
-    let measured = sim.recorder.finish();
-    let simulator_cpu_s = if embedded {
-        (cpu1 - cpu0) - (server1 - server0)
-    } else {
-        cpu1 - cpu0
-    };
+    let run = cx.run_info(shards, accounts.run_id, &sim, &load);
     let machine = Machine::here();
-    let resources = Resources {
-        simulator_cpu_s,
-        system_cpu_s: embedded.then_some(server1 - server0),
-        wall_s,
-        simulator_cpu_share: simulator_cpu_s / (wall_s * machine.cpus as f64).max(1e-9),
-    };
+    let resources = load.resources(cx.embedded(), &machine);
+    let measured = sim.recorder.finish();
     let mut report = build_report(
-        scenario,
-        measured,
-        accounting,
-        audit,
-        resources,
-        machine,
-        RunInfo {
-            started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        scenario, measured, accounting, audit, resources, machine, run,
+    );
+    if let Some(results) = baseline {
+        report.baseline = Some(crate::report::Baseline::new(results, &report));
+    }
+    report.pipeline = settle_pipeline(&api).await;
+    if let Some(receiver) = &accounts.receiver {
+        report.webhooks = Some(settle_webhooks(&api, receiver).await);
+    }
+    judge(scenario, &mut report);
+    let dir = cx.write_report(&report)?;
+    Ok(RunResult { report, dir })
+}
+
+/// What every phase of a run reads.
+struct RunContext<'a> {
+    scenario: &'a Scenario,
+    options: &'a RunOptions,
+    base_url: &'a str,
+    backend: Backend,
+    started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The run's accounts, created on the target.
+struct Accounts {
+    /// Prefix of the run's account ids and idempotency keys.
+    run_id: String,
+    /// Account index -> id.
+    names: Vec<String>,
+    /// With auth on: who owns which account, and their tokens.
+    owners: Option<Owners>,
+    /// Account index -> shard.
+    shard_of: Vec<u16>,
+    /// The webhook receiver, on the in-process system.
+    receiver: Option<crate::webhooks::Receiver>,
+}
+
+/// What the load phase measured of itself.
+struct LoadFigures {
+    wall_s: f64,
+    /// CPU seconds of the whole process during the load.
+    cpu_s: f64,
+    /// CPU seconds of the in-process system's threads during the load.
+    server_cpu_s: f64,
+    /// Ctrl-C ended the load before the scenario's end.
+    interrupted: bool,
+    /// Requests as goose counted them.
+    goose_requests: u64,
+}
+
+impl RunContext<'_> {
+    /// Tells the user how the run goes, when progress is shown.
+    fn say(&self, text: String) {
+        if self.options.progress {
+            eprintln!("{text}");
+        }
+    }
+
+    /// The target is the in-process system.
+    fn embedded(&self) -> bool {
+        self.backend != Backend::Remote
+    }
+
+    /// Connects to the target and reads its shards, which must all be
+    /// healthy.
+    async fn connect(&self, admin_password: Option<&str>) -> anyhow::Result<(Api, Vec<ShardInfo>)> {
+        let base_url = self.base_url;
+        let mut api = Api::new(base_url)?;
+        api.services = self.options.services.clone();
+        // The shards' figures are for staff: with auth on, the admin logs in
+        // first.
+        let auth_on = match api.auth_on().await {
+            Ok(on) => on,
+            // A split deployment's hint (where the auth routes are) is the
+            // answer to give.
+            Err(e) if e.to_string().contains("--service") => return Err(e),
+            // Unreachable: reading the shards below says how to start it.
+            Err(_) => false,
+        };
+        if auth_on {
+            let password = admin_password.context(
+                "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
+            )?;
+            api.token = Some(api.login("admin", password).await?);
+        }
+        let shard_info = api.shards().await.with_context(|| {
+            format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
+        })?;
+        if let Some(down) = shard_info.iter().find(|s| !s.healthy) {
+            bail!(
+                "shard {} ({}) is not healthy; fix it before a run",
+                down.shard,
+                down.name
+            );
+        }
+        Ok((api, shard_info))
+    }
+
+    /// Prefix of the run's account ids and idempotency keys. On fresh
+    /// embedded shards the ids follow from the seed, so the same seed and
+    /// file send the same requests. A target may already hold the ids of an
+    /// earlier run, so there each run draws its own.
+    fn run_id(&self) -> String {
+        // Ids follow from the seed only on shards the run knows are empty.
+        let fresh = matches!(
+            self.backend,
+            Backend::Sqlite | Backend::Mysql { fresh: true }
+        );
+        if fresh {
+            format!(
+                "s{:06x}_",
+                crate::plan::mix64(self.scenario.seed) & 0xff_ffff
+            )
+        } else {
+            format!("r{:06x}_", rand::rng().random_range(0..0x100_0000u32))
+        }
+    }
+
+    /// Logs the owners in (with auth on) and creates the run's accounts;
+    /// on the in-process system, some of them get webhooks.
+    async fn create_accounts(
+        &self,
+        api: &mut Api,
+        shards: usize,
+        admin_password: Option<&str>,
+    ) -> anyhow::Result<Accounts> {
+        let (scenario, progress) = (self.scenario, self.options.progress);
+        let run_id = self.run_id();
+        let needed = Plan::accounts_needed(scenario);
+        let names: Vec<String> = (0..needed).map(|i| format!("{run_id}{i}")).collect();
+        self.say(format!(
+            "{}: {} shards at {}; creating {} accounts (run id {run_id})",
+            scenario.name,
             shards,
-            backend: match backend {
+            match self.backend {
+                Backend::Sqlite => "in-process (SQLite)",
+                Backend::Mysql { .. } => "in-process (MySQL shards)",
+                Backend::Remote => self.base_url,
+            },
+            needed
+        ));
+        let setup_started = Instant::now();
+        let owners = sign_in(api, &run_id, needed as usize, admin_password, progress).await?;
+        let of_account = owners.as_ref().map(|o| o.of_account.as_slice());
+        let shard_of = setup(api, scenario, &names, of_account, progress).await?;
+        // Webhooks for some accounts, on the in-process system only (a remote
+        // system may not reach this machine).
+        let receiver = if self.embedded() {
+            crate::webhooks::Receiver::start(api, &names).await?
+        } else {
+            None
+        };
+        self.say(format!(
+            "accounts created in {:.2} s",
+            setup_started.elapsed().as_secs_f64()
+        ));
+        Ok(Accounts {
+            run_id,
+            names,
+            owners,
+            shard_of,
+            receiver,
+        })
+    }
+
+    /// With `--baseline` on MySQL shards: the raw-database baseline of each
+    /// kind of transfer the scenario sends, measured before the load.
+    async fn measure_baseline(&self, shards: usize) -> anyhow::Result<Option<Vec<BaselineResult>>> {
+        let (mysql, cross_shard, seconds) = match (&self.options.target, self.options.baseline_s) {
+            (
+                Target::Embedded {
+                    mysql: Some(m),
+                    cross_shard,
+                    ..
+                },
+                Some(seconds),
+            ) => (m, *cross_shard, seconds),
+            (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
+                bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
+            }
+            _ => return Ok(None),
+        };
+        let urls: Vec<String> = mysql.urls.iter().take(shards).cloned().collect();
+        let concurrency = self.scenario.load.users() as usize;
+        let mut results = Vec::new();
+        for kind in baseline_kinds(self.scenario, shards, cross_shard) {
+            self.say(format!("raw-database baseline, {kind:?}, {seconds} s"));
+            results.push(crate::baseline::run(&urls, kind, concurrency, seconds).await?);
+        }
+        Ok(Some(results))
+    }
+
+    /// Drives the load with live progress; times it and the CPU it costs.
+    async fn load(&self, sim: &Arc<Sim>) -> anyhow::Result<LoadFigures> {
+        let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
+        let (cpu0, server0) = cpu_seconds();
+        let wall = Instant::now();
+        let goose = driver::attack(self.scenario, sim.clone(), self.base_url).await;
+        let wall_s = wall.elapsed().as_secs_f64();
+        let (cpu1, server1) = cpu_seconds();
+        progress.abort();
+        bar.finish_and_clear();
+        let goose = goose?;
+        let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
+        if interrupted {
+            self.say(
+                "interrupted: the load stopped early; settling the books and auditing what ran"
+                    .into(),
+            );
+        }
+        let goose_requests: u64 = goose
+            .requests
+            .values()
+            .map(|r| (r.success_count + r.fail_count) as u64)
+            .sum();
+        Ok(LoadFigures {
+            wall_s,
+            cpu_s: cpu1 - cpu0,
+            server_cpu_s: server1 - server0,
+            interrupted,
+            goose_requests,
+        })
+    }
+
+    /// The run's facts for its report (the measured length is set with the
+    /// measurements).
+    fn run_info(&self, shards: usize, run_id: String, sim: &Sim, load: &LoadFigures) -> RunInfo {
+        let target = &self.options.target;
+        RunInfo {
+            started_at: self
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            shards,
+            backend: match self.backend {
                 Backend::Sqlite => "sqlite".into(),
                 Backend::Mysql { .. } => "mysql".into(),
                 Backend::Remote => "remote".into(),
             },
-            cross_shard: match &options.target {
+            cross_shard: match target {
                 Target::Embedded { cross_shard, .. } => cross_shard.as_str().into(),
                 Target::Url(_) => "as configured on the target".into(),
             },
-            bus: match &options.target {
+            bus: match target {
                 Target::Embedded { bus, .. } => bus.describe(),
                 Target::Url(_) => "as configured on the target".into(),
             },
@@ -875,39 +931,124 @@ async fn drive(
             } else {
                 format!("on: {} users own the accounts", sim.tokens.len())
             },
-            target: if embedded {
+            target: if self.embedded() {
                 "embedded".into()
             } else {
-                base_url.to_string()
+                self.base_url.to_string()
             },
             git_commit: git_commit(),
             simulator_version: env!("CARGO_PKG_VERSION").into(),
             run_id,
-            accounts: needed as u64,
-            warmup_s: scenario.warmup_s,
+            accounts: sim.names.len() as u64,
+            warmup_s: self.scenario.warmup_s,
             measured_s: 0.0,
-            operations,
-            users: scenario.load.users(),
-            goose_requests,
-            interrupted,
-        },
-    );
-    if let Some(results) = baseline {
-        report.baseline = Some(crate::report::Baseline::new(results, &report));
+            operations: sim.executed(),
+            users: self.scenario.load.users(),
+            goose_requests: load.goose_requests,
+            interrupted: load.interrupted,
+        }
     }
-    report.pipeline = settle_pipeline(&api).await;
-    if let Some(receiver) = &receiver {
-        report.webhooks = Some(settle_webhooks(&api, receiver).await);
-    }
-    judge(scenario, &mut report);
 
-    let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
-    let dir = report_dir(&options.reports_dir, &scenario.name, &stamp)?;
-    report.write(&dir.join("report.json"))?;
-    std::fs::write(dir.join("report.html"), crate::html::render(&report))
-        .with_context(|| format!("cannot write {}", dir.join("report.html").display()))?;
-    std::fs::write(dir.join("summary.txt"), report.summary())?;
-    Ok(RunResult { report, dir })
+    /// Writes report.json, report.html and summary.txt into a new folder of
+    /// the run's own; returns the folder.
+    fn write_report(&self, report: &Report) -> anyhow::Result<PathBuf> {
+        let stamp = self.started_at.format("%Y%m%dT%H%M%SZ").to_string();
+        let dir = report_dir(&self.options.reports_dir, &self.scenario.name, &stamp)?;
+        report.write(&dir.join("report.json"))?;
+        std::fs::write(dir.join("report.html"), crate::html::render(report))
+            .with_context(|| format!("cannot write {}", dir.join("report.html").display()))?;
+        std::fs::write(dir.join("summary.txt"), report.summary())?;
+        Ok(dir)
+    }
+}
+
+impl LoadFigures {
+    /// The CPU the load cost: the simulator's own, apart from the
+    /// in-process system's.
+    fn resources(&self, embedded: bool, machine: &Machine) -> Resources {
+        let simulator_cpu_s = if embedded {
+            self.cpu_s - self.server_cpu_s
+        } else {
+            self.cpu_s
+        };
+        Resources {
+            simulator_cpu_s,
+            system_cpu_s: embedded.then_some(self.server_cpu_s),
+            wall_s: self.wall_s,
+            simulator_cpu_share: simulator_cpu_s / (self.wall_s * machine.cpus as f64).max(1e-9),
+        }
+    }
+}
+
+/// Ctrl-C makes goose end the attack early: fewer operations than the
+/// count, or less time than the length.
+fn stopped_early(stop: Stop, executed: u64, wall_s: f64) -> bool {
+    match stop {
+        Stop::Requests { count } => executed < count,
+        Stop::Duration { seconds } => wall_s < seconds as f64,
+        Stop::Either { seconds, count } => executed < count && wall_s < seconds as f64,
+    }
+}
+
+/// The kinds of transfer the baseline measures for a scenario: same-shard
+/// when it sends any (or there is one shard), cross-shard made atomic as
+/// the system makes it when it sends any across shards.
+fn baseline_kinds(
+    scenario: &Scenario,
+    shards: usize,
+    cross_shard: CrossShard,
+) -> Vec<BaselineKind> {
+    let mut kinds = Vec::new();
+    if scenario.mix.same_shard > 0 || shards == 1 {
+        kinds.push(BaselineKind::SameShard);
+    }
+    if scenario.mix.cross_shard > 0 && shards > 1 {
+        kinds.push(match cross_shard {
+            CrossShard::Saga => BaselineKind::CrossShard,
+            CrossShard::Xa => BaselineKind::CrossShardXa,
+        });
+    }
+    kinds
+}
+
+/// The system's audit: passed, or which checks failed.
+async fn read_audit(api: &Api) -> anyhow::Result<Audit> {
+    let raw = api.audit().await?;
+    let ok = raw["ok"].as_bool().unwrap_or(false);
+    Ok(Audit {
+        ok,
+        summary: if ok {
+            "every audit check passed".into()
+        } else {
+            format!("failed: {}", failed_checks(&raw).join("; "))
+        },
+        raw,
+    })
+}
+
+/// Each failed check of an audit answer, with its first three problems.
+fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
+    let Some(checks) = raw["checks"].as_array() else {
+        return Vec::new();
+    };
+    checks
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| {
+            let problems: Vec<&str> = c["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .take(3)
+                .collect();
+            format!(
+                "{}: {}",
+                c["name"].as_str().unwrap_or("?"),
+                problems.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// Settles unknown answers, waits for pending transfers, and checks the
