@@ -362,66 +362,21 @@ pub async fn run(
         kind == BaselineKind::SameShard || urls.len() > 1,
         "a cross-shard baseline needs at least two shards"
     );
-    let per_shard = concurrency.div_ceil(urls.len()) as u32 + 1;
-    // An XA transfer holds a connection on each of its two shards at once:
-    // pools that could run dry would leave workers waiting on each other.
-    let pool_size = match kind {
-        BaselineKind::CrossShardXa => concurrency as u32 + 1,
-        _ => per_shard * 2,
-    };
-    let pools = Arc::new(prepare(urls, pool_size).await?);
+    let pools = Arc::new(prepare(urls, pool_size(kind, concurrency, urls.len())).await?);
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..concurrency {
-        let (pools, done) = (pools.clone(), done.clone());
-        workers.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
-            let mut hist: Histogram<u64> = new_histogram();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let shard = rng.random_range(0..pools.len());
-                let payer = rng.random_range(0..ACCOUNTS_PER_SHARD);
-                let mut payee = rng.random_range(0..ACCOUNTS_PER_SHARD);
-                if payee == payer {
-                    payee = (payee + 1) % ACCOUNTS_PER_SHARD;
-                }
-                let amount = rng.random_range(100..10_000);
-                let t = Instant::now();
-                let result = match kind {
-                    BaselineKind::SameShard => {
-                        same_shard(&pools[shard], payer, payee, amount).await
-                    }
-                    BaselineKind::CrossShard => {
-                        let other =
-                            (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
-                        cross_shard(&pools[shard], &pools[other], payer, payee, amount).await
-                    }
-                    BaselineKind::CrossShardXa => {
-                        let other =
-                            (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
-                        cross_shard_xa(
-                            (&pools[shard], &pools[other]),
-                            (shard, other),
-                            payer,
-                            payee,
-                            amount,
-                        )
-                        .await
-                    }
-                };
-                match result {
-                    Ok(()) => {
-                        hist.saturating_record(t.elapsed().as_micros() as u64);
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (hist, errors)
-        }));
-    }
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            tokio::spawn(worker(
+                w as u64,
+                kind,
+                pools.clone(),
+                done.clone(),
+                deadline,
+            ))
+        })
+        .collect();
     let mut hist = new_histogram();
     for w in workers {
         let (h, _errors) = w.await?;
@@ -441,4 +396,96 @@ pub async fn run(
         tps: transfers as f64 / elapsed,
         latency: Hist::of(&hist),
     })
+}
+
+/// Connections per shard pool for `concurrency` workers on `shards` shards.
+fn pool_size(kind: BaselineKind, concurrency: usize, shards: usize) -> u32 {
+    match kind {
+        // An XA transfer holds a connection on each of its two shards at
+        // once: pools that could run dry would leave workers waiting on each
+        // other.
+        BaselineKind::CrossShardXa => concurrency as u32 + 1,
+        _ => (concurrency.div_ceil(shards) as u32 + 1) * 2,
+    }
+}
+
+/// One worker: random transfers of `kind`, back to back, until the
+/// deadline; returns the latency of those that committed and how many
+/// failed. Worker `w` draws from its own seed.
+async fn worker(
+    w: u64,
+    kind: BaselineKind,
+    pools: Arc<Vec<MySqlPool>>,
+    done: Arc<AtomicU64>,
+    deadline: Instant,
+) -> (Histogram<u64>, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(w);
+    let mut hist: Histogram<u64> = new_histogram();
+    let mut errors = 0u64;
+    while Instant::now() < deadline {
+        let transfer = Draw::new(&mut rng, pools.len());
+        let t = Instant::now();
+        match transfer.send(kind, &pools, &mut rng).await {
+            Ok(()) => {
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    (hist, errors)
+}
+
+/// A transfer between two random accounts, from a random shard.
+struct Draw {
+    shard: usize,
+    payer: u32,
+    payee: u32,
+    amount: i64,
+}
+
+impl Draw {
+    fn new(rng: &mut rand::rngs::StdRng, shards: usize) -> Draw {
+        let shard = rng.random_range(0..shards);
+        let payer = rng.random_range(0..ACCOUNTS_PER_SHARD);
+        let mut payee = rng.random_range(0..ACCOUNTS_PER_SHARD);
+        if payee == payer {
+            payee = (payee + 1) % ACCOUNTS_PER_SHARD;
+        }
+        let amount = rng.random_range(100..10_000);
+        Draw {
+            shard,
+            payer,
+            payee,
+            amount,
+        }
+    }
+
+    /// Runs it as a `kind` transfer; across shards, the payee is on another
+    /// shard drawn at random.
+    async fn send(
+        &self,
+        kind: BaselineKind,
+        pools: &[MySqlPool],
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<(), sqlx::Error> {
+        let Draw {
+            shard,
+            payer,
+            payee,
+            amount,
+        } = *self;
+        match kind {
+            BaselineKind::SameShard => same_shard(&pools[shard], payer, payee, amount).await,
+            BaselineKind::CrossShard => {
+                let other = (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
+                cross_shard(&pools[shard], &pools[other], payer, payee, amount).await
+            }
+            BaselineKind::CrossShardXa => {
+                let other = (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
+                let pair = (&pools[shard], &pools[other]);
+                cross_shard_xa(pair, (shard, other), payer, payee, amount).await
+            }
+        }
+    }
 }

@@ -516,128 +516,150 @@ async fn retry_group(
     changed_amount_minor: Option<i64>,
     intended: Instant,
 ) {
-    let sim = ctx.sim;
-    sim.books.retry_group();
-    let key = format!("{}{k}-0", sim.key_prefix);
-    ctx.entry(&key, &transfer, None);
-    let request_body = body(sim, &transfer, transfer.amount_minor);
-    let client = user.client.clone();
-    let url = format!("{}v1/transfers", user.base_url);
-
-    // The first request and its racers.
-    let racers = (0..concurrent).map(|_| async {
-        let sent = Instant::now();
-        (
-            send_raw(
-                &client,
-                &url,
-                &key,
-                &request_body,
-                sim.token(transfer.payer),
-            )
-            .await,
-            sent,
-        )
-    });
-    let first = async {
-        (
-            send_goose(
-                user,
-                Kind::IdempotentRetry,
-                &key,
-                &request_body,
-                sim.token(transfer.payer),
-            )
-            .await,
-            intended,
-        )
-    };
-    let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));
-    let mut answers = vec![first];
-    answers.extend(raced);
-
-    // Then the resends that wait for an answer.
-    for _ in concurrent..resends {
-        let sent = Instant::now();
-        let answer = send_raw(
-            &client,
-            &url,
-            &key,
-            &request_body,
-            sim.token(transfer.payer),
-        )
-        .await;
-        answers.push((answer, sent));
-    }
-
-    // The executing answer: the one that is final and not a replay.
-    let executed: Vec<&Answer> = answers
-        .iter()
-        .map(|(a, _)| a)
-        .filter(|a| a.outcome().is_some() && !a.replayed)
-        .collect();
-    if executed.len() > 1 {
-        sim.books.violation(format!(
-            "key {key}: executed {} times ({})",
-            executed.len(),
-            executed
-                .iter()
-                .map(|a| a.id.clone().unwrap_or_else(|| a.code.clone()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    let reference = executed.first().copied().cloned().or_else(|| {
-        answers
-            .iter()
-            .find(|(a, _)| a.outcome().is_some())
-            .map(|(a, _)| a.clone())
-    });
+    ctx.sim.books.retry_group();
+    let group = RetryGroup::new(user, ctx, k, transfer);
+    ctx.entry(&group.key, &group.transfer, None);
+    let answers = group.send_all(user, concurrent, resends, intended).await;
+    let reference = group.reference(&answers);
     if let Some(outcome) = reference.as_ref().and_then(Answer::outcome) {
-        sim.books.settle(&key, outcome);
+        ctx.sim.books.settle(&group.key, outcome);
     }
     for (answer, sent) in &answers {
-        let mut class = answer.class();
-        if answer.status == 409 && answer.code == "idempotency_key_in_flight" {
-            class = Class::Replayed;
-        } else if answer.replayed {
-            let matches = reference
-                .as_ref()
-                .is_some_and(|r| r.status == answer.status && r.body == answer.body);
-            if !matches {
-                class = Class::Error;
-                sim.books.violation(format!(
-                    "key {key}: replay answered {} {} but the request executed with {}",
-                    answer.status,
-                    answer.body,
-                    reference
-                        .as_ref()
-                        .map(|r| format!("{} {}", r.status, r.body))
-                        .unwrap_or_else(|| "no final answer".into())
-                ));
-            }
-        }
-        ctx.record(&transfer, answer, *sent, class);
+        let class = group.class(answer, reference.as_ref());
+        ctx.record(&group.transfer, answer, *sent, class);
     }
-
     // The same key with another amount must be refused and change nothing.
     // Only once the key has a stored answer: before that, a changed body
     // would simply be a new request.
     if let (Some(amount), Some(_)) = (changed_amount_minor, &reference) {
+        group.send_changed_body(amount).await;
+    }
+}
+
+/// The requests of one retry group: one transfer under one key.
+struct RetryGroup<'a> {
+    ctx: &'a Ctx<'a>,
+    transfer: Transfer,
+    key: String,
+    body: serde_json::Value,
+    /// The user's HTTP client, for the requests that bypass goose.
+    client: reqwest::Client,
+    url: String,
+}
+
+impl<'a> RetryGroup<'a> {
+    fn new(user: &GooseUser, ctx: &'a Ctx<'a>, k: u64, transfer: Transfer) -> Self {
+        let sim = ctx.sim;
+        RetryGroup {
+            ctx,
+            key: format!("{}{k}-0", sim.key_prefix),
+            body: body(sim, &transfer, transfer.amount_minor),
+            transfer,
+            client: user.client.clone(),
+            url: format!("{}v1/transfers", user.base_url),
+        }
+    }
+
+    /// Sends `body` under the group's key, outside goose.
+    async fn send_raw(&self, body: &serde_json::Value) -> Answer {
+        let token = self.ctx.sim.token(self.transfer.payer);
+        send_raw(&self.client, &self.url, &self.key, body, token).await
+    }
+
+    /// The first request (through goose, timed from `intended`) with its
+    /// `concurrent` racers, then the resends that wait for an answer; each
+    /// answer with the moment its request was sent.
+    async fn send_all(
+        &self,
+        user: &mut GooseUser,
+        concurrent: u32,
+        resends: u32,
+        intended: Instant,
+    ) -> Vec<(Answer, Instant)> {
+        let token = self.ctx.sim.token(self.transfer.payer);
+        let racers = (0..concurrent).map(|_| async {
+            let sent = Instant::now();
+            (self.send_raw(&self.body).await, sent)
+        });
+        let first = async {
+            let kind = Kind::IdempotentRetry;
+            let answer = send_goose(user, kind, &self.key, &self.body, token).await;
+            (answer, intended)
+        };
+        let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));
+        let mut answers = vec![first];
+        answers.extend(raced);
+        for _ in concurrent..resends {
+            let sent = Instant::now();
+            answers.push((self.send_raw(&self.body).await, sent));
+        }
+        answers
+    }
+
+    /// The executing answer: the one that is final and not a replay (more
+    /// than one is a violation), else the first final one.
+    fn reference(&self, answers: &[(Answer, Instant)]) -> Option<Answer> {
+        let executed: Vec<&Answer> = answers
+            .iter()
+            .map(|(a, _)| a)
+            .filter(|a| a.outcome().is_some() && !a.replayed)
+            .collect();
+        if executed.len() > 1 {
+            self.ctx.sim.books.violation(format!(
+                "key {}: executed {} times ({})",
+                self.key,
+                executed.len(),
+                executed
+                    .iter()
+                    .map(|a| a.id.clone().unwrap_or_else(|| a.code.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        executed.first().copied().cloned().or_else(|| {
+            answers
+                .iter()
+                .find(|(a, _)| a.outcome().is_some())
+                .map(|(a, _)| a.clone())
+        })
+    }
+
+    /// How an answer of the group counts: a 409 while the first runs as a
+    /// replay; a replay that differs from the executing answer as an error
+    /// (and a violation).
+    fn class(&self, answer: &Answer, reference: Option<&Answer>) -> Class {
+        if answer.status == 409 && answer.code == "idempotency_key_in_flight" {
+            return Class::Replayed;
+        }
+        if answer.replayed
+            && !reference.is_some_and(|r| r.status == answer.status && r.body == answer.body)
+        {
+            self.ctx.sim.books.violation(format!(
+                "key {}: replay answered {} {} but the request executed with {}",
+                self.key,
+                answer.status,
+                answer.body,
+                reference
+                    .map(|r| format!("{} {}", r.status, r.body))
+                    .unwrap_or_else(|| "no final answer".into())
+            ));
+            return Class::Error;
+        }
+        answer.class()
+    }
+
+    /// Sends the transfer again under the key with another amount; anything
+    /// but a 422 `idempotency_key_reused` is a violation.
+    async fn send_changed_body(&self, amount_minor: i64) {
         let sent = Instant::now();
-        let answer = send_raw(
-            &client,
-            &url,
-            &key,
-            &body(sim, &transfer, amount),
-            sim.token(transfer.payer),
-        )
-        .await;
+        let answer = self
+            .send_raw(&body(self.ctx.sim, &self.transfer, amount_minor))
+            .await;
         let refused = answer.status == 422 && answer.code == "idempotency_key_reused";
         if !refused && answer.status != 0 {
-            sim.books.violation(format!(
-                "key {key}: a changed body answered {} {} instead of 422 idempotency_key_reused",
-                answer.status, answer.body
+            self.ctx.sim.books.violation(format!(
+                "key {}: a changed body answered {} {} instead of 422 idempotency_key_reused",
+                self.key, answer.status, answer.body
             ));
         }
         let class = if refused {
@@ -645,7 +667,7 @@ async fn retry_group(
         } else {
             Class::Error
         };
-        ctx.record(&transfer, &answer, sent, class);
+        self.ctx.record(&self.transfer, &answer, sent, class);
     }
 }
 

@@ -20,16 +20,17 @@ use shardpay_reference::events::BusConfig;
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::CrossShard;
 
-use crate::accounting::{self, Accounting, Check, Outcome};
-use crate::api::{Api, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::accounting::{self, Accounting, Check, Entry, Outcome};
+use crate::api::{Api, ShardInfo, TransferView, BULK_BATCH, SETUP_CONCURRENCY};
+use crate::baseline::{BaselineKind, BaselineResult};
 use crate::driver::{self, Sim};
 use crate::plan::Plan;
-use crate::record::Measured;
+use crate::record::{Counts, Measured};
 use crate::report::{
     Audit, Hist, Latency, Machine, OutcomeRow, Report, Resources, RunInfo, ScenarioInfo,
     ThresholdResult, Timeline, Totals, SCHEMA,
 };
-use crate::scenario::{Scenario, Stop};
+use crate::scenario::{Scenario, Stop, Thresholds};
 use crate::Kind;
 
 /// How long the books wait, after the run, for pending cross-shard
@@ -159,40 +160,9 @@ impl Embedded {
     ) -> anyhow::Result<Embedded> {
         let mysql_urls = match mysql {
             None => None,
-            Some(m) => {
-                anyhow::ensure!(
-                    m.urls.len() >= shards as usize,
-                    "{shards} shards need {shards} MySQL URLs; {} given",
-                    m.urls.len()
-                );
-                let urls: Vec<String> = m.urls[..shards as usize].to_vec();
-                if m.fresh {
-                    for url in &urls {
-                        recreate_database(url).await?;
-                    }
-                }
-                Some(urls)
-            }
+            Some(m) => Some(mysql_shard_urls(shards, m).await?),
         };
-        let (temp, dir) = match data_dir {
-            Some(dir) => {
-                if dir.join("shardpay.json").exists() {
-                    bail!(
-                        "{} already holds shard files; give a new --data-dir (a run needs fresh shards so its books start from zero)",
-                        dir.display()
-                    );
-                }
-                (None, dir)
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("shardpay-run-")
-                    .tempdir()
-                    .context("cannot create a temporary data directory")?;
-                let dir = temp.path().to_path_buf();
-                (Some(temp), dir)
-            }
-        };
+        let (temp, dir) = fresh_data_dir(data_dir)?;
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
         config.mysql_urls = mysql_urls;
@@ -200,37 +170,26 @@ impl Embedded {
         if !fraud {
             config.fraud = None;
         }
-        config.bus = match bus {
-            BusConfig::Kafka(mut kafka) => {
-                kafka.prefix = format!("{}run-{:08x}-", kafka.prefix, rand::random::<u32>());
-                BusConfig::Kafka(kafka)
-            }
-            other => other,
-        };
+        config.bus = with_run_prefix(bus);
         config.bind = "127.0.0.1:0".parse().expect("constant address");
         // The run's webhook receiver listens on loopback.
         config.webhooks.allow_private = true;
-        // Auth on, as a deployment runs it, with what a load test needs: a
-        // secret and an admin password of the run's own, cheap password
-        // hashes (the run logs in hundreds of users) and no login limits
-        // (they all log in from this one address).
         let admin_password = random_secret();
-        let mut auth = AuthConfig::new(random_secret());
-        auth.argon2_memory_kib = 256;
-        auth.argon2_iterations = 1;
-        auth.login_per_user.max = 0;
-        auth.login_per_address.max = 0;
-        auth.admin_password = Some(admin_password.clone());
-        config.auth = AuthSetup::On {
-            config: auth,
-            redis,
-            redis_prefix: format!("shardpay-run-{:08x}:", rand::random::<u32>()),
-            dev: false,
-        };
+        config.auth = load_test_auth(&admin_password, redis);
         config.sqlite = SqliteConfig {
             durability,
             ..SqliteConfig::default()
         };
+        Embedded::serve(config, admin_password, temp).await
+    }
+
+    /// Starts the reference system on a thread and runtime of its own, and
+    /// waits until it listens.
+    async fn serve(
+        config: ServeConfig,
+        admin_password: String,
+        temp: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Embedded> {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -279,6 +238,81 @@ impl Embedded {
                 .map_err(|_| anyhow::anyhow!("the reference system panicked"))??;
         }
         Ok(())
+    }
+}
+
+/// The first `shards` of the MySQL URLs, each database emptied first when
+/// the run owns them.
+async fn mysql_shard_urls(shards: u32, mysql: MysqlShards) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(
+        mysql.urls.len() >= shards as usize,
+        "{shards} shards need {shards} MySQL URLs; {} given",
+        mysql.urls.len()
+    );
+    let urls: Vec<String> = mysql.urls[..shards as usize].to_vec();
+    if mysql.fresh {
+        for url in &urls {
+            recreate_database(url).await?;
+        }
+    }
+    Ok(urls)
+}
+
+/// The folder for the shard files: the one given, which must not hold
+/// shards yet, or a temporary one (returned too, so that it lives as long
+/// as the run).
+fn fresh_data_dir(
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match data_dir {
+        Some(dir) => {
+            if dir.join("shardpay.json").exists() {
+                bail!(
+                    "{} already holds shard files; give a new --data-dir (a run needs fresh shards so its books start from zero)",
+                    dir.display()
+                );
+            }
+            Ok((None, dir))
+        }
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("shardpay-run-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            let dir = temp.path().to_path_buf();
+            Ok((Some(temp), dir))
+        }
+    }
+}
+
+/// The event bus with, on Kafka, a topic and group prefix of the run's own,
+/// so runs sharing a broker never read each other's events.
+fn with_run_prefix(bus: BusConfig) -> BusConfig {
+    match bus {
+        BusConfig::Kafka(mut kafka) => {
+            kafka.prefix = format!("{}run-{:08x}-", kafka.prefix, rand::random::<u32>());
+            BusConfig::Kafka(kafka)
+        }
+        other => other,
+    }
+}
+
+/// Auth on, as a deployment runs it, with what a load test needs: a secret
+/// and an admin password of the run's own, cheap password hashes (the run
+/// logs in hundreds of users) and no login limits (they all log in from
+/// this one address).
+fn load_test_auth(admin_password: &str, redis: Option<String>) -> AuthSetup {
+    let mut auth = AuthConfig::new(random_secret());
+    auth.argon2_memory_kib = 256;
+    auth.argon2_iterations = 1;
+    auth.login_per_user.max = 0;
+    auth.login_per_address.max = 0;
+    auth.admin_password = Some(admin_password.to_string());
+    AuthSetup::On {
+        config: auth,
+        redis,
+        redis_prefix: format!("shardpay-run-{:08x}:", rand::random::<u32>()),
+        dev: false,
     }
 }
 
@@ -597,6 +631,8 @@ enum Backend {
     Remote,
 }
 
+/// One run on a started target: connect, create the accounts, measure the
+/// baseline, drive the load, check the books and audit, report.
 async fn drive(
     scenario: &Scenario,
     options: &RunOptions,
@@ -605,235 +641,288 @@ async fn drive(
     started_at: chrono::DateTime<chrono::Utc>,
     admin_password: Option<String>,
 ) -> anyhow::Result<RunResult> {
-    let embedded = backend != Backend::Remote;
-    // Ids follow from the seed only on shards the run knows are empty.
-    let fresh = matches!(backend, Backend::Sqlite | Backend::Mysql { fresh: true });
-    let say = |text: String| {
-        if options.progress {
-            eprintln!("{text}");
-        }
-    };
-    let mut api = Api::new(base_url)?;
-    api.services = options.services.clone();
-    // The shards' figures are for staff: with auth on, the admin logs in
-    // first.
-    let auth_on = match api.auth_on().await {
-        Ok(on) => on,
-        // A split deployment's hint (where the auth routes are) is the
-        // answer to give.
-        Err(e) if e.to_string().contains("--service") => return Err(e),
-        // Unreachable: reading the shards below says how to start it.
-        Err(_) => false,
-    };
-    if auth_on {
-        let password = admin_password.as_deref().context(
-            "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
-        )?;
-        api.token = Some(api.login("admin", password).await?);
-    }
-    let shard_info = api.shards().await.with_context(|| {
-        format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
-    })?;
-    let shards = shard_info.len();
-    if let Some(down) = shard_info.iter().find(|s| !s.healthy) {
-        bail!(
-            "shard {} ({}) is not healthy; fix it before a run",
-            down.shard,
-            down.name
-        );
-    }
-    let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
-
-    // On fresh embedded shards the ids follow from the seed, so the same
-    // seed and file send the same requests. A target may already hold the
-    // ids of an earlier run, so there each run draws its own.
-    let run_id = if fresh {
-        format!("s{:06x}_", crate::plan::mix64(scenario.seed) & 0xff_ffff)
-    } else {
-        format!("r{:06x}_", rand::rng().random_range(0..0x100_0000u32))
-    };
-    let needed = Plan::accounts_needed(scenario);
-    let names: Vec<String> = (0..needed).map(|i| format!("{run_id}{i}")).collect();
-    say(format!(
-        "{}: {} shards at {}; creating {} accounts (run id {run_id})",
-        scenario.name,
-        shards,
-        match backend {
-            Backend::Sqlite => "in-process (SQLite)",
-            Backend::Mysql { .. } => "in-process (MySQL shards)",
-            Backend::Remote => base_url,
-        },
-        needed
-    ));
-    let setup_started = Instant::now();
-    let owners = sign_in(
-        &mut api,
-        &run_id,
-        needed as usize,
-        admin_password.as_deref(),
-        options.progress,
-    )
-    .await?;
-    let shard_of = setup(
-        &api,
+    let cx = RunContext {
         scenario,
-        &names,
-        owners.as_ref().map(|o| o.of_account.as_slice()),
-        options.progress,
-    )
-    .await?;
-    // Webhooks for some accounts, on the in-process system only (a remote
-    // system may not reach this machine).
-    let receiver = if embedded {
-        crate::webhooks::Receiver::start(&api, &names).await?
-    } else {
-        None
+        options,
+        base_url,
+        backend,
+        started_at,
     };
-    say(format!(
-        "accounts created in {:.2} s",
-        setup_started.elapsed().as_secs_f64()
-    ));
-
-    let baseline = match (&options.target, options.baseline_s) {
-        (
-            Target::Embedded {
-                mysql: Some(m),
-                cross_shard,
-                ..
-            },
-            Some(seconds),
-        ) => {
-            let urls: Vec<String> = m.urls.iter().take(shards).cloned().collect();
-            let mut results = Vec::new();
-            let mut kinds = Vec::new();
-            if scenario.mix.same_shard > 0 || shards == 1 {
-                kinds.push(crate::baseline::BaselineKind::SameShard);
-            }
-            if scenario.mix.cross_shard > 0 && shards > 1 {
-                kinds.push(match *cross_shard {
-                    CrossShard::Saga => crate::baseline::BaselineKind::CrossShard,
-                    CrossShard::Xa => crate::baseline::BaselineKind::CrossShardXa,
-                });
-            }
-            for kind in kinds {
-                say(format!("raw-database baseline, {kind:?}, {seconds} s"));
-                results.push(
-                    crate::baseline::run(&urls, kind, scenario.load.users() as usize, seconds)
-                        .await?,
-                );
-            }
-            Some(results)
-        }
-        (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
-            bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
-        }
-        _ => None,
-    };
-    let plan = Plan::new(scenario, shard_of, shards as u16);
-    let mut sim = Sim::new(scenario, plan, names.clone(), run_id.clone());
-    if let Some(owners) = owners {
+    let (mut api, shard_info) = cx.connect(admin_password.as_deref()).await?;
+    let shards = shard_info.len();
+    let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+    let accounts = cx
+        .create_accounts(&mut api, shards, admin_password.as_deref())
+        .await?;
+    let baseline = cx.measure_baseline(shards).await?;
+    let plan = Plan::new(scenario, accounts.shard_of, shards as u16);
+    let mut sim = Sim::new(
+        scenario,
+        plan,
+        accounts.names.clone(),
+        accounts.run_id.clone(),
+    );
+    if let Some(owners) = accounts.owners {
         sim.tokens = owners.tokens;
     }
     let sim = Arc::new(sim);
-    let (progress, bar) = spawn_progress(sim.clone(), scenario, options.progress);
-    let (cpu0, server0) = cpu_seconds();
-    let wall = Instant::now();
-    let goose = driver::attack(scenario, sim.clone(), base_url).await;
-    let wall_s = wall.elapsed().as_secs_f64();
-    let (cpu1, server1) = cpu_seconds();
-    progress.abort();
-    bar.finish_and_clear();
-    let goose = goose?;
-    // Ctrl-C makes goose end the attack early: fewer operations than the
-    // count, or less time than the length.
-    let executed = sim.executed();
-    let interrupted = match scenario.stop {
-        Stop::Requests { count } => executed < count,
-        Stop::Duration { seconds } => wall_s < seconds as f64,
-        Stop::Either { seconds, count } => executed < count && wall_s < seconds as f64,
-    };
-    if interrupted {
-        say("interrupted: the load stopped early; settling the books and auditing what ran".into());
-    }
-    let goose_requests: u64 = goose
-        .requests
-        .values()
-        .map(|r| (r.success_count + r.fail_count) as u64)
-        .sum();
+    let load = cx.load(&sim).await?;
 
-    say("load done; settling the books and auditing".into());
-    let accounting = check_books(&api, scenario, &sim, &names, transfers_before, embedded).await?;
-    let audit_raw = api.audit().await?;
-    let audit_ok = audit_raw["ok"].as_bool().unwrap_or(false);
-    let audit = Audit {
-        ok: audit_ok,
-        summary: if audit_ok {
-            "every audit check passed".into()
-        } else {
-            let failed: Vec<String> = audit_raw["checks"]
-                .as_array()
-                .map(|checks| {
-                    checks
-                        .iter()
-                        .filter(|c| c["ok"] == false)
-                        .map(|c| {
-                            let problems: Vec<&str> = c["problems"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|p| p.as_str())
-                                .take(3)
-                                .collect();
-                            format!(
-                                "{}: {}",
-                                c["name"].as_str().unwrap_or("?"),
-                                problems.join(", ")
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            format!("failed: {}", failed.join("; "))
-        },
-        raw: audit_raw,
-    };
-
+    cx.say("load done; settling the books and auditing".into());
+    let names = &accounts.names;
+    let accounting =
+        check_books(&api, scenario, &sim, names, transfers_before, cx.embedded()).await?;
+    let audit = read_audit(&api).await?;
     let sim =
         Arc::try_unwrap(sim).map_err(|_| anyhow::anyhow!("a virtual user outlived the run"))?;
-    let operations = sim.executed();
-    let measured = sim.recorder.finish();
-    let simulator_cpu_s = if embedded {
-        (cpu1 - cpu0) - (server1 - server0)
-    } else {
-        cpu1 - cpu0
-    };
+    let run = cx.run_info(shards, accounts.run_id, &sim, &load);
     let machine = Machine::here();
-    let resources = Resources {
-        simulator_cpu_s,
-        system_cpu_s: embedded.then_some(server1 - server0),
-        wall_s,
-        simulator_cpu_share: simulator_cpu_s / (wall_s * machine.cpus as f64).max(1e-9),
-    };
+    let resources = load.resources(cx.embedded(), &machine);
+    let measured = sim.recorder.finish();
     let mut report = build_report(
-        scenario,
-        measured,
-        accounting,
-        audit,
-        resources,
-        machine,
-        RunInfo {
-            started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        scenario, measured, accounting, audit, resources, machine, run,
+    );
+    if let Some(results) = baseline {
+        report.baseline = Some(crate::report::Baseline::new(results, &report));
+    }
+    report.pipeline = settle_pipeline(&api).await;
+    if let Some(receiver) = &accounts.receiver {
+        report.webhooks = Some(settle_webhooks(&api, receiver).await);
+    }
+    judge(scenario, &mut report);
+    let dir = cx.write_report(&report)?;
+    Ok(RunResult { report, dir })
+}
+
+/// What every phase of a run reads.
+struct RunContext<'a> {
+    scenario: &'a Scenario,
+    options: &'a RunOptions,
+    base_url: &'a str,
+    backend: Backend,
+    started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The run's accounts, created on the target.
+struct Accounts {
+    /// Prefix of the run's account ids and idempotency keys.
+    run_id: String,
+    /// Account index -> id.
+    names: Vec<String>,
+    /// With auth on: who owns which account, and their tokens.
+    owners: Option<Owners>,
+    /// Account index -> shard.
+    shard_of: Vec<u16>,
+    /// The webhook receiver, on the in-process system.
+    receiver: Option<crate::webhooks::Receiver>,
+}
+
+/// What the load phase measured of itself.
+struct LoadFigures {
+    wall_s: f64,
+    /// CPU seconds of the whole process during the load.
+    cpu_s: f64,
+    /// CPU seconds of the in-process system's threads during the load.
+    server_cpu_s: f64,
+    /// Ctrl-C ended the load before the scenario's end.
+    interrupted: bool,
+    /// Requests as goose counted them.
+    goose_requests: u64,
+}
+
+impl RunContext<'_> {
+    /// Tells the user how the run goes, when progress is shown.
+    fn say(&self, text: String) {
+        if self.options.progress {
+            eprintln!("{text}");
+        }
+    }
+
+    /// The target is the in-process system.
+    fn embedded(&self) -> bool {
+        self.backend != Backend::Remote
+    }
+
+    /// Connects to the target and reads its shards, which must all be
+    /// healthy.
+    async fn connect(&self, admin_password: Option<&str>) -> anyhow::Result<(Api, Vec<ShardInfo>)> {
+        let base_url = self.base_url;
+        let mut api = Api::new(base_url)?;
+        api.services = self.options.services.clone();
+        // The shards' figures are for staff: with auth on, the admin logs in
+        // first.
+        let auth_on = match api.auth_on().await {
+            Ok(on) => on,
+            // A split deployment's hint (where the auth routes are) is the
+            // answer to give.
+            Err(e) if e.to_string().contains("--service") => return Err(e),
+            // Unreachable: reading the shards below says how to start it.
+            Err(_) => false,
+        };
+        if auth_on {
+            let password = admin_password.context(
+                "the target has auth on: set SHARDPAY_ADMIN_PASSWORD to the password of its admin user (serve --admin-password), and turn its login rate limits off or up for the run's users",
+            )?;
+            api.token = Some(api.login("admin", password).await?);
+        }
+        let shard_info = api.shards().await.with_context(|| {
+            format!("cannot read {base_url}/v1/shards; start the system first (shardpay serve) or drop --target")
+        })?;
+        if let Some(down) = shard_info.iter().find(|s| !s.healthy) {
+            bail!(
+                "shard {} ({}) is not healthy; fix it before a run",
+                down.shard,
+                down.name
+            );
+        }
+        Ok((api, shard_info))
+    }
+
+    /// Prefix of the run's account ids and idempotency keys. On fresh
+    /// embedded shards the ids follow from the seed, so the same seed and
+    /// file send the same requests. A target may already hold the ids of an
+    /// earlier run, so there each run draws its own.
+    fn run_id(&self) -> String {
+        // Ids follow from the seed only on shards the run knows are empty.
+        let fresh = matches!(
+            self.backend,
+            Backend::Sqlite | Backend::Mysql { fresh: true }
+        );
+        if fresh {
+            format!(
+                "s{:06x}_",
+                crate::plan::mix64(self.scenario.seed) & 0xff_ffff
+            )
+        } else {
+            format!("r{:06x}_", rand::rng().random_range(0..0x100_0000u32))
+        }
+    }
+
+    /// Logs the owners in (with auth on) and creates the run's accounts;
+    /// on the in-process system, some of them get webhooks.
+    async fn create_accounts(
+        &self,
+        api: &mut Api,
+        shards: usize,
+        admin_password: Option<&str>,
+    ) -> anyhow::Result<Accounts> {
+        let (scenario, progress) = (self.scenario, self.options.progress);
+        let run_id = self.run_id();
+        let needed = Plan::accounts_needed(scenario);
+        let names: Vec<String> = (0..needed).map(|i| format!("{run_id}{i}")).collect();
+        self.say(format!(
+            "{}: {} shards at {}; creating {} accounts (run id {run_id})",
+            scenario.name,
             shards,
-            backend: match backend {
+            match self.backend {
+                Backend::Sqlite => "in-process (SQLite)",
+                Backend::Mysql { .. } => "in-process (MySQL shards)",
+                Backend::Remote => self.base_url,
+            },
+            needed
+        ));
+        let setup_started = Instant::now();
+        let owners = sign_in(api, &run_id, needed as usize, admin_password, progress).await?;
+        let of_account = owners.as_ref().map(|o| o.of_account.as_slice());
+        let shard_of = setup(api, scenario, &names, of_account, progress).await?;
+        // Webhooks for some accounts, on the in-process system only (a remote
+        // system may not reach this machine).
+        let receiver = if self.embedded() {
+            crate::webhooks::Receiver::start(api, &names).await?
+        } else {
+            None
+        };
+        self.say(format!(
+            "accounts created in {:.2} s",
+            setup_started.elapsed().as_secs_f64()
+        ));
+        Ok(Accounts {
+            run_id,
+            names,
+            owners,
+            shard_of,
+            receiver,
+        })
+    }
+
+    /// With `--baseline` on MySQL shards: the raw-database baseline of each
+    /// kind of transfer the scenario sends, measured before the load.
+    async fn measure_baseline(&self, shards: usize) -> anyhow::Result<Option<Vec<BaselineResult>>> {
+        let (mysql, cross_shard, seconds) = match (&self.options.target, self.options.baseline_s) {
+            (
+                Target::Embedded {
+                    mysql: Some(m),
+                    cross_shard,
+                    ..
+                },
+                Some(seconds),
+            ) => (m, *cross_shard, seconds),
+            (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
+                bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
+            }
+            _ => return Ok(None),
+        };
+        let urls: Vec<String> = mysql.urls.iter().take(shards).cloned().collect();
+        let concurrency = self.scenario.load.users() as usize;
+        let mut results = Vec::new();
+        for kind in baseline_kinds(self.scenario, shards, cross_shard) {
+            self.say(format!("raw-database baseline, {kind:?}, {seconds} s"));
+            results.push(crate::baseline::run(&urls, kind, concurrency, seconds).await?);
+        }
+        Ok(Some(results))
+    }
+
+    /// Drives the load with live progress; times it and the CPU it costs.
+    async fn load(&self, sim: &Arc<Sim>) -> anyhow::Result<LoadFigures> {
+        let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
+        let (cpu0, server0) = cpu_seconds();
+        let wall = Instant::now();
+        let goose = driver::attack(self.scenario, sim.clone(), self.base_url).await;
+        let wall_s = wall.elapsed().as_secs_f64();
+        let (cpu1, server1) = cpu_seconds();
+        progress.abort();
+        bar.finish_and_clear();
+        let goose = goose?;
+        let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
+        if interrupted {
+            self.say(
+                "interrupted: the load stopped early; settling the books and auditing what ran"
+                    .into(),
+            );
+        }
+        let goose_requests: u64 = goose
+            .requests
+            .values()
+            .map(|r| (r.success_count + r.fail_count) as u64)
+            .sum();
+        Ok(LoadFigures {
+            wall_s,
+            cpu_s: cpu1 - cpu0,
+            server_cpu_s: server1 - server0,
+            interrupted,
+            goose_requests,
+        })
+    }
+
+    /// The run's facts for its report (the measured length is set with the
+    /// measurements).
+    fn run_info(&self, shards: usize, run_id: String, sim: &Sim, load: &LoadFigures) -> RunInfo {
+        let target = &self.options.target;
+        RunInfo {
+            started_at: self
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            shards,
+            backend: match self.backend {
                 Backend::Sqlite => "sqlite".into(),
                 Backend::Mysql { .. } => "mysql".into(),
                 Backend::Remote => "remote".into(),
             },
-            cross_shard: match &options.target {
+            cross_shard: match target {
                 Target::Embedded { cross_shard, .. } => cross_shard.as_str().into(),
                 Target::Url(_) => "as configured on the target".into(),
             },
-            bus: match &options.target {
+            bus: match target {
                 Target::Embedded { bus, .. } => bus.describe(),
                 Target::Url(_) => "as configured on the target".into(),
             },
@@ -842,39 +931,124 @@ async fn drive(
             } else {
                 format!("on: {} users own the accounts", sim.tokens.len())
             },
-            target: if embedded {
+            target: if self.embedded() {
                 "embedded".into()
             } else {
-                base_url.to_string()
+                self.base_url.to_string()
             },
             git_commit: git_commit(),
             simulator_version: env!("CARGO_PKG_VERSION").into(),
             run_id,
-            accounts: needed as u64,
-            warmup_s: scenario.warmup_s,
+            accounts: sim.names.len() as u64,
+            warmup_s: self.scenario.warmup_s,
             measured_s: 0.0,
-            operations,
-            users: scenario.load.users(),
-            goose_requests,
-            interrupted,
-        },
-    );
-    if let Some(results) = baseline {
-        report.baseline = Some(crate::report::Baseline::new(results, &report));
+            operations: sim.executed(),
+            users: self.scenario.load.users(),
+            goose_requests: load.goose_requests,
+            interrupted: load.interrupted,
+        }
     }
-    report.pipeline = settle_pipeline(&api).await;
-    if let Some(receiver) = &receiver {
-        report.webhooks = Some(settle_webhooks(&api, receiver).await);
-    }
-    judge(scenario, &mut report);
 
-    let stamp = started_at.format("%Y%m%dT%H%M%SZ").to_string();
-    let dir = report_dir(&options.reports_dir, &scenario.name, &stamp)?;
-    report.write(&dir.join("report.json"))?;
-    std::fs::write(dir.join("report.html"), crate::html::render(&report))
-        .with_context(|| format!("cannot write {}", dir.join("report.html").display()))?;
-    std::fs::write(dir.join("summary.txt"), report.summary())?;
-    Ok(RunResult { report, dir })
+    /// Writes report.json, report.html and summary.txt into a new folder of
+    /// the run's own; returns the folder.
+    fn write_report(&self, report: &Report) -> anyhow::Result<PathBuf> {
+        let stamp = self.started_at.format("%Y%m%dT%H%M%SZ").to_string();
+        let dir = report_dir(&self.options.reports_dir, &self.scenario.name, &stamp)?;
+        report.write(&dir.join("report.json"))?;
+        std::fs::write(dir.join("report.html"), crate::html::render(report))
+            .with_context(|| format!("cannot write {}", dir.join("report.html").display()))?;
+        std::fs::write(dir.join("summary.txt"), report.summary())?;
+        Ok(dir)
+    }
+}
+
+impl LoadFigures {
+    /// The CPU the load cost: the simulator's own, apart from the
+    /// in-process system's.
+    fn resources(&self, embedded: bool, machine: &Machine) -> Resources {
+        let simulator_cpu_s = if embedded {
+            self.cpu_s - self.server_cpu_s
+        } else {
+            self.cpu_s
+        };
+        Resources {
+            simulator_cpu_s,
+            system_cpu_s: embedded.then_some(self.server_cpu_s),
+            wall_s: self.wall_s,
+            simulator_cpu_share: simulator_cpu_s / (self.wall_s * machine.cpus as f64).max(1e-9),
+        }
+    }
+}
+
+/// Ctrl-C makes goose end the attack early: fewer operations than the
+/// count, or less time than the length.
+fn stopped_early(stop: Stop, executed: u64, wall_s: f64) -> bool {
+    match stop {
+        Stop::Requests { count } => executed < count,
+        Stop::Duration { seconds } => wall_s < seconds as f64,
+        Stop::Either { seconds, count } => executed < count && wall_s < seconds as f64,
+    }
+}
+
+/// The kinds of transfer the baseline measures for a scenario: same-shard
+/// when it sends any (or there is one shard), cross-shard made atomic as
+/// the system makes it when it sends any across shards.
+fn baseline_kinds(
+    scenario: &Scenario,
+    shards: usize,
+    cross_shard: CrossShard,
+) -> Vec<BaselineKind> {
+    let mut kinds = Vec::new();
+    if scenario.mix.same_shard > 0 || shards == 1 {
+        kinds.push(BaselineKind::SameShard);
+    }
+    if scenario.mix.cross_shard > 0 && shards > 1 {
+        kinds.push(match cross_shard {
+            CrossShard::Saga => BaselineKind::CrossShard,
+            CrossShard::Xa => BaselineKind::CrossShardXa,
+        });
+    }
+    kinds
+}
+
+/// The system's audit: passed, or which checks failed.
+async fn read_audit(api: &Api) -> anyhow::Result<Audit> {
+    let raw = api.audit().await?;
+    let ok = raw["ok"].as_bool().unwrap_or(false);
+    Ok(Audit {
+        ok,
+        summary: if ok {
+            "every audit check passed".into()
+        } else {
+            format!("failed: {}", failed_checks(&raw).join("; "))
+        },
+        raw,
+    })
+}
+
+/// Each failed check of an audit answer, with its first three problems.
+fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
+    let Some(checks) = raw["checks"].as_array() else {
+        return Vec::new();
+    };
+    checks
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| {
+            let problems: Vec<&str> = c["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .take(3)
+                .collect();
+            format!(
+                "{}: {}",
+                c["name"].as_str().unwrap_or("?"),
+                problems.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// Settles unknown answers, waits for pending transfers, and checks the
@@ -889,16 +1063,9 @@ async fn check_books(
 ) -> anyhow::Result<Accounting> {
     let (settled, unsettled) = driver::settle_unknown(sim, &api.base).await?;
     let mut entries = sim.books.entries();
-    let accepted_ids: Vec<String> = entries
-        .iter()
-        .filter_map(|(_, e)| match &e.outcome {
-            Outcome::Accepted { id, .. } => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
+    let accepted_ids = accepted_ids(&entries);
     let distinct: HashSet<&String> = accepted_ids.iter().collect();
-    let mut checks = Vec::new();
-    checks.push(Check {
+    let mut checks = vec![Check {
         name: "one transfer per idempotency key".into(),
         ok: distinct.len() == accepted_ids.len(),
         detail: format!(
@@ -906,69 +1073,9 @@ async fn check_books(
             accepted_ids.len(),
             distinct.len()
         ),
-    });
-
-    // Wait for pending transfers to finish, then read every accepted one.
-    let deadline = Instant::now() + PENDING_DEADLINE;
-    let found = loop {
-        let found = api.lookup(&accepted_ids).await?;
-        let pending = found.iter().filter(|t| t.state == "pending").count();
-        if pending == 0 || Instant::now() >= deadline {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let by_id: HashMap<&str, &crate::api::TransferView> =
-        found.iter().map(|t| (t.id.as_str(), t)).collect();
-    let mut missing = 0;
-    let mut mismatched = Vec::new();
-    let mut still_pending = 0;
-    for (_, e) in entries.iter_mut() {
-        if let Outcome::Accepted { id, state } = &mut e.outcome {
-            match by_id.get(id.as_str()) {
-                None => missing += 1,
-                Some(t) => {
-                    if t.from != names[e.payer as usize]
-                        || t.to != names[e.payee as usize]
-                        || t.amount_minor != e.amount_minor
-                    {
-                        if mismatched.len() < 5 {
-                            mismatched
-                                .push(format!("{id}: {} -> {} {}", t.from, t.to, t.amount_minor));
-                        }
-                    }
-                    if t.state == "pending" {
-                        still_pending += 1;
-                    }
-                    *state = t.state.clone();
-                }
-            }
-        }
-    }
-    checks.push(Check {
-        name: "every accepted transfer exists as sent".into(),
-        ok: missing == 0 && mismatched.is_empty(),
-        detail: if missing == 0 && mismatched.is_empty() {
-            format!(
-                "{} transfers found with their payer, payee and amount",
-                found.len()
-            )
-        } else {
-            format!(
-                "{missing} missing, {} differ from what was sent {}",
-                mismatched.len(),
-                mismatched.join("; ")
-            )
-        },
-    });
-    checks.push(Check {
-        name: "every accepted transfer finished".into(),
-        ok: still_pending == 0,
-        detail: format!(
-            "{still_pending} still pending after waiting up to {} s",
-            PENDING_DEADLINE.as_secs()
-        ),
-    });
+    }];
+    let found = lookup_once_finished(api, &accepted_ids).await?;
+    checks.extend(check_found(&mut entries, &found, names));
     let (violation_count, violations, retry_groups) = sim.books.violations();
     checks.push(Check {
         name: "idempotent retries replayed the first answer".into(),
@@ -980,39 +1087,9 @@ async fn check_books(
         ok: unsettled == 0,
         detail: format!("{settled} settled after the run by resending, {unsettled} unsettled"),
     });
-
-    // Balances: each account against the books, and the total.
-    let opening = opening_balances(scenario, names.len());
-    let expected = accounting::expected_balances(&entries, &opening);
-    let actual = api.balances(&sim.key_prefix).await?;
-    checks.push(accounting::balance_check(names, &expected, &actual));
-    let total_before: i128 = opening.iter().map(|m| *m as i128).sum();
-    let total_after: i128 = actual.values().map(|m| *m as i128).sum();
-    checks.push(Check {
-        name: "money total unchanged".into(),
-        ok: total_before == total_after && actual.len() == names.len(),
-        detail: format!(
-            "{} accounts hold {total_after} minor units; they opened with {total_before}",
-            actual.len()
-        ),
-    });
-
-    let shard_info = api.shards().await?;
-    let transfers_after: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
-    let grew = transfers_after - transfers_before.min(transfers_after);
-    checks.push(Check {
-        name: "no transfer beyond those accepted".into(),
-        ok: grew == distinct.len() as u64 || !embedded && grew > distinct.len() as u64,
-        detail: format!(
-            "the system's transfer count grew by {grew}; the simulator saw {} accepted{}",
-            distinct.len(),
-            if embedded {
-                ""
-            } else {
-                " (other clients of the target would add to the count)"
-            }
-        ),
-    });
+    checks.extend(check_balances(api, scenario, sim, names, &entries).await?);
+    let accepted = distinct.len() as u64;
+    checks.push(check_transfer_count(api, transfers_before, accepted, embedded).await?);
 
     let declined = entries
         .iter()
@@ -1023,7 +1100,7 @@ async fn check_books(
         ok: checks.iter().all(|c| c.ok),
         checks,
         transfers_sent: entries.len() as u64,
-        transfers_accepted: distinct.len() as u64,
+        transfers_accepted: accepted,
         transfers_declined: declined,
         settled_after_run: settled,
         unsettled,
@@ -1033,6 +1110,145 @@ async fn check_books(
     })
 }
 
+/// The transfer id of every accepted entry.
+fn accepted_ids(entries: &[(String, Entry)]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|(_, e)| match &e.outcome {
+            Outcome::Accepted { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads the transfers once none is pending any more, or as they stand
+/// after [`PENDING_DEADLINE`].
+async fn lookup_once_finished(api: &Api, ids: &[String]) -> anyhow::Result<Vec<TransferView>> {
+    let deadline = Instant::now() + PENDING_DEADLINE;
+    loop {
+        let found = api.lookup(ids).await?;
+        let pending = found.iter().filter(|t| t.state == "pending").count();
+        if pending == 0 || Instant::now() >= deadline {
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Checks that every accepted transfer exists with the payer, payee and
+/// amount it was sent with, and has finished; records on each accepted
+/// entry the state the system gives it.
+fn check_found(
+    entries: &mut [(String, Entry)],
+    found: &[TransferView],
+    names: &[String],
+) -> [Check; 2] {
+    let by_id: HashMap<&str, &TransferView> = found.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut missing = 0;
+    // The first few that differ, for the detail.
+    let mut mismatched = Vec::new();
+    let mut still_pending = 0;
+    for (_, e) in entries.iter_mut() {
+        let Outcome::Accepted { id, state } = &mut e.outcome else {
+            continue;
+        };
+        let Some(t) = by_id.get(id.as_str()) else {
+            missing += 1;
+            continue;
+        };
+        let as_sent = t.from == names[e.payer as usize]
+            && t.to == names[e.payee as usize]
+            && t.amount_minor == e.amount_minor;
+        if !as_sent && mismatched.len() < 5 {
+            mismatched.push(format!("{id}: {} -> {} {}", t.from, t.to, t.amount_minor));
+        }
+        if t.state == "pending" {
+            still_pending += 1;
+        }
+        *state = t.state.clone();
+    }
+    let exists = missing == 0 && mismatched.is_empty();
+    [
+        Check {
+            name: "every accepted transfer exists as sent".into(),
+            ok: exists,
+            detail: if exists {
+                format!(
+                    "{} transfers found with their payer, payee and amount",
+                    found.len()
+                )
+            } else {
+                format!(
+                    "{missing} missing, {} differ from what was sent {}",
+                    mismatched.len(),
+                    mismatched.join("; ")
+                )
+            },
+        },
+        Check {
+            name: "every accepted transfer finished".into(),
+            ok: still_pending == 0,
+            detail: format!(
+                "{still_pending} still pending after waiting up to {} s",
+                PENDING_DEADLINE.as_secs()
+            ),
+        },
+    ]
+}
+
+/// Each account's balance against the books, and the money total against
+/// the opening balances.
+async fn check_balances(
+    api: &Api,
+    scenario: &Scenario,
+    sim: &Sim,
+    names: &[String],
+    entries: &[(String, Entry)],
+) -> anyhow::Result<[Check; 2]> {
+    let opening = opening_balances(scenario, names.len());
+    let expected = accounting::expected_balances(entries, &opening);
+    let actual = api.balances(&sim.key_prefix).await?;
+    let each = accounting::balance_check(names, &expected, &actual);
+    let total_before: i128 = opening.iter().map(|m| *m as i128).sum();
+    let total_after: i128 = actual.values().map(|m| *m as i128).sum();
+    let total = Check {
+        name: "money total unchanged".into(),
+        ok: total_before == total_after && actual.len() == names.len(),
+        detail: format!(
+            "{} accounts hold {total_after} minor units; they opened with {total_before}",
+            actual.len()
+        ),
+    };
+    Ok([each, total])
+}
+
+/// The system's transfer count grew by the transfers accepted: exactly, on
+/// the in-process system; at least, on a target other clients may use.
+async fn check_transfer_count(
+    api: &Api,
+    transfers_before: u64,
+    accepted: u64,
+    embedded: bool,
+) -> anyhow::Result<Check> {
+    let shard_info = api.shards().await?;
+    let transfers_after: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
+    let grew = transfers_after - transfers_before.min(transfers_after);
+    Ok(Check {
+        name: "no transfer beyond those accepted".into(),
+        ok: grew == accepted || !embedded && grew > accepted,
+        detail: format!(
+            "the system's transfer count grew by {grew}; the simulator saw {accepted} accepted{}",
+            if embedded {
+                ""
+            } else {
+                " (other clients of the target would add to the count)"
+            }
+        ),
+    })
+}
+
+/// The report of a run from what it measured, with its thresholds not yet
+/// judged.
 fn build_report(
     scenario: &Scenario,
     m: Measured,
@@ -1044,18 +1260,61 @@ fn build_report(
 ) -> Report {
     let measured_s = (m.last_at.as_secs_f64() - scenario.warmup_s as f64).max(1e-3);
     run.measured_s = (measured_s * 1000.0).round() / 1000.0;
-    let c = m.counts;
-    let totals = Totals {
-        counts: c,
-        tps: c.accepted as f64 / measured_s,
-        rps: c.requests as f64 / measured_s,
-        error_rate: if c.requests == 0 {
+    let totals = totals(m.counts, measured_s);
+    let latency = latency(&m);
+    let by_kind = m
+        .counts_by_kind
+        .iter()
+        .map(|(k, c)| (k.as_str().to_string(), *c))
+        .collect();
+    let timeline = timeline(scenario.warmup_s, run.shards, m.timeline, m.timeline_errors);
+    let outcomes = outcome_rows(m.outcomes);
+    Report {
+        schema: SCHEMA.into(),
+        scenario: ScenarioInfo {
+            name: scenario.name.clone(),
+            file: scenario.file.clone(),
+            seed: scenario.seed,
+            model: scenario.load.model().into(),
+            source: scenario.source.clone(),
+        },
+        run,
+        machine,
+        totals,
+        by_kind,
+        latency,
+        timeline,
+        outcomes,
+        accounting,
+        audit,
+        thresholds: Vec::new(),
+        baseline: None,
+        pipeline: None,
+        webhooks: None,
+        resources,
+        passed: false,
+        failures: Vec::new(),
+    }
+}
+
+/// Counts and rates over the measured window.
+fn totals(counts: Counts, measured_s: f64) -> Totals {
+    Totals {
+        counts,
+        tps: counts.accepted as f64 / measured_s,
+        rps: counts.requests as f64 / measured_s,
+        error_rate: if counts.requests == 0 {
             0.0
         } else {
-            c.errors as f64 / c.requests as f64
+            counts.errors as f64 / counts.requests as f64
         },
-    };
-    let latency = Latency {
+    }
+}
+
+/// The latency histograms: all requests, by kind, by payer shard and by
+/// shard pair.
+fn latency(m: &Measured) -> Latency {
+    Latency {
         all: Hist::of(&m.all),
         kinds: m
             .kinds
@@ -1072,25 +1331,38 @@ fn build_report(
             .iter()
             .map(|((a, b), h)| (format!("{a}->{b}"), Hist::of(h)))
             .collect(),
-    };
+    }
+}
+
+/// Accepted transfers per second for every shard (zero where it had none),
+/// and errors per second.
+fn timeline(
+    warmup_s: u64,
+    shard_count: usize,
+    per_second: Vec<BTreeMap<u16, u64>>,
+    errors: Vec<u64>,
+) -> Timeline {
     let mut shards: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for shard in 0..run.shards as u16 {
+    for shard in 0..shard_count as u16 {
         shards.insert(
             shard.to_string(),
-            m.timeline
+            per_second
                 .iter()
                 .map(|second| second.get(&shard).copied().unwrap_or(0))
                 .collect(),
         );
     }
-    let timeline = Timeline {
+    Timeline {
         interval_s: 1,
-        warmup_s: scenario.warmup_s,
+        warmup_s,
         shards,
-        errors: m.timeline_errors,
-    };
-    let mut outcomes: Vec<OutcomeRow> = m
-        .outcomes
+        errors,
+    }
+}
+
+/// The answers by status and code, most frequent first.
+fn outcome_rows(outcomes: BTreeMap<(u16, String), u64>) -> Vec<OutcomeRow> {
+    let mut rows: Vec<OutcomeRow> = outcomes
         .into_iter()
         .map(|((status, code), count)| OutcomeRow {
             status,
@@ -1098,40 +1370,10 @@ fn build_report(
             count,
         })
         .collect();
-    outcomes.sort_by(|a, b| b.count.cmp(&a.count));
-    Report {
-        schema: SCHEMA.into(),
-        scenario: ScenarioInfo {
-            name: scenario.name.clone(),
-            file: scenario.file.clone(),
-            seed: scenario.seed,
-            model: scenario.load.model().into(),
-            source: scenario.source.clone(),
-        },
-        run,
-        machine,
-        totals,
-        by_kind: m
-            .counts_by_kind
-            .iter()
-            .map(|(k, c)| (k.as_str().to_string(), *c))
-            .collect(),
-        latency,
-        timeline,
-        outcomes,
-        accounting,
-        audit,
-        thresholds: Vec::new(),
-        baseline: None,
-        pipeline: None,
-        webhooks: None,
-        resources,
-        passed: false,
-        failures: Vec::new(),
-    }
+    rows.sort_by(|a, b| b.count.cmp(&a.count));
+    rows
 }
 
-/// Judges the scenario's thresholds; sets `passed` and `failures`.
 /// How long a run waits, after the audit, for the event pipeline to apply
 /// every committed event.
 const PIPELINE_WAIT: Duration = Duration::from_secs(30);
@@ -1181,87 +1423,15 @@ async fn settle_webhooks(
     }
 }
 
+/// Judges the scenario's thresholds; sets `passed` and `failures`.
 pub fn judge(scenario: &Scenario, report: &mut Report) {
     let t = &scenario.thresholds;
-    let mut results = Vec::new();
-    for (kind, limit_ms) in &t.p99_ms {
-        let hist = if kind == "all" {
-            Some(&report.latency.all)
-        } else {
-            report.latency.kinds.get(kind)
-        };
-        let (actual, ok) = match hist.filter(|h| h.count > 0) {
-            Some(h) => {
-                let ms = h.p99_us as f64 / 1000.0;
-                (format!("{ms:.2} ms"), ms <= *limit_ms)
-            }
-            None => ("no requests of this kind".into(), false),
-        };
-        results.push(ThresholdResult {
-            name: format!("p99 latency, {kind}"),
-            limit: format!("<= {limit_ms} ms"),
-            actual,
-            ok,
-        });
-    }
-    if let Some(limit) = t.error_rate {
-        let rate = report.totals.error_rate;
-        results.push(ThresholdResult {
-            name: "error rate".into(),
-            limit: format!("<= {:.3}%", limit * 100.0),
-            actual: format!("{:.3}%", rate * 100.0),
-            ok: rate <= limit,
-        });
-    }
-    if let Some(limit) = t.min_tps {
-        let tps = report.totals.tps;
-        results.push(ThresholdResult {
-            name: "transfers per second".into(),
-            limit: format!(">= {limit}"),
-            actual: format!("{tps:.1}"),
-            ok: tps >= limit,
-        });
-    }
-    if let (true, Some(p)) = (t.audit, &report.pipeline) {
-        let unapplied: u64 = p.unapplied.values().sum();
-        results.push(ThresholdResult {
-            name: "event pipeline complete".into(),
-            limit: "every committed event applied once by every consumer".into(),
-            actual: if p.complete {
-                format!("{} events, all applied", p.outbox_rows)
-            } else {
-                format!(
-                    "{unapplied} of {} events not applied, {} unpublished",
-                    p.outbox_rows, p.outbox_backlog
-                )
-            },
-            ok: p.complete,
-        });
-    }
-    if let (true, Some(w)) = (t.audit, &report.webhooks) {
-        results.push(ThresholdResult {
-            name: "webhooks signed and delivered".into(),
-            limit: "every delivery verifies; every delivery the system made arrived".into(),
-            actual: format!(
-                "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
-                w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
-            ),
-            ok: w.ok,
-        });
-    }
+    let mut results = latency_results(&t.p99_ms, &report.latency);
+    results.extend(rate_results(t, &report.totals));
     if t.audit {
-        let ok = report.audit.ok && report.accounting.ok;
-        results.push(ThresholdResult {
-            name: "audit and accounting".into(),
-            limit: "pass".into(),
-            actual: match (report.audit.ok, report.accounting.ok) {
-                (true, true) => "passed".into(),
-                (false, true) => format!("audit {}", report.audit.summary),
-                (true, false) => "accounting failed".into(),
-                (false, false) => "audit and accounting failed".into(),
-            },
-            ok,
-        });
+        results.extend(report.pipeline.as_ref().map(pipeline_result));
+        results.extend(report.webhooks.as_ref().map(webhooks_result));
+        results.push(audit_result(&report.audit, &report.accounting));
     }
     if report.run.interrupted {
         results.push(ThresholdResult {
@@ -1278,6 +1448,97 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
         .collect();
     report.passed = report.failures.is_empty();
     report.thresholds = results;
+}
+
+/// Each p99 limit against its kind's latency ("all": every request's); a
+/// kind without requests fails its limit.
+fn latency_results(limits_ms: &BTreeMap<String, f64>, latency: &Latency) -> Vec<ThresholdResult> {
+    limits_ms
+        .iter()
+        .map(|(kind, limit_ms)| {
+            let hist = if kind == "all" {
+                Some(&latency.all)
+            } else {
+                latency.kinds.get(kind)
+            };
+            let (actual, ok) = match hist.filter(|h| h.count > 0) {
+                Some(h) => {
+                    let ms = h.p99_us as f64 / 1000.0;
+                    (format!("{ms:.2} ms"), ms <= *limit_ms)
+                }
+                None => ("no requests of this kind".into(), false),
+            };
+            ThresholdResult {
+                name: format!("p99 latency, {kind}"),
+                limit: format!("<= {limit_ms} ms"),
+                actual,
+                ok,
+            }
+        })
+        .collect()
+}
+
+/// The error-rate and transfers-per-second limits the scenario sets.
+fn rate_results(t: &Thresholds, totals: &Totals) -> Vec<ThresholdResult> {
+    let error_rate = t.error_rate.map(|limit| ThresholdResult {
+        name: "error rate".into(),
+        limit: format!("<= {:.3}%", limit * 100.0),
+        actual: format!("{:.3}%", totals.error_rate * 100.0),
+        ok: totals.error_rate <= limit,
+    });
+    let tps = t.min_tps.map(|limit| ThresholdResult {
+        name: "transfers per second".into(),
+        limit: format!(">= {limit}"),
+        actual: format!("{:.1}", totals.tps),
+        ok: totals.tps >= limit,
+    });
+    error_rate.into_iter().chain(tps).collect()
+}
+
+/// Every committed event applied once by every consumer.
+fn pipeline_result(p: &shardpay_reference::pipeline::PipelineReport) -> ThresholdResult {
+    let unapplied: u64 = p.unapplied.values().sum();
+    ThresholdResult {
+        name: "event pipeline complete".into(),
+        limit: "every committed event applied once by every consumer".into(),
+        actual: if p.complete {
+            format!("{} events, all applied", p.outbox_rows)
+        } else {
+            format!(
+                "{unapplied} of {} events not applied, {} unpublished",
+                p.outbox_rows, p.outbox_backlog
+            )
+        },
+        ok: p.complete,
+    }
+}
+
+/// Every webhook delivery verifies, and every one the system made arrived.
+fn webhooks_result(w: &crate::webhooks::WebhookReport) -> ThresholdResult {
+    ThresholdResult {
+        name: "webhooks signed and delivered".into(),
+        limit: "every delivery verifies; every delivery the system made arrived".into(),
+        actual: format!(
+            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
+            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
+        ),
+        ok: w.ok,
+    }
+}
+
+/// The system's audit and the simulator's own accounting both pass.
+fn audit_result(audit: &Audit, accounting: &Accounting) -> ThresholdResult {
+    ThresholdResult {
+        name: "audit and accounting".into(),
+        limit: "pass".into(),
+        actual: match (audit.ok, accounting.ok) {
+            (true, true) => "passed".into(),
+            (false, true) => format!("audit {}", audit.summary),
+            (true, false) => "accounting failed".into(),
+            (false, false) => "audit and accounting failed".into(),
+        },
+        ok: audit.ok && accounting.ok,
+    }
 }
 
 /// Kinds in the order reports list them.
