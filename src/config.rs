@@ -6,6 +6,11 @@
 //! (`SHARDPAY_…`), which wins over the file, which wins over the default.
 //! The file is checked before anything starts: an unknown key, or a value
 //! the option would refuse, is an error that names the file and the key.
+//!
+//! clap reads the command line and the environment, each value with its
+//! option's own parser; figment layers the values clap took from either
+//! over the file, and the file over the rest (the defaults), and extracts
+//! the serve options from the layers.
 
 use std::path::{Path, PathBuf};
 
@@ -62,14 +67,31 @@ where
             .clone()
             .merge(Serialized::default(key, value))
             .extract::<T>()
-            .map_err(|e| anyhow::anyhow!("config file {}: `{key}`: {}", path.display(), e.kind))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "config file {}: `{key}`: {}",
+                    path.display(),
+                    refusal(&e.kind)
+                )
+            })?;
     }
     *args = defaults
         .merge(Serialized::defaults(file))
         .merge(Serialized::defaults(given))
         .extract()
-        .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), refusal(&e.kind)))?;
     Ok(())
+}
+
+/// Why a value was refused, in the words clap uses for a choice.
+fn refusal(kind: &figment::error::Kind) -> String {
+    match kind {
+        figment::error::Kind::UnknownVariant(found, expected) => format!(
+            "invalid value {found:?}; possible values: {}",
+            expected.join(", ")
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// The file's values by the option they set (`data-dir` read as

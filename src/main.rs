@@ -504,6 +504,64 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+impl ServeArgs {
+    /// What the reference system is built from.
+    fn serve_config(&self, fault: Option<Fault>) -> anyhow::Result<ServeConfig> {
+        let service = match &self.service {
+            // --all on the command line wins over a config file's service
+            // (clap refuses both on the command line or in the environment).
+            Some(name) if !self.all => {
+                Service::parse(name).expect("clap and the config file accept only service names")
+            }
+            _ => Service::All,
+        };
+        Ok(ServeConfig {
+            service,
+            peers: Peers {
+                auth: self.auth_url.clone(),
+                ledger: self.ledger_url.clone(),
+                fraud: self.fraud_url.clone(),
+                notification: self.notification_url.clone(),
+            },
+            data_dir: self.data_dir.clone(),
+            shards: self.shards,
+            mysql_urls: (!self.mysql_urls.is_empty()).then(|| self.mysql_urls.clone()),
+            mysql: shardpay_reference::ledger::mysql::MysqlConfig {
+                pool_size: self.mysql_pool_size,
+                acquire_timeout: Duration::from_millis(self.mysql_acquire_timeout_ms.max(50)),
+            },
+            bind: SocketAddr::new(self.bind, self.port.unwrap_or(service.default_port())),
+            sqlite: SqliteConfig {
+                durability: match self.durability {
+                    DurabilityArg::Full => Durability::Full,
+                    DurabilityArg::Normal => Durability::Normal,
+                },
+                ..SqliteConfig::default()
+            },
+            manager: ManagerConfig {
+                idempotency_ttl_ms: self.idempotency_ttl_s as i64 * 1000,
+                recovery_grace_ms: self.recovery_grace_ms as i64,
+                recovery_deadline_ms: self.recovery_deadline_s as i64 * 1000,
+                cross_shard: self.cross_shard.into(),
+                fault,
+            },
+            default_currency: Currency::parse(&self.currency)
+                .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
+            recovery_interval: Duration::from_millis(self.recovery_interval_ms.max(10)),
+            fraud: match (self.fraud, &self.fraud_rules) {
+                (OnOff::Off, _) => None,
+                (OnOff::On, None) => Some(FraudConfig::default()),
+                (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
+            },
+            bus: bus_config(self.kafka.as_deref(), &self.kafka_prefix),
+            auth: self.auth.setup()?,
+            webhooks: shardpay_reference::notification::WebhookPolicy {
+                allow_private: self.webhooks_to_private_networks,
+            },
+        })
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = match std::env::var("SHARDPAY_FAULT") {
         Ok(text) => Some(Fault::parse(&text).with_context(|| {
@@ -517,54 +575,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
         );
     }
-    let service = match &args.service {
-        None => Service::All,
-        Some(name) => Service::parse(name).expect("clap accepts only service names"),
-    };
-    let config = ServeConfig {
-        service,
-        peers: Peers {
-            auth: args.auth_url.clone(),
-            ledger: args.ledger_url.clone(),
-            fraud: args.fraud_url.clone(),
-            notification: args.notification_url.clone(),
-        },
-        data_dir: args.data_dir.clone(),
-        shards: args.shards,
-        mysql_urls: (!args.mysql_urls.is_empty()).then(|| args.mysql_urls.clone()),
-        mysql: shardpay_reference::ledger::mysql::MysqlConfig {
-            pool_size: args.mysql_pool_size,
-            acquire_timeout: Duration::from_millis(args.mysql_acquire_timeout_ms.max(50)),
-        },
-        bind: SocketAddr::new(args.bind, args.port.unwrap_or(service.default_port())),
-        sqlite: SqliteConfig {
-            durability: match args.durability {
-                DurabilityArg::Full => Durability::Full,
-                DurabilityArg::Normal => Durability::Normal,
-            },
-            ..SqliteConfig::default()
-        },
-        manager: ManagerConfig {
-            idempotency_ttl_ms: args.idempotency_ttl_s as i64 * 1000,
-            recovery_grace_ms: args.recovery_grace_ms as i64,
-            recovery_deadline_ms: args.recovery_deadline_s as i64 * 1000,
-            cross_shard: args.cross_shard.into(),
-            fault,
-        },
-        default_currency: Currency::parse(&args.currency)
-            .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
-        recovery_interval: Duration::from_millis(args.recovery_interval_ms.max(10)),
-        fraud: match (args.fraud, &args.fraud_rules) {
-            (OnOff::Off, _) => None,
-            (OnOff::On, None) => Some(FraudConfig::default()),
-            (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
-        },
-        bus: bus_config(args.kafka.as_deref(), &args.kafka_prefix),
-        auth: args.auth.setup()?,
-        webhooks: shardpay_reference::notification::WebhookPolicy {
-            allow_private: args.webhooks_to_private_networks,
-        },
-    };
+    let config = args.serve_config(fault)?;
+    let service = config.service;
     let bus = config.bus.describe();
     let app = app::build(config).await?;
     // Scripts and tests read this line to find the port.
@@ -793,6 +805,8 @@ mod tests {
         assert_eq!(serve.port, Some(0));
         assert_eq!(serve.service.as_deref(), Some("auth"));
         assert_eq!(serve.data_dir, PathBuf::from("/srv/data"));
+        let serve = serve_with_file(file, &["--all"]).unwrap();
+        assert_eq!(serve.serve_config(None).unwrap().service, Service::All);
     }
 
     #[test]
@@ -813,7 +827,10 @@ mod tests {
         let e = refused("demo = \"yes please\"\n");
         assert!(e.contains("`demo`") && e.contains("yes please"), "{e}");
         let e = refused("cross_shard = \"2pc\"\n");
-        assert!(e.contains("`cross_shard`") && e.contains("2pc"), "{e}");
+        assert!(
+            e.contains("`cross_shard`: invalid value \"2pc\"; possible values: saga, xa"),
+            "{e}"
+        );
         let e = refused("port = 70000\n");
         assert!(e.contains("`port`") && e.contains("70000"), "{e}");
         let e = refused("access_ttl_s = \"long\"\n");
