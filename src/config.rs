@@ -6,11 +6,21 @@
 //! (`SHARDPAY_…`), which wins over the file, which wins over the default.
 //! The file is checked before anything starts: an unknown key, or a value
 //! the option would refuse, is an error that names the file and the key.
+//!
+//! clap reads the command line and the environment, each value with its
+//! option's own parser; figment layers the values clap took from either
+//! over the file, and the file over the rest (the defaults), and extracts
+//! the serve options from the layers.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::parser::ValueSource;
+use figment::providers::Serialized;
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// The option that names the file, and its environment variable.
 pub const OPTION: &str = "config";
@@ -19,64 +29,74 @@ pub const ENV: &str = "SHARDPAY_CONFIG";
 /// Options that cannot come from the file.
 const NOT_IN_FILE: &[&str] = &["config", "help", "version", "log-format"];
 
-/// Finds `--config FILE` (or `SHARDPAY_CONFIG`) for the `serve` command in
-/// `argv` and loads that file into the environment, where clap reads it as
-/// the options' environment values. Does nothing for other commands.
-pub fn load_for_serve(command: &clap::Command, argv: &[OsString]) -> anyhow::Result<()> {
-    let args: Vec<String> = argv
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    if subcommand(&args) != Some("serve") {
-        return Ok(());
-    }
-    let path = config_path(&args).or_else(|| std::env::var_os(ENV).map(PathBuf::from));
-    let Some(path) = path else {
+/// Layers the config file named by `--config` (or `SHARDPAY_CONFIG`) into
+/// `args`, the serve options clap parsed into `matches`: a value given on
+/// the command line or in the environment stays, a value of the file
+/// replaces a default. Does nothing without a file.
+pub fn layer<T>(
+    args: &mut T,
+    serve: &clap::Command,
+    matches: &clap::ArgMatches,
+) -> anyhow::Result<()>
+where
+    T: Serialize + DeserializeOwned,
+{
+    let Some(path) = matches.get_one::<PathBuf>(OPTION) else {
         return Ok(());
     };
-    let serve = command
-        .find_subcommand("serve")
-        .expect("the serve command exists");
-    let settings = read(serve, &path)?;
-    for (env, value) in settings {
-        if std::env::var_os(&env).is_none() {
-            std::env::set_var(env, value);
-        }
+    let file = read(serve, path)?;
+    let parsed = match Value::serialize(&*args)? {
+        Value::Dict(_, dict) => dict,
+        other => panic!("the serve options serialize to a table, not {other:?}"),
+    };
+    let given: Dict = parsed
+        .iter()
+        .filter(|(id, _)| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(|(id, value)| (id.clone(), value.clone()))
+        .collect();
+    let defaults = Figment::from(Serialized::defaults(parsed));
+    // Each value is tried on its own, so that a refused one is named by its
+    // key (serde's error for a flattened field does not carry it).
+    for (key, value) in &file {
+        defaults
+            .clone()
+            .merge(Serialized::default(key, value))
+            .extract::<T>()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "config file {}: `{key}`: {}",
+                    path.display(),
+                    refusal(&e.kind)
+                )
+            })?;
     }
+    *args = defaults
+        .merge(Serialized::defaults(file))
+        .merge(Serialized::defaults(given))
+        .extract()
+        .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), refusal(&e.kind)))?;
     Ok(())
 }
 
-/// The first word that is not an option (nor the value of the global
-/// `--log-format`).
-fn subcommand(args: &[String]) -> Option<&str> {
-    let mut words = args.iter().skip(1);
-    while let Some(word) = words.next() {
-        if word == "--log-format" {
-            words.next();
-        } else if !word.starts_with('-') {
-            return Some(word);
-        }
+/// Why a value was refused, in the words clap uses for a choice.
+fn refusal(kind: &figment::error::Kind) -> String {
+    match kind {
+        figment::error::Kind::UnknownVariant(found, expected) => format!(
+            "invalid value {found:?}; possible values: {}",
+            expected.join(", ")
+        ),
+        other => other.to_string(),
     }
-    None
 }
 
-fn config_path(args: &[String]) -> Option<PathBuf> {
-    let flag = format!("--{OPTION}");
-    let prefix = format!("--{OPTION}=");
-    args.iter().enumerate().find_map(|(i, a)| {
-        if let Some(rest) = a.strip_prefix(&prefix) {
-            Some(PathBuf::from(rest))
-        } else if *a == flag {
-            args.get(i + 1).map(PathBuf::from)
-        } else {
-            None
-        }
-    })
-}
-
-/// The file's settings as (environment variable, value) pairs, each checked
-/// by the option it sets.
-pub fn read(serve: &clap::Command, path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+/// The file's values by the option they set (`data-dir` read as
+/// `data_dir`), each key checked to be one the file may hold.
+pub fn read(serve: &clap::Command, path: &Path) -> anyhow::Result<Dict> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "cannot read the config file {}; check the path given to --config or {ENV}",
@@ -85,8 +105,8 @@ pub fn read(serve: &clap::Command, path: &Path) -> anyhow::Result<Vec<(String, S
     })?;
     let table: toml::Table = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-    let mut settings = Vec::new();
-    for (key, value) in &table {
+    let mut values = Dict::new();
+    for (key, value) in table {
         let long = key.replace('_', "-");
         let arg = find(serve, &long)
             .filter(|_| !NOT_IN_FILE.contains(&long.as_str()))
@@ -97,75 +117,14 @@ pub fn read(serve: &clap::Command, path: &Path) -> anyhow::Result<Vec<(String, S
                     keys(serve).join(", ")
                 )
             })?;
-        let env = arg
-            .get_env()
-            .map(|e| e.to_string_lossy().into_owned())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "config file {}: `{key}` can only be given on the command line",
-                    path.display()
-                )
-            })?;
-        let text = match value {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|item| match item {
-                    toml::Value::String(s) => Ok(s.clone()),
-                    toml::Value::Integer(i) => Ok(i.to_string()),
-                    _ => Err(anyhow::anyhow!(
-                        "config file {}: `{key}` takes a list of strings",
-                        path.display()
-                    )),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?
-                .join(","),
-            other => anyhow::bail!(
-                "config file {}: `{key}` = {other} is not a string, number, boolean or list",
-                path.display()
-            ),
-        };
-        check(serve, &long, &text)
-            .map_err(|e| anyhow::anyhow!("config file {}: `{key}`: {e}", path.display()))?;
-        settings.push((env, text));
-    }
-    Ok(settings)
-}
-
-/// Runs the option's own parser on the value, so a bad value is refused
-/// with the option's message and the file's name.
-fn check(serve: &clap::Command, long: &str, value: &str) -> anyhow::Result<()> {
-    let arg = find(serve, long).expect("looked up before");
-    let takes_value = arg.get_num_args().map(|n| n.takes_values()).unwrap_or(true)
-        && !matches!(
-            arg.get_action(),
-            clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
+        anyhow::ensure!(
+            arg.get_env().is_some(),
+            "config file {}: `{key}` can only be given on the command line",
+            path.display()
         );
-    if !takes_value {
-        return match value {
-            "true" | "false" => Ok(()),
-            _ => anyhow::bail!("takes true or false, not {value:?}"),
-        };
+        values.insert(arg.get_id().as_str().to_string(), Value::serialize(value)?);
     }
-    let probe = clap::Command::new("check")
-        .no_binary_name(true)
-        .arg(arg.clone().env(None::<&str>).required(false));
-    let word = if arg.is_positional() {
-        value.to_string()
-    } else {
-        format!("--{long}={value}")
-    };
-    probe.try_get_matches_from([word]).map(|_| ()).map_err(|e| {
-        let text = e.render().to_string();
-        let first = text
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("error: ");
-        anyhow::anyhow!("{first}")
-    })
+    Ok(values)
 }
 
 /// The option a key names: a long option, or a positional by its name.

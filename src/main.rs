@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
 use shardpay_reference::app::{self, AuthSetup, Peers, ServeConfig, Service};
 use shardpay_reference::auth::{AuthConfig, Limit};
 use shardpay_reference::events::kafka::KafkaConfig;
@@ -140,11 +141,31 @@ fn service_names() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(Service::SPLIT.map(Service::name))
 }
 
-#[derive(clap::Args)]
+/// `service` in a config file: one of the names `Service` knows, as on the
+/// command line.
+fn service_name<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let name = Option::<String>::deserialize(deserializer)?;
+    match name.as_deref().map(Service::parse) {
+        Some(None) => Err(serde::de::Error::custom(format!(
+            "invalid value {:?}; possible values: {}",
+            name.unwrap_or_default(),
+            Service::SPLIT.map(Service::name).join(", ")
+        ))),
+        _ => Ok(name),
+    }
+}
+
+/// The serve options. clap parses them from the command line and the
+/// environment; serde moves them through the layers of `serve --config`
+/// (config.rs), under the same names (ValueEnums in kebab-case, as clap).
+#[derive(clap::Args, Serialize, Deserialize)]
 struct ServeArgs {
     /// The one service to run (leave out, or give --all, for all six in
     /// this process).
     #[arg(value_parser = service_names(), env = "SHARDPAY_SERVICE", conflicts_with = "all")]
+    #[serde(deserialize_with = "service_name")]
     service: Option<String>,
     /// All six services in this process (the default).
     #[arg(long)]
@@ -266,10 +287,11 @@ struct ServeArgs {
     #[arg(long, env = "SHARDPAY_WEBHOOKS_TO_PRIVATE_NETWORKS")]
     webhooks_to_private_networks: bool,
     #[command(flatten)]
+    #[serde(flatten)]
     auth: AuthArgs,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Serialize, Deserialize)]
 struct AuthArgs {
     /// Demo mode: no authentication at all, for the walkthrough on your own
     /// machine. Listens on loopback only and says so loudly.
@@ -376,13 +398,15 @@ pub fn bus_config(kafka: Option<&str>, prefix: &str) -> BusConfig {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OnOff {
     On,
     Off,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum CrossShardArg {
     Saga,
     Xa,
@@ -397,7 +421,8 @@ impl From<CrossShardArg> for CrossShard {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DurabilityArg {
     Full,
     Normal,
@@ -417,13 +442,26 @@ struct AuditArgs {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = config::load_for_serve(&<Cli as clap::CommandFactory>::command(), &argv) {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
+/// The command line, with `serve`'s options layered over its config file.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Serve(args), Some(("serve", given))) = (&mut cli.command, matches.subcommand())
+    {
+        let serve = command
+            .find_subcommand("serve")
+            .expect("the serve command exists");
+        config::layer(args, serve, given)?;
     }
-    let cli = Cli::parse_from(argv);
+    Ok(cli)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = parse_cli().unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::exit(2)
+    });
     // The server logs its work; the simulator's commands keep the terminal
     // for progress and show only warnings (RUST_LOG overrides both).
     let default_filter = match cli.command {
@@ -466,6 +504,64 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+impl ServeArgs {
+    /// What the reference system is built from.
+    fn serve_config(&self, fault: Option<Fault>) -> anyhow::Result<ServeConfig> {
+        let service = match &self.service {
+            // --all on the command line wins over a config file's service
+            // (clap refuses both on the command line or in the environment).
+            Some(name) if !self.all => {
+                Service::parse(name).expect("clap and the config file accept only service names")
+            }
+            _ => Service::All,
+        };
+        Ok(ServeConfig {
+            service,
+            peers: Peers {
+                auth: self.auth_url.clone(),
+                ledger: self.ledger_url.clone(),
+                fraud: self.fraud_url.clone(),
+                notification: self.notification_url.clone(),
+            },
+            data_dir: self.data_dir.clone(),
+            shards: self.shards,
+            mysql_urls: (!self.mysql_urls.is_empty()).then(|| self.mysql_urls.clone()),
+            mysql: shardpay_reference::ledger::mysql::MysqlConfig {
+                pool_size: self.mysql_pool_size,
+                acquire_timeout: Duration::from_millis(self.mysql_acquire_timeout_ms.max(50)),
+            },
+            bind: SocketAddr::new(self.bind, self.port.unwrap_or(service.default_port())),
+            sqlite: SqliteConfig {
+                durability: match self.durability {
+                    DurabilityArg::Full => Durability::Full,
+                    DurabilityArg::Normal => Durability::Normal,
+                },
+                ..SqliteConfig::default()
+            },
+            manager: ManagerConfig {
+                idempotency_ttl_ms: self.idempotency_ttl_s as i64 * 1000,
+                recovery_grace_ms: self.recovery_grace_ms as i64,
+                recovery_deadline_ms: self.recovery_deadline_s as i64 * 1000,
+                cross_shard: self.cross_shard.into(),
+                fault,
+            },
+            default_currency: Currency::parse(&self.currency)
+                .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
+            recovery_interval: Duration::from_millis(self.recovery_interval_ms.max(10)),
+            fraud: match (self.fraud, &self.fraud_rules) {
+                (OnOff::Off, _) => None,
+                (OnOff::On, None) => Some(FraudConfig::default()),
+                (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
+            },
+            bus: bus_config(self.kafka.as_deref(), &self.kafka_prefix),
+            auth: self.auth.setup()?,
+            webhooks: shardpay_reference::notification::WebhookPolicy {
+                allow_private: self.webhooks_to_private_networks,
+            },
+        })
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = match std::env::var("SHARDPAY_FAULT") {
         Ok(text) => Some(Fault::parse(&text).with_context(|| {
@@ -479,54 +575,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
         );
     }
-    let service = match &args.service {
-        None => Service::All,
-        Some(name) => Service::parse(name).expect("clap accepts only service names"),
-    };
-    let config = ServeConfig {
-        service,
-        peers: Peers {
-            auth: args.auth_url.clone(),
-            ledger: args.ledger_url.clone(),
-            fraud: args.fraud_url.clone(),
-            notification: args.notification_url.clone(),
-        },
-        data_dir: args.data_dir.clone(),
-        shards: args.shards,
-        mysql_urls: (!args.mysql_urls.is_empty()).then(|| args.mysql_urls.clone()),
-        mysql: shardpay_reference::ledger::mysql::MysqlConfig {
-            pool_size: args.mysql_pool_size,
-            acquire_timeout: Duration::from_millis(args.mysql_acquire_timeout_ms.max(50)),
-        },
-        bind: SocketAddr::new(args.bind, args.port.unwrap_or(service.default_port())),
-        sqlite: SqliteConfig {
-            durability: match args.durability {
-                DurabilityArg::Full => Durability::Full,
-                DurabilityArg::Normal => Durability::Normal,
-            },
-            ..SqliteConfig::default()
-        },
-        manager: ManagerConfig {
-            idempotency_ttl_ms: args.idempotency_ttl_s as i64 * 1000,
-            recovery_grace_ms: args.recovery_grace_ms as i64,
-            recovery_deadline_ms: args.recovery_deadline_s as i64 * 1000,
-            cross_shard: args.cross_shard.into(),
-            fault,
-        },
-        default_currency: Currency::parse(&args.currency)
-            .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
-        recovery_interval: Duration::from_millis(args.recovery_interval_ms.max(10)),
-        fraud: match (args.fraud, &args.fraud_rules) {
-            (OnOff::Off, _) => None,
-            (OnOff::On, None) => Some(FraudConfig::default()),
-            (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
-        },
-        bus: bus_config(args.kafka.as_deref(), &args.kafka_prefix),
-        auth: args.auth.setup()?,
-        webhooks: shardpay_reference::notification::WebhookPolicy {
-            allow_private: args.webhooks_to_private_networks,
-        },
-    };
+    let config = args.serve_config(fault)?;
+    let service = config.service;
     let bus = config.bus.describe();
     let app = app::build(config).await?;
     // Scripts and tests read this line to find the port.
@@ -678,7 +728,6 @@ fn print_report(report: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn serve_command() -> clap::Command {
         let mut cli = Cli::command();
@@ -715,47 +764,104 @@ mod tests {
         }
     }
 
-    fn settings(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    /// The serve options of `shardpay serve ARGS` with a config file of
+    /// `text` (the environment as the test runs in).
+    fn serve_with_file(text: &str, args: &[&str]) -> anyhow::Result<ServeArgs> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("serve.toml");
         std::fs::write(&path, text).unwrap();
-        config::read(&serve_command(), &path)
+        let matches = Cli::command()
+            .try_get_matches_from(
+                ["shardpay", "serve", "--config", path.to_str().unwrap()]
+                    .iter()
+                    .chain(args),
+            )
+            .unwrap();
+        let given = matches.subcommand_matches("serve").unwrap();
+        let mut serve = ServeArgs::from_arg_matches(given).unwrap();
+        config::layer(&mut serve, &serve_command(), given)?;
+        Ok(serve)
     }
 
     #[test]
-    fn a_config_file_sets_the_options_environment_values() {
-        let got = settings(
-            "service = \"ledger\"\ndata-dir = \"/srv/data\"\nshards = 8\ndemo = true\nmysql_urls = [\"mysql://a/x\", \"mysql://b/y\"]\n",
-        )
-        .unwrap();
-        let find = |env: &str| got.iter().find(|(e, _)| e == env).map(|(_, v)| v.as_str());
-        assert_eq!(find("SHARDPAY_SERVICE"), Some("ledger"));
-        assert_eq!(find("SHARDPAY_DATA_DIR"), Some("/srv/data"));
-        assert_eq!(find("SHARDPAY_SHARDS"), Some("8"));
-        assert_eq!(find("SHARDPAY_DEMO"), Some("true"));
-        assert_eq!(find("SHARDPAY_MYSQL_URLS"), Some("mysql://a/x,mysql://b/y"));
+    fn a_config_file_sets_the_options_the_command_line_leaves_out() {
+        let file = "service = \"ledger\"\ndata-dir = \"/srv/data\"\nshards = 8\ndemo = true\nmysql_urls = [\"mysql://a/x\", \"mysql://b/y\"]\ncross_shard = \"xa\"\naccess_ttl_s = 60\nport = 8100\n";
+        let serve = serve_with_file(file, &[]).unwrap();
+        assert_eq!(serve.service.as_deref(), Some("ledger"));
+        assert_eq!(serve.data_dir, PathBuf::from("/srv/data"));
+        assert_eq!(serve.shards, 8);
+        assert!(serve.auth.demo);
+        assert_eq!(serve.mysql_urls, ["mysql://a/x", "mysql://b/y"]);
+        assert_eq!(serve.cross_shard, CrossShardArg::Xa);
+        assert_eq!(serve.auth.access_ttl_s, 60);
+        assert_eq!(serve.port, Some(8100));
+        // Keys the file leaves out keep their defaults.
+        assert_eq!(serve.currency, "INR");
+        assert_eq!(serve.auth.argon2_iterations, 2);
+
+        // The command line wins, even with a value equal to the default.
+        let serve = serve_with_file(file, &["--shards", "4", "--port", "0", "auth"]).unwrap();
+        assert_eq!(serve.shards, 4);
+        assert_eq!(serve.port, Some(0));
+        assert_eq!(serve.service.as_deref(), Some("auth"));
+        assert_eq!(serve.data_dir, PathBuf::from("/srv/data"));
+        let serve = serve_with_file(file, &["--all"]).unwrap();
+        assert_eq!(serve.serve_config(None).unwrap().service, Service::All);
     }
 
     #[test]
     fn a_config_file_with_a_bad_key_or_value_is_refused_by_name() {
-        let e = settings("data_dri = \"x\"\n").unwrap_err().to_string();
+        let refused = |text: &str| match serve_with_file(text, &[]) {
+            Ok(_) => panic!("{text:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused("data_dri = \"x\"\n");
         assert!(
             e.contains("unknown key `data_dri`") && e.contains("data_dir"),
             "{e}"
         );
-        let e = settings("shards = \"many\"\n").unwrap_err().to_string();
+        let e = refused("shards = \"many\"\n");
         assert!(e.contains("`shards`") && e.contains("many"), "{e}");
-        let e = settings("service = \"billing\"\n").unwrap_err().to_string();
+        let e = refused("service = \"billing\"\n");
         assert!(e.contains("`service`") && e.contains("billing"), "{e}");
-        let e = settings("demo = \"yes please\"\n").unwrap_err().to_string();
-        assert!(e.contains("`demo`"), "{e}");
-        let e = settings("cross_shard = \"2pc\"\n").unwrap_err().to_string();
-        assert!(e.contains("`cross_shard`") && e.contains("2pc"), "{e}");
-        let e = settings("all = true\n").unwrap_err().to_string();
-        assert!(e.contains("`all`"), "{e}");
-        let e = settings("port = 8006\nport = 8007\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("serve.toml"), "{e}");
+        let e = refused("demo = \"yes please\"\n");
+        assert!(e.contains("`demo`") && e.contains("yes please"), "{e}");
+        let e = refused("cross_shard = \"2pc\"\n");
+        assert!(
+            e.contains("`cross_shard`: invalid value \"2pc\"; possible values: saga, xa"),
+            "{e}"
+        );
+        let e = refused("port = 70000\n");
+        assert!(e.contains("`port`") && e.contains("70000"), "{e}");
+        let e = refused("access_ttl_s = \"long\"\n");
+        assert!(e.contains("`access_ttl_s`") && e.contains("long"), "{e}");
+        let e = refused("all = true\n");
+        assert!(e.contains("`all`") && e.contains("command line"), "{e}");
+        let e = refused("log_format = \"json\"\n");
+        assert!(e.contains("unknown key `log_format`"), "{e}");
+        for e in [
+            refused("port = 8006\nport = 8007\n"),
+            refused("shards = 0x\n"),
+        ] {
+            assert!(
+                e.starts_with("config file ") && e.contains("serve.toml"),
+                "{e}"
+            );
+        }
+    }
+
+    /// A value of a config file reads as it does on the command line.
+    #[test]
+    fn value_enums_have_their_command_line_names_in_a_config_file() {
+        fn same<T: clap::ValueEnum + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>() {
+            for variant in T::value_variants() {
+                let name = variant.to_possible_value().unwrap().get_name().to_string();
+                let read: T = serde_json::from_value(serde_json::Value::String(name)).unwrap();
+                assert_eq!(&read, variant);
+            }
+        }
+        same::<OnOff>();
+        same::<CrossShardArg>();
+        same::<DurabilityArg>();
     }
 }

@@ -3,6 +3,7 @@
 //! finishes the transfer; `shardpay audit` agrees.
 
 mod audit;
+mod config;
 mod memory;
 mod modules;
 mod run;
