@@ -1,9 +1,20 @@
 //! `report.html`: one self-contained file (inline CSS and SVG, no scripts,
 //! nothing fetched), so it opens offline and can be attached anywhere.
+//!
+//! The page is a maud template: every text taken from the report (names,
+//! labels, messages, codes, the scenario file) is escaped by maud; only the
+//! style sheet, which is ours, goes into the page as it is.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 
-use crate::report::{Hist, Report};
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+use shardpay_reference::pipeline::PipelineReport;
+
+use crate::accounting::{Accounting, Fraud};
+use crate::report::{Audit, Hist, Latency, OutcomeRow, Report, ThresholdResult, Timeline};
+
+/// The page's style sheet, inlined into it.
+const CSS: &str = include_str!("html.css");
 
 const PALETTE: [&str; 10] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -15,6 +26,11 @@ const LEFT: f64 = 60.0;
 const RIGHT: f64 = 150.0;
 const TOP: f64 = 16.0;
 const BOTTOM: f64 = 40.0;
+/// The plotting area, inside the margins (the right one holds the legend).
+const PLOT_W: f64 = W - LEFT - RIGHT;
+const PLOT_H: f64 = H - TOP - BOTTOM;
+/// The baseline of the x axis's labels, below the plotting area.
+const X_LABEL_Y: f64 = TOP + PLOT_H + 16.0;
 
 /// Percentiles plotted on the latency curves; x is log10(1 / (1 - p)).
 const PERCENTILES: [f64; 17] = [
@@ -23,296 +39,97 @@ const PERCENTILES: [f64; 17] = [
 ];
 /// Where the curve's x axis ends: the 99.999th percentile.
 const MAX_NINES: f64 = 5.0;
+/// The ticks of the percentile axis: nines and label.
+const NINES_TICKS: [(f64, &str); 6] = [
+    (0.0, "0%"),
+    (1.0, "90%"),
+    (2.0, "99%"),
+    (3.0, "99.9%"),
+    (4.0, "99.99%"),
+    (5.0, "99.999%"),
+];
 
-fn esc(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn nines(p: f64) -> f64 {
-    if p >= 100.0 {
-        MAX_NINES
-    } else {
-        (1.0 / (1.0 - p / 100.0)).log10().min(MAX_NINES)
-    }
-}
-
-/// Latency percentile curves, log-scaled on both axes, one line per series.
-fn percentile_chart(title: &str, series: &[(String, &Hist)]) -> String {
-    let mut lines = Vec::new();
-    for (name, hist) in series {
-        let Ok(h) = hist.decode() else { continue };
-        if h.is_empty() {
-            continue;
-        }
-        let points: Vec<(f64, f64)> = PERCENTILES
-            .iter()
-            .map(|p| (nines(*p), h.value_at_percentile(*p).max(1) as f64 / 1000.0))
-            .collect();
-        lines.push((name.clone(), points));
-    }
-    if lines.is_empty() {
-        return format!("<h3>{}</h3><p>No requests.</p>", esc(title));
-    }
-    let (lo, hi) = lines
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
-        .fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
-    let y_lo = lo.log10().floor();
-    let y_hi = (hi.log10().ceil()).max(y_lo + 1.0);
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-    let x = |n: f64| LEFT + n / MAX_NINES * pw;
-    let y = |ms: f64| TOP + ph - (ms.log10() - y_lo) / (y_hi - y_lo) * ph;
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<h3>{}</h3><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">"#,
-        esc(title)
-    );
-    for (n, label) in [
-        (0.0, "0%"),
-        (1.0, "90%"),
-        (2.0, "99%"),
-        (3.0, "99.9%"),
-        (4.0, "99.99%"),
-        (5.0, "99.999%"),
-    ] {
-        let _ = write!(
-            svg,
-            r##"<line x1="{0}" x2="{0}" y1="{TOP}" y2="{1}" stroke="#ddd"/><text x="{0}" y="{2}" class="tick" text-anchor="middle">{label}</text>"##,
-            x(n),
-            TOP + ph,
-            TOP + ph + 16.0
-        );
-    }
-    let mut decade = y_lo;
-    while decade <= y_hi {
-        let ms = 10f64.powf(decade);
-        let _ = write!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{0}" y1="{1}" y2="{1}" stroke="#ddd"/><text x="{2}" y="{3}" class="tick" text-anchor="end">{4}</text>"##,
-            LEFT + pw,
-            y(ms),
-            LEFT - 6.0,
-            y(ms) + 4.0,
-            if ms < 1.0 {
-                format!("{ms} ms")
-            } else {
-                format!("{ms:.0} ms")
-            }
-        );
-        decade += 1.0;
-    }
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" class="axis" text-anchor="middle">percentile</text>"#,
-        LEFT + pw / 2.0,
-        H - 4.0
-    );
-    for (i, (name, points)) in lines.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let path: Vec<String> = points
-            .iter()
-            .map(|(n, ms)| format!("{:.1},{:.1}", x(*n), y(*ms)))
-            .collect();
-        let _ = write!(
-            svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            path.join(" ")
-        );
-        let ly = TOP + 14.0 + i as f64 * 16.0;
-        let _ = write!(
-            svg,
-            r#"<rect x="{}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{}" class="tick">{}</text>"#,
-            LEFT + pw + 12.0,
-            ly - 9.0,
-            LEFT + pw + 26.0,
-            ly,
-            esc(name)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
-/// Accepted transfers per second, one line per shard, warm-up shaded.
-fn tps_chart(report: &Report) -> String {
-    let t = &report.timeline;
-    // The last second is partial (the run ends inside it): leave it out of
-    // the chart, where it would read as a collapse.
-    let len = t
-        .shards
-        .values()
-        .map(Vec::len)
-        .max()
-        .unwrap_or(0)
-        .saturating_sub(1)
-        .max(1);
-    if len == 0 {
-        return "<p>No transfers.</p>".into();
-    }
-    let hi = t
-        .shards
-        .values()
-        .flat_map(|v| v.iter().copied())
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
-        * 1.1;
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-    let span = (len.max(2) - 1) as f64;
-    let x = |s: f64| LEFT + s / span * pw;
-    let y = |v: f64| TOP + ph - v / hi * ph;
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">"#
-    );
-    if t.warmup_s > 0 {
-        let _ = write!(
-            svg,
-            r##"<rect x="{LEFT}" y="{TOP}" width="{:.1}" height="{ph}" fill="#f3f3f3"/><text x="{}" y="{}" class="tick">warm-up</text>"##,
-            (x(t.warmup_s as f64) - LEFT).max(0.0),
-            LEFT + 4.0,
-            TOP + 12.0
-        );
-    }
-    for i in 0..=4 {
-        let v = hi / 4.0 * i as f64;
-        let _ = write!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{0}" y1="{1}" y2="{1}" stroke="#ddd"/><text x="{2}" y="{3}" class="tick" text-anchor="end">{4:.0}</text>"##,
-            LEFT + pw,
-            y(v),
-            LEFT - 6.0,
-            y(v) + 4.0,
-            v
-        );
-    }
-    let step = (len / 10).max(1);
-    for s in (0..len).step_by(step) {
-        let _ = write!(
-            svg,
-            r#"<text x="{}" y="{}" class="tick" text-anchor="middle">{s}s</text>"#,
-            x(s as f64),
-            TOP + ph + 16.0
-        );
-    }
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="{}" class="axis" text-anchor="middle">seconds since start (transfers accepted per second, by payer shard)</text>"#,
-        LEFT + pw / 2.0,
-        H - 4.0
-    );
-    for (i, (shard, values)) in t.shards.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let path: Vec<String> = values
-            .iter()
-            .take(len)
-            .enumerate()
-            .map(|(s, v)| format!("{:.1},{:.1}", x(s as f64), y(*v as f64)))
-            .collect();
-        let _ = write!(
-            svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-            path.join(" ")
-        );
-        let ly = TOP + 14.0 + i as f64 * 16.0;
-        let _ = write!(
-            svg,
-            r#"<rect x="{}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{}" class="tick">shard {}</text>"#,
-            LEFT + pw + 12.0,
-            ly - 9.0,
-            LEFT + pw + 26.0,
-            ly,
-            esc(shard)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
-fn hist_table(rows: &[(String, &Hist)]) -> String {
-    let mut out = String::from(
-        "<table><tr><th></th><th>count</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th><th>mean</th></tr>",
-    );
-    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
-    for (name, h) in rows {
-        let _ = write!(
-            out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td></tr>",
-            esc(name),
-            h.count,
-            ms(h.p50_us),
-            ms(h.p90_us),
-            ms(h.p99_us),
-            ms(h.p999_us),
-            ms(h.max_us),
-            h.mean_us / 1000.0
-        );
-    }
-    out.push_str("</table><p class=\"note\">milliseconds</p>");
-    out
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "<span class=\"ok\">passed</span>"
-    } else {
-        "<span class=\"bad\">FAILED</span>"
-    }
-}
-
+/// The whole page, from the verdict down to the scenario file.
 pub fn render(r: &Report) -> String {
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>shardpay report: {}</title><style>{}</style></head><body>",
-        esc(&r.scenario.name),
-        CSS
-    );
-    let _ = write!(
-        h,
-        "<h1>{} {}</h1><p class=\"meta\">{} · seed {} · {} shards ({}, cross-shard {}) · {} model, {} users · {} · commit {} · {} ({} cpus, {})</p>",
-        esc(&r.scenario.name),
-        verdict(r.passed),
-        esc(&r.run.started_at),
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "shardpay report: " (r.scenario.name) }
+                style { (PreEscaped(CSS)) }
+            }
+            body {
+                (headline(r))
+                (totals(r))
+                (thresholds(&r.thresholds))
+                (latency(&r.latency))
+                h2 { "Throughput over time" }
+                (tps_chart(&r.timeline))
+                (outcomes(&r.outcomes))
+                (audit(&r.audit))
+                (accounting(&r.accounting))
+                (fraud(&r.accounting.fraud))
+                @if let Some(p) = &r.pipeline {
+                    (pipeline(p))
+                }
+                h2 { "Scenario" }
+                p { (r.scenario.file) }
+                pre { (r.scenario.source) }
+            }
+        }
+    };
+    page.into_string() + "\n"
+}
+
+/// The scenario's name and verdict, what ran where, and why the run failed.
+fn headline(r: &Report) -> Markup {
+    let meta = format!(
+        "{} · seed {} · {} shards ({}, cross-shard {}) · {} model, {} users · {} · commit {} · {} ({} cpus, {})",
+        r.run.started_at,
         r.scenario.seed,
         r.run.shards,
-        esc(&r.run.backend),
-        esc(&r.run.cross_shard),
-        esc(&r.scenario.model),
+        r.run.backend,
+        r.run.cross_shard,
+        r.scenario.model,
         r.run.users,
-        esc(&r.run.target),
-        esc(&r.run.git_commit),
-        esc(&r.machine.hostname),
+        r.run.target,
+        r.run.git_commit,
+        r.machine.hostname,
         r.machine.cpus,
-        esc(&r.machine.cpu_model)
+        r.machine.cpu_model
     );
-    if !r.failures.is_empty() {
-        h.push_str("<div class=\"fail\"><b>The run failed:</b><ul>");
-        for f in &r.failures {
-            let _ = write!(h, "<li>{}</li>", esc(f));
+    html! {
+        h1 { (r.scenario.name) " " (verdict(r.passed)) }
+        p.meta { (meta) }
+        @if !r.failures.is_empty() {
+            div.fail {
+                b { "The run failed:" }
+                ul {
+                    @for failure in &r.failures {
+                        li { (failure) }
+                    }
+                }
+            }
         }
-        h.push_str("</ul></div>");
     }
+}
+
+/// The headline figures in large type, then the counts behind them.
+fn totals(r: &Report) -> Markup {
     let t = &r.totals;
-    let _ = write!(
-        h,
-        "<div class=\"big\"><div><b>{:.0}</b>transfers/s</div><div><b>{:.0}</b>requests/s</div><div><b>{:.2} ms</b>p99</div><div><b>{:.3}%</b>errors</div><div><b>{:.1} s</b>measured</div></div>",
-        t.tps,
-        t.rps,
-        r.latency.all.p99_us as f64 / 1000.0,
-        t.error_rate * 100.0,
-        r.run.measured_s
-    );
-    let _ = write!(
-        h,
-        "<p>{} requests: {} accepted, {} replayed, {} declined, {} errors. goose counted {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus){}.</p>",
+    let figures = [
+        (format!("{:.0}", t.tps), "transfers/s"),
+        (format!("{:.0}", t.rps), "requests/s"),
+        (
+            format!("{:.2} ms", r.latency.all.p99_us as f64 / 1000.0),
+            "p99",
+        ),
+        (format!("{:.3}%", t.error_rate * 100.0), "errors"),
+        (format!("{:.1} s", r.run.measured_s), "measured"),
+    ];
+    let counts = format!(
+        "{} requests: {} accepted, {} replayed, {} declined, {} errors. goose counted {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus){}.",
         t.counts.requests,
         t.counts.accepted,
         t.counts.replayed,
@@ -328,184 +145,494 @@ pub fn render(r: &Report) -> String {
             .map(|s| format!("; reference system {s:.1} s"))
             .unwrap_or_default()
     );
-
-    h.push_str("<h2>Thresholds</h2>");
-    if r.thresholds.is_empty() {
-        h.push_str("<p>None set.</p>");
-    } else {
-        h.push_str("<table><tr><th>threshold</th><th>limit</th><th>actual</th><th></th></tr>");
-        for th in &r.thresholds {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&th.name),
-                esc(&th.limit),
-                esc(&th.actual),
-                verdict(th.ok)
-            );
+    html! {
+        div.big {
+            @for (figure, unit) in &figures {
+                div { b { (figure) } (unit) }
+            }
         }
-        h.push_str("</table>");
+        p { (counts) }
     }
+}
 
-    h.push_str("<h2>Latency</h2>");
-    let mut kinds: Vec<(String, &Hist)> = vec![("all".into(), &r.latency.all)];
-    kinds.extend(r.latency.kinds.iter().map(|(k, v)| (k.clone(), v)));
-    h.push_str(&percentile_chart("By kind", &kinds));
-    h.push_str(&hist_table(&kinds));
-    let shards: Vec<(String, &Hist)> = r
-        .latency
-        .shards
+fn thresholds(rows: &[ThresholdResult]) -> Markup {
+    html! {
+        h2 { "Thresholds" }
+        @if rows.is_empty() {
+            p { "None set." }
+        } @else {
+            table {
+                (header(&["threshold", "limit", "actual", ""]))
+                @for row in rows {
+                    tr {
+                        td { (row.name) }
+                        td { (row.limit) }
+                        td { (row.actual) }
+                        td { (verdict(row.ok)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Percentile curves and tables by kind and by payer shard, and a table by
+/// shard pair for cross-shard requests.
+fn latency(l: &Latency) -> Markup {
+    let mut kinds: Vec<(String, &Hist)> = vec![("all".into(), &l.all)];
+    kinds.extend(l.kinds.iter().map(|(k, h)| (k.clone(), h)));
+    let shards = labelled("shard", &l.shards);
+    let pairs = labelled("shards", &l.pairs);
+    html! {
+        h2 { "Latency" }
+        (percentile_chart("By kind", &kinds))
+        (hist_table(&kinds))
+        (percentile_chart("By payer shard", &shards))
+        (hist_table(&shards))
+        @if !pairs.is_empty() {
+            h3 { "Cross-shard, by shard pair" }
+            (hist_table(&pairs))
+        }
+    }
+}
+
+/// Histograms named "`prefix` `key`".
+fn labelled<'a>(prefix: &str, hists: &'a BTreeMap<String, Hist>) -> Vec<(String, &'a Hist)> {
+    hists
         .iter()
-        .map(|(s, v)| (format!("shard {s}"), v))
-        .collect();
-    h.push_str(&percentile_chart("By payer shard", &shards));
-    h.push_str(&hist_table(&shards));
-    if !r.latency.pairs.is_empty() {
-        let pairs: Vec<(String, &Hist)> = r
-            .latency
-            .pairs
-            .iter()
-            .map(|(p, v)| (format!("shards {p}"), v))
-            .collect();
-        h.push_str("<h3>Cross-shard, by shard pair</h3>");
-        h.push_str(&hist_table(&pairs));
-    }
+        .map(|(key, h)| (format!("{prefix} {key}"), h))
+        .collect()
+}
 
-    h.push_str("<h2>Throughput over time</h2>");
-    h.push_str(&tps_chart(r));
-
-    h.push_str("<h2>Answers other than an accepted transfer</h2>");
-    if r.outcomes.is_empty() {
-        h.push_str("<p>None.</p>");
-    } else {
-        h.push_str("<table><tr><th>status</th><th>code</th><th>count</th></tr>");
-        for o in &r.outcomes {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                if o.status == 0 {
-                    "no answer".to_string()
-                } else {
-                    o.status.to_string()
-                },
-                esc(&o.code),
-                o.count
-            );
+fn hist_table(rows: &[(String, &Hist)]) -> Markup {
+    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+    html! {
+        table {
+            (header(&["", "count", "p50", "p90", "p99", "p99.9", "max", "mean"]))
+            @for (name, h) in rows {
+                tr {
+                    td { (name) }
+                    td { (h.count) }
+                    td { (ms(h.p50_us)) }
+                    td { (ms(h.p90_us)) }
+                    td { (ms(h.p99_us)) }
+                    td { (ms(h.p999_us)) }
+                    td { (ms(h.max_us)) }
+                    td { (format!("{:.2}", h.mean_us / 1000.0)) }
+                }
+            }
         }
-        h.push_str("</table>");
+        p.note { "milliseconds" }
     }
+}
 
-    let _ = write!(
-        h,
-        "<h2>Audit {}</h2><p>{}</p>",
-        verdict(r.audit.ok),
-        esc(&r.audit.summary)
-    );
-    if let Some(checks) = r.audit.raw["checks"].as_array() {
-        h.push_str("<table><tr><th>check</th><th>problems</th><th></th></tr>");
-        for c in checks {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(c["name"].as_str().unwrap_or("")),
-                esc(&c["problems"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.as_str())
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .join("; ")),
-                verdict(c["ok"].as_bool().unwrap_or(false))
-            );
+/// Every answer that was not an accepted transfer, by status and code.
+fn outcomes(rows: &[OutcomeRow]) -> Markup {
+    html! {
+        h2 { "Answers other than an accepted transfer" }
+        @if rows.is_empty() {
+            p { "None." }
+        } @else {
+            table {
+                (header(&["status", "code", "count"]))
+                @for row in rows {
+                    tr {
+                        td {
+                            @if row.status == 0 { "no answer" } @else { (row.status) }
+                        }
+                        td { (row.code) }
+                        td { (row.count) }
+                    }
+                }
+            }
         }
-        h.push_str("</table>");
     }
-    let a = &r.accounting;
-    let _ = write!(
-        h,
-        "<h2>Simulator's own accounting {}</h2><p>{} transfers sent, {} accepted, {} declined, {} retry groups, {} settled after the run.</p><table><tr><th>check</th><th>detail</th><th></th></tr>",
-        verdict(a.ok),
+}
+
+/// The system's audit: its summary, and its checks when it lists them.
+fn audit(a: &Audit) -> Markup {
+    html! {
+        h2 { "Audit " (verdict(a.ok)) }
+        p { (a.summary) }
+        @if let Some(checks) = a.raw["checks"].as_array() {
+            table {
+                (header(&["check", "problems", ""]))
+                @for check in checks {
+                    tr {
+                        td { (check["name"].as_str().unwrap_or("")) }
+                        td { (first_problems(check)) }
+                        td { (verdict(check["ok"].as_bool().unwrap_or(false))) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first five problems an audit check lists, joined.
+fn first_problems(check: &serde_json::Value) -> String {
+    check["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .take(5)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The simulator's own books: counts, checks, and any violations.
+fn accounting(a: &Accounting) -> Markup {
+    let counts = format!(
+        "{} transfers sent, {} accepted, {} declined, {} retry groups, {} settled after the run.",
         a.transfers_sent,
         a.transfers_accepted,
         a.transfers_declined,
         a.retry_groups,
         a.settled_after_run
     );
-    for c in &a.checks {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&c.name),
-            esc(&c.detail),
-            verdict(c.ok)
-        );
-    }
-    h.push_str("</table>");
-    if !a.violations.is_empty() {
-        h.push_str("<ul>");
-        for v in &a.violations {
-            let _ = write!(h, "<li><code>{}</code></li>", esc(v));
+    html! {
+        h2 { "Simulator's own accounting " (verdict(a.ok)) }
+        p { (counts) }
+        table {
+            (header(&["check", "detail", ""]))
+            @for check in &a.checks {
+                tr {
+                    td { (check.name) }
+                    td { (check.detail) }
+                    td { (verdict(check.ok)) }
+                }
+            }
         }
-        h.push_str("</ul>");
-    }
-    let f = &a.fraud;
-    if f.fraudulent_allowed + f.fraudulent_refused + f.legitimate_allowed + f.legitimate_refused > 0
-    {
-        let pct = |v: Option<f64>| {
-            v.map(|x| format!("{:.1}%", x * 100.0))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        let _ = write!(
-            h,
-            "<h2>Fraud-heavy traffic</h2><table><tr><th></th><th>refused</th><th>allowed</th></tr><tr><td>labelled fraudulent</td><td>{}</td><td>{}</td></tr><tr><td>labelled legitimate</td><td>{}</td><td>{}</td></tr></table><p>precision {} · recall {}</p>",
-            f.fraudulent_refused,
-            f.fraudulent_allowed,
-            f.legitimate_refused,
-            f.legitimate_allowed,
-            pct(f.precision),
-            pct(f.recall)
-        );
-    }
-    if let Some(p) = &r.pipeline {
-        let _ = write!(
-            h,
-            "<h2>Event pipeline {}</h2><p>{} outbox rows, {} unpublished, {} published by the relays ({} relay failures).</p><table><tr><th>consumer</th><th>received</th><th>applied</th><th>duplicates suppressed</th><th>unapplied</th><th>lag p50 ms</th><th>lag p99 ms</th><th>lag max ms</th></tr>",
-            verdict(p.complete),
-            p.outbox_rows,
-            p.outbox_backlog,
-            p.published,
-            p.relay_failures
-        );
-        for c in &p.consumers {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td></tr>",
-                esc(&c.group),
-                c.received,
-                c.applied,
-                c.duplicates_suppressed,
-                p.unapplied.get(&c.group).copied().unwrap_or(0),
-                c.lag.p50_ms,
-                c.lag.p99_ms,
-                c.lag.max_ms
-            );
+        @if !a.violations.is_empty() {
+            ul {
+                @for violation in &a.violations {
+                    li { code { (violation) } }
+                }
+            }
         }
-        h.push_str("</table>");
     }
-    let _ = write!(
-        h,
-        "<h2>Scenario</h2><p>{}</p><pre>{}</pre></body></html>\n",
-        esc(&r.scenario.file),
-        esc(&r.scenario.source)
-    );
-    h
 }
 
-const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222;padding:0 1em}\
-h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}\
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}\
-td:first-child,th:first-child{text-align:left}.ok{color:#2a7d2a;font-weight:600}.bad{color:#c0262d;font-weight:700}\
-.meta{color:#555}.note{color:#777;font-size:.85em;margin-top:0}.fail{background:#fdecea;padding:.5em 1em;border-left:4px solid #c0262d}\
-.big{display:flex;gap:2em;margin:1em 0}.big div{display:flex;flex-direction:column;color:#555}.big b{font-size:1.7em;color:#111}\
-.tick{font-size:11px;fill:#555}.axis{font-size:12px;fill:#333}pre{background:#f6f6f6;padding:1em;overflow:auto}";
+/// Labelled fraud-heavy transfers against the system's decisions; nothing
+/// when the run sent none.
+fn fraud(f: &Fraud) -> Markup {
+    if f.fraudulent_allowed + f.fraudulent_refused + f.legitimate_allowed + f.legitimate_refused
+        == 0
+    {
+        return html! {};
+    }
+    let pct = |v: Option<f64>| v.map_or_else(|| "n/a".into(), |x| format!("{:.1}%", x * 100.0));
+    html! {
+        h2 { "Fraud-heavy traffic" }
+        table {
+            (header(&["", "refused", "allowed"]))
+            tr {
+                td { "labelled fraudulent" }
+                td { (f.fraudulent_refused) }
+                td { (f.fraudulent_allowed) }
+            }
+            tr {
+                td { "labelled legitimate" }
+                td { (f.legitimate_refused) }
+                td { (f.legitimate_allowed) }
+            }
+        }
+        p { "precision " (pct(f.precision)) " · recall " (pct(f.recall)) }
+    }
+}
+
+/// The event pipeline after the run: the outbox, the relays, each consumer.
+fn pipeline(p: &PipelineReport) -> Markup {
+    let outbox = format!(
+        "{} outbox rows, {} unpublished, {} published by the relays ({} relay failures).",
+        p.outbox_rows, p.outbox_backlog, p.published, p.relay_failures
+    );
+    let columns = [
+        "consumer",
+        "received",
+        "applied",
+        "duplicates suppressed",
+        "unapplied",
+        "lag p50 ms",
+        "lag p99 ms",
+        "lag max ms",
+    ];
+    html! {
+        h2 { "Event pipeline " (verdict(p.complete)) }
+        p { (outbox) }
+        table {
+            (header(&columns))
+            @for c in &p.consumers {
+                tr {
+                    td { (c.group) }
+                    td { (c.received) }
+                    td { (c.applied) }
+                    td { (c.duplicates_suppressed) }
+                    td { (p.unapplied.get(&c.group).copied().unwrap_or(0)) }
+                    td { (format!("{:.0}", c.lag.p50_ms)) }
+                    td { (format!("{:.0}", c.lag.p99_ms)) }
+                    td { (format!("{:.0}", c.lag.max_ms)) }
+                }
+            }
+        }
+    }
+}
+
+fn header(columns: &[&str]) -> Markup {
+    html! {
+        tr {
+            @for column in columns {
+                th { (column) }
+            }
+        }
+    }
+}
+
+fn verdict(ok: bool) -> Markup {
+    html! {
+        @if ok {
+            span.ok { "passed" }
+        } @else {
+            span.bad { "FAILED" }
+        }
+    }
+}
+
+fn nines(p: f64) -> f64 {
+    if p >= 100.0 {
+        MAX_NINES
+    } else {
+        (1.0 / (1.0 - p / 100.0)).log10().min(MAX_NINES)
+    }
+}
+
+/// Latency percentile curves, log-scaled on both axes, one line per series.
+fn percentile_chart(title: &str, series: &[(String, &Hist)]) -> Markup {
+    let curves = percentile_curves(series);
+    if curves.is_empty() {
+        return html! {
+            h3 { (title) }
+            p { "No requests." }
+        };
+    }
+    let (lo, hi) = curves
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|&(_, ms)| ms))
+        .fold((f64::MAX, f64::MIN), |(lo, hi), ms| {
+            (lo.min(ms), hi.max(ms))
+        });
+    let y_lo = lo.log10().floor();
+    let y_hi = hi.log10().ceil().max(y_lo + 1.0);
+    let x = |n: f64| LEFT + n / MAX_NINES * PLOT_W;
+    let y = |ms: f64| TOP + PLOT_H - (ms.log10() - y_lo) / (y_hi - y_lo) * PLOT_H;
+    // One grid line per power of ten between the bounds.
+    let decades = (y_lo as i32..=y_hi as i32).map(|decade| 10f64.powf(decade.into()));
+    html! {
+        h3 { (title) }
+        (chart(html! {
+            @for (n, label) in NINES_TICKS {
+                line x1=(x(n)) x2=(x(n)) y1=(TOP) y2=(TOP + PLOT_H) stroke="#ddd" {}
+                (x_label(x(n), label))
+            }
+            @for ms in decades {
+                (y_gridline(y(ms), &ms_label(ms)))
+            }
+            (axis_title("percentile"))
+            @for (i, (name, points)) in curves.iter().enumerate() {
+                (plot_series(i, 2.0, name, points.iter().map(|&(n, ms)| (x(n), y(ms)))))
+            }
+        }))
+    }
+}
+
+/// Each series' latency in milliseconds (at least 1 µs) at the plotted
+/// percentiles, by nines; series without samples are left out.
+fn percentile_curves<'a>(series: &'a [(String, &Hist)]) -> Vec<(&'a str, Vec<(f64, f64)>)> {
+    series
+        .iter()
+        .filter_map(|(name, hist)| {
+            let h = hist.decode().ok().filter(|h| !h.is_empty())?;
+            let points = PERCENTILES
+                .iter()
+                .map(|&p| (nines(p), h.value_at_percentile(p).max(1) as f64 / 1000.0))
+                .collect();
+            Some((name.as_str(), points))
+        })
+        .collect()
+}
+
+fn ms_label(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{ms} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// Accepted transfers per second, one line per shard, warm-up shaded.
+fn tps_chart(t: &Timeline) -> Markup {
+    // The last second is partial (the run ends inside it): leave it out of
+    // the chart, where it would read as a collapse.
+    let len = t
+        .shards
+        .values()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
+        .saturating_sub(1)
+        .max(1);
+    let hi = t
+        .shards
+        .values()
+        .flat_map(|v| v.iter().copied())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.1;
+    let span = (len.max(2) - 1) as f64;
+    let x = |s: f64| LEFT + s / span * PLOT_W;
+    let y = |v: f64| TOP + PLOT_H - v / hi * PLOT_H;
+    let warmup_w = (x(t.warmup_s as f64) - LEFT).max(0.0);
+    let title = "seconds since start (transfers accepted per second, by payer shard)";
+    chart(html! {
+        @if t.warmup_s > 0 {
+            rect x=(LEFT) y=(TOP) width=(format!("{warmup_w:.1}")) height=(PLOT_H) fill="#f3f3f3" {}
+            text x=(LEFT + 4.0) y=(TOP + 12.0) class="tick" { "warm-up" }
+        }
+        @for i in 0..=4 {
+            @let tps = hi / 4.0 * i as f64;
+            (y_gridline(y(tps), &format!("{tps:.0}")))
+        }
+        @for s in (0..len).step_by((len / 10).max(1)) {
+            (x_label(x(s as f64), &format!("{s}s")))
+        }
+        (axis_title(title))
+        @for (i, (shard, values)) in t.shards.iter().enumerate() {
+            @let points = values.iter().take(len).enumerate();
+            (plot_series(i, 1.5, &format!("shard {shard}"), points.map(|(s, &v)| (x(s as f64), y(v as f64)))))
+        }
+    })
+}
+
+/// A chart's frame; its contents are drawn in the chart's pixels.
+fn chart(contents: Markup) -> Markup {
+    html! {
+        svg viewBox=(format!("0 0 {W} {H}")) width=(W) height=(H) role="img" {
+            (contents)
+        }
+    }
+}
+
+/// A horizontal grid line across the plot, labelled on the left.
+fn y_gridline(y: f64, label: &str) -> Markup {
+    html! {
+        line x1=(LEFT) x2=(LEFT + PLOT_W) y1=(y) y2=(y) stroke="#ddd" {}
+        text x=(LEFT - 6.0) y=(y + 4.0) class="tick" text-anchor="end" { (label) }
+    }
+}
+
+/// A label on the x axis, centred under `x`.
+fn x_label(x: f64, label: &str) -> Markup {
+    html! {
+        text x=(x) y=(X_LABEL_Y) class="tick" text-anchor="middle" { (label) }
+    }
+}
+
+fn axis_title(title: &str) -> Markup {
+    html! {
+        text x=(LEFT + PLOT_W / 2.0) y=(H - 4.0) class="axis" text-anchor="middle" { (title) }
+    }
+}
+
+/// The `i`th series: its line through `points` (pixels) and its legend entry.
+fn plot_series(
+    i: usize,
+    stroke_width: f64,
+    name: &str,
+    points: impl Iterator<Item = (f64, f64)>,
+) -> Markup {
+    let color = PALETTE[i % PALETTE.len()];
+    let points: Vec<String> = points.map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+    let legend_y = TOP + 14.0 + i as f64 * 16.0;
+    html! {
+        polyline fill="none" stroke=(color) stroke-width=(stroke_width) points=(points.join(" ")) {}
+        rect x=(LEFT + PLOT_W + 12.0) y=(legend_y - 9.0) width="10" height="10" fill=(color) {}
+        text x=(LEFT + PLOT_W + 26.0) y=(legend_y) class="tick" { (name) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounting::Check;
+    use crate::record::{new_histogram, Counts};
+    use crate::report::Resources;
+
+    /// A report of a run that sent nothing, to fill in.
+    fn report() -> Report {
+        let empty = serde_json::to_value(Hist::of(&new_histogram())).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "schema": crate::report::SCHEMA,
+            "scenario": {"name": "test", "file": "test.toml", "seed": 1, "model": "closed", "source": ""},
+            "run": {
+                "started_at": "2025-01-01T00:00:00Z", "shards": 2, "backend": "sqlite",
+                "target": "embedded", "git_commit": "unknown", "simulator_version": "0",
+                "run_id": "r", "accounts": 0, "warmup_s": 0, "measured_s": 0.0, "operations": 0,
+                "users": 1, "goose_requests": 0, "interrupted": false
+            },
+            "machine": {"os": "linux", "arch": "x86_64", "cpus": 2, "cpu_model": "cpu", "memory_bytes": 0, "hostname": "host"},
+            "totals": {"counts": Counts::default(), "tps": 0.0, "rps": 0.0, "error_rate": 0.0},
+            "by_kind": {},
+            "latency": {"all": empty, "kinds": {}, "shards": {}, "pairs": {}},
+            "timeline": {"interval_s": 1, "warmup_s": 0, "shards": {}, "errors": []},
+            "outcomes": [],
+            "accounting": Accounting::default(),
+            "audit": {"ok": true, "summary": "", "raw": {}},
+            "thresholds": [],
+            "resources": Resources::default(),
+            "passed": false,
+            "failures": []
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn texts_from_the_report_are_escaped() {
+        let hostile = "<script>alert(1)</script> & co";
+        let escaped = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co";
+        let mut r = report();
+        r.scenario.name = hostile.into();
+        r.failures.push(format!("p99 too high: {hostile}"));
+        r.outcomes.push(OutcomeRow {
+            status: 500,
+            code: hostile.into(),
+            count: 1,
+        });
+        r.accounting.checks.push(Check {
+            name: "balances".into(),
+            ok: false,
+            detail: hostile.into(),
+        });
+        let mut samples = new_histogram();
+        samples.record(1_500).unwrap();
+        r.latency.shards.insert(hostile.into(), Hist::of(&samples));
+        r.timeline.shards.insert(hostile.into(), vec![3, 4, 5]);
+
+        let html = render(&r);
+        assert!(!html.contains("<script"), "{html}");
+        for expected in [
+            format!("<title>shardpay report: {escaped}</title>"),
+            format!("<h1>{escaped} <span class=\"bad\">FAILED</span></h1>"),
+            format!("<li>p99 too high: {escaped}</li>"),
+            format!("<td>500</td><td>{escaped}</td><td>1</td>"),
+            format!("<td>balances</td><td>{escaped}</td>"),
+            // The latency table, and the legends of both charts.
+            format!("<td>shard {escaped}</td>"),
+            format!("class=\"tick\">shard {escaped}</text>"),
+        ] {
+            assert!(html.contains(&expected), "{expected} not in {html}");
+        }
+        assert_eq!(html.matches(&format!(">shard {escaped}</text>")).count(), 2);
+    }
+}

@@ -392,6 +392,27 @@ impl Report {
     /// The terminal summary.
     pub fn summary(&self) -> String {
         let mut out = String::new();
+        self.summarize_run(&mut out);
+        self.summarize_latency(&mut out);
+        summarize_outcomes(&self.outcomes, &mut out);
+        self.summarize_books(&mut out);
+        if let Some(p) = &self.pipeline {
+            summarize_pipeline(p, &mut out);
+        }
+        if let Some(w) = &self.webhooks {
+            summarize_webhooks(w, &mut out);
+        }
+        summarize_fraud(&self.accounting.fraud, &mut out);
+        if let Some(b) = &self.baseline {
+            summarize_baseline(b, &mut out);
+        }
+        summarize_thresholds(&self.thresholds, &mut out);
+        self.summarize_cpu(&mut out);
+        out
+    }
+
+    /// What ran, and what came of its requests.
+    fn summarize_run(&self, out: &mut String) {
         let t = &self.totals;
         let _ = writeln!(
             out,
@@ -426,6 +447,10 @@ impl Report {
                 t.counts.unauthorized, t.counts.rate_limited
             );
         }
+    }
+
+    /// Latency percentiles of all requests, by kind and by payer shard.
+    fn summarize_latency(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\n{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -452,12 +477,11 @@ impl Report {
         for (s, h) in &self.latency.shards {
             row(&format!("shard {s}"), h);
         }
-        if !self.outcomes.is_empty() {
-            let _ = writeln!(out, "\n{:<8} {:<32} {:>9}", "status", "code", "count");
-            for o in &self.outcomes {
-                let _ = writeln!(out, "{:<8} {:<32} {:>9}", o.status, o.code, o.count);
-            }
-        }
+    }
+
+    /// The verdicts of the audit and of the simulator's own books, and the
+    /// books' failed checks.
+    fn summarize_books(&self, out: &mut String) {
         let a = &self.accounting;
         let _ = writeln!(
             out,
@@ -476,88 +500,10 @@ impl Report {
         for c in a.checks.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "  FAILED {}: {}", c.name, c.detail);
         }
-        if let Some(p) = &self.pipeline {
-            for c in &p.consumers {
-                let _ = writeln!(
-                    out,
-                    "events: {} outbox rows, {} published · {}: {} applied, {} duplicates suppressed, {} unapplied{} · pipeline {}",
-                    p.outbox_rows,
-                    p.published,
-                    c.group,
-                    c.applied,
-                    c.duplicates_suppressed,
-                    p.unapplied.get(&c.group).copied().unwrap_or(0),
-                    if c.lag.count > 0 {
-                        format!(
-                            " · commit-to-consume lag p50 {:.0} ms, p99 {:.0} ms",
-                            c.lag.p50_ms, c.lag.p99_ms
-                        )
-                    } else {
-                        String::new()
-                    },
-                    if p.complete { "complete" } else { "INCOMPLETE" }
-                );
-            }
-        }
-        if let Some(w) = &self.webhooks {
-            let _ = writeln!(
-                out,
-                "webhooks: {} accounts hooked · {} deliveries, {} distinct, {} repeats, {} bad signatures · system delivered {}, dead-lettered {} · {}",
-                w.hooked_accounts,
-                w.deliveries,
-                w.distinct,
-                w.repeats,
-                w.bad_signatures,
-                w.system_delivered,
-                w.system_dead_lettered,
-                if w.ok { "ok" } else { "FAILED" }
-            );
-        }
-        let f = &a.fraud;
-        let fraudulent = f.fraudulent_allowed + f.fraudulent_refused;
-        let legitimate = f.legitimate_allowed + f.legitimate_refused;
-        if fraudulent + legitimate > 0 {
-            let share = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
-            let _ = writeln!(
-                out,
-                "fraud: precision {} · recall {} ({} of {} labelled fraudulent transfers refused, {} of {} legitimate ones)",
-                share(f.precision),
-                share(f.recall),
-                f.fraudulent_refused,
-                fraudulent,
-                f.legitimate_refused,
-                legitimate
-            );
-        }
-        if let Some(b) = &self.baseline {
-            let _ = writeln!(
-                out,
-                "\nagainst the raw databases (same concurrency, no HTTP):"
-            );
-            for r in &b.ratios {
-                let _ = writeln!(
-                    out,
-                    "  {}: services {:.0}/s, databases {:.0}/s: {:.0}%",
-                    r.kind,
-                    r.service_tps,
-                    r.database_tps,
-                    r.ratio * 100.0
-                );
-            }
-        }
-        if !self.thresholds.is_empty() {
-            let _ = writeln!(out, "\nthresholds:");
-            for th in &self.thresholds {
-                let _ = writeln!(
-                    out,
-                    "  {} {}: {} (limit {})",
-                    if th.ok { "ok    " } else { "FAILED" },
-                    th.name,
-                    th.actual,
-                    th.limit
-                );
-            }
-        }
+    }
+
+    /// The simulator's CPU time, and the in-process system's when embedded.
+    fn summarize_cpu(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\nsimulator CPU: {:.1} s of {:.1} s wall on {} cpus ({:.0}% of the machine){}",
@@ -570,7 +516,116 @@ impl Report {
                 .map(|s| format!("; reference system {s:.1} s"))
                 .unwrap_or_default()
         );
-        out
+    }
+}
+
+/// Answers other than an accepted transfer, by status and code.
+fn summarize_outcomes(outcomes: &[OutcomeRow], out: &mut String) {
+    if outcomes.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n{:<8} {:<32} {:>9}", "status", "code", "count");
+    for o in outcomes {
+        let _ = writeln!(out, "{:<8} {:<32} {:>9}", o.status, o.code, o.count);
+    }
+}
+
+/// One line per consumer of the event pipeline.
+fn summarize_pipeline(p: &shardpay_reference::pipeline::PipelineReport, out: &mut String) {
+    for c in &p.consumers {
+        let _ = writeln!(
+            out,
+            "events: {} outbox rows, {} published · {}: {} applied, {} duplicates suppressed, {} unapplied{} · pipeline {}",
+            p.outbox_rows,
+            p.published,
+            c.group,
+            c.applied,
+            c.duplicates_suppressed,
+            p.unapplied.get(&c.group).copied().unwrap_or(0),
+            if c.lag.count > 0 {
+                format!(
+                    " · commit-to-consume lag p50 {:.0} ms, p99 {:.0} ms",
+                    c.lag.p50_ms, c.lag.p99_ms
+                )
+            } else {
+                String::new()
+            },
+            if p.complete { "complete" } else { "INCOMPLETE" }
+        );
+    }
+}
+
+/// What the simulator's webhook receiver got, against what the system says
+/// it delivered.
+fn summarize_webhooks(w: &crate::webhooks::WebhookReport, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "webhooks: {} accounts hooked · {} deliveries, {} distinct, {} repeats, {} bad signatures · system delivered {}, dead-lettered {} · {}",
+        w.hooked_accounts,
+        w.deliveries,
+        w.distinct,
+        w.repeats,
+        w.bad_signatures,
+        w.system_delivered,
+        w.system_dead_lettered,
+        if w.ok { "ok" } else { "FAILED" }
+    );
+}
+
+/// The fraud service's precision and recall on labelled fraud-heavy
+/// transfers, when the run sent any.
+fn summarize_fraud(f: &crate::accounting::Fraud, out: &mut String) {
+    let fraudulent = f.fraudulent_allowed + f.fraudulent_refused;
+    let legitimate = f.legitimate_allowed + f.legitimate_refused;
+    if fraudulent + legitimate == 0 {
+        return;
+    }
+    let share = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let _ = writeln!(
+        out,
+        "fraud: precision {} · recall {} ({} of {} labelled fraudulent transfers refused, {} of {} legitimate ones)",
+        share(f.precision),
+        share(f.recall),
+        f.fraudulent_refused,
+        fraudulent,
+        f.legitimate_refused,
+        legitimate
+    );
+}
+
+/// The run's transfers per second against the raw databases', per kind.
+fn summarize_baseline(b: &Baseline, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\nagainst the raw databases (same concurrency, no HTTP):"
+    );
+    for r in &b.ratios {
+        let _ = writeln!(
+            out,
+            "  {}: services {:.0}/s, databases {:.0}/s: {:.0}%",
+            r.kind,
+            r.service_tps,
+            r.database_tps,
+            r.ratio * 100.0
+        );
+    }
+}
+
+/// Each threshold's verdict, actual figure and limit.
+fn summarize_thresholds(thresholds: &[ThresholdResult], out: &mut String) {
+    if thresholds.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nthresholds:");
+    for th in thresholds {
+        let _ = writeln!(
+            out,
+            "  {} {}: {} (limit {})",
+            if th.ok { "ok    " } else { "FAILED" },
+            th.name,
+            th.actual,
+            th.limit
+        );
     }
 }
 

@@ -503,24 +503,73 @@ pub(crate) fn key_at(source: &str, offset: usize) -> String {
     key
 }
 
+/// How long the file says the run lasts: `duration_s`, `requests`, both, or
+/// neither (the open model's stages may say it instead).
+struct Length {
+    duration_s: Option<u64>,
+    requests: Option<u64>,
+    /// Where `requests` is written, for errors about it.
+    requests_span: Option<Range<usize>>,
+}
+
+/// Checks the file section by section, in the order its errors are reported.
 fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
-    let name_span = raw.name.span();
-    let name = raw.name.into_inner();
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    let name = check_name(raw.name, at)?;
+    let length = check_length(raw.duration_s, raw.requests, at)?;
+    let accounts = check_accounts(raw.accounts, at)?;
+    let load_span = raw.load.span();
+    let mut load = check_load(raw.load.into_inner(), load_span.clone(), at)?;
+    set_constant_rate_length(&mut load, &length, load_span.clone(), at)?;
+    let stop = check_stop(&load, &length, load_span, at)?;
+    let warmup_s = check_warmup(raw.warmup_s, stop, at)?;
+    let mix = check_mix(raw.mix, at)?;
+    let currency = accounts.currency;
+    let amounts = check_amounts(raw.amounts, currency, at)?;
+    let retry = check_retry(raw.idempotent_retry, at)?;
+    let fraud = check_fraud(raw.fraud_heavy, currency, at)?;
+    let thresholds = check_thresholds(raw.thresholds, at)?;
+
+    Ok(Scenario {
+        name,
+        description: raw.description,
+        seed: raw.seed.unwrap_or(1),
+        stop,
+        warmup_s,
+        accounts,
+        load,
+        mix,
+        amounts,
+        retry,
+        fraud,
+        thresholds,
+        source: at.source.to_string(),
+        file: at.file.to_string(),
+    })
+}
+
+/// `name`: it becomes part of the report's folder.
+fn check_name(raw: Spanned<String>, at: &Locator) -> Result<String, ScenarioError> {
+    let span = raw.span();
+    let name = raw.into_inner();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if name.is_empty() || !name.chars().all(allowed) {
         return Err(at.err(
-            name_span,
+            span,
             "name",
             "use letters, digits, '-' and '_' only: the name becomes part of the report's folder",
         ));
     }
-    let seed = raw.seed.unwrap_or(1);
+    Ok(name)
+}
 
-    let duration = raw
-        .duration_s
+/// `duration_s` and `requests`, each on its own; which of them stop the run
+/// depends on the load model (`check_stop`).
+fn check_length(
+    duration_s: Option<Spanned<u64>>,
+    requests: Option<Spanned<u64>>,
+    at: &Locator,
+) -> Result<Length, ScenarioError> {
+    let duration_s = duration_s
         .map(|d| {
             let span = d.span();
             let seconds = d.into_inner();
@@ -535,9 +584,8 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             }
         })
         .transpose()?;
-    let requests_span = raw.requests.as_ref().map(|r| r.span());
-    let requests = raw
-        .requests
+    let requests_span = requests.as_ref().map(|r| r.span());
+    let requests = requests
         .map(|r| {
             if *r.get_ref() == 0 {
                 Err(at.err(r.span(), "requests", "must be at least 1"))
@@ -546,42 +594,61 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             }
         })
         .transpose()?;
+    Ok(Length {
+        duration_s,
+        requests,
+        requests_span,
+    })
+}
 
-    let accounts = check_accounts(raw.accounts, at)?;
-    let load_span = raw.load.span();
-    let mut load = check_load(raw.load.into_inner(), load_span.clone(), at)?;
-    // A constant open-model rate lasts duration_s, or as long as the
-    // requests take at that rate.
-    if let Load::Open { stages, .. } = &mut load {
-        if stages.len() == 1 && stages[0].duration_s == 0 {
-            let rate = stages[0].target_per_s;
-            stages[0].duration_s = match (duration, requests) {
-                (Some(d), _) => d,
-                (None, Some(n)) => {
-                    let seconds = (n as f64 / rate).ceil();
-                    if seconds > MAX_DURATION_S as f64 {
-                        return Err(at.err(
-                            requests_span.unwrap_or(load_span),
-                            "requests",
-                            format!("at load.rate, these requests take longer than a run may last ({MAX_DURATION_S} s): raise the rate, lower requests or set duration_s"),
-                        ));
-                    }
-                    (seconds as u64).max(1)
-                }
-                (None, None) => {
-                    return Err(at.err(
-                        load_span,
-                        "duration_s",
-                        "say how long the run lasts: duration_s = 30, or requests = 10000",
-                    ))
-                }
-            };
-        }
+/// A constant open-model rate lasts duration_s, or as long as the requests
+/// take at that rate.
+fn set_constant_rate_length(
+    load: &mut Load,
+    length: &Length,
+    load_span: Range<usize>,
+    at: &Locator,
+) -> Result<(), ScenarioError> {
+    let Load::Open { stages, .. } = load else {
+        return Ok(());
+    };
+    if stages.len() != 1 || stages[0].duration_s != 0 {
+        return Ok(());
     }
+    let rate = stages[0].target_per_s;
+    stages[0].duration_s = match (length.duration_s, length.requests) {
+        (Some(d), _) => d,
+        (None, Some(n)) => {
+            let seconds = (n as f64 / rate).ceil();
+            if seconds > MAX_DURATION_S as f64 {
+                return Err(at.err(
+                    length.requests_span.clone().unwrap_or(load_span),
+                    "requests",
+                    format!("at load.rate, these requests take longer than a run may last ({MAX_DURATION_S} s): raise the rate, lower requests or set duration_s"),
+                ));
+            }
+            (seconds as u64).max(1)
+        }
+        (None, None) => {
+            return Err(at.err(
+                load_span,
+                "duration_s",
+                "say how long the run lasts: duration_s = 30, or requests = 10000",
+            ))
+        }
+    };
+    Ok(())
+}
 
-    // The open model's stages define its length; a duration_s beside them
-    // must agree.
-    let stop = match (&load, duration, requests) {
+/// When the run stops. The open model's stages define its length; a
+/// duration_s beside them must agree.
+fn check_stop(
+    load: &Load,
+    length: &Length,
+    load_span: Range<usize>,
+    at: &Locator,
+) -> Result<Stop, ScenarioError> {
+    let stop = match (load, length.duration_s, length.requests) {
         (Load::Open { stages, .. }, duration, requests) => {
             let total: u64 = stages.iter().map(|s| s.duration_s).sum();
             if let Some(d) = duration {
@@ -612,27 +679,32 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             ))
         }
     };
+    Ok(stop)
+}
 
-    let warmup_s = match raw.warmup_s {
-        None => 0,
-        Some(w) => {
-            let span = w.span();
-            let w = w.into_inner();
-            if let Some(total) = stop.seconds() {
-                if w >= total {
-                    return Err(at.err(
-                        span,
-                        "warmup_s",
-                        format!("the warm-up ({w} s) must be shorter than the run ({total} s)"),
-                    ));
-                }
-            }
-            w
-        }
+/// `warmup_s`: none when absent, and shorter than a run of fixed length.
+fn check_warmup(raw: Option<Spanned<u64>>, stop: Stop, at: &Locator) -> Result<u64, ScenarioError> {
+    let Some(w) = raw else {
+        return Ok(0);
     };
+    let span = w.span();
+    let w = w.into_inner();
+    if let Some(total) = stop.seconds() {
+        if w >= total {
+            return Err(at.err(
+                span,
+                "warmup_s",
+                format!("the warm-up ({w} s) must be shorter than the run ({total} s)"),
+            ));
+        }
+    }
+    Ok(w)
+}
 
-    let mix_span = raw.mix.span();
-    let m = raw.mix.into_inner();
+/// `[mix]`: a bounded weight per kind, at least one above zero.
+fn check_mix(raw: Spanned<RawMix>, at: &Locator) -> Result<Mix, ScenarioError> {
+    let mix_span = raw.span();
+    let m = raw.into_inner();
     // Each weight is bounded, so their sums (here and in the plan) cannot
     // overflow: weights adding up past u32::MAX once panicked here.
     let weight = |w: Option<Spanned<u32>>, key: &str| match w {
@@ -657,45 +729,30 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
             "give at least one kind a weight above zero: same_shard, cross_shard, idempotent_retry, fraud_heavy",
         ));
     }
+    Ok(mix)
+}
 
-    let currency = accounts.currency;
-    let amounts = match raw.amounts {
-        None => Amounts {
+/// `[amounts]`: the range of ordinary transfers' amounts, 100 to 50,000
+/// minor units when absent.
+fn check_amounts(
+    raw: Option<Spanned<RawAmounts>>,
+    currency: Currency,
+    at: &Locator,
+) -> Result<Amounts, ScenarioError> {
+    let Some(a) = raw else {
+        return Ok(Amounts {
             min: Amount::from_minor(100).expect("constant"),
             max: Amount::from_minor(50_000).expect("constant"),
-        },
-        Some(a) => {
-            let span = a.span();
-            let a = a.into_inner();
-            let min = positive_amount(a.min, "amounts.min", currency, at)?;
-            let max = positive_amount(a.max, "amounts.max", currency, at)?;
-            if min > max {
-                return Err(at.err(span, "amounts", "min must not exceed max"));
-            }
-            Amounts { min, max }
-        }
+        });
     };
-
-    let retry = check_retry(raw.idempotent_retry, at)?;
-    let fraud = check_fraud(raw.fraud_heavy, currency, at)?;
-    let thresholds = check_thresholds(raw.thresholds, at)?;
-
-    Ok(Scenario {
-        name,
-        description: raw.description,
-        seed,
-        stop,
-        warmup_s,
-        accounts,
-        load,
-        mix,
-        amounts,
-        retry,
-        fraud,
-        thresholds,
-        source: at.source.to_string(),
-        file: at.file.to_string(),
-    })
+    let span = a.span();
+    let a = a.into_inner();
+    let min = positive_amount(a.min, "amounts.min", currency, at)?;
+    let max = positive_amount(a.max, "amounts.max", currency, at)?;
+    if min > max {
+        return Err(at.err(span, "amounts", "min must not exceed max"));
+    }
+    Ok(Amounts { min, max })
 }
 
 fn positive_amount(
@@ -736,6 +793,8 @@ fn share(
     }
 }
 
+/// `[accounts]`: how many, their opening balance and currency, and how
+/// transfers pick them.
 fn check_accounts(raw: Spanned<RawAccounts>, at: &Locator) -> Result<Accounts, ScenarioError> {
     let a = raw.into_inner();
     let count = *a.count.get_ref();
@@ -753,68 +812,7 @@ fn check_accounts(raw: Spanned<RawAccounts>, at: &Locator) -> Result<Accounts, S
     };
     let opening_balance =
         positive_amount(a.opening_balance, "accounts.opening_balance", currency, at)?;
-    let popularity = match a.popularity {
-        None => Popularity::Uniform,
-        Some(p) => {
-            let span = p.span();
-            let p = p.into_inner();
-            match p.distribution.get_ref().as_str() {
-                "uniform" => {
-                    if p.exponent.is_some() || p.hot_set.is_some() || p.hot_share.is_some() {
-                        return Err(at.err(
-                            span,
-                            "accounts.popularity",
-                            "exponent, hot_set and hot_share belong to distribution = \"zipf\"",
-                        ));
-                    }
-                    Popularity::Uniform
-                }
-                "zipf" => {
-                    let exponent = match p.exponent {
-                        None => 1.0,
-                        Some(e) => {
-                            let x = *e.get_ref();
-                            if !(x > 0.0 && x <= 5.0) {
-                                return Err(at.err(
-                                    e.span(),
-                                    "accounts.popularity.exponent",
-                                    "must be above 0 and at most 5 (1.0 is classic Zipf)",
-                                ));
-                            }
-                            x
-                        }
-                    };
-                    let hot_set = match p.hot_set {
-                        None => count,
-                        Some(h) => {
-                            let n = *h.get_ref();
-                            if n == 0 || n > count {
-                                return Err(at.err(
-                                    h.span(),
-                                    "accounts.popularity.hot_set",
-                                    format!("must be 1 to accounts.count ({count})"),
-                                ));
-                            }
-                            n
-                        }
-                    };
-                    let hot_share = share(p.hot_share, "accounts.popularity.hot_share", 1.0, at)?;
-                    Popularity::Zipf {
-                        exponent,
-                        hot_set,
-                        hot_share,
-                    }
-                }
-                other => {
-                    return Err(at.err(
-                        p.distribution.span(),
-                        "accounts.popularity.distribution",
-                        format!("unknown distribution {other:?}; use \"uniform\" or \"zipf\""),
-                    ))
-                }
-            }
-        }
-    };
+    let popularity = check_popularity(a.popularity, count, at)?;
     Ok(Accounts {
         count,
         opening_balance,
@@ -823,175 +821,263 @@ fn check_accounts(raw: Spanned<RawAccounts>, at: &Locator) -> Result<Accounts, S
     })
 }
 
-fn check_load(l: RawLoad, span: Range<usize>, at: &Locator) -> Result<Load, ScenarioError> {
-    let model_span = l.model.span();
-    let in_model = |name: Option<Range<usize>>, key: &str, model: &str| match name {
-        Some(s) => Err(at.err(
-            s,
-            &format!("load.{key}"),
-            format!("does not apply to model = \"{model}\""),
-        )),
-        None => Ok(()),
+/// `accounts.popularity`: uniform when absent.
+fn check_popularity(
+    raw: Option<Spanned<RawPopularity>>,
+    count: u32,
+    at: &Locator,
+) -> Result<Popularity, ScenarioError> {
+    let Some(p) = raw else {
+        return Ok(Popularity::Uniform);
     };
-    match l.model.get_ref().as_str() {
-        "closed" => {
-            in_model(l.rate.as_ref().map(|r| r.span()), "rate", "closed")?;
-            in_model(l.start_rate.as_ref().map(|r| r.span()), "start_rate", "closed")?;
-            in_model(l.stages.as_ref().map(|r| r.span()), "stages", "closed")?;
-            in_model(
-                l.max_in_flight.as_ref().map(|r| r.span()),
-                "max_in_flight",
-                "closed",
-            )?;
-            let users = match l.users {
-                None => 16,
-                Some(u) => {
-                    let n = *u.get_ref();
-                    if n == 0 || n > MAX_USERS {
-                        return Err(at.err(
-                            u.span(),
-                            "load.users",
-                            format!("must be 1 to {MAX_USERS}"),
-                        ));
-                    }
-                    n
-                }
-            };
-            let think_time_ms = match l.think_time_ms {
-                None => (0, 0),
-                Some(t) => match t.get_ref().as_slice() {
-                    [ms] => (*ms, *ms),
-                    [lo, hi] if lo <= hi => (*lo, *hi),
-                    _ => {
-                        return Err(at.err(
-                            t.span(),
-                            "load.think_time_ms",
-                            "write [ms] or [min_ms, max_ms] with min <= max",
-                        ))
-                    }
-                },
-            };
-            Ok(Load::Closed {
-                users,
-                think_time_ms,
-            })
+    let span = p.span();
+    let p = p.into_inner();
+    match p.distribution.get_ref().as_str() {
+        "uniform" => {
+            if p.exponent.is_some() || p.hot_set.is_some() || p.hot_share.is_some() {
+                return Err(at.err(
+                    span,
+                    "accounts.popularity",
+                    "exponent, hot_set and hot_share belong to distribution = \"zipf\"",
+                ));
+            }
+            Ok(Popularity::Uniform)
         }
-        "open" => {
-            in_model(l.users.as_ref().map(|r| r.span()), "users", "open")?;
-            in_model(
-                l.think_time_ms.as_ref().map(|r| r.span()),
-                "think_time_ms",
-                "open",
-            )?;
-            let rate_ok = |x: f64| x.is_finite() && (0.0..=1_000_000.0).contains(&x);
-            let max_in_flight = match l.max_in_flight {
-                None => 256,
-                Some(m) => {
-                    let n = *m.get_ref();
-                    if n == 0 || n > MAX_USERS {
-                        return Err(at.err(
-                            m.span(),
-                            "load.max_in_flight",
-                            format!("must be 1 to {MAX_USERS}"),
-                        ));
-                    }
-                    n
-                }
-            };
-            let (start_rate_per_s, stages) = match (l.rate, l.stages) {
-                (Some(rate), None) => {
-                    let r = *rate.get_ref();
-                    if !rate_ok(r) || r == 0.0 {
-                        return Err(at.err(
-                            rate.span(),
-                            "load.rate",
-                            "must be above 0 and at most 1,000,000 arrivals per second",
-                        ));
-                    }
-                    if l.start_rate.is_some() {
-                        return Err(at.err(
-                            rate.span(),
-                            "load.start_rate",
-                            "start_rate goes with stages; a single rate needs none",
-                        ));
-                    }
-                    // Length filled in from duration_s by the caller's check
-                    // below; a constant rate is one stage.
-                    (r, vec![Stage {
-                        duration_s: 0,
-                        target_per_s: r,
-                    }])
-                }
-                (None, Some(stages)) => {
-                    let stages_span = stages.span();
-                    let stages = stages.into_inner();
-                    if stages.is_empty() {
-                        return Err(at.err(stages_span, "load.stages", "give at least one stage"));
-                    }
-                    let start = match l.start_rate {
-                        None => 0.0,
-                        Some(s) => {
-                            if !rate_ok(*s.get_ref()) {
-                                return Err(at.err(s.span(), "load.start_rate", "must be 0 to 1,000,000"));
-                            }
-                            *s.get_ref()
-                        }
-                    };
-                    let mut out = Vec::new();
-                    // The stages are the run's length, so together they
-                    // keep duration_s's bound (their u64 sum once
-                    // overflowed and panicked).
-                    let mut total: u64 = 0;
-                    for (i, s) in stages.iter().enumerate() {
-                        if !(1..=MAX_DURATION_S).contains(&s.duration_s) || !rate_ok(s.target) {
-                            return Err(at.err(
-                                stages_span.clone(),
-                                &format!("load.stages[{i}]"),
-                                format!("each stage needs duration_s of 1 to {MAX_DURATION_S} and a target of 0 to 1,000,000 arrivals per second"),
-                            ));
-                        }
-                        total = total.saturating_add(s.duration_s);
-                        out.push(Stage {
-                            duration_s: s.duration_s,
-                            target_per_s: s.target,
-                        });
-                    }
-                    if total > MAX_DURATION_S {
-                        return Err(at.err(
-                            stages_span,
-                            "load.stages",
-                            format!("the stages last {total} s; a run lasts 1 to {MAX_DURATION_S} s"),
-                        ));
-                    }
-                    (start, out)
-                }
-                (Some(rate), Some(_)) => {
-                    return Err(at.err(
-                        rate.span(),
-                        "load.rate",
-                        "give either rate (constant) or stages (a ramp), not both",
-                    ))
-                }
-                (None, None) => {
-                    return Err(at.err(
-                        span,
-                        "load.rate",
-                        "the open model needs rate = <arrivals per second>, or stages = [{ duration_s = 10, target = 500 }, ...]",
-                    ))
-                }
-            };
-            Ok(Load::Open {
-                start_rate_per_s,
-                stages,
-                max_in_flight,
-            })
-        }
+        "zipf" => check_zipf(p, count, at),
         other => Err(at.err(
-            model_span,
+            p.distribution.span(),
+            "accounts.popularity.distribution",
+            format!("unknown distribution {other:?}; use \"uniform\" or \"zipf\""),
+        )),
+    }
+}
+
+/// `accounts.popularity` with distribution = "zipf": classic Zipf over all
+/// `count` accounts unless it says otherwise.
+fn check_zipf(p: RawPopularity, count: u32, at: &Locator) -> Result<Popularity, ScenarioError> {
+    let exponent = match p.exponent {
+        None => 1.0,
+        Some(e) => {
+            let x = *e.get_ref();
+            if !(x > 0.0 && x <= 5.0) {
+                return Err(at.err(
+                    e.span(),
+                    "accounts.popularity.exponent",
+                    "must be above 0 and at most 5 (1.0 is classic Zipf)",
+                ));
+            }
+            x
+        }
+    };
+    let hot_set = match p.hot_set {
+        None => count,
+        Some(h) => {
+            let n = *h.get_ref();
+            if n == 0 || n > count {
+                return Err(at.err(
+                    h.span(),
+                    "accounts.popularity.hot_set",
+                    format!("must be 1 to accounts.count ({count})"),
+                ));
+            }
+            n
+        }
+    };
+    let hot_share = share(p.hot_share, "accounts.popularity.hot_share", 1.0, at)?;
+    Ok(Popularity::Zipf {
+        exponent,
+        hot_set,
+        hot_share,
+    })
+}
+
+/// `[load]`: the model, then the keys that model reads.
+fn check_load(l: RawLoad, span: Range<usize>, at: &Locator) -> Result<Load, ScenarioError> {
+    match l.model.get_ref().as_str() {
+        "closed" => check_closed(l, at),
+        "open" => check_open(l, span, at),
+        other => Err(at.err(
+            l.model.span(),
             "load.model",
             format!("unknown model {other:?}; use \"closed\" (virtual users) or \"open\" (arrival rate)"),
         )),
     }
+}
+
+/// Refuses a `[load]` key that `model` does not read.
+fn not_in_model<T>(
+    value: &Option<Spanned<T>>,
+    key: &str,
+    model: &str,
+    at: &Locator,
+) -> Result<(), ScenarioError> {
+    match value {
+        Some(v) => Err(at.err(
+            v.span(),
+            &format!("load.{key}"),
+            format!("does not apply to model = \"{model}\""),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `load.users` or `load.max_in_flight` (`key`): 1 to MAX_USERS, `default`
+/// when absent.
+fn check_users(
+    value: Option<Spanned<u32>>,
+    key: &str,
+    default: u32,
+    at: &Locator,
+) -> Result<u32, ScenarioError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let n = *v.get_ref();
+    if n == 0 || n > MAX_USERS {
+        return Err(at.err(v.span(), key, format!("must be 1 to {MAX_USERS}")));
+    }
+    Ok(n)
+}
+
+/// The closed model: virtual users and their think time.
+fn check_closed(l: RawLoad, at: &Locator) -> Result<Load, ScenarioError> {
+    not_in_model(&l.rate, "rate", "closed", at)?;
+    not_in_model(&l.start_rate, "start_rate", "closed", at)?;
+    not_in_model(&l.stages, "stages", "closed", at)?;
+    not_in_model(&l.max_in_flight, "max_in_flight", "closed", at)?;
+    let users = check_users(l.users, "load.users", 16, at)?;
+    let think_time_ms = match l.think_time_ms {
+        None => (0, 0),
+        Some(t) => match t.get_ref().as_slice() {
+            [ms] => (*ms, *ms),
+            [lo, hi] if lo <= hi => (*lo, *hi),
+            _ => {
+                return Err(at.err(
+                    t.span(),
+                    "load.think_time_ms",
+                    "write [ms] or [min_ms, max_ms] with min <= max",
+                ))
+            }
+        },
+    };
+    Ok(Load::Closed {
+        users,
+        think_time_ms,
+    })
+}
+
+/// The open model: a constant rate or a ramp of stages, and a bound on the
+/// requests in flight.
+fn check_open(l: RawLoad, span: Range<usize>, at: &Locator) -> Result<Load, ScenarioError> {
+    not_in_model(&l.users, "users", "open", at)?;
+    not_in_model(&l.think_time_ms, "think_time_ms", "open", at)?;
+    let max_in_flight = check_users(l.max_in_flight, "load.max_in_flight", 256, at)?;
+    let (start_rate_per_s, stages) = match (l.rate, l.stages) {
+        (Some(rate), None) => check_constant_rate(rate, l.start_rate, at)?,
+        (None, Some(stages)) => check_ramp(l.start_rate, stages, at)?,
+        (Some(rate), Some(_)) => {
+            return Err(at.err(
+                rate.span(),
+                "load.rate",
+                "give either rate (constant) or stages (a ramp), not both",
+            ))
+        }
+        (None, None) => {
+            return Err(at.err(
+                span,
+                "load.rate",
+                "the open model needs rate = <arrivals per second>, or stages = [{ duration_s = 10, target = 500 }, ...]",
+            ))
+        }
+    };
+    Ok(Load::Open {
+        start_rate_per_s,
+        stages,
+        max_in_flight,
+    })
+}
+
+/// An arrival rate the open model can keep: 0 to 1,000,000 per second.
+fn rate_ok(per_s: f64) -> bool {
+    per_s.is_finite() && (0.0..=1_000_000.0).contains(&per_s)
+}
+
+/// `load.rate`: a constant rate is one stage, its length filled in from
+/// duration_s or requests by `set_constant_rate_length`.
+fn check_constant_rate(
+    rate: Spanned<f64>,
+    start_rate: Option<Spanned<f64>>,
+    at: &Locator,
+) -> Result<(f64, Vec<Stage>), ScenarioError> {
+    let r = *rate.get_ref();
+    if !rate_ok(r) || r == 0.0 {
+        return Err(at.err(
+            rate.span(),
+            "load.rate",
+            "must be above 0 and at most 1,000,000 arrivals per second",
+        ));
+    }
+    if start_rate.is_some() {
+        return Err(at.err(
+            rate.span(),
+            "load.start_rate",
+            "start_rate goes with stages; a single rate needs none",
+        ));
+    }
+    let stage = Stage {
+        duration_s: 0,
+        target_per_s: r,
+    };
+    Ok((r, vec![stage]))
+}
+
+/// `load.stages` from `load.start_rate` (0 when absent): the rate moves
+/// through each stage's target in turn.
+fn check_ramp(
+    start_rate: Option<Spanned<f64>>,
+    stages: Spanned<Vec<RawStage>>,
+    at: &Locator,
+) -> Result<(f64, Vec<Stage>), ScenarioError> {
+    let stages_span = stages.span();
+    let stages = stages.into_inner();
+    if stages.is_empty() {
+        return Err(at.err(stages_span, "load.stages", "give at least one stage"));
+    }
+    let start = match start_rate {
+        None => 0.0,
+        Some(s) => {
+            if !rate_ok(*s.get_ref()) {
+                return Err(at.err(s.span(), "load.start_rate", "must be 0 to 1,000,000"));
+            }
+            *s.get_ref()
+        }
+    };
+    let mut out = Vec::new();
+    // The stages are the run's length, so together they keep duration_s's
+    // bound (their u64 sum once overflowed and panicked).
+    let mut total: u64 = 0;
+    for (i, s) in stages.iter().enumerate() {
+        if !(1..=MAX_DURATION_S).contains(&s.duration_s) || !rate_ok(s.target) {
+            return Err(at.err(
+                stages_span.clone(),
+                &format!("load.stages[{i}]"),
+                format!("each stage needs duration_s of 1 to {MAX_DURATION_S} and a target of 0 to 1,000,000 arrivals per second"),
+            ));
+        }
+        total = total.saturating_add(s.duration_s);
+        out.push(Stage {
+            duration_s: s.duration_s,
+            target_per_s: s.target,
+        });
+    }
+    if total > MAX_DURATION_S {
+        return Err(at.err(
+            stages_span,
+            "load.stages",
+            format!("the stages last {total} s; a run lasts 1 to {MAX_DURATION_S} s"),
+        ));
+    }
+    Ok((start, out))
 }
 
 fn check_retry(raw: Option<Spanned<RawRetry>>, at: &Locator) -> Result<Retry, ScenarioError> {
