@@ -544,6 +544,7 @@ impl ServeArgs {
                 recovery_deadline_ms: self.recovery_deadline_s as i64 * 1000,
                 cross_shard: self.cross_shard.into(),
                 fault,
+                ..ManagerConfig::default()
             },
             default_currency: Currency::parse(&self.currency)
                 .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,

@@ -70,20 +70,7 @@ impl Checks {
 /// and holds new ones back while it reads, so no saga is caught mid-way.
 pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
     let _quiet = manager.quiesce().await;
-    // No transfer of this process is between its steps now: settle every
-    // prepared XA branch first, as its decision says.
-    let sweep = manager.resolve_in_doubt(true).await;
-    let mut in_doubt: Vec<String> = sweep
-        .remaining
-        .iter()
-        .map(|b| format!("XA branch {b} is still prepared"))
-        .collect();
-    in_doubt.extend(
-        sweep
-            .unreachable
-            .iter()
-            .map(|s| format!("cannot list XA branches of {s}")),
-    );
+    let in_doubt = settle_in_doubt(manager).await;
     let mut shards: Vec<ShardAudit> = Vec::new();
     for store in manager.shards() {
         shards.push(store.audit().await?);
@@ -111,6 +98,32 @@ pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
         report.ok = report.checks.iter().all(|c| c.ok);
     }
     Ok(report)
+}
+
+/// Settles the prepared XA branches found now, waiting for their
+/// coordinators' deadlines where needed (no transfer of this process is
+/// between its steps; a coordinator in another process has until its
+/// deadline to decide). Answers the branches still prepared after that.
+async fn settle_in_doubt(manager: &ShardManager) -> Vec<String> {
+    let mut sweep = manager.resolve_in_doubt().await;
+    let give_up = now_ms() + manager.config().xa_decision_ms + 1_000;
+    while let Some(due_by) = sweep.due_by.filter(|d| *d < give_up) {
+        let wait = (due_by - now_ms()).clamp(0, 2_000) + 50;
+        tokio::time::sleep(std::time::Duration::from_millis(wait as u64)).await;
+        sweep = manager.resolve_in_doubt().await;
+    }
+    let mut in_doubt: Vec<String> = sweep
+        .remaining
+        .iter()
+        .map(|b| format!("XA branch {b} is still prepared"))
+        .collect();
+    in_doubt.extend(
+        sweep
+            .unreachable
+            .iter()
+            .map(|s| format!("cannot list XA branches of {s}")),
+    );
+    in_doubt
 }
 
 /// Judges the shards' snapshots (in shard order) without reading anything:

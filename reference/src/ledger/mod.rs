@@ -516,18 +516,37 @@ impl BranchId {
     const PREFIX: &'static str = "sp";
 
     /// The gtrid of transfer `id`, whose decision is kept on shard
-    /// `coordinator` (the payer's).
-    pub fn gtrid(coordinator: ShardId, id: &TransferId) -> String {
-        format!("{}{}-{}", Self::PREFIX, coordinator.index(), id)
+    /// `coordinator` (the payer's), and which its coordinator decides by
+    /// `deadline` (ms since the epoch): until then no other process
+    /// settles a branch of it that has no decision.
+    pub fn gtrid(coordinator: ShardId, id: &TransferId, deadline: TimestampMs) -> String {
+        format!("{}{}-{deadline}-{id}", Self::PREFIX, coordinator.index())
     }
 
     /// The coordinating shard named in a gtrid of ours, `None` for a
     /// transaction that is not ours.
     pub fn coordinator(gtrid: &str) -> Option<ShardId> {
+        Self::parts(gtrid).map(|(shard, _)| shard)
+    }
+
+    /// When the coordinator of `gtrid` decides by; `None` for a gtrid of
+    /// ours written before gtrids carried a deadline, or not ours.
+    pub fn deadline(gtrid: &str) -> Option<TimestampMs> {
+        Self::parts(gtrid).and_then(|(_, deadline)| deadline)
+    }
+
+    /// `sp{shard}-{deadline}-{transfer}`, or `sp{shard}-{transfer}` (older).
+    fn parts(gtrid: &str) -> Option<(ShardId, Option<TimestampMs>)> {
         let rest = gtrid.strip_prefix(Self::PREFIX)?;
-        let (index, id) = rest.split_once('-')?;
+        let (index, rest) = rest.split_once('-')?;
+        let shard = ShardId::new(index.parse().ok()?).ok()?;
+        if TransferId::parse(rest).is_ok() {
+            return Some((shard, None));
+        }
+        let (deadline, id) = rest.split_once('-')?;
         TransferId::parse(id).ok()?;
-        ShardId::new(index.parse().ok()?).ok()
+        let deadline = deadline.parse().ok().filter(|d: &TimestampMs| *d >= 0)?;
+        Some((shard, Some(deadline)))
     }
 }
 
@@ -655,4 +674,43 @@ pub(crate) fn payee_refusal(t: &Transfer, payee: Option<(Currency, i64)>) -> Opt
         return Some(Refusal::BalanceOverflow(t.payee.clone()));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gtrid_names_its_coordinator_and_its_deadline() {
+        let id = TransferId::generate();
+        let shard = ShardId::new(3).unwrap();
+        let gtrid = BranchId::gtrid(shard, &id, 1_796_049_962_441);
+        assert_eq!(BranchId::coordinator(&gtrid), Some(shard));
+        assert_eq!(BranchId::deadline(&gtrid), Some(1_796_049_962_441));
+        // XA ids are at most 64 bytes, whatever the shard and the date.
+        let widest = BranchId::gtrid(
+            ShardId::new(crate::ids::MAX_SHARDS - 1).unwrap(),
+            &id,
+            i64::MAX,
+        );
+        assert!(widest.len() <= 64, "{widest} is {} bytes", widest.len());
+    }
+
+    #[test]
+    fn an_older_gtrid_has_no_deadline_and_others_are_not_ours() {
+        let id = TransferId::generate();
+        let older = format!("sp1-{id}");
+        assert_eq!(BranchId::coordinator(&older), ShardId::new(1).ok());
+        assert_eq!(BranchId::deadline(&older), None);
+        for other in [
+            "xyz".to_string(),
+            format!("sp1-12-{}", "tr_short"),
+            format!("sp1--5-{id}"),
+            format!("spx-12-{id}"),
+            format!("sp1-12x-{id}"),
+        ] {
+            assert_eq!(BranchId::coordinator(&other), None, "{other}");
+            assert_eq!(BranchId::deadline(&other), None, "{other}");
+        }
+    }
 }

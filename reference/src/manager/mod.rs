@@ -48,11 +48,14 @@ pub enum Fault {
     /// XA: abort once the commit decision is written, before any branch
     /// commits.
     CrashAfterDecision,
+    /// XA: wait a second once both branches are prepared, before the
+    /// decision: a coordinator that is slow, or gone for a while.
+    StallAfterPrepare,
 }
 
 impl Fault {
     pub const NAMES: &'static str =
-        "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision";
+        "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision, stall_after_prepare";
 
     pub fn parse(text: &str) -> Option<Fault> {
         match text {
@@ -60,6 +63,7 @@ impl Fault {
             "crash_after_credit" => Some(Fault::CrashAfterCredit),
             "crash_after_prepare" => Some(Fault::CrashAfterPrepare),
             "crash_after_decision" => Some(Fault::CrashAfterDecision),
+            "stall_after_prepare" => Some(Fault::StallAfterPrepare),
             _ => None,
         }
     }
@@ -98,9 +102,13 @@ impl CrossShard {
 pub struct XaSweep {
     /// Branches committed or rolled back.
     pub resolved: usize,
-    /// Prepared branches left: still running in this process, seen for the
-    /// first time, or on a shard (or coordinator) that could not be reached.
+    /// Prepared branches left: their coordinator's deadline has not passed
+    /// (an older gtrid: seen for the first time), or their shard (or
+    /// coordinator's shard) could not be reached.
     pub remaining: Vec<BranchId>,
+    /// The latest deadline among the branches left for their deadline:
+    /// when every one of them may be settled.
+    pub due_by: Option<TimestampMs>,
     /// Shards whose branches could not be listed.
     pub unreachable: Vec<String>,
 }
@@ -115,8 +123,17 @@ pub struct ManagerConfig {
     /// A pending transfer older than this fails the audit.
     pub recovery_deadline_ms: i64,
     pub cross_shard: CrossShard,
+    /// XA: how long a coordinator has from its start to write its
+    /// decision. Until then, recovery in any process leaves its undecided
+    /// branches alone; after it, recovery aborts them (the abort written
+    /// to the decision log first, so a late coordinator cannot commit).
+    pub xa_decision_ms: i64,
     pub fault: Option<Fault>,
 }
+
+/// Two branches that each wait out a lock-wait timeout, and five seconds
+/// more for the decision.
+pub const XA_DECISION_MS: i64 = 2 * crate::ledger::mysql::LOCK_WAIT_TIMEOUT_S as i64 * 1000 + 5_000;
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -125,6 +142,7 @@ impl Default for ManagerConfig {
             recovery_grace_ms: 2_000,
             recovery_deadline_ms: 60_000,
             cross_shard: CrossShard::Saga,
+            xa_decision_ms: XA_DECISION_MS,
             fault: None,
         }
     }
@@ -262,12 +280,9 @@ pub struct ShardManager {
     /// Transfers hold it shared; the audit holds it exclusively so it reads
     /// every shard with no transfer between two of its steps.
     quiesce: Arc<tokio::sync::RwLock<()>>,
-    /// Gtrids of XA transfers this process is running: recovery leaves
-    /// their branches alone.
-    xa_live: Mutex<HashSet<String>>,
-    /// In-doubt branches seen by the last recovery pass. A branch is
-    /// resolved only when a second pass still finds it, so a coordinator in
-    /// another process gets time to write its decision.
+    /// In-doubt branches of older gtrids (without a decision deadline)
+    /// seen by the last recovery pass: such a branch is resolved only when
+    /// a second pass still finds it.
     xa_seen: Mutex<HashSet<BranchId>>,
     /// When recovery last forgot old decisions.
     xa_forgotten_at: Mutex<Option<std::time::Instant>>,
@@ -294,7 +309,6 @@ impl ShardManager {
             config,
             running_keys: Mutex::new(HashSet::new()),
             quiesce: Arc::new(tokio::sync::RwLock::new(())),
-            xa_live: Mutex::new(HashSet::new()),
             xa_seen: Mutex::new(HashSet::new()),
             xa_forgotten_at: Mutex::new(None),
             fraud: None,
@@ -725,8 +739,8 @@ impl ShardManager {
         fingerprint: &str,
         view: &View<Transfer>,
     ) -> Result<Reply, ManagerError> {
-        let xa = XaTransfer::new(&self.shards, &transfer)?;
-        let _live = LiveGtrid::claim(&self.xa_live, xa.gtrid.clone());
+        let deadline = now_ms() + self.config.xa_decision_ms;
+        let xa = XaTransfer::new(&self.shards, &transfer, deadline)?;
         let (debit, credit) = match xa.prepare(&transfer, idempotency).await {
             Ok(branches) => branches,
             Err(NotPrepared::Debit(error)) => {
@@ -739,6 +753,10 @@ impl ShardManager {
         if self.config.fault == Some(Fault::CrashAfterPrepare) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after XA PREPARE");
             std::process::abort();
+        }
+        if self.config.fault == Some(Fault::StallAfterPrepare) {
+            tracing::warn!(transfer = %transfer.id, "fault injection: stalling after XA PREPARE");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
         let (debit, credit) = xa.decide(&transfer, debit, credit).await?;
         if self.config.fault == Some(Fault::CrashAfterDecision) {
@@ -776,41 +794,33 @@ impl ShardManager {
         }
     }
 
-    /// Commits or rolls back prepared XA branches that no request of this
-    /// process holds, as the coordinator's decision log says; a branch
-    /// without a decision is aborted, the abort written to the log first
-    /// so a late coordinator cannot commit it. Unless `now`, a branch is
-    /// left for the next pass the first time it is seen. Every ~30 s,
-    /// forgets decisions older than a minute that no branch needs.
-    pub async fn resolve_in_doubt(&self, now: bool) -> XaSweep {
+    /// Commits or rolls back prepared XA branches whose coordinator's
+    /// deadline has passed, as its decision log says; a branch without a
+    /// decision is aborted, the abort written to the log first so a late
+    /// coordinator cannot commit it. Branches of coordinators still within
+    /// their deadline, in this process or any other, are left alone (an
+    /// older gtrid without a deadline is left the first time it is seen).
+    /// Every ~30 s, forgets decisions older than a minute that no branch
+    /// needs.
+    pub async fn resolve_in_doubt(&self) -> XaSweep {
         let mut sweep = XaSweep::default();
-        let mut found = Vec::new();
-        let mut any = false;
-        for store in &self.shards {
-            let Some(xa) = store.two_phase() else {
-                continue;
-            };
-            any = true;
-            match xa.in_doubt().await {
-                Ok(branches) => found.extend(branches),
-                Err(error) => sweep
-                    .unreachable
-                    .push(format!("shard {}: {error}", store.shard())),
-            }
-        }
-        if !any {
+        let Some(found) = self.in_doubt_branches(&mut sweep).await else {
             return sweep;
-        }
-        let live = self.xa_live.lock().expect("xa live lock").clone();
+        };
         let seen = std::mem::take(&mut *self.xa_seen.lock().expect("xa seen lock"));
         let mut still = HashSet::new();
         for branch in found {
-            if live.contains(&branch.gtrid) {
-                sweep.remaining.push(branch);
-                continue;
-            }
-            if !now && !seen.contains(&branch) {
-                still.insert(branch.clone());
+            let deadline = BranchId::deadline(&branch.gtrid);
+            let due = match deadline {
+                Some(deadline) => now_ms() > deadline,
+                None => seen.contains(&branch),
+            };
+            if !due {
+                if let Some(deadline) = deadline {
+                    sweep.due_by = sweep.due_by.max(Some(deadline));
+                } else {
+                    still.insert(branch.clone());
+                }
                 sweep.remaining.push(branch);
                 continue;
             }
@@ -827,7 +837,32 @@ impl ShardManager {
             }
         }
         *self.xa_seen.lock().expect("xa seen lock") = still;
+        self.forget_old_decisions(&sweep).await;
+        sweep
+    }
 
+    /// Every shard's prepared branches; `None` when no shard has XA.
+    async fn in_doubt_branches(&self, sweep: &mut XaSweep) -> Option<Vec<BranchId>> {
+        let mut found = Vec::new();
+        let mut any = false;
+        for store in &self.shards {
+            let Some(xa) = store.two_phase() else {
+                continue;
+            };
+            any = true;
+            match xa.in_doubt().await {
+                Ok(branches) => found.extend(branches),
+                Err(error) => sweep
+                    .unreachable
+                    .push(format!("shard {}: {error}", store.shard())),
+            }
+        }
+        any.then_some(found)
+    }
+
+    /// Every ~30 s, when every shard answered: forgets decisions older
+    /// than a minute that no branch left needs.
+    async fn forget_old_decisions(&self, sweep: &XaSweep) {
         let due = {
             let mut at = self.xa_forgotten_at.lock().expect("xa forget lock");
             let due = at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(30));
@@ -836,17 +871,17 @@ impl ShardManager {
             }
             due
         };
-        if due && sweep.unreachable.is_empty() {
-            let keep: Vec<String> = sweep.remaining.iter().map(|b| b.gtrid.clone()).collect();
-            for store in &self.shards {
-                if let Some(xa) = store.two_phase() {
-                    if let Err(error) = xa.forget_decisions(now_ms() - 60_000, &keep).await {
-                        tracing::warn!(shard = %store.shard(), %error, "cannot forget old XA decisions yet");
-                    }
+        if !due || !sweep.unreachable.is_empty() {
+            return;
+        }
+        let keep: Vec<String> = sweep.remaining.iter().map(|b| b.gtrid.clone()).collect();
+        for store in &self.shards {
+            if let Some(xa) = store.two_phase() {
+                if let Err(error) = xa.forget_decisions(now_ms() - 60_000, &keep).await {
+                    tracing::warn!(shard = %store.shard(), %error, "cannot forget old XA decisions yet");
                 }
             }
         }
-        sweep
     }
 
     async fn settle(&self, branch: &BranchId) -> Result<Decision, StoreError> {
@@ -878,7 +913,7 @@ impl ShardManager {
     /// transfers it finished.
     pub async fn recover_once(&self, batch: u32) -> usize {
         let before: TimestampMs = now_ms() - self.config.recovery_grace_ms;
-        let mut finished = self.resolve_in_doubt(false).await.resolved;
+        let mut finished = self.resolve_in_doubt().await.resolved;
         for store in &self.shards {
             let pending = match store.pending_transfers(before, batch).await {
                 Ok(pending) => pending,
@@ -1025,13 +1060,17 @@ struct XaTransfer<'a> {
 }
 
 impl<'a> XaTransfer<'a> {
-    fn new(shards: &'a [Arc<dyn ShardStore>], transfer: &Transfer) -> Result<Self, ManagerError> {
+    fn new(
+        shards: &'a [Arc<dyn ShardStore>],
+        transfer: &Transfer,
+        deadline: TimestampMs,
+    ) -> Result<Self, ManagerError> {
         let xa_of = |shard: crate::ids::ShardId| {
             shards[shard.index()].two_phase().ok_or_else(|| {
                 ManagerError::Internal(format!("shard {shard} has no two-phase commit"))
             })
         };
-        let gtrid = BranchId::gtrid(transfer.payer_shard, &transfer.id);
+        let gtrid = BranchId::gtrid(transfer.payer_shard, &transfer.id, deadline);
         Ok(XaTransfer {
             payer: xa_of(transfer.payer_shard)?,
             payee: xa_of(transfer.payee_shard)?,
@@ -1126,27 +1165,6 @@ impl<'a> XaTransfer<'a> {
                     transfer.id
                 )))
             }
-        }
-    }
-}
-
-/// Marks an XA transfer as running in this process while it lives.
-struct LiveGtrid<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    gtrid: String,
-}
-
-impl<'a> LiveGtrid<'a> {
-    fn claim(set: &'a Mutex<HashSet<String>>, gtrid: String) -> LiveGtrid<'a> {
-        set.lock().expect("xa live lock").insert(gtrid.clone());
-        LiveGtrid { set, gtrid }
-    }
-}
-
-impl Drop for LiveGtrid<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.gtrid);
         }
     }
 }

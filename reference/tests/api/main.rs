@@ -17,3 +17,4 @@ mod storage;
 mod support;
 mod validation;
 mod walkthrough;
+mod xa_replicas;
