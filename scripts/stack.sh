@@ -103,6 +103,7 @@ up() {
             --mysql-urls "$shards" \
             --kafka "$kafka" \
             --redis "$redis" \
+            --fraud-features redis \
             --auth-url "$(url_of auth)" \
             --ledger-url "$(url_of ledger)" \
             --fraud-url "$(url_of fraud)" \

@@ -16,7 +16,8 @@ use shardpay_reference::app::{self, AuthSetup, Peers, ServeConfig, Service};
 use shardpay_reference::auth::{AuthConfig, Limit};
 use shardpay_reference::events::kafka::KafkaConfig;
 use shardpay_reference::events::BusConfig;
-use shardpay_reference::fraud::FraudConfig;
+use shardpay_reference::fraud::scylla::ScyllaConfig;
+use shardpay_reference::fraud::{FeaturesConfig, FraudConfig};
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
 use shardpay_reference::money::Currency;
@@ -271,6 +272,42 @@ struct ServeArgs {
     /// ARCHITECTURE.md; keys left out keep their defaults).
     #[arg(long, env = "SHARDPAY_FRAUD_RULES")]
     fraud_rules: Option<PathBuf>,
+    /// Where the fraud service keeps its features (each payer's transfers
+    /// in the velocity window, the payees it paid): memory, redis or scylla.
+    ///
+    /// memory: in the fraud process; right for `serve` (all six in one
+    /// process) or a single `serve fraud`. With several `serve fraud`
+    /// replicas each would count only the transfers it scored, so a payer
+    /// spreading a burst over them would escape the velocity rules.
+    /// redis: in the Redis of --redis (or --fraud-redis-url), shared by
+    /// every replica, each attempt counted atomically; choose it when you
+    /// run several fraud replicas and already give --redis. scylla: in
+    /// ScyllaDB or Cassandra (--scylla-uri), shared and kept across
+    /// restarts, without per-payer atomicity (two attempts of one payer at
+    /// the same instant may both count each other; never fewer reviews).
+    #[arg(
+        long,
+        env = "SHARDPAY_FRAUD_FEATURES",
+        value_enum,
+        default_value = "memory"
+    )]
+    fraud_features: FeaturesArg,
+    /// The Redis of --fraud-features redis (redis://host:port). Default:
+    /// the one of --redis; keys go under --redis-prefix.
+    #[arg(long, env = "SHARDPAY_FRAUD_REDIS_URL")]
+    fraud_redis_url: Option<String>,
+    /// ScyllaDB (or Cassandra) nodes of --fraud-features scylla: host:port,
+    /// comma separated (the driver finds the rest of the cluster).
+    #[arg(long, env = "SHARDPAY_SCYLLA_URI", value_delimiter = ',')]
+    scylla_uri: Vec<String>,
+    /// Keyspace of the fraud features in ScyllaDB, created at start if
+    /// missing (with the tables fraud_attempts and fraud_attempts_payees).
+    #[arg(long, env = "SHARDPAY_SCYLLA_KEYSPACE", default_value = "shardpay")]
+    scylla_keyspace: String,
+    /// Replication factor of that keyspace, used only when shardpay creates
+    /// it (1 for a single node; 3 for a production cluster).
+    #[arg(long, env = "SHARDPAY_SCYLLA_REPLICATION_FACTOR", default_value_t = 1)]
+    scylla_replication_factor: u32,
     /// Publish events to this Kafka-protocol broker (host:port, comma
     /// separated for several) instead of the in-process bus.
     /// scripts/kafka.sh up starts a local one and prints its address.
@@ -403,6 +440,51 @@ pub fn bus_config(kafka: Option<&str>, prefix: &str) -> BusConfig {
 pub enum OnOff {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeaturesArg {
+    Memory,
+    Redis,
+    Scylla,
+}
+
+impl ServeArgs {
+    /// The fraud feature store the options name, for a process that runs
+    /// the fraud rules (the others keep none).
+    fn fraud_features(&self, service: Service) -> anyhow::Result<FeaturesConfig> {
+        if !service.runs(Service::Fraud) {
+            return Ok(FeaturesConfig::Memory);
+        }
+        Ok(match self.fraud_features {
+            FeaturesArg::Memory => FeaturesConfig::Memory,
+            FeaturesArg::Redis => {
+                let url = [&self.fraud_redis_url, &self.auth.redis]
+                    .into_iter()
+                    .flatten()
+                    .find(|url| !url.is_empty())
+                    .ok_or_else(|| anyhow::anyhow!(
+                        "--fraud-features redis needs a Redis: give --redis redis://host:port (or --fraud-redis-url); scripts/redis.sh up starts a local one"
+                    ))?;
+                FeaturesConfig::Redis {
+                    url: url.clone(),
+                    prefix: self.auth.redis_prefix.clone(),
+                }
+            }
+            FeaturesArg::Scylla => {
+                anyhow::ensure!(
+                    !self.scylla_uri.is_empty(),
+                    "--fraud-features scylla needs a ScyllaDB node: give --scylla-uri host:9042 (SHARDPAY_SCYLLA_URI); `docker compose --profile scylla up -d scylla` starts one"
+                );
+                FeaturesConfig::Scylla(ScyllaConfig {
+                    keyspace: self.scylla_keyspace.clone(),
+                    replication_factor: self.scylla_replication_factor,
+                    ..ScyllaConfig::new(self.scylla_uri.clone())
+                })
+            }
+        })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
@@ -554,6 +636,7 @@ impl ServeArgs {
                 (OnOff::On, None) => Some(FraudConfig::default()),
                 (OnOff::On, Some(path)) => Some(FraudConfig::load(path)?),
             },
+            fraud_features: self.fraud_features(service)?,
             bus: bus_config(self.kafka.as_deref(), &self.kafka_prefix),
             auth: self.auth.setup()?,
             webhooks: shardpay_reference::notification::WebhookPolicy {
@@ -579,6 +662,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.serve_config(fault)?;
     let service = config.service;
     let bus = config.bus.describe();
+    let fraud_features = match service.runs(Service::Fraud) && config.fraud.is_some() {
+        true => config.fraud_features.describe(),
+        false => "none".to_string(),
+    };
     let app = app::build(config).await?;
     // Scripts and tests read this line to find the port.
     println!("shardpay listening on http://{}", app.addr);
@@ -588,6 +675,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         cross_shard = CrossShard::from(args.cross_shard).as_str(),
         %bus,
+        %fraud_features,
         "ready"
     );
     app.run_until(app::shutdown_signal()).await?;
@@ -762,6 +850,93 @@ mod tests {
             "auth_url",
         ] {
             assert!(table.contains(&format!("| `{key}` |")), "{key} missing");
+        }
+    }
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from([&["shardpay", "serve"], argv].concat()).unwrap();
+        match cli.command {
+            Command::Serve(args) => args,
+            _ => unreachable!("a serve command"),
+        }
+    }
+
+    #[test]
+    fn fraud_features_default_to_memory_and_redis_to_the_redis_of_auth() {
+        let args = serve_args(&["fraud"]);
+        assert_eq!(
+            args.fraud_features(Service::Fraud).unwrap(),
+            FeaturesConfig::Memory
+        );
+        let args = serve_args(&[
+            "fraud",
+            "--fraud-features",
+            "redis",
+            "--redis",
+            "redis://r:6379",
+        ]);
+        assert_eq!(
+            args.fraud_features(Service::Fraud).unwrap(),
+            FeaturesConfig::Redis {
+                url: "redis://r:6379".into(),
+                prefix: "shardpay:".into()
+            }
+        );
+        let args = serve_args(&[
+            "--fraud-features",
+            "redis",
+            "--redis",
+            "redis://r:6379",
+            "--fraud-redis-url",
+            "redis://f:6379",
+        ]);
+        let Ok(FeaturesConfig::Redis { url, .. }) = args.fraud_features(Service::All) else {
+            panic!("redis features");
+        };
+        assert_eq!(url, "redis://f:6379");
+        // A service that runs no fraud rules keeps no features.
+        let args = serve_args(&["ledger", "--fraud-features", "scylla"]);
+        assert_eq!(
+            args.fraud_features(Service::Ledger).unwrap(),
+            FeaturesConfig::Memory
+        );
+    }
+
+    #[test]
+    fn fraud_features_without_their_server_say_what_to_give() {
+        let args = serve_args(&["fraud", "--fraud-features", "redis"]);
+        let e = args.fraud_features(Service::Fraud).unwrap_err().to_string();
+        assert!(e.contains("--redis redis://host:port"), "{e}");
+        let args = serve_args(&["fraud", "--fraud-features", "scylla"]);
+        let e = args.fraud_features(Service::Fraud).unwrap_err().to_string();
+        assert!(e.contains("--scylla-uri host:9042"), "{e}");
+        let args = serve_args(&[
+            "fraud",
+            "--fraud-features",
+            "scylla",
+            "--scylla-uri",
+            "a:9042,b:9042",
+        ]);
+        let Ok(FeaturesConfig::Scylla(config)) = args.fraud_features(Service::Fraud) else {
+            panic!("scylla features");
+        };
+        assert_eq!(config.nodes, ["a:9042", "b:9042"]);
+        assert_eq!(
+            (config.keyspace.as_str(), config.replication_factor),
+            ("shardpay", 1)
+        );
+    }
+
+    #[test]
+    fn the_help_of_fraud_features_says_when_to_use_which() {
+        let serve = serve_command();
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some("fraud-features"))
+            .unwrap();
+        let help = arg.get_long_help().unwrap().to_string();
+        for needed in ["several `serve fraud`", "--redis", "scylla", "atomically"] {
+            assert!(help.contains(needed), "{needed}: {help}");
         }
     }
 

@@ -13,7 +13,7 @@ use anyhow::Context;
 
 use crate::auth::{AuthConfig, AuthService, Stores};
 use crate::events::{BusConfig, EventBus};
-use crate::fraud::{FraudConfig, FraudEngine, MemoryFeatureStore};
+use crate::fraud::{FeaturesConfig, FraudConfig, FraudEngine};
 use crate::http::AppState;
 use crate::ids::ShardId;
 use crate::ledger::mysql::{MysqlConfig, MysqlShard};
@@ -49,6 +49,10 @@ pub struct ServeConfig {
     pub recovery_interval: Duration,
     /// Fraud checks before every transfer; `None` turns them off.
     pub fraud: Option<FraudConfig>,
+    /// Where the fraud service keeps its features (payer velocity, payees
+    /// paid): in memory for one fraud process, Redis or ScyllaDB for
+    /// several replicas.
+    pub fraud_features: FeaturesConfig,
     /// The event bus the outbox relay publishes to.
     pub bus: BusConfig,
     pub auth: AuthSetup,
@@ -89,6 +93,7 @@ impl ServeConfig {
             default_currency: Currency::DEFAULT,
             recovery_interval: Duration::from_millis(500),
             fraud: Some(FraudConfig::default()),
+            fraud_features: FeaturesConfig::Memory,
             bus: BusConfig::InProcess,
             auth: AuthSetup::Demo,
             webhooks: Default::default(),
@@ -207,7 +212,7 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         None
     };
     let auth = open_auth(&config).await?;
-    let fraud = open_fraud(&config, bus.as_ref(), &auth)?;
+    let fraud = open_fraud(&config, bus.as_ref(), &auth).await?;
     let (manager, pipeline) = match shards {
         Some(shards) => {
             let pipeline = bus.map(|bus| open_pipeline(&config, &shards, bus, &auth));
@@ -292,8 +297,9 @@ async fn open_auth(config: &ServeConfig) -> anyhow::Result<Option<Arc<AuthServic
 }
 
 /// The fraud rules: here in the fraud service (publishing decisions to the
-/// bus), a client of the fraud service in a split shard manager.
-fn open_fraud(
+/// bus, features in the configured store), a client of the fraud service
+/// in a split shard manager.
+async fn open_fraud(
     config: &ServeConfig,
     bus: Option<&Arc<dyn EventBus>>,
     auth: &Option<Arc<AuthService>>,
@@ -303,8 +309,11 @@ fn open_fraud(
         None => None,
         Some(rules) if service.runs(Service::Fraud) => {
             rules.check()?;
-            let mut engine =
-                FraudEngine::new(rules.clone(), Box::new(MemoryFeatureStore::default()));
+            if service == Service::Fraud && config.fraud_features == FeaturesConfig::Memory {
+                tracing::warn!("fraud features are kept in this process's memory: each fraud replica counts only the attempts it scores; with more than one, use --fraud-features redis (or scylla)");
+            }
+            let store = config.fraud_features.open().await?;
+            let mut engine = FraudEngine::new(rules.clone(), store);
             if let Some(bus) = bus {
                 engine = engine.publishing_to(Arc::clone(bus));
             }

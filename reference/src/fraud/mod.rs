@@ -17,8 +17,15 @@
 //! lets it through marked for review. Every attempt is recorded in the
 //! feature store, blocked ones included, so retrying a blocked transfer
 //! does not wash its velocity away.
+//!
+//! Features live behind [`FeatureStore`]: in this process's memory
+//! ([`MemoryFeatureStore`], the default), or shared by every fraud replica
+//! in Redis ([`redis::RedisFeatureStore`], one Lua script per attempt) or
+//! ScyllaDB ([`scylla::ScyllaFeatureStore`]); [`FeaturesConfig`] says which.
 
+pub mod redis;
 pub mod routes;
+pub mod scylla;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -26,6 +33,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::stores::StoreDown;
 use crate::ledger::TimestampMs;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,12 +114,13 @@ pub struct Features {
     pub paid_payee_before: bool,
 }
 
-/// Where payer features live: in memory for the embedded system; a
-/// ScyllaDB implementation plugs in behind the same trait.
+/// Where payer features live: in memory for one process, in Redis or
+/// ScyllaDB for several fraud replicas that must see each other's attempts.
 #[async_trait]
 pub trait FeatureStore: Send + Sync {
     /// Records one transfer attempt and answers the features as they were
-    /// just before it.
+    /// just before it. An error means the store itself failed: the engine
+    /// then refuses to score (fails closed), never guesses.
     async fn observe(
         &self,
         payer: &str,
@@ -119,7 +128,48 @@ pub trait FeatureStore: Send + Sync {
         amount_minor: i64,
         at_ms: TimestampMs,
         window_ms: i64,
-    ) -> anyhow::Result<Features>;
+    ) -> Result<Features, StoreDown>;
+}
+
+/// Which [`FeatureStore`] the fraud service keeps its features in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FeaturesConfig {
+    /// This process's memory: right for one fraud process; several
+    /// replicas would each count only the attempts they scored.
+    #[default]
+    Memory,
+    /// Redis (`redis://host:port`), keys under `prefix`: shared by every
+    /// replica, each attempt counted atomically.
+    Redis { url: String, prefix: String },
+    /// ScyllaDB or Cassandra: shared and durable, without Redis's
+    /// per-payer atomicity (see [`scylla`]).
+    Scylla(scylla::ScyllaConfig),
+}
+
+impl FeaturesConfig {
+    /// Connects to the store (and, for ScyllaDB, creates its tables).
+    pub async fn open(&self) -> anyhow::Result<Box<dyn FeatureStore>> {
+        Ok(match self {
+            FeaturesConfig::Memory => Box::new(MemoryFeatureStore::default()),
+            FeaturesConfig::Redis { url, prefix } => {
+                Box::new(redis::RedisFeatureStore::connect(url, prefix).await?)
+            }
+            FeaturesConfig::Scylla(config) => {
+                Box::new(scylla::ScyllaFeatureStore::connect(config).await?)
+            }
+        })
+    }
+
+    /// For the log line at start: which store, where.
+    pub fn describe(&self) -> String {
+        match self {
+            FeaturesConfig::Memory => "memory".into(),
+            FeaturesConfig::Redis { url, .. } => format!("redis {url}"),
+            FeaturesConfig::Scylla(config) => {
+                format!("scylla {} ({})", config.nodes.join(","), config.keyspace)
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -133,6 +183,14 @@ struct PayerState {
 /// Payees remembered per payer. Past this the set starts again: a payee
 /// then counts as new once more (more reviews, never fewer).
 const MAX_PAYEES_PER_PAYER: usize = 1024;
+/// How long the shared stores keep a payer's payees after its last
+/// attempt: their bound on memory, where the memory store's is
+/// `MAX_PAYERS_PER_PART`. A forgotten payee counts as new again.
+const PAYEES_TTL_MS: i64 = 30 * 24 * 60 * 60 * 1000;
+/// How long past the window the shared stores keep an attempt. Replicas
+/// stamp attempts with their own clocks; kept this much longer, an attempt
+/// still counts for a replica whose clock runs up to this far ahead.
+const CLOCK_SKEW_MARGIN_MS: i64 = 10_000;
 /// Payers remembered per lock part (64 parts). Past this, payers with no
 /// attempt inside the window are forgotten.
 const MAX_PAYERS_PER_PART: usize = 4096;
@@ -160,7 +218,7 @@ impl FeatureStore for MemoryFeatureStore {
         amount_minor: i64,
         at_ms: TimestampMs,
         window_ms: i64,
-    ) -> anyhow::Result<Features> {
+    ) -> Result<Features, StoreDown> {
         let part = xxhash_rust::xxh3::xxh3_64(payer.as_bytes()) as usize % self.parts.len();
         let mut map = self.parts[part].lock().expect("feature store lock");
         if map.len() >= MAX_PAYERS_PER_PART && !map.contains_key(payer) {
@@ -462,6 +520,40 @@ mod tests {
         let config: FraudConfig = toml::from_str(text).unwrap();
         assert_eq!(config, FraudConfig::default());
         assert!(toml::from_str::<FraudConfig>("block_scor = 50").is_err());
+    }
+
+    /// A store that is down.
+    struct Down;
+
+    #[async_trait]
+    impl FeatureStore for Down {
+        async fn observe(
+            &self,
+            _: &str,
+            _: &str,
+            _: i64,
+            _: TimestampMs,
+            _: i64,
+        ) -> Result<Features, StoreDown> {
+            Err(StoreDown("redis: connection refused".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_down_fails_the_score_rather_than_allowing() {
+        let engine = FraudEngine::new(FraudConfig::default(), Box::new(Down));
+        let e = engine.score("p", "q", 1_00, 1_000).await.unwrap_err();
+        assert!(e.to_string().contains("connection refused"), "{e}");
+    }
+
+    #[test]
+    fn memory_is_the_default_feature_store() {
+        assert_eq!(FeaturesConfig::default(), FeaturesConfig::Memory);
+        let redis = FeaturesConfig::Redis {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "shardpay:".into(),
+        };
+        assert_eq!(redis.describe(), "redis redis://127.0.0.1:6379");
     }
 
     #[tokio::test]

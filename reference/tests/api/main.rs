@@ -7,6 +7,7 @@ mod bulk;
 mod concurrency;
 mod cross_shard;
 mod events;
+mod features;
 mod fraud;
 mod hostile;
 mod idempotency;
