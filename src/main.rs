@@ -184,7 +184,7 @@ struct ServeArgs {
     )]
     notification_url: String,
     /// Directory holding the shard files (created if missing), and the
-    /// auth service's user store.
+    /// auth service's user store when it is not in MySQL.
     #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Keep the shards in these MySQL/MariaDB databases instead of SQLite
@@ -193,6 +193,14 @@ struct ServeArgs {
     /// starts local servers and prints the URLs.
     #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
     mysql_urls: Vec<String>,
+    /// Keep the auth service's users and account owners in this
+    /// MySQL/MariaDB database (mysql://user:password@host:port/database;
+    /// created, with its tables, if missing), which every auth replica
+    /// shares. Default: with --mysql-urls, database shardpay_auth on the
+    /// first shard's server; without, auth.sqlite in --data-dir, which
+    /// serves one auth process only.
+    #[arg(long, env = "SHARDPAY_AUTH_MYSQL_URL", hide_env_values = true)]
+    auth_mysql_url: Option<String>,
     /// Connections per MySQL shard: the most transactions one shard runs
     /// at once.
     #[arg(long, env = "SHARDPAY_MYSQL_POOL_SIZE", default_value_t = 16)]
@@ -494,6 +502,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         shards: args.shards,
         mysql_urls: (!args.mysql_urls.is_empty()).then(|| args.mysql_urls.clone()),
+        auth_mysql_url: args.auth_mysql_url.clone().filter(|url| !url.is_empty()),
         mysql: shardpay_reference::ledger::mysql::MysqlConfig {
             pool_size: args.mysql_pool_size,
             acquire_timeout: Duration::from_millis(args.mysql_acquire_timeout_ms.max(50)),
