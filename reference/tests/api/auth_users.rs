@@ -379,3 +379,67 @@ async fn concurrent_claims_across_auth_replicas_have_exactly_one_winner() {
         }
     }
 }
+
+/// `serve` with MySQL: two processes given the same auth database serve the
+/// same users over HTTP, and neither writes `auth.sqlite`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_served_processes_share_users_through_the_auth_mysql_database() {
+    use shardpay_reference::app::{self, AuthSetup, ServeConfig};
+    let Some(server) = mysql_server() else {
+        return;
+    };
+    let (shard, users) = (FreshDatabase::new(&server), FreshDatabase::new(&server));
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {}", shard.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for _ in 0..2 {
+        let mut config = ServeConfig::new(dir.path());
+        config.bind = "127.0.0.1:0".parse().unwrap();
+        config.mysql_urls = Some(vec![shard.url()]);
+        config.auth_mysql_url = Some(users.url());
+        let mut auth = AuthConfig::new(TEST_SECRET);
+        auth.argon2_memory_kib = 64;
+        auth.argon2_iterations = 1;
+        config.auth = AuthSetup::On {
+            config: auth,
+            redis: None,
+            redis_prefix: String::new(),
+            dev: false,
+        };
+        let app = app::build(config).await.unwrap();
+        urls.push(format!("http://{}", app.addr));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        stops.push(stop);
+    }
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"username": "dora", "password": "dora-password"});
+    let registered = client
+        .post(format!("{}/v1/auth/register", urls[0]))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let login = client
+        .post(format!("{}/v1/auth/login", urls[1]))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200, "{:?}", login.text().await);
+    assert!(!dir.path().join("auth.sqlite").exists());
+    for stop in stops {
+        let _ = stop.send(());
+    }
+}
