@@ -334,7 +334,9 @@ mod tests {
         ] {
             assert_eq!(database_beside(shard).unwrap(), auth);
         }
-        let err = database_beside("shard0:3306/x").unwrap_err().to_string();
+        let err = database_beside("127.0.0.1:3306/shardpay_0")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad MySQL URL"), "{err}");
     }
 }
