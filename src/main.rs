@@ -206,7 +206,7 @@ struct ServeArgs {
     )]
     notification_url: String,
     /// Directory holding the shard files (created if missing), and the
-    /// auth service's user store.
+    /// auth service's user store when it is not in MySQL.
     #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Keep the shards in these MySQL/MariaDB databases instead of SQLite
@@ -215,6 +215,14 @@ struct ServeArgs {
     /// starts local servers and prints the URLs.
     #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
     mysql_urls: Vec<String>,
+    /// Keep the auth service's users and account owners in this
+    /// MySQL/MariaDB database (mysql://user:password@host:port/database;
+    /// created, with its tables, if missing), which every auth replica
+    /// shares. Default: with --mysql-urls, database shardpay_auth on the
+    /// first shard's server; without, auth.sqlite in --data-dir, which
+    /// serves one auth process only.
+    #[arg(long, env = "SHARDPAY_AUTH_MYSQL_URL", hide_env_values = true)]
+    auth_mysql_url: Option<String>,
     /// Connections per MySQL shard: the most transactions one shard runs
     /// at once.
     #[arg(long, env = "SHARDPAY_MYSQL_POOL_SIZE", default_value_t = 16)]
@@ -608,6 +616,7 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             shards: self.shards,
             mysql_urls: (!self.mysql_urls.is_empty()).then(|| self.mysql_urls.clone()),
+            auth_mysql_url: self.auth_mysql_url.clone().filter(|url| !url.is_empty()),
             mysql: shardpay_reference::ledger::mysql::MysqlConfig {
                 pool_size: self.mysql_pool_size,
                 acquire_timeout: Duration::from_millis(self.mysql_acquire_timeout_ms.max(50)),

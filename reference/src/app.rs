@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::auth::users::{self, MysqlUsers, SqliteUsers, UserStore};
 use crate::auth::{AuthConfig, AuthService, Stores};
 use crate::events::{BusConfig, EventBus};
 use crate::fraud::{FeaturesConfig, FraudConfig, FraudEngine};
 use crate::http::AppState;
 use crate::ids::ShardId;
-use crate::ledger::mysql::{MysqlConfig, MysqlShard};
+use crate::ledger::mysql::{redact, MysqlConfig, MysqlShard};
 use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
 use crate::ledger::ShardStore;
 use crate::manager::{ManagerConfig, ShardManager};
@@ -41,6 +42,11 @@ pub struct ServeConfig {
     /// When set, the shards live there (and `data_dir`, `shards` and
     /// `sqlite` are not used).
     pub mysql_urls: Option<Vec<String>>,
+    /// The auth service's users and account owners in this MySQL/MariaDB
+    /// database, which every auth replica shares. `None`: database
+    /// `shardpay_auth` on the first shard's server when `mysql_urls` is
+    /// set, else `auth.sqlite` in `data_dir` (one auth process only).
+    pub auth_mysql_url: Option<String>,
     pub mysql: MysqlConfig,
     pub bind: SocketAddr,
     pub sqlite: SqliteConfig,
@@ -86,6 +92,7 @@ impl ServeConfig {
             data_dir: data_dir.into(),
             shards: 4,
             mysql_urls: None,
+            auth_mysql_url: None,
             mysql: MysqlConfig::default(),
             bind: SocketAddr::from(([127, 0, 0, 1], 8006)),
             sqlite: SqliteConfig::default(),
@@ -280,11 +287,8 @@ async fn open_auth(config: &ServeConfig) -> anyhow::Result<Option<Arc<AuthServic
     };
     let service = config.service;
     let auth = if service.runs(Service::Auth) {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("cannot create data directory {}", config.data_dir.display())
-        })?;
-        let path = config.data_dir.join("auth.sqlite");
-        let auth = AuthService::open(auth_config.clone(), Some(&path), stores)?;
+        let users = open_users(config).await?;
+        let auth = AuthService::with_users(auth_config.clone(), users, stores)?;
         auth.bootstrap_admin().await?;
         auth
     } else {
@@ -294,6 +298,28 @@ async fn open_auth(config: &ServeConfig) -> anyhow::Result<Option<Arc<AuthServic
             .with_remote_owners(&config.peers.auth, service.name())
     };
     Ok(Some(Arc::new(auth)))
+}
+
+/// Where the auth service keeps users and account owners: the MySQL
+/// database `auth_mysql_url` names, or else `shardpay_auth` beside the
+/// first shard, so that every auth replica serves the same users; without
+/// MySQL, `auth.sqlite` in the data directory.
+async fn open_users(config: &ServeConfig) -> anyhow::Result<Arc<dyn UserStore>> {
+    let first_shard = config.mysql_urls.as_ref().and_then(|urls| urls.first());
+    let url = match (&config.auth_mysql_url, first_shard) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(shard)) => Some(users::database_beside(shard)?),
+        (None, None) => None,
+    };
+    if let Some(url) = url {
+        let users = MysqlUsers::connect(&url, &config.mysql).await?;
+        tracing::info!(database = %redact(&url), "auth: users and owners in MySQL");
+        return Ok(Arc::new(users));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let path = config.data_dir.join("auth.sqlite");
+    Ok(Arc::new(SqliteUsers::open(Some(&path))?))
 }
 
 /// The fraud rules: here in the fraud service (publishing decisions to the

@@ -158,6 +158,7 @@ impl Embedded {
         bus: BusConfig,
         redis: Option<String>,
     ) -> anyhow::Result<Embedded> {
+        let fresh = mysql.as_ref().is_some_and(|m| m.fresh);
         let mysql_urls = match mysql {
             None => None,
             Some(m) => Some(mysql_shard_urls(shards, m).await?),
@@ -165,6 +166,15 @@ impl Embedded {
         let (temp, dir) = fresh_data_dir(data_dir)?;
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
+        if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
+            if fresh {
+                // Fresh shards reuse the seed's account and user names, so
+                // the users and owners start empty too.
+                let auth = format!("{first}_auth");
+                recreate_database(&auth).await?;
+                config.auth_mysql_url = Some(auth);
+            }
+        }
         config.mysql_urls = mysql_urls;
         config.manager.cross_shard = cross_shard;
         if !fraud {

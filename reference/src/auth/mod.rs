@@ -8,13 +8,16 @@
 //! audit, dead letters) but cannot debit anyone's account; `service` is for
 //! service-to-service calls: fraud scoring and reads.
 //!
-//! Users and account owners live in a SQLite file next to the shards (or in
-//! memory); sessions, rate-limit windows and idempotency locks live behind
-//! the traits of [`stores`], on Redis or in memory.
+//! Users and account owners live behind the [`users::UserStore`] trait: in
+//! a SQLite file next to the shards (or in memory), or in a MySQL database
+//! that several auth replicas share; sessions, rate-limit windows and
+//! idempotency locks live behind the traits of [`stores`], on Redis or in
+//! memory.
 
 pub mod redis;
 pub mod routes;
 pub mod stores;
+pub mod users;
 
 use crate::codes::ErrorCode;
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use stores::{IdempotencyLocks, MemoryStores, RateLimiter, Session, SessionStore, StoreDown};
+use users::{SqliteUsers, UserStore};
 
 /// The secret `--dev` uses. The server refuses to start with it otherwise.
 pub const DEV_SECRET: &str = "shardpay-dev-secret-do-not-use-in-production";
@@ -246,7 +250,7 @@ impl Stores {
 
 pub struct AuthService {
     config: AuthConfig,
-    db: Mutex<rusqlite::Connection>,
+    users: Arc<dyn UserStore>,
     /// Account owners seen so far (an owner never changes).
     owners: Mutex<HashMap<String, Option<String>>>,
     pub stores: Stores,
@@ -341,30 +345,22 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl AuthService {
-    /// Opens the user store (`path`, or in memory when `None`).
+    /// Opens the SQLite user store (`path`, or in memory when `None`).
     pub fn open(
         config: AuthConfig,
         path: Option<&Path>,
         stores: Stores,
     ) -> anyhow::Result<AuthService> {
-        let db = match path {
-            Some(p) => rusqlite::Connection::open(p)?,
-            None => rusqlite::Connection::open_in_memory()?,
-        };
-        db.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS users (
-                 username TEXT PRIMARY KEY,
-                 password_hash TEXT NOT NULL,
-                 role TEXT NOT NULL,
-                 created_at_ms INTEGER NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS account_owners (
-                 account TEXT PRIMARY KEY,
-                 owner TEXT NOT NULL REFERENCES users(username)
-             );",
-        )?;
+        AuthService::with_users(config, Arc::new(SqliteUsers::open(path)?), stores)
+    }
+
+    /// The auth service over `users`: a SQLite file of its own, or a MySQL
+    /// database that other replicas share.
+    pub fn with_users(
+        config: AuthConfig,
+        users: Arc<dyn UserStore>,
+        stores: Stores,
+    ) -> anyhow::Result<AuthService> {
         let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
             .map_err(|e| anyhow::anyhow!("argon2 cost: {e}"))?;
         let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
@@ -384,7 +380,7 @@ impl AuthService {
             decoding: DecodingKey::from_secret(config.secret.as_bytes()),
             validation,
             argon2,
-            db: Mutex::new(db),
+            users,
             owners: Mutex::new(HashMap::new()),
             stores,
             config,
@@ -460,11 +456,7 @@ impl AuthService {
     pub async fn bootstrap_admin(&self) -> anyhow::Result<()> {
         if let Some(password) = self.config.admin_password.clone() {
             let hash = self.hash(&password).await?;
-            self.db.lock().expect("auth db").execute(
-                "INSERT INTO users (username, password_hash, role, created_at_ms) VALUES ('admin', ?1, 'admin', ?2)
-                 ON CONFLICT(username) DO UPDATE SET password_hash = excluded.password_hash, role = 'admin'",
-                rusqlite::params![hash, crate::ledger::now_ms()],
-            )?;
+            self.users.put_admin(&hash).await?;
         }
         Ok(())
     }
@@ -518,15 +510,7 @@ impl AuthService {
             ));
         }
         let hash = self.hash(password).await?;
-        let inserted = self.db.lock().expect("auth db").execute(
-            "INSERT INTO users (username, password_hash, role, created_at_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(username) DO NOTHING",
-            rusqlite::params![username, hash, role.as_str(), crate::ledger::now_ms()],
-        )?;
-        if inserted == 0 {
-            return Err(AuthError::Taken(username.into()));
-        }
-        Ok(())
+        self.users.add_user(username, &hash, role).await
     }
 
     /// Counts one request against a limit; over it: `RateLimited`.
@@ -568,20 +552,14 @@ impl AuthService {
         }
         self.limit("login-user", username, self.config.login_per_user)
             .await?;
-        let row: Option<(String, String)> = {
-            let db = self.db.lock().expect("auth db");
-            let mut stmt =
-                db.prepare_cached("SELECT password_hash, role FROM users WHERE username = ?1")?;
-            let mut rows = stmt.query([username])?;
-            match rows.next()? {
-                Some(r) => Some((r.get(0)?, r.get(1)?)),
-                None => None,
-            }
-        };
+        let row = self.users.credentials(username).await?;
         let argon2 = self.argon2.clone();
         let password = password.to_string();
         // A missing user costs the same hash as a wrong password.
-        let (hash, role) = row.unwrap_or_else(|| (self.dummy_hash.clone(), String::new()));
+        let (hash, role) = match row {
+            Some(found) => (found.password_hash, found.role),
+            None => (self.dummy_hash.clone(), String::new()),
+        };
         let _slot = self.hash_slot().await?;
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash)
@@ -790,7 +768,11 @@ impl AuthService {
             return Ok(Vec::new());
         }
         let Some(remote) = &self.remote else {
-            return self.owners_here(pairs, record);
+            return if record {
+                self.users.claim_owners(pairs).await
+            } else {
+                self.users.check_owners(pairs).await
+            };
         };
         let body = serde_json::json!({
             "pairs": pairs
@@ -815,58 +797,13 @@ impl AuthService {
         Ok(answer.owned)
     }
 
-    /// On this process's own user store, in one transaction: every owner
-    /// must be a user; with `record`, owners are written for accounts that
-    /// have none. Answers, per pair, whether the account is (with `record`)
-    /// or would be (without) that owner's.
-    pub fn owners_here(
-        &self,
-        pairs: &[(&str, &str)],
-        record: bool,
-    ) -> Result<Vec<bool>, AuthError> {
-        let mut db = self.db.lock().expect("auth db");
-        let tx = db.transaction()?;
-        let mut answers = Vec::with_capacity(pairs.len());
-        {
-            let mut user =
-                tx.prepare_cached("SELECT 1 FROM users WHERE username = ?1 AND role = 'user'")?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO account_owners (account, owner) VALUES (?1, ?2) ON CONFLICT(account) DO NOTHING",
-            )?;
-            let mut select =
-                tx.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
-            let mut known = std::collections::HashSet::new();
-            for (account, owner) in pairs {
-                if !known.contains(owner) {
-                    if !user.exists([owner])? {
-                        return Err(AuthError::Invalid(ErrorCode::UnknownOwner,
-                            format!("no user named {owner}; register it first (owners are users, not admins or services, who cannot pay)"),
-                        ));
-                    }
-                    known.insert(*owner);
-                }
-                if record {
-                    insert.execute([account, owner])?;
-                }
-                let mut rows = select.query([account])?;
-                let current: Option<String> = match rows.next()? {
-                    Some(r) => Some(r.get(0)?),
-                    None => None,
-                };
-                answers.push(current.is_none_or(|c| c == *owner));
-            }
-        }
-        tx.commit()?;
-        Ok(answers)
-    }
-
     /// The owner of an account, if it has one.
     pub async fn owner_of(&self, account: &str) -> Result<Option<String>, AuthError> {
         if let Some(Some(owner)) = self.owners.lock().expect("owners lock").get(account) {
             return Ok(Some(owner.clone()));
         }
         let Some(remote) = &self.remote else {
-            return self.owner_here(account);
+            return self.owner_here(account).await;
         };
         let url = format!("{}/v1/auth/owners/{account}", remote.url);
         let response = self.remote_call(remote, remote.client.get(url)).await?;
@@ -884,20 +821,8 @@ impl AuthService {
     }
 
     /// [`AuthService::owner_of`] on this process's own user store.
-    pub fn owner_here(&self, account: &str) -> Result<Option<String>, AuthError> {
-        if let Some(Some(owner)) = self.owners.lock().expect("owners lock").get(account) {
-            return Ok(Some(owner.clone()));
-        }
-        let owner: Option<String> = {
-            let db = self.db.lock().expect("auth db");
-            let mut stmt =
-                db.prepare_cached("SELECT owner FROM account_owners WHERE account = ?1")?;
-            let mut rows = stmt.query([account])?;
-            match rows.next()? {
-                Some(r) => Some(r.get(0)?),
-                None => None,
-            }
-        };
+    async fn owner_here(&self, account: &str) -> Result<Option<String>, AuthError> {
+        let owner = self.users.owner_of(account).await?;
         if owner.is_some() {
             self.owners
                 .lock()

@@ -2,6 +2,7 @@
 //! against its own app on port 0 with its own temporary data directory.
 
 mod auth;
+mod auth_users;
 mod bodies;
 mod bulk;
 mod concurrency;
