@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 pub use error::ApiError;
 
 use crate::codes::ErrorCode;
-use crate::ids::IdempotencyKey;
+use crate::ids::{AccountId, IdempotencyKey};
 use crate::ledger::StoredResponse;
 use crate::ledger::{Account, Transfer, TransferState};
 use crate::manager::{Reply, ShardManager};
@@ -71,6 +71,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Account `id`, or 404 `account_not_found`.
+    pub async fn account(&self, id: &AccountId) -> Result<Account, ApiError> {
+        self.manager()?.account(id).await?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::AccountNotFound,
+                format!("account {id} does not exist"),
+            )
+        })
+    }
+
     /// The shard manager of a process that uses shards.
     pub fn manager(&self) -> Result<&Arc<ShardManager>, ApiError> {
         self.manager.as_ref().ok_or_else(|| {

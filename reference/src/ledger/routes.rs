@@ -113,13 +113,8 @@ async fn account_entries(
             format!("limit must be 1 to {MAX_PAGE}"),
         ));
     }
+    let account = state.account(&id).await?;
     let manager = state.manager()?;
-    let Some(account) = manager.account(&id).await? else {
-        return Err(ApiError::new(
-            ErrorCode::AccountNotFound,
-            format!("account {id} does not exist"),
-        ));
-    };
     let store = &manager.shards()[manager.ring().shard_of(&id).index()];
     let entries = store
         .account_entries(&id, query.after.unwrap_or(0), limit)

@@ -78,12 +78,7 @@ async fn register_webhook(
     if !caller.is_admin() {
         caller.may_debit(&state, account.as_str()).await?;
     }
-    if state.manager()?.account(&account).await?.is_none() {
-        return Err(ApiError::new(
-            ErrorCode::AccountNotFound,
-            format!("account {account} does not exist"),
-        ));
-    }
+    state.account(&account).await?;
     let webhook = pipeline
         .notifier
         .register(account.as_str(), &body.url)

@@ -391,12 +391,7 @@ async fn account(
 ) -> Result<Json<LegacyAccount>, ApiError> {
     let id = AccountId::parse(&user)?;
     caller.may_read(&state, id.as_str()).await?;
-    let account = state.manager()?.account(&id).await?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::AccountNotFound,
-            format!("account {id} does not exist"),
-        )
-    })?;
+    let account = state.account(&id).await?;
     Ok(Json(LegacyAccount::from(&account)))
 }
 

@@ -482,12 +482,7 @@ async fn get_account(
 ) -> Result<Json<AccountBody>, ApiError> {
     let id = AccountId::parse(&id)?;
     caller.may_read(&state, id.as_str()).await?;
-    let account = state.manager()?.account(&id).await?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::AccountNotFound,
-            format!("account {id} does not exist"),
-        )
-    })?;
+    let account = state.account(&id).await?;
     Ok(Json(AccountBody::from(&account)))
 }
 
