@@ -10,6 +10,7 @@ mod cross_shard;
 mod events;
 mod features;
 mod fraud;
+mod history;
 mod hostile;
 mod idempotency;
 mod kafka;

@@ -474,6 +474,37 @@ impl ShardStore for Flaky {
         self.inner.outbox_counts().await
     }
 
+    async fn stage_outbox(&self, limit: u32) -> Result<u64, StoreError> {
+        self.inner.stage_outbox(limit).await
+    }
+
+    async fn outbox_tail(
+        &self,
+        after_position: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.outbox_tail(after_position, limit).await
+    }
+
+    async fn prune_outbox(&self, before: TimestampMs, limit: u32) -> Result<u64, StoreError> {
+        self.inner.prune_outbox(before, limit).await
+    }
+
+    async fn consumer_snapshot(&self, consumer: &str) -> Result<Option<(i64, String)>, StoreError> {
+        self.inner.consumer_snapshot(consumer).await
+    }
+
+    async fn save_consumer_snapshot(
+        &self,
+        consumer: &str,
+        position: i64,
+        body: String,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .save_consumer_snapshot(consumer, position, body)
+            .await
+    }
+
     async fn transfer_local(
         &self,
         t: &Transfer,
