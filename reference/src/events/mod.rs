@@ -446,6 +446,8 @@ mod tests {
             .await
             .unwrap();
         let mut first = bus.subscribe("t", "g").await.unwrap();
+        // Another group, known to the bus before anyone commits.
+        let mut other = bus.subscribe("t", "h").await.unwrap();
         let got = first.poll(2, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.len(), 2);
         first.commit().await.unwrap();
@@ -454,8 +456,7 @@ mod tests {
         let mut second = bus.subscribe("t", "g").await.unwrap();
         let got = second.poll(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["c"]);
-        // Another group reads everything.
-        let mut other = bus.subscribe("t", "h").await.unwrap();
+        // The other group reads everything.
         assert_eq!(
             other
                 .poll(10, Duration::from_millis(10))
@@ -479,7 +480,7 @@ mod tests {
         bus.publish("t", &[event("d", 4)]).await.unwrap();
         let got = second.poll(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d"]);
-        // A group that comes later starts at what is held.
+        // A group the bus did not know starts at what is held.
         let mut late = bus.subscribe("t", "late").await.unwrap();
         let got = late.poll(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d"]);

@@ -200,13 +200,17 @@ async fn sqlite_figures_stay_flat_over_a_million_transfers() {
     assert_figures(&store, &truth).await;
     for sql in POLLED {
         let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let unbound = vec![rusqlite::types::Null; plan.parameter_count()];
         let details: Vec<String> = plan
-            .query_map([], |r| r.get::<_, String>(3))
+            .query_map(rusqlite::params_from_iter(unbound), |r| {
+                r.get::<_, String>(3)
+            })
             .unwrap()
             .map(Result::unwrap)
             .collect();
         assert!(!details.is_empty(), "{sql}");
         for detail in &details {
+            println!("{}: {detail}", sql.lines().next().unwrap_or_default());
             assert!(bounded(detail), "{sql}\n reads without bound: {detail}");
         }
     }
@@ -387,11 +391,14 @@ async fn mysql_figures_stay_flat_over_a_million_transfers() {
     assert_figures(&store, &truth).await;
     for sql in POLLED {
         let read = rows_read_by(&mut conn, sql).await;
+        let first_line = sql.lines().next().unwrap_or_default();
+        println!("{read:>7} rows read by {first_line}");
         assert!(read <= MOST_ROWS_READ, "{sql}\n read {read} rows");
     }
     // A full count, measured the same way, reads the table: the measure
     // sees a scan when there is one.
     let scan = rows_read_by(&mut conn, "SELECT COUNT(*) FROM transfers WHERE state <> ?").await;
+    println!("{scan:>7} rows read by a full count of the transfers");
     assert!(scan >= TRANSFERS, "a full count read {scan} rows");
     one_more_of_each(&store).await;
     assert_figures(&store, &mysql_truth(&mut conn).await).await;
