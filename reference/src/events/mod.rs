@@ -5,8 +5,12 @@
 //! Delivery is at least once: the relay marks outbox rows published only
 //! after the bus took them, so a relay that dies in between publishes them
 //! again, and a consumer that dies before committing its position reads
-//! them again. Consumers therefore keep the ids they have applied and skip
-//! repeats; the pipeline statistics count those as duplicates suppressed.
+//! them again. Consumers therefore recognise what they have applied and
+//! skip repeats (analytics by each row's publish position, gap-free per
+//! shard, which the relay gives rows before publishing them); the
+//! pipeline statistics count those as duplicates suppressed. Published
+//! rows are pruned once every consumer snapshot covers them and the
+//! retention has passed, so the outbox does not grow with history.
 //!
 //! The bus is a trait. [`InProcessBus`] is the embedded default: one
 //! ordered log per topic, group positions committed after processing, as a
