@@ -150,7 +150,14 @@ impl TestApp {
     }
 
     /// Every shard store is wrapped in `Flaky`, so tests can take one down.
+    /// `SHARDPAY_TEST_LOG` (a `RUST_LOG` filter) prints the server's logs.
     pub async fn start_with(options: Options) -> TestApp {
+        if let Ok(filter) = std::env::var("SHARDPAY_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let config = ServeConfig::new(dir.path());
         let stores = if options.mysql {
