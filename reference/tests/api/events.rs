@@ -65,10 +65,10 @@ async fn a_relay_that_dies_after_publishing_loses_nothing_and_doubles_nothing() 
     );
 }
 
-/// A restarted analytics service rebuilds its totals from the shards'
-/// outboxes: the same totals as the analytics that saw every event, every
-/// outbox row applied once, and events the bus then delivers again
-/// recognised by id.
+/// A restarted analytics service rebuilds its totals from its snapshots
+/// and the shards' outboxes: the same totals as the analytics that saw
+/// every event, every outbox row applied once, and events the bus then
+/// delivers again recognised by their publish position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_rebuilds_its_totals_from_the_outboxes() {
     let app = TestApp::start().await;
