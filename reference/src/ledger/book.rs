@@ -1678,18 +1678,6 @@ pub(crate) async fn audit_snapshot<S: Session>(s: &mut S) -> Result<ShardAudit, 
          WHERE outcome = 'credited' GROUP BY currency",
     )
     .await?;
-    audit.completed_cross_out = count_and_sum(
-        s,
-        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM transfers
-         WHERE payer_shard <> payee_shard AND state = 'completed'",
-    )
-    .await?;
-    audit.credited_in = count_and_sum(
-        s,
-        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM inbound_credits
-         WHERE outcome = 'credited'",
-    )
-    .await?;
     Ok(audit)
 }
 

@@ -304,10 +304,6 @@ pub struct ShardAudit {
     pub sent_minor_by_currency: Vec<(Currency, i128)>,
     /// Credits applied on this shard per currency: money taken out of flight.
     pub received_minor_by_currency: Vec<(Currency, i128)>,
-    /// Completed cross-shard transfers from this shard (count, sum).
-    pub completed_cross_out: (u64, i128),
-    /// Credits applied on this shard (count, sum).
-    pub credited_in: (u64, i128),
 }
 
 /// An account whose balance is not the sum of its entries, or is below zero.
