@@ -160,20 +160,14 @@ impl Pipeline {
             }
         }
         if self.service.runs(Service::Notification) {
-            // Before subscribing, as analytics: outbox events the bus lost
-            // (the in-process one keeps nothing across a restart).
-            let caught_up = self.notifier.catch_up(self.relay.shards()).await?;
-            if caught_up > 0 {
-                tracing::info!(
-                    events = caught_up,
-                    "notification applied outbox events it had not seen"
-                );
-            }
             let mut subscriptions = Vec::new();
             for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
                 subscriptions.push(self.bus.subscribe(topic, NOTIFICATION_GROUP).await?);
             }
-            self.notifier.start(subscriptions);
+            // Alongside consuming: outbox events the bus lost (the
+            // in-process one keeps nothing across a restart).
+            self.notifier
+                .start_catching_up(self.relay.shards().to_vec(), subscriptions);
         }
         Ok(tasks)
     }

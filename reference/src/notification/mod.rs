@@ -796,6 +796,9 @@ impl Notifier {
                 let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
                 let known: HashSet<String> = self.store.applied(&ids).await?.into_iter().collect();
                 for event in events.iter().filter(|e| !known.contains(&e.id)) {
+                    if *self.stopping.borrow() {
+                        return Ok(applied);
+                    }
                     self.apply(event).await?;
                     applied += 1;
                 }
@@ -811,7 +814,31 @@ impl Notifier {
     /// Consumes `subscriptions` and sweeps lapsed claims in the
     /// background, until [`Notifier::shutdown`].
     pub fn start(self: &Arc<Self>, subscriptions: Vec<Box<dyn Subscription>>) {
+        self.start_catching_up(Vec::new(), subscriptions);
+    }
+
+    /// [`Notifier::start`], and catches up on the outbox events of
+    /// `shards` alongside (applying is idempotent), so a start does not
+    /// wait for it.
+    pub fn start_catching_up(
+        self: &Arc<Self>,
+        shards: Vec<Arc<dyn ShardStore>>,
+        subscriptions: Vec<Box<dyn Subscription>>,
+    ) {
         let mut tasks = self.tasks.lock().expect("notifier tasks");
+        if !shards.is_empty() {
+            let me = Arc::clone(self);
+            tasks.push(tokio::spawn(async move {
+                match me.catch_up(&shards).await {
+                    Ok(0) => {}
+                    Ok(events) => tracing::info!(
+                        events,
+                        "notification applied outbox events it had not seen"
+                    ),
+                    Err(error) => tracing::warn!(%error, "notification could not catch up on the outboxes; events the bus lost wait for the next start"),
+                }
+            }));
+        }
         for subscription in subscriptions {
             tasks.push(tokio::spawn(Arc::clone(self).consume(subscription)));
         }
@@ -854,6 +881,11 @@ impl Notifier {
     /// shutdown came first.
     async fn record(self: &Arc<Self>, batch: &[Event], stopping: &watch::Receiver<bool>) -> bool {
         for event in batch {
+            // At shutdown the rest of the batch is handed back: it stays
+            // uncommitted, to be read again (or caught up from the outbox).
+            if *stopping.borrow() {
+                return false;
+            }
             self.counters.received.fetch_add(1, Ordering::Relaxed);
             while let Err(error) = self.apply(event).await {
                 tracing::warn!(event = %event.id, %error, "notification cannot record an event; trying again");
