@@ -206,7 +206,7 @@ struct ServeArgs {
     )]
     notification_url: String,
     /// Directory holding the shard files (created if missing), and the
-    /// auth service's user store when it is not in MySQL.
+    /// auth and notification services' stores when they are not in MySQL.
     #[arg(long, env = "SHARDPAY_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Keep the shards in these MySQL/MariaDB databases instead of SQLite
@@ -223,6 +223,20 @@ struct ServeArgs {
     /// serves one auth process only.
     #[arg(long, env = "SHARDPAY_AUTH_MYSQL_URL", hide_env_values = true)]
     auth_mysql_url: Option<String>,
+    /// Keep the notification service's webhooks, deliveries and dead
+    /// letters in this MySQL/MariaDB database
+    /// (mysql://user:password@host:port/database; created, with its
+    /// tables, if missing), which every notification replica shares.
+    /// Default: with --mysql-urls, database shardpay_notify on the first
+    /// shard's server; without, notify.sqlite in --data-dir, which serves
+    /// one notification process only.
+    #[arg(long, env = "SHARDPAY_NOTIFICATION_MYSQL_URL", hide_env_values = true)]
+    notification_mysql_url: Option<String>,
+    /// On SIGTERM or Ctrl-C, how long running requests and webhook
+    /// deliveries may finish, in ms; deliveries still running then are
+    /// let go, for another notification replica or the next start.
+    #[arg(long, env = "SHARDPAY_SHUTDOWN_DEADLINE_MS", default_value_t = 5_000)]
+    shutdown_deadline_ms: u64,
     /// Connections per MySQL shard: the most transactions one shard runs
     /// at once.
     #[arg(long, env = "SHARDPAY_MYSQL_POOL_SIZE", default_value_t = 16)]
@@ -620,6 +634,10 @@ impl ServeArgs {
             shards: self.shards,
             mysql_urls: (!self.mysql_urls.is_empty()).then(|| self.mysql_urls.clone()),
             auth_mysql_url: self.auth_mysql_url.clone().filter(|url| !url.is_empty()),
+            notification_mysql_url: self
+                .notification_mysql_url
+                .clone()
+                .filter(|url| !url.is_empty()),
             mysql: shardpay_reference::ledger::mysql::MysqlConfig {
                 pool_size: self.mysql_pool_size,
                 acquire_timeout: Duration::from_millis(self.mysql_acquire_timeout_ms.max(50)),
@@ -655,6 +673,7 @@ impl ServeArgs {
                 allow_private: self.webhooks_to_private_networks,
             },
             outbox_retention: Duration::from_secs(self.outbox_retention_s),
+            shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms),
         })
     }
 }

@@ -22,6 +22,8 @@ use crate::ledger::sqlite::{SqliteConfig, SqliteShard};
 use crate::ledger::ShardStore;
 use crate::manager::{ManagerConfig, ShardManager};
 use crate::money::Currency;
+use crate::notification::store::{MysqlNotifications, NotificationStore, SqliteNotifications};
+use crate::notification::{self, NotifierConfig};
 use crate::pipeline::Pipeline;
 use crate::sharding::Ring;
 
@@ -47,6 +49,12 @@ pub struct ServeConfig {
     /// `shardpay_auth` on the first shard's server when `mysql_urls` is
     /// set, else `auth.sqlite` in `data_dir` (one auth process only).
     pub auth_mysql_url: Option<String>,
+    /// The notification service's webhooks, deliveries and dead letters
+    /// in this MySQL/MariaDB database, which every notification replica
+    /// shares. `None`: database `shardpay_notify` on the first shard's
+    /// server when `mysql_urls` is set, else `notify.sqlite` in
+    /// `data_dir` (one notification process only).
+    pub notification_mysql_url: Option<String>,
     pub mysql: MysqlConfig,
     pub bind: SocketAddr,
     pub sqlite: SqliteConfig,
@@ -67,6 +75,10 @@ pub struct ServeConfig {
     /// How long published outbox rows are kept before they are pruned
     /// (once the analytics snapshot covers them).
     pub outbox_retention: Duration,
+    /// How long a graceful shutdown lets running requests and webhook
+    /// deliveries finish; deliveries still running then are let go, for
+    /// another notification replica or the next start to make.
+    pub shutdown_deadline: Duration,
 }
 
 /// Whether and how requests are authenticated.
@@ -96,6 +108,7 @@ impl ServeConfig {
             shards: 4,
             mysql_urls: None,
             auth_mysql_url: None,
+            notification_mysql_url: None,
             mysql: MysqlConfig::default(),
             bind: SocketAddr::from(([127, 0, 0, 1], 8006)),
             sqlite: SqliteConfig::default(),
@@ -108,9 +121,14 @@ impl ServeConfig {
             auth: AuthSetup::Demo,
             webhooks: Default::default(),
             outbox_retention: crate::events::OUTBOX_RETENTION,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
         }
     }
 }
+
+/// What `ServeConfig::shutdown_deadline` is unless set: inside the ten
+/// seconds container runtimes wait after SIGTERM before they kill.
+pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 const MANIFEST: &str = "shardpay.json";
 
@@ -176,6 +194,7 @@ pub struct App {
     pub state: AppState,
     listener: tokio::net::TcpListener,
     recovery_interval: Duration,
+    shutdown_deadline: Duration,
 }
 
 /// What one service of six needs that the all-in-one process does not:
@@ -226,7 +245,10 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     let fraud = open_fraud(&config, bus.as_ref(), &auth).await?;
     let (manager, pipeline) = match shards {
         Some(shards) => {
-            let pipeline = bus.map(|bus| open_pipeline(&config, &shards, bus, &auth));
+            let pipeline = match bus {
+                Some(bus) => Some(open_pipeline(&config, &shards, bus, &auth).await?),
+                None => None,
+            };
             let manager = open_manager(&config, shards, &fraud)?;
             (Some(manager), pipeline)
         }
@@ -255,6 +277,7 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
         },
         listener,
         recovery_interval: config.recovery_interval,
+        shutdown_deadline: config.shutdown_deadline,
     })
 }
 
@@ -358,24 +381,56 @@ async fn open_fraud(
 }
 
 /// The outbox relay, the bus and the consumers this service runs.
-fn open_pipeline(
+async fn open_pipeline(
     config: &ServeConfig,
     shards: &[Arc<dyn ShardStore>],
     bus: Arc<dyn EventBus>,
     auth: &Option<Arc<AuthService>>,
-) -> Arc<Pipeline> {
+) -> anyhow::Result<Arc<Pipeline>> {
     let service = config.service;
     let mut pipeline = Pipeline::with_bus(shards.to_vec(), bus)
         .with_webhooks(config.webhooks)
         .with_auth(auth.clone())
         .with_outbox_retention(config.outbox_retention);
-    if config.webhooks.allow_private && service.runs(Service::Notification) {
-        tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
+    if service.runs(Service::Notification) {
+        let notifier = NotifierConfig {
+            webhooks: config.webhooks,
+            ..NotifierConfig::default()
+        };
+        pipeline = pipeline.with_notifications(open_notifications(config).await?, notifier);
+        if config.webhooks.allow_private {
+            tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
+        }
     }
     if service != Service::All {
         pipeline = pipeline.for_service(service, config.peers.clone());
     }
-    Arc::new(pipeline)
+    Ok(Arc::new(pipeline))
+}
+
+/// Where the notification service keeps webhooks, deliveries and dead
+/// letters: the MySQL database `notification_mysql_url` names, or else
+/// `shardpay_notify` beside the first shard, so that every notification
+/// replica shares them; without MySQL, `notify.sqlite` in the data
+/// directory.
+async fn open_notifications(config: &ServeConfig) -> anyhow::Result<Arc<dyn NotificationStore>> {
+    let first_shard = config.mysql_urls.as_ref().and_then(|urls| urls.first());
+    let url = match (&config.notification_mysql_url, first_shard) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(shard)) => Some(notification::store::database_beside(shard)?),
+        (None, None) => None,
+    };
+    if let Some(url) = url {
+        let store = MysqlNotifications::connect(&url, &config.mysql).await?;
+        tracing::info!(database = %redact(&url), "notification: webhooks and deliveries in MySQL");
+        return Ok(Arc::new(store));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let path = config.data_dir.join("notify.sqlite");
+    let store = SqliteNotifications::open(Some(&path))
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Arc::new(store))
 }
 
 /// The shard manager over `shards`, screening with `fraud` where it moves
@@ -395,8 +450,11 @@ fn open_manager(
 }
 
 impl App {
-    /// Serves until `shutdown` resolves, then stops accepting, lets running
-    /// requests finish, and stops the recovery loop.
+    /// Serves until `shutdown` resolves, then stops accepting and taking
+    /// events, lets running requests and webhook deliveries finish until
+    /// the shutdown deadline (deliveries still running are let go, for
+    /// another replica or the next start), stops the recovery loop and
+    /// publishes what is left in the outbox.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -410,21 +468,34 @@ impl App {
             _ => None,
         };
         let pipeline = self.state.pipeline.clone();
-        let consumers = match &pipeline {
+        let background = match &pipeline {
             Some(p) => p.spawn(RELAY_INTERVAL).await?,
             None => Vec::new(),
         };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let router = crate::api::router(self.state);
-        let served = axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let mut server = tokio::spawn(serve(self.listener, router, stopped));
+        let ended = tokio::select! {
+            ended = &mut server => Some(ended),
+            () = shutdown => None,
+        };
+        stop.send_replace(true);
+        let deadline = tokio::time::Instant::now() + self.shutdown_deadline;
+        let drain = async {
+            if let Some(p) = &pipeline {
+                p.shutdown(deadline).await;
+            }
+        };
+        let (served, ()) = match ended {
+            Some(ended) => (ended.context("HTTP server task")?, drain.await),
+            None => tokio::join!(finish_requests(server, deadline), drain),
+        };
         if let Some(recovery) = recovery {
             recovery.abort();
         }
-        for task in consumers {
+        // Analytics rebuilds its totals from the outboxes when it starts:
+        // it has nothing to hand back.
+        for task in background {
             task.abort();
         }
         // Publish what the last requests wrote (bounded: a shard that is
@@ -437,6 +508,41 @@ impl App {
             }
         }
         served.context("HTTP server failed")
+    }
+}
+
+/// Serves `router` until `stopped` turns true, then lets running requests
+/// finish.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    })
+    .await
+}
+
+/// Waits for the server's running requests until `deadline`, then cuts
+/// those still running.
+async fn finish_requests(
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<()> {
+    let abort = server.abort_handle();
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(Ok(served)) => served,
+        Ok(Err(joined)) => Err(std::io::Error::other(joined)),
+        Err(_) => {
+            abort.abort();
+            tracing::warn!("requests still running at the shutdown deadline were cut off");
+            Ok(())
+        }
     }
 }
 

@@ -136,6 +136,8 @@ error_codes! {
     NoPipeline = ("no_pipeline", 404),
     /// This service does not serve the route.
     NotServedHere = ("not_served_here", 404),
+    /// The notification service's store cannot be reached; nothing changed.
+    NotificationStoreUnavailable = ("notification_store_unavailable", 503),
     /// Only an admin may fund an account.
     OpeningBalanceRequiresAdmin = ("opening_balance_requires_admin", 403),
     /// Another user owns the account.

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::analytics::{Analytics, ANALYTICS_GROUP, SNAPSHOT_INTERVAL};
 use crate::events::*;
 use crate::ledger::ShardStore;
+use crate::notification::store::NotificationStore;
+use crate::notification::{Notifier, NotifierConfig};
 
 /// The whole pipeline of one process: bus, relay, consumers. In a split
 /// deployment each service runs its part: the ledger the relay, the
@@ -74,10 +76,7 @@ impl Pipeline {
             bus,
             relay,
             analytics,
-            notifier: Arc::new(crate::notification::Notifier::new(
-                Default::default(),
-                Default::default(),
-            )),
+            notifier: Arc::new(Notifier::in_memory(NotifierConfig::default())),
             service: crate::peers::Service::All,
             peers: None,
             auth: None,
@@ -92,10 +91,22 @@ impl Pipeline {
 
     /// Webhook deliveries under `policy` (where they may go).
     pub fn with_webhooks(mut self, policy: crate::notification::WebhookPolicy) -> Self {
-        self.notifier = Arc::new(crate::notification::Notifier::new(
-            Default::default(),
-            policy,
-        ));
+        let config = NotifierConfig {
+            webhooks: policy,
+            ..self.notifier.config().clone()
+        };
+        self.notifier = Arc::new(Notifier::new(self.notifier.store(), config));
+        self
+    }
+
+    /// Notification state in `store` (shared by the replicas over it),
+    /// deliveries as `config` says.
+    pub fn with_notifications(
+        mut self,
+        store: Arc<dyn NotificationStore>,
+        config: NotifierConfig,
+    ) -> Self {
+        self.notifier = Arc::new(Notifier::new(store, config));
         self
     }
 
@@ -124,7 +135,9 @@ impl Pipeline {
         }
     }
 
-    /// Spawns the relay and the consumers on the current runtime.
+    /// Spawns the relay and the consumers on the current runtime. The
+    /// tasks answered are the relay's and analytics' (the relay first);
+    /// the notifier keeps its own, which [`Pipeline::shutdown`] stops.
     pub async fn spawn(
         &self,
         relay_interval: Duration,
@@ -159,11 +172,14 @@ impl Pipeline {
                 notification.push(self.bus.subscribe(topic, NOTIFICATION_GROUP).await?);
             }
         }
+        if self.service.runs(Service::Notification) {
+            // Alongside consuming: outbox events the bus lost (the
+            // in-process one keeps nothing across a restart).
+            self.notifier
+                .start_catching_up(self.relay.shards().to_vec(), notification);
+        }
         for subscription in analytics {
             tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(subscription)));
-        }
-        for subscription in notification {
-            tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(subscription)));
         }
         if self.service.runs(Service::Analytics) {
             let shards = self.relay.shards().to_vec();
@@ -171,6 +187,15 @@ impl Pipeline {
             tasks.push(tokio::spawn(snapshots));
         }
         Ok(tasks)
+    }
+
+    /// Stops the notifier of this process (when it runs one): no new
+    /// events, deliveries in flight finish until `deadline`, the rest are
+    /// let go for another replica or the next start.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        if self.service.runs(crate::peers::Service::Notification) {
+            self.notifier.shutdown(deadline).await;
+        }
     }
 
     /// The pipeline end to end. In a split deployment (the analytics
@@ -190,7 +215,7 @@ impl Pipeline {
             .as_ref()
             .filter(|_| self.service == crate::peers::Service::Analytics);
         let (relay, notification) = match remote {
-            None => (self.relay_stats(), self.notifier.stats()),
+            None => (self.relay_stats(), self.notifier.stats().await?),
             Some(peers) => {
                 let token = match &self.auth {
                     Some(auth) => Some(auth.service_token().await?),

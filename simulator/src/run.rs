@@ -169,10 +169,14 @@ impl Embedded {
         if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
             if fresh {
                 // Fresh shards reuse the seed's account and user names, so
-                // the users and owners start empty too.
+                // the users and owners start empty too, and so do the
+                // webhooks and deliveries (the run checks their counts).
                 let auth = format!("{first}_auth");
                 recreate_database(&auth).await?;
                 config.auth_mysql_url = Some(auth);
+                let notify = format!("{first}_notify");
+                recreate_database(&notify).await?;
+                config.notification_mysql_url = Some(notify);
             }
         }
         config.mysql_urls = mysql_urls;

@@ -246,13 +246,16 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
             };
             env.push((key.clone(), value));
         }
-        // Test-only: its own port, topics, keys and auth database (several
-        // runs share the servers), and cheap password hashes.
+        // Test-only: its own port, topics, keys, auth and notification
+        // databases (several runs share the servers), and cheap password
+        // hashes.
         let extra: Vec<String> = [
             "--port",
             &ports[i].to_string(),
             "--auth-mysql-url",
             &format!("{}_auth", urls[0]),
+            "--notification-mysql-url",
+            &format!("{}_notify", urls[0]),
             "--kafka-prefix",
             &format!("{tag}-"),
             "--redis-prefix",

@@ -10,14 +10,25 @@
 //! from their clock ([`SIGNATURE_TOLERANCE_S`]), which stops replays of
 //! captured requests. A delivery that does not get a 2xx is retried with
 //! exponential backoff and full jitter; after the last attempt it goes to
-//! the dead-letter store, from which it can be replayed. Each (event,
-//! webhook) pair is delivered at most once successfully: a replay of one
-//! already delivered is recognised and not sent.
+//! the dead-letter store, from which it can be replayed.
+//!
+//! What must outlive a process lives in a [`store::NotificationStore`]
+//! (SQLite for one process, MySQL for replicas): webhooks, the events
+//! applied, and each (event, webhook) delivery, claimed under a lease by
+//! the replica sending it, then recorded delivered or dead. A replica
+//! sends only what it holds a live claim on, so each pair is recorded
+//! delivered at most once, across restarts and replicas; a claim whose
+//! holder died is taken up by another replica's sweep when its lease
+//! ends. The consumer commits its bus position only once the events it
+//! read are recorded with their claims. A delivery is sent again only
+//! when a send's outcome was lost (a timeout, or a crash before it was
+//! recorded): receivers recognise it by `Shardpay-Event-Id`.
 
 pub mod routes;
+pub mod store;
 
 use crate::codes::ErrorCode;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +38,14 @@ use hmac::{Hmac, Mac};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use tokio::sync::watch;
 
 use crate::events::{Event, Subscription};
-use crate::ledger::{now_ms, TimestampMs};
+use crate::ledger::{now_ms, ShardStore, TimestampMs};
+use store::{
+    Added, Claim, Lease, LetterClaim, NotificationStore, SqliteNotifications, StoreError,
+    StoredHook, MAX_EVENT_ID_LEN,
+};
 
 /// How far a receiver should accept a delivery's timestamp from its own
 /// clock.
@@ -73,6 +89,8 @@ pub enum WebhookRefused {
     TooManyForAccount,
     #[error("the server holds its maximum of {MAX_WEBHOOKS} webhooks")]
     TooMany,
+    #[error("webhooks cannot be registered now; retry")]
+    StoreFailed(StoreError),
 }
 
 impl WebhookRefused {
@@ -82,6 +100,7 @@ impl WebhookRefused {
             WebhookRefused::NotPublic(_) => ErrorCode::WebhookUrlNotPublic,
             WebhookRefused::TooManyForAccount => ErrorCode::TooManyWebhooks,
             WebhookRefused::TooMany => ErrorCode::TooManyWebhooks,
+            WebhookRefused::StoreFailed(_) => ErrorCode::NotificationStoreUnavailable,
         }
     }
 }
@@ -238,16 +257,23 @@ pub struct DeadLetter {
     pub failed_at_ms: TimestampMs,
 }
 
+/// The notification service's figures. Those about state (events applied,
+/// deliveries made and held, dead letters) come from the store, so every
+/// replica answers the same; the rest count what this process did since
+/// it started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NotificationStats {
+    /// Events this process read from the bus, repeats included.
     pub events_received: u64,
     pub events_applied: u64,
     /// Distinct outbox events applied.
     pub outbox_applied: u64,
     pub duplicates_suppressed: u64,
     pub logged: u64,
+    /// (event, webhook) deliveries recorded as made.
     pub delivered: u64,
     pub attempts: u64,
+    /// Deliveries that failed every attempt (replayed since or not).
     pub dead_lettered: u64,
     pub dlq_size: u64,
     pub replays_skipped: u64,
@@ -255,7 +281,7 @@ pub struct NotificationStats {
     /// [`MAX_DEAD_LETTERS`].
     #[serde(default)]
     pub dead_letters_dropped: u64,
-    /// Deliveries waiting or running now (at most [`MAX_QUEUED_DELIVERIES`]).
+    /// Deliveries claimed and not finished, by any replica.
     #[serde(default)]
     pub deliveries_queued: u64,
 }
@@ -269,7 +295,7 @@ pub struct ReplayOutcome {
     pub failed: u64,
     pub not_found: u64,
     /// Left in the store for a later replay: the request's time budget
-    /// ([`REPLAY_BUDGET`]) ran out first.
+    /// ([`REPLAY_BUDGET`]) ran out first, or another replay holds it.
     #[serde(default)]
     pub not_attempted: u64,
 }
@@ -279,6 +305,7 @@ enum ReplayStep {
     Delivered,
     Already,
     Failed,
+    NotFound,
     NotAttempted,
 }
 
@@ -289,51 +316,74 @@ const REPLAY_CONCURRENCY: usize = 32;
 /// answers with what it did instead of timing out; the rest stay for the
 /// next replay.
 pub const REPLAY_BUDGET: Duration = Duration::from_secs(15);
+/// Lapsed claims one sweep takes over.
+const SWEEP_BATCH: u64 = 256;
+/// Outbox rows read per page when catching up at start.
+const CATCH_UP_PAGE: u32 = 500;
+/// How long a consumer waits before recording an event again when the
+/// store failed.
+const STORE_RETRY: Duration = Duration::from_millis(200);
 
-struct Registered {
-    webhook: Webhook,
-    secret: String,
+/// How a notifier delivers and holds its deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifierConfig {
+    pub retry: RetryPolicy,
+    pub webhooks: WebhookPolicy,
+    /// How long a claim lasts without renewal. It is renewed before every
+    /// attempt, so it must outlast one attempt and the wait before the
+    /// next (30 s against 5 s and at most 10 s): a live replica keeps
+    /// what it sends, and a dead one's deliveries wait this long before
+    /// another replica takes them.
+    pub lease_ms: u64,
+    /// How often a notifier looks for claims whose lease ended.
+    pub sweep_interval_ms: u64,
 }
 
-#[derive(Default)]
-struct State {
-    hooks: HashMap<String, Vec<Registered>>,
-    seen: HashSet<String>,
-    /// (event id, webhook id) pairs delivered.
-    delivered: HashSet<(String, String)>,
-    dlq: BTreeMap<String, (DeadLetter, Event)>,
-    /// (event id, webhook id) pairs a replay is sending now: another
-    /// replay leaves them alone, so two replays never both send one.
-    replaying: HashSet<(String, String)>,
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            retry: RetryPolicy::default(),
+            webhooks: WebhookPolicy::default(),
+            lease_ms: 30_000,
+            sweep_interval_ms: 1_000,
+        }
+    }
 }
 
+/// Delivers events to webhooks, holding each (event, webhook) delivery
+/// by a claim in the [`NotificationStore`], so that replicas over one
+/// store, and the next start of this one, make each delivery once.
 pub struct Notifier {
-    state: Mutex<State>,
+    store: Arc<dyn NotificationStore>,
+    /// This instance, as the holder of its claims.
+    owner: String,
     client: reqwest::Client,
-    policy: RetryPolicy,
-    webhooks: WebhookPolicy,
+    config: NotifierConfig,
     counters: Counters,
     /// Deliveries running at once.
     limit: tokio::sync::Semaphore,
+    /// Set at shutdown: consumers and the sweep stop.
+    stopping: watch::Sender<bool>,
+    /// Set at shutdown's deadline: deliveries still running stop.
+    cancelled: watch::Sender<bool>,
+    /// Woken when no delivery is queued or running.
+    idle: tokio::sync::Notify,
+    /// The consumers and the sweep.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
 struct Counters {
     received: AtomicU64,
-    outbox_applied: AtomicU64,
     duplicates: AtomicU64,
     logged: AtomicU64,
-    delivered: AtomicU64,
     attempts: AtomicU64,
-    dead_lettered: AtomicU64,
     replays_skipped: AtomicU64,
-    dead_letters_dropped: AtomicU64,
-    /// Deliveries spawned and not finished.
+    /// Deliveries started here and not finished.
     queued: AtomicU64,
-    /// Dead letters made, numbering them in order.
+    /// Dead letters made here, numbering them in order.
     letters: AtomicU64,
 }
-
 fn sign(secret: &str, timestamp: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(timestamp.to_string().as_bytes());
@@ -389,31 +439,58 @@ fn accounts_of(event: &Event) -> Vec<String> {
 }
 
 impl Notifier {
-    pub fn new(policy: RetryPolicy, webhooks: WebhookPolicy) -> Notifier {
+    pub fn new(store: Arc<dyn NotificationStore>, config: NotifierConfig) -> Notifier {
         // Redirects are never followed: a redirect would carry the
         // signature headers to wherever the receiver points.
         let mut client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(policy.timeout_ms))
+            .timeout(Duration::from_millis(config.retry.timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
             // A proxy from the environment would resolve names itself,
             // past the public-only resolver.
             .no_proxy();
-        if !webhooks.allow_private {
+        if !config.webhooks.allow_private {
             client = client.dns_resolver(std::sync::Arc::new(PublicOnly));
         }
         Notifier {
-            state: Mutex::new(State::default()),
+            store,
+            owner: format!("n_{}", uuid::Uuid::new_v4().simple()),
             client: client.build().expect("HTTP client"),
-            policy,
-            webhooks,
+            config,
             counters: Counters::default(),
             limit: tokio::sync::Semaphore::new(64),
+            stopping: watch::Sender::new(false),
+            cancelled: watch::Sender::new(false),
+            idle: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A notifier over an in-memory store: for one process that keeps
+    /// nothing across restarts (tests, benches).
+    pub fn in_memory(config: NotifierConfig) -> Notifier {
+        let store = SqliteNotifications::open(None).expect("an in-memory SQLite database opens");
+        Notifier::new(Arc::new(store), config)
+    }
+
+    pub fn store(&self) -> Arc<dyn NotificationStore> {
+        Arc::clone(&self.store)
+    }
+
+    pub fn config(&self) -> &NotifierConfig {
+        &self.config
+    }
+
+    /// A claim's lease, from now.
+    fn lease(&self) -> Lease {
+        Lease {
+            owner: self.owner.clone(),
+            until_ms: now_ms().saturating_add(self.config.lease_ms as i64),
         }
     }
 
     /// Registers a webhook for an account; answers it with its secret.
-    pub fn register(&self, account: &str, url: &str) -> Result<Webhook, WebhookRefused> {
-        let url = check_url(url, self.webhooks)?;
+    pub async fn register(&self, account: &str, url: &str) -> Result<Webhook, WebhookRefused> {
+        let url = check_url(url, self.config.webhooks)?;
         let secret = format!("whsec_{}", uuid::Uuid::new_v4().simple());
         let webhook = Webhook {
             id: format!("wh_{}", uuid::Uuid::new_v4().simple()),
@@ -421,90 +498,121 @@ impl Notifier {
             url: url.to_string(),
             secret: None,
         };
-        {
-            let mut state = self.state.lock().expect("notifier lock");
-            let total: usize = state.hooks.values().map(Vec::len).sum();
-            if total >= MAX_WEBHOOKS {
-                return Err(WebhookRefused::TooMany);
-            }
-            let hooks = state.hooks.entry(account.to_string()).or_default();
-            if hooks.len() >= MAX_WEBHOOKS_PER_ACCOUNT {
-                return Err(WebhookRefused::TooManyForAccount);
-            }
-            hooks.push(Registered {
-                webhook: webhook.clone(),
-                secret: secret.clone(),
-            });
+        let hook = StoredHook {
+            webhook: webhook.clone(),
+            secret: secret.clone(),
+        };
+        match self.store.add_webhook(&hook).await {
+            Ok(Added::Added) => Ok(Webhook {
+                secret: Some(secret),
+                ..webhook
+            }),
+            Ok(Added::AccountFull) => Err(WebhookRefused::TooManyForAccount),
+            Ok(Added::StoreFull) => Err(WebhookRefused::TooMany),
+            Err(e) => Err(WebhookRefused::StoreFailed(e)),
         }
-        Ok(Webhook {
-            secret: Some(secret),
-            ..webhook
+    }
+
+    pub async fn stats(&self) -> Result<NotificationStats, StoreError> {
+        let stored = self.store.counts().await?;
+        let c = &self.counters;
+        Ok(NotificationStats {
+            events_received: c.received.load(Ordering::Relaxed),
+            events_applied: stored.events_applied,
+            outbox_applied: stored.outbox_applied,
+            duplicates_suppressed: c.duplicates.load(Ordering::Relaxed),
+            logged: c.logged.load(Ordering::Relaxed),
+            delivered: stored.delivered,
+            attempts: c.attempts.load(Ordering::Relaxed),
+            dead_lettered: stored.dead_lettered,
+            dlq_size: stored.dead_letters,
+            replays_skipped: c.replays_skipped.load(Ordering::Relaxed),
+            dead_letters_dropped: stored.dead_letters_dropped,
+            deliveries_queued: stored.claimed,
         })
     }
 
-    pub fn stats(&self) -> NotificationStats {
-        let s = self.state.lock().expect("notifier lock");
-        let c = &self.counters;
-        NotificationStats {
-            events_received: c.received.load(Ordering::Relaxed),
-            events_applied: s.seen.len() as u64,
-            outbox_applied: c.outbox_applied.load(Ordering::Relaxed),
-            duplicates_suppressed: c.duplicates.load(Ordering::Relaxed),
-            logged: c.logged.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            attempts: c.attempts.load(Ordering::Relaxed),
-            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
-            dlq_size: s.dlq.len() as u64,
-            replays_skipped: c.replays_skipped.load(Ordering::Relaxed),
-            dead_letters_dropped: c.dead_letters_dropped.load(Ordering::Relaxed),
-            deliveries_queued: c.queued.load(Ordering::Relaxed),
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.store.dead_letters().await
+    }
+
+    /// Takes one event: logs it, records it applied with a claim on its
+    /// delivery to every webhook of the accounts it concerns, and starts
+    /// those deliveries (in the background). When this returns Ok, the
+    /// event's deliveries are recorded: the consumer may commit past it.
+    /// Repeats (from the bus, or applied by another replica) are skipped.
+    pub async fn apply(self: &Arc<Self>, event: &Event) -> Result<(), StoreError> {
+        if event.id.len() > MAX_EVENT_ID_LEN {
+            tracing::warn!(
+                len = event.id.len(),
+                "an event id longer than {MAX_EVENT_ID_LEN} bytes; not notified"
+            );
+            return Ok(());
         }
-    }
-
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        let s = self.state.lock().expect("notifier lock");
-        s.dlq.values().map(|(d, _)| d.clone()).collect()
-    }
-
-    /// Takes one event: logs it, and delivers it to every webhook of the
-    /// accounts it concerns (in the background). Repeats are skipped.
-    pub fn apply(self: &Arc<Self>, event: &Event) {
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let targets: Vec<(Webhook, String)> = {
-            let mut s = self.state.lock().expect("notifier lock");
-            if !s.seen.insert(event.id.clone()) {
-                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            if event.shard.is_some() {
-                self.counters.outbox_applied.fetch_add(1, Ordering::Relaxed);
-            }
-            accounts_of(event)
-                .iter()
-                .flat_map(|a| s.hooks.get(a).into_iter().flatten())
-                .map(|r| (r.webhook.clone(), r.secret.clone()))
-                .collect()
+        let hooks = self.store.webhooks_of(&accounts_of(event)).await?;
+        let ids: Vec<String> = hooks.iter().map(|h| h.webhook.id.clone()).collect();
+        let Some(claimed) = self.store.apply(event, &ids, &self.lease()).await? else {
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         };
         self.counters.logged.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(event = %event.id, kind = %event.event_type, "notification (log channel)");
-        for (webhook, secret) in targets {
-            let queued = self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            if queued >= MAX_QUEUED_DELIVERIES {
-                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                self.bury(
-                    event,
-                    &webhook,
-                    0,
-                    format!("not attempted: {MAX_QUEUED_DELIVERIES} deliveries were already waiting; replay it later"),
-                );
-                continue;
+        for hook in hooks {
+            if claimed.contains(&hook.webhook.id) {
+                let claim = Claim {
+                    event: event.clone(),
+                    webhook_id: hook.webhook.id.clone(),
+                    attempts: 0,
+                };
+                self.start_delivery(claim, hook).await;
             }
-            let (me, event) = (Arc::clone(self), event.clone());
-            tokio::spawn(async move {
+        }
+        Ok(())
+    }
+
+    /// Runs a claimed delivery in the background, or, when
+    /// [`MAX_QUEUED_DELIVERIES`] are already waiting, makes it a dead
+    /// letter at once.
+    async fn start_delivery(self: &Arc<Self>, claim: Claim, hook: StoredHook) {
+        let queued = self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= MAX_QUEUED_DELIVERIES {
+            self.finished_one();
+            let error = format!("not attempted: {MAX_QUEUED_DELIVERIES} deliveries were already waiting; replay it later");
+            self.bury(&claim, &hook.webhook, claim.attempts, error)
+                .await;
+            return;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut cancelled = me.cancelled.subscribe();
+            let deliver = async {
                 let _permit = me.limit.acquire().await;
-                me.deliver_with_retries(&event, &webhook, &secret).await;
-                me.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            });
+                me.deliver_with_retries(&claim, &hook).await;
+            };
+            tokio::select! {
+                _ = cancelled.wait_for(|c| *c) => {}
+                () = deliver => {}
+            }
+            me.finished_one();
+        });
+    }
+
+    fn finished_one(&self) {
+        if self.counters.queued.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves when no delivery started here is waiting or running.
+    async fn idle(&self) {
+        loop {
+            let woken = self.idle.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.counters.queued.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -512,7 +620,7 @@ impl Notifier {
     async fn send(&self, event: &Event, webhook: &Webhook, secret: &str) -> Result<(), String> {
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
         // Literal addresses skip the resolver: check them here, every time.
-        check_url(&webhook.url, self.webhooks).map_err(|e| e.to_string())?;
+        check_url(&webhook.url, self.config.webhooks).map_err(|e| e.to_string())?;
         let body = serde_json::to_string(event).expect("event serializes");
         let timestamp = now_ms() / 1000;
         let response = self
@@ -538,106 +646,350 @@ impl Notifier {
         }
     }
 
-    async fn deliver_with_retries(&self, event: &Event, webhook: &Webhook, secret: &str) {
+    /// Sends a claimed delivery until it is made or the attempts run out,
+    /// renewing the claim before each attempt after the first; stops if
+    /// the claim was lost (its lease ended and another replica took it).
+    async fn deliver_with_retries(&self, claim: &Claim, hook: &StoredHook) {
+        let (event, webhook) = (&claim.event, &hook.webhook);
+        let attempts = self.config.retry.attempts.max(1);
         let mut last_error = String::new();
-        for attempt in 1..=self.policy.attempts.max(1) {
-            match self.send(event, webhook, secret).await {
+        for attempt in 1..=attempts {
+            if attempt > 1 && !self.still_holds(event, webhook).await {
+                return;
+            }
+            match self.send(event, webhook, &hook.secret).await {
                 Ok(()) => {
-                    self.mark_delivered(event, webhook);
+                    self.record_delivered(event, webhook, claim.attempts + attempt)
+                        .await;
                     return;
                 }
                 Err(e) => last_error = e,
             }
-            if attempt < self.policy.attempts {
-                tokio::time::sleep(self.policy.delay(attempt)).await;
+            if attempt < attempts {
+                tokio::time::sleep(self.config.retry.delay(attempt)).await;
             }
         }
-        self.bury(event, webhook, self.policy.attempts, last_error);
+        self.bury(claim, webhook, claim.attempts + attempts, last_error)
+            .await;
     }
 
-    /// Keeps a delivery that did not happen in the dead-letter store,
-    /// dropping the oldest letter when the store is full.
-    fn bury(&self, event: &Event, webhook: &Webhook, attempts: u32, last_error: String) {
+    /// Renews the claim on a delivery; false when it is no longer held
+    /// (or the store cannot say: the claim's lease then ends, and a sweep
+    /// takes the delivery up again).
+    async fn still_holds(&self, event: &Event, webhook: &Webhook) -> bool {
+        match self
+            .store
+            .renew(&event.id, &webhook.id, &self.lease())
+            .await
+        {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(event = %event.id, webhook = %webhook.id, "another replica holds this delivery now; leaving it");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(event = %event.id, webhook = %webhook.id, %error, "cannot renew a delivery's claim; it will be taken up again when its lease ends");
+                false
+            }
+        }
+    }
+
+    async fn record_delivered(&self, event: &Event, webhook: &Webhook, attempts: u32) {
+        let recorded = self
+            .store
+            .mark_delivered(&event.id, &webhook.id, &self.owner, attempts)
+            .await;
+        match recorded {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(event = %event.id, webhook = %webhook.id, "delivered after its claim had lapsed; the replica holding it now may send it again (the receiver sees the same Shardpay-Event-Id)")
+            }
+            Err(error) => {
+                tracing::warn!(event = %event.id, webhook = %webhook.id, %error, "delivered but not recorded; it will be sent again when its claim's lease ends (the receiver sees the same Shardpay-Event-Id)")
+            }
+        }
+    }
+
+    /// Makes a claimed delivery that did not happen a dead letter (the
+    /// store drops the oldest letters past its bound).
+    async fn bury(&self, claim: &Claim, webhook: &Webhook, attempts: u32, last_error: String) {
         let failed_at_ms = now_ms();
         let letter = DeadLetter {
-            // Numbered, so the store's order is oldest first.
+            // Ordered by time, then by number here: the store's order is
+            // oldest first.
             id: format!(
-                "dl_{:012}_{}",
+                "dl_{failed_at_ms:013}_{:010}_{}",
                 self.counters.letters.fetch_add(1, Ordering::Relaxed),
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
-            event_id: event.id.clone(),
-            event_type: event.event_type.clone(),
-            webhook_id: webhook.id.clone(),
+            event_id: claim.event.id.clone(),
+            event_type: claim.event.event_type.clone(),
+            webhook_id: claim.webhook_id.clone(),
             url: webhook.url.clone(),
             attempts,
             last_error,
             failed_at_ms,
         };
-        tracing::warn!(dead_letter = %letter.id, event = %event.id, url = %webhook.url, "webhook delivery failed; kept in the dead-letter store");
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.state.lock().expect("notifier lock");
-        while state.dlq.len() >= MAX_DEAD_LETTERS {
-            state.dlq.pop_first();
-            self.counters
-                .dead_letters_dropped
-                .fetch_add(1, Ordering::Relaxed);
+        match self.store.bury(&letter, &self.owner).await {
+            Ok(true) => {
+                tracing::warn!(dead_letter = %letter.id, event = %letter.event_id, url = %webhook.url, "webhook delivery failed; kept in the dead-letter store")
+            }
+            Ok(false) => {
+                tracing::info!(event = %letter.event_id, webhook = %letter.webhook_id, "a failed delivery's claim had lapsed; the replica holding it now goes on")
+            }
+            Err(error) => {
+                tracing::warn!(event = %letter.event_id, webhook = %letter.webhook_id, %error, "cannot keep a dead letter; the delivery will be taken up again when its claim's lease ends")
+            }
         }
-        state.dlq.insert(letter.id.clone(), (letter, event.clone()));
     }
 
-    fn mark_delivered(&self, event: &Event, webhook: &Webhook) {
-        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-        self.state
-            .lock()
-            .expect("notifier lock")
-            .delivered
-            .insert((event.id.clone(), webhook.id.clone()));
+    /// Takes over deliveries whose claim's lease ended (their holder died,
+    /// or let them go at shutdown) and starts them; answers how many.
+    pub async fn sweep_once(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let queued = self.counters.queued.load(Ordering::Relaxed);
+        let room = MAX_QUEUED_DELIVERIES
+            .saturating_sub(queued)
+            .min(SWEEP_BATCH);
+        if room == 0 {
+            return Ok(0);
+        }
+        let claims = self
+            .store
+            .take_expired(&self.lease(), now_ms(), room as u32)
+            .await?;
+        let taken = claims.len();
+        for claim in claims {
+            match self.store.webhook(&claim.webhook_id).await? {
+                Some(hook) => self.start_delivery(claim, hook).await,
+                None => {
+                    let gone = Webhook {
+                        id: claim.webhook_id.clone(),
+                        account: String::new(),
+                        url: String::new(),
+                        secret: None,
+                    };
+                    let error = "its webhook is not registered".to_string();
+                    self.bury(&claim, &gone, claim.attempts, error).await;
+                }
+            }
+        }
+        if taken > 0 {
+            tracing::info!(
+                taken,
+                "notification took over deliveries whose claim had lapsed"
+            );
+        }
+        Ok(taken)
+    }
+
+    /// Applies the outbox events of `shards` that no notifier over this
+    /// store has applied: what a bus that keeps nothing across restarts
+    /// (the in-process one) lost, or what was never published. Run
+    /// before subscribing; answers how many it applied.
+    pub async fn catch_up(self: &Arc<Self>, shards: &[Arc<dyn ShardStore>]) -> anyhow::Result<u64> {
+        let mut applied = 0;
+        for shard in shards {
+            let mut after = 0;
+            loop {
+                let page = shard.outbox_page(after, CATCH_UP_PAGE).await?;
+                let events: Vec<Event> = page.iter().map(Event::from_outbox).collect();
+                let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+                let known: HashSet<String> = self.store.applied(&ids).await?.into_iter().collect();
+                for event in events.iter().filter(|e| !known.contains(&e.id)) {
+                    if *self.stopping.borrow() {
+                        return Ok(applied);
+                    }
+                    self.apply(event).await?;
+                    applied += 1;
+                }
+                match page.last() {
+                    Some(last) if page.len() == CATCH_UP_PAGE as usize => after = last.seq,
+                    _ => break,
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Consumes `subscriptions` and sweeps lapsed claims in the
+    /// background, until [`Notifier::shutdown`].
+    pub fn start(self: &Arc<Self>, subscriptions: Vec<Box<dyn Subscription>>) {
+        self.start_catching_up(Vec::new(), subscriptions);
+    }
+
+    /// [`Notifier::start`], and catches up on the outbox events of
+    /// `shards` alongside (applying is idempotent), so a start does not
+    /// wait for it.
+    pub fn start_catching_up(
+        self: &Arc<Self>,
+        shards: Vec<Arc<dyn ShardStore>>,
+        subscriptions: Vec<Box<dyn Subscription>>,
+    ) {
+        let mut tasks = self.tasks.lock().expect("notifier tasks");
+        if !shards.is_empty() {
+            let me = Arc::clone(self);
+            tasks.push(tokio::spawn(async move {
+                match me.catch_up(&shards).await {
+                    Ok(0) => {}
+                    Ok(events) => tracing::info!(
+                        events,
+                        "notification applied outbox events it had not seen"
+                    ),
+                    Err(error) => tracing::warn!(%error, "notification could not catch up on the outboxes; events the bus lost wait for the next start"),
+                }
+            }));
+        }
+        for subscription in subscriptions {
+            tasks.push(tokio::spawn(Arc::clone(self).consume(subscription)));
+        }
+        tasks.push(tokio::spawn(Arc::clone(self).sweep()));
+    }
+
+    /// Consumes one topic until shutdown. The position is committed only
+    /// after every event of the batch is recorded with its deliveries'
+    /// claims; an event the store cannot take is tried again, and at
+    /// shutdown the batch is left uncommitted, to be read again.
+    async fn consume(self: Arc<Self>, mut subscription: Box<dyn Subscription>) {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            let polled = tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => return,
+                polled = subscription.poll(1_000, Duration::from_millis(200)) => polled,
+            };
+            let batch = match polled {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, "notification cannot read events; retrying");
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.record(&batch, &stopping).await {
+                return;
+            }
+            if let Err(error) = subscription.commit().await {
+                tracing::warn!(%error, "notification cannot commit its position");
+            }
+        }
+    }
+
+    /// Applies a batch, each event until the store takes it; false when
+    /// shutdown came first.
+    async fn record(self: &Arc<Self>, batch: &[Event], stopping: &watch::Receiver<bool>) -> bool {
+        for event in batch {
+            // At shutdown the rest of the batch is handed back: it stays
+            // uncommitted, to be read again (or caught up from the outbox).
+            if *stopping.borrow() {
+                return false;
+            }
+            self.counters.received.fetch_add(1, Ordering::Relaxed);
+            while let Err(error) = self.apply(event).await {
+                tracing::warn!(event = %event.id, %error, "notification cannot record an event; trying again");
+                if *stopping.borrow() {
+                    return false;
+                }
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+        }
+        true
+    }
+
+    /// Takes up lapsed claims every sweep interval, until shutdown.
+    async fn sweep(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        let every = Duration::from_millis(self.config.sweep_interval_ms.max(10));
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(error) = self.sweep_once().await {
+                tracing::warn!(%error, "notification cannot look for lapsed deliveries; trying again");
+            }
+        }
+    }
+
+    /// Stops taking events and lapsed claims (a consumer finishes
+    /// recording the batch it holds), lets the deliveries in flight finish
+    /// until `deadline`, then stops the rest and lets go of their claims,
+    /// so that another replica, or the next start, takes them at once.
+    /// Answers how many claims it let go.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) -> u64 {
+        self.stopping.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("notifier tasks"));
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, self.idle()).await;
+        self.cancelled.send_replace(true);
+        // Cancelled deliveries stop at their next await.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.idle()).await;
+        match self.store.release(&self.owner).await {
+            Ok(released) => {
+                if released > 0 {
+                    tracing::info!(
+                        released,
+                        "notification let go of deliveries it could not finish before the shutdown deadline"
+                    );
+                }
+                released
+            }
+            Err(error) => {
+                tracing::warn!(%error, "notification cannot let go of its claims; other replicas take them when their leases end");
+                0
+            }
+        }
     }
 
     /// Delivers dead letters again, once each (no retries): `ids`, or all
-    /// of them. A letter whose event already reached its webhook (a replay
-    /// of a replay, or a late success) is recognised and dropped unsent.
-    pub async fn replay(&self, ids: Option<&[String]>) -> ReplayOutcome {
+    /// of them. A letter whose delivery was made since (a replay of a
+    /// replay) is recognised and not sent; one another replay is sending
+    /// is left alone.
+    pub async fn replay(&self, ids: Option<&[String]>) -> Result<ReplayOutcome, StoreError> {
         let mut outcome = ReplayOutcome::default();
-        let chosen: Vec<(DeadLetter, Event)> = {
-            let s = self.state.lock().expect("notifier lock");
-            match ids {
-                None => s.dlq.values().cloned().collect(),
-                Some(ids) => ids
-                    .iter()
-                    .filter_map(|id| {
-                        let found = s.dlq.get(id).cloned();
-                        if found.is_none() {
-                            outcome.not_found += 1;
-                        }
-                        found
-                    })
-                    .collect(),
-            }
+        let mut ids: Vec<String> = match ids {
+            None => self
+                .store
+                .dead_letters()
+                .await?
+                .into_iter()
+                .map(|l| l.id)
+                .collect(),
+            Some(ids) => ids.to_vec(),
         };
-        // Letters of the same (event, webhook) pair are replayed one after
-        // the other, so the second sees the first delivered and is not
-        // sent; different pairs go out at once.
-        let mut groups: Vec<Vec<(DeadLetter, Event)>> = Vec::new();
-        let mut group_of: HashMap<(String, String), usize> = HashMap::new();
-        for (letter, event) in chosen {
-            let pair = (letter.event_id.clone(), letter.webhook_id.clone());
-            let index = *group_of.entry(pair).or_insert_with(|| {
+        // At most a store's worth per request; the rest wait.
+        if ids.len() > MAX_DEAD_LETTERS {
+            outcome.not_attempted += (ids.len() - MAX_DEAD_LETTERS) as u64;
+            ids.truncate(MAX_DEAD_LETTERS);
+        }
+        // The same letter twice is replayed one after the other, so the
+        // second sees the first delivered; different letters go out at once.
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        let mut group_of: HashMap<String, usize> = HashMap::new();
+        for id in ids {
+            let index = *group_of.entry(id.clone()).or_insert_with(|| {
                 groups.push(Vec::new());
                 groups.len() - 1
             });
-            groups[index].push((letter, event));
+            groups[index].push(id);
         }
         let deadline = tokio::time::Instant::now() + REPLAY_BUDGET;
         let steps: Vec<Vec<ReplayStep>> = futures_util::stream::iter(groups)
             .map(|group| async move {
                 let mut steps = Vec::with_capacity(group.len());
-                for (letter, event) in group {
+                for id in group {
                     steps.push(if tokio::time::Instant::now() >= deadline {
                         ReplayStep::NotAttempted
                     } else {
-                        self.replay_one(letter, event).await
+                        self.replay_one(&id).await
                     });
                 }
                 steps
@@ -645,110 +997,58 @@ impl Notifier {
             .buffer_unordered(REPLAY_CONCURRENCY)
             .collect()
             .await;
-        let steps = steps.into_iter().flatten();
-        for step in steps {
+        for step in steps.into_iter().flatten() {
             match step {
                 ReplayStep::Delivered => outcome.delivered += 1,
                 ReplayStep::Already => outcome.already_delivered += 1,
                 ReplayStep::Failed => outcome.failed += 1,
+                ReplayStep::NotFound => outcome.not_found += 1,
                 ReplayStep::NotAttempted => outcome.not_attempted += 1,
             }
         }
-        outcome
+        Ok(outcome)
     }
 
-    /// Delivers one dead letter again, once.
-    async fn replay_one(&self, letter: DeadLetter, event: Event) -> ReplayStep {
-        let pair = (letter.event_id.clone(), letter.webhook_id.clone());
-        let target = {
-            let mut s = self.state.lock().expect("notifier lock");
-            let done = s.delivered.contains(&pair);
-            if !done && !s.replaying.insert(pair.clone()) {
-                return ReplayStep::NotAttempted;
-            }
-            let hook = s
-                .hooks
-                .values()
-                .flatten()
-                .find(|r| r.webhook.id == letter.webhook_id)
-                .map(|r| (r.webhook.clone(), r.secret.clone()));
-            (done, hook)
-        };
-        match target {
-            (true, _) => {
+    /// Delivers one dead letter again, once, holding its claim meanwhile.
+    async fn replay_one(&self, id: &str) -> ReplayStep {
+        let claim = match self.store.claim_letter(id, &self.lease()).await {
+            Ok(LetterClaim::Claimed(claim)) => claim,
+            Ok(LetterClaim::Delivered) => {
                 self.counters
                     .replays_skipped
                     .fetch_add(1, Ordering::Relaxed);
-                self.state
-                    .lock()
-                    .expect("notifier lock")
-                    .dlq
-                    .remove(&letter.id);
-                ReplayStep::Already
+                return ReplayStep::Already;
             }
-            (false, None) => {
-                self.state
-                    .lock()
-                    .expect("notifier lock")
-                    .replaying
-                    .remove(&pair);
+            Ok(LetterClaim::Busy) => return ReplayStep::NotAttempted,
+            Ok(LetterClaim::NotFound) => return ReplayStep::NotFound,
+            Err(error) => {
+                tracing::warn!(dead_letter = %id, %error, "cannot replay a dead letter");
+                return ReplayStep::NotAttempted;
+            }
+        };
+        let sent = match self.store.webhook(&claim.webhook_id).await {
+            Ok(Some(hook)) => self
+                .send(&claim.event, &hook.webhook, &hook.secret)
+                .await
+                .map(|()| hook),
+            Ok(None) => Err("its webhook is not registered".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match sent {
+            Ok(hook) => {
+                self.record_delivered(&claim.event, &hook.webhook, claim.attempts + 1)
+                    .await;
+                ReplayStep::Delivered
+            }
+            Err(error) => {
+                let back = self
+                    .store
+                    .return_letter(&claim.event.id, &claim.webhook_id, &self.owner, &error)
+                    .await;
+                if let Err(e) = back {
+                    tracing::warn!(dead_letter = %id, error = %e, "cannot put a dead letter back; it will be taken up again when its claim's lease ends");
+                }
                 ReplayStep::Failed
-            }
-            (false, Some((webhook, secret))) => {
-                // Marked delivered before the pair is let go, so no other
-                // replay can slip in between and send it again.
-                let step = match self.send(&event, &webhook, &secret).await {
-                    Ok(()) => {
-                        self.mark_delivered(&event, &webhook);
-                        self.state
-                            .lock()
-                            .expect("notifier lock")
-                            .dlq
-                            .remove(&letter.id);
-                        ReplayStep::Delivered
-                    }
-                    Err(e) => {
-                        if let Some((l, _)) = self
-                            .state
-                            .lock()
-                            .expect("notifier lock")
-                            .dlq
-                            .get_mut(&letter.id)
-                        {
-                            l.last_error = e;
-                            l.attempts += 1;
-                        }
-                        ReplayStep::Failed
-                    }
-                };
-                self.state
-                    .lock()
-                    .expect("notifier lock")
-                    .replaying
-                    .remove(&pair);
-                step
-            }
-        }
-    }
-
-    /// Consumes one topic forever, committing after each batch.
-    pub async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>) {
-        loop {
-            match subscription.poll(1_000, Duration::from_millis(200)).await {
-                Ok(batch) => {
-                    for event in &batch {
-                        self.apply(event);
-                    }
-                    if !batch.is_empty() {
-                        if let Err(error) = subscription.commit().await {
-                            tracing::warn!(%error, "notification cannot commit its position");
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "notification cannot read events; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
             }
         }
     }
@@ -862,19 +1162,25 @@ mod tests {
         assert_eq!(check_url(&long, open).unwrap_err().code(), "invalid_url");
     }
 
-    #[test]
-    fn an_account_has_a_bounded_number_of_webhooks() {
-        let n = Notifier::new(RetryPolicy::default(), WebhookPolicy::default());
+    #[tokio::test]
+    async fn an_account_has_a_bounded_number_of_webhooks() {
+        let n = Notifier::in_memory(NotifierConfig::default());
         for _ in 0..MAX_WEBHOOKS_PER_ACCOUNT {
-            n.register("alice", "https://hooks.example.com/a").unwrap();
+            n.register("alice", "https://hooks.example.com/a")
+                .await
+                .unwrap();
         }
         assert_eq!(
             n.register("alice", "https://hooks.example.com/a")
+                .await
                 .unwrap_err()
                 .code(),
             "too_many_webhooks"
         );
-        assert!(n.register("bob", "https://hooks.example.com/b").is_ok());
+        assert!(n
+            .register("bob", "https://hooks.example.com/b")
+            .await
+            .is_ok());
     }
 
     #[tokio::test]
@@ -885,10 +1191,13 @@ mod tests {
         assert!(refused.is_err(), "localhost resolves to loopback only");
     }
 
-    #[test]
-    fn the_dead_letter_store_keeps_the_newest_within_its_bound() {
-        let n = Notifier::new(RetryPolicy::default(), WebhookPolicy::default());
-        let hook = n.register("alice", "https://hooks.example.com/a").unwrap();
+    #[tokio::test]
+    async fn the_dead_letter_store_keeps_the_newest_within_its_bound() {
+        let n = Arc::new(Notifier::in_memory(NotifierConfig::default()));
+        let hook = n
+            .register("alice", "https://hooks.example.com/a")
+            .await
+            .unwrap();
         let event = |i: usize| Event {
             id: format!("e{i}"),
             event_type: "transfer.completed".into(),
@@ -899,12 +1208,25 @@ mod tests {
             position: None,
         };
         for i in 0..MAX_DEAD_LETTERS + 5 {
-            n.bury(&event(i), &hook, 1, "down".into());
+            let claimed = n
+                .store
+                .apply(&event(i), std::slice::from_ref(&hook.id), &n.lease())
+                .await
+                .unwrap();
+            assert_eq!(claimed, Some(vec![hook.id.clone()]));
+            let claim = Claim {
+                event: event(i),
+                webhook_id: hook.id.clone(),
+                attempts: 0,
+            };
+            n.bury(&claim, &hook, 1, "down".into()).await;
         }
-        let stats = n.stats();
+        let stats = n.stats().await.unwrap();
         assert_eq!(stats.dlq_size, MAX_DEAD_LETTERS as u64);
         assert_eq!(stats.dead_letters_dropped, 5);
-        let kept = n.dead_letters();
+        assert_eq!(stats.dead_lettered, MAX_DEAD_LETTERS as u64 + 5);
+        let kept = n.dead_letters().await.unwrap();
+        assert_eq!(kept.len(), MAX_DEAD_LETTERS);
         assert!(
             !kept.iter().any(|d| d.event_id == "e0"),
             "the oldest letters go first"

@@ -15,6 +15,7 @@ use crate::http::{
     json_response, pipeline_of, ApiError, ApiJson, AppState, CommonErrors, ErrorBody,
 };
 use crate::ids::AccountId;
+use crate::notification::WebhookRefused;
 
 /// The notification service's routes.
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -39,7 +40,17 @@ pub fn routes() -> OpenApiRouter<AppState> {
 )]
 async fn notification_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pipeline = pipeline_of(&state)?;
-    Ok(json_response(200, &pipeline.notifier.stats()))
+    let stats = pipeline.notifier.stats().await.map_err(unavailable)?;
+    Ok(json_response(200, &stats))
+}
+
+/// The notification store failed: 503, nothing changed, retry.
+fn unavailable(error: super::store::StoreError) -> ApiError {
+    tracing::warn!(%error, "the notification store does not answer");
+    ApiError::new(
+        ErrorCode::NotificationStoreUnavailable,
+        "the notification service's store does not answer; nothing changed, retry",
+    )
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -64,7 +75,7 @@ struct RegisterWebhook {
         (status = 403, description = "not allowed for this caller", body = ErrorBody),
         (status = 422, description = "invalid URL, or not a public address (unless the server allows private networks)", body = ErrorBody),
         (status = 429, description = "rate limited (Retry-After)", body = ErrorBody),
-        (status = 503, description = "a shard, the session store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
+        (status = 503, description = "a shard, the session store, the notification store or (split) the fraud or auth service is unavailable; nothing changed, retry", body = ErrorBody),
         (status = 409, description = "the account has its maximum of 5 webhooks", body = ErrorBody),
     ),
 )]
@@ -82,7 +93,11 @@ async fn register_webhook(
     let webhook = pipeline
         .notifier
         .register(account.as_str(), &body.url)
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        .await
+        .map_err(|e| match e {
+            WebhookRefused::StoreFailed(e) => unavailable(e),
+            e => ApiError::new(e.code(), e.to_string()),
+        })?;
     Ok(json_response(201, &webhook))
 }
 
@@ -104,7 +119,7 @@ async fn list_dead_letters(
     let pipeline = pipeline_of(&state)?;
     Ok(json_response(
         200,
-        &serde_json::json!({ "dead_letters": pipeline.notifier.dead_letters() }),
+        &serde_json::json!({ "dead_letters": pipeline.notifier.dead_letters().await.map_err(unavailable)? }),
     ))
 }
 
@@ -147,5 +162,6 @@ async fn replay_dead_letters(
     } else {
         pipeline.notifier.replay(Some(&body.ids)).await
     };
+    let outcome = outcome.map_err(unavailable)?;
     Ok(json_response(200, &outcome))
 }

@@ -16,14 +16,14 @@ use crate::support::{mysql_server, TEST_SECRET};
 
 /// A fresh database on the MySQL test server, dropped when this is (also
 /// when the test fails).
-struct FreshDatabase {
+pub(crate) struct FreshDatabase {
     server: String,
     name: String,
 }
 
 impl FreshDatabase {
     /// A name no other test uses; [`MysqlUsers::connect`] creates it.
-    fn new(server: &str) -> FreshDatabase {
+    pub(crate) fn new(server: &str) -> FreshDatabase {
         let name = format!("t{}_auth", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         FreshDatabase {
             server: server.to_string(),
@@ -31,7 +31,7 @@ impl FreshDatabase {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("{}/{}", self.server, self.name)
     }
 }

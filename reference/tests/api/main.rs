@@ -16,6 +16,7 @@ mod hostile;
 mod idempotency;
 mod kafka;
 mod notification;
+mod notification_store;
 mod ops;
 mod storage;
 mod support;
