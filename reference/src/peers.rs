@@ -205,15 +205,26 @@ impl Replicas {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The replicas in the order this call tries them: from the next in
-    /// turn, those that recently refused a connection last.
-    fn order(&self) -> Vec<usize> {
+    /// The replicas in the order one call tries them, by index and URL:
+    /// from the next in turn, those that recently refused a connection
+    /// last.
+    pub fn turn(&self) -> Vec<(usize, &str)> {
         let n = self.urls.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let now = self.now_ms();
         let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
         order.sort_by_key(|&i| self.down_until_ms[i].load(Ordering::Relaxed) > now);
         order
+            .into_iter()
+            .map(|i| (i, self.urls[i].as_str()))
+            .collect()
+    }
+
+    /// Replica `index` refused a connection: calls try it after the others
+    /// for a while.
+    pub fn refused(&self, index: usize) {
+        let until = self.now_ms() + DOWN_FOR_MS;
+        self.down_until_ms[index].store(until, Ordering::Relaxed);
     }
 
     /// Sends the request `build` makes for the full URL of `path` on a
@@ -224,13 +235,12 @@ impl Replicas {
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, PeerDown> {
         let mut last = None;
-        for i in self.order() {
-            let url = format!("{}{path}", self.urls[i]);
+        for (i, base) in self.turn() {
+            let url = format!("{base}{path}");
             match build(&url).send().await {
                 Ok(response) => return Ok(response),
                 Err(e) if e.is_connect() => {
-                    let until = self.now_ms() + DOWN_FOR_MS;
-                    self.down_until_ms[i].store(until, Ordering::Relaxed);
+                    self.refused(i);
                     last = Some(PeerDown { url, source: e });
                 }
                 Err(e) => return Err(PeerDown { url, source: e }),

@@ -64,7 +64,9 @@ pub enum Target {
         /// instead of in memory (auth is always on).
         redis: Option<String>,
     },
-    /// A system already running at this base URL.
+    /// A system already running at this base URL, or at these (the shard
+    /// manager's replicas, separated by commas; requests go to each in
+    /// turn).
     Url(String),
 }
 
@@ -120,9 +122,13 @@ pub struct RunOptions {
     /// With `Target::Url`, the other services of a split deployment (auth,
     /// notification, analytics) by name; those left out answer at the
     /// target.
-    pub services: Vec<(String, String)>,
+    pub services: Vec<(String, shardpay_reference::peers::Replicas)>,
     /// Parent of the run's report folder.
     pub reports_dir: PathBuf,
+    /// With `Target::Url`: webhooks for some accounts, to the run's
+    /// receiver on loopback, checked as on the in-process system (the
+    /// target must deliver there: `serve --webhooks-to-private-networks`).
+    pub webhooks: bool,
     /// Show progress bars (when stderr is a terminal) and the summary.
     pub progress: bool,
     /// With MySQL shards: before the load, measure the raw-database
@@ -671,6 +677,7 @@ async fn drive(
         plan,
         accounts.names.clone(),
         accounts.run_id.clone(),
+        api.base.clone(),
     );
     if let Some(owners) = accounts.owners {
         sim.tokens = owners.tokens;
@@ -835,9 +842,9 @@ impl RunContext<'_> {
         let owners = sign_in(api, &run_id, needed as usize, admin_password, progress).await?;
         let of_account = owners.as_ref().map(|o| o.of_account.as_slice());
         let shard_of = setup(api, scenario, &names, of_account, progress).await?;
-        // Webhooks for some accounts, on the in-process system only (a remote
-        // system may not reach this machine).
-        let receiver = if self.embedded() {
+        // Webhooks for some accounts, on the in-process system, or a target
+        // said to reach this machine's loopback.
+        let receiver = if self.embedded() || self.options.webhooks {
             crate::webhooks::Receiver::start(api, &names).await?
         } else {
             None
@@ -887,7 +894,7 @@ impl RunContext<'_> {
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
         let wall = Instant::now();
-        let goose = driver::attack(self.scenario, sim.clone(), self.base_url).await;
+        let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
         progress.abort();
@@ -1071,7 +1078,7 @@ async fn check_books(
     transfers_before: u64,
     embedded: bool,
 ) -> anyhow::Result<Accounting> {
-    let (settled, unsettled) = driver::settle_unknown(sim, &api.base).await?;
+    let (settled, unsettled) = driver::settle_unknown(sim).await?;
     let mut entries = sim.books.entries();
     let accepted_ids = accepted_ids(&entries);
     let distinct: HashSet<&String> = accepted_ids.iter().collect();
