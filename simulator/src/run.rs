@@ -704,7 +704,8 @@ async fn drive(
     }
     report.pipeline = settle_pipeline(&api).await;
     if let Some(receiver) = &accounts.receiver {
-        report.webhooks = Some(settle_webhooks(&api, receiver).await);
+        let active = accounts_in_completed_transfers(&sim.books);
+        report.webhooks = Some(settle_webhooks(&api, receiver, &active).await);
     }
     judge(scenario, &mut report);
     let dir = cx.write_report(&report)?;
@@ -1420,6 +1421,7 @@ async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::pipeline::Pipe
 async fn settle_webhooks(
     api: &Api,
     receiver: &crate::webhooks::Receiver,
+    active: &HashSet<usize>,
 ) -> crate::webhooks::WebhookReport {
     let deadline = Instant::now() + PIPELINE_WAIT;
     let mut last = None;
@@ -1433,11 +1435,24 @@ async fn settle_webhooks(
         };
         let now = (delivered, dead, receiver.distinct());
         if (last == Some(now) && now.2 == delivered) || Instant::now() >= deadline {
-            return receiver.report(delivered, dead);
+            return receiver.report(delivered, dead, active);
         }
         last = Some(now);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// The accounts (by index) that paid or were paid in a transfer the books
+/// saw completed: each has events its webhooks must be sent.
+fn accounts_in_completed_transfers(books: &crate::accounting::Books) -> HashSet<usize> {
+    books
+        .entries()
+        .into_iter()
+        .filter(
+            |(_, e)| matches!(&e.outcome, Outcome::Accepted { state, .. } if state == "completed"),
+        )
+        .flat_map(|(_, e)| [e.payer as usize, e.payee as usize])
+        .collect()
 }
 
 /// Judges the scenario's thresholds; sets `passed` and `failures`.
@@ -1534,10 +1549,10 @@ fn pipeline_result(p: &shardpay_reference::pipeline::PipelineReport) -> Threshol
 fn webhooks_result(w: &crate::webhooks::WebhookReport) -> ThresholdResult {
     ThresholdResult {
         name: "webhooks signed and delivered".into(),
-        limit: "every delivery verifies; every delivery the system made arrived".into(),
+        limit: "every delivery verifies; every delivery the system made arrived; every hooked account with a completed transfer got deliveries".into(),
         actual: format!(
-            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
-            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
+            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered, {} hooked accounts with transfers got none",
+            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered, w.hooks_missed
         ),
         ok: w.ok,
     }

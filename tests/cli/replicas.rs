@@ -324,6 +324,10 @@ fn replicas_survive_the_smoke_scenario_with_one_of_each_killed() {
 /// killed replica explains, no more than the requests it could have had in
 /// flight.
 fn check_report(report: &Value, output: &str) {
+    eprintln!(
+        "replicas: pipeline {}\nreplicas: webhooks {}\nreplicas: accounting ok {} settled after the run {}",
+        report["pipeline"], report["webhooks"], report["accounting"]["ok"], report["accounting"]["settled_after_run"]
+    );
     assert_eq!(report["audit"]["ok"], true, "{}\n{output}", report["audit"]);
     let accounting = &report["accounting"];
     assert_eq!(accounting["ok"], true, "{accounting}\n{output}");
