@@ -872,6 +872,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn peer_options_take_the_urls_of_replicas() {
+        let args = serve_args(&[
+            "shard-manager",
+            "--dev",
+            "--fraud-url",
+            "http://f1:8003,http://f2:8003/",
+        ]);
+        let config = args.serve_config(None).unwrap();
+        assert_eq!(
+            config.peers.fraud.urls(),
+            ["http://f1:8003", "http://f2:8003"]
+        );
+        assert_eq!(config.peers.auth.urls(), ["http://127.0.0.1:8001"]);
+        let args = serve_args(&[
+            "shard-manager",
+            "--dev",
+            "--fraud-url",
+            "http://f1:8003,f2:8003",
+        ]);
+        let error = args.serve_config(None).unwrap_err().to_string();
+        assert!(
+            error.contains("--fraud-url") && error.contains("\"f2:8003\""),
+            "{error}"
+        );
+    }
+
     fn serve_args(argv: &[&str]) -> ServeArgs {
         let cli = Cli::try_parse_from([&["shardpay", "serve"], argv].concat()).unwrap();
         match cli.command {
