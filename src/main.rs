@@ -265,6 +265,9 @@ struct ServeArgs {
     /// How often the recovery loop looks for pending transfers, in ms.
     #[arg(long, env = "SHARDPAY_RECOVERY_INTERVAL_MS", default_value_t = 500)]
     recovery_interval_ms: u64,
+    /// How long published outbox rows are kept before they are pruned, in seconds (a row is pruned only once the analytics snapshot covers it)
+    #[arg(long, env = "SHARDPAY_OUTBOX_RETENTION_S", default_value_t = 300)]
+    outbox_retention_s: u64,
     /// Age before recovery takes over a pending transfer from its request, ms.
     #[arg(long, env = "SHARDPAY_RECOVERY_GRACE_MS", default_value_t = 2_000)]
     recovery_grace_ms: u64,
@@ -661,6 +664,7 @@ impl ServeArgs {
             webhooks: shardpay_reference::notification::WebhookPolicy {
                 allow_private: self.webhooks_to_private_networks,
             },
+            outbox_retention: Duration::from_secs(self.outbox_retention_s),
         })
     }
 }

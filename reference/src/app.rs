@@ -64,6 +64,9 @@ pub struct ServeConfig {
     pub auth: AuthSetup,
     /// Where webhooks may be delivered.
     pub webhooks: crate::notification::WebhookPolicy,
+    /// How long published outbox rows are kept before they are pruned
+    /// (once the analytics snapshot covers them).
+    pub outbox_retention: Duration,
 }
 
 /// Whether and how requests are authenticated.
@@ -104,6 +107,7 @@ impl ServeConfig {
             bus: BusConfig::InProcess,
             auth: AuthSetup::Demo,
             webhooks: Default::default(),
+            outbox_retention: crate::events::OUTBOX_RETENTION,
         }
     }
 }
@@ -363,7 +367,8 @@ fn open_pipeline(
     let service = config.service;
     let mut pipeline = Pipeline::with_bus(shards.to_vec(), bus)
         .with_webhooks(config.webhooks)
-        .with_auth(auth.clone());
+        .with_auth(auth.clone())
+        .with_outbox_retention(config.outbox_retention);
     if config.webhooks.allow_private && service.runs(Service::Notification) {
         tracing::warn!("webhooks may be delivered to loopback and private addresses (--webhooks-to-private-networks): for tests and local receivers only");
     }

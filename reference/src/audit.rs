@@ -1,13 +1,14 @@
 //! The ledger audit: proves, across every shard at one quiet moment, that no
 //! money was created, lost or moved twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 
+use crate::ids::TransferId;
 use crate::ledger::{
-    now_ms, AccountKind, AccountMismatch, CreditEntries, CreditOutcome, ShardAudit, TimestampMs,
-    Transfer, TransferEntries, TransferState,
+    now_ms, AccountKind, AccountMismatch, BranchId, CreditEntries, CreditOutcome, ShardAudit,
+    TimestampMs, Transfer, TransferEntries, TransferState,
 };
 use crate::manager::{ManagerError, ShardManager};
 use crate::money::{format_minor, Currency};
@@ -66,32 +67,40 @@ impl Checks {
     }
 }
 
-/// Runs the audit. Waits for running transfers to finish their current step
-/// and holds new ones back while it reads, so no saga is caught mid-way.
+/// Runs the audit under live traffic, from any process, without holding
+/// transfers back: each shard is read in one snapshot, shard after shard.
+///
+/// A saga's steps run on two shards one after the other, so snapshots taken
+/// at different moments can disagree about a transfer that moved between
+/// them: its payer's shard says completed while its payee's shard, read
+/// earlier, has no credit yet; or a credit shows up whose transfer began
+/// after its payer's shard was read. Each such disagreement is read again
+/// from the shards as they are now (after the prepared XA branches seen have
+/// settled); the ones still there are problems. Every other check holds
+/// within one shard's snapshot, or (money conserved) for any set of
+/// snapshots, since each step of a saga moves money within one shard.
 pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
-    let _quiet = manager.quiesce().await;
-    let in_doubt = settle_in_doubt(manager).await;
+    let two_phase = manager.shards().iter().any(|s| s.two_phase().is_some());
+    let mut in_doubt = settle_in_doubt(manager).await;
     let mut shards: Vec<ShardAudit> = Vec::new();
     for store in manager.shards() {
         shards.push(store.audit().await?);
     }
-    // For each pending transfer, whether its payee's shard already credited.
-    let mut pending_credited: Vec<(Currency, i128)> = Vec::new();
-    for audit in &shards {
-        for t in &audit.pending {
-            let payee_store = &manager.shards()[t.payee_shard.index()];
-            if payee_store.credit_outcome(&t.id).await? == Some(CreditOutcome::Credited) {
-                pending_credited.push((t.currency, t.amount.minor() as i128));
-            }
-        }
+    let unmatched = Unmatched::of(&shards);
+    let mut seen_now = read_again(manager, &unmatched).await?;
+    if two_phase && !unmatched.explained_by(&seen_now) {
+        // A branch prepared while the shards were read may be between its
+        // two commits: let it settle, then look again.
+        in_doubt = settle_in_doubt(manager).await;
+        seen_now = read_again(manager, &unmatched).await?;
     }
     let mut report = evaluate(
         &shards,
-        &pending_credited,
+        &seen_now,
         manager.config().recovery_deadline_ms,
         now_ms(),
     );
-    if manager.shards().iter().any(|s| s.two_phase().is_some()) {
+    if two_phase {
         let mut checks = Checks(std::mem::take(&mut report.checks));
         checks.add("no_in_doubt_xa_branches", in_doubt);
         report.checks = checks.0;
@@ -100,21 +109,119 @@ pub async fn run(manager: &ShardManager) -> Result<AuditReport, ManagerError> {
     Ok(report)
 }
 
+/// The cross-shard transfers the snapshots show on one side only: completed
+/// ones with no credit on any shard, and credits whose transfer is on no
+/// payer's shard.
+#[derive(Debug, Default)]
+struct Unmatched {
+    credits_missing: Vec<String>,
+    transfers_missing: Vec<String>,
+}
+
+impl Unmatched {
+    fn of(shards: &[ShardAudit]) -> Unmatched {
+        let credited: BTreeSet<&str> = shards
+            .iter()
+            .flat_map(|s| s.credits.iter())
+            .filter(|c| c.credited)
+            .map(|c| c.transfer_id.as_str())
+            .collect();
+        let cross: BTreeSet<&str> = shards
+            .iter()
+            .flat_map(|s| s.transfers.iter())
+            .filter(|t| t.cross_shard)
+            .map(|t| t.id.as_str())
+            .collect();
+        let credits_missing = shards
+            .iter()
+            .flat_map(|s| s.transfers.iter())
+            .filter(|t| t.cross_shard && t.state == TransferState::Completed)
+            .filter(|t| !credited.contains(t.id.as_str()))
+            .map(|t| t.id.clone())
+            .collect();
+        let transfers_missing = credited
+            .iter()
+            .filter(|id| !cross.contains(*id))
+            .map(|id| id.to_string())
+            .collect();
+        Unmatched {
+            credits_missing,
+            transfers_missing,
+        }
+    }
+
+    fn explained_by(&self, now: &SeenNow) -> bool {
+        self.credits_missing
+            .iter()
+            .all(|id| now.credited.contains(id))
+            && self
+                .transfers_missing
+                .iter()
+                .all(|id| now.transfers.contains_key(id))
+    }
+}
+
+/// What the shards show now of the transfers the snapshots saw on one side
+/// only.
+#[derive(Debug, Default)]
+pub struct SeenNow {
+    /// Transfers credited on some shard now.
+    pub credited: BTreeSet<String>,
+    /// Transfers found now on some shard: (state, amount in minor units).
+    pub transfers: BTreeMap<String, (TransferState, i64)>,
+}
+
+/// Looks up, on every shard, the credits and transfers `unmatched` lacks.
+async fn read_again(
+    manager: &ShardManager,
+    unmatched: &Unmatched,
+) -> Result<SeenNow, ManagerError> {
+    let mut now = SeenNow::default();
+    for id in &unmatched.credits_missing {
+        let Ok(transfer) = TransferId::parse(id) else {
+            continue;
+        };
+        for store in manager.shards() {
+            if store.credit_outcome(&transfer).await? == Some(CreditOutcome::Credited) {
+                now.credited.insert(id.clone());
+            }
+        }
+    }
+    for id in &unmatched.transfers_missing {
+        let Ok(transfer) = TransferId::parse(id) else {
+            continue;
+        };
+        for store in manager.shards() {
+            if let Some(t) = store.transfer(&transfer).await? {
+                now.transfers
+                    .insert(id.clone(), (t.state, t.amount.minor()));
+            }
+        }
+    }
+    Ok(now)
+}
+
 /// Settles the prepared XA branches found now, waiting for their
-/// coordinators' deadlines where needed (no transfer of this process is
-/// between its steps; a coordinator in another process has until its
-/// deadline to decide). Answers the branches still prepared after that.
+/// coordinators' deadlines where needed (a coordinator in any process has
+/// until its deadline to decide). Branches prepared after this call started
+/// belong to transfers still running and are not waited for. Answers the
+/// branches seen at the start that are still prepared after that.
 async fn settle_in_doubt(manager: &ShardManager) -> Vec<String> {
     let mut sweep = manager.resolve_in_doubt().await;
+    let watched: HashSet<BranchId> = sweep.remaining.iter().cloned().collect();
     let give_up = now_ms() + manager.config().xa_decision_ms + 1_000;
-    while let Some(due_by) = sweep.due_by.filter(|d| *d < give_up) {
-        let wait = (due_by - now_ms()).clamp(0, 2_000) + 50;
+    while sweep.remaining.iter().any(|b| watched.contains(b)) && now_ms() < give_up {
+        let wait = sweep
+            .due_by
+            .map_or(500, |due_by| (due_by - now_ms()).clamp(0, 2_000))
+            + 50;
         tokio::time::sleep(std::time::Duration::from_millis(wait as u64)).await;
         sweep = manager.resolve_in_doubt().await;
     }
     let mut in_doubt: Vec<String> = sweep
         .remaining
         .iter()
+        .filter(|b| watched.contains(b))
         .map(|b| format!("XA branch {b} is still prepared"))
         .collect();
     in_doubt.extend(
@@ -127,12 +234,12 @@ async fn settle_in_doubt(manager: &ShardManager) -> Vec<String> {
 }
 
 /// Judges the shards' snapshots (in shard order) without reading anything:
-/// `pending_credited` holds the pending transfers whose payee's shard has
-/// already credited them, and a pending transfer created more than
-/// `recovery_deadline_ms` before `now` is stale.
+/// `seen_now` holds what the shards showed afterwards of the cross-shard
+/// transfers the snapshots saw on one side only, and a pending transfer
+/// created more than `recovery_deadline_ms` before `now` is stale.
 fn evaluate(
     shards: &[ShardAudit],
-    pending_credited: &[(Currency, i128)],
+    seen_now: &SeenNow,
     recovery_deadline_ms: i64,
     now: TimestampMs,
 ) -> AuditReport {
@@ -168,7 +275,7 @@ fn evaluate(
         per_shard(&in_flight_problems),
     );
     let mut exactly_once = per_shard(&entry_problems);
-    exactly_once.extend(credit_count_problem(shards, pending_credited));
+    exactly_once.extend(cross_shard_problems(shards, seen_now));
     checks.add("transfers_have_entries_exactly_once", exactly_once);
     let totals = money_totals(shards);
     checks.add("money_conserved", conservation_problems(&totals));
@@ -224,30 +331,76 @@ fn in_flight_problems(s: &ShardAudit) -> Vec<String> {
         .collect()
 }
 
-/// Every completed cross-shard transfer was credited exactly once, and no
-/// failed one was: credits = completed + pending-but-credited.
-fn credit_count_problem(
-    shards: &[ShardAudit],
-    pending_credited: &[(Currency, i128)],
+/// Every completed cross-shard transfer was credited exactly once, for its
+/// amount, and no failed one was; every credit belongs to a transfer that
+/// did not fail. A side missing from the snapshots counts when `seen_now`
+/// found it afterwards.
+fn cross_shard_problems(shards: &[ShardAudit], seen_now: &SeenNow) -> Vec<String> {
+    let mut credits: BTreeMap<&str, Vec<&CreditEntries>> = BTreeMap::new();
+    for c in shards.iter().flat_map(|s| s.credits.iter()) {
+        credits.entry(c.transfer_id.as_str()).or_default().push(c);
+    }
+    let mut problems = Vec::new();
+    let mut payers: BTreeSet<&str> = BTreeSet::new();
+    for t in shards.iter().flat_map(|s| s.transfers.iter()) {
+        if !t.cross_shard {
+            continue;
+        }
+        payers.insert(&t.id);
+        let credited: Vec<&CreditEntries> = credits
+            .get(t.id.as_str())
+            .map(|cs| cs.iter().copied().filter(|c| c.credited).collect())
+            .unwrap_or_default();
+        problems.extend(credit_of_problem(
+            t,
+            &credited,
+            seen_now.credited.contains(&t.id),
+        ));
+    }
+    for (id, cs) in &credits {
+        if cs.len() > 1 {
+            problems.push(format!("{id} has a credit on {} shards", cs.len()));
+        }
+        for c in cs.iter().filter(|c| c.credited && !payers.contains(id)) {
+            problems.extend(match seen_now.transfers.get(*id) {
+                Some((state, amount))
+                    if *state != TransferState::Failed && *amount == c.amount_minor =>
+                {
+                    None
+                }
+                Some((state, amount)) => Some(format!(
+                    "{id} credited {} but its transfer is {} for {amount}",
+                    c.amount_minor,
+                    state.as_str()
+                )),
+                None => Some(format!(
+                    "{id} credited {} but no shard has its transfer",
+                    c.amount_minor
+                )),
+            });
+        }
+    }
+    problems
+}
+
+/// A cross-shard transfer against the credits applied for it.
+fn credit_of_problem(
+    t: &TransferEntries,
+    credited: &[&CreditEntries],
+    credited_since: bool,
 ) -> Option<String> {
-    let sum = |f: fn(&ShardAudit) -> (u64, i128)| {
-        shards
-            .iter()
-            .map(f)
-            .fold((0u64, 0i128), |acc, x| (acc.0 + x.0, acc.1 + x.1))
-    };
-    let completed = sum(|s| s.completed_cross_out);
-    let credited = sum(|s| s.credited_in);
-    let halfway = (
-        pending_credited.len() as u64,
-        pending_credited.iter().map(|(_, a)| a).sum::<i128>(),
-    );
-    ((completed.0 + halfway.0, completed.1 + halfway.1) != credited).then(|| {
-        format!(
-            "{} completed cross-shard transfers ({} minor units) and {} credited pending ones, but {} credits ({} minor units) on payee shards",
-            completed.0, completed.1, halfway.0, credited.0, credited.1
-        )
-    })
+    match (t.state, credited) {
+        (_, [c]) if c.amount_minor != t.amount_minor => Some(format!(
+            "{} of {} was credited {}",
+            t.id, t.amount_minor, c.amount_minor
+        )),
+        (TransferState::Failed, [_, ..]) => Some(format!("{} failed but was credited", t.id)),
+        (_, [_, _, ..]) => Some(format!("{} was credited {} times", t.id, credited.len())),
+        (TransferState::Completed, []) if !credited_since => {
+            Some(format!("{} completed but no shard credited it", t.id))
+        }
+        _ => None,
+    }
 }
 
 /// Currencies whose balances and money in flight differ from what was funded.
@@ -475,7 +628,7 @@ mod tests {
     /// 217.00 in balances + 3.00 in flight (t4).
     struct World {
         shards: Vec<ShardAudit>,
-        pending_credited: Vec<(Currency, i128)>,
+        seen_now: SeenNow,
     }
 
     fn consistent() -> World {
@@ -498,8 +651,6 @@ mod tests {
             pending: vec![pending(4, ("alice", 0), ("carol", 1), 300, NOW - 1_000)],
             sent_minor_by_currency: vec![(usd(), 2_000 + 300)],
             received_minor_by_currency: vec![(usd(), 400)],
-            completed_cross_out: (1, 2_000),
-            credited_in: (1, 400),
             ..Default::default()
         };
         let shard_1 = ShardAudit {
@@ -517,19 +668,17 @@ mod tests {
             pending: vec![pending(5, ("carol", 1), ("alice", 0), 400, NOW - 1_000)],
             sent_minor_by_currency: vec![(usd(), 400)],
             received_minor_by_currency: vec![(usd(), 2_000)],
-            completed_cross_out: (0, 0),
-            credited_in: (1, 2_000),
             ..Default::default()
         };
         World {
             shards: vec![shard_0, shard_1],
-            pending_credited: vec![(usd(), 400)],
+            seen_now: SeenNow::default(),
         }
     }
 
     impl World {
         fn judge(&self) -> AuditReport {
-            evaluate(&self.shards, &self.pending_credited, DEADLINE_MS, NOW)
+            evaluate(&self.shards, &self.seen_now, DEADLINE_MS, NOW)
         }
     }
 
@@ -839,7 +988,6 @@ mod tests {
         let shard = &mut world.shards[0];
         transfer_row(shard, 2).amount_minor = 2_001;
         shard.sent_minor_by_currency = vec![(usd(), 2_301)];
-        shard.completed_cross_out = (1, 2_001);
         let report = world.judge();
         assert_fails_exactly(
             &report,
@@ -854,10 +1002,7 @@ mod tests {
         );
         let problems = &check(&report, "transfers_have_entries_exactly_once").problems;
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert_eq!(
-            problems[1],
-            "1 completed cross-shard transfers (2001 minor units) and 1 credited pending ones, but 2 credits (2400 minor units) on payee shards"
-        );
+        assert_eq!(problems[1], format!("{} of 2001 was credited 2000", tid(2)));
     }
 
     /// Shard 1 restored from a copy taken before t2's credit: every shard is
@@ -870,13 +1015,74 @@ mod tests {
         add_to_total(shard, AccountKind::User, -2_000);
         add_to_total(shard, AccountKind::InFlight, 2_000);
         shard.received_minor_by_currency = vec![];
-        shard.credited_in = (0, 0);
+        shard.credits.clear();
         let report = world.judge();
         assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
         assert_eq!(
             check(&report, "transfers_have_entries_exactly_once").problems,
-            ["1 completed cross-shard transfers (2000 minor units) and 1 credited pending ones, but 1 credits (400 minor units) on payee shards"]
+            [format!("{} completed but no shard credited it", tid(2))]
         );
+    }
+
+    /// Shard 1 read before t2's credit and shard 0 after t2 completed: the
+    /// snapshots disagree, and the credit found when the audit looked again
+    /// settles it. Found nowhere, it fails as above.
+    #[test]
+    fn a_credit_applied_between_two_snapshots_passes_once_found() {
+        let mut world = consistent();
+        let shard = &mut world.shards[1];
+        add_to_total(shard, AccountKind::User, -2_000);
+        add_to_total(shard, AccountKind::InFlight, 2_000);
+        shard.received_minor_by_currency = vec![];
+        shard.credits.clear();
+        world.seen_now.credited.insert(tid(2).to_string());
+        let report = world.judge();
+        assert!(report.ok, "{report:#?}");
+    }
+
+    /// t6 carol -> alice 6.00 began after shard 1 (its payer's) was read and
+    /// was credited before shard 0 was: a credit whose transfer the
+    /// snapshots lack. It passes when the transfer is found afterwards, not
+    /// failed and for the same amount, and fails otherwise.
+    #[test]
+    fn a_transfer_begun_between_two_snapshots_passes_once_found() {
+        let with_late_credit = || {
+            let mut world = consistent();
+            let shard = &mut world.shards[0];
+            shard.credits.push(credit(6, true, 600, (2, 600)));
+            add_to_total(shard, AccountKind::User, 600);
+            add_to_total(shard, AccountKind::InFlight, -600);
+            shard.received_minor_by_currency = vec![(usd(), 1_000)];
+            world
+        };
+        let report = with_late_credit().judge();
+        assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+        assert_eq!(
+            check(&report, "transfers_have_entries_exactly_once").problems,
+            [format!(
+                "{} credited 600 but no shard has its transfer",
+                tid(6)
+            )]
+        );
+        let mut world = with_late_credit();
+        world
+            .seen_now
+            .transfers
+            .insert(tid(6).to_string(), (TransferState::Pending, 600));
+        let report = world.judge();
+        assert!(report.ok, "{report:#?}");
+        for (state, amount) in [
+            (TransferState::Failed, 600),
+            (TransferState::Completed, 601),
+        ] {
+            let mut world = with_late_credit();
+            world
+                .seen_now
+                .transfers
+                .insert(tid(6).to_string(), (state, amount));
+            let report = world.judge();
+            assert_fails_exactly(&report, &["transfers_have_entries_exactly_once"]);
+        }
     }
 
     /// t4 left pending past the recovery deadline; exactly at the deadline

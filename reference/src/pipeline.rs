@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{Analytics, ANALYTICS_GROUP};
+use crate::analytics::{Analytics, ANALYTICS_GROUP, SNAPSHOT_INTERVAL};
 use crate::events::*;
 use crate::ledger::ShardStore;
 
@@ -43,7 +43,8 @@ pub struct RelayCounts {
 /// What `/v1/pipeline` answers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PipelineReport {
-    /// Outbox rows on all shards, and those not yet published.
+    /// Outbox rows ever written on all shards (pruned ones included), and
+    /// those not yet published: from the shards' counters.
     pub outbox_rows: u64,
     pub outbox_backlog: u64,
     /// Events the relays published (repeats after a failure included).
@@ -98,6 +99,13 @@ impl Pipeline {
         self
     }
 
+    /// Keeps published outbox rows for `retention` before the relay
+    /// prunes them.
+    pub fn with_outbox_retention(self, retention: Duration) -> Self {
+        self.relay.set_retention(retention);
+        self
+    }
+
     /// Runs only `service`'s part; its report asks `peers` for the rest.
     pub fn for_service(
         mut self,
@@ -136,19 +144,31 @@ impl Pipeline {
                 tracing::info!(
                     events = rebuilt,
                     ms = started.elapsed().as_millis() as u64,
-                    "analytics rebuilt its totals from the shards' outboxes"
+                    "analytics started from its snapshots and the outboxes' tails"
                 );
             }
         }
+        // Every group subscribes before any consumes: the in-process bus
+        // lets go of events once every group it knows has committed them.
+        let (mut analytics, mut notification) = (Vec::new(), Vec::new());
         for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
             if self.service.runs(Service::Analytics) {
-                let analytics = self.bus.subscribe(topic, ANALYTICS_GROUP).await?;
-                tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(analytics)));
+                analytics.push(self.bus.subscribe(topic, ANALYTICS_GROUP).await?);
             }
             if self.service.runs(Service::Notification) {
-                let notification = self.bus.subscribe(topic, NOTIFICATION_GROUP).await?;
-                tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(notification)));
+                notification.push(self.bus.subscribe(topic, NOTIFICATION_GROUP).await?);
             }
+        }
+        for subscription in analytics {
+            tasks.push(tokio::spawn(Arc::clone(&self.analytics).run(subscription)));
+        }
+        for subscription in notification {
+            tasks.push(tokio::spawn(Arc::clone(&self.notifier).run(subscription)));
+        }
+        if self.service.runs(Service::Analytics) {
+            let shards = self.relay.shards().to_vec();
+            let snapshots = Arc::clone(&self.analytics).snapshot_loop(shards, SNAPSHOT_INTERVAL);
+            tasks.push(tokio::spawn(snapshots));
         }
         Ok(tasks)
     }

@@ -265,8 +265,8 @@ fn sigterm_during_a_simulator_run_loses_no_transfer() {
 
     let report = only_report(&reports);
     assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
-    // Analytics rebuilds its totals from the outboxes when it starts, so it
-    // has every event; the notification consumer keeps what it delivered in
+    // Analytics starts from its snapshots on the shards and the outboxes'
+    // tails after them, so it has every event; the notification consumer keeps what it delivered in
     // memory, so the restarted one counts events from its start: the
     // pipeline check is the one threshold a restart may fail.
     assert_eq!(

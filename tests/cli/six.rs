@@ -319,7 +319,7 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
     );
 
     let reports = dir.path().join("reports");
-    let run = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+    let mut run = Command::new(env!("CARGO_BIN_EXE_shardpay"))
         .args([
             "run",
             "scenarios/smoke.toml",
@@ -337,8 +337,27 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
         .arg(&reports)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("SHARDPAY_ADMIN_PASSWORD", &admin_password)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // The ledger service audits again and again while the run's sagas go
+    // on in the shard manager's process: every audit must pass.
+    let admin = login(&auth.url, "admin", &admin_password);
+    let audit_url = format!("{}/v1/audit", by_name("ledger").url);
+    let mut audits = 0;
+    while run.try_wait().unwrap().is_none() {
+        let audit = get_auth(&audit_url, &admin);
+        assert_eq!(
+            audit["ok"], true,
+            "audit {audits} during the run: {audit:#}"
+        );
+        audits += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(audits >= 3, "only {audits} audits ran during the run");
+    eprintln!("six services: {audits} audits passed during the run");
+    let run = run.wait_with_output().unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&run.stdout),

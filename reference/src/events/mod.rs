@@ -5,15 +5,19 @@
 //! Delivery is at least once: the relay marks outbox rows published only
 //! after the bus took them, so a relay that dies in between publishes them
 //! again, and a consumer that dies before committing its position reads
-//! them again. Consumers therefore keep the ids they have applied and skip
-//! repeats; the pipeline statistics count those as duplicates suppressed.
+//! them again. Consumers therefore recognise what they have applied and
+//! skip repeats (analytics by each row's publish position, gap-free per
+//! shard, which the relay gives rows before publishing them); the
+//! pipeline statistics count those as duplicates suppressed. Published
+//! rows are pruned once every consumer snapshot covers them and the
+//! retention has passed, so the outbox does not grow with history.
 //!
 //! The bus is a trait. [`InProcessBus`] is the embedded default: one
 //! ordered log per topic, group positions committed after processing, as a
 //! Kafka consumer group commits offsets. [`kafka::KafkaBus`] is the same on
 //! a Kafka-protocol broker.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +75,10 @@ pub struct Event {
     pub payload: String,
     /// When the change it describes committed.
     pub created_at_ms: TimestampMs,
+    /// Its publish position in its shard's outbox (gap-free per shard), by
+    /// which consumers recognise repeats without keeping every id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<i64>,
 }
 
 impl Event {
@@ -82,6 +90,7 @@ impl Event {
             shard: Some(e.shard.index() as u16),
             payload: e.payload.clone(),
             created_at_ms: e.created_at_ms,
+            position: e.position,
         }
     }
 
@@ -120,10 +129,27 @@ pub trait Subscription: Send {
     async fn commit(&mut self) -> anyhow::Result<()>;
 }
 
+/// One topic: the events no group has committed past yet, and each
+/// group's committed position (positions count from the topic's first
+/// event ever, `start` being that of `log[0]`).
 #[derive(Default)]
 struct Topic {
-    log: Vec<Arc<Event>>,
+    log: VecDeque<Arc<Event>>,
+    start: usize,
     committed: HashMap<String, usize>,
+}
+
+impl Topic {
+    /// Drops the events every group has committed past: the log holds
+    /// what some group has still to read, not the topic's history.
+    fn trim(&mut self) {
+        let Some(&low) = self.committed.values().min() else {
+            return;
+        };
+        let drop = low.saturating_sub(self.start).min(self.log.len());
+        self.log.drain(..drop);
+        self.start += drop;
+    }
 }
 
 /// The embedded bus: in memory, one ordered log per topic.
@@ -154,7 +180,8 @@ impl EventBus for InProcessBus {
         let position = {
             let mut topics = self.inner.topics.lock().expect("bus lock");
             let t = topics.entry(topic.to_string()).or_default();
-            *t.committed.entry(group.to_string()).or_insert(0)
+            let start = t.start;
+            *t.committed.entry(group.to_string()).or_insert(start)
         };
         Ok(Box::new(InProcessSubscription {
             bus: Arc::clone(&self.inner),
@@ -168,6 +195,13 @@ impl EventBus for InProcessBus {
 impl InProcessBus {
     /// Events on a topic so far.
     pub fn len(&self, topic: &str) -> usize {
+        let topics = self.inner.topics.lock().expect("bus lock");
+        topics.get(topic).map_or(0, |t| t.start + t.log.len())
+    }
+
+    /// Events on a topic still held in memory (not yet committed past by
+    /// every group).
+    pub fn held(&self, topic: &str) -> usize {
         let topics = self.inner.topics.lock().expect("bus lock");
         topics.get(topic).map_or(0, |t| t.log.len())
     }
@@ -193,13 +227,11 @@ impl Subscription for InProcessSubscription {
             {
                 let topics = self.bus.topics.lock().expect("bus lock");
                 if let Some(t) = topics.get(&self.topic) {
-                    if t.log.len() > self.position {
-                        let end = t.log.len().min(self.position + max);
-                        let batch = t.log[self.position..end]
-                            .iter()
-                            .map(|e| (**e).clone())
-                            .collect();
-                        self.position = end;
+                    let from = self.position.max(t.start) - t.start;
+                    if t.log.len() > from {
+                        let end = t.log.len().min(from + max);
+                        let batch = t.log.range(from..end).map(|e| (**e).clone()).collect();
+                        self.position = t.start + end;
                         return Ok(batch);
                     }
                 }
@@ -214,6 +246,7 @@ impl Subscription for InProcessSubscription {
         let mut topics = self.bus.topics.lock().expect("bus lock");
         let t = topics.entry(self.topic.clone()).or_default();
         t.committed.insert(self.group.clone(), self.position);
+        t.trim();
         Ok(())
     }
 }
@@ -223,16 +256,23 @@ impl Subscription for InProcessSubscription {
 pub struct RelayStats {
     pub published: AtomicU64,
     pub failures: AtomicU64,
+    /// Outbox rows deleted once every consumer had them.
+    pub pruned: AtomicU64,
 }
 
-/// Publishes each shard's outbox, oldest first, and marks rows published
-/// once the bus has them.
+/// Publishes each shard's outbox in publish-position order, marks rows
+/// published once the bus has them, and prunes published rows that every
+/// consumer's snapshot covers once they are older than the retention.
 pub struct Relay {
     shards: Vec<Arc<dyn ShardStore>>,
     bus: Arc<dyn EventBus>,
     pub stats: Arc<RelayStats>,
     /// Test hook: publish one batch, then fail before marking it, once.
     pub fail_before_mark_once: AtomicBool,
+    /// How long published rows stay in the outbox, in milliseconds.
+    retention_ms: AtomicU64,
+    /// When the relay next prunes.
+    prune_at: Mutex<std::time::Instant>,
 }
 
 impl Relay {
@@ -244,6 +284,15 @@ impl Relay {
 
 /// Rows per relay pass and shard.
 pub const RELAY_BATCH: u32 = 500;
+/// How long published outbox rows are kept by default: long enough that
+/// a consumer restarted within it still finds what it had not put in its
+/// snapshot, short enough that the outbox stays a few minutes of traffic.
+pub const OUTBOX_RETENTION: Duration = Duration::from_secs(300);
+/// Rows one prune deletes per shard: a short transaction, whatever the
+/// backlog of rows to prune.
+pub const PRUNE_BATCH: u32 = 5_000;
+/// How often the relay prunes while the last prune left nothing behind.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Relay {
     pub fn new(shards: Vec<Arc<dyn ShardStore>>, bus: Arc<dyn EventBus>) -> Relay {
@@ -252,10 +301,19 @@ impl Relay {
             bus,
             stats: Arc::new(RelayStats::default()),
             fail_before_mark_once: AtomicBool::new(false),
+            retention_ms: AtomicU64::new(OUTBOX_RETENTION.as_millis() as u64),
+            prune_at: Mutex::new(std::time::Instant::now()),
         }
     }
 
+    /// Keeps published rows for `retention` before pruning them.
+    pub fn set_retention(&self, retention: Duration) {
+        let ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        self.retention_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// One pass over every shard; answers how many events it published.
+    /// Prunes too, when a prune is due.
     pub async fn relay_once(&self) -> u64 {
         let mut published = 0;
         for store in &self.shards {
@@ -267,11 +325,51 @@ impl Relay {
                 }
             }
         }
+        let due = *self.prune_at.lock().expect("relay lock") <= std::time::Instant::now();
+        if due {
+            let more = self.prune_once().await;
+            let wait = if more { Duration::ZERO } else { PRUNE_INTERVAL };
+            *self.prune_at.lock().expect("relay lock") = std::time::Instant::now() + wait;
+        }
         published
     }
 
+    /// Prunes up to `PRUNE_BATCH` rows per shard; answers whether a shard
+    /// had more to prune.
+    pub async fn prune_once(&self) -> bool {
+        let retention = self.retention_ms.load(Ordering::Relaxed);
+        let before = now_ms().saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+        let mut more = false;
+        for store in &self.shards {
+            match store.prune_outbox(before, PRUNE_BATCH).await {
+                Ok(n) => {
+                    self.stats.pruned.fetch_add(n, Ordering::Relaxed);
+                    more |= n == u64::from(PRUNE_BATCH);
+                }
+                Err(error) => {
+                    tracing::warn!(shard = %store.shard(), %error, "outbox prune failed; retrying");
+                }
+            }
+        }
+        more
+    }
+
+    /// The shard's unpublished rows in publish-position order, staging
+    /// rows that have no position yet (rows committed after the staging
+    /// wait for the next pass).
+    async fn staged_rows(&self, store: &dyn ShardStore) -> anyhow::Result<Vec<OutboxEvent>> {
+        let mut rows = store.unpublished_events(RELAY_BATCH).await?;
+        if rows.iter().any(|r| r.position.is_none()) {
+            store.stage_outbox(RELAY_BATCH).await?;
+            rows = store.unpublished_events(RELAY_BATCH).await?;
+        }
+        rows.retain(|r| r.position.is_some());
+        rows.sort_by_key(|r| r.position);
+        Ok(rows)
+    }
+
     async fn relay_shard(&self, store: &dyn ShardStore) -> anyhow::Result<u64> {
-        let rows = store.unpublished_events(RELAY_BATCH).await?;
+        let rows = self.staged_rows(store).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -341,6 +439,7 @@ mod tests {
                 r#"{{"amount_minor":{n},"currency":"INR","from_shard":0,"to_shard":1}}"#
             ),
             created_at_ms: 1_000,
+            position: None,
         }
     }
 
@@ -351,6 +450,8 @@ mod tests {
             .await
             .unwrap();
         let mut first = bus.subscribe("t", "g").await.unwrap();
+        // Another group, known to the bus before anyone commits.
+        let mut other = bus.subscribe("t", "h").await.unwrap();
         let got = first.poll(2, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.len(), 2);
         first.commit().await.unwrap();
@@ -359,8 +460,7 @@ mod tests {
         let mut second = bus.subscribe("t", "g").await.unwrap();
         let got = second.poll(10, Duration::from_millis(10)).await.unwrap();
         assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["c"]);
-        // Another group reads everything.
-        let mut other = bus.subscribe("t", "h").await.unwrap();
+        // The other group reads everything.
         assert_eq!(
             other
                 .poll(10, Duration::from_millis(10))
@@ -375,5 +475,18 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+        // Group h has read all three but committed none: all are held.
+        assert_eq!(bus.held("t"), 3);
+        other.commit().await.unwrap();
+        second.commit().await.unwrap();
+        // Every group past them: the bus holds none, and counts them still.
+        assert_eq!((bus.held("t"), bus.len("t")), (0, 3));
+        bus.publish("t", &[event("d", 4)]).await.unwrap();
+        let got = second.poll(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d"]);
+        // A group the bus did not know starts at what is held.
+        let mut late = bus.subscribe("t", "late").await.unwrap();
+        let got = late.poll(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d"]);
     }
 }

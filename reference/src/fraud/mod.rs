@@ -341,6 +341,7 @@ impl FraudEngine {
             })
             .to_string(),
             created_at_ms: crate::ledger::now_ms(),
+            position: None,
         };
         // Off the transfer's path: a broker round trip must not add to the
         // payment's latency.

@@ -166,7 +166,7 @@ impl Metrics {
         );
         registry.register(
             "shardpay_outbox_rows",
-            "Outbox rows on all shards",
+            "Outbox rows ever written on all shards (pruned ones included)",
             self.outbox_rows.clone(),
         );
         registry.register(

@@ -221,6 +221,45 @@ macro_rules! shard_store {
                 $read!(self, |s| book::outbox_counts(s))
             }
 
+            async fn stage_outbox(&self, limit: u32) -> Result<u64, $crate::ledger::StoreError> {
+                $write!(self, |s| book::stage_outbox(s, limit))
+            }
+
+            async fn outbox_tail(
+                &self,
+                after_position: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::ledger::OutboxEvent>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::outbox_tail(s, after_position, limit))
+            }
+
+            async fn prune_outbox(
+                &self,
+                published_before: $crate::ledger::TimestampMs,
+                limit: u32,
+            ) -> Result<u64, $crate::ledger::StoreError> {
+                $write!(self, |s| book::prune_outbox(s, published_before, limit))
+            }
+
+            async fn consumer_snapshot(
+                &self,
+                consumer: &str,
+            ) -> Result<Option<(i64, String)>, $crate::ledger::StoreError> {
+                let consumer = consumer.to_string();
+                $read!(self, |s| book::consumer_snapshot(s, &consumer))
+            }
+
+            async fn save_consumer_snapshot(
+                &self,
+                consumer: &str,
+                position: i64,
+                body: String,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let consumer = consumer.to_string();
+                let now = $crate::ledger::now_ms();
+                $write!(self, |s| book::save_consumer_snapshot(s, &consumer, position, &body, now))
+            }
+
             $($($extra)*)?
         }
     };
@@ -348,6 +387,12 @@ pub(crate) struct Dialect {
     pub purge_expired: &'static str,
     /// Opens a read-only transaction that sees one snapshot of the shard.
     pub begin_snapshot: &'static [&'static str],
+    /// Rows of `shard_counters`: a transaction updates one, picked by a
+    /// hash of what it changes, and a read sums them all.
+    pub counter_slots: i64,
+    /// Writes a consumer's snapshot (`consumer, position, body,
+    /// updated_at_ms`), replacing the one it had.
+    pub save_snapshot: &'static str,
 }
 
 /// A connection inside a transaction (or a read), as a backend provides it.
@@ -567,6 +612,12 @@ pub(crate) async fn create_account<S: Session>(
     });
     outbox(s, "account.created", id, payload, now).await?;
     write_idempotency(s, idem, id, idem.and_then(|i| i.response.as_ref()), now).await?;
+    let created = Counts {
+        accounts: 1,
+        outbox_rows: 1,
+        ..Counts::default()
+    };
+    count(s, id, created).await?;
     Ok(Account {
         id: account.id.clone(),
         currency: account.currency,
@@ -844,13 +895,7 @@ pub(crate) async fn pending_transfers<S: Session>(
     limit: u32,
 ) -> Result<Vec<Transfer>, StoreError> {
     let rows = s
-        .rows(
-            "SELECT id, payer, payee, amount_minor, currency, payer_shard, payee_shard, state,
-                    failure_code, created_at_ms, updated_at_ms
-             FROM transfers WHERE state = 'pending' AND created_at_ms < ?
-             ORDER BY created_at_ms LIMIT ?",
-            &[created_before.into(), i64::from(limit).into()],
-        )
+        .rows(PENDING, &[created_before.into(), i64::from(limit).into()])
         .await?;
     rows.iter().map(transfer_from_row).collect()
 }
@@ -957,6 +1002,8 @@ pub(crate) async fn transfer_local<S: Session>(
         now,
     )
     .await?;
+    let counts = Counts::transfer(None, TransferState::Completed);
+    count(s, t.id.as_str(), counts).await?;
     Ok(DebitOutcome::Applied(done))
 }
 
@@ -1000,6 +1047,7 @@ pub(crate) async fn debit_to_in_flight<S: Session>(
         now,
     )
     .await?;
+    count(s, t.id.as_str(), Counts::transfer(None, state)).await?;
     Ok(DebitOutcome::Applied(recorded))
 }
 
@@ -1115,6 +1163,8 @@ pub(crate) async fn complete_transfer<S: Session>(
     t.state = TransferState::Completed;
     t.updated_at_ms = now;
     transfer_event(s, "transfer.completed", &t).await?;
+    let counts = Counts::transfer(Some(TransferState::Pending), TransferState::Completed);
+    count(s, id.as_str(), counts).await?;
     Ok(t)
 }
 
@@ -1153,6 +1203,8 @@ pub(crate) async fn reverse_transfer<S: Session>(
     t.failure_code = Some(code.to_string());
     t.updated_at_ms = now;
     transfer_event(s, "transfer.failed", &t).await?;
+    let counts = Counts::transfer(Some(TransferState::Pending), TransferState::Failed);
+    count(s, id.as_str(), counts).await?;
     Ok(t)
 }
 
@@ -1167,8 +1219,59 @@ fn outbox_event(r: &Row) -> Result<OutboxEvent, StoreError> {
         shard: r.shard,
         payload: r.text(4)?,
         created_at_ms: r.int(5)?,
+        position: r.opt_int(6)?,
     })
 }
+
+/// An outbox query: its columns, then `$rest`.
+macro_rules! outbox_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms, publish_position
+             FROM outbox ",
+            $rest
+        )
+    };
+}
+
+/// The relay's read: the oldest unpublished rows.
+pub const UNPUBLISHED: &str = outbox_select!("WHERE published_at_ms IS NULL ORDER BY id LIMIT ?");
+/// What a consumer's snapshot does not cover: rows after a position.
+pub const OUTBOX_TAIL: &str =
+    outbox_select!("WHERE publish_position > ? ORDER BY publish_position LIMIT ?");
+/// The staging's read: unpublished rows without a position.
+pub const UNSTAGED: &str = "SELECT id FROM outbox
+     WHERE published_at_ms IS NULL AND publish_position IS NULL ORDER BY id LIMIT ?";
+/// The lowest position every consumer's snapshot covers.
+pub const COVERED: &str = "SELECT MIN(position) FROM consumer_snapshots";
+/// The lowest position left in the outbox.
+pub const LOWEST_POSITION: &str = "SELECT MIN(publish_position) FROM outbox";
+/// The prune: rows in a range of positions, published before a time.
+pub const PRUNE: &str = "DELETE FROM outbox
+     WHERE publish_position >= ? AND publish_position <= ? AND published_at_ms < ?";
+/// The recovery loop's read: pending transfers, oldest first.
+pub const PENDING: &str =
+    "SELECT id, payer, payee, amount_minor, currency, payer_shard, payee_shard, state,
+            failure_code, created_at_ms, updated_at_ms
+     FROM transfers WHERE state = 'pending' AND created_at_ms < ?
+     ORDER BY created_at_ms LIMIT ?";
+
+/// The statements `/metrics`, `/ready`, `/v1/shards`, `/v1/analytics`,
+/// the outbox relay, analytics' start and the recovery loop run over and
+/// over: each reads a number of rows bounded by a limit, the backlog or
+/// the shard's currencies, never by its history (tests check their plans
+/// and the rows they read on shards of a million transfers).
+pub const POLLED: &[&str] = &[
+    COUNTER_SUMS,
+    SYSTEM_BALANCES,
+    UNPUBLISHED,
+    UNSTAGED,
+    OUTBOX_TAIL,
+    COVERED,
+    LOWEST_POSITION,
+    PRUNE,
+    PENDING,
+];
 
 /// Up to `limit` outbox events after `after_seq`, published or not.
 pub(crate) async fn outbox_page<S: Session>(
@@ -1176,12 +1279,22 @@ pub(crate) async fn outbox_page<S: Session>(
     after_seq: i64,
     limit: u32,
 ) -> Result<Vec<OutboxEvent>, StoreError> {
+    let sql = outbox_select!("WHERE id > ? ORDER BY id LIMIT ?");
     let rows = s
-        .rows(
-            "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
-             FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            &[after_seq.into(), i64::from(limit).into()],
-        )
+        .rows(sql, &[after_seq.into(), i64::from(limit).into()])
+        .await?;
+    rows.iter().map(outbox_event).collect()
+}
+
+/// Up to `limit` outbox events at publish positions after `after`, in
+/// position order: what a consumer's snapshot at `after` does not cover.
+pub(crate) async fn outbox_tail<S: Session>(
+    s: &mut S,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<OutboxEvent>, StoreError> {
+    let rows = s
+        .rows(OUTBOX_TAIL, &[after.into(), i64::from(limit).into()])
         .await?;
     rows.iter().map(outbox_event).collect()
 }
@@ -1191,14 +1304,70 @@ pub(crate) async fn unpublished_events<S: Session>(
     s: &mut S,
     limit: u32,
 ) -> Result<Vec<OutboxEvent>, StoreError> {
-    let rows = s
-        .rows(
-            "SELECT id, event_id, event_type, aggregate_id, payload, created_at_ms
-             FROM outbox WHERE published_at_ms IS NULL ORDER BY id LIMIT ?",
-            &[i64::from(limit).into()],
-        )
-        .await?;
+    let rows = s.rows(UNPUBLISHED, &[i64::from(limit).into()]).await?;
     rows.iter().map(outbox_event).collect()
+}
+
+/// Gives up to `limit` unpublished rows that have no publish position
+/// one, in id order, after the last position given: positions are
+/// gap-free and taken under the cursor's row lock, so a consumer that
+/// has every position up to `p` knows it has every row staged by then.
+/// Answers how many it staged.
+pub(crate) async fn stage_outbox<S: Session>(s: &mut S, limit: u32) -> Result<u64, StoreError> {
+    let sql = pick(
+        s,
+        &locking!("SELECT last_position FROM outbox_cursor WHERE singleton = 1"),
+        true,
+    );
+    let last = match row(s, sql, &[]).await? {
+        Some(r) => r.int(0)?,
+        None => return Err(corrupt(s.shard(), "the outbox cursor is missing".into())),
+    };
+    let ids = s.rows(UNSTAGED, &[i64::from(limit).into()]).await?;
+    let ids = ids
+        .iter()
+        .map(|r| r.int(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let largest = PUBLISH_BATCHES[PUBLISH_BATCHES.len() - 1];
+    for (chunk_index, chunk) in ids.chunks(largest).enumerate() {
+        let first = last + (chunk_index * largest) as i64 + 1;
+        let size = batch_size(chunk.len());
+        let sql = format!(
+            "UPDATE outbox SET publish_position = CASE id {} END WHERE id IN ({})",
+            vec!["WHEN ? THEN ?"; size].join(" "),
+            vec!["?"; size].join(", ")
+        );
+        let mut pairs: Vec<(i64, i64)> = (0..chunk.len())
+            .map(|i| (chunk[i], first + i as i64))
+            .collect();
+        pairs.resize(size, pairs[pairs.len() - 1]);
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(size * 3);
+        for (id, position) in &pairs {
+            params.extend([Param::Int(*id), Param::Int(*position)]);
+        }
+        params.extend(pairs.iter().map(|(id, _)| Param::Int(*id)));
+        s.execute(&sql, &params).await?;
+    }
+    let staged = ids.len() as i64;
+    s.execute(
+        "UPDATE outbox_cursor SET last_position = ? WHERE singleton = 1",
+        &[(last + staged).into()],
+    )
+    .await?;
+    Ok(staged as u64)
+}
+
+/// The smallest of the batch sizes that holds `n` positions.
+fn batch_size(n: usize) -> usize {
+    let largest = PUBLISH_BATCHES[PUBLISH_BATCHES.len() - 1];
+    PUBLISH_BATCHES
+        .iter()
+        .copied()
+        .find(|&size| size >= n)
+        .unwrap_or(largest)
 }
 
 /// `UPDATE .. WHERE id IN (?, ..)` statements for 1, 8, 64 and 512
@@ -1213,12 +1382,9 @@ pub(crate) async fn mark_published<S: Session>(
     now: TimestampMs,
 ) -> Result<(), StoreError> {
     let largest = PUBLISH_BATCHES[PUBLISH_BATCHES.len() - 1];
+    let mut marked = 0;
     for chunk in seqs.chunks(largest) {
-        let size = PUBLISH_BATCHES
-            .iter()
-            .copied()
-            .find(|&n| n >= chunk.len())
-            .unwrap_or(largest);
+        let size = batch_size(chunk.len());
         let sql = format!(
             "UPDATE outbox SET published_at_ms = ? WHERE published_at_ms IS NULL AND id IN ({})",
             vec!["?"; size].join(", ")
@@ -1228,23 +1394,175 @@ pub(crate) async fn mark_published<S: Session>(
         params.push(now.into());
         params.extend(chunk.iter().map(|&seq| Param::Int(seq)));
         params.resize(size + 1, Param::Int(last));
-        s.execute(&sql, &params).await?;
+        marked += s.execute(&sql, &params).await?;
+    }
+    let published = Counts {
+        outbox_published: marked as i64,
+        ..Counts::default()
+    };
+    count(s, &seqs[0].to_string(), published).await
+}
+
+/// Outbox rows ever written, and those still unpublished, from the
+/// shard's counters.
+pub(crate) async fn outbox_counts<S: Session>(s: &mut S) -> Result<(u64, u64), StoreError> {
+    let found = row(s, COUNTER_SUMS, &[]).await?;
+    let Some(r) = found else {
+        return Ok((0, 0));
+    };
+    let rows = r.sum(4)?;
+    let published = r.sum(5)?;
+    Ok((clamp(rows), clamp(rows - published)))
+}
+
+/// Deletes outbox rows published before `published_before` that every
+/// consumer's snapshot covers (none, while no consumer has written one),
+/// among the `limit` lowest positions left: rows are published in
+/// position order, so the lowest are the oldest, and the statement reads
+/// at most `limit` rows however long the outbox is. Answers how many.
+pub(crate) async fn prune_outbox<S: Session>(
+    s: &mut S,
+    published_before: TimestampMs,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let lowest = |r: Option<Row>| r.map(|r| r.opt_int(0)).transpose().map(Option::flatten);
+    let Some(covered) = lowest(row(s, COVERED, &[]).await?)? else {
+        return Ok(0);
+    };
+    let Some(low) = lowest(row(s, LOWEST_POSITION, &[]).await?)? else {
+        return Ok(0);
+    };
+    let high = covered.min(low.saturating_add(i64::from(limit) - 1));
+    if high < low {
+        return Ok(0);
+    }
+    s.execute(PRUNE, &[low.into(), high.into(), published_before.into()])
+        .await
+}
+
+/// A consumer's snapshot: the publish position it covers and its body.
+pub(crate) async fn consumer_snapshot<S: Session>(
+    s: &mut S,
+    consumer: &str,
+) -> Result<Option<(i64, String)>, StoreError> {
+    let found = row(
+        s,
+        "SELECT position, body FROM consumer_snapshots WHERE consumer = ?",
+        &[consumer.into()],
+    )
+    .await?;
+    found.map(|r| Ok((r.int(0)?, r.text(1)?))).transpose()
+}
+
+/// Keeps a consumer's snapshot, covering publish positions up to
+/// `position`, in place of the one it had.
+pub(crate) async fn save_consumer_snapshot<S: Session>(
+    s: &mut S,
+    consumer: &str,
+    position: i64,
+    body: &str,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    let sql = s.dialect().save_snapshot;
+    s.execute(
+        sql,
+        &[consumer.into(), position.into(), body.into(), now.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+// --- counters -----------------------------------------------------------------
+
+/// Changes to the shard's counters, written in the transaction of the
+/// change they count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    accounts: i64,
+    transfers_pending: i64,
+    transfers_completed: i64,
+    transfers_failed: i64,
+    outbox_rows: i64,
+    outbox_published: i64,
+}
+
+impl Counts {
+    /// A transfer's step that moved it from `from` (if it existed) to
+    /// `to`, with its one outbox event.
+    fn transfer(from: Option<TransferState>, to: TransferState) -> Counts {
+        let mut counts = Counts {
+            outbox_rows: 1,
+            ..Counts::default()
+        };
+        let mut add = |state: TransferState, n: i64| match state {
+            TransferState::Pending => counts.transfers_pending += n,
+            TransferState::Completed => counts.transfers_completed += n,
+            TransferState::Failed => counts.transfers_failed += n,
+        };
+        if let Some(from) = from {
+            add(from, -1);
+        }
+        add(to, 1);
+        counts
+    }
+}
+
+/// The counters summed over their slots: accounts, pending, completed,
+/// failed, outbox rows, outbox rows published.
+pub const COUNTER_SUMS: &str =
+    "SELECT CAST(SUM(accounts) AS CHAR), CAST(SUM(transfers_pending) AS CHAR),
+        CAST(SUM(transfers_completed) AS CHAR), CAST(SUM(transfers_failed) AS CHAR),
+        CAST(SUM(outbox_rows) AS CHAR), CAST(SUM(outbox_published) AS CHAR)
+     FROM shard_counters";
+
+/// The balances of the shard's system accounts, per kind and currency.
+/// Customer ids never start with `~` (letters, digits, `_-.@`), so this
+/// is a range of the primary key that holds the system accounts only.
+pub const SYSTEM_BALANCES: &str = "SELECT kind, currency, balance_minor FROM accounts
+     WHERE id >= '~' AND kind <> 'user'";
+
+/// Adds `counts` to one slot of the shard's counters, picked by a hash of
+/// `key` (the transfer, account or outbox row the transaction is about).
+/// The last statement of its transaction: on a server that locks rows the
+/// slot's lock is held only until the commit that follows.
+async fn count<S: Session>(s: &mut S, key: &str, counts: Counts) -> Result<(), StoreError> {
+    if counts == Counts::default() {
+        return Ok(());
+    }
+    let slots = s.dialect().counter_slots.max(1) as u64;
+    let slot = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % slots) as i64;
+    let changed = s
+        .execute(
+            "UPDATE shard_counters SET accounts = accounts + ?,
+                transfers_pending = transfers_pending + ?,
+                transfers_completed = transfers_completed + ?,
+                transfers_failed = transfers_failed + ?,
+                outbox_rows = outbox_rows + ?,
+                outbox_published = outbox_published + ?
+             WHERE slot = ?",
+            &[
+                counts.accounts.into(),
+                counts.transfers_pending.into(),
+                counts.transfers_completed.into(),
+                counts.transfers_failed.into(),
+                counts.outbox_rows.into(),
+                counts.outbox_published.into(),
+                slot.into(),
+            ],
+        )
+        .await?;
+    if changed != 1 {
+        return Err(corrupt(
+            s.shard(),
+            format!("counter slot {slot} is missing"),
+        ));
     }
     Ok(())
 }
 
-/// Outbox rows in all, and those still unpublished.
-pub(crate) async fn outbox_counts<S: Session>(s: &mut S) -> Result<(u64, u64), StoreError> {
-    let found = row(
-        s,
-        "SELECT COUNT(*), CAST(COALESCE(SUM(published_at_ms IS NULL), 0) AS SIGNED) FROM outbox",
-        &[],
-    )
-    .await?;
-    match found {
-        Some(r) => Ok((r.int(0)? as u64, r.int(1)? as u64)),
-        None => Ok((0, 0)),
-    }
+/// A count read back from the counters; never negative.
+fn clamp(n: i128) -> u64 {
+    u64::try_from(n.max(0)).unwrap_or(u64::MAX)
 }
 
 // --- figures ------------------------------------------------------------------
@@ -1267,32 +1585,29 @@ async fn count_and_sum<S: Session>(s: &mut S, sql: &str) -> Result<(u64, i128), 
     }
 }
 
-/// Per-shard counts for `/v1/shards` and the modelled system's stats.
+/// Per-shard counts for `/v1/shards`, `/metrics`, `/ready` and the
+/// modelled system's stats: the counters, and the customer balances per
+/// currency as minus the system accounts' (every shard's entries sum to
+/// zero per currency, so its balances do too). A few rows, whatever the
+/// shard's history.
 pub(crate) async fn stats<S: Session>(s: &mut S) -> Result<ShardStats, StoreError> {
-    let (accounts, _) =
-        count_and_sum(s, "SELECT COUNT(*), 0 FROM accounts WHERE kind = 'user'").await?;
-    let balance_minor_by_currency = sums_by_currency(
-        s,
-        "SELECT currency, CAST(SUM(balance_minor) AS CHAR) FROM accounts
-         WHERE kind = 'user' GROUP BY currency ORDER BY currency",
-    )
-    .await?;
-    let mut stats = ShardStats {
-        accounts,
-        balance_minor_by_currency,
-        ..Default::default()
-    };
-    let states = s
-        .rows("SELECT state, COUNT(*) FROM transfers GROUP BY state", &[])
-        .await?;
-    for r in &states {
-        let count = r.int(1)? as u64;
-        match r.text(0)?.as_str() {
-            "pending" => stats.transfers_pending = count,
-            "completed" => stats.transfers_completed = count,
-            _ => stats.transfers_failed = count,
+    let mut stats = ShardStats::default();
+    if let Some(r) = row(s, COUNTER_SUMS, &[]).await? {
+        stats.accounts = clamp(r.sum(0)?);
+        stats.transfers_pending = clamp(r.sum(1)?);
+        stats.transfers_completed = clamp(r.sum(2)?);
+        stats.transfers_failed = clamp(r.sum(3)?);
+    }
+    let mut balances: Vec<(Currency, i128)> = Vec::new();
+    for r in &s.rows(SYSTEM_BALANCES, &[]).await? {
+        let (currency, balance) = (r.currency(1)?, i128::from(r.int(2)?));
+        match balances.iter_mut().find(|(c, _)| *c == currency) {
+            Some((_, total)) => *total -= balance,
+            None => balances.push((currency, -balance)),
         }
     }
+    balances.sort_by(|a, b| a.0.code().cmp(b.0.code()));
+    stats.balance_minor_by_currency = balances;
     Ok(stats)
 }
 
@@ -1361,18 +1676,6 @@ pub(crate) async fn audit_snapshot<S: Session>(s: &mut S) -> Result<ShardAudit, 
         s,
         "SELECT currency, CAST(SUM(amount_minor) AS CHAR) FROM inbound_credits
          WHERE outcome = 'credited' GROUP BY currency",
-    )
-    .await?;
-    audit.completed_cross_out = count_and_sum(
-        s,
-        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM transfers
-         WHERE payer_shard <> payee_shard AND state = 'completed'",
-    )
-    .await?;
-    audit.credited_in = count_and_sum(
-        s,
-        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_minor), 0) AS CHAR) FROM inbound_credits
-         WHERE outcome = 'credited'",
     )
     .await?;
     Ok(audit)

@@ -12,6 +12,7 @@
 
 mod book;
 pub mod mysql;
+pub use book::POLLED;
 pub mod routes;
 pub mod sqlite;
 
@@ -263,6 +264,9 @@ pub struct OutboxEvent {
     pub payload: String,
     /// When the change committed (the outbox row was written).
     pub created_at_ms: TimestampMs,
+    /// Its publish position: gap-free per shard, given when the relay
+    /// stages the row for the bus (`None` until then).
+    pub position: Option<i64>,
 }
 
 /// Per-shard counts for `/v1/shards` and the modelled system's stats.
@@ -300,10 +304,6 @@ pub struct ShardAudit {
     pub sent_minor_by_currency: Vec<(Currency, i128)>,
     /// Credits applied on this shard per currency: money taken out of flight.
     pub received_minor_by_currency: Vec<(Currency, i128)>,
-    /// Completed cross-shard transfers from this shard (count, sum).
-    pub completed_cross_out: (u64, i128),
-    /// Credits applied on this shard (count, sum).
-    pub credited_in: (u64, i128),
 }
 
 /// An account whose balance is not the sum of its entries, or is below zero.
@@ -481,8 +481,42 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Marks outbox events (by `seq`) published at `now`.
     async fn mark_published(&self, seqs: &[i64], now: TimestampMs) -> Result<(), StoreError>;
 
-    /// Outbox rows in all, and those still unpublished.
+    /// Outbox rows ever written, and those still unpublished, from the
+    /// shard's counters (pruning leaves them as they are).
     async fn outbox_counts(&self) -> Result<(u64, u64), StoreError>;
+
+    /// Gives unpublished rows without a publish position one (up to
+    /// `limit`, oldest first); answers how many.
+    async fn stage_outbox(&self, limit: u32) -> Result<u64, StoreError>;
+
+    /// Up to `limit` outbox events at publish positions after
+    /// `after_position`, in position order.
+    async fn outbox_tail(
+        &self,
+        after_position: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Deletes up to `limit` outbox rows published before
+    /// `published_before` whose positions every consumer snapshot on this
+    /// shard covers; answers how many.
+    async fn prune_outbox(
+        &self,
+        published_before: TimestampMs,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// The snapshot `consumer` keeps on this shard: the publish position it
+    /// covers and its body.
+    async fn consumer_snapshot(&self, consumer: &str) -> Result<Option<(i64, String)>, StoreError>;
+
+    /// Keeps `consumer`'s snapshot covering positions up to `position`.
+    async fn save_consumer_snapshot(
+        &self,
+        consumer: &str,
+        position: i64,
+        body: String,
+    ) -> Result<(), StoreError>;
 
     /// Two-phase commit, where the backend has it (XA on MySQL); `None`
     /// for backends that only run the saga.

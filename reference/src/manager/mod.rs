@@ -277,9 +277,6 @@ pub struct ShardManager {
     config: ManagerConfig,
     /// (scope, key) pairs whose request is running in this process.
     running_keys: Mutex<HashSet<(String, String)>>,
-    /// Transfers hold it shared; the audit holds it exclusively so it reads
-    /// every shard with no transfer between two of its steps.
-    quiesce: Arc<tokio::sync::RwLock<()>>,
     /// In-doubt branches of older gtrids (without a decision deadline)
     /// seen by the last recovery pass: such a branch is resolved only when
     /// a second pass still finds it.
@@ -308,7 +305,6 @@ impl ShardManager {
             shards,
             config,
             running_keys: Mutex::new(HashSet::new()),
-            quiesce: Arc::new(tokio::sync::RwLock::new(())),
             xa_seen: Mutex::new(HashSet::new()),
             xa_forgotten_at: Mutex::new(None),
             fraud: None,
@@ -339,10 +335,6 @@ impl ShardManager {
 
     pub fn store_of(&self, account: &AccountId) -> &Arc<dyn ShardStore> {
         &self.shards[self.ring.shard_of(account).index()]
-    }
-
-    pub(crate) async fn quiesce(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.quiesce.write().await
     }
 
     pub async fn account(&self, id: &AccountId) -> Result<Option<Account>, ManagerError> {
@@ -438,7 +430,6 @@ impl ShardManager {
                 "a transfer needs two different accounts",
             ));
         }
-        let shared = Arc::clone(&self.quiesce).read_owned().await;
         let attempt = Attempt {
             fingerprint: transfer_fingerprint(view.route, &request),
             request: &request,
@@ -477,7 +468,7 @@ impl ShardManager {
         if xa {
             let fingerprint = attempt.fingerprint.clone();
             return self
-                .spawn_xa(shared, transfer, idempotency, key, fingerprint, view)
+                .spawn_xa(transfer, idempotency, key, fingerprint, view)
                 .await;
         }
         let applied = match self.debit(&attempt, &transfer, idempotency).await? {
@@ -494,7 +485,7 @@ impl ShardManager {
             tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
             std::process::abort();
         }
-        self.spawn_saga(shared, applied, key, view.render).await
+        self.spawn_saga(applied, key, view.render).await
     }
 
     /// Looks at the key and both accounts before anything is written: the
@@ -639,11 +630,10 @@ impl ShardManager {
         }
     }
 
-    /// Runs an XA transfer in its own task, holding the shared guard, so a
+    /// Runs an XA transfer in its own task, so a
     /// client that hangs up cannot drop a branch half-way.
     async fn spawn_xa(
         self: &Arc<Self>,
-        shared: tokio::sync::OwnedRwLockReadGuard<()>,
         transfer: Transfer,
         idempotency: Option<IdempotencyWrite>,
         key: Option<IdempotencyKey>,
@@ -653,7 +643,6 @@ impl ShardManager {
         let manager = Arc::clone(self);
         let (route, render) = (view.route, view.render);
         let task = tokio::spawn(async move {
-            let _shared = shared;
             let view = View { route, render };
             manager
                 .transfer_xa(transfer, idempotency, key, &fingerprint, &view)
@@ -664,18 +653,16 @@ impl ShardManager {
     }
 
     /// Runs the rest of the saga (steps (b) and (c), or the reversal) in its
-    /// own task, holding the shared guard, so a client that hangs up cannot
+    /// own task, so a client that hangs up cannot
     /// stop it between steps; keeps the final answer under the key.
     async fn spawn_saga(
         self: &Arc<Self>,
-        shared: tokio::sync::OwnedRwLockReadGuard<()>,
         applied: Transfer,
         key: Option<IdempotencyKey>,
         render: fn(&Transfer) -> StoredResponse,
     ) -> Result<Reply, ManagerError> {
         let manager = Arc::clone(self);
         let saga = tokio::spawn(async move {
-            let _shared = shared;
             let finished = manager.finish(&applied).await;
             let response = render(&finished);
             if let Some(key) = &key {
@@ -923,7 +910,6 @@ impl ShardManager {
                 }
             };
             for transfer in pending {
-                let _shared = self.quiesce.read().await;
                 match self.drive(&transfer).await {
                     Ok(done) if done.state != TransferState::Pending => finished += 1,
                     Ok(_) => {}

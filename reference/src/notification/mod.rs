@@ -896,6 +896,7 @@ mod tests {
             shard: None,
             payload: "{}".into(),
             created_at_ms: 0,
+            position: None,
         };
         for i in 0..MAX_DEAD_LETTERS + 5 {
             n.bury(&event(i), &hook, 1, "down".into());

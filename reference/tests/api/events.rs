@@ -65,10 +65,10 @@ async fn a_relay_that_dies_after_publishing_loses_nothing_and_doubles_nothing() 
     );
 }
 
-/// A restarted analytics service rebuilds its totals from the shards'
-/// outboxes: the same totals as the analytics that saw every event, every
-/// outbox row applied once, and events the bus then delivers again
-/// recognised by id.
+/// A restarted analytics service rebuilds its totals from its snapshots
+/// and the shards' outboxes: the same totals as the analytics that saw
+/// every event, every outbox row applied once, and events the bus then
+/// delivers again recognised by their publish position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_rebuilds_its_totals_from_the_outboxes() {
     let app = TestApp::start().await;
@@ -116,4 +116,85 @@ async fn analytics_rebuilds_its_totals_from_the_outboxes() {
     let stats = fresh.stats();
     assert_eq!((stats.applied, stats.duplicates_suppressed), (rows, 1));
     assert_eq!(fresh.totals().0.transfers_completed, 12);
+}
+
+/// Analytics keeps a snapshot of its totals on each shard; once the
+/// snapshots cover the published rows the relay prunes them, and an
+/// analytics started afterwards reads each snapshot and the outbox's tail:
+/// the same totals as the analytics that saw every event, each event
+/// counted once, before the prune and after more traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_starts_from_its_snapshots_once_the_outbox_is_pruned() {
+    use shardpay_reference::analytics::{Analytics, Totals};
+    // Fraud decisions are published straight to the bus, not kept.
+    let payments = |(mut overall, per_shard): (Totals, _)| {
+        overall.fraud_decisions.clear();
+        (overall, per_shard)
+    };
+    let app = TestApp::start().await;
+    let (a, b, c) = app.ids_by_shard("sn");
+    for id in [&a, &b, &c] {
+        app.create(id, "100.00").await;
+    }
+    let pay = |i: i64| {
+        let (from, to) = if i % 3 == 0 { (&a, &c) } else { (&b, &a) };
+        json!({"from": from, "to": to, "amount_minor": 100 + i})
+    };
+    for i in 0..9 {
+        let (status, answer) = app
+            .post("/v1/transfers", pay(i), Some(&format!("sn-{i}")))
+            .await;
+        assert!(matches!(status, 201 | 202), "{answer}");
+    }
+    let caught_up = || async {
+        let (_, p) = app.get("/v1/pipeline").await;
+        p["complete"] == true
+    };
+    eventually("the pipeline to catch up", caught_up).await;
+    let shards = app.manager.shards();
+    let mut first = None;
+    for store in shards {
+        first = first.or(store.outbox_page(0, 1).await.unwrap().pop());
+    }
+    let first = shardpay_reference::events::Event::from_outbox(&first.unwrap());
+    app.pipeline.relay.set_retention(std::time::Duration::ZERO);
+    eventually("every published row to be pruned", || async {
+        let mut left = 0;
+        for store in shards {
+            left += store.outbox_page(0, 10).await.unwrap().len();
+        }
+        left == 0
+    })
+    .await;
+    let (_, p) = app.get("/v1/pipeline").await;
+    let rows = p["outbox_rows"].as_u64().unwrap();
+    assert!(rows >= 12, "the counters count pruned rows: {p}");
+    assert_eq!(p["complete"], true, "{p}");
+    let live = &app.pipeline.analytics;
+    let fresh = Analytics::default();
+    assert_eq!(fresh.rebuild(shards).await.unwrap(), rows);
+    assert_eq!(fresh.totals(), payments(live.totals()));
+    assert_eq!(fresh.totals().0.transfers_completed, 9);
+    fresh.apply(&first, shardpay_reference::ledger::now_ms());
+    assert_eq!(fresh.stats().duplicates_suppressed, 1);
+    assert_eq!(fresh.totals(), payments(live.totals()));
+    // More traffic after the prune: snapshot and tail together.
+    app.pipeline
+        .relay
+        .set_retention(std::time::Duration::from_secs(3_600));
+    for i in 9..15 {
+        let (status, answer) = app
+            .post("/v1/transfers", pay(i), Some(&format!("sn-{i}")))
+            .await;
+        assert!(matches!(status, 201 | 202), "{answer}");
+    }
+    eventually("the pipeline to catch up", caught_up).await;
+    let (_, p) = app.get("/v1/pipeline").await;
+    let again = Analytics::default();
+    assert_eq!(
+        again.rebuild(shards).await.unwrap(),
+        p["outbox_rows"].as_u64().unwrap()
+    );
+    assert_eq!(again.totals(), payments(live.totals()));
+    assert_eq!(again.totals().0.transfers_completed, 15);
 }

@@ -24,6 +24,7 @@ fn event(id: &str) -> Event {
         shard: Some(0),
         payload: "{}".into(),
         created_at_ms: 1,
+        position: None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! API, saga, idempotency and concurrency tests of the shard manager, each
 //! against its own app on port 0 with its own temporary data directory.
 
+mod audit_live;
 mod auth;
 mod auth_users;
 mod bodies;
@@ -10,6 +11,7 @@ mod cross_shard;
 mod events;
 mod features;
 mod fraud;
+mod history;
 mod hostile;
 mod idempotency;
 mod kafka;

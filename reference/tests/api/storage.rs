@@ -161,8 +161,20 @@ pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dy
     let (sa, sb) = (a.audit().await.unwrap(), b.audit().await.unwrap());
     assert_clean(&sa);
     assert_clean(&sb);
-    assert_eq!(sa.completed_cross_out, (1, 25_00));
-    assert_eq!(sb.credited_in, (1, 25_00));
+    let completed: Vec<i64> = sa
+        .transfers
+        .iter()
+        .filter(|t| t.state == TransferState::Completed && t.cross_shard)
+        .map(|t| t.amount_minor)
+        .collect();
+    assert_eq!(completed, [25_00]);
+    let credited: Vec<i64> = sb
+        .credits
+        .iter()
+        .filter(|c| c.credited)
+        .map(|c| c.amount_minor)
+        .collect();
+    assert_eq!(credited, [25_00]);
     let stats = a.stats().await.unwrap();
     assert_eq!(
         (
@@ -204,6 +216,10 @@ pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dy
         "pages of 2 give the same log, the published row too"
     );
 
+    counters_match_the_tables(a).await;
+    counters_match_the_tables(b).await;
+    outbox_positions_and_pruning(a).await;
+
     // A statement: the account's entries in order, adding up to its balance.
     let entries = a
         .account_entries(&AccountId::parse("p").unwrap(), 0, 100)
@@ -220,6 +236,103 @@ pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dy
         .await
         .unwrap();
     assert_eq!(rest, entries[1..]);
+}
+
+/// The counters `stats` reads equal what a full read of the shard (the
+/// audit's) counts: transfers by state, customer accounts, and customer
+/// balances per currency.
+async fn counters_match_the_tables(store: &dyn ShardStore) {
+    let stats = store.stats().await.unwrap();
+    let audit = store.audit().await.unwrap();
+    let state_count = |state| audit.transfers.iter().filter(|t| t.state == state).count() as u64;
+    assert_eq!(
+        (
+            stats.transfers_pending,
+            stats.transfers_completed,
+            stats.transfers_failed
+        ),
+        (
+            state_count(TransferState::Pending),
+            state_count(TransferState::Completed),
+            state_count(TransferState::Failed)
+        ),
+        "shard {}",
+        store.shard()
+    );
+    let accounts = store.list_accounts(None, 1_000).await.unwrap();
+    assert_eq!(stats.accounts, accounts.len() as u64);
+    let customers: Vec<(shardpay_reference::money::Currency, i128)> = audit
+        .totals
+        .iter()
+        .filter(|(kind, _, _)| *kind == AccountKind::User)
+        .map(|(_, currency, total)| (*currency, *total))
+        .collect();
+    assert_eq!(stats.balance_minor_by_currency, customers);
+    assert_eq!(
+        customers[0].1,
+        accounts
+            .iter()
+            .map(|a| i128::from(a.balance_minor))
+            .sum::<i128>()
+    );
+}
+
+/// Unpublished rows are staged with gap-free positions in id order; a
+/// consumer's tail is the rows after its position; rows are pruned only
+/// once published before the retention and covered by every consumer's
+/// snapshot, and the counters still count them.
+async fn outbox_positions_and_pruning(a: &dyn ShardStore) {
+    let (rows, backlog) = a.outbox_counts().await.unwrap();
+    assert_eq!(backlog, rows - 1, "one row was marked published");
+    assert_eq!(a.stage_outbox(1_000).await.unwrap(), backlog);
+    assert_eq!(a.stage_outbox(1_000).await.unwrap(), 0, "staged once");
+    let unpublished = a.unpublished_events(1_000).await.unwrap();
+    let positions: Vec<i64> = unpublished.iter().map(|e| e.position.unwrap()).collect();
+    assert_eq!(positions, (1..=backlog as i64).collect::<Vec<_>>());
+    let tail = a.outbox_tail(1, 1_000).await.unwrap();
+    assert_eq!(tail, unpublished[1..]);
+    let seqs: Vec<i64> = unpublished.iter().map(|e| e.seq).collect();
+    let published_at = now_ms() - 10_000;
+    a.mark_published(&seqs, published_at).await.unwrap();
+    assert_eq!(a.outbox_counts().await.unwrap(), (rows, 0));
+    // No consumer snapshot yet: nothing may go.
+    assert_eq!(a.prune_outbox(now_ms(), 1_000).await.unwrap(), 0);
+    a.save_consumer_snapshot("analytics", 1, "{}".into())
+        .await
+        .unwrap();
+    a.save_consumer_snapshot("analytics", 2, "{\"n\":2}".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.consumer_snapshot("analytics").await.unwrap(),
+        Some((2, "{\"n\":2}".to_string()))
+    );
+    // Published 10 s ago: kept by a 20 s retention, pruned by a shorter one,
+    // and only what the snapshot covers.
+    assert_eq!(
+        a.prune_outbox(published_at - 10_000, 1_000).await.unwrap(),
+        0
+    );
+    assert_eq!(a.prune_outbox(now_ms(), 1_000).await.unwrap(), 2);
+    assert_eq!(a.prune_outbox(now_ms(), 1_000).await.unwrap(), 0);
+    let left = a.outbox_tail(0, 1_000).await.unwrap();
+    assert_eq!(left, unpublished[2..]);
+    assert_eq!(a.outbox_counts().await.unwrap(), (rows, 0));
+    // A second consumer that covers less holds rows back for itself.
+    a.save_consumer_snapshot("other", 2, "{}".into())
+        .await
+        .unwrap();
+    a.save_consumer_snapshot("analytics", backlog as i64, "{}".into())
+        .await
+        .unwrap();
+    assert_eq!(a.prune_outbox(now_ms(), 1_000).await.unwrap(), 0);
+    a.save_consumer_snapshot("other", backlog as i64, "{}".into())
+        .await
+        .unwrap();
+    // At most `limit` rows a call.
+    assert_eq!(a.prune_outbox(now_ms(), 1).await.unwrap(), 1);
+    assert_eq!(a.prune_outbox(now_ms(), 1_000).await.unwrap(), backlog - 3);
+    assert!(a.outbox_tail(0, 1_000).await.unwrap().is_empty());
 }
 
 #[tokio::test]

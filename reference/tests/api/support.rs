@@ -150,7 +150,14 @@ impl TestApp {
     }
 
     /// Every shard store is wrapped in `Flaky`, so tests can take one down.
+    /// `SHARDPAY_TEST_LOG` (a `RUST_LOG` filter) prints the server's logs.
     pub async fn start_with(options: Options) -> TestApp {
+        if let Ok(filter) = std::env::var("SHARDPAY_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let config = ServeConfig::new(dir.path());
         let stores = if options.mysql {
@@ -472,6 +479,37 @@ impl ShardStore for Flaky {
 
     async fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
         self.inner.outbox_counts().await
+    }
+
+    async fn stage_outbox(&self, limit: u32) -> Result<u64, StoreError> {
+        self.inner.stage_outbox(limit).await
+    }
+
+    async fn outbox_tail(
+        &self,
+        after_position: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.outbox_tail(after_position, limit).await
+    }
+
+    async fn prune_outbox(&self, before: TimestampMs, limit: u32) -> Result<u64, StoreError> {
+        self.inner.prune_outbox(before, limit).await
+    }
+
+    async fn consumer_snapshot(&self, consumer: &str) -> Result<Option<(i64, String)>, StoreError> {
+        self.inner.consumer_snapshot(consumer).await
+    }
+
+    async fn save_consumer_snapshot(
+        &self,
+        consumer: &str,
+        position: i64,
+        body: String,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .save_consumer_snapshot(consumer, position, body)
+            .await
     }
 
     async fn transfer_local(

@@ -210,6 +210,10 @@ const DIALECT: Dialect = Dialect {
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
         "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
     ],
+    counter_slots: schema::COUNTER_SLOTS,
+    save_snapshot: "INSERT INTO consumer_snapshots (consumer, position, body, updated_at_ms)
+        VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE position = VALUES(position),
+        body = VALUES(body), updated_at_ms = VALUES(updated_at_ms)",
 };
 
 type Query<'q> = sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>;

@@ -181,6 +181,10 @@ const DIALECT: Dialect = Dialect {
     purge_expired: "DELETE FROM idempotency_keys WHERE (scope, `key`) IN (
         SELECT scope, `key` FROM idempotency_keys WHERE expires_at_ms <= ? LIMIT ?)",
     begin_snapshot: &["BEGIN"],
+    counter_slots: 1,
+    save_snapshot: "INSERT INTO consumer_snapshots (consumer, position, body, updated_at_ms)
+        VALUES (?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET position = excluded.position,
+        body = excluded.body, updated_at_ms = excluded.updated_at_ms",
 };
 
 impl rusqlite::ToSql for Param<'_> {

@@ -183,6 +183,46 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at_ms IS NULL;
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at_ms);
     "#,
+    // 3: figures that do not grow with history. The shard's counts, kept in
+    // the transaction of each change (one row here: one writer per file),
+    // counted once from the tables for a file made before; each outbox
+    // row's publish position (gap-free, in the order rows are staged for
+    // the bus; rows already written are numbered in id order); the consumers'
+    // snapshots, which say which published rows may be pruned.
+    r#"
+    CREATE TABLE shard_counters (
+        slot                INTEGER PRIMARY KEY,
+        accounts            INTEGER NOT NULL,
+        transfers_pending   INTEGER NOT NULL,
+        transfers_completed INTEGER NOT NULL,
+        transfers_failed    INTEGER NOT NULL,
+        outbox_rows         INTEGER NOT NULL,
+        outbox_published    INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO shard_counters VALUES (0,
+        (SELECT COUNT(*) FROM accounts WHERE kind = 'user'),
+        (SELECT COUNT(*) FROM transfers WHERE state = 'pending'),
+        (SELECT COUNT(*) FROM transfers WHERE state = 'completed'),
+        (SELECT COUNT(*) FROM transfers WHERE state = 'failed'),
+        (SELECT COUNT(*) FROM outbox),
+        (SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NOT NULL));
+    ALTER TABLE outbox ADD COLUMN publish_position INTEGER;
+    UPDATE outbox SET publish_position = ranked.n
+      FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS n FROM outbox) AS ranked
+      WHERE outbox.id = ranked.id;
+    CREATE UNIQUE INDEX outbox_position ON outbox (publish_position);
+    CREATE TABLE outbox_cursor (
+        singleton      INTEGER PRIMARY KEY CHECK (singleton = 1),
+        last_position  INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO outbox_cursor VALUES (1, (SELECT COUNT(*) FROM outbox));
+    CREATE TABLE consumer_snapshots (
+        consumer       TEXT PRIMARY KEY,
+        position       INTEGER NOT NULL,
+        body           TEXT NOT NULL,
+        updated_at_ms  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
