@@ -11,8 +11,24 @@
 #   scripts/stack.sh down     stop the six services (SIGTERM, by pid), then
 #                             the servers this script started
 #   scripts/stack.sh status   say what is running
+#   scripts/stack.sh kill SERVICE [REPLICA]
+#                             SIGKILL one replica of a service (default
+#                             replica 1), as a crash would; the others
+#                             keep serving
 #
 # Settings (environment):
+#   SHARDPAY_STACK_REPLICAS   replicas of each stateless service: auth,
+#                             fraud, notification and shard-manager
+#                             (default 1, at most 9). The ledger service
+#                             (the outbox relay, the recovery loop) and
+#                             analytics (totals in its memory, one consumer
+#                             group) stay one process. Replica r of a
+#                             service listens on its first port plus
+#                             10 * (r - 1): with the default ports, auth
+#                             8001 and 8011, fraud 8003 and 8013,
+#                             notification 8004 and 8014, shard-manager
+#                             8006 and 8016. Every service is given each
+#                             peer as the list of its replicas' URLs.
 #   SHARDPAY_STACK_DIR        pids, logs, the JWT secret and the admin
 #                             password (default /tmp/shardpay-stack-<uid>)
 #   SHARDPAY_STACK_BASE_PORT  port of auth; ledger, fraud, notification,
@@ -36,17 +52,66 @@ DIR="${SHARDPAY_STACK_DIR:-/tmp/shardpay-stack-$(id -u)}"
 BASE="${SHARDPAY_STACK_BASE_PORT:-8001}"
 BIN="${SHARDPAY_BIN:-target/release/shardpay}"
 SERVICES="auth ledger fraud notification analytics shard-manager"
+REPLICATED="auth fraud notification shard-manager"
+REPLICAS="${SHARDPAY_STACK_REPLICAS:-1}"
+MAX_REPLICAS=9
 
 die() { echo "stack: $*" >&2; exit 1; }
 
-port_of() {
-    local i=0 s
+case "$REPLICAS" in
+[1-9]) ;;
+*) die "SHARDPAY_STACK_REPLICAS=$REPLICAS: give 1 to $MAX_REPLICAS" ;;
+esac
+
+# Replicas of service $1 this stack runs.
+replicas_of() {
+    case " $REPLICATED " in
+    *" $1 "*) echo "$REPLICAS" ;;
+    *) echo 1 ;;
+    esac
+}
+
+# An instance is a service's replica: `notification` is replica 1,
+# `notification-2` replica 2. Its pid and logs are named after it.
+instance() { if [ "$2" = 1 ]; then echo "$1"; else echo "$1-$2"; fi; }
+service_of() { echo "${1%-[0-9]}"; }
+replica_of() {
+    case "$1" in
+    *-[0-9]) echo "${1##*-}" ;;
+    *) echo 1 ;;
+    esac
+}
+
+# The instances of the stack, in start order (every replica of auth, then
+# ledger, ...); with `all`, every instance that may have a pid file.
+instances() {
+    local s r n
     for s in $SERVICES; do
-        if [ "$s" = "$1" ]; then echo $((BASE + i)); return; fi
+        n="$(replicas_of "$s")"
+        [ "${1:-}" = all ] && n=$MAX_REPLICAS
+        for r in $(seq "$n"); do instance "$s" "$r"; done
+    done
+}
+
+port_of() {
+    local i=0 s service replica
+    service="$(service_of "$1")"
+    replica="$(replica_of "$1")"
+    for s in $SERVICES; do
+        if [ "$s" = "$service" ]; then echo $((BASE + i + 10 * (replica - 1))); return; fi
         i=$((i + 1))
     done
 }
 url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
+
+# The URLs of every replica of service $1, separated by commas.
+urls_of() {
+    local r urls=""
+    for r in $(seq "$(replicas_of "$1")"); do
+        urls="$urls${urls:+,}$(url_of "$(instance "$1" "$r")")"
+    done
+    echo "$urls"
+}
 
 pid_of() {
     [ -f "$DIR/$1.pid" ] || return 1
@@ -87,7 +152,7 @@ up() {
     jwt="$(secret jwt-secret)"
     admin="$(secret admin-password)"
     local s
-    for s in $SERVICES; do
+    for s in $(instances); do
         if pid_of "$s" >/dev/null; then
             echo "$s: already running (pid $(pid_of "$s"))" >&2
             continue
@@ -97,32 +162,32 @@ up() {
         # shellcheck disable=SC2086
         SHARDPAY_JWT_SECRET="$jwt" SHARDPAY_ADMIN_PASSWORD="$admin" \
             SHARDPAY_WEBHOOKS_TO_PRIVATE_NETWORKS=true \
-            nohup "$BIN" --log-format json serve "$s" \
+            nohup "$BIN" --log-format json serve "$(service_of "$s")" \
             --port "$(port_of "$s")" \
             --data-dir "$DIR/data" \
             --mysql-urls "$shards" \
             --kafka "$kafka" \
             --redis "$redis" \
             --fraud-features redis \
-            --auth-url "$(url_of auth)" \
-            --ledger-url "$(url_of ledger)" \
-            --fraud-url "$(url_of fraud)" \
-            --notification-url "$(url_of notification)" \
+            --auth-url "$(urls_of auth)" \
+            --ledger-url "$(urls_of ledger)" \
+            --fraud-url "$(urls_of fraud)" \
+            --notification-url "$(urls_of notification)" \
             ${SHARDPAY_STACK_SERVE_ARGS---login-limit-per-user 0 --login-limit-per-address 0} \
             >"$DIR/$s.out" 2>"$DIR/$s.log" &
         echo $! >"$DIR/$s.pid"
     done
-    for s in $SERVICES; do
+    for s in $(instances); do
         ready "$s"
         echo "$s: ready on $(url_of "$s") (pid $(cat "$DIR/$s.pid"), log $DIR/$s.log)" >&2
     done
     cat >&2 <<EOF
 
-The six services are up. Drive them with:
+The six services are up ($REPLICAS of each of $REPLICATED). Drive them with:
   SHARDPAY_ADMIN_PASSWORD=\$(cat $DIR/admin-password) \\
-  $BIN run scenarios/smoke.toml --target $(url_of shard-manager) \\
-      --service auth=$(url_of auth) --service notification=$(url_of notification) \\
-      --service analytics=$(url_of analytics)
+  $BIN run scenarios/smoke.toml --target $(urls_of shard-manager) \\
+      --service auth=$(urls_of auth) --service notification=$(urls_of notification) \\
+      --service analytics=$(urls_of analytics)
 The simulator logs in as admin and registers its users. Dashboard:
 $(url_of analytics)/dashboard/analytics  API docs: $(url_of shard-manager)/docs
 Stop everything with: scripts/stack.sh down
@@ -131,12 +196,12 @@ EOF
 
 down() {
     local s p
-    for s in $SERVICES; do
+    for s in $(instances all); do
         if p="$(pid_of "$s")"; then
             kill -TERM "$p" 2>/dev/null || true
         fi
     done
-    for s in $SERVICES; do
+    for s in $(instances all); do
         if p="$(pid_of "$s")"; then
             for _ in $(seq 150); do alive "$p" || break; sleep 0.2; done
             if alive "$p"; then
@@ -155,10 +220,10 @@ down() {
 
 status() {
     local s p
-    for s in $SERVICES; do
+    for s in $(instances all); do
         if p="$(pid_of "$s")"; then
             echo "$s: running (pid $p) on $(url_of "$s")"
-        else
+        elif [ "$(replica_of "$s")" -le "$(replicas_of "$(service_of "$s")")" ]; then
             echo "$s: stopped"
         fi
     done
@@ -167,12 +232,32 @@ status() {
     scripts/kafka.sh status || true
 }
 
+# SIGKILL replica $2 (default 1) of service $1: no graceful stop.
+kill_replica() {
+    local service="${1:-}" replica="${2:-1}" s p
+    case " $SERVICES " in
+    *" $service "*) ;;
+    *) die "kill: name a service: $SERVICES" ;;
+    esac
+    case "$replica" in
+    [1-9]) ;;
+    *) die "kill: replica $replica: give 1 to $MAX_REPLICAS" ;;
+    esac
+    s="$(instance "$service" "$replica")"
+    p="$(pid_of "$s")" || die "$s is not running"
+    kill -KILL "$p"
+    for _ in $(seq 150); do alive "$p" || break; sleep 0.2; done
+    rm -f "$DIR/$s.pid"
+    echo "$s: killed (pid $p)" >&2
+}
+
 case "${1:-}" in
 up) up ;;
 down) down ;;
 status) status ;;
+kill) kill_replica "${2:-}" "${3:-}" ;;
 *)
-    echo "usage: scripts/stack.sh up | down | status" >&2
+    echo "usage: scripts/stack.sh up | down | status | kill SERVICE [REPLICA]" >&2
     exit 2
     ;;
 esac

@@ -21,6 +21,7 @@ use shardpay_reference::fraud::{FeaturesConfig, FraudConfig};
 use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
 use shardpay_reference::money::Currency;
+use shardpay_reference::peers::Replicas;
 
 #[derive(Parser)]
 #[command(
@@ -177,28 +178,32 @@ struct ServeArgs {
     /// docs/configuration.md lists every key with its default.
     #[arg(long, env = "SHARDPAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Where the auth service answers (split deployment).
+    /// Where the auth service answers (split deployment): a URL, or
+    /// the URLs of its replicas separated by commas (called in turn).
     #[arg(
         long,
         env = "SHARDPAY_AUTH_URL",
         default_value = "http://127.0.0.1:8001"
     )]
     auth_url: String,
-    /// Where the ledger service answers (split deployment).
+    /// Where the ledger service answers (split deployment): a URL, or
+    /// the URLs of its replicas separated by commas (called in turn).
     #[arg(
         long,
         env = "SHARDPAY_LEDGER_URL",
         default_value = "http://127.0.0.1:8002"
     )]
     ledger_url: String,
-    /// Where the fraud service answers (split deployment).
+    /// Where the fraud service answers (split deployment): a URL, or
+    /// the URLs of its replicas separated by commas (called in turn).
     #[arg(
         long,
         env = "SHARDPAY_FRAUD_URL",
         default_value = "http://127.0.0.1:8003"
     )]
     fraud_url: String,
-    /// Where the notification service answers (split deployment).
+    /// Where the notification service answers (split deployment): a URL, or
+    /// the URLs of its replicas separated by commas (called in turn).
     #[arg(
         long,
         env = "SHARDPAY_NOTIFICATION_URL",
@@ -611,6 +616,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A peer option's list of replica URLs, or why it cannot be used.
+fn peer_list(option: &str, list: &str) -> anyhow::Result<Replicas> {
+    Replicas::parse(list).map_err(|e| anyhow::anyhow!("{option} {list:?}: {e}"))
+}
+
 impl ServeArgs {
     /// What the reference system is built from.
     fn serve_config(&self, fault: Option<Fault>) -> anyhow::Result<ServeConfig> {
@@ -625,10 +635,10 @@ impl ServeArgs {
         Ok(ServeConfig {
             service,
             peers: Peers {
-                auth: self.auth_url.clone(),
-                ledger: self.ledger_url.clone(),
-                fraud: self.fraud_url.clone(),
-                notification: self.notification_url.clone(),
+                auth: peer_list("--auth-url", &self.auth_url)?,
+                ledger: peer_list("--ledger-url", &self.ledger_url)?,
+                fraud: peer_list("--fraud-url", &self.fraud_url)?,
+                notification: peer_list("--notification-url", &self.notification_url)?,
             },
             data_dir: self.data_dir.clone(),
             shards: self.shards,
@@ -883,6 +893,33 @@ mod tests {
         ] {
             assert!(table.contains(&format!("| `{key}` |")), "{key} missing");
         }
+    }
+
+    #[test]
+    fn peer_options_take_the_urls_of_replicas() {
+        let args = serve_args(&[
+            "shard-manager",
+            "--dev",
+            "--fraud-url",
+            "http://f1:8003,http://f2:8003/",
+        ]);
+        let config = args.serve_config(None).unwrap();
+        assert_eq!(
+            config.peers.fraud.urls(),
+            ["http://f1:8003", "http://f2:8003"]
+        );
+        assert_eq!(config.peers.auth.urls(), ["http://127.0.0.1:8001"]);
+        let args = serve_args(&[
+            "shard-manager",
+            "--dev",
+            "--fraud-url",
+            "http://f1:8003,f2:8003",
+        ]);
+        let error = args.serve_config(None).unwrap_err().to_string();
+        assert!(
+            error.contains("--fraud-url") && error.contains("\"f2:8003\""),
+            "{error}"
+        );
     }
 
     fn serve_args(argv: &[&str]) -> ServeArgs {

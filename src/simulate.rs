@@ -17,12 +17,15 @@ pub struct RunArgs {
     /// Scenario file (TOML); see scenarios/README.md. Try scenarios/mixed.toml.
     pub scenario: PathBuf,
     /// Drive a system already running at this URL instead of starting the
-    /// reference system in-process.
-    #[arg(long, env = "SHARDPAY_TARGET")]
-    pub target: Option<String>,
+    /// reference system in-process. Several (the shard manager's replicas),
+    /// separated by commas or as repeated --target: requests go to each in
+    /// turn, and one that refuses a connection is skipped.
+    #[arg(long, env = "SHARDPAY_TARGET", value_delimiter = ',')]
+    pub target: Vec<String>,
     /// With --target on a deployment of six services: where another
-    /// service answers, as NAME=URL (auth, notification, analytics);
-    /// repeat for each. Those left out answer at --target. Example:
+    /// service answers, as NAME=URL (auth, notification, analytics; the URL
+    /// may be several, separated by commas, for its replicas); repeat for
+    /// each. Those left out answer at --target. Example:
     /// --service auth=http://127.0.0.1:8001 --service notification=http://127.0.0.1:8004 --service analytics=http://127.0.0.1:8005
     #[arg(long = "service", value_name = "NAME=URL", requires = "target")]
     pub services: Vec<String>,
@@ -61,6 +64,12 @@ pub struct RunArgs {
     /// No progress output; the summary is still printed.
     #[arg(long, short)]
     pub quiet: bool,
+    /// With --target: register webhooks for some of the run's accounts with
+    /// the run's receiver, on loopback, and check every delivery, as runs
+    /// of the in-process system do. The target's notification service must
+    /// deliver to loopback (serve --webhooks-to-private-networks).
+    #[arg(long, requires = "target")]
+    pub webhooks: bool,
 }
 
 #[derive(clap::Args)]
@@ -252,22 +261,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let scenario = load_scenario(&args.scenario, args.seed)?;
     anyhow::ensure!(
         args.cross_shard == CrossShardArg::Saga
-            || args.target.is_some()
+            || !args.target.is_empty()
             || args.embedded.storage.backend == BackendArg::Mysql,
         "--cross-shard xa needs --backend mysql: the embedded SQLite shards have no XA"
     );
     anyhow::ensure!(
-        args.fraud == OnOff::On || args.target.is_none(),
+        args.fraud == OnOff::On || args.target.is_empty(),
         "--fraud applies to the in-process system; with --target, start that system with `shardpay serve --fraud off`"
     );
     anyhow::ensure!(
-        args.cross_shard == CrossShardArg::Saga || args.target.is_none(),
+        args.cross_shard == CrossShardArg::Saga || args.target.is_empty(),
         "--cross-shard applies to the in-process system; with --target, start that system with `shardpay serve --cross-shard xa`"
     );
     let mut local = None;
-    let target = match args.target {
-        Some(url) => Target::Url(url),
-        None => {
+    let target = match args.target.is_empty() {
+        false => Target::Url(args.target.join(",")),
+        true => {
             let mysql = match mysql_shards(&args.embedded.storage, args.embedded.shards)? {
                 Some((m, l)) => {
                     local = Some(l);
@@ -288,6 +297,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         }
     };
     let options = RunOptions {
+        webhooks: args.webhooks,
         target,
         services: shardpay_simulator::api::parse_services(&args.services)?,
         reports_dir: args.reports,
@@ -432,6 +442,7 @@ async fn sweep_runs(
                 );
             }
             let options = RunOptions {
+                webhooks: false,
                 services: Vec::new(),
                 target: Target::Embedded {
                     shards: *shards,

@@ -322,7 +322,7 @@ async fn open_auth(config: &ServeConfig) -> anyhow::Result<Option<Arc<AuthServic
         // Tokens are checked here (same secret, same sessions); account
         // owners are the auth service's to keep.
         AuthService::open(auth_config.clone(), None, stores)?
-            .with_remote_owners(&config.peers.auth, service.name())
+            .with_remote_owners(config.peers.auth.clone(), service.name())
     };
     Ok(Some(Arc::new(auth)))
 }
@@ -373,7 +373,7 @@ async fn open_fraud(
             Some(Arc::new(engine))
         }
         Some(_) if service == Service::ShardManager => Some(Arc::new(FraudEngine::remote(
-            &config.peers.fraud,
+            config.peers.fraud.clone(),
             auth.clone(),
         ))),
         Some(_) => None,

@@ -257,25 +257,25 @@ impl Pipeline {
     }
 }
 
-/// A JSON answer of another service, asked with this service's token
-/// when auth is on.
+/// A JSON answer of another service (any of its replicas), asked with
+/// this service's token when auth is on.
 async fn peer_json<T: serde::de::DeserializeOwned>(
-    base: &str,
+    replicas: &crate::peers::Replicas,
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<T> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let response = replicas
+        .send(path, |url| {
+            let mut request = client.get(url).timeout(Duration::from_secs(5));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            crate::peers::with_request_id(request)
+        })
+        .await?;
+    let url = response.url().clone();
     let down = |e: String| anyhow::anyhow!("{url}: {e}");
-    let mut request = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(5));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = crate::peers::with_request_id(request)
-        .send()
-        .await
-        .map_err(|e| down(e.to_string()))?;
     if !response.status().is_success() {
         return Err(down(format!("answered {}", response.status())));
     }

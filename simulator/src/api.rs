@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::json;
+use shardpay_reference::peers::Replicas;
 
 /// Accounts per bulk request (the server takes up to 500).
 pub const BULK_BATCH: usize = 500;
@@ -28,11 +29,13 @@ pub struct Api {
     pub client: reqwest::Client,
     /// The admin's bearer token, when the system has auth on.
     pub token: Option<String>,
-    pub base: String,
-    /// Base URLs of the services of a split deployment that answer some
+    /// The shard manager's replicas (`--target`), called in turn; one that
+    /// refuses a connection is skipped.
+    pub base: Replicas,
+    /// The replicas of the services of a split deployment that answer some
     /// paths instead of `base` (the shard manager): auth, notification,
     /// analytics.
-    pub services: Vec<(String, String)>,
+    pub services: Vec<(String, Replicas)>,
 }
 
 /// The service of a split deployment that answers `path` (a query string
@@ -60,8 +63,9 @@ fn split_hint(name: &str, answer: &str) -> anyhow::Result<()> {
 /// Services `--service NAME=URL` may name.
 pub const SERVICES: [&str; 3] = ["auth", "notification", "analytics"];
 
-/// Checks `NAME=URL` pairs.
-pub fn parse_services(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+/// Checks `NAME=URL` pairs; a URL may be several, separated by commas
+/// (the service's replicas).
+pub fn parse_services(pairs: &[String]) -> anyhow::Result<Vec<(String, Replicas)>> {
     pairs
         .iter()
         .map(|pair| {
@@ -73,11 +77,9 @@ pub fn parse_services(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>>
                 "--service {pair}: the simulator calls {} besides the shard manager (--target)",
                 SERVICES.join(", ")
             );
-            anyhow::ensure!(
-                url.starts_with("http://") || url.starts_with("https://"),
-                "--service {pair}: the URL must start with http:// or https://"
-            );
-            Ok((name.to_string(), url.trim_end_matches('/').to_string()))
+            let replicas =
+                Replicas::parse(url).map_err(|e| anyhow::anyhow!("--service {pair}: {e}"))?;
+            Ok((name.to_string(), replicas))
         })
         .collect()
 }
@@ -113,6 +115,8 @@ pub struct TransferView {
 }
 
 impl Api {
+    /// An API at `base`: one URL, or the shard manager's replicas'
+    /// separated by commas.
     pub fn new(base: &str) -> anyhow::Result<Api> {
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
@@ -121,7 +125,7 @@ impl Api {
         Ok(Api {
             client,
             token: None,
-            base: base.trim_end_matches('/').to_string(),
+            base: Replicas::parse(base).map_err(|e| anyhow::anyhow!("--target {base:?}: {e}"))?,
             services: Vec::new(),
         })
     }
@@ -136,17 +140,12 @@ impl Api {
     /// Whether the system has auth on: `/v1/auth/me` without a token
     /// answers 401 then, and 404 in demo mode.
     pub async fn auth_on(&self) -> anyhow::Result<bool> {
+        let path = "/v1/auth/me";
         let response = self
-            .client
-            .get(self.url("/v1/auth/me"))
-            .send()
+            .replicas(path)
+            .send(path, |url| self.client.get(url))
             .await
-            .with_context(|| {
-                format!(
-                    "GET {} failed; is the system running there?",
-                    self.url("/v1/auth/me")
-                )
-            })?;
+            .with_context(|| format!("GET {path} failed; is the system running there?"))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             let text = response.text().await.unwrap_or_default();
@@ -181,27 +180,33 @@ impl Api {
             .context("the login answer has no access_token")
     }
 
-    fn url(&self, path: &str) -> String {
+    /// The replicas of the service that answers `path`.
+    fn replicas(&self, path: &str) -> &Replicas {
         let service = service_of(path);
-        let base = self
-            .services
+        self.services
             .iter()
             .find(|(name, _)| name == service)
-            .map_or(self.base.as_str(), |(_, url)| url.as_str());
-        format!("{base}{path}")
+            .map_or(&self.base, |(_, replicas)| replicas)
+    }
+
+    /// Sends the request `build` makes of the client and a full URL to a
+    /// replica of the service that answers `path`, with the admin's token;
+    /// a replica that refuses the connection is skipped.
+    async fn send(
+        &self,
+        path: &str,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, shardpay_reference::peers::PeerDown> {
+        self.replicas(path)
+            .send(path, |url| self.authed(build(&self.client, url)))
+            .await
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self
-            .authed(self.client.get(self.url(path)))
-            .send()
+            .send(path, |client, url| client.get(url))
             .await
-            .with_context(|| {
-                format!(
-                    "GET {} failed; is the system running there?",
-                    self.url(path)
-                )
-            })?;
+            .with_context(|| format!("GET {path} failed; is the system running there?"))?;
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
@@ -216,11 +221,9 @@ impl Api {
         body: &serde_json::Value,
     ) -> anyhow::Result<T> {
         let response = self
-            .authed(self.client.post(self.url(path)))
-            .json(body)
-            .send()
+            .send(path, |client, url| client.post(url).json(body))
             .await
-            .with_context(|| format!("POST {} failed", self.url(path)))?;
+            .with_context(|| format!("POST {path} failed"))?;
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
@@ -350,9 +353,9 @@ impl Api {
     /// The system's own ledger audit, as it answers it.
     pub async fn audit(&self) -> anyhow::Result<serde_json::Value> {
         let response = self
-            .authed(self.client.get(self.url("/v1/audit")))
-            .timeout(AUDIT_TIMEOUT)
-            .send()
+            .send("/v1/audit", |client, url| {
+                client.get(url).timeout(AUDIT_TIMEOUT)
+            })
             .await
             .context("GET /v1/audit failed")?;
         let status = response.status();
@@ -369,8 +372,7 @@ impl Api {
         &self,
     ) -> anyhow::Result<Option<shardpay_reference::pipeline::PipelineReport>> {
         let response = self
-            .authed(self.client.get(self.url("/v1/pipeline")))
-            .send()
+            .send("/v1/pipeline", |client, url| client.get(url))
             .await
             .context("GET /v1/pipeline failed")?;
         let status = response.status();
@@ -392,10 +394,9 @@ impl Api {
         account: &str,
         url: &str,
     ) -> anyhow::Result<Option<String>> {
+        let body = json!({ "account": account, "url": url });
         let response = self
-            .authed(self.client.post(self.url("/v1/webhooks")))
-            .json(&json!({ "account": account, "url": url }))
-            .send()
+            .send("/v1/webhooks", |client, to| client.post(to).json(&body))
             .await
             .context("POST /v1/webhooks failed")?;
         let status = response.status();

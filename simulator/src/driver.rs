@@ -13,6 +13,7 @@ use goose::goose::{GooseMethod, GooseRequest, GooseUser, Scenario as GooseScenar
 use goose::metrics::GooseMetrics;
 use goose::GooseAttack;
 use serde_json::json;
+use shardpay_reference::peers::Replicas;
 
 use crate::accounting::{self, Books, Entry, Outcome};
 use crate::plan::{Op, Plan, Transfer};
@@ -45,13 +46,22 @@ pub struct Sim {
     /// With auth on: the access token of each account owner; account `i`
     /// belongs to owner `i % tokens.len()`. Empty without auth.
     pub tokens: Vec<String>,
+    /// The shard manager's replicas: each request goes to the next in turn;
+    /// one that refuses the connection (the request never sent) is skipped.
+    pub targets: Replicas,
     next: AtomicU64,
     executed: AtomicU64,
     start: OnceLock<Instant>,
 }
 
 impl Sim {
-    pub fn new(scenario: &Scenario, plan: Plan, names: Vec<String>, key_prefix: String) -> Sim {
+    pub fn new(
+        scenario: &Scenario,
+        plan: Plan,
+        names: Vec<String>,
+        key_prefix: String,
+        targets: Replicas,
+    ) -> Sim {
         let schedule = match &scenario.load {
             Load::Open {
                 start_rate_per_s,
@@ -70,6 +80,7 @@ impl Sim {
             schedule,
             key_prefix,
             tokens: Vec::new(),
+            targets,
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
             start: OnceLock::new(),
@@ -101,15 +112,12 @@ impl Sim {
     }
 }
 
-/// Runs the goose attack to the end of the scenario.
-pub async fn attack(
-    scenario: &Scenario,
-    sim: Arc<Sim>,
-    base_url: &str,
-) -> anyhow::Result<GooseMetrics> {
+/// Runs the goose attack to the end of the scenario, on `sim`'s targets.
+pub async fn attack(scenario: &Scenario, sim: Arc<Sim>) -> anyhow::Result<GooseMetrics> {
     let mut config = GooseConfiguration::default();
     let users = scenario.load.users() as usize;
-    config.host = Some(base_url.to_string());
+    // goose has one host; every request names its replica's full URL.
+    config.host = Some(sim.targets.urls()[0].clone());
     config.users = Some(users);
     // Every user starts at once: the warm-up absorbs the ramp.
     config.increase_rate = Some(format!("{}", users.max(1) * 100));
@@ -320,15 +328,50 @@ fn body(sim: &Sim, t: &Transfer, amount_minor: i64) -> serde_json::Value {
     })
 }
 
-/// Sends one transfer through goose (so goose counts it too).
+/// Sends one transfer through goose (so goose counts it too), to the next
+/// replica in turn; a replica that refuses the connection is skipped.
 async fn send_goose(
     user: &mut GooseUser,
+    targets: &Replicas,
     kind: Kind,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
-    let builder = match user.get_request_builder(&GooseMethod::Post, "/v1/transfers") {
+    let mut refused = None;
+    for (i, base) in targets.turn() {
+        match send_goose_to(user, base, kind, key, body, token).await {
+            Err(e) if e.is_connect() => {
+                targets.refused(i);
+                refused = Some(e);
+            }
+            Err(e) => return Answer::transport(&e),
+            Ok(answer) => return answer,
+        }
+    }
+    Answer::transport(&refused.expect("a target list has at least one URL"))
+}
+
+/// One transfer through goose to the replica at `base`: the answer, or the
+/// transport error that kept it.
+async fn send_goose_to(
+    user: &mut GooseUser,
+    base: &str,
+    kind: Kind,
+    key: &str,
+    body: &serde_json::Value,
+    token: Option<&str>,
+) -> Result<Answer, reqwest::Error> {
+    let client_error = |e: String| Answer {
+        status: 0,
+        replayed: false,
+        code: "client".into(),
+        id: None,
+        state: None,
+        body: e,
+    };
+    let url = format!("{base}/v1/transfers");
+    let builder = match user.get_request_builder(&GooseMethod::Post, &url) {
         Ok(b) => {
             let b = b.header("Idempotency-Key", key).json(body);
             match token {
@@ -336,16 +379,7 @@ async fn send_goose(
                 None => b,
             }
         }
-        Err(e) => {
-            return Answer {
-                status: 0,
-                replayed: false,
-                code: "client".into(),
-                id: None,
-                state: None,
-                body: e.to_string(),
-            }
-        }
+        Err(e) => return Ok(client_error(e.to_string())),
     };
     let request = GooseRequest::builder()
         .method(GooseMethod::Post)
@@ -355,36 +389,36 @@ async fn send_goose(
         .build();
     match user.request(request).await {
         Ok(goose) => match goose.response {
-            Ok(response) => Answer::read(response).await,
-            Err(e) => Answer::transport(&e),
+            Ok(response) => Ok(Answer::read(response).await),
+            Err(e) => Err(e),
         },
-        Err(e) => Answer {
-            status: 0,
-            replayed: false,
-            code: "client".into(),
-            id: None,
-            state: None,
-            body: e.to_string(),
-        },
+        Err(e) => Ok(client_error(e.to_string())),
     }
 }
 
 /// Sends one transfer straight through the user's HTTP client, for requests
-/// that race another one of the same user.
+/// that race another one of the same user (or settle one after the run), to
+/// the next replica in turn; a replica that refuses the connection is
+/// skipped.
 async fn send_raw(
     client: &reqwest::Client,
-    url: &str,
+    targets: &Replicas,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
-    let mut request = client.post(url).header("Idempotency-Key", key).json(body);
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
-    }
-    match request.send().await {
+    let sent = targets
+        .send("/v1/transfers", |url| {
+            let request = client.post(url).header("Idempotency-Key", key).json(body);
+            match token {
+                Some(t) => request.bearer_auth(t),
+                None => request,
+            }
+        })
+        .await;
+    match sent {
         Ok(response) => Answer::read(response).await,
-        Err(e) => Answer::transport(&e),
+        Err(down) => Answer::transport(&down.source),
     }
 }
 
@@ -446,6 +480,7 @@ async fn execute(
             ctx.entry(&key, &transfer, None);
             let answer = send_goose(
                 user,
+                &sim.targets,
                 kind,
                 &key,
                 &body(sim, &transfer, transfer.amount_minor),
@@ -468,6 +503,7 @@ async fn execute(
                 ctx.entry(&key, transfer, Some(fraudulent));
                 let answer = send_goose(
                     user,
+                    &sim.targets,
                     Kind::FraudHeavy,
                     &key,
                     &body(sim, transfer, transfer.amount_minor),
@@ -544,7 +580,6 @@ struct RetryGroup<'a> {
     body: serde_json::Value,
     /// The user's HTTP client, for the requests that bypass goose.
     client: reqwest::Client,
-    url: String,
 }
 
 impl<'a> RetryGroup<'a> {
@@ -556,14 +591,13 @@ impl<'a> RetryGroup<'a> {
             body: body(sim, &transfer, transfer.amount_minor),
             transfer,
             client: user.client.clone(),
-            url: format!("{}v1/transfers", user.base_url),
         }
     }
 
     /// Sends `body` under the group's key, outside goose.
     async fn send_raw(&self, body: &serde_json::Value) -> Answer {
         let token = self.ctx.sim.token(self.transfer.payer);
-        send_raw(&self.client, &self.url, &self.key, body, token).await
+        send_raw(&self.client, &self.ctx.sim.targets, &self.key, body, token).await
     }
 
     /// The first request (through goose, timed from `intended`) with its
@@ -583,7 +617,8 @@ impl<'a> RetryGroup<'a> {
         });
         let first = async {
             let kind = Kind::IdempotentRetry;
-            let answer = send_goose(user, kind, &self.key, &self.body, token).await;
+            let targets = &self.ctx.sim.targets;
+            let answer = send_goose(user, targets, kind, &self.key, &self.body, token).await;
             (answer, intended)
         };
         let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));
@@ -672,12 +707,12 @@ impl<'a> RetryGroup<'a> {
 }
 
 /// After the run: sends every request whose answer never came again, with
-/// its key and body, until it has one. Returns how many were settled.
-pub async fn settle_unknown(sim: &Sim, base_url: &str) -> anyhow::Result<(u64, u64)> {
+/// its key and body, until it has one (to any replica that answers).
+/// Returns how many were settled.
+pub async fn settle_unknown(sim: &Sim) -> anyhow::Result<(u64, u64)> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(REQUEST_TIMEOUT_S))
         .build()?;
-    let url = format!("{}/v1/transfers", base_url.trim_end_matches('/'));
     let mut settled = 0;
     let mut unsettled = 0;
     for (key, entry) in sim.books.entries() {
@@ -694,7 +729,7 @@ pub async fn settle_unknown(sim: &Sim, base_url: &str) -> anyhow::Result<(u64, u
         for attempt in 0..20 {
             let answer = send_raw(
                 &client,
-                &url,
+                &sim.targets,
                 &key,
                 &body(sim, &t, t.amount_minor),
                 sim.token(t.payer),

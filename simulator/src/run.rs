@@ -64,7 +64,9 @@ pub enum Target {
         /// instead of in memory (auth is always on).
         redis: Option<String>,
     },
-    /// A system already running at this base URL.
+    /// A system already running at this base URL, or at these (the shard
+    /// manager's replicas, separated by commas; requests go to each in
+    /// turn).
     Url(String),
 }
 
@@ -120,9 +122,13 @@ pub struct RunOptions {
     /// With `Target::Url`, the other services of a split deployment (auth,
     /// notification, analytics) by name; those left out answer at the
     /// target.
-    pub services: Vec<(String, String)>,
+    pub services: Vec<(String, shardpay_reference::peers::Replicas)>,
     /// Parent of the run's report folder.
     pub reports_dir: PathBuf,
+    /// With `Target::Url`: webhooks for some accounts, to the run's
+    /// receiver on loopback, checked as on the in-process system (the
+    /// target must deliver there: `serve --webhooks-to-private-networks`).
+    pub webhooks: bool,
     /// Show progress bars (when stderr is a terminal) and the summary.
     pub progress: bool,
     /// With MySQL shards: before the load, measure the raw-database
@@ -675,6 +681,7 @@ async fn drive(
         plan,
         accounts.names.clone(),
         accounts.run_id.clone(),
+        api.base.clone(),
     );
     if let Some(owners) = accounts.owners {
         sim.tokens = owners.tokens;
@@ -701,7 +708,8 @@ async fn drive(
     }
     report.pipeline = settle_pipeline(&api).await;
     if let Some(receiver) = &accounts.receiver {
-        report.webhooks = Some(settle_webhooks(&api, receiver).await);
+        let active = accounts_in_completed_transfers(&sim.books);
+        report.webhooks = Some(settle_webhooks(&api, receiver, &active).await);
     }
     judge(scenario, &mut report);
     let dir = cx.write_report(&report)?;
@@ -839,9 +847,9 @@ impl RunContext<'_> {
         let owners = sign_in(api, &run_id, needed as usize, admin_password, progress).await?;
         let of_account = owners.as_ref().map(|o| o.of_account.as_slice());
         let shard_of = setup(api, scenario, &names, of_account, progress).await?;
-        // Webhooks for some accounts, on the in-process system only (a remote
-        // system may not reach this machine).
-        let receiver = if self.embedded() {
+        // Webhooks for some accounts, on the in-process system, or a target
+        // said to reach this machine's loopback.
+        let receiver = if self.embedded() || self.options.webhooks {
             crate::webhooks::Receiver::start(api, &names).await?
         } else {
             None
@@ -891,7 +899,7 @@ impl RunContext<'_> {
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
         let wall = Instant::now();
-        let goose = driver::attack(self.scenario, sim.clone(), self.base_url).await;
+        let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
         progress.abort();
@@ -1075,7 +1083,7 @@ async fn check_books(
     transfers_before: u64,
     embedded: bool,
 ) -> anyhow::Result<Accounting> {
-    let (settled, unsettled) = driver::settle_unknown(sim, &api.base).await?;
+    let (settled, unsettled) = driver::settle_unknown(sim).await?;
     let mut entries = sim.books.entries();
     let accepted_ids = accepted_ids(&entries);
     let distinct: HashSet<&String> = accepted_ids.iter().collect();
@@ -1417,6 +1425,7 @@ async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::pipeline::Pipe
 async fn settle_webhooks(
     api: &Api,
     receiver: &crate::webhooks::Receiver,
+    active: &HashSet<usize>,
 ) -> crate::webhooks::WebhookReport {
     let deadline = Instant::now() + PIPELINE_WAIT;
     let mut last = None;
@@ -1430,11 +1439,24 @@ async fn settle_webhooks(
         };
         let now = (delivered, dead, receiver.distinct());
         if (last == Some(now) && now.2 == delivered) || Instant::now() >= deadline {
-            return receiver.report(delivered, dead);
+            return receiver.report(delivered, dead, active);
         }
         last = Some(now);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// The accounts (by index) that paid or were paid in a transfer the books
+/// saw completed: each has events its webhooks must be sent.
+fn accounts_in_completed_transfers(books: &crate::accounting::Books) -> HashSet<usize> {
+    books
+        .entries()
+        .into_iter()
+        .filter(
+            |(_, e)| matches!(&e.outcome, Outcome::Accepted { state, .. } if state == "completed"),
+        )
+        .flat_map(|(_, e)| [e.payer as usize, e.payee as usize])
+        .collect()
 }
 
 /// Judges the scenario's thresholds; sets `passed` and `failures`.
@@ -1531,10 +1553,10 @@ fn pipeline_result(p: &shardpay_reference::pipeline::PipelineReport) -> Threshol
 fn webhooks_result(w: &crate::webhooks::WebhookReport) -> ThresholdResult {
     ThresholdResult {
         name: "webhooks signed and delivered".into(),
-        limit: "every delivery verifies; every delivery the system made arrived".into(),
+        limit: "every delivery verifies; every delivery the system made arrived; every hooked account with a completed transfer got deliveries".into(),
         actual: format!(
-            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered",
-            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered
+            "{} arrived of {} delivered, {} bad signatures, {} dead-lettered, {} hooked accounts with transfers got none",
+            w.distinct, w.system_delivered, w.bad_signatures, w.system_dead_lettered, w.hooks_missed
         ),
         ok: w.ok,
     }

@@ -33,7 +33,12 @@ pub struct WebhookReport {
     /// What the system says it delivered, and gave up on.
     pub system_delivered: u64,
     pub system_dead_lettered: u64,
-    /// Every delivery verified, and every one the system counts arrived.
+    /// Hooked accounts that paid or were paid in a completed transfer but
+    /// got no delivery: their events were never delivered to them.
+    #[serde(default)]
+    pub hooks_missed: u64,
+    /// Every delivery verified, every one the system counts arrived, and
+    /// every hooked account with a completed transfer got deliveries.
     pub ok: bool,
 }
 
@@ -133,10 +138,22 @@ impl Receiver {
         }))
     }
 
-    /// The figures, against what the system says it delivered.
-    pub fn report(&self, system_delivered: u64, system_dead_lettered: u64) -> WebhookReport {
+    /// The figures, against what the system says it delivered; `active`
+    /// holds the accounts (by index) that paid or were paid in a completed
+    /// transfer, whose webhooks must have had deliveries.
+    pub fn report(
+        &self,
+        system_delivered: u64,
+        system_dead_lettered: u64,
+        active: &HashSet<usize>,
+    ) -> WebhookReport {
         let s = self.inner.lock().expect("receiver lock");
         let distinct = s.seen.len() as u64;
+        // Hook n is account n's (the first accounts are hooked).
+        let reached: HashSet<usize> = s.seen.iter().map(|(hook, _)| *hook).collect();
+        let hooks_missed = (0..self.hooked as usize)
+            .filter(|n| active.contains(n) && !reached.contains(n))
+            .count() as u64;
         WebhookReport {
             hooked_accounts: self.hooked,
             deliveries: s.deliveries,
@@ -145,7 +162,11 @@ impl Receiver {
             bad_signatures: s.bad,
             system_delivered,
             system_dead_lettered,
-            ok: s.bad == 0 && distinct == system_delivered && system_dead_lettered == 0,
+            hooks_missed,
+            ok: s.bad == 0
+                && distinct == system_delivered
+                && system_dead_lettered == 0
+                && hooks_missed == 0,
         }
     }
 

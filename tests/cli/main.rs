@@ -6,6 +6,7 @@ mod audit;
 mod config;
 mod memory;
 mod modules;
+mod replicas;
 mod run;
 mod shard_kill;
 mod sigterm;

@@ -16,9 +16,9 @@ use serde_json::Value;
 use super::{block_on, mysql_databases, only_report};
 
 /// One service process; killed when dropped.
-struct Process {
-    child: Child,
-    url: String,
+pub(super) struct Process {
+    pub(super) child: Child,
+    pub(super) url: String,
 }
 
 impl Drop for Process {
@@ -30,7 +30,7 @@ impl Drop for Process {
 
 /// `SHARDPAY_TEST_<NAME>` or `None` (the test is skipped), unless
 /// `SHARDPAY_REQUIRE_<WHAT>=1` makes that a failure.
-fn server(var: &str, require: &str, how: &str) -> Option<String> {
+pub(super) fn server(var: &str, require: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
@@ -44,7 +44,12 @@ fn server(var: &str, require: &str, how: &str) -> Option<String> {
     }
 }
 
-fn start(command: &[String], env: &[(String, String)], extra: &[String], log: &Path) -> Process {
+pub(super) fn start(
+    command: &[String],
+    env: &[(String, String)],
+    extra: &[String],
+    log: &Path,
+) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardpay"))
         .args(command)
         .args(extra)
@@ -124,11 +129,11 @@ fn get_auth(url: &str, token: &str) -> Value {
     })
 }
 
-fn text(url: &str) -> String {
+pub(super) fn text(url: &str) -> String {
     block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -136,7 +141,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn ready(name: &str, url: &str, log: &Path) {
+pub(super) fn ready(name: &str, url: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let answer = get(&format!("{url}/ready"));
@@ -153,7 +158,7 @@ fn ready(name: &str, url: &str, log: &Path) {
 }
 
 /// A GET answering (status, JSON body), or `None` when nothing answers.
-fn get(url: &str) -> Option<(u16, Value)> {
+pub(super) fn get(url: &str) -> Option<(u16, Value)> {
     block_on(async {
         let response = reqwest::get(url).await.ok()?;
         let status = response.status().as_u16();
@@ -524,7 +529,7 @@ fn six_services_as_six_processes_run_the_smoke_scenario() {
 }
 
 /// SIGTERM; the process must exit 0 within 30 s and log its stop.
-fn stop(process: &mut Process, name: &str, log: &Path) {
+pub(super) fn stop(process: &mut Process, name: &str, log: &Path) {
     {
         assert!(Command::new("kill")
             .args(["-TERM", &process.child.id().to_string()])
@@ -574,7 +579,7 @@ fn call_with(
     })
 }
 
-fn login(auth: &str, username: &str, password: &str) -> String {
+pub(super) fn login(auth: &str, username: &str, password: &str) -> String {
     block_on(async {
         let answer: Value = reqwest::Client::new()
             .post(format!("{auth}/v1/auth/login"))

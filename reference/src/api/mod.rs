@@ -165,10 +165,10 @@ async fn route_not_found(
     match (elsewhere, &state.peers) {
         (Some(service), Some(peers)) => {
             let url = match service {
-                Service::Auth => Some(peers.auth.as_str()),
-                Service::Ledger => Some(peers.ledger.as_str()),
-                Service::Fraud => Some(peers.fraud.as_str()),
-                Service::Notification => Some(peers.notification.as_str()),
+                Service::Auth => Some(peers.auth.list()),
+                Service::Ledger => Some(peers.ledger.list()),
+                Service::Fraud => Some(peers.fraud.list()),
+                Service::Notification => Some(peers.notification.list()),
                 _ => None,
             };
             let at = url.map_or_else(

@@ -283,7 +283,7 @@ pub const HASH_WAIT: Duration = Duration::from_secs(5);
 
 /// The auth service's owner routes, over HTTP.
 struct RemoteOwners {
-    url: String,
+    replicas: crate::peers::Replicas,
     client: reqwest::Client,
     /// The service asking (its service token's subject).
     caller: String,
@@ -391,15 +391,20 @@ impl AuthService {
         Ok(service)
     }
 
-    /// Keeps account owners at the auth service at `url` instead of in
-    /// this process; `caller` names this service in its service token.
-    pub fn with_remote_owners(mut self, url: &str, caller: &str) -> AuthService {
+    /// Keeps account owners at the auth service (any of `replicas`)
+    /// instead of in this process; `caller` names this service in its
+    /// service token.
+    pub fn with_remote_owners(
+        mut self,
+        replicas: crate::peers::Replicas,
+        caller: &str,
+    ) -> AuthService {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .expect("an HTTP client with a timeout builds");
         self.remote = Some(RemoteOwners {
-            url: url.trim_end_matches('/').to_string(),
+            replicas,
             client,
             caller: caller.to_string(),
         });
@@ -427,20 +432,27 @@ impl AuthService {
         Ok(tokens.access_token)
     }
 
+    /// Calls `path` on an auth replica with the request `build` makes of
+    /// the client and the full URL.
     async fn remote_call(
         &self,
         remote: &RemoteOwners,
-        request: reqwest::RequestBuilder,
+        path: &str,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, AuthError> {
         let token = self.service_token().await?;
-        let request = crate::peers::with_request_id(request.bearer_auth(token));
-        let response = request.send().await.map_err(|e| {
-            AuthError::PeerUnavailable(format!("{} does not answer: {e}", remote.url))
-        })?;
+        let response = remote
+            .replicas
+            .send(path, |url| {
+                crate::peers::with_request_id(build(&remote.client, url).bearer_auth(&token))
+            })
+            .await
+            .map_err(|e| AuthError::PeerUnavailable(e.to_string()))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
+        let response_url = response.url().clone();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         let message = body["error"]["message"]
             .as_str()
@@ -448,7 +460,9 @@ impl AuthService {
             .to_string();
         Err(match body["error"]["code"].as_str() {
             Some("unknown_owner") => AuthError::Invalid(ErrorCode::UnknownOwner, message),
-            _ => AuthError::PeerUnavailable(format!("{} answered {status}: {message}", remote.url)),
+            _ => {
+                AuthError::PeerUnavailable(format!("{} answered {status}: {message}", response_url))
+            }
         })
     }
 
@@ -781,9 +795,10 @@ impl AuthService {
                 .collect::<Vec<_>>(),
             "check_only": !record,
         });
-        let url = format!("{}/v1/auth/owners", remote.url);
         let response = self
-            .remote_call(remote, remote.client.post(url).json(&body))
+            .remote_call(remote, "/v1/auth/owners", |client, url| {
+                client.post(url).json(&body)
+            })
             .await?;
         let answer: OwnedAnswer = response
             .json()
@@ -805,8 +820,10 @@ impl AuthService {
         let Some(remote) = &self.remote else {
             return self.owner_here(account).await;
         };
-        let url = format!("{}/v1/auth/owners/{account}", remote.url);
-        let response = self.remote_call(remote, remote.client.get(url)).await?;
+        let path = format!("/v1/auth/owners/{account}");
+        let response = self
+            .remote_call(remote, &path, |client, url| client.get(url))
+            .await?;
         let answer: OwnerAnswer = response
             .json()
             .await

@@ -261,7 +261,7 @@ pub struct FraudEngine {
 
 /// The fraud service, over HTTP.
 struct RemoteFraud {
-    url: String,
+    replicas: crate::peers::Replicas,
     client: reqwest::Client,
     /// Mints this service's token for the call, when auth is on.
     auth: Option<std::sync::Arc<crate::auth::AuthService>>,
@@ -281,10 +281,10 @@ impl FraudEngine {
         }
     }
 
-    /// An engine that asks the fraud service at `url` (`POST
+    /// An engine that asks the fraud service, any of `replicas` (`POST
     /// /v1/fraud/score`, which also publishes the decision).
     pub fn remote(
-        url: &str,
+        replicas: crate::peers::Replicas,
         auth: Option<std::sync::Arc<crate::auth::AuthService>>,
     ) -> FraudEngine {
         let client = reqwest::Client::builder()
@@ -296,7 +296,7 @@ impl FraudEngine {
             store: Box::new(MemoryFeatureStore::default()),
             bus: None,
             remote: Some(RemoteFraud {
-                url: format!("{}/v1/fraud/score", url.trim_end_matches('/')),
+                replicas,
                 client,
                 auth,
             }),
@@ -392,23 +392,31 @@ impl RemoteFraud {
         payee: &str,
         amount_minor: i64,
     ) -> anyhow::Result<Assessment> {
-        let mut request = self.client.post(&self.url).json(&serde_json::json!({
+        let body = serde_json::json!({
             "from": payer,
             "to": payee,
             "amount_minor": amount_minor,
             "publish": true,
-        }));
-        if let Some(auth) = &self.auth {
-            let token = auth
-                .service_token()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?;
-            request = request.bearer_auth(token);
-        }
-        request = crate::peers::with_request_id(request);
-        let response = request.send().await.map_err(|e| {
-            anyhow::anyhow!("the fraud service at {} does not answer: {e}", self.url)
-        })?;
+        });
+        let token = match &self.auth {
+            Some(auth) => Some(
+                auth.service_token()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?,
+            ),
+            None => None,
+        };
+        let response = self
+            .replicas
+            .send("/v1/fraud/score", |url| {
+                let mut request = self.client.post(url).json(&body);
+                if let Some(token) = &token {
+                    request = request.bearer_auth(token);
+                }
+                crate::peers::with_request_id(request)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the fraud service at {e}"))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();

@@ -83,8 +83,8 @@ async fn health(State(state): State<AppState>) -> Response {
     axum::Json(serde_json::json!({ "ok": true, "service": state.service.name() })).into_response()
 }
 
-/// The services `state`'s service calls, by name and URL.
-fn peers_needed(state: &AppState) -> Vec<(&'static str, String)> {
+/// The services `state`'s service calls, by name and replicas.
+fn peers_needed(state: &AppState) -> Vec<(&'static str, crate::peers::Replicas)> {
     use crate::peers::Service;
     let Some(peers) = &state.peers else {
         return Vec::new();
@@ -248,17 +248,22 @@ async fn ready(State(state): State<AppState>) -> Response {
             problems.push(format!("event bus: {e:#}"));
         }
     }
-    for (name, url) in peers_needed(&state) {
-        let health = format!("{}/health", url.trim_end_matches('/'));
-        let answer = reqwest::Client::new()
-            .get(&health)
-            .timeout(std::time::Duration::from_secs(2))
-            .send()
+    // A peer is there when one of its replicas answers.
+    let client = reqwest::Client::new();
+    for (name, replicas) in peers_needed(&state) {
+        let answer = replicas
+            .send("/health", |url| {
+                client.get(url).timeout(std::time::Duration::from_secs(2))
+            })
             .await;
         match answer {
             Ok(r) if r.status().is_success() => {}
-            Ok(r) => problems.push(format!("{name} service at {url} answered {}", r.status())),
-            Err(e) => problems.push(format!("{name} service at {url} does not answer: {e}")),
+            Ok(r) => problems.push(format!(
+                "{name} service at {} answered {}",
+                r.url(),
+                r.status()
+            )),
+            Err(e) => problems.push(format!("{name} service at {e}")),
         }
     }
     let status = if problems.is_empty() {

@@ -66,6 +66,7 @@ async fn a_transfer_the_simulator_did_not_send_fails_its_books() {
     let reports = tempfile::tempdir().unwrap();
     let s = scenario("duration_s = 2", "model = \"closed\"\nusers = 4", "");
     let options = RunOptions {
+        webhooks: false,
         services: Vec::new(),
         target: Target::Url(url.clone()),
         reports_dir: reports.path().to_path_buf(),

@@ -50,6 +50,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
         "[thresholds]\nerror_rate = 0.0",
     );
     let options = RunOptions {
+        webhooks: false,
         services: Vec::new(),
         target: Target::Embedded {
             shards: 2,

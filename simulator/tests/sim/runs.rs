@@ -10,6 +10,7 @@ use crate::scenario;
 
 fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
     RunOptions {
+        webhooks: false,
         services: Vec::new(),
         target: Target::Embedded {
             shards,
