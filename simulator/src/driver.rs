@@ -338,19 +338,33 @@ async fn send_goose(
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
-    let mut refused = None;
-    for (i, base) in targets.turn() {
-        match send_goose_to(user, base, kind, key, body, token).await {
-            Err(e) if e.is_connect() => {
-                targets.refused(i);
-                refused = Some(e);
+    let give_up = Instant::now() + REFUSED_FOR;
+    loop {
+        let mut refused = None;
+        for (i, base) in targets.turn() {
+            match send_goose_to(user, base, kind, key, body, token).await {
+                Err(e) if e.is_connect() => {
+                    targets.refused(i);
+                    refused = Some(e);
+                }
+                Err(e) => return Answer::transport(&e),
+                Ok(answer) => return answer,
             }
-            Err(e) => return Answer::transport(&e),
-            Ok(answer) => return answer,
         }
+        let refused = refused.expect("a target list has at least one URL");
+        if Instant::now() >= give_up {
+            return Answer::transport(&refused);
+        }
+        tokio::time::sleep(REFUSED_PAUSE).await;
     }
-    Answer::transport(&refused.expect("a target list has at least one URL"))
 }
+
+/// How long a request that every replica refused (no connection, so
+/// nothing was sent) is tried again, a pause apart, before it counts as an
+/// error: a system restarting on its port answers it late, and the time
+/// waited is in its latency.
+const REFUSED_FOR: Duration = Duration::from_secs(10);
+const REFUSED_PAUSE: Duration = Duration::from_millis(25);
 
 /// One transfer through goose to the replica at `base`: the answer, or the
 /// transport error that kept it.
@@ -407,15 +421,24 @@ async fn send_raw(
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
-    let sent = targets
-        .send("/v1/transfers", |url| {
-            let request = client.post(url).header("Idempotency-Key", key).json(body);
-            match token {
-                Some(t) => request.bearer_auth(t),
-                None => request,
+    let give_up = Instant::now() + REFUSED_FOR;
+    let sent = loop {
+        let sent = targets
+            .send("/v1/transfers", |url| {
+                let request = client.post(url).header("Idempotency-Key", key).json(body);
+                match token {
+                    Some(t) => request.bearer_auth(t),
+                    None => request,
+                }
+            })
+            .await;
+        match &sent {
+            Err(down) if down.source.is_connect() && Instant::now() < give_up => {
+                tokio::time::sleep(REFUSED_PAUSE).await;
             }
-        })
-        .await;
+            _ => break sent,
+        }
+    };
     match sent {
         Ok(response) => Answer::read(response).await,
         Err(down) => Answer::transport(&down.source),
