@@ -138,6 +138,8 @@ impl Deployment {
                 &servers.shards.join(","),
                 "--auth-mysql-url",
                 &format!("{}_auth", servers.shards[0]),
+                "--notification-mysql-url",
+                &format!("{}_notify", servers.shards[0]),
                 "--kafka",
                 &servers.kafka,
                 "--kafka-prefix",
@@ -246,6 +248,7 @@ fn kill(process: &mut Process) {
 
 #[test]
 fn replicas_survive_the_smoke_scenario_with_one_of_each_killed() {
+    let _one_stack = super::six::one_stack_at_a_time();
     let Some(servers) = servers() else {
         return;
     };

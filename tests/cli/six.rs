@@ -133,12 +133,28 @@ pub(super) fn text(url: &str) -> String {
     block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
 
+/// The stack tests (here and `replicas.rs`) run one at a time: two stacks
+/// at once take more connections than one MySQL server allows by default.
+pub(super) fn one_stack_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static STACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    STACK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A port free now, below Linux's ephemeral range (32768 up): a port the
+/// kernel hands out for port 0 can be taken, before its service binds it,
+/// by an outgoing connection of a service started earlier.
 pub(super) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = 20_000 + (std::process::id() % 500) * 20;
+    loop {
+        let port = (start + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub(super) fn ready(name: &str, url: &str, log: &Path) {
@@ -168,6 +184,7 @@ pub(super) fn get(url: &str) -> Option<(u16, Value)> {
 
 #[test]
 fn six_services_as_six_processes_run_the_smoke_scenario() {
+    let _one_stack = one_stack_at_a_time();
     let Some(kafka) = server(
         "SHARDPAY_TEST_KAFKA_BOOTSTRAP",
         "SHARDPAY_REQUIRE_KAFKA",
