@@ -7,12 +7,11 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{Connection, MySqlConnection, MySqlPool};
+use sqlx::{MySqlConnection, MySqlPool};
 
 use super::{unknown_owner, Credentials, UserStore};
 use crate::auth::{AuthError, Role};
-use crate::ledger::mysql::{redact, MysqlConfig, LOCK_WAIT_TIMEOUT_S, MAX_ATTEMPTS};
+use crate::ledger::mysql::{MysqlConfig, MAX_ATTEMPTS};
 
 /// The database the auth service uses on the first shard's server when no
 /// URL of its own is given.
@@ -42,10 +41,7 @@ const DUPLICATE_KEY: u16 = 1062;
 /// The URL of database [`DATABASE`] on the server of `shard_url` (same
 /// user, password and options).
 pub fn database_beside(shard_url: &str) -> anyhow::Result<String> {
-    let mut url = url::Url::parse(shard_url)
-        .map_err(|e| anyhow::anyhow!("bad MySQL URL {:?}: {e}", redact(shard_url)))?;
-    url.set_path(&format!("/{DATABASE}"));
-    Ok(url.to_string())
+    crate::ledger::mysql::database_beside(shard_url, DATABASE)
 }
 
 pub struct MysqlUsers {
@@ -57,48 +53,8 @@ impl MysqlUsers {
     /// (`mysql://user:password@host:port/database`), creating it and its
     /// tables when missing.
     pub async fn connect(url: &str, config: &MysqlConfig) -> anyhow::Result<MysqlUsers> {
-        let shown = redact(url);
-        let options: MySqlConnectOptions = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("auth: bad MySQL URL {shown:?}: {e}"))?;
-        let database = options.get_database().unwrap_or_default().to_string();
-        anyhow::ensure!(
-            !database.is_empty()
-                && database
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
-            "auth: the MySQL URL {shown:?} must name a database of letters, digits and '_' (such as .../{DATABASE})"
-        );
-        create_database(url, &database).await.map_err(|e| {
-            anyhow::anyhow!("auth: cannot create database {database} at {shown}: {e}")
-        })?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(config.pool_size.max(1))
-            .acquire_timeout(config.acquire_timeout)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query(&format!(
-                        "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_S}"
-                    ))
-                    .execute(&mut *conn)
-                    .await?;
-                    // Claims lock only the keys they insert; READ COMMITTED
-                    // takes no gap locks, and each read sees the winner.
-                    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(|e| anyhow::anyhow!("auth: cannot connect to {shown}: {e}"))?;
-        for sql in TABLES {
-            sqlx::query(sql)
-                .execute(&pool)
-                .await
-                .map_err(|e| anyhow::anyhow!("auth: cannot create tables in {shown}: {e}"))?;
-        }
+        let pool =
+            crate::ledger::mysql::open_side_database(url, "auth", DATABASE, TABLES, config).await?;
         Ok(MysqlUsers { pool })
     }
 
@@ -157,19 +113,6 @@ impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Failure {
         Failure::Sql(e)
     }
-}
-
-/// Creates `database` on the server of `url` unless it exists.
-async fn create_database(url: &str, database: &str) -> Result<(), sqlx::Error> {
-    let mut server = url::Url::parse(url).map_err(|e| sqlx::Error::Configuration(e.into()))?;
-    server.set_path("");
-    let mut conn = MySqlConnection::connect(server.as_str()).await?;
-    sqlx::query(&format!(
-        "CREATE DATABASE IF NOT EXISTS `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-    ))
-    .execute(&mut conn)
-    .await?;
-    conn.close().await
 }
 
 async fn is_user(conn: &mut MySqlConnection, name: &str) -> Result<bool, sqlx::Error> {

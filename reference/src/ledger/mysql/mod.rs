@@ -486,3 +486,83 @@ mod tests {
         assert_eq!(super::redact("mysql://127.0.0.1/x"), "mysql://127.0.0.1/x");
     }
 }
+
+/// The URL of `database` on the server of `shard_url` (same user,
+/// password and options): where a service's own tables sit beside the
+/// shards.
+pub fn database_beside(shard_url: &str, database: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(shard_url)
+        .map_err(|e| anyhow::anyhow!("bad MySQL URL {:?}: {e}", redact(shard_url)))?;
+    url.set_path(&format!("/{database}"));
+    Ok(url.to_string())
+}
+
+/// Opens a service's own database (`mysql://user:password@host:port/database`),
+/// creating it and `tables` when missing; sessions run under READ COMMITTED
+/// with the shards' lock-wait timeout. `what` names the service in errors,
+/// `example` the database a URL would usually name.
+pub async fn open_side_database(
+    url: &str,
+    what: &str,
+    example: &str,
+    tables: &[&str],
+    config: &MysqlConfig,
+) -> anyhow::Result<MySqlPool> {
+    let shown = redact(url);
+    let options: sqlx::mysql::MySqlConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{what}: bad MySQL URL {shown:?}: {e}"))?;
+    let database = options.get_database().unwrap_or_default().to_string();
+    anyhow::ensure!(
+        !database.is_empty()
+            && database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "{what}: the MySQL URL {shown:?} must name a database of letters, digits and '_' (such as .../{example})"
+    );
+    create_side_database(url, &database).await.map_err(|e| {
+        anyhow::anyhow!("{what}: cannot create database {database} at {shown}: {e}")
+    })?;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(config.pool_size.max(1))
+        .acquire_timeout(config.acquire_timeout)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(&format!(
+                    "SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_S}"
+                ))
+                .execute(&mut *conn)
+                .await?;
+                // Claims lock only the keys they insert; READ COMMITTED takes
+                // no gap locks, and each read sees the winner.
+                sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{what}: cannot connect to {shown}: {e}"))?;
+    for sql in tables {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: cannot create tables in {shown}: {e}"))?;
+    }
+    Ok(pool)
+}
+
+/// Creates `database` on the server of `url` unless it exists.
+async fn create_side_database(url: &str, database: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut server = url::Url::parse(url).map_err(|e| sqlx::Error::Configuration(e.into()))?;
+    server.set_path("");
+    let mut conn = MySqlConnection::connect(server.as_str()).await?;
+    sqlx::query(&format!(
+        "CREATE DATABASE IF NOT EXISTS `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    ))
+    .execute(&mut conn)
+    .await?;
+    conn.close().await
+}
