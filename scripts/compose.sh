@@ -78,6 +78,15 @@ check)
     trap 'rm -f "$env_file"' EXIT
     example_env >"$env_file"
     compose --env-file "$env_file" -f docker-compose.yml config --quiet
+    # With the replicas' env file: the second replicas, and every service
+    # given both replicas of its peers.
+    replicas="$(compose --env-file "$env_file" --env-file deploy/replicas.env \
+        -f docker-compose.yml config --format json)"
+    for s in auth-2 fraud-2 notification-2 analytics-2 shard-manager-2; do
+        grep -q "\"$s\"" <<<"$replicas" || die "the replicas profile has no $s"
+    done
+    grep -q 'http://fraud:8003,http://fraud-2:8003' <<<"$replicas" ||
+        die "with deploy/replicas.env the services are not given both fraud replicas"
     # Without the secrets, the file refuses to resolve, naming what to set.
     if (unset SHARDPAY_JWT_SECRET SHARDPAY_ADMIN_PASSWORD MYSQL_ROOT_PASSWORD
         compose --env-file /dev/null -f docker-compose.yml config --quiet 2>/dev/null); then

@@ -18,17 +18,19 @@
 #
 # Settings (environment):
 #   SHARDPAY_STACK_REPLICAS   replicas of each stateless service: auth,
-#                             fraud, notification and shard-manager
-#                             (default 1, at most 9). The ledger service
-#                             (the outbox relay, the recovery loop) and
-#                             analytics (totals in its memory, one consumer
-#                             group) stay one process. Replica r of a
-#                             service listens on its first port plus
-#                             10 * (r - 1): with the default ports, auth
-#                             8001 and 8011, fraud 8003 and 8013,
-#                             notification 8004 and 8014, shard-manager
-#                             8006 and 8016. Every service is given each
-#                             peer as the list of its replicas' URLs.
+#                             fraud, notification, analytics and
+#                             shard-manager (default 1, at most 9). The
+#                             ledger service (the outbox relay, the
+#                             recovery loop) stays one process. Each
+#                             analytics replica reads every event in a
+#                             consumer group of its own (analytics-R).
+#                             Replica r of a service listens on its first
+#                             port plus 10 * (r - 1): with the default
+#                             ports, auth 8001 and 8011, fraud 8003 and
+#                             8013, notification 8004 and 8014, analytics
+#                             8005 and 8015, shard-manager 8006 and 8016.
+#                             Every service is given each peer as the list
+#                             of its replicas' URLs.
 #   SHARDPAY_STACK_DIR        pids, logs, the JWT secret and the admin
 #                             password (default /tmp/shardpay-stack-<uid>)
 #   SHARDPAY_STACK_BASE_PORT  port of auth; ledger, fraud, notification,
@@ -52,7 +54,7 @@ DIR="${SHARDPAY_STACK_DIR:-/tmp/shardpay-stack-$(id -u)}"
 BASE="${SHARDPAY_STACK_BASE_PORT:-8001}"
 BIN="${SHARDPAY_BIN:-target/release/shardpay}"
 SERVICES="auth ledger fraud notification analytics shard-manager"
-REPLICATED="auth fraud notification shard-manager"
+REPLICATED="auth fraud notification analytics shard-manager"
 REPLICAS="${SHARDPAY_STACK_REPLICAS:-1}"
 MAX_REPLICAS=9
 
@@ -173,6 +175,7 @@ up() {
             --ledger-url "$(urls_of ledger)" \
             --fraud-url "$(urls_of fraud)" \
             --notification-url "$(urls_of notification)" \
+            --analytics-group "analytics-$(replica_of "$s")" \
             ${SHARDPAY_STACK_SERVE_ARGS---login-limit-per-user 0 --login-limit-per-address 0} \
             >"$DIR/$s.out" 2>"$DIR/$s.log" &
         echo $! >"$DIR/$s.pid"

@@ -237,6 +237,13 @@ struct ServeArgs {
     /// one notification process only.
     #[arg(long, env = "SHARDPAY_NOTIFICATION_MYSQL_URL", hide_env_values = true)]
     notification_mysql_url: Option<String>,
+    /// The Kafka consumer group the analytics service reads events in.
+    /// Every analytics replica keeps whole totals of its own, so give each
+    /// replica its own group (analytics-1, analytics-2, ...): replicas in
+    /// one group would split the events between them. A replica keeps its
+    /// group across restarts, so it goes on where it left off.
+    #[arg(long, env = "SHARDPAY_ANALYTICS_GROUP", default_value = "analytics")]
+    analytics_group: String,
     /// On SIGTERM or Ctrl-C, how long running requests and webhook
     /// deliveries may finish, in ms; deliveries still running then are
     /// let go, for another notification replica or the next start.
@@ -616,6 +623,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--analytics-group`, checked: a Kafka group id of letters, digits and
+/// `.`, `_`, `-`, as topic names are.
+fn analytics_group(group: &str) -> anyhow::Result<String> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if group.is_empty() || group.len() > 200 || !group.chars().all(fine) {
+        anyhow::bail!(
+            "--analytics-group {group:?}: give 1 to 200 letters, digits, '.', '_' or '-' (for example analytics-2)"
+        );
+    }
+    Ok(group.to_string())
+}
+
 /// A peer option's list of replica URLs, or why it cannot be used.
 fn peer_list(option: &str, list: &str) -> anyhow::Result<Replicas> {
     Replicas::parse(list).map_err(|e| anyhow::anyhow!("{option} {list:?}: {e}"))
@@ -683,6 +702,7 @@ impl ServeArgs {
                 allow_private: self.webhooks_to_private_networks,
             },
             outbox_retention: Duration::from_secs(self.outbox_retention_s),
+            analytics_group: analytics_group(&self.analytics_group)?,
             shutdown_deadline: Duration::from_millis(self.shutdown_deadline_ms),
         })
     }
@@ -892,6 +912,15 @@ mod tests {
             "auth_url",
         ] {
             assert!(table.contains(&format!("| `{key}` |")), "{key} missing");
+        }
+    }
+
+    #[test]
+    fn analytics_groups_are_kafka_group_ids() {
+        assert_eq!(analytics_group("analytics-2").unwrap(), "analytics-2");
+        for bad in ["", "a b", "analytics/2", &"a".repeat(201)] {
+            let e = analytics_group(bad).unwrap_err().to_string();
+            assert!(e.contains("--analytics-group"), "{e}");
         }
     }
 

@@ -75,6 +75,9 @@ pub struct ServeConfig {
     /// How long published outbox rows are kept before they are pruned
     /// (once the analytics snapshot covers them).
     pub outbox_retention: Duration,
+    /// The consumer group the analytics service reads the bus in; each
+    /// analytics replica needs its own (see `Pipeline::with_analytics_group`).
+    pub analytics_group: String,
     /// How long a graceful shutdown lets running requests and webhook
     /// deliveries finish; deliveries still running then are let go, for
     /// another notification replica or the next start to make.
@@ -121,6 +124,7 @@ impl ServeConfig {
             auth: AuthSetup::Demo,
             webhooks: Default::default(),
             outbox_retention: crate::events::OUTBOX_RETENTION,
+            analytics_group: crate::analytics::ANALYTICS_GROUP.into(),
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
         }
     }
@@ -391,7 +395,8 @@ async fn open_pipeline(
     let mut pipeline = Pipeline::with_bus(shards.to_vec(), bus)
         .with_webhooks(config.webhooks)
         .with_auth(auth.clone())
-        .with_outbox_retention(config.outbox_retention);
+        .with_outbox_retention(config.outbox_retention)
+        .with_analytics_group(&config.analytics_group);
     if service.runs(Service::Notification) {
         let notifier = NotifierConfig {
             webhooks: config.webhooks,

@@ -120,6 +120,14 @@ impl Default for Peers {
 pub const MAX_REPLICAS: usize = 16;
 /// How long a replica that refused a connection is tried after the others.
 const DOWN_FOR_MS: u64 = 1_000;
+/// How long a call waits, trying again, while every replica refuses
+/// connections: a service restarting on its port (a deploy, a crash and
+/// its supervisor) is back within this, and a call refused was never sent,
+/// so trying it again cannot do its work twice. A service down for longer
+/// fails the call after this wait.
+pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The pause between two tries while every replica refuses.
+const REFUSED_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A peer list that cannot be used, said at start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -228,11 +236,44 @@ impl Replicas {
     }
 
     /// Sends the request `build` makes for the full URL of `path` on a
-    /// replica, trying the next one while a replica cannot be connected to.
+    /// replica, trying the next one while a replica cannot be connected to;
+    /// while none can, tries again for up to [`RESTART_WAIT`].
     pub async fn send(
         &self,
         path: &str,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, PeerDown> {
+        self.send_waiting(path, build, RESTART_WAIT).await
+    }
+
+    /// As [`Replicas::send`], waiting at most `wait` while every replica
+    /// refuses (zero: one pass over the replicas, as a readiness probe
+    /// wants).
+    pub async fn send_waiting(
+        &self,
+        path: &str,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+        wait: std::time::Duration,
+    ) -> Result<reqwest::Response, PeerDown> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.send_once(path, &build).await {
+                Err(down) if down.source.is_connect() => {
+                    if tokio::time::Instant::now() + REFUSED_PAUSE > deadline {
+                        return Err(down);
+                    }
+                    tokio::time::sleep(REFUSED_PAUSE).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// One pass over the replicas in turn.
+    async fn send_once(
+        &self,
+        path: &str,
+        build: &impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, PeerDown> {
         let mut last = None;
         for (i, base) in self.turn() {
@@ -275,6 +316,7 @@ pub fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuil
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::time::Duration;
 
     /// A server on a port of its own that answers `GET /who` with `name`
     /// and `GET /fail` with 500, counting the calls it answered.
@@ -360,9 +402,33 @@ mod tests {
     async fn when_every_replica_is_down_the_call_fails_naming_one() {
         let (d1, d2) = (dead_url(), dead_url());
         let replicas = Replicas::parse(&format!("{d1},{d2}")).unwrap();
-        let down = who(&replicas).await.unwrap_err();
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let down = replicas
+            .send_waiting("/who", |url| client.get(url), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(down.url == format!("{d1}/who") || down.url == format!("{d2}/who"));
         assert!(down.source.is_connect(), "{down}");
+    }
+
+    /// A service restarting: its port refuses, then answers. The call
+    /// made while it was down waits and gets the answer.
+    #[tokio::test]
+    async fn a_call_waits_for_a_replica_that_comes_back_on_its_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let replicas = Replicas::parse(&format!("http://{address}")).unwrap();
+        let back = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+            let router = axum::Router::new().route("/who", axum::routing::get(|| async { "back" }));
+            axum::serve(listener, router).await.unwrap()
+        });
+        assert_eq!(who(&replicas).await.unwrap(), "back");
+        back.abort();
     }
 
     #[tokio::test]

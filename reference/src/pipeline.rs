@@ -33,6 +33,9 @@ pub struct Pipeline {
     /// Mints the service token the report's calls to other services carry
     /// (their counts are for staff only).
     auth: Option<Arc<crate::auth::AuthService>>,
+    /// The consumer group analytics reads the bus in: one per analytics
+    /// replica, since each keeps whole totals.
+    analytics_group: String,
 }
 
 /// What `/v1/ledger/relay` answers.
@@ -80,7 +83,16 @@ impl Pipeline {
             service: crate::peers::Service::All,
             peers: None,
             auth: None,
+            analytics_group: ANALYTICS_GROUP.into(),
         }
+    }
+
+    /// Analytics reads the bus in consumer group `group`. Every analytics
+    /// replica keeps whole totals, so each needs a group of its own:
+    /// replicas in one group would split the events between them.
+    pub fn with_analytics_group(mut self, group: &str) -> Self {
+        self.analytics_group = group.into();
+        self
     }
 
     /// Calls to other services carry a service token from `auth`.
@@ -166,7 +178,7 @@ impl Pipeline {
         let (mut analytics, mut notification) = (Vec::new(), Vec::new());
         for topic in [PAYMENT_EVENTS, FRAUD_EVENTS] {
             if self.service.runs(Service::Analytics) {
-                analytics.push(self.bus.subscribe(topic, ANALYTICS_GROUP).await?);
+                analytics.push(self.bus.subscribe(topic, &self.analytics_group).await?);
             }
             if self.service.runs(Service::Notification) {
                 notification.push(self.bus.subscribe(topic, NOTIFICATION_GROUP).await?);

@@ -7,6 +7,7 @@ mod config;
 mod memory;
 mod modules;
 mod replicas;
+mod restarts;
 mod run;
 mod shard_kill;
 mod sigterm;

@@ -115,7 +115,7 @@ fn serve_env_names() -> Vec<String> {
         .collect()
 }
 
-fn get_auth(url: &str, token: &str) -> Value {
+pub(super) fn get_auth(url: &str, token: &str) -> Value {
     block_on(async {
         reqwest::Client::new()
             .get(url)

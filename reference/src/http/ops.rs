@@ -252,9 +252,11 @@ async fn ready(State(state): State<AppState>) -> Response {
     let client = reqwest::Client::new();
     for (name, replicas) in peers_needed(&state) {
         let answer = replicas
-            .send("/health", |url| {
-                client.get(url).timeout(std::time::Duration::from_secs(2))
-            })
+            .send_waiting(
+                "/health",
+                |url| client.get(url).timeout(std::time::Duration::from_secs(2)),
+                std::time::Duration::ZERO,
+            )
             .await;
         match answer {
             Ok(r) if r.status().is_success() => {}

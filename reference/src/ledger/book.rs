@@ -391,7 +391,8 @@ pub(crate) struct Dialect {
     /// hash of what it changes, and a read sums them all.
     pub counter_slots: i64,
     /// Writes a consumer's snapshot (`consumer, position, body,
-    /// updated_at_ms`), replacing the one it had.
+    /// updated_at_ms`), replacing the one it had unless that covers as
+    /// much or more (replicas of the consumer save in any order).
     pub save_snapshot: &'static str,
 }
 
@@ -1455,7 +1456,7 @@ pub(crate) async fn consumer_snapshot<S: Session>(
 }
 
 /// Keeps a consumer's snapshot, covering publish positions up to
-/// `position`, in place of the one it had.
+/// `position`, in place of the one it had if that covers less.
 pub(crate) async fn save_consumer_snapshot<S: Session>(
     s: &mut S,
     consumer: &str,

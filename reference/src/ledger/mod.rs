@@ -510,7 +510,10 @@ pub trait ShardStore: Send + Sync + 'static {
     /// covers and its body.
     async fn consumer_snapshot(&self, consumer: &str) -> Result<Option<(i64, String)>, StoreError>;
 
-    /// Keeps `consumer`'s snapshot covering positions up to `position`.
+    /// Keeps `consumer`'s snapshot covering positions up to `position`,
+    /// unless the one kept covers as much or more: several replicas of a
+    /// consumer save their snapshots in any order, and the outbox rows the
+    /// newest covers may be pruned already.
     async fn save_consumer_snapshot(
         &self,
         consumer: &str,

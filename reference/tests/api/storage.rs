@@ -307,6 +307,15 @@ async fn outbox_positions_and_pruning(a: &dyn ShardStore) {
         a.consumer_snapshot("analytics").await.unwrap(),
         Some((2, "{\"n\":2}".to_string()))
     );
+    // Another analytics replica, behind this one, saves an older snapshot:
+    // the newer stays (rows it covers may be pruned already).
+    a.save_consumer_snapshot("analytics", 1, "{\"n\":1}".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.consumer_snapshot("analytics").await.unwrap(),
+        Some((2, "{\"n\":2}".to_string()))
+    );
     // Published 10 s ago: kept by a 20 s retention, pruned by a shorter one,
     // and only what the snapshot covers.
     assert_eq!(

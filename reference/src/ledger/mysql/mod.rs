@@ -212,8 +212,10 @@ const DIALECT: Dialect = Dialect {
     ],
     counter_slots: schema::COUNTER_SLOTS,
     save_snapshot: "INSERT INTO consumer_snapshots (consumer, position, body, updated_at_ms)
-        VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE position = VALUES(position),
-        body = VALUES(body), updated_at_ms = VALUES(updated_at_ms)",
+        VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE
+        body = IF(VALUES(position) > position, VALUES(body), body),
+        updated_at_ms = IF(VALUES(position) > position, VALUES(updated_at_ms), updated_at_ms),
+        position = GREATEST(position, VALUES(position))",
 };
 
 type Query<'q> = sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>;
@@ -545,7 +547,8 @@ pub async fn open_side_database(
         .await
         .map_err(|e| anyhow::anyhow!("{what}: cannot connect to {shown}: {e}"))?;
     for sql in tables {
-        sqlx::query(sql)
+        // As text: CREATE TRIGGER is not a statement MySQL prepares.
+        sqlx::raw_sql(sql)
             .execute(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("{what}: cannot create tables in {shown}: {e}"))?;

@@ -184,7 +184,8 @@ const DIALECT: Dialect = Dialect {
     counter_slots: 1,
     save_snapshot: "INSERT INTO consumer_snapshots (consumer, position, body, updated_at_ms)
         VALUES (?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET position = excluded.position,
-        body = excluded.body, updated_at_ms = excluded.updated_at_ms",
+        body = excluded.body, updated_at_ms = excluded.updated_at_ms
+        WHERE excluded.position > consumer_snapshots.position",
 };
 
 impl rusqlite::ToSql for Param<'_> {

@@ -58,6 +58,63 @@ const TABLES: &[&str] = &[
         KEY deliveries_by_failure (state, failed_at_ms, letter_id),
         KEY deliveries_by_owner (owner, state)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+    // What the stats report, kept by triggers in the transaction of each
+    // change (counting rows would read all history on every scrape), in
+    // COUNTER_SLOTS rows picked by event id so that replicas applying
+    // different events do not wait on one row.
+    r#"CREATE TABLE IF NOT EXISTS notify_counters (
+        slot            INT NOT NULL PRIMARY KEY,
+        applied         BIGINT NOT NULL DEFAULT 0,
+        applied_outbox  BIGINT NOT NULL DEFAULT 0,
+        delivered       BIGINT NOT NULL DEFAULT 0,
+        failed          BIGINT NOT NULL DEFAULT 0,
+        dead            BIGINT NOT NULL DEFAULT 0,
+        dropped         BIGINT NOT NULL DEFAULT 0,
+        claimed         BIGINT NOT NULL DEFAULT 0
+    ) ENGINE=InnoDB"#,
+    // A store made before the counters: the rows it has, counted once,
+    // in slot 0, before the triggers exist (the service is not running
+    // while it starts on a store of the old shape alone).
+    r#"INSERT IGNORE INTO notify_counters (slot, applied, applied_outbox, delivered, failed, dead, dropped, claimed)
+        SELECT 0,
+            (SELECT COUNT(*) FROM applied_events),
+            (SELECT COUNT(*) FROM applied_events WHERE outbox = 1),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'),
+            (SELECT COUNT(*) FROM deliveries WHERE failed_at_ms IS NOT NULL),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'dead'),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'dropped'),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'claimed')
+        FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM notify_counters)"#,
+    r#"INSERT IGNORE INTO notify_counters (slot)
+        VALUES (0), (1), (2), (3), (4), (5), (6), (7), (8), (9), (10), (11), (12), (13), (14), (15)"#,
+    r#"CREATE TRIGGER IF NOT EXISTS applied_events_count AFTER INSERT ON applied_events
+        FOR EACH ROW UPDATE notify_counters
+            SET applied = applied + 1, applied_outbox = applied_outbox + (NEW.outbox = 1)
+            WHERE slot = CRC32(NEW.event_id) % 16"#,
+    r#"CREATE TRIGGER IF NOT EXISTS deliveries_count_insert AFTER INSERT ON deliveries
+        FOR EACH ROW UPDATE notify_counters SET
+            delivered = delivered + (NEW.state = 'delivered'),
+            failed = failed + (NEW.failed_at_ms IS NOT NULL),
+            dead = dead + (NEW.state = 'dead'),
+            dropped = dropped + (NEW.state = 'dropped'),
+            claimed = claimed + (NEW.state = 'claimed')
+            WHERE slot = CRC32(NEW.event_id) % 16"#,
+    r#"CREATE TRIGGER IF NOT EXISTS deliveries_count_update AFTER UPDATE ON deliveries
+        FOR EACH ROW UPDATE notify_counters SET
+            delivered = delivered + (NEW.state = 'delivered') - (OLD.state = 'delivered'),
+            failed = failed + (NEW.failed_at_ms IS NOT NULL) - (OLD.failed_at_ms IS NOT NULL),
+            dead = dead + (NEW.state = 'dead') - (OLD.state = 'dead'),
+            dropped = dropped + (NEW.state = 'dropped') - (OLD.state = 'dropped'),
+            claimed = claimed + (NEW.state = 'claimed') - (OLD.state = 'claimed')
+            WHERE slot = CRC32(NEW.event_id) % 16"#,
+    r#"CREATE TRIGGER IF NOT EXISTS deliveries_count_delete AFTER DELETE ON deliveries
+        FOR EACH ROW UPDATE notify_counters SET
+            delivered = delivered - (OLD.state = 'delivered'),
+            failed = failed - (OLD.failed_at_ms IS NOT NULL),
+            dead = dead - (OLD.state = 'dead'),
+            dropped = dropped - (OLD.state = 'dropped'),
+            claimed = claimed - (OLD.state = 'claimed')
+            WHERE slot = CRC32(OLD.event_id) % 16"#,
 ];
 
 const DEADLOCK: u16 = 1213;
@@ -514,15 +571,16 @@ impl NotificationStore for MysqlNotifications {
     }
 
     async fn counts(&self) -> Result<StoredCounts, StoreError> {
+        // CAST: MySQL's SUM of integers is a DECIMAL.
         let row: (i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT
-                 (SELECT COUNT(*) FROM applied_events),
-                 (SELECT COUNT(*) FROM applied_events WHERE outbox = 1),
-                 (SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'),
-                 (SELECT COUNT(*) FROM deliveries WHERE failed_at_ms IS NOT NULL),
-                 (SELECT COUNT(*) FROM deliveries WHERE state = 'dead'),
-                 (SELECT COUNT(*) FROM deliveries WHERE state = 'dropped'),
-                 (SELECT COUNT(*) FROM deliveries WHERE state = 'claimed')",
+            "SELECT CAST(COALESCE(SUM(applied), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(applied_outbox), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(delivered), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(failed), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(dead), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(dropped), 0) AS SIGNED),
+                 CAST(COALESCE(SUM(claimed), 0) AS SIGNED)
+             FROM notify_counters",
         )
         .fetch_one(&self.pool)
         .await?;

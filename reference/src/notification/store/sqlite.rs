@@ -53,6 +53,65 @@ const SCHEMA: &str = "
     );
     CREATE INDEX IF NOT EXISTS deliveries_by_lease ON deliveries (state, lease_until_ms);
     CREATE INDEX IF NOT EXISTS deliveries_by_failure ON deliveries (state, failed_at_ms, letter_id);
+    -- What the stats report, kept by triggers in the transaction of each
+    -- change: counting rows would read all history on every scrape.
+    CREATE TABLE IF NOT EXISTS notify_counters (
+        slot INTEGER PRIMARY KEY,
+        applied INTEGER NOT NULL DEFAULT 0,
+        applied_outbox INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        dead INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0,
+        claimed INTEGER NOT NULL DEFAULT 0
+    );
+    -- A store made before the counters: its rows, counted once.
+    INSERT INTO notify_counters
+        SELECT 0,
+            (SELECT COUNT(*) FROM applied_events),
+            (SELECT COUNT(*) FROM applied_events WHERE outbox = 1),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'),
+            (SELECT COUNT(*) FROM deliveries WHERE failed_at_ms IS NOT NULL),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'dead'),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'dropped'),
+            (SELECT COUNT(*) FROM deliveries WHERE state = 'claimed')
+        WHERE NOT EXISTS (SELECT 1 FROM notify_counters);
+    CREATE TRIGGER IF NOT EXISTS applied_events_count AFTER INSERT ON applied_events
+    BEGIN
+        UPDATE notify_counters
+            SET applied = applied + 1, applied_outbox = applied_outbox + (NEW.outbox = 1)
+            WHERE slot = 0;
+    END;
+    CREATE TRIGGER IF NOT EXISTS deliveries_count_insert AFTER INSERT ON deliveries
+    BEGIN
+        UPDATE notify_counters SET
+            delivered = delivered + (NEW.state = 'delivered'),
+            failed = failed + (NEW.failed_at_ms IS NOT NULL),
+            dead = dead + (NEW.state = 'dead'),
+            dropped = dropped + (NEW.state = 'dropped'),
+            claimed = claimed + (NEW.state = 'claimed')
+            WHERE slot = 0;
+    END;
+    CREATE TRIGGER IF NOT EXISTS deliveries_count_update AFTER UPDATE ON deliveries
+    BEGIN
+        UPDATE notify_counters SET
+            delivered = delivered + (NEW.state = 'delivered') - (OLD.state = 'delivered'),
+            failed = failed + (NEW.failed_at_ms IS NOT NULL) - (OLD.failed_at_ms IS NOT NULL),
+            dead = dead + (NEW.state = 'dead') - (OLD.state = 'dead'),
+            dropped = dropped + (NEW.state = 'dropped') - (OLD.state = 'dropped'),
+            claimed = claimed + (NEW.state = 'claimed') - (OLD.state = 'claimed')
+            WHERE slot = 0;
+    END;
+    CREATE TRIGGER IF NOT EXISTS deliveries_count_delete AFTER DELETE ON deliveries
+    BEGIN
+        UPDATE notify_counters SET
+            delivered = delivered - (OLD.state = 'delivered'),
+            failed = failed - (OLD.failed_at_ms IS NOT NULL),
+            dead = dead - (OLD.state = 'dead'),
+            dropped = dropped - (OLD.state = 'dropped'),
+            claimed = claimed - (OLD.state = 'claimed')
+            WHERE slot = 0;
+    END;
 ";
 
 pub struct SqliteNotifications {
@@ -300,14 +359,8 @@ fn claim_letter(db: &mut Connection, id: &str, lease: &Lease) -> rusqlite::Resul
 
 fn counts(db: &mut Connection) -> rusqlite::Result<StoredCounts> {
     db.query_row(
-        "SELECT
-             (SELECT COUNT(*) FROM applied_events),
-             (SELECT COUNT(*) FROM applied_events WHERE outbox = 1),
-             (SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'),
-             (SELECT COUNT(*) FROM deliveries WHERE failed_at_ms IS NOT NULL),
-             (SELECT COUNT(*) FROM deliveries WHERE state = 'dead'),
-             (SELECT COUNT(*) FROM deliveries WHERE state = 'dropped'),
-             (SELECT COUNT(*) FROM deliveries WHERE state = 'claimed')",
+        "SELECT applied, applied_outbox, delivered, failed, dead, dropped, claimed
+         FROM notify_counters WHERE slot = 0",
         [],
         |r| {
             Ok(StoredCounts {
