@@ -685,6 +685,7 @@ impl ServeArgs {
                 recovery_deadline_ms: self.recovery_deadline_s as i64 * 1000,
                 cross_shard: self.cross_shard.into(),
                 fault,
+                broken_recovery: broken_recovery(),
                 ..ManagerConfig::default()
             },
             default_currency: Currency::parse(&self.currency)
@@ -708,6 +709,35 @@ impl ServeArgs {
     }
 }
 
+/// The test hook of a recovery broken on purpose (`ManagerConfig::
+/// broken_recovery`), for the tests that show a run fails on it.
+fn broken_recovery() -> bool {
+    let broken = std::env::var_os("SHARDPAY_TEST_BROKEN_RECOVERY").is_some();
+    if broken {
+        tracing::error!("BROKEN RECOVERY ENABLED (test hook): transfers left pending will be completed without their credit");
+    }
+    broken
+}
+
+/// Leaves the fault hook disarmed until the process gets SIGUSR1.
+fn arm_fault_on_sigusr1() -> anyhow::Result<()> {
+    use shardpay_reference::manager::FAULT_ARMED;
+    FAULT_ARMED.store(false, std::sync::atomic::Ordering::Relaxed);
+    #[cfg(unix)]
+    {
+        let mut signal =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .context("cannot listen for SIGUSR1")?;
+        tokio::spawn(async move {
+            if signal.recv().await.is_some() {
+                tracing::warn!("fault hook armed by SIGUSR1");
+                FAULT_ARMED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = match std::env::var("SHARDPAY_FAULT") {
         Ok(text) => Some(Fault::parse(&text).with_context(|| {
@@ -720,6 +750,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ?fault,
             "FAULT INJECTION ENABLED: this process will abort mid-transfer (testing only)"
         );
+        // `shardpay run` arms the hook at a fault's scheduled time.
+        if std::env::var_os("SHARDPAY_FAULT_ARM_ON_SIGUSR1").is_some() {
+            arm_fault_on_sigusr1()?;
+        }
     }
     let config = args.serve_config(fault)?;
     let service = config.service;

@@ -303,6 +303,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         reports_dir: args.reports,
         progress: !args.quiet,
         baseline_s: args.baseline,
+        system_binary: std::env::current_exe().ok(),
     };
     let result = run::run(&scenario, &options).await;
     if let Some(local) = local {
@@ -457,6 +458,7 @@ async fn sweep_runs(
                 reports_dir: args.reports.clone(),
                 progress: !args.quiet,
                 baseline_s: None,
+                system_binary: std::env::current_exe().ok(),
             };
             let result = run::run(scenario, &options).await?;
             finish(&result.report, &result.dir);

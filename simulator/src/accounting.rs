@@ -120,6 +120,11 @@ pub struct Accounting {
     pub transfers_declined: u64,
     /// Answers that never came, settled after the run by resending.
     pub settled_after_run: u64,
+    /// Requests whose connection closed before an answer (a server closing
+    /// keep-alive connections as it stops), sent again at once under the
+    /// same key, as Stripe's client libraries do.
+    #[serde(default)]
+    pub resent_unanswered: u64,
     /// Still unknown after settling.
     pub unsettled: u64,
     pub retry_groups: u64,

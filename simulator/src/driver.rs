@@ -45,10 +45,20 @@ pub struct Sim {
     pub key_prefix: String,
     /// With auth on: the access token of each account owner; account `i`
     /// belongs to owner `i % tokens.len()`. Empty without auth.
-    pub tokens: Vec<String>,
+    tokens: std::sync::RwLock<Vec<Arc<str>>>,
+    /// With auth on: the owners' usernames (in token order) and password,
+    /// to log them in again after the system restarts (its sessions are
+    /// gone then).
+    pub credentials: Option<(Vec<String>, String)>,
+    /// The run restarts the system (its faults do) and then logs the owners
+    /// in again: a request refused for a lost session waits for that.
+    pub restarts: bool,
     /// The shard manager's replicas: each request goes to the next in turn;
     /// one that refuses the connection (the request never sent) is skipped.
     pub targets: Replicas,
+    /// Transfers sent again at once because their connection closed before
+    /// an answer (see [`closed_unanswered`]).
+    pub resent: AtomicU64,
     next: AtomicU64,
     executed: AtomicU64,
     start: OnceLock<Instant>,
@@ -79,8 +89,11 @@ impl Sim {
             stop: scenario.stop,
             schedule,
             key_prefix,
-            tokens: Vec::new(),
+            tokens: std::sync::RwLock::new(Vec::new()),
+            credentials: None,
+            restarts: false,
             targets,
+            resent: AtomicU64::new(0),
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
             start: OnceLock::new(),
@@ -88,12 +101,41 @@ impl Sim {
     }
 
     /// The bearer token that may pay from account `payer`.
-    pub fn token(&self, payer: u32) -> Option<&str> {
-        if self.tokens.is_empty() {
+    pub fn token(&self, payer: u32) -> Option<Arc<str>> {
+        let tokens = self.tokens.read().expect("tokens lock");
+        if tokens.is_empty() {
             None
         } else {
-            Some(&self.tokens[payer as usize % self.tokens.len()])
+            Some(tokens[payer as usize % tokens.len()].clone())
         }
+    }
+
+    /// The owners' tokens, in the order of `credentials`.
+    pub fn set_tokens(&self, tokens: Vec<String>) {
+        *self.tokens.write().expect("tokens lock") = tokens.into_iter().map(Arc::from).collect();
+    }
+
+    /// Whether `answer` says a restart of the system took the session, and
+    /// the run logs its owners in again after restarts.
+    fn session_lost(&self, answer: &Answer) -> bool {
+        self.restarts && answer.status == 401 && answer.code == "session_revoked"
+    }
+
+    /// Waits until the payer's token is not `old` (the run logged the
+    /// owners in again); false when `give_up` came first.
+    async fn new_token(&self, payer: u32, old: &Option<Arc<str>>, give_up: Instant) -> bool {
+        while Instant::now() < give_up {
+            if self.token(payer) != *old {
+                return true;
+            }
+            tokio::time::sleep(REFUSED_PAUSE).await;
+        }
+        false
+    }
+
+    /// How many owners have tokens (0: auth off).
+    pub fn owners(&self) -> usize {
+        self.tokens.read().expect("tokens lock").len()
     }
 
     /// When the first operation started; the run's clock.
@@ -114,6 +156,7 @@ impl Sim {
 
 /// Runs the goose attack to the end of the scenario, on `sim`'s targets.
 pub async fn attack(scenario: &Scenario, sim: Arc<Sim>) -> anyhow::Result<GooseMetrics> {
+    quiet_goose();
     let mut config = GooseConfiguration::default();
     let users = scenario.load.users() as usize;
     // goose has one host; every request names its replica's full URL.
@@ -200,6 +243,29 @@ async fn step(user: &mut GooseUser, sim: &Sim) {
 async fn idle(sim: &Sim) {
     if sim.stop.seconds().is_some() {
         tokio::time::sleep(IDLE).await;
+    }
+}
+
+/// goose logs a warning for every request that fails, which floods the
+/// terminal when a fault takes the system down (the report counts them).
+/// Taking the `log` facade first keeps only its errors; goose's own logger
+/// then finds the place taken and stands aside.
+fn quiet_goose() {
+    struct ErrorsOnly;
+    impl log::Log for ErrorsOnly {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Error
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                eprintln!("{}: {}", record.target(), record.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: ErrorsOnly = ErrorsOnly;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Error);
     }
 }
 
@@ -328,23 +394,52 @@ fn body(sim: &Sim, t: &Transfer, amount_minor: i64) -> serde_json::Value {
     })
 }
 
-/// Sends one transfer through goose (so goose counts it too), to the next
-/// replica in turn; a replica that refuses the connection is skipped.
+/// Sends one transfer through goose (so goose counts it too) with the
+/// payer's owner's token; see [`send_goose_with`]. A restart of the system
+/// (a fault of the run's) takes its sessions: the request is sent again
+/// once the run has logged its owners in again.
 async fn send_goose(
     user: &mut GooseUser,
-    targets: &Replicas,
+    sim: &Sim,
+    kind: Kind,
+    key: &str,
+    body: &serde_json::Value,
+    payer: u32,
+) -> Answer {
+    let give_up = Instant::now() + REFUSED_FOR;
+    loop {
+        let token = sim.token(payer);
+        let answer = send_goose_with(user, sim, kind, key, body, token.as_deref()).await;
+        if !sim.session_lost(&answer) || !sim.new_token(payer, &token, give_up).await {
+            return answer;
+        }
+    }
+}
+
+/// Sends one transfer through goose, to the next replica in turn; a
+/// replica that refuses the connection is skipped.
+async fn send_goose_with(
+    user: &mut GooseUser,
+    sim: &Sim,
     kind: Kind,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
+    let targets = &sim.targets;
     let give_up = Instant::now() + REFUSED_FOR;
+    let mut resends = 0;
     loop {
         let mut refused = None;
         for (i, base) in targets.turn() {
             match send_goose_to(user, base, kind, key, body, token).await {
                 Err(e) if e.is_connect() => {
                     targets.refused(i);
+                    refused = Some(e);
+                }
+                Err(e) if closed_unanswered(&e) && resends < MAX_RESENDS => {
+                    resends += 1;
+                    sim.resent.fetch_add(1, Ordering::Relaxed);
                     refused = Some(e);
                 }
                 Err(e) => return Answer::transport(&e),
@@ -358,6 +453,41 @@ async fn send_goose(
         tokio::time::sleep(REFUSED_PAUSE).await;
     }
 }
+
+/// Whether a request's connection closed before any answer came: a server
+/// that stops closes its idle keep-alive connections, and one the client
+/// had just written to ends like this. Under its idempotency key the
+/// transfer can be sent again safely (a replay if it ran), so the simulator
+/// does, as Stripe's client libraries do, rather than count an error the
+/// system did not make.
+fn closed_unanswered(error: &reqwest::Error) -> bool {
+    if error.is_timeout() || error.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// How many times one transfer is sent again after its connection closed
+/// unanswered: a server that keeps doing it is failing, not stopping.
+const MAX_RESENDS: u32 = 3;
 
 /// How long a request that every replica refused (no connection, so
 /// nothing was sent) is tried again, a pause apart, before it counts as an
@@ -416,14 +546,33 @@ async fn send_goose_to(
 /// skipped.
 async fn send_raw(
     client: &reqwest::Client,
-    targets: &Replicas,
+    sim: &Sim,
+    key: &str,
+    body: &serde_json::Value,
+    payer: u32,
+) -> Answer {
+    let give_up = Instant::now() + REFUSED_FOR;
+    loop {
+        let token = sim.token(payer);
+        let answer = send_raw_with(client, sim, key, body, token.as_deref()).await;
+        if !sim.session_lost(&answer) || !sim.new_token(payer, &token, give_up).await {
+            return answer;
+        }
+    }
+}
+
+async fn send_raw_with(
+    client: &reqwest::Client,
+    sim: &Sim,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Answer {
     let give_up = Instant::now() + REFUSED_FOR;
+    let mut resends = 0;
     let sent = loop {
-        let sent = targets
+        let sent = sim
+            .targets
             .send("/v1/transfers", |url| {
                 let request = client.post(url).header("Idempotency-Key", key).json(body);
                 match token {
@@ -434,6 +583,11 @@ async fn send_raw(
             .await;
         match &sent {
             Err(down) if down.source.is_connect() && Instant::now() < give_up => {
+                tokio::time::sleep(REFUSED_PAUSE).await;
+            }
+            Err(down) if closed_unanswered(&down.source) && resends < MAX_RESENDS => {
+                resends += 1;
+                sim.resent.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(REFUSED_PAUSE).await;
             }
             _ => break sent,
@@ -503,11 +657,11 @@ async fn execute(
             ctx.entry(&key, &transfer, None);
             let answer = send_goose(
                 user,
-                &sim.targets,
+                sim,
                 kind,
                 &key,
                 &body(sim, &transfer, transfer.amount_minor),
-                sim.token(transfer.payer),
+                transfer.payer,
             )
             .await;
             if let Some(outcome) = answer.outcome() {
@@ -526,11 +680,11 @@ async fn execute(
                 ctx.entry(&key, transfer, Some(fraudulent));
                 let answer = send_goose(
                     user,
-                    &sim.targets,
+                    sim,
                     Kind::FraudHeavy,
                     &key,
                     &body(sim, transfer, transfer.amount_minor),
-                    sim.token(transfer.payer),
+                    transfer.payer,
                 )
                 .await;
                 if let Some(outcome) = answer.outcome() {
@@ -619,8 +773,7 @@ impl<'a> RetryGroup<'a> {
 
     /// Sends `body` under the group's key, outside goose.
     async fn send_raw(&self, body: &serde_json::Value) -> Answer {
-        let token = self.ctx.sim.token(self.transfer.payer);
-        send_raw(&self.client, &self.ctx.sim.targets, &self.key, body, token).await
+        send_raw(&self.client, self.ctx.sim, &self.key, body, self.transfer.payer).await
     }
 
     /// The first request (through goose, timed from `intended`) with its
@@ -633,15 +786,14 @@ impl<'a> RetryGroup<'a> {
         resends: u32,
         intended: Instant,
     ) -> Vec<(Answer, Instant)> {
-        let token = self.ctx.sim.token(self.transfer.payer);
         let racers = (0..concurrent).map(|_| async {
             let sent = Instant::now();
             (self.send_raw(&self.body).await, sent)
         });
         let first = async {
             let kind = Kind::IdempotentRetry;
-            let targets = &self.ctx.sim.targets;
-            let answer = send_goose(user, targets, kind, &self.key, &self.body, token).await;
+            let payer = self.transfer.payer;
+            let answer = send_goose(user, self.ctx.sim, kind, &self.key, &self.body, payer).await;
             (answer, intended)
         };
         let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));
@@ -752,10 +904,10 @@ pub async fn settle_unknown(sim: &Sim) -> anyhow::Result<(u64, u64)> {
         for attempt in 0..20 {
             let answer = send_raw(
                 &client,
-                &sim.targets,
+                sim,
                 &key,
                 &body(sim, &t, t.amount_minor),
-                sim.token(t.payer),
+                t.payer,
             )
             .await;
             outcome = answer.outcome();

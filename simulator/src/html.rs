@@ -11,7 +11,9 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use shardpay_reference::pipeline::PipelineReport;
 
 use crate::accounting::{Accounting, Fraud};
-use crate::report::{Audit, Hist, Latency, OutcomeRow, Report, ThresholdResult, Timeline};
+use crate::report::{
+    Audit, FaultReport, Faults, Hist, Latency, OutcomeRow, Report, ThresholdResult, Timeline,
+};
 
 /// The page's style sheet, inlined into it.
 const CSS: &str = include_str!("html.css");
@@ -65,7 +67,25 @@ pub fn render(r: &Report) -> String {
                 (thresholds(&r.thresholds))
                 (latency(&r.latency))
                 h2 { "Throughput over time" }
-                (tps_chart(&r.timeline))
+                (tps_chart(&r.timeline, fault_list(r)))
+                @if !r.timeline.requests.is_empty() {
+                    h3 { "Errors and p99 latency per second" }
+                    (per_second_chart(
+                        "seconds since start (errors as a share of requests, %)",
+                        &[("errors %".into(), error_percent(&r.timeline))],
+                        &r.timeline,
+                        fault_list(r),
+                    ))
+                    (per_second_chart(
+                        "seconds since start (p99 latency of the requests completed, ms)",
+                        &[("p99 ms".into(), r.timeline.p99_ms.clone())],
+                        &r.timeline,
+                        fault_list(r),
+                    ))
+                }
+                @if let Some(f) = &r.faults {
+                    (faults(f))
+                }
                 (outcomes(&r.outcomes))
                 (audit(&r.audit))
                 (accounting(&r.accounting))
@@ -284,12 +304,13 @@ fn first_problems(check: &serde_json::Value) -> String {
 /// The simulator's own books: counts, checks, and any violations.
 fn accounting(a: &Accounting) -> Markup {
     let counts = format!(
-        "{} transfers sent, {} accepted, {} declined, {} retry groups, {} settled after the run.",
+        "{} transfers sent, {} accepted, {} declined, {} retry groups, {} settled after the run, {} resent after a closed connection.",
         a.transfers_sent,
         a.transfers_accepted,
         a.transfers_declined,
         a.retry_groups,
-        a.settled_after_run
+        a.settled_after_run,
+        a.resent_unanswered
     );
     html! {
         h2 { "Simulator's own accounting " (verdict(a.ok)) }
@@ -470,8 +491,121 @@ fn ms_label(ms: f64) -> String {
     }
 }
 
-/// Accepted transfers per second, one line per shard, warm-up shaded.
-fn tps_chart(t: &Timeline) -> Markup {
+fn fault_list(r: &Report) -> &[FaultReport] {
+    r.faults.as_ref().map_or(&[], |f| f.faults.as_slice())
+}
+
+/// Errors per second as a percentage of the requests of that second.
+fn error_percent(t: &Timeline) -> Vec<f64> {
+    t.requests
+        .iter()
+        .zip(&t.errors)
+        .map(|(&r, &e)| if r == 0 { 0.0 } else { e as f64 * 100.0 / r as f64 })
+        .collect()
+}
+
+/// Each fault's span shaded on a chart, labelled with its name: from its
+/// start to the system's return (or a second when it never hit).
+fn fault_shading(faults: &[FaultReport], x: impl Fn(f64) -> f64, len: usize) -> Markup {
+    html! {
+        @for f in faults {
+            @let from = f.started_s.unwrap_or(f.scheduled_s).min(len as f64);
+            @let to = f.healed_s.or(f.hit_s.map(|h| h + 1.0)).unwrap_or(from + 1.0).min(len as f64).max(from);
+            @let (x0, x1) = (x(from), x(to));
+            rect class="fault" x=(format!("{x0:.1}")) y=(TOP) width=(format!("{:.1}", (x1 - x0).max(2.0))) height=(PLOT_H) fill="#f8d0d0" fill-opacity="0.7" {}
+            text x=(format!("{:.1}", x0 + 2.0)) y=(TOP + PLOT_H - 4.0) class="tick" { (f.name) }
+        }
+    }
+}
+
+/// Series of one value per second on one scale, warm-up and faults shaded.
+fn per_second_chart(
+    title: &str,
+    series: &[(String, Vec<f64>)],
+    t: &Timeline,
+    faults: &[FaultReport],
+) -> Markup {
+    // The last second is partial: leave it out.
+    let len = series
+        .iter()
+        .map(|(_, v)| v.len())
+        .max()
+        .unwrap_or(0)
+        .saturating_sub(1)
+        .max(1);
+    let hi = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().take(len).copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let span = (len.max(2) - 1) as f64;
+    let x = |s: f64| LEFT + s / span * PLOT_W;
+    let y = |v: f64| TOP + PLOT_H - v / hi * PLOT_H;
+    let warmup_w = (x(t.warmup_s as f64) - LEFT).max(0.0);
+    chart(html! {
+        @if t.warmup_s > 0 {
+            rect x=(LEFT) y=(TOP) width=(format!("{warmup_w:.1}")) height=(PLOT_H) fill="#f3f3f3" {}
+        }
+        (fault_shading(faults, x, len))
+        @for i in 0..=4 {
+            @let v = hi / 4.0 * i as f64;
+            (y_gridline(y(v), &format!("{v:.1}")))
+        }
+        @for s in (0..len).step_by((len / 10).max(1)) {
+            (x_label(x(s as f64), &format!("{s}s")))
+        }
+        (axis_title(title))
+        @for (i, (name, values)) in series.iter().enumerate() {
+            @let points = values.iter().take(len).enumerate();
+            (plot_series(i, 1.5, name, points.map(|(s, &v)| (x(s as f64), y(v)))))
+        }
+    })
+}
+
+/// The faults: when each ran and what it did.
+fn faults(f: &Faults) -> Markup {
+    let secs = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{s:.1} s"));
+    html! {
+        h2 { "Faults" }
+        p {
+            (format!(
+                "Inside the faults' spans: {} requests, {} errors ({:.3}%). Outside: {} requests, {} errors ({:.3}%).",
+                f.inside.requests, f.inside.errors, f.inside_error_rate * 100.0,
+                f.outside.requests, f.outside.errors, f.outside_error_rate * 100.0
+            ))
+        }
+        table {
+            (header(&["fault", "line", "started", "down at", "back at", "first accepted", "recovered", "requests", "errors", "pending at heal", "cleared", "audit after", "notes"]))
+            @for r in &f.faults {
+                tr {
+                    td { (r.name) " (" (r.action) @if let Some(step) = &r.step { " " (step) } ")" }
+                    td { (r.line) }
+                    td { (secs(r.started_s)) }
+                    td { (secs(r.hit_s)) }
+                    td { (secs(r.healed_s)) }
+                    td { (secs(r.first_accepted_after_s)) }
+                    td { (secs(r.recovered_after_s)) }
+                    td { (r.counts.requests) }
+                    td { (r.counts.errors) }
+                    td { (r.pending_at_heal.map_or("-".to_string(), |p| p.to_string())) }
+                    td { (secs(r.pending_cleared_after_s)) }
+                    td {
+                        @match r.audit_ok {
+                            Some(ok) => (verdict(ok)),
+                            None => "-",
+                        }
+                    }
+                    td { (r.notes.join("; ")) (r.audit_failures.join("; ")) }
+                }
+            }
+        }
+    }
+}
+
+/// Accepted transfers per second, one line per shard, warm-up and faults
+/// shaded.
+fn tps_chart(t: &Timeline, faults: &[FaultReport]) -> Markup {
     // The last second is partial (the run ends inside it): leave it out of
     // the chart, where it would read as a collapse.
     let len = t
@@ -500,6 +634,7 @@ fn tps_chart(t: &Timeline) -> Markup {
             rect x=(LEFT) y=(TOP) width=(format!("{warmup_w:.1}")) height=(PLOT_H) fill="#f3f3f3" {}
             text x=(LEFT + 4.0) y=(TOP + 12.0) class="tick" { "warm-up" }
         }
+        (fault_shading(faults, x, len))
         @for i in 0..=4 {
             @let tps = hi / 4.0 * i as f64;
             (y_gridline(y(tps), &format!("{tps:.0}")))

@@ -23,6 +23,7 @@ pub mod baseline;
 pub mod compare;
 pub mod driver;
 pub mod html;
+pub mod nemesis;
 pub mod plan;
 pub mod record;
 pub mod report;

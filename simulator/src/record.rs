@@ -22,6 +22,12 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS).expect("valid bounds")
 }
 
+/// A histogram of one second of the timeline: two significant digits keep
+/// it to a few KiB, so an hour of seconds fits.
+fn second_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("valid bounds")
+}
+
 /// What a response meant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -103,6 +109,15 @@ pub struct Measured {
     pub timeline: Vec<BTreeMap<u16, u64>>,
     /// Per second: errors.
     pub timeline_errors: Vec<u64>,
+    /// Per second: every request completed.
+    pub timeline_requests: Vec<u64>,
+    /// Per second: the latency of every request (two significant digits).
+    pub timeline_latency: Vec<Histogram<u64>>,
+    /// Per second: the answers other than accepted transfers, by (status,
+    /// code), as in `outcomes`.
+    pub timeline_outcomes: Vec<BTreeMap<(u16, String), u64>>,
+    /// Completion time of the latest accepted transfer, warm-up included.
+    pub last_accepted_at: Option<Duration>,
     /// Requests completed during the warm-up.
     pub warmup: Counts,
     /// Completion time of the last measured request.
@@ -139,6 +154,10 @@ impl Recorder {
                     outcomes: BTreeMap::new(),
                     timeline: Vec::new(),
                     timeline_errors: Vec::new(),
+                    timeline_requests: Vec::new(),
+                    timeline_latency: Vec::new(),
+                    timeline_outcomes: Vec::new(),
+                    last_accepted_at: None,
                     warmup: Counts::default(),
                     last_at: Duration::ZERO,
                 },
@@ -155,11 +174,25 @@ impl Recorder {
         if m.timeline.len() <= second {
             m.timeline.resize_with(second + 1, BTreeMap::new);
             m.timeline_errors.resize(second + 1, 0);
+            m.timeline_requests.resize(second + 1, 0);
+            m.timeline_latency
+                .resize_with(second + 1, second_histogram);
+            m.timeline_outcomes.resize_with(second + 1, BTreeMap::new);
         }
+        m.timeline_requests[second] += 1;
+        m.timeline_latency[second].saturating_record(us);
         match s.class {
-            Class::Accepted => *m.timeline[second].entry(s.payer_shard).or_insert(0) += 1,
+            Class::Accepted => {
+                *m.timeline[second].entry(s.payer_shard).or_insert(0) += 1;
+                m.last_accepted_at = m.last_accepted_at.max(Some(s.at));
+            }
             Class::Error | Class::Unauthorized => m.timeline_errors[second] += 1,
             _ => {}
+        }
+        if s.class != Class::Accepted || s.status >= 300 {
+            *m.timeline_outcomes[second]
+                .entry((s.status, s.code.to_string()))
+                .or_insert(0) += 1;
         }
         live.saturating_record(us);
         if s.at < self.warmup {
@@ -209,6 +242,12 @@ impl Recorder {
             errors: c.errors + w.errors,
             p99_us,
         }
+    }
+
+    /// When the latest accepted transfer completed, from the start of the
+    /// run.
+    pub fn last_accepted_at(&self) -> Option<Duration> {
+        self.inner.lock().expect("recorder lock").0.last_accepted_at
     }
 
     pub fn finish(self) -> Measured {

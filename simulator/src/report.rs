@@ -45,6 +45,9 @@ pub struct Report {
     /// The simulator's webhook receiver, for runs on the in-process system.
     #[serde(default)]
     pub webhooks: Option<crate::webhooks::WebhookReport>,
+    /// The scenario's faults, each with what it did to the traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Faults>,
     pub resources: Resources,
     pub passed: bool,
     pub failures: Vec<String>,
@@ -239,6 +242,71 @@ pub struct Timeline {
     /// Accepted transfers per second, by payer shard.
     pub shards: BTreeMap<String, Vec<u64>>,
     pub errors: Vec<u64>,
+    /// Requests completed per second.
+    #[serde(default)]
+    pub requests: Vec<u64>,
+    /// p99 latency per second, in ms (0 for a second without requests).
+    #[serde(default)]
+    pub p99_ms: Vec<f64>,
+}
+
+/// The fault schedule as it ran.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Faults {
+    pub faults: Vec<FaultReport>,
+    /// Measured requests outside every fault's span, and their errors.
+    pub outside: Counts,
+    pub outside_error_rate: f64,
+    /// Of every fault's span together.
+    pub inside: Counts,
+    pub inside_error_rate: f64,
+    /// The system was found down after the load, outside any fault.
+    #[serde(default)]
+    pub down_outside_faults: bool,
+}
+
+/// One fault: when it ran, what it did to the traffic, how the system came
+/// back. Times are seconds from the start of the run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FaultReport {
+    pub name: String,
+    pub action: String,
+    pub target: String,
+    #[serde(default)]
+    pub step: Option<String>,
+    /// The entry's line in the scenario file.
+    pub line: usize,
+    pub scheduled_s: f64,
+    /// When it began (the kill, or the hook armed).
+    pub started_s: Option<f64>,
+    /// When the system went down.
+    pub hit_s: Option<f64>,
+    /// When the system listened again.
+    pub healed_s: Option<f64>,
+    /// From the heal to the first transfer accepted after it.
+    pub first_accepted_after_s: Option<f64>,
+    /// From the heal to the end of the first whole second at full
+    /// throughput again (80% of the mean of the seconds before the fault).
+    pub recovered_after_s: Option<f64>,
+    /// Accepted transfers per second before the fault, the mark of "full".
+    pub tps_before: Option<f64>,
+    /// The span the figures below cover: from the start to the recovery (or
+    /// to 5 s after the heal when the run never got back to full).
+    pub span_s: (f64, f64),
+    pub counts: Counts,
+    pub error_rate: f64,
+    /// Answers other than accepted transfers in the span, by status.
+    pub answers: Vec<OutcomeRow>,
+    /// Transfers pending on the shards when the system was back.
+    pub pending_at_heal: Option<u64>,
+    /// From the heal until no transfer was pending.
+    pub pending_cleared_after_s: Option<f64>,
+    /// The system's audit once the pending transfers cleared.
+    pub audit_ok: Option<bool>,
+    #[serde(default)]
+    pub audit_failures: Vec<String>,
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -395,6 +463,9 @@ impl Report {
         self.summarize_run(&mut out);
         self.summarize_latency(&mut out);
         summarize_outcomes(&self.outcomes, &mut out);
+        if let Some(f) = &self.faults {
+            summarize_faults(f, &mut out);
+        }
         self.summarize_books(&mut out);
         if let Some(p) = &self.pipeline {
             summarize_pipeline(p, &mut out);
@@ -491,11 +562,14 @@ impl Report {
             a.transfers_sent,
             a.transfers_accepted,
             a.retry_groups,
-            if a.settled_after_run > 0 {
-                format!(", {} settled after the run", a.settled_after_run)
-            } else {
-                String::new()
-            }
+            [
+                (a.settled_after_run, "settled after the run"),
+                (a.resent_unanswered, "resent after a closed connection"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!(", {n} {what}"))
+            .collect::<String>()
         );
         for c in a.checks.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "  FAILED {}: {}", c.name, c.detail);
@@ -515,6 +589,46 @@ impl Report {
                 .system_cpu_s
                 .map(|s| format!("; reference system {s:.1} s"))
                 .unwrap_or_default()
+        );
+    }
+}
+
+fn summarize_faults(f: &Faults, out: &mut String) {
+    let secs = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{s:.1} s"));
+    let _ = writeln!(
+        out,
+        "\nfaults: {} · inside their spans {} requests, {:.3}% errors · outside {} requests, {:.3}% errors",
+        f.faults.len(),
+        f.inside.requests,
+        f.inside_error_rate * 100.0,
+        f.outside.requests,
+        f.outside_error_rate * 100.0
+    );
+    for r in &f.faults {
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<9} at {:>6}  down {:>6}  back {:>6}  first accepted +{:<6} recovered +{:<6} {} req {} err  pending {} cleared +{}  audit {}{}",
+            r.name,
+            r.step.as_deref().unwrap_or(&r.action),
+            secs(r.started_s),
+            secs(r.hit_s),
+            secs(r.healed_s),
+            secs(r.first_accepted_after_s),
+            secs(r.recovered_after_s),
+            r.counts.requests,
+            r.counts.errors,
+            r.pending_at_heal.map_or("-".to_string(), |p| p.to_string()),
+            secs(r.pending_cleared_after_s),
+            match r.audit_ok {
+                Some(true) => "passed",
+                Some(false) => "FAILED",
+                None => "-",
+            },
+            if r.notes.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", r.notes.join("; "))
+            }
         );
     }
 }
@@ -743,6 +857,7 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         a.transfers_accepted += r.accounting.transfers_accepted;
         a.transfers_declined += r.accounting.transfers_declined;
         a.settled_after_run += r.accounting.settled_after_run;
+        a.resent_unanswered += r.accounting.resent_unanswered;
         a.unsettled += r.accounting.unsettled;
         a.retry_groups += r.accounting.retry_groups;
         a.violations.extend(r.accounting.violations.iter().cloned());

@@ -135,6 +135,9 @@ pub struct RunOptions {
     /// baseline for this many seconds per kind, at the scenario's
     /// concurrency, so the report states the services' share of it.
     pub baseline_s: Option<u64>,
+    /// The `shardpay` binary, for scenarios with faults: they run the
+    /// reference system as a child process, to kill and start it again.
+    pub system_binary: Option<PathBuf>,
 }
 
 pub struct RunResult {
@@ -442,6 +445,9 @@ struct Owners {
     /// Each owner's access token; account `i` belongs to owner
     /// `i % tokens.len()`.
     tokens: Vec<String>,
+    /// The owners' usernames, in token order, and their password.
+    names: Vec<String>,
+    password: String,
 }
 
 /// Most users a run logs in; accounts are shared out among them.
@@ -501,6 +507,8 @@ async fn sign_in(
     Ok(Some(Owners {
         of_account: (0..accounts).map(|i| names[i % users].clone()).collect(),
         tokens,
+        names,
+        password: user_password,
     }))
 }
 
@@ -592,6 +600,9 @@ fn spawn_progress(
 /// Runs a scenario against the target and writes its report.
 pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunResult> {
     let started_at = chrono::Utc::now();
+    if !scenario.faults.is_empty() {
+        return run_with_faults(scenario, options, started_at).await;
+    }
     let (embedded, base_url) = match &options.target {
         Target::Embedded {
             shards,
@@ -619,11 +630,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         }
         Target::Url(url) => (None, url.trim_end_matches('/').to_string()),
     };
-    let backend = match &options.target {
-        Target::Embedded { mysql: Some(m), .. } => Backend::Mysql { fresh: m.fresh },
-        Target::Embedded { .. } => Backend::Sqlite,
-        Target::Url(_) => Backend::Remote,
-    };
+    let backend = backend_of(&options.target);
     let admin_password = match &embedded {
         Some(system) => Some(system.admin_password.clone()),
         None => std::env::var("SHARDPAY_ADMIN_PASSWORD").ok(),
@@ -635,11 +642,162 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         backend,
         started_at,
         admin_password,
+        None,
     )
     .await;
     if let Some(system) = embedded {
         system.stop().await?;
     }
+    result
+}
+
+fn backend_of(target: &Target) -> Backend {
+    match target {
+        Target::Embedded { mysql: Some(m), .. } => Backend::Mysql { fresh: m.fresh },
+        Target::Embedded { .. } => Backend::Sqlite,
+        Target::Url(_) => Backend::Remote,
+    }
+}
+
+/// A run with a fault schedule: the reference system runs as a child
+/// process the faults can kill and start again on the same data.
+async fn run_with_faults(
+    scenario: &Scenario,
+    options: &RunOptions,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<RunResult> {
+    let Target::Embedded {
+        shards,
+        data_dir,
+        durability,
+        mysql,
+        cross_shard,
+        fraud,
+        bus,
+        redis,
+    } = &options.target
+    else {
+        bail!("a scenario with [[faults]] needs the system the run starts itself (it kills and restarts it): drop --target");
+    };
+    let binary = options
+        .system_binary
+        .clone()
+        .context("a scenario with [[faults]] needs the shardpay binary to start the system as a child process")?;
+    for fault in &scenario.faults {
+        if let Some(step) = fault.step {
+            let needs = if step.xa() { CrossShard::Xa } else { CrossShard::Saga };
+            if needs != *cross_shard {
+                bail!(
+                    "{}: line {}: fault {} crashes at {}, a step of {} transfers, but this run makes cross-shard transfers by {}; give --cross-shard {}",
+                    scenario.file,
+                    fault.line,
+                    fault.name,
+                    step.hook().trim_start_matches("crash_"),
+                    needs.as_str(),
+                    cross_shard.as_str(),
+                    needs.as_str()
+                );
+            }
+        }
+    }
+    let fresh = mysql.as_ref().is_some_and(|m| m.fresh);
+    let mysql_urls = match mysql {
+        None => None,
+        Some(m) => Some(mysql_shard_urls(*shards, m.clone()).await?),
+    };
+    let (temp, dir) = fresh_data_dir(data_dir.clone())?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let port = crate::nemesis::free_port()?;
+    let admin_password = random_secret();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--shards".into(),
+        shards.to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--durability".into(),
+        match durability {
+            Durability::Full => "full".into(),
+            Durability::Normal => "normal".into(),
+        },
+        "--cross-shard".into(),
+        cross_shard.as_str().into(),
+        "--fraud".into(),
+        if *fraud { "on" } else { "off" }.into(),
+        "--webhooks-to-private-networks".into(),
+        "--argon2-memory-kib".into(),
+        "256".into(),
+        "--argon2-iterations".into(),
+        "1".into(),
+        "--login-limit-per-user".into(),
+        "0".into(),
+        "--login-limit-per-address".into(),
+        "0".into(),
+    ];
+    let mut env = vec![
+        ("SHARDPAY_JWT_SECRET".to_string(), random_secret()),
+        ("SHARDPAY_ADMIN_PASSWORD".to_string(), admin_password.clone()),
+        ("RUST_LOG".to_string(), "warn".to_string()),
+    ];
+    if let Some(urls) = &mysql_urls {
+        args.push("--mysql-urls".into());
+        args.push(urls.join(","));
+        if let Some(first) = urls.first().filter(|_| fresh) {
+            let auth = format!("{first}_auth");
+            recreate_database(&auth).await?;
+            env.push(("SHARDPAY_AUTH_MYSQL_URL".into(), auth));
+            let notify = format!("{first}_notify");
+            recreate_database(&notify).await?;
+            env.push(("SHARDPAY_NOTIFICATION_MYSQL_URL".into(), notify));
+        }
+    }
+    if let BusConfig::Kafka(kafka) = with_run_prefix(bus.clone()) {
+        args.extend(["--kafka".into(), kafka.bootstrap, "--kafka-prefix".into(), kafka.prefix]);
+    }
+    if let Some(redis) = redis {
+        env.push(("SHARDPAY_REDIS_URL".into(), redis.clone()));
+        env.push((
+            "SHARDPAY_REDIS_PREFIX".into(),
+            format!("shardpay-run-{:08x}:", rand::random::<u32>()),
+        ));
+    }
+    let hooks = scenario
+        .faults
+        .iter()
+        .filter_map(|f| f.step.map(|s| (f.at_ms, s.hook())))
+        .collect();
+    let spec = crate::nemesis::ChildSpec {
+        binary,
+        args,
+        env,
+        log: crate::nemesis::log_path(&dir),
+        hooks,
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let child = crate::nemesis::ChildSystem::start(spec, url.clone())
+        .await
+        .context("cannot start the reference system as a child process")?;
+    let child = Arc::new(tokio::sync::Mutex::new(child));
+    let result = drive(
+        scenario,
+        options,
+        &url,
+        backend_of(&options.target),
+        started_at,
+        Some(admin_password),
+        Some(child.clone()),
+    )
+    .await;
+    let child = Arc::try_unwrap(child)
+        .map_err(|_| anyhow::anyhow!("the fault schedule outlived the run"))?
+        .into_inner();
+    child.stop().await?;
+    drop(temp);
     result
 }
 
@@ -660,6 +818,7 @@ async fn drive(
     backend: Backend,
     started_at: chrono::DateTime<chrono::Utc>,
     admin_password: Option<String>,
+    child: Option<Arc<tokio::sync::Mutex<crate::nemesis::ChildSystem>>>,
 ) -> anyhow::Result<RunResult> {
     let cx = RunContext {
         scenario,
@@ -667,6 +826,8 @@ async fn drive(
         base_url,
         backend,
         started_at,
+        child,
+        admin_password: admin_password.clone(),
     };
     let (mut api, shard_info) = cx.connect(admin_password.as_deref()).await?;
     let shards = shard_info.len();
@@ -684,10 +845,17 @@ async fn drive(
         api.base.clone(),
     );
     if let Some(owners) = accounts.owners {
-        sim.tokens = owners.tokens;
+        sim.set_tokens(owners.tokens);
+        sim.credentials = Some((owners.names, owners.password));
+        sim.restarts = cx.child.is_some();
     }
     let sim = Arc::new(sim);
-    let load = cx.load(&sim).await?;
+    let load = cx.load(&sim, &api).await?;
+    if cx.child.is_some() && api.token.is_some() {
+        // A restart took the admin's session.
+        let password = admin_password.as_deref().unwrap_or_default();
+        api.token = Some(api.login("admin", password).await?);
+    }
 
     cx.say("load done; settling the books and auditing".into());
     let names = &accounts.names;
@@ -700,9 +868,20 @@ async fn drive(
     let machine = Machine::here();
     let resources = load.resources(cx.embedded(), &machine);
     let measured = sim.recorder.finish();
+    let faults = cx.child.is_some().then(|| {
+        let mut f = crate::nemesis::report(
+            &scenario.faults,
+            &load.faults,
+            &measured,
+            scenario.warmup_s,
+        );
+        f.down_outside_faults = load.down_at_end;
+        f
+    });
     let mut report = build_report(
         scenario, measured, accounting, audit, resources, machine, run,
     );
+    report.faults = faults;
     if let Some(results) = baseline {
         report.baseline = Some(crate::report::Baseline::new(results, &report));
     }
@@ -723,6 +902,9 @@ struct RunContext<'a> {
     base_url: &'a str,
     backend: Backend,
     started_at: chrono::DateTime<chrono::Utc>,
+    /// With faults: the reference system as a child process.
+    child: Option<Arc<tokio::sync::Mutex<crate::nemesis::ChildSystem>>>,
+    admin_password: Option<String>,
 }
 
 /// The run's accounts, created on the target.
@@ -750,6 +932,12 @@ struct LoadFigures {
     interrupted: bool,
     /// Requests as goose counted them.
     goose_requests: u64,
+    /// The system ran as a child process (its CPU is not in `cpu_s`).
+    child_process: bool,
+    /// What each fault of the schedule did.
+    faults: Vec<crate::nemesis::Happened>,
+    /// The child system was found down after the load, outside any fault.
+    down_at_end: bool,
 }
 
 impl RunContext<'_> {
@@ -894,16 +1082,50 @@ impl RunContext<'_> {
         Ok(Some(results))
     }
 
-    /// Drives the load with live progress; times it and the CPU it costs.
-    async fn load(&self, sim: &Arc<Sim>) -> anyhow::Result<LoadFigures> {
+    /// Drives the load with live progress, and the fault schedule beside
+    /// it; times it and the CPU it costs.
+    async fn load(&self, sim: &Arc<Sim>, api: &Api) -> anyhow::Result<LoadFigures> {
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
+        let child_cpu0 = match &self.child {
+            Some(child) => child.lock().await.cpu_s(),
+            None => 0.0,
+        };
+        let nemesis = self.child.as_ref().map(|child| {
+            tokio::spawn(crate::nemesis::apply(
+                self.scenario.faults.clone(),
+                child.clone(),
+                sim.clone(),
+                api.clone(),
+                self.admin_password.clone(),
+                self.scenario.stop.seconds().map(Duration::from_secs),
+                self.options.progress,
+            ))
+        });
         let wall = Instant::now();
         let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
         progress.abort();
         bar.finish_and_clear();
+        let faults = match nemesis {
+            Some(task) => task.await.context("the fault schedule failed")?,
+            None => Vec::new(),
+        };
+        let mut down_at_end = false;
+        let child_cpu_s = match &self.child {
+            Some(child) => {
+                let mut child = child.lock().await;
+                let cpu = child.cpu_s() - child_cpu0;
+                // The books and the audit need the system: one that died
+                // outside a fault is started again, and the run fails.
+                if child.ensure_running().await? {
+                    down_at_end = true;
+                }
+                Some(cpu)
+            }
+            None => None,
+        };
         let goose = goose?;
         let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
         if interrupted {
@@ -920,9 +1142,12 @@ impl RunContext<'_> {
         Ok(LoadFigures {
             wall_s,
             cpu_s: cpu1 - cpu0,
-            server_cpu_s: server1 - server0,
+            server_cpu_s: child_cpu_s.unwrap_or(server1 - server0),
+            child_process: child_cpu_s.is_some(),
             interrupted,
             goose_requests,
+            faults,
+            down_at_end,
         })
     }
 
@@ -948,10 +1173,10 @@ impl RunContext<'_> {
                 Target::Embedded { bus, .. } => bus.describe(),
                 Target::Url(_) => "as configured on the target".into(),
             },
-            auth: if sim.tokens.is_empty() {
+            auth: if sim.owners() == 0 {
                 "off".into()
             } else {
-                format!("on: {} users own the accounts", sim.tokens.len())
+                format!("on: {} users own the accounts", sim.owners())
             },
             target: if self.embedded() {
                 "embedded".into()
@@ -988,7 +1213,7 @@ impl LoadFigures {
     /// The CPU the load cost: the simulator's own, apart from the
     /// in-process system's.
     fn resources(&self, embedded: bool, machine: &Machine) -> Resources {
-        let simulator_cpu_s = if embedded {
+        let simulator_cpu_s = if embedded && !self.child_process {
             self.cpu_s - self.server_cpu_s
         } else {
             self.cpu_s
@@ -1049,7 +1274,7 @@ async fn read_audit(api: &Api) -> anyhow::Result<Audit> {
 }
 
 /// Each failed check of an audit answer, with its first three problems.
-fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
+pub(crate) fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
     let Some(checks) = raw["checks"].as_array() else {
         return Vec::new();
     };
@@ -1125,6 +1350,7 @@ async fn check_books(
         transfers_accepted: accepted,
         transfers_declined: declined,
         settled_after_run: settled,
+        resent_unanswered: sim.resent.load(std::sync::atomic::Ordering::Relaxed),
         unsettled,
         retry_groups,
         violations,
@@ -1289,7 +1515,16 @@ fn build_report(
         .iter()
         .map(|(k, c)| (k.as_str().to_string(), *c))
         .collect();
-    let timeline = timeline(scenario.warmup_s, run.shards, m.timeline, m.timeline_errors);
+    let mut timeline = timeline(scenario.warmup_s, run.shards, m.timeline, m.timeline_errors);
+    timeline.requests = m.timeline_requests;
+    timeline.p99_ms = m
+        .timeline_latency
+        .iter()
+        .map(|h| match h.is_empty() {
+            true => 0.0,
+            false => h.value_at_quantile(0.99) as f64 / 1000.0,
+        })
+        .collect();
     let outcomes = outcome_rows(m.outcomes);
     Report {
         schema: SCHEMA.into(),
@@ -1313,6 +1548,7 @@ fn build_report(
         baseline: None,
         pipeline: None,
         webhooks: None,
+        faults: None,
         resources,
         passed: false,
         failures: Vec::new(),
@@ -1379,6 +1615,8 @@ fn timeline(
         warmup_s,
         shards,
         errors,
+        requests: Vec::new(),
+        p99_ms: Vec::new(),
     }
 }
 
@@ -1463,7 +1701,24 @@ fn accounts_in_completed_transfers(books: &crate::accounting::Books) -> HashSet<
 pub fn judge(scenario: &Scenario, report: &mut Report) {
     let t = &scenario.thresholds;
     let mut results = latency_results(&t.p99_ms, &report.latency);
-    results.extend(rate_results(t, &report.totals));
+    match &report.faults {
+        // With faults, the error rate bounds the requests outside them, and
+        // the faults have limits of their own.
+        Some(faults) => {
+            let outside = Totals {
+                error_rate: faults.outside_error_rate,
+                ..report.totals.clone()
+            };
+            results.extend(rate_results(t, &outside).into_iter().map(|mut r| {
+                if r.name == "error rate" {
+                    r.name = "error rate outside faults".into();
+                }
+                r
+            }));
+            results.extend(fault_results(t, faults));
+        }
+        None => results.extend(rate_results(t, &report.totals)),
+    }
     if t.audit {
         results.extend(report.pipeline.as_ref().map(pipeline_result));
         results.extend(report.webhooks.as_ref().map(webhooks_result));
@@ -1529,6 +1784,65 @@ fn rate_results(t: &Thresholds, totals: &Totals) -> Vec<ThresholdResult> {
         ok: totals.tps >= limit,
     });
     error_rate.into_iter().chain(tps).collect()
+}
+
+/// Each fault's recovery and audit, and the error budget of the requests
+/// they affect.
+fn fault_results(t: &Thresholds, faults: &crate::report::Faults) -> Vec<ThresholdResult> {
+    let mut results = Vec::new();
+    if let Some(limit) = t.fault_error_rate {
+        results.push(ThresholdResult {
+            name: "error rate during faults".into(),
+            limit: format!("<= {:.3}%", limit * 100.0),
+            actual: format!("{:.3}%", faults.inside_error_rate * 100.0),
+            ok: faults.inside_error_rate <= limit,
+        });
+    }
+    for f in &faults.faults {
+        if f.hit_s.is_some() && f.healed_s.is_none() {
+            results.push(ThresholdResult {
+                name: format!("fault {}: system back", f.name),
+                limit: "listening again after the fault".into(),
+                actual: f.notes.join("; "),
+                ok: false,
+            });
+        }
+        if let Some(limit) = t.max_recovery_s {
+            let (actual, ok) = match f.recovered_after_s {
+                Some(s) => (format!("{s:.1} s"), s <= limit),
+                None if f.hit_s.is_none() => ("the fault never hit".into(), true),
+                None => ("not back to full throughput before the run ended".into(), false),
+            };
+            results.push(ThresholdResult {
+                name: format!("fault {}: recovery", f.name),
+                limit: format!("<= {limit} s"),
+                actual,
+                ok,
+            });
+        }
+        if t.audit && f.healed_s.is_some() {
+            let (actual, ok) = match f.audit_ok {
+                Some(true) => ("passed".to_string(), true),
+                Some(false) => (format!("failed: {}", f.audit_failures.join("; ")), false),
+                None => (format!("not run: {}", f.notes.join("; ")), false),
+            };
+            results.push(ThresholdResult {
+                name: format!("fault {}: audit after the heal", f.name),
+                limit: "passes".into(),
+                actual,
+                ok,
+            });
+        }
+    }
+    if faults.down_outside_faults {
+        results.push(ThresholdResult {
+            name: "system up outside faults".into(),
+            limit: "no crash the schedule did not make".into(),
+            actual: "the system was down when the load ended; see system.log in its data directory".into(),
+            ok: false,
+        });
+    }
+    results
 }
 
 /// Every committed event applied once by every consumer.

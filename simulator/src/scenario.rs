@@ -14,6 +14,8 @@ use toml::Spanned;
 
 use crate::Kind;
 
+pub mod faults;
+
 /// Most accounts a scenario may create: setup time and the simulator's own
 /// bookkeeping grow with it, and 10 million is beyond any demo or CI run.
 pub const MAX_ACCOUNTS: u32 = 10_000_000;
@@ -213,6 +215,13 @@ pub struct Thresholds {
     pub min_tps: Option<f64>,
     /// The ledger audit and the simulator's own accounting must pass.
     pub audit: bool,
+    /// With faults: the longest a fault's recovery may take, from its heal
+    /// to the first second at full throughput again.
+    pub max_recovery_s: Option<f64>,
+    /// With faults: the highest share of errors among the requests a fault
+    /// affects (from its start to its recovery). `error_rate` then bounds
+    /// the requests outside them.
+    pub fault_error_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -229,6 +238,8 @@ pub struct Scenario {
     pub retry: Retry,
     pub fraud: Fraud,
     pub thresholds: Thresholds,
+    /// The fault schedule: occurrences in time order (`[[faults]]`).
+    pub faults: Vec<faults::Fault>,
     /// The file as read, kept in the report.
     pub source: String,
     pub file: String,
@@ -253,6 +264,7 @@ struct RawScenario {
     idempotent_retry: Option<Spanned<RawRetry>>,
     fraud_heavy: Option<Spanned<RawFraud>>,
     thresholds: Option<RawThresholds>,
+    faults: Option<Vec<Spanned<faults::RawFault>>>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +346,8 @@ struct RawThresholds {
     error_rate: Option<Spanned<f64>>,
     min_tps: Option<Spanned<f64>>,
     audit: Option<bool>,
+    max_recovery_s: Option<Spanned<f64>>,
+    fault_error_rate: Option<Spanned<f64>>,
 }
 
 // ---- reading ----------------------------------------------------------------
@@ -528,11 +542,13 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
     let retry = check_retry(raw.idempotent_retry, at)?;
     let fraud = check_fraud(raw.fraud_heavy, currency, at)?;
     let thresholds = check_thresholds(raw.thresholds, at)?;
+    let seed = raw.seed.unwrap_or(1);
+    let faults = faults::check(raw.faults, stop, seed, at)?;
 
     Ok(Scenario {
         name,
         description: raw.description,
-        seed: raw.seed.unwrap_or(1),
+        seed,
         stop,
         warmup_s,
         accounts,
@@ -542,6 +558,7 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
         retry,
         fraud,
         thresholds,
+        faults,
         source: at.source.to_string(),
         file: at.file.to_string(),
     })
@@ -1219,6 +1236,19 @@ fn check_thresholds(raw: Option<RawThresholds>, at: &Locator) -> Result<Threshol
             return Err(at.err(m.span(), "thresholds.min_tps", "must be 0 or more"));
         }
         out.min_tps = Some(m.into_inner());
+    }
+    if let Some(m) = t.max_recovery_s {
+        if !(m.get_ref().is_finite() && *m.get_ref() > 0.0) {
+            return Err(at.err(
+                m.span(),
+                "thresholds.max_recovery_s",
+                "must be a positive number of seconds",
+            ));
+        }
+        out.max_recovery_s = Some(m.into_inner());
+    }
+    if let Some(e) = t.fault_error_rate {
+        out.fault_error_rate = Some(share(Some(e), "thresholds.fault_error_rate", 0.0, at)?);
     }
     Ok(out)
 }

@@ -4,6 +4,7 @@
 
 mod audit;
 mod config;
+mod faults;
 mod memory;
 mod modules;
 mod replicas;

@@ -53,6 +53,11 @@ pub enum Fault {
     StallAfterPrepare,
 }
 
+/// Whether the fault hook of `ManagerConfig::fault` may fire. On unless
+/// the process waits for a signal to arm it (`shardpay run`'s `crash_at`
+/// faults arm it at the scheduled time with SIGUSR1).
+pub static FAULT_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 impl Fault {
     pub const NAMES: &'static str =
         "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision, stall_after_prepare";
@@ -129,6 +134,11 @@ pub struct ManagerConfig {
     /// to the decision log first, so a late coordinator cannot commit).
     pub xa_decision_ms: i64,
     pub fault: Option<Fault>,
+    /// Test hook of a broken recovery: finishing a cross-shard transfer an
+    /// earlier request or process left pending (recovery, or a retry of
+    /// its key) marks it complete without crediting the payee, so money
+    /// goes missing and the audit must say so. Never set in production.
+    pub broken_recovery: bool,
 }
 
 /// Two branches that each wait out a lock-wait timeout, and five seconds
@@ -144,6 +154,7 @@ impl Default for ManagerConfig {
             cross_shard: CrossShard::Saga,
             xa_decision_ms: XA_DECISION_MS,
             fault: None,
+            broken_recovery: false,
         }
     }
 }
@@ -288,6 +299,11 @@ pub struct ShardManager {
 }
 
 impl ShardManager {
+    /// Whether the test hook `fault` is set and armed.
+    fn fault_fires(&self, fault: Fault) -> bool {
+        self.config.fault == Some(fault) && FAULT_ARMED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `shards[i]` must be the store of shard `i`.
     pub fn new(shards: Vec<Arc<dyn ShardStore>>, config: ManagerConfig) -> anyhow::Result<Self> {
         let ring = Ring::new(shards.len() as u32)?;
@@ -481,7 +497,7 @@ impl ShardManager {
                 replayed: false,
             });
         }
-        if self.config.fault == Some(Fault::CrashAfterDebit) {
+        if self.fault_fires(Fault::CrashAfterDebit) {
             tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
             std::process::abort();
         }
@@ -697,11 +713,23 @@ impl ShardManager {
         }
     }
 
+    /// [`Self::drive`] for a transfer an earlier request or process left
+    /// pending; broken on purpose under `ManagerConfig::broken_recovery`.
+    async fn drive_left(&self, transfer: &Transfer) -> Result<Transfer, StoreError> {
+        if self.config.broken_recovery {
+            tracing::error!(transfer = %transfer.id, "broken recovery (test hook): completing without the credit");
+            return self.shards[transfer.payer_shard.index()]
+                .complete_transfer(&transfer.id, now_ms())
+                .await;
+        }
+        self.drive(transfer).await
+    }
+
     async fn drive(&self, transfer: &Transfer) -> Result<Transfer, StoreError> {
         let payer_store = &self.shards[transfer.payer_shard.index()];
         let payee_store = &self.shards[transfer.payee_shard.index()];
         let outcome = payee_store.credit_from_in_flight(transfer).await?;
-        if self.config.fault == Some(Fault::CrashAfterCredit) {
+        if self.fault_fires(Fault::CrashAfterCredit) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after step (b)");
             std::process::abort();
         }
@@ -737,16 +765,16 @@ impl ShardManager {
             }
             Err(NotPrepared::Refused(error)) => return Err(error),
         };
-        if self.config.fault == Some(Fault::CrashAfterPrepare) {
+        if self.fault_fires(Fault::CrashAfterPrepare) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after XA PREPARE");
             std::process::abort();
         }
-        if self.config.fault == Some(Fault::StallAfterPrepare) {
+        if self.fault_fires(Fault::StallAfterPrepare) {
             tracing::warn!(transfer = %transfer.id, "fault injection: stalling after XA PREPARE");
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
         let (debit, credit) = xa.decide(&transfer, debit, credit).await?;
-        if self.config.fault == Some(Fault::CrashAfterDecision) {
+        if self.fault_fires(Fault::CrashAfterDecision) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after the XA decision");
             std::process::abort();
         }
@@ -910,7 +938,7 @@ impl ShardManager {
                 }
             };
             for transfer in pending {
-                match self.drive(&transfer).await {
+                match self.drive_left(&transfer).await {
                     Ok(done) if done.state != TransferState::Pending => finished += 1,
                     Ok(_) => {}
                     Err(error) => {
@@ -958,7 +986,13 @@ impl ShardManager {
             .await?
             .ok_or_else(|| ManagerError::Internal(format!("transfer {id} of a key is missing")))?;
         let transfer = if transfer.state == TransferState::Pending {
-            self.finish(&transfer).await
+            match self.drive_left(&transfer).await {
+                Ok(done) => done,
+                Err(error) => {
+                    tracing::warn!(transfer = %transfer.id, %error, "cross-shard transfer left pending; recovery will finish it");
+                    transfer.clone()
+                }
+            }
         } else {
             transfer
         };

@@ -72,6 +72,7 @@ async fn a_transfer_the_simulator_did_not_send_fails_its_books() {
         reports_dir: reports.path().to_path_buf(),
         progress: false,
         baseline_s: None,
+        system_binary: None,
     };
     let result = run(&s, &options).await.unwrap();
     meddler.await.unwrap();

@@ -65,6 +65,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
         reports_dir: reports.path().to_path_buf(),
         progress: false,
         baseline_s: Some(1),
+        system_binary: None,
     };
     let r = run(&s, &options).await.unwrap().report;
     assert!(r.passed, "{:?}\n{}", r.failures, r.summary());

@@ -25,6 +25,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
         reports_dir: reports.to_path_buf(),
         progress: false,
         baseline_s: None,
+        system_binary: None,
     }
 }
 

@@ -1,0 +1,622 @@
+//! The fault schedule at run time. A scenario with `[[faults]]` runs the
+//! reference system as a child process (`shardpay serve`) on a port and data
+//! of its own, so a fault can SIGKILL it and start it again on the same
+//! data; `crash_at` faults start it with a fault hook that waits for
+//! SIGUSR1, sent at the fault's time, and fires at the next transfer that
+//! reaches the step. After each heal the run waits for the system to be
+//! ready, watches its pending transfers drain, and audits it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+use crate::api::Api;
+use crate::driver::Sim;
+use crate::scenario::faults::{Action, Fault};
+
+/// How the harness starts the reference system as a child.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// The `shardpay` binary.
+    pub binary: PathBuf,
+    /// `serve` and its options, the port included.
+    pub args: Vec<String>,
+    /// Secrets and harness switches, passed in the environment.
+    pub env: Vec<(String, String)>,
+    /// Where the child's log goes (appended across restarts).
+    pub log: PathBuf,
+    /// The fault hooks of the schedule's `crash_at` faults, in order: each
+    /// start carries the hook of the next one still to come.
+    pub hooks: Vec<(u64, &'static str)>,
+}
+
+/// The reference system as a child process.
+pub struct ChildSystem {
+    spec: ChildSpec,
+    child: Option<Child>,
+    pub url: String,
+    /// CPU seconds of the incarnations that have ended.
+    ended_cpu_s: f64,
+    pub starts: u32,
+}
+
+/// How long a child may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl ChildSystem {
+    pub async fn start(spec: ChildSpec, url: String) -> anyhow::Result<ChildSystem> {
+        let mut system = ChildSystem {
+            spec,
+            child: None,
+            url,
+            ended_cpu_s: 0.0,
+            starts: 0,
+        };
+        system.spawn(0).await?;
+        Ok(system)
+    }
+
+    /// Starts the child (armed for the next `crash_at` at or after
+    /// `from_ms`) and waits until it listens.
+    async fn spawn(&mut self, from_ms: u64) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.spec.log)
+            .with_context(|| format!("cannot open {}", self.spec.log.display()))?;
+        let mut command = Command::new(&self.spec.binary);
+        command
+            .args(&self.spec.args)
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("SHARDPAY_FAULT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some((_, hook)) = self.spec.hooks.iter().find(|(at, _)| *at >= from_ms) {
+            command
+                .env("SHARDPAY_FAULT", hook)
+                .env("SHARDPAY_FAULT_ARM_ON_SIGUSR1", "1");
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.spec.binary.display()))?;
+        let stdout = child.stdout.take().context("the child's stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        match first {
+            Ok(Ok(Some(line))) if line.starts_with("shardpay listening on") => {}
+            other => {
+                let _ = child.kill().await;
+                anyhow::bail!(
+                    "the reference system did not start ({other:?}); its log is {}",
+                    self.spec.log.display()
+                );
+            }
+        }
+        // Keep reading its stdout so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+        self.starts += 1;
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// CPU seconds of the running child so far.
+    fn running_cpu_s(&self) -> f64 {
+        self.pid().map(process_cpu_s).unwrap_or(0.0)
+    }
+
+    /// CPU seconds of every incarnation so far.
+    pub fn cpu_s(&self) -> f64 {
+        self.ended_cpu_s + self.running_cpu_s()
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("the system is not running")?;
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
+    /// SIGKILLs the child and waits until it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.ended_cpu_s += self.running_cpu_s();
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.context("cannot SIGKILL the system")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the child has exited (it crashed, or was killed).
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) | None => true,
+            Some(Ok(None)) => false,
+            Some(Err(_)) => true,
+        }
+    }
+
+    /// Starts the child again if it is down; answers whether it was.
+    pub async fn ensure_running(&mut self) -> anyhow::Result<bool> {
+        if !self.exited() {
+            return Ok(false);
+        }
+        self.child = None;
+        self.spawn(u64::MAX).await?;
+        Ok(true)
+    }
+
+    /// Stops the child at the end of a run: SIGTERM, then SIGKILL after the
+    /// system's own shutdown deadline and a margin.
+    pub async fn stop(mut self) -> anyhow::Result<f64> {
+        let cpu = self.cpu_s();
+        if self.child.is_some() && !self.exited() {
+            self.signal("-TERM")?;
+            let child = self.child.as_mut().expect("checked");
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        Ok(cpu)
+    }
+}
+
+/// CPU seconds a process and its waited-for children have used, from
+/// /proc (Linux; 0 elsewhere).
+fn process_cpu_s(pid: u32) -> f64 {
+    const TICKS_PER_S: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // utime, stime: fields 14 and 15 of the line, 12 and 13 after the name.
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / TICKS_PER_S
+}
+
+/// What happened to one fault, as the run saw it; the report adds the
+/// traffic's figures.
+#[derive(Debug, Clone, Default)]
+pub struct Happened {
+    /// When the fault started (the kill, or the hook armed), from the start
+    /// of the run.
+    pub started: Option<Duration>,
+    /// When the system went down (the kill, or the hook fired).
+    pub hit: Option<Duration>,
+    /// When it listened again.
+    pub healed: Option<Duration>,
+    /// From the heal to the first transfer accepted after it.
+    pub first_accepted_after: Option<Duration>,
+    /// Transfers pending on the shards once it was ready again.
+    pub pending_at_heal: Option<u64>,
+    /// From the heal until no transfer was pending.
+    pub pending_cleared_after: Option<Duration>,
+    /// The audit once the pending transfers cleared: passed, and the failed
+    /// checks.
+    pub audit: Option<(bool, Vec<String>)>,
+    /// What went other than planned.
+    pub notes: Vec<String>,
+}
+
+/// The longest the run waits after a heal for the pending transfers to
+/// clear before it audits anyway.
+const PENDING_WAIT: Duration = Duration::from_secs(30);
+
+/// Applies the schedule against the child system; answers what happened to
+/// each fault, in the schedule's order.
+pub async fn apply(
+    faults: Vec<Fault>,
+    system: Arc<tokio::sync::Mutex<ChildSystem>>,
+    sim: Arc<Sim>,
+    mut api: Api,
+    admin_password: Option<String>,
+    run_length: Option<Duration>,
+    progress: bool,
+) -> Vec<Happened> {
+    let mut out = Vec::with_capacity(faults.len());
+    let start = loop {
+        if let Some(start) = sim.started() {
+            break start;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let mut checks = Vec::new();
+    for (i, fault) in faults.iter().enumerate() {
+        let mut happened = Happened::default();
+        let due = start + Duration::from_millis(fault.at_ms);
+        // The pending transfers just before: the level recovery returns to.
+        tokio::time::sleep_until(due.checked_sub(Duration::from_secs(1)).unwrap_or(due).into()).await;
+        let pending_before = pending_now(&api).await.unwrap_or(0);
+        tokio::time::sleep_until(due.into()).await;
+        let next_at = faults.get(i + 1).map(|f| start + Duration::from_millis(f.at_ms));
+        let say = |text: String| {
+            if progress {
+                eprintln!("  fault {}: {text}", fault.name);
+            }
+        };
+        let mut system = system.lock().await;
+        if system.exited() {
+            happened
+                .notes
+                .push("the system was already down when the fault began".into());
+        }
+        happened.started = Some(start.elapsed());
+        let hit = match fault.action {
+            Action::Crash => match system.kill().await {
+                Ok(()) => Some(start.elapsed()),
+                Err(e) => {
+                    happened.notes.push(format!("{e:#}"));
+                    None
+                }
+            },
+            Action::CrashAt => {
+                let end = run_length.map(|l| start + l);
+                let until = [next_at, end].into_iter().flatten().min();
+                crash_at(&mut system, fault, start, until, &mut happened).await
+            }
+        };
+        happened.hit = hit;
+        if let Some(hit) = hit {
+            say(format!("system down at {:.1} s", hit.as_secs_f64()));
+            tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+        }
+        if system.exited() {
+            match system.spawn(fault.at_ms + 1).await {
+                Ok(()) => {
+                    happened.healed = Some(start.elapsed());
+                    say(format!(
+                        "system listening again at {:.1} s",
+                        start.elapsed().as_secs_f64()
+                    ));
+                    // Its sessions died with it: everyone logs in again.
+                    if let Err(e) = log_in_again(&mut api, &sim, admin_password.as_deref()).await {
+                        happened.notes.push(format!("logging in again failed: {e:#}"));
+                    }
+                }
+                Err(e) => happened.notes.push(format!("restart failed: {e:#}")),
+            }
+        }
+        drop(system);
+        out.push(happened);
+        // Watch the heal in the background: the next fault may come first.
+        if out.last().is_some_and(|h| h.healed.is_some()) {
+            let api = api.clone();
+            let healed = out[i].healed.expect("checked");
+            checks.push((
+                i,
+                tokio::spawn(after_heal(api, sim.clone(), start, healed, pending_before)),
+            ));
+        }
+    }
+    for (i, check) in checks {
+        if let Ok((first_accepted, pending, cleared, audit, notes)) = check.await {
+            let h = &mut out[i];
+            h.first_accepted_after = first_accepted;
+            h.pending_at_heal = pending;
+            h.pending_cleared_after = cleared.and_then(|at| {
+                let healed = h.healed?;
+                Some(at.saturating_sub(healed))
+            });
+            h.audit = audit;
+            h.notes.extend(notes);
+        }
+    }
+    out
+}
+
+/// Logs the admin and the run's owners in again, after a restart took
+/// their sessions.
+async fn log_in_again(api: &mut Api, sim: &Sim, admin_password: Option<&str>) -> anyhow::Result<()> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let Some(password) = admin_password else {
+        return Ok(());
+    };
+    if api.token.is_none() {
+        return Ok(());
+    }
+    api.token = Some(api.login("admin", password).await?);
+    if let Some((names, password)) = &sim.credentials {
+        let tokens: Vec<String> = futures_util::stream::iter(names.clone())
+            .map(|name| {
+                let (api, password) = (api.clone(), password.clone());
+                async move { api.login(&name, &password).await }
+            })
+            .buffered(crate::api::SETUP_CONCURRENCY)
+            .try_collect()
+            .await?;
+        sim.set_tokens(tokens);
+    }
+    Ok(())
+}
+
+/// Arms the child's hook with SIGUSR1 and waits for it to fire, until the
+/// next fault is due or the run ends (less a second), or a minute has
+/// passed; answers when the system went down. Unfired, the hook is
+/// disarmed by a restart.
+async fn crash_at(
+    system: &mut ChildSystem,
+    fault: &Fault,
+    start: Instant,
+    next_at: Option<Instant>,
+    happened: &mut Happened,
+) -> Option<Duration> {
+    if let Err(e) = system.signal("-USR1") {
+        happened.notes.push(format!("cannot arm the hook: {e:#}"));
+        return None;
+    }
+    let give_up = next_at
+        .map(|n| n - Duration::from_secs(1))
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(60))
+        .min(Instant::now() + Duration::from_secs(60));
+    while Instant::now() < give_up {
+        let cpu = system.running_cpu_s();
+        if system.exited() {
+            let hit = start.elapsed();
+            system.ended_cpu_s += cpu;
+            system.child = None;
+            return Some(hit);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    happened.notes.push(format!(
+        "no transfer reached {} in time: the hook never fired, and the system was restarted to disarm it",
+        fault.step.map(|s| s.hook()).unwrap_or("?")
+    ));
+    let _ = system.kill().await;
+    None
+}
+
+/// After a heal: waits for the system to answer, reads the pending
+/// transfers, waits until none is pending, and audits.
+async fn after_heal(
+    api: Api,
+    sim: Arc<Sim>,
+    start: Instant,
+    healed: Duration,
+    pending_before: u64,
+) -> (
+    Option<Duration>,
+    Option<u64>,
+    Option<Duration>,
+    Option<(bool, Vec<String>)>,
+    Vec<String>,
+) {
+    let mut notes = Vec::new();
+    let first_accepted = async {
+        let give_up = Instant::now() + PENDING_WAIT;
+        while Instant::now() < give_up {
+            match sim.recorder.last_accepted_at() {
+                Some(at) if at > healed => return Some(at - healed),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        None
+    };
+    let (first_accepted, (pending, cleared, audit, more)) =
+        tokio::join!(first_accepted, settle(&api, start, pending_before));
+    notes.extend(more);
+    (first_accepted, pending, cleared, audit, notes)
+}
+
+/// Reads the pending transfers once the system answers, waits until they
+/// are back to their level before the fault (under load some are always on
+/// their way), and audits.
+async fn settle(
+    api: &Api,
+    start: Instant,
+    pending_before: u64,
+) -> (
+    Option<u64>,
+    Option<Duration>,
+    Option<(bool, Vec<String>)>,
+    Vec<String>,
+) {
+    let mut notes = Vec::new();
+    let pending = || pending_now(api);
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    let mut first = None;
+    while first.is_none() && Instant::now() < ready_by {
+        first = pending().await;
+        if first.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let Some(at_heal) = first else {
+        notes.push("the system did not answer /v1/shards within 10 s of its restart".into());
+        return (None, None, None, notes);
+    };
+    let mut cleared = (at_heal <= pending_before).then(|| start.elapsed());
+    let wait_until = Instant::now() + PENDING_WAIT;
+    while cleared.is_none() && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if pending().await.is_some_and(|p| p <= pending_before) {
+            cleared = Some(start.elapsed());
+        }
+    }
+    if cleared.is_none() {
+        notes.push(format!(
+            "more transfers than before the fault ({pending_before}) were still pending {} s after the restart",
+            PENDING_WAIT.as_secs()
+        ));
+    }
+    let audit = match api.audit().await {
+        Ok(raw) => Some((
+            raw["ok"].as_bool().unwrap_or(false),
+            crate::run::failed_checks(&raw),
+        )),
+        Err(e) => {
+            notes.push(format!("the audit after the heal failed: {e:#}"));
+            Some((false, vec![format!("audit not read: {e:#}")]))
+        }
+    };
+    (Some(at_heal), cleared, audit, notes)
+}
+
+/// Transfers pending on the system's shards now; `None` when it does not
+/// answer within a second.
+async fn pending_now(api: &Api) -> Option<u64> {
+    let shards = tokio::time::timeout(Duration::from_secs(1), api.shards())
+        .await
+        .ok()?
+        .ok()?;
+    Some(shards.iter().map(|s| s.transfers.pending).sum())
+}
+
+/// The port of a loopback listener the system is started on: a free one,
+/// kept for every restart.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The log file of the child system in `dir`.
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join("system.log")
+}
+
+/// The share of the throughput before a fault that counts as full again.
+pub const FULL_SHARE: f64 = 0.8;
+/// How many seconds before a fault give its "before" throughput.
+const BEFORE_S: usize = 5;
+/// Without a recovery, how long after the heal a fault's span lasts.
+const SPAN_AFTER_HEAL_S: f64 = 5.0;
+
+/// Each fault with its figures from the measurements, and the counts
+/// inside and outside the faults' spans (measured seconds only).
+pub fn report(
+    faults: &[Fault],
+    happened: &[Happened],
+    m: &crate::record::Measured,
+    warmup_s: u64,
+) -> crate::report::Faults {
+    use crate::record::Counts;
+    let seconds = m.timeline.len();
+    let accepted: Vec<u64> = m.timeline.iter().map(|s| s.values().sum()).collect();
+    let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0);
+    let mut in_span = vec![false; seconds];
+    let mut reports = Vec::new();
+    for (fault, h) in faults.iter().zip(happened) {
+        let started = h
+            .started
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(fault.at_ms as f64 / 1000.0);
+        let first = started.floor() as usize;
+        let from = first.saturating_sub(BEFORE_S).max(warmup_s as usize);
+        let before: Vec<u64> = (from..first.min(seconds))
+            .filter(|&s| !in_span[s])
+            .map(|s| accepted[s])
+            .collect();
+        let tps_before =
+            (!before.is_empty()).then(|| before.iter().sum::<u64>() as f64 / before.len() as f64);
+        let healed = h.healed.map(|d| d.as_secs_f64());
+        // The last whole second of the run is partial: leave it out.
+        let whole = seconds.saturating_sub(1);
+        let recovered_end = match (healed, tps_before) {
+            (Some(healed), Some(before)) => (healed.ceil() as usize..whole)
+                .find(|&s| accepted[s] as f64 >= FULL_SHARE * before)
+                .map(|s| (s + 1) as f64),
+            _ => None,
+        };
+        let end = recovered_end
+            .or(healed.map(|h| h + SPAN_AFTER_HEAL_S))
+            .unwrap_or(started + 1.0)
+            .min(seconds as f64);
+        let mut counts = Counts::default();
+        let mut answers: BTreeMap<(u16, String), u64> = BTreeMap::new();
+        let last = (end.ceil() as usize).min(seconds);
+        for s in first..last {
+            if s < warmup_s as usize {
+                continue;
+            }
+            in_span[s] = true;
+            counts.requests += m.timeline_requests[s];
+            counts.errors += m.timeline_errors[s];
+            counts.accepted += accepted[s];
+            for (k, n) in &m.timeline_outcomes[s] {
+                *answers.entry(k.clone()).or_insert(0) += n;
+            }
+        }
+        let mut answers: Vec<crate::report::OutcomeRow> = answers
+            .into_iter()
+            .map(|((status, code), count)| crate::report::OutcomeRow {
+                status,
+                code,
+                count,
+            })
+            .collect();
+        answers.sort_by(|a, b| b.count.cmp(&a.count));
+        let (audit_ok, audit_failures) = match &h.audit {
+            Some((ok, failed)) => (Some(*ok), failed.clone()),
+            None => (None, Vec::new()),
+        };
+        reports.push(crate::report::FaultReport {
+            name: fault.name.clone(),
+            action: fault.action.as_str().into(),
+            target: fault.target.clone(),
+            step: fault.step.map(|s| s.hook().trim_start_matches("crash_").to_string()),
+            line: fault.line,
+            scheduled_s: fault.at_ms as f64 / 1000.0,
+            started_s: secs(h.started),
+            hit_s: secs(h.hit),
+            healed_s: secs(h.healed),
+            first_accepted_after_s: secs(h.first_accepted_after),
+            recovered_after_s: match (recovered_end, healed) {
+                (Some(end), Some(healed)) => Some(((end - healed) * 1000.0).round() / 1000.0),
+                _ => None,
+            },
+            tps_before,
+            span_s: (started, end),
+            error_rate: rate(counts.errors, counts.requests),
+            counts,
+            answers,
+            pending_at_heal: h.pending_at_heal,
+            pending_cleared_after_s: secs(h.pending_cleared_after),
+            audit_ok,
+            audit_failures,
+            notes: h.notes.clone(),
+        });
+    }
+    let mut inside = Counts::default();
+    let mut outside = Counts::default();
+    for s in (warmup_s as usize)..seconds {
+        let c = if in_span[s] { &mut inside } else { &mut outside };
+        c.requests += m.timeline_requests[s];
+        c.errors += m.timeline_errors[s];
+        c.accepted += accepted[s];
+    }
+    crate::report::Faults {
+        faults: reports,
+        outside_error_rate: rate(outside.errors, outside.requests),
+        outside,
+        inside_error_rate: rate(inside.errors, inside.requests),
+        inside,
+        down_outside_faults: false,
+    }
+}
+
+fn rate(errors: u64, requests: u64) -> f64 {
+    if requests == 0 {
+        0.0
+    } else {
+        errors as f64 / requests as f64
+    }
+}
