@@ -1468,6 +1468,10 @@ mod proptests {
             include_str!("../../scenarios/cross-shard.toml"),
         ),
         (
+            "faults-crash.toml",
+            include_str!("../../scenarios/faults-crash.toml"),
+        ),
+        (
             "fraud-heavy.toml",
             include_str!("../../scenarios/fraud-heavy.toml"),
         ),

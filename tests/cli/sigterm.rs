@@ -284,7 +284,7 @@ fn sigterm_during_a_simulator_run_loses_no_transfer() {
     assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
     assert_audit_passes(&url);
     eprintln!(
-        "sigterm during a run: exit {finished}, {} errors of {} requests, {} answers settled after the run; failures {}",
-        report["totals"]["counts"]["errors"], report["totals"]["counts"]["requests"], report["accounting"]["settled_after_run"], report["failures"]
+        "sigterm during a run: exit {finished}, {} errors of {} requests, {} answers settled after the run, {} resent after a closed connection; failures {}",
+        report["totals"]["counts"]["errors"], report["totals"]["counts"]["requests"], report["accounting"]["settled_after_run"], report["accounting"]["resent_unanswered"], report["failures"]
     );
 }

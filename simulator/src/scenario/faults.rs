@@ -313,8 +313,8 @@ pub(super) fn check(
     out.sort_by_key(|(f, _)| f.at_ms);
     for pair in out.windows(2) {
         let (a, b) = (&pair[0].0, &pair[1].0);
-        let end = a.at_ms + a.for_ms;
-        if b.at_ms < end + (MIN_GAP_S * 1000.0) as u64 {
+        let end = a.at_ms.saturating_add(a.for_ms);
+        if b.at_ms < end.saturating_add((MIN_GAP_S * 1000.0) as u64) {
             return Err(at.err(
                 pair[1].1.clone(),
                 "faults",
