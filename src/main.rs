@@ -719,19 +719,26 @@ fn broken_recovery() -> bool {
     broken
 }
 
-/// Leaves the fault hook disarmed until the process gets SIGUSR1.
+/// Leaves the fault hook disarmed until the process gets SIGUSR1; SIGUSR2
+/// disarms it again (a scheduled fault whose time ran out unfired).
 fn arm_fault_on_sigusr1() -> anyhow::Result<()> {
     use shardpay_reference::manager::FAULT_ARMED;
     FAULT_ARMED.store(false, std::sync::atomic::Ordering::Relaxed);
     #[cfg(unix)]
     {
-        let mut signal =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-                .context("cannot listen for SIGUSR1")?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut arm = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+        let mut disarm =
+            signal(SignalKind::user_defined2()).context("cannot listen for SIGUSR2")?;
         tokio::spawn(async move {
-            if signal.recv().await.is_some() {
-                tracing::warn!("fault hook armed by SIGUSR1");
-                FAULT_ARMED.store(true, std::sync::atomic::Ordering::Relaxed);
+            loop {
+                let armed = tokio::select! {
+                    Some(()) = arm.recv() => true,
+                    Some(()) = disarm.recv() => false,
+                    else => break,
+                };
+                tracing::warn!(armed, "fault hook {} by signal", if armed { "armed" } else { "disarmed" });
+                FAULT_ARMED.store(armed, std::sync::atomic::Ordering::Relaxed);
             }
         });
     }

@@ -239,12 +239,24 @@ pub async fn apply(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let mut checks = Vec::new();
+    let mut check: Option<(usize, tokio::task::JoinHandle<AfterHeal>)> = None;
     for (i, fault) in faults.iter().enumerate() {
         let mut happened = Happened::default();
         let due = start + Duration::from_millis(fault.at_ms);
-        // The pending transfers just before: the level recovery returns to.
         tokio::time::sleep_until(due.checked_sub(Duration::from_secs(1)).unwrap_or(due).into()).await;
+        // The checks after the last heal finish first: a fault must not cut
+        // its audit short.
+        if let Some((j, task)) = check.take() {
+            fill(&mut out[j], task.await);
+            let late = Instant::now().saturating_duration_since(due);
+            if late > Duration::from_millis(100) {
+                happened.notes.push(format!(
+                    "started {:.1} s late: the checks after the previous heal were still running",
+                    late.as_secs_f64()
+                ));
+            }
+        }
+        // The pending transfers just before: the level recovery returns to.
         let pending_before = pending_now(&api).await.unwrap_or(0);
         tokio::time::sleep_until(due.into()).await;
         let next_at = faults.get(i + 1).map(|f| start + Duration::from_millis(f.at_ms));
@@ -297,30 +309,41 @@ pub async fn apply(
         }
         drop(system);
         out.push(happened);
-        // Watch the heal in the background: the next fault may come first.
-        if out.last().is_some_and(|h| h.healed.is_some()) {
+        // Watch the heal in the background while the load goes on.
+        if let Some(healed) = out[i].healed {
             let api = api.clone();
-            let healed = out[i].healed.expect("checked");
-            checks.push((
-                i,
-                tokio::spawn(after_heal(api, sim.clone(), start, healed, pending_before)),
-            ));
+            let task = tokio::spawn(after_heal(api, sim.clone(), start, healed, pending_before));
+            check = Some((i, task));
         }
     }
-    for (i, check) in checks {
-        if let Ok((first_accepted, pending, cleared, audit, notes)) = check.await {
-            let h = &mut out[i];
+    if let Some((j, task)) = check.take() {
+        fill(&mut out[j], task.await);
+    }
+    out
+}
+
+/// What the checks after a heal found: the first accepted transfer after
+/// it, the pending transfers at the heal and when they cleared, the audit,
+/// and notes.
+type AfterHeal = (
+    Option<Duration>,
+    Option<u64>,
+    Option<Duration>,
+    Option<(bool, Vec<String>)>,
+    Vec<String>,
+);
+
+fn fill(h: &mut Happened, checked: Result<AfterHeal, tokio::task::JoinError>) {
+    match checked {
+        Ok((first_accepted, pending, cleared, audit, notes)) => {
             h.first_accepted_after = first_accepted;
             h.pending_at_heal = pending;
-            h.pending_cleared_after = cleared.and_then(|at| {
-                let healed = h.healed?;
-                Some(at.saturating_sub(healed))
-            });
+            h.pending_cleared_after = cleared.and_then(|at| Some(at.saturating_sub(h.healed?)));
             h.audit = audit;
             h.notes.extend(notes);
         }
+        Err(e) => h.notes.push(format!("the checks after the heal failed: {e}")),
     }
-    out
 }
 
 /// Logs the admin and the run's owners in again, after a restart took
@@ -351,7 +374,7 @@ async fn log_in_again(api: &mut Api, sim: &Sim, admin_password: Option<&str>) ->
 /// Arms the child's hook with SIGUSR1 and waits for it to fire, until the
 /// next fault is due or the run ends (less a second), or a minute has
 /// passed; answers when the system went down. Unfired, the hook is
-/// disarmed by a restart.
+/// disarmed (SIGUSR2).
 async fn crash_at(
     system: &mut ChildSystem,
     fault: &Fault,
@@ -378,10 +401,20 @@ async fn crash_at(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     happened.notes.push(format!(
-        "no transfer reached {} in time: the hook never fired, and the system was restarted to disarm it",
+        "no transfer reached {} in time: the hook never fired, and was disarmed",
         fault.step.map(|s| s.hook()).unwrap_or("?")
     ));
-    let _ = system.kill().await;
+    if let Err(e) = system.signal("-USR2") {
+        happened.notes.push(format!("cannot disarm the hook: {e:#}"));
+    }
+    // It may have fired as the signal went.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cpu = system.running_cpu_s();
+    if system.exited() {
+        system.ended_cpu_s += cpu;
+        system.child = None;
+        return Some(start.elapsed());
+    }
     None
 }
 
@@ -393,13 +426,7 @@ async fn after_heal(
     start: Instant,
     healed: Duration,
     pending_before: u64,
-) -> (
-    Option<Duration>,
-    Option<u64>,
-    Option<Duration>,
-    Option<(bool, Vec<String>)>,
-    Vec<String>,
-) {
+) -> AfterHeal {
     let mut notes = Vec::new();
     let first_accepted = async {
         let give_up = Instant::now() + PENDING_WAIT;
@@ -481,11 +508,26 @@ async fn pending_now(api: &Api) -> Option<u64> {
     Some(shards.iter().map(|s| s.transfers.pending).sum())
 }
 
-/// The port of a loopback listener the system is started on: a free one,
-/// kept for every restart.
+/// The port the child system listens on, kept for every restart: a free
+/// one below the kernel's ephemeral range. A port in that range can be
+/// handed to an outgoing connection while the system is down (a client
+/// retrying its refused connection to that very port can connect to
+/// itself), and the restarted system could not bind it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
-    Ok(listener.local_addr()?.port())
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(1));
+    if to <= from {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
+        return Ok(listener.local_addr()?.port());
+    }
+    let offset = rand::random::<u16>() % (to - from);
+    (0..to - from)
+        .map(|i| from + (offset + i) % (to - from))
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .context("no free port below the ephemeral range")
 }
 
 /// The log file of the child system in `dir`.

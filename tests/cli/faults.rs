@@ -126,3 +126,35 @@ fn a_broken_recovery_fails_the_run_and_names_the_check() {
     );
     assert_eq!(report["audit"]["ok"], false, "{}", report["audit"]);
 }
+
+/// The same schedule with the shards in MySQL (the CI server's fresh
+/// databases): the child system restarts on them, and every check passes.
+#[test]
+fn on_mysql_shards_a_fault_schedule_passes_every_check() {
+    let Some(urls) = super::mysql_databases() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("faults.toml");
+    std::fs::write(&scenario, SHORT).unwrap();
+    let reports = dir.path().join("reports");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["run", "--quiet", "--backend", "mysql", "--mysql-urls", &urls.join(",")])
+        .arg(&scenario)
+        .arg("--reports")
+        .arg(&reports)
+        .env_remove("SHARDPAY_FAULT")
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let report = only_report(&reports);
+    assert_eq!(report["run"]["backend"], "mysql");
+    let faults = report["faults"]["faults"].as_array().expect("a faults report");
+    assert_eq!(faults.len(), 2);
+    for f in faults {
+        assert!(f["healed_s"].as_f64().is_some(), "{f}");
+        assert_eq!(f["audit_ok"], true, "{f}");
+    }
+    assert_eq!(report["failures"], serde_json::json!([]));
+    assert!(out.status.success(), "{}", out.status);
+}
