@@ -249,11 +249,13 @@ fn durability(arg: DurabilityArg) -> Durability {
 }
 
 fn load_scenario(path: &Path, seed: Option<u64>) -> anyhow::Result<Scenario> {
-    let mut s = scenario::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(seed) = seed {
-        s.seed = seed;
+    let s = scenario::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match seed {
+        // Parsed again: the fault schedule's drawn times follow the seed.
+        Some(seed) => scenario::parse_with_seed(&s.source, &s.file, Some(seed))
+            .map_err(|e| anyhow::anyhow!("{e}")),
+        None => Ok(s),
     }
-    Ok(s)
 }
 
 /// Runs one scenario; returns whether it passed its thresholds.

@@ -504,12 +504,13 @@ fn error_percent(t: &Timeline) -> Vec<f64> {
         .collect()
 }
 
-/// Each fault's span shaded on a chart, labelled with its name: from its
-/// start to the system's return (or a second when it never hit).
+/// Each fault's window shaded on a chart, labelled with its name: from
+/// the hit to the system's return (a second when it never hit); the span
+/// its figures cover runs on to its recovery.
 fn fault_shading(faults: &[FaultReport], x: impl Fn(f64) -> f64, len: usize) -> Markup {
     html! {
         @for f in faults {
-            @let from = f.started_s.unwrap_or(f.scheduled_s).min(len as f64);
+            @let from = f.hit_s.or(f.started_s).unwrap_or(f.scheduled_s).min(len as f64);
             @let to = f.healed_s.or(f.hit_s.map(|h| h + 1.0)).unwrap_or(from + 1.0).min(len as f64).max(from);
             @let (x0, x1) = (x(from), x(to));
             rect class="fault" x=(format!("{x0:.1}")) y=(TOP) width=(format!("{:.1}", (x1 - x0).max(2.0))) height=(PLOT_H) fill="#f8d0d0" fill-opacity="0.7" {}

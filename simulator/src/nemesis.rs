@@ -71,6 +71,14 @@ impl ChildSystem {
             .open(&self.spec.log)
             .with_context(|| format!("cannot open {}", self.spec.log.display()))?;
         let mut command = Command::new(&self.spec.binary);
+        // The system under test is what the run's options say, not what
+        // this shell's SHARDPAY_* variables would make of `serve`.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("SHARDPAY_") && name != "SHARDPAY_TEST_BROKEN_RECOVERY" {
+                command.env_remove(name);
+            }
+        }
         command
             .args(&self.spec.args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
@@ -215,7 +223,15 @@ pub struct Happened {
     pub audit: Option<(bool, Vec<String>)>,
     /// What went other than planned.
     pub notes: Vec<String>,
+    /// The system was down when the fault began: it crashed outside the
+    /// schedule.
+    pub found_down: bool,
 }
+
+/// How long after a heal the pending transfers are read and the audit
+/// run: past the reference system's recovery grace (2 s) and a pass of its
+/// recovery loop (0.5 s).
+const RECOVERY_SETTLE: Duration = Duration::from_millis(3_000);
 
 /// The longest the run waits after a heal for the pending transfers to
 /// clear before it audits anyway.
@@ -267,9 +283,11 @@ pub async fn apply(
         };
         let mut system = system.lock().await;
         if system.exited() {
+            happened.found_down = true;
             happened
                 .notes
-                .push("the system was already down when the fault began".into());
+                .push("the system was already down when the fault began: it crashed outside the schedule".into());
+            system.child = None;
         }
         happened.started = Some(start.elapsed());
         let hit = match fault.action {
@@ -348,7 +366,7 @@ fn fill(h: &mut Happened, checked: Result<AfterHeal, tokio::task::JoinError>) {
 
 /// Logs the admin and the run's owners in again, after a restart took
 /// their sessions.
-async fn log_in_again(api: &mut Api, sim: &Sim, admin_password: Option<&str>) -> anyhow::Result<()> {
+pub async fn log_in_again(api: &mut Api, sim: &Sim, admin_password: Option<&str>) -> anyhow::Result<()> {
     use futures_util::{StreamExt, TryStreamExt};
     let Some(password) = admin_password else {
         return Ok(());
@@ -438,8 +456,13 @@ async fn after_heal(
         }
         None
     };
-    let (first_accepted, (pending, cleared, audit, more)) =
-        tokio::join!(first_accepted, settle(&api, start, pending_before));
+    // Recovery takes over what a crash left once it is older than its
+    // grace: the audit waits for that, so that it shows recovery's work.
+    let settled = async {
+        tokio::time::sleep(RECOVERY_SETTLE).await;
+        settle(&api, start, pending_before).await
+    };
+    let (first_accepted, (pending, cleared, audit, more)) = tokio::join!(first_accepted, settled);
     notes.extend(more);
     (first_accepted, pending, cleared, audit, notes)
 }
@@ -539,6 +562,9 @@ pub fn log_path(dir: &Path) -> PathBuf {
 pub const FULL_SHARE: f64 = 0.8;
 /// How many seconds before a fault give its "before" throughput.
 const BEFORE_S: usize = 5;
+/// A heal closer than this to the run's end leaves its recovery
+/// unmeasured rather than failed.
+const RECOVERY_HORIZON_S: f64 = 5.0;
 /// Without a recovery, how long after the heal a fault's span lasts.
 const SPAN_AFTER_HEAL_S: f64 = 5.0;
 
@@ -557,8 +583,10 @@ pub fn report(
     let mut in_span = vec![false; seconds];
     let mut reports = Vec::new();
     for (fault, h) in faults.iter().zip(happened) {
+        // A crash_at fault's window opens when it hits, not when it is armed.
         let started = h
-            .started
+            .hit
+            .or(h.started)
             .map(|d| d.as_secs_f64())
             .unwrap_or(fault.at_ms as f64 / 1000.0);
         let first = started.floor() as usize;
@@ -576,6 +604,13 @@ pub fn report(
             (Some(healed), Some(before)) => (healed.ceil() as usize..whole)
                 .find(|&s| accepted[s] as f64 >= FULL_SHARE * before)
                 .map(|s| (s + 1) as f64),
+            _ => None,
+        };
+        let recovery_unmeasured = match (healed, tps_before, recovered_end) {
+            (Some(_), None, _) => Some("no clean seconds before the fault to compare with".to_string()),
+            (Some(h), Some(_), None) if h + RECOVERY_HORIZON_S > whole as f64 => Some(format!(
+                "the system came back less than {RECOVERY_HORIZON_S} s before the run ended"
+            )),
             _ => None,
         };
         let end = recovered_end
@@ -626,6 +661,7 @@ pub fn report(
                 _ => None,
             },
             tps_before,
+            recovery_unmeasured,
             span_s: (started, end),
             error_rate: rate(counts.errors, counts.requests),
             counts,
@@ -651,7 +687,7 @@ pub fn report(
         outside,
         inside_error_rate: rate(inside.errors, inside.requests),
         inside,
-        down_outside_faults: false,
+        down_outside_faults: happened.iter().any(|h| h.found_down),
     }
 }
 

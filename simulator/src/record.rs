@@ -111,8 +111,14 @@ pub struct Measured {
     pub timeline_errors: Vec<u64>,
     /// Per second: every request completed.
     pub timeline_requests: Vec<u64>,
-    /// Per second: the latency of every request (two significant digits).
-    pub timeline_latency: Vec<Histogram<u64>>,
+    /// Per second: the p99 latency of the requests completed in it, in µs
+    /// (0 for a second without any).
+    pub timeline_p99_us: Vec<u64>,
+    /// The latest seconds' latencies, until they close into
+    /// `timeline_p99_us` (two significant digits): a request completes at
+    /// `at`, which only moves forward, so a second is done once the clock
+    /// is a few seconds past it and memory stays flat however long a run.
+    open_seconds: BTreeMap<usize, Histogram<u64>>,
     /// Per second: the answers other than accepted transfers, by (status,
     /// code), as in `outcomes`.
     pub timeline_outcomes: Vec<BTreeMap<(u16, String), u64>>,
@@ -122,6 +128,22 @@ pub struct Measured {
     pub warmup: Counts,
     /// Completion time of the last measured request.
     pub last_at: Duration,
+}
+
+/// How many of the latest seconds keep their histograms open.
+const OPEN_SECONDS: usize = 3;
+
+impl Measured {
+    /// Closes the seconds before `before` into their p99s.
+    fn close_seconds(&mut self, before: usize) {
+        while let Some(entry) = self.open_seconds.first_entry() {
+            if *entry.key() >= before {
+                break;
+            }
+            let (second, h) = entry.remove_entry();
+            self.timeline_p99_us[second] = h.value_at_quantile(0.99);
+        }
+    }
 }
 
 /// Live figures for the progress line.
@@ -155,7 +177,8 @@ impl Recorder {
                     timeline: Vec::new(),
                     timeline_errors: Vec::new(),
                     timeline_requests: Vec::new(),
-                    timeline_latency: Vec::new(),
+                    timeline_p99_us: Vec::new(),
+                    open_seconds: BTreeMap::new(),
                     timeline_outcomes: Vec::new(),
                     last_accepted_at: None,
                     warmup: Counts::default(),
@@ -175,12 +198,15 @@ impl Recorder {
             m.timeline.resize_with(second + 1, BTreeMap::new);
             m.timeline_errors.resize(second + 1, 0);
             m.timeline_requests.resize(second + 1, 0);
-            m.timeline_latency
-                .resize_with(second + 1, second_histogram);
+            m.timeline_p99_us.resize(second + 1, 0);
             m.timeline_outcomes.resize_with(second + 1, BTreeMap::new);
         }
         m.timeline_requests[second] += 1;
-        m.timeline_latency[second].saturating_record(us);
+        m.open_seconds
+            .entry(second)
+            .or_insert_with(second_histogram)
+            .saturating_record(us);
+        m.close_seconds(second.saturating_sub(OPEN_SECONDS));
         match s.class {
             Class::Accepted => {
                 *m.timeline[second].entry(s.payer_shard).or_insert(0) += 1;
@@ -251,7 +277,9 @@ impl Recorder {
     }
 
     pub fn finish(self) -> Measured {
-        self.inner.into_inner().expect("recorder lock").0
+        let mut m = self.inner.into_inner().expect("recorder lock").0;
+        m.close_seconds(usize::MAX);
+        m
     }
 }
 

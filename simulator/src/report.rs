@@ -290,6 +290,10 @@ pub struct FaultReport {
     pub recovered_after_s: Option<f64>,
     /// Accepted transfers per second before the fault, the mark of "full".
     pub tps_before: Option<f64>,
+    /// Why the recovery was not measured, when it was not (no clean
+    /// seconds before the fault, or a heal too close to the run's end).
+    #[serde(default)]
+    pub recovery_unmeasured: Option<String>,
     /// The span the figures below cover: from the start to the recovery (or
     /// to 5 s after the heal when the run never got back to full).
     pub span_s: (f64, f64),
@@ -299,7 +303,8 @@ pub struct FaultReport {
     pub answers: Vec<OutcomeRow>,
     /// Transfers pending on the shards when the system was back.
     pub pending_at_heal: Option<u64>,
-    /// From the heal until no transfer was pending.
+    /// From the heal until the pending transfers were back to their level
+    /// before the fault (under load some are always on their way).
     pub pending_cleared_after_s: Option<f64>,
     /// The system's audit once the pending transfers cleared.
     pub audit_ok: Option<bool>,
@@ -830,6 +835,10 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
             );
         }
         add_series(&mut out.timeline.errors, &r.timeline.errors);
+        add_series(&mut out.timeline.requests, &r.timeline.requests);
+        // Per-second p99s and fault windows do not add up across runs.
+        out.timeline.p99_ms.clear();
+        out.faults = None;
         for o in &r.outcomes {
             match out
                 .outcomes

@@ -683,7 +683,16 @@ async fn run_with_faults(
         .system_binary
         .clone()
         .context("a scenario with [[faults]] needs the shardpay binary to start the system as a child process")?;
+    let cross_traffic = scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
     for fault in &scenario.faults {
+        if fault.step.is_some() && (*shards < 2 || !cross_traffic) {
+            bail!(
+                "{}: line {}: fault {} crashes at a step of a cross-shard transfer, but this run makes none (it needs 2 or more shards and cross-shard traffic in its mix)",
+                scenario.file,
+                fault.line,
+                fault.name
+            );
+        }
         if let Some(step) = fault.step {
             let needs = if step.xa() { CrossShard::Xa } else { CrossShard::Saga };
             if needs != *cross_shard {
@@ -875,7 +884,7 @@ async fn drive(
             &measured,
             scenario.warmup_s,
         );
-        f.down_outside_faults = load.down_at_end;
+        f.down_outside_faults |= load.down_at_end;
         f
     });
     let mut report = build_report(
@@ -1108,7 +1117,13 @@ impl RunContext<'_> {
         let (cpu1, server1) = cpu_seconds();
         progress.abort();
         bar.finish_and_clear();
+        let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
         let faults = match nemesis {
+            // The load failed or was stopped: the schedule stops too.
+            Some(task) if goose.is_err() || interrupted => {
+                task.abort();
+                Vec::new()
+            }
             Some(task) => task.await.context("the fault schedule failed")?,
             None => Vec::new(),
         };
@@ -1121,13 +1136,15 @@ impl RunContext<'_> {
                 // outside a fault is started again, and the run fails.
                 if child.ensure_running().await? {
                     down_at_end = true;
+                    let mut api = api.clone();
+                    let password = self.admin_password.as_deref();
+                    crate::nemesis::log_in_again(&mut api, sim, password).await?;
                 }
                 Some(cpu)
             }
             None => None,
         };
         let goose = goose?;
-        let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
         if interrupted {
             self.say(
                 "interrupted: the load stopped early; settling the books and auditing what ran"
@@ -1518,12 +1535,9 @@ fn build_report(
     let mut timeline = timeline(scenario.warmup_s, run.shards, m.timeline, m.timeline_errors);
     timeline.requests = m.timeline_requests;
     timeline.p99_ms = m
-        .timeline_latency
+        .timeline_p99_us
         .iter()
-        .map(|h| match h.is_empty() {
-            true => 0.0,
-            false => h.value_at_quantile(0.99) as f64 / 1000.0,
-        })
+        .map(|&us| us as f64 / 1000.0)
         .collect();
     let outcomes = outcome_rows(m.outcomes);
     Report {
@@ -1807,11 +1821,20 @@ fn fault_results(t: &Thresholds, faults: &crate::report::Faults) -> Vec<Threshol
                 ok: false,
             });
         }
+        if f.hit_s.is_none() {
+            results.push(ThresholdResult {
+                name: format!("fault {}: hit", f.name),
+                limit: "the fault took the system down".into(),
+                actual: f.notes.join("; "),
+                ok: false,
+            });
+        }
         if let Some(limit) = t.max_recovery_s {
-            let (actual, ok) = match f.recovered_after_s {
-                Some(s) => (format!("{s:.1} s"), s <= limit),
-                None if f.hit_s.is_none() => ("the fault never hit".into(), true),
-                None => ("not back to full throughput before the run ended".into(), false),
+            let (actual, ok) = match (f.recovered_after_s, &f.recovery_unmeasured) {
+                (Some(s), _) => (format!("{s:.1} s"), s <= limit),
+                (None, _) if f.hit_s.is_none() => ("the fault never hit".into(), true),
+                (None, Some(why)) => (format!("not measured: {why}"), true),
+                (None, None) => ("not back to full throughput before the run ended".into(), false),
             };
             results.push(ThresholdResult {
                 name: format!("fault {}: recovery", f.name),
@@ -1838,7 +1861,7 @@ fn fault_results(t: &Thresholds, faults: &crate::report::Faults) -> Vec<Threshol
         results.push(ThresholdResult {
             name: "system up outside faults".into(),
             limit: "no crash the schedule did not make".into(),
-            actual: "the system was down when the load ended; see system.log in its data directory".into(),
+            actual: "the system crashed outside the schedule; see system.log in its data directory".into(),
             ok: false,
         });
     }

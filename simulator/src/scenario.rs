@@ -366,8 +366,21 @@ pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
 
 /// Checks a scenario given as text; `file` names it in errors.
 pub fn parse(source: &str, file: &str) -> Result<Scenario, ScenarioError> {
+    parse_with_seed(source, file, None)
+}
+
+/// [`parse`], with `seed` (when given) in place of the file's: the fault
+/// schedule's drawn times follow it too.
+pub fn parse_with_seed(
+    source: &str,
+    file: &str,
+    seed: Option<u64>,
+) -> Result<Scenario, ScenarioError> {
     let at = Locator { source, file };
-    let raw: RawScenario = toml::from_str(source).map_err(|e| at.serde_error(&e))?;
+    let mut raw: RawScenario = toml::from_str(source).map_err(|e| at.serde_error(&e))?;
+    if seed.is_some() {
+        raw.seed = seed;
+    }
     check(raw, &at)
 }
 
