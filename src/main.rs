@@ -737,7 +737,11 @@ fn arm_fault_on_sigusr1() -> anyhow::Result<()> {
                     Some(()) = disarm.recv() => false,
                     else => break,
                 };
-                tracing::warn!(armed, "fault hook {} by signal", if armed { "armed" } else { "disarmed" });
+                tracing::warn!(
+                    armed,
+                    "fault hook {} by signal",
+                    if armed { "armed" } else { "disarmed" }
+                );
                 FAULT_ARMED.store(armed, std::sync::atomic::Ordering::Relaxed);
             }
         });

@@ -773,7 +773,14 @@ impl<'a> RetryGroup<'a> {
 
     /// Sends `body` under the group's key, outside goose.
     async fn send_raw(&self, body: &serde_json::Value) -> Answer {
-        send_raw(&self.client, self.ctx.sim, &self.key, body, self.transfer.payer).await
+        send_raw(
+            &self.client,
+            self.ctx.sim,
+            &self.key,
+            body,
+            self.transfer.payer,
+        )
+        .await
     }
 
     /// The first request (through goose, timed from `intended`) with its
@@ -902,14 +909,8 @@ pub async fn settle_unknown(sim: &Sim) -> anyhow::Result<(u64, u64)> {
         let mut outcome = None;
         // A 409 means a request with this key is still running: wait a bit.
         for attempt in 0..20 {
-            let answer = send_raw(
-                &client,
-                sim,
-                &key,
-                &body(sim, &t, t.amount_minor),
-                t.payer,
-            )
-            .await;
+            let answer =
+                send_raw(&client, sim, &key, &body(sim, &t, t.amount_minor), t.payer).await;
             outcome = answer.outcome();
             if outcome.is_some()
                 || answer.status != 409 && answer.status != 0 && answer.status < 500

@@ -500,7 +500,13 @@ fn error_percent(t: &Timeline) -> Vec<f64> {
     t.requests
         .iter()
         .zip(&t.errors)
-        .map(|(&r, &e)| if r == 0 { 0.0 } else { e as f64 * 100.0 / r as f64 })
+        .map(|(&r, &e)| {
+            if r == 0 {
+                0.0
+            } else {
+                e as f64 * 100.0 / r as f64
+            }
+        })
         .collect()
 }
 

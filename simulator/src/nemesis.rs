@@ -259,7 +259,12 @@ pub async fn apply(
     for (i, fault) in faults.iter().enumerate() {
         let mut happened = Happened::default();
         let due = start + Duration::from_millis(fault.at_ms);
-        tokio::time::sleep_until(due.checked_sub(Duration::from_secs(1)).unwrap_or(due).into()).await;
+        tokio::time::sleep_until(
+            due.checked_sub(Duration::from_secs(1))
+                .unwrap_or(due)
+                .into(),
+        )
+        .await;
         // The checks after the last heal finish first: a fault must not cut
         // its audit short.
         if let Some((j, task)) = check.take() {
@@ -275,7 +280,9 @@ pub async fn apply(
         // The pending transfers just before: the level recovery returns to.
         let pending_before = pending_now(&api).await.unwrap_or(0);
         tokio::time::sleep_until(due.into()).await;
-        let next_at = faults.get(i + 1).map(|f| start + Duration::from_millis(f.at_ms));
+        let next_at = faults
+            .get(i + 1)
+            .map(|f| start + Duration::from_millis(f.at_ms));
         let say = |text: String| {
             if progress {
                 eprintln!("  fault {}: {text}", fault.name);
@@ -284,9 +291,10 @@ pub async fn apply(
         let mut system = system.lock().await;
         if system.exited() {
             happened.found_down = true;
-            happened
-                .notes
-                .push("the system was already down when the fault began: it crashed outside the schedule".into());
+            happened.notes.push(
+                "the system was already down when the fault began: it crashed outside the schedule"
+                    .into(),
+            );
             system.child = None;
         }
         happened.started = Some(start.elapsed());
@@ -319,7 +327,9 @@ pub async fn apply(
                     ));
                     // Its sessions died with it: everyone logs in again.
                     if let Err(e) = log_in_again(&mut api, &sim, admin_password.as_deref()).await {
-                        happened.notes.push(format!("logging in again failed: {e:#}"));
+                        happened
+                            .notes
+                            .push(format!("logging in again failed: {e:#}"));
                     }
                 }
                 Err(e) => happened.notes.push(format!("restart failed: {e:#}")),
@@ -360,13 +370,19 @@ fn fill(h: &mut Happened, checked: Result<AfterHeal, tokio::task::JoinError>) {
             h.audit = audit;
             h.notes.extend(notes);
         }
-        Err(e) => h.notes.push(format!("the checks after the heal failed: {e}")),
+        Err(e) => h
+            .notes
+            .push(format!("the checks after the heal failed: {e}")),
     }
 }
 
 /// Logs the admin and the run's owners in again, after a restart took
 /// their sessions.
-pub async fn log_in_again(api: &mut Api, sim: &Sim, admin_password: Option<&str>) -> anyhow::Result<()> {
+pub async fn log_in_again(
+    api: &mut Api,
+    sim: &Sim,
+    admin_password: Option<&str>,
+) -> anyhow::Result<()> {
     use futures_util::{StreamExt, TryStreamExt};
     let Some(password) = admin_password else {
         return Ok(());
@@ -423,7 +439,9 @@ async fn crash_at(
         fault.step.map(|s| s.hook()).unwrap_or("?")
     ));
     if let Err(e) = system.signal("-USR2") {
-        happened.notes.push(format!("cannot disarm the hook: {e:#}"));
+        happened
+            .notes
+            .push(format!("cannot disarm the hook: {e:#}"));
     }
     // It may have fired as the signal went.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -541,7 +559,10 @@ pub fn free_port() -> anyhow::Result<u16> {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let (from, to) = (low.saturating_sub(12_000).max(10_000), low.saturating_sub(1));
+    let (from, to) = (
+        low.saturating_sub(12_000).max(10_000),
+        low.saturating_sub(1),
+    );
     if to <= from {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
         return Ok(listener.local_addr()?.port());
@@ -607,7 +628,9 @@ pub fn report(
             _ => None,
         };
         let recovery_unmeasured = match (healed, tps_before, recovered_end) {
-            (Some(_), None, _) => Some("no clean seconds before the fault to compare with".to_string()),
+            (Some(_), None, _) => {
+                Some("no clean seconds before the fault to compare with".to_string())
+            }
             (Some(h), Some(_), None) if h + RECOVERY_HORIZON_S > whole as f64 => Some(format!(
                 "the system came back less than {RECOVERY_HORIZON_S} s before the run ended"
             )),
@@ -649,7 +672,9 @@ pub fn report(
             name: fault.name.clone(),
             action: fault.action.as_str().into(),
             target: fault.target.clone(),
-            step: fault.step.map(|s| s.hook().trim_start_matches("crash_").to_string()),
+            step: fault
+                .step
+                .map(|s| s.hook().trim_start_matches("crash_").to_string()),
             line: fault.line,
             scheduled_s: fault.at_ms as f64 / 1000.0,
             started_s: secs(h.started),
@@ -676,7 +701,11 @@ pub fn report(
     let mut inside = Counts::default();
     let mut outside = Counts::default();
     for s in (warmup_s as usize)..seconds {
-        let c = if in_span[s] { &mut inside } else { &mut outside };
+        let c = if in_span[s] {
+            &mut inside
+        } else {
+            &mut outside
+        };
         c.requests += m.timeline_requests[s];
         c.errors += m.timeline_errors[s];
         c.accepted += accepted[s];

@@ -683,7 +683,8 @@ async fn run_with_faults(
         .system_binary
         .clone()
         .context("a scenario with [[faults]] needs the shardpay binary to start the system as a child process")?;
-    let cross_traffic = scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
+    let cross_traffic =
+        scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
     for fault in &scenario.faults {
         if fault.step.is_some() && (*shards < 2 || !cross_traffic) {
             bail!(
@@ -694,7 +695,11 @@ async fn run_with_faults(
             );
         }
         if let Some(step) = fault.step {
-            let needs = if step.xa() { CrossShard::Xa } else { CrossShard::Saga };
+            let needs = if step.xa() {
+                CrossShard::Xa
+            } else {
+                CrossShard::Saga
+            };
             if needs != *cross_shard {
                 bail!(
                     "{}: line {}: fault {} crashes at {}, a step of {} transfers, but this run makes cross-shard transfers by {}; give --cross-shard {}",
@@ -715,8 +720,7 @@ async fn run_with_faults(
         Some(m) => Some(mysql_shard_urls(*shards, m.clone()).await?),
     };
     let (temp, dir) = fresh_data_dir(data_dir.clone())?;
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let port = crate::nemesis::free_port()?;
     let admin_password = random_secret();
     let mut args: Vec<String> = vec![
@@ -750,7 +754,10 @@ async fn run_with_faults(
     ];
     let mut env = vec![
         ("SHARDPAY_JWT_SECRET".to_string(), random_secret()),
-        ("SHARDPAY_ADMIN_PASSWORD".to_string(), admin_password.clone()),
+        (
+            "SHARDPAY_ADMIN_PASSWORD".to_string(),
+            admin_password.clone(),
+        ),
         ("RUST_LOG".to_string(), "warn".to_string()),
     ];
     if let Some(urls) = &mysql_urls {
@@ -766,7 +773,12 @@ async fn run_with_faults(
         }
     }
     if let BusConfig::Kafka(kafka) = with_run_prefix(bus.clone()) {
-        args.extend(["--kafka".into(), kafka.bootstrap, "--kafka-prefix".into(), kafka.prefix]);
+        args.extend([
+            "--kafka".into(),
+            kafka.bootstrap,
+            "--kafka-prefix".into(),
+            kafka.prefix,
+        ]);
     }
     if let Some(redis) = redis {
         env.push(("SHARDPAY_REDIS_URL".into(), redis.clone()));
@@ -878,12 +890,8 @@ async fn drive(
     let resources = load.resources(cx.embedded(), &machine);
     let measured = sim.recorder.finish();
     let faults = cx.child.is_some().then(|| {
-        let mut f = crate::nemesis::report(
-            &scenario.faults,
-            &load.faults,
-            &measured,
-            scenario.warmup_s,
-        );
+        let mut f =
+            crate::nemesis::report(&scenario.faults, &load.faults, &measured, scenario.warmup_s);
         f.down_outside_faults |= load.down_at_end;
         f
     });
@@ -1834,7 +1842,10 @@ fn fault_results(t: &Thresholds, faults: &crate::report::Faults) -> Vec<Threshol
                 (Some(s), _) => (format!("{s:.1} s"), s <= limit),
                 (None, _) if f.hit_s.is_none() => ("the fault never hit".into(), true),
                 (None, Some(why)) => (format!("not measured: {why}"), true),
-                (None, None) => ("not back to full throughput before the run ended".into(), false),
+                (None, None) => (
+                    "not back to full throughput before the run ended".into(),
+                    false,
+                ),
             };
             results.push(ThresholdResult {
                 name: format!("fault {}: recovery", f.name),
@@ -1861,7 +1872,8 @@ fn fault_results(t: &Thresholds, faults: &crate::report::Faults) -> Vec<Threshol
         results.push(ThresholdResult {
             name: "system up outside faults".into(),
             limit: "no crash the schedule did not make".into(),
-            actual: "the system crashed outside the schedule; see system.log in its data directory".into(),
+            actual: "the system crashed outside the schedule; see system.log in its data directory"
+                .into(),
             ok: false,
         });
     }

@@ -82,26 +82,44 @@ fn run(dir: &Path, broken_recovery: bool) -> (std::process::ExitStatus, Value, S
 fn a_fault_schedule_kills_and_restarts_the_system_and_every_check_passes() {
     let dir = tempfile::tempdir().unwrap();
     let (status, report, html) = run(dir.path(), false);
-    let faults = report["faults"]["faults"].as_array().expect("a faults report");
+    let faults = report["faults"]["faults"]
+        .as_array()
+        .expect("a faults report");
     assert_eq!(faults.len(), 2, "{}", report["faults"]);
     for f in faults {
         let (hit, healed) = (f["hit_s"].as_f64(), f["healed_s"].as_f64());
-        let (hit, healed) = (hit.expect("the fault hit"), healed.expect("the system came back"));
-        assert!(hit >= f["scheduled_s"].as_f64().unwrap() && healed > hit, "{f}");
+        let (hit, healed) = (
+            hit.expect("the fault hit"),
+            healed.expect("the system came back"),
+        );
+        assert!(
+            hit >= f["scheduled_s"].as_f64().unwrap() && healed > hit,
+            "{f}"
+        );
         assert!(healed - hit >= 0.5, "down for its for_s: {f}");
         assert_eq!(f["audit_ok"], true, "{f}");
         assert!(f["recovered_after_s"].as_f64().is_some(), "{f}");
         assert!(f["first_accepted_after_s"].as_f64().is_some(), "{f}");
         // The windows are shaded and labelled on the charts.
         let name = f["name"].as_str().unwrap();
-        assert!(html.contains(&format!("> {name}</text>")) || html.contains(&format!(">{name}</text>")), "{name} labelled");
+        assert!(
+            html.contains(&format!("> {name}</text>")) || html.contains(&format!(">{name}</text>")),
+            "{name} labelled"
+        );
     }
     assert_eq!(faults[1]["step"], "after_debit");
-    assert!(html.matches("class=\"fault\"").count() >= 6, "each fault shaded on three charts");
+    assert!(
+        html.matches("class=\"fault\"").count() >= 6,
+        "each fault shaded on three charts"
+    );
     assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
     assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
     for group in ["analytics", "notification"] {
-        assert_eq!(report["pipeline"]["unapplied"][group], 0, "{}", report["pipeline"]);
+        assert_eq!(
+            report["pipeline"]["unapplied"][group], 0,
+            "{}",
+            report["pipeline"]
+        );
     }
     assert_eq!(report["failures"], serde_json::json!([]));
     assert!(status.success(), "{status}");
@@ -139,7 +157,14 @@ fn on_mysql_shards_a_fault_schedule_passes_every_check() {
     std::fs::write(&scenario, SHORT).unwrap();
     let reports = dir.path().join("reports");
     let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
-        .args(["run", "--quiet", "--backend", "mysql", "--mysql-urls", &urls.join(",")])
+        .args([
+            "run",
+            "--quiet",
+            "--backend",
+            "mysql",
+            "--mysql-urls",
+            &urls.join(","),
+        ])
         .arg(&scenario)
         .arg("--reports")
         .arg(&reports)
@@ -149,7 +174,9 @@ fn on_mysql_shards_a_fault_schedule_passes_every_check() {
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     let report = only_report(&reports);
     assert_eq!(report["run"]["backend"], "mysql");
-    let faults = report["faults"]["faults"].as_array().expect("a faults report");
+    let faults = report["faults"]["faults"]
+        .as_array()
+        .expect("a faults report");
     assert_eq!(faults.len(), 2);
     for f in faults {
         assert!(f["healed_s"].as_f64().is_some(), "{f}");

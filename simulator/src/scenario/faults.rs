@@ -48,7 +48,8 @@ pub enum Step {
 }
 
 impl Step {
-    pub const NAMES: &'static str = "after_debit, after_credit (saga); after_prepare, after_decision (xa)";
+    pub const NAMES: &'static str =
+        "after_debit, after_credit (saga); after_prepare, after_decision (xa)";
 
     fn parse(text: &str) -> Option<Step> {
         Some(match text {
@@ -232,11 +233,7 @@ pub(super) fn check(
         };
         let times = match (&f.every_s, &f.times) {
             (_, Some(t)) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMES => {
-                return Err(at.err(
-                    t.span(),
-                    &key("times"),
-                    format!("must be 1 to {MAX_TIMES}"),
-                ))
+                return Err(at.err(t.span(), &key("times"), format!("must be 1 to {MAX_TIMES}")))
             }
             (None, Some(t)) if *t.get_ref() > 1 => {
                 return Err(at.err(
@@ -255,8 +252,7 @@ pub(super) fn check(
             Some(n) => {
                 let ok = !n.get_ref().is_empty()
                     && n.get_ref().len() <= 40
-                    && n
-                        .get_ref()
+                    && n.get_ref()
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_ ".contains(c));
                 if !ok {
@@ -274,7 +270,8 @@ pub(super) fn check(
         for n in 0..times {
             // Drawn from the seed, the entry and the repeat: the same file
             // and seed give the same schedule.
-            let draw = crate::plan::mix64(seed ^ crate::plan::mix64(((index as u64) << 32) | n as u64));
+            let draw =
+                crate::plan::mix64(seed ^ crate::plan::mix64(((index as u64) << 32) | n as u64));
             let jitter = if jitter_s > 0.0 {
                 (draw >> 11) as f64 / (1u64 << 53) as f64 * jitter_s
             } else {
@@ -411,7 +408,11 @@ times = 4
 jitter_s = 4
 "#;
         let a = with(entry).unwrap();
-        assert_eq!(a, with(entry).unwrap(), "the same seed replays the schedule");
+        assert_eq!(
+            a,
+            with(entry).unwrap(),
+            "the same seed replays the schedule"
+        );
         let other = parse(
             &format!("{BASE}{entry}").replace("seed = 5", "seed = 6"),
             "t.toml",
