@@ -158,6 +158,7 @@ fn mysql_shards(
             MysqlShards {
                 urls: storage.mysql_urls.clone(),
                 fresh: false,
+                script: None,
             },
             LocalShards { started: false },
         )));
@@ -176,7 +177,11 @@ fn mysql_shards(
         .map(str::to_string)
         .collect();
     Ok(Some((
-        MysqlShards { urls, fresh: true },
+        MysqlShards {
+            urls,
+            fresh: true,
+            script: Some(shards_script()),
+        },
         LocalShards {
             started: running == 0,
         },

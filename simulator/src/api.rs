@@ -412,3 +412,28 @@ impl Api {
         Ok(hook["secret"].as_str().map(String::from))
     }
 }
+
+/// Each failed check of an audit answer, with its first three problems.
+pub fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
+    let Some(checks) = raw["checks"].as_array() else {
+        return Vec::new();
+    };
+    checks
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| {
+            let problems: Vec<&str> = c["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .take(3)
+                .collect();
+            format!(
+                "{}: {}",
+                c["name"].as_str().unwrap_or("?"),
+                problems.join(", ")
+            )
+        })
+        .collect()
+}

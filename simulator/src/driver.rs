@@ -59,6 +59,8 @@ pub struct Sim {
     /// Transfers sent again at once because their connection closed before
     /// an answer (see [`closed_unanswered`]).
     pub resent: AtomicU64,
+    /// The hostile requests and how they were answered.
+    pub hostile: crate::hostile::Tally,
     next: AtomicU64,
     executed: AtomicU64,
     start: OnceLock<Instant>,
@@ -94,6 +96,7 @@ impl Sim {
             restarts: false,
             targets,
             resent: AtomicU64::new(0),
+            hostile: crate::hostile::Tally::default(),
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
             start: OnceLock::new(),
@@ -652,6 +655,32 @@ async fn execute(
         kind: op.kind(),
     };
     match op {
+        Op::Hostile { attack, transfer } => {
+            use crate::hostile::Attack;
+            // Attacks on auth need it on, and another owner to attack.
+            let attack = if attack.needs_auth() && sim.owners() < 2 {
+                Attack::NegativeAmount
+            } else {
+                attack
+            };
+            let key = format!("{}{k}-h", sim.key_prefix);
+            let client = user.client.clone();
+            let (status, code) = send_hostile(&client, sim, attack, &key, &transfer).await;
+            let class = if sim.hostile.record(attack, status, &code) {
+                Class::Declined
+            } else {
+                Class::Error
+            };
+            let answer = Answer {
+                status,
+                replayed: false,
+                code,
+                id: None,
+                state: None,
+                body: String::new(),
+            };
+            ctx.record(&transfer, &answer, intended, class);
+        }
         Op::Single { kind, transfer } => {
             let key = format!("{}{k}-0", sim.key_prefix);
             ctx.entry(&key, &transfer, None);
@@ -928,4 +957,101 @@ pub async fn settle_unknown(sim: &Sim) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok((settled, unsettled))
+}
+
+/// Sends one hostile request; answers the status (0: no answer) and the
+/// error code.
+pub(crate) async fn send_hostile(
+    client: &reqwest::Client,
+    sim: &Sim,
+    attack: crate::hostile::Attack,
+    key: &str,
+    t: &Transfer,
+) -> (u16, String) {
+    let name = |i: u32| sim.names[i as usize].clone();
+    let count = sim.plan.accounts();
+    // An account of another owner: account i belongs to owner i % owners
+    // (the driver sends these attacks only with two owners or more).
+    let victim = name(if t.payer + 1 < count {
+        t.payer + 1
+    } else {
+        t.payer.saturating_sub(1)
+    });
+    let mut body = serde_json::json!({
+        "from": name(t.payer),
+        "to": name(t.payee),
+        "amount_minor": t.amount_minor,
+        "currency": sim.currency,
+    });
+    let mut raw: Option<(&str, String)> = None;
+    let mut key = key.to_string();
+    let mut token = sim.token(t.payer).map(|t| t.to_string());
+    let mut read = None;
+    match attack {
+        crate::hostile::Attack::NegativeAmount => {
+            body["amount_minor"] = serde_json::json!(-t.amount_minor.max(1))
+        }
+        crate::hostile::Attack::ZeroAmount => body["amount_minor"] = serde_json::json!(0),
+        crate::hostile::Attack::HugeAmount => body["amount_minor"] = serde_json::json!(i64::MAX),
+        crate::hostile::Attack::TooPrecise => {
+            body.as_object_mut().expect("object").remove("amount_minor");
+            body["amount"] = serde_json::json!("1.001");
+        }
+        crate::hostile::Attack::NotANumber => {
+            body.as_object_mut().expect("object").remove("amount_minor");
+            body["amount"] = serde_json::json!("12abc");
+        }
+        crate::hostile::Attack::BothAmounts => body["amount"] = serde_json::json!("1.00"),
+        crate::hostile::Attack::MalformedJson => {
+            raw = Some((
+                "application/json",
+                format!(r#"{{"from": "{}", "amount_minor": "#, name(t.payer)),
+            ));
+        }
+        crate::hostile::Attack::WrongShape => body["amount_minor"] = serde_json::json!("ten"),
+        crate::hostile::Attack::BadAccountId => body["to"] = serde_json::json!("../../etc/passwd"),
+        crate::hostile::Attack::UnknownPayee => {
+            body["to"] = serde_json::json!(format!("{}nobody", sim.key_prefix))
+        }
+        crate::hostile::Attack::SameAccount => body["to"] = body["from"].clone(),
+        crate::hostile::Attack::UnknownCurrency => body["currency"] = serde_json::json!("XYZ"),
+        crate::hostile::Attack::BadKey => key = "k".repeat(300),
+        crate::hostile::Attack::WrongMediaType => raw = Some(("text/plain", body.to_string())),
+        crate::hostile::Attack::NoToken => token = None,
+        crate::hostile::Attack::ForgedToken => token = Some(crate::hostile::forged_token()),
+        crate::hostile::Attack::OthersAccount => body["from"] = serde_json::json!(victim),
+        crate::hostile::Attack::ReadOthersAccount => read = Some(format!("/v1/accounts/{victim}")),
+    }
+    let path = read.clone().unwrap_or_else(|| "/v1/transfers".into());
+    let sent = sim
+        .targets
+        .send(&path, |url| {
+            let request = match (&read, &raw) {
+                (Some(_), _) => client.get(url),
+                (None, Some((content_type, text))) => client
+                    .post(url)
+                    .header("content-type", *content_type)
+                    .body(text.clone()),
+                (None, None) => client.post(url).json(&body),
+            };
+            let request = match read {
+                Some(_) => request,
+                None => request.header("Idempotency-Key", key.as_str()),
+            };
+            match &token {
+                Some(t) => request.bearer_auth(t),
+                None => request,
+            }
+        })
+        .await;
+    match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let code = value["error"]["code"].as_str().unwrap_or("").to_string();
+            (status, code)
+        }
+        Err(_) => (0, "transport".into()),
+    }
 }

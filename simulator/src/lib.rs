@@ -22,6 +22,7 @@ pub mod api;
 pub mod baseline;
 pub mod compare;
 pub mod driver;
+pub mod hostile;
 pub mod html;
 pub mod nemesis;
 pub mod plan;
@@ -42,14 +43,18 @@ pub enum Kind {
     CrossShard,
     IdempotentRetry,
     FraudHeavy,
+    /// Requests a well-behaved client never sends, each with the refusal
+    /// it must get (see `hostile`).
+    Hostile,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::SameShard,
         Kind::CrossShard,
         Kind::IdempotentRetry,
         Kind::FraudHeavy,
+        Kind::Hostile,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +63,7 @@ impl Kind {
             Kind::CrossShard => "cross_shard",
             Kind::IdempotentRetry => "idempotent_retry",
             Kind::FraudHeavy => "fraud_heavy",
+            Kind::Hostile => "hostile",
         }
     }
 

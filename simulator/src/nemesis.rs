@@ -36,6 +36,111 @@ pub struct ChildSpec {
     pub hooks: Vec<(u64, &'static str)>,
 }
 
+/// The shard servers the run started with `scripts/shards.sh`, which
+/// shard faults kill, pause and start again.
+#[derive(Debug, Clone)]
+pub struct ShardServers {
+    pub script: PathBuf,
+    /// How many the run uses (`up N` starts those stopped).
+    pub count: u32,
+}
+
+impl ShardServers {
+    async fn script(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("bash")
+            .arg(&self.script)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", self.script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} {} failed: {}",
+            self.script.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The pid of shard `shard`'s server, from the script's status.
+    async fn pid(&self, shard: u32) -> anyhow::Result<u32> {
+        let status = self.script(&["status"]).await?;
+        let prefix = format!("shard {shard}: running (pid ");
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&prefix)?
+                    .split([',', ')'])
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("shard {shard}'s server is not running: {status}"))
+    }
+
+    /// Starts the servers that are stopped.
+    async fn up(&self) -> anyhow::Result<()> {
+        self.script(&["up", &self.count.to_string()])
+            .await
+            .map(|_| ())
+    }
+}
+
+fn signal_pid(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .context("cannot run kill")?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
+
+/// Kills or pauses a shard's server for the fault's length; answers when
+/// it went down and when it was back.
+async fn shard_fault(
+    servers: Option<&ShardServers>,
+    fault: &Fault,
+    start: Instant,
+    happened: &mut Happened,
+) -> Option<(Duration, Duration)> {
+    let run = async {
+        let servers = servers.context("no shard servers of the run's own")?;
+        let shard = fault.shard.context("a shard fault without a shard")?;
+        let pid = servers.pid(shard).await?;
+        match fault.action {
+            Action::Pause => {
+                signal_pid(pid, "-STOP")?;
+                let hit = start.elapsed();
+                tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                signal_pid(pid, "-CONT")?;
+                Ok((hit, start.elapsed()))
+            }
+            _ => {
+                signal_pid(pid, "-KILL")?;
+                let hit = start.elapsed();
+                // Gone before it is started again.
+                let gone_by = Instant::now() + Duration::from_secs(10);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone_by {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                servers.up().await?;
+                Ok((hit, start.elapsed()))
+            }
+        }
+    };
+    match run.await {
+        Ok(times) => Some(times),
+        Err(e) => {
+            let e: anyhow::Error = e;
+            happened.notes.push(format!("{e:#}"));
+            None
+        }
+    }
+}
+
 /// The reference system as a child process.
 pub struct ChildSystem {
     spec: ChildSpec,
@@ -246,6 +351,7 @@ pub async fn apply(
     mut api: Api,
     admin_password: Option<String>,
     run_length: Option<Duration>,
+    shard_servers: Option<ShardServers>,
     progress: bool,
 ) -> Vec<Happened> {
     let mut out = Vec::with_capacity(faults.len());
@@ -288,6 +394,28 @@ pub async fn apply(
                 eprintln!("  fault {}: {text}", fault.name);
             }
         };
+        if matches!(fault.action, Action::Kill | Action::Pause) {
+            happened.started = Some(start.elapsed());
+            let servers = shard_servers.as_ref();
+            if let Some((hit, healed)) = shard_fault(servers, fault, start, &mut happened).await {
+                happened.hit = Some(hit);
+                happened.healed = Some(healed);
+                say(format!(
+                    "{} down at {:.1} s, back at {:.1} s",
+                    fault.target,
+                    hit.as_secs_f64(),
+                    healed.as_secs_f64()
+                ));
+            }
+            out.push(happened);
+            if let Some(healed) = out[i].healed {
+                let api = api.clone();
+                let task =
+                    tokio::spawn(after_heal(api, sim.clone(), start, healed, pending_before));
+                check = Some((i, task));
+            }
+            continue;
+        }
         let mut system = system.lock().await;
         if system.exited() {
             happened.found_down = true;
@@ -311,6 +439,7 @@ pub async fn apply(
                 let until = [next_at, end].into_iter().flatten().min();
                 crash_at(&mut system, fault, start, until, &mut happened).await
             }
+            Action::Kill | Action::Pause => unreachable!("shard faults are applied above"),
         };
         happened.hit = hit;
         if let Some(hit) = hit {
@@ -529,7 +658,7 @@ async fn settle(
     let audit = match api.audit().await {
         Ok(raw) => Some((
             raw["ok"].as_bool().unwrap_or(false),
-            crate::run::failed_checks(&raw),
+            crate::api::failed_checks(&raw),
         )),
         Err(e) => {
             notes.push(format!("the audit after the heal failed: {e:#}"));

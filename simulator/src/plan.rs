@@ -43,6 +43,11 @@ pub enum Op {
         fraudulent: bool,
         transfers: Vec<Transfer>,
     },
+    /// A hostile request built on an ordinary transfer's accounts.
+    Hostile {
+        attack: crate::hostile::Attack,
+        transfer: Transfer,
+    },
 }
 
 impl Op {
@@ -51,6 +56,7 @@ impl Op {
             Op::Single { kind, .. } => *kind,
             Op::Retry { .. } => Kind::IdempotentRetry,
             Op::Fraud { .. } => Kind::FraudHeavy,
+            Op::Hostile { .. } => Kind::Hostile,
         }
     }
 }
@@ -117,7 +123,7 @@ impl Popular {
 pub struct Plan {
     seed: u64,
     /// Cumulative mix weights in `Kind::ALL` order.
-    mix: [u32; 4],
+    mix: [u32; 5],
     popular: Popular,
     shard_of: Vec<u16>,
     by_shard: Vec<Vec<u32>>,
@@ -134,7 +140,7 @@ impl Plan {
         for (i, s) in shard_of.iter().take(count as usize).enumerate() {
             by_shard[*s as usize].push(i as u32);
         }
-        let mut mix = [0u32; 4];
+        let mut mix = [0u32; 5];
         let mut sum = 0;
         for (slot, kind) in mix.iter_mut().zip(Kind::ALL) {
             sum += scenario.mix.weight(kind);
@@ -162,6 +168,11 @@ impl Plan {
             }
     }
 
+    /// The regular accounts (the payers and payees of ordinary traffic).
+    pub fn accounts(&self) -> u32 {
+        self.count
+    }
+
     pub fn shard_of(&self, account: u32) -> u16 {
         self.shard_of[account as usize]
     }
@@ -177,7 +188,7 @@ impl Plan {
     pub fn op(&self, k: u64) -> Op {
         let mut rng = StdRng::seed_from_u64(mix64(self.seed ^ mix64(k)));
         let payees = &mut StdRng::seed_from_u64(mix64(self.seed ^ mix64(k) ^ PAYEE_STREAM));
-        let pick = rng.random_range(0..self.mix[3]);
+        let pick = rng.random_range(0..self.mix[4]);
         let kind = Kind::ALL[self
             .mix
             .iter()
@@ -203,6 +214,15 @@ impl Plan {
                 }
             }
             Kind::FraudHeavy => self.fraud(&mut rng, payees),
+            Kind::Hostile => {
+                let all = crate::hostile::Attack::ALL;
+                let attack = all[rng.random_range(0..all.len())];
+                let cross = rng.random_bool(0.5);
+                Op::Hostile {
+                    attack,
+                    transfer: self.pair(&mut rng, payees, cross),
+                }
+            }
         }
     }
 

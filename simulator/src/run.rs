@@ -79,6 +79,10 @@ pub struct MysqlShards {
     /// empty shards (only for databases the simulator owns, such as those
     /// of `scripts/shards.sh`).
     pub fresh: bool,
+    /// The script that runs these servers on this machine
+    /// (`scripts/shards.sh`), when the run started them: faults can then
+    /// kill, pause and restart a shard's server.
+    pub script: Option<PathBuf>,
 }
 
 /// Empties a shard database: drops and creates it.
@@ -958,6 +962,24 @@ struct LoadFigures {
 }
 
 impl RunContext<'_> {
+    /// The shard servers the run started itself, which shard faults hit.
+    fn shard_servers(&self) -> Option<crate::nemesis::ShardServers> {
+        match &self.options.target {
+            Target::Embedded {
+                mysql: Some(m),
+                shards,
+                ..
+            } => m
+                .script
+                .as_ref()
+                .map(|script| crate::nemesis::ShardServers {
+                    script: script.clone(),
+                    count: *shards,
+                }),
+            _ => None,
+        }
+    }
+
     /// Tells the user how the run goes, when progress is shown.
     fn say(&self, text: String) {
         if self.options.progress {
@@ -1116,6 +1138,7 @@ impl RunContext<'_> {
                 api.clone(),
                 self.admin_password.clone(),
                 self.scenario.stop.seconds().map(Duration::from_secs),
+                self.shard_servers(),
                 self.options.progress,
             ))
         });
@@ -1292,35 +1315,10 @@ async fn read_audit(api: &Api) -> anyhow::Result<Audit> {
         summary: if ok {
             "every audit check passed".into()
         } else {
-            format!("failed: {}", failed_checks(&raw).join("; "))
+            format!("failed: {}", crate::api::failed_checks(&raw).join("; "))
         },
         raw,
     })
-}
-
-/// Each failed check of an audit answer, with its first three problems.
-pub(crate) fn failed_checks(raw: &serde_json::Value) -> Vec<String> {
-    let Some(checks) = raw["checks"].as_array() else {
-        return Vec::new();
-    };
-    checks
-        .iter()
-        .filter(|c| c["ok"] == false)
-        .map(|c| {
-            let problems: Vec<&str> = c["problems"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.as_str())
-                .take(3)
-                .collect();
-            format!(
-                "{}: {}",
-                c["name"].as_str().unwrap_or("?"),
-                problems.join(", ")
-            )
-        })
-        .collect()
 }
 
 /// Settles unknown answers, waits for pending transfers, and checks the
@@ -1359,6 +1357,20 @@ async fn check_books(
         ok: unsettled == 0,
         detail: format!("{settled} settled after the run by resending, {unsettled} unsettled"),
     });
+    let (hostile, wrong, examples) = sim.hostile.get();
+    if hostile > 0 {
+        checks.push(Check {
+            name: "hostile requests refused as they must be".into(),
+            ok: wrong == 0,
+            detail: match wrong {
+                0 => format!("{hostile} hostile requests, each refused with its 4xx and code"),
+                _ => format!(
+                    "{wrong} of {hostile} answered otherwise: {}",
+                    examples.join("; ")
+                ),
+            },
+        });
+    }
     checks.extend(check_balances(api, scenario, sim, names, &entries).await?);
     let accepted = distinct.len() as u64;
     checks.push(check_transfer_count(api, transfers_before, accepted, embedded).await?);

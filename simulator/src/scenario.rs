@@ -156,6 +156,7 @@ pub struct Mix {
     pub cross_shard: u32,
     pub idempotent_retry: u32,
     pub fraud_heavy: u32,
+    pub hostile: u32,
 }
 
 impl Mix {
@@ -165,6 +166,7 @@ impl Mix {
             Kind::CrossShard => self.cross_shard,
             Kind::IdempotentRetry => self.idempotent_retry,
             Kind::FraudHeavy => self.fraud_heavy,
+            Kind::Hostile => self.hostile,
         }
     }
     pub fn total(&self) -> u32 {
@@ -311,6 +313,7 @@ struct RawMix {
     cross_shard: Option<Spanned<u32>>,
     idempotent_retry: Option<Spanned<u32>>,
     fraud_heavy: Option<Spanned<u32>>,
+    hostile: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -751,12 +754,13 @@ fn check_mix(raw: Spanned<RawMix>, at: &Locator) -> Result<Mix, ScenarioError> {
         cross_shard: weight(m.cross_shard, "cross_shard")?,
         idempotent_retry: weight(m.idempotent_retry, "idempotent_retry")?,
         fraud_heavy: weight(m.fraud_heavy, "fraud_heavy")?,
+        hostile: weight(m.hostile, "hostile")?,
     };
     if mix.total() == 0 {
         return Err(at.err(
             mix_span,
             "mix",
-            "give at least one kind a weight above zero: same_shard, cross_shard, idempotent_retry, fraud_heavy",
+            "give at least one kind a weight above zero: same_shard, cross_shard, idempotent_retry, fraud_heavy, hostile",
         ));
     }
     Ok(mix)
@@ -1228,7 +1232,7 @@ fn check_thresholds(raw: Option<RawThresholds>, at: &Locator) -> Result<Threshol
                 return Err(at.err(
                     span,
                     &format!("thresholds.p99_ms.{kind}"),
-                    "unknown kind; use all, same_shard, cross_shard, idempotent_retry or fraud_heavy",
+                    "unknown kind; use all, same_shard, cross_shard, idempotent_retry, fraud_heavy or hostile",
                 ));
             }
             if !(ms.is_finite() && ms > 0.0) {
@@ -1485,9 +1489,14 @@ mod proptests {
             include_str!("../../scenarios/faults-crash.toml"),
         ),
         (
+            "faults-shard-kill.toml",
+            include_str!("../../scenarios/faults-shard-kill.toml"),
+        ),
+        (
             "fraud-heavy.toml",
             include_str!("../../scenarios/fraud-heavy.toml"),
         ),
+        ("hostile.toml", include_str!("../../scenarios/hostile.toml")),
         (
             "idempotent-retry.toml",
             include_str!("../../scenarios/idempotent-retry.toml"),

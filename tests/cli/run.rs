@@ -147,3 +147,62 @@ fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
     assert!(!out.status.success());
     assert!(stderr.contains("is not a shardpay report"), "{stderr}");
 }
+
+/// scenarios/hostile.toml as shipped: every hostile request is refused
+/// with the status and code it must get, no other answer is an error, and
+/// the books (balances, transfer count) and the audit pass.
+#[test]
+fn hostile_traffic_is_refused_with_its_codes_and_moves_no_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let reports = dir.path().join("reports");
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/hostile.toml");
+    let out = shardpay(
+        &[
+            "run",
+            "--quiet",
+            scenario,
+            "--reports",
+            reports.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&out);
+    let report = super::only_report(&reports);
+    let hostile = &report["by_kind"]["hostile"];
+    let sent = hostile["requests"].as_u64().unwrap();
+    assert!(sent > 100, "{hostile}");
+    assert_eq!(
+        hostile["declined"], sent,
+        "every one refused as it must be: {stdout}"
+    );
+    assert_eq!(hostile["errors"], 0, "{stdout}");
+    let check = report["accounting"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hostile requests refused as they must be")
+        .expect("the hostile check")
+        .clone();
+    assert_eq!(check["ok"], true, "{check}");
+    // Every attack was tried, auth's among them (the run has auth on).
+    for code in [
+        "negative_amount",
+        "malformed_json",
+        "invalid_token",
+        "not_account_owner",
+        "unsupported_media_type",
+    ] {
+        assert!(
+            report["outcomes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["code"] == code),
+            "{code} answered: {}",
+            report["outcomes"]
+        );
+    }
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert!(out.status.success(), "{stdout}{stderr}");
+}

@@ -303,3 +303,105 @@ impl Drop for StopShards {
 fn scopeguard(dir: std::path::PathBuf, port: u16) -> StopShards {
     StopShards(dir, port)
 }
+
+/// A scenario's shard faults, as `shardpay run` applies them to the MySQL
+/// shard servers it starts itself: shard 1's server SIGKILLed and started
+/// again, shard 0's paused (SIGSTOP, SIGCONT) under load; each fault hits
+/// and heals, the audit after each passes, and so do the books.
+#[test]
+fn a_scenario_kills_and_pauses_shard_servers_and_every_check_passes() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !server_installed() {
+        assert!(
+            std::env::var("SHARDPAY_REQUIRE_MYSQL").as_deref() != Ok("1"),
+            "SHARDPAY_REQUIRE_MYSQL=1 but no MariaDB/MySQL server is installed"
+        );
+        eprintln!("skipped: no MariaDB/MySQL server installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    let base_port = free_port_pair();
+    let _stop = scopeguard(dir.path().to_path_buf(), base_port);
+    let scenario = dir.path().join("shard-faults.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "shard-faults"
+seed = 2
+duration_s = 16
+warmup_s = 1
+
+[accounts]
+count = 300
+opening_balance = "100000.00"
+
+[load]
+model = "closed"
+users = 8
+
+[mix]
+same_shard = 50
+cross_shard = 50
+
+[[faults]]
+name = "kill-1"
+action = "kill"
+target = "shard-1"
+at_s = 3
+for_s = 1.5
+
+[[faults]]
+name = "pause-0"
+action = "pause"
+target = "shard-0"
+at_s = 10
+for_s = 1
+
+[thresholds]
+error_rate = 0.0
+"#,
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["run", "--quiet", "--backend", "mysql", "--shards", "2"])
+        .arg(&scenario)
+        .arg("--reports")
+        .arg(&reports)
+        .env("SHARDPAY_SHARDS_DIR", dir.path())
+        .env("SHARDPAY_SHARDS_BASE_PORT", base_port.to_string())
+        .env(
+            "SHARDPAY_SHARDS_SCRIPT",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/shards.sh"),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let report = super::only_report(&reports);
+    let faults = report["faults"]["faults"]
+        .as_array()
+        .expect("a faults report");
+    assert_eq!(faults.len(), 2, "{}", report["faults"]);
+    for f in faults {
+        let (hit, healed) = (f["hit_s"].as_f64(), f["healed_s"].as_f64());
+        assert!(hit.is_some() && healed.is_some(), "{f}");
+        assert!(
+            healed.unwrap() - hit.unwrap() >= 1.0,
+            "down for its for_s: {f}"
+        );
+        assert_eq!(f["audit_ok"], true, "{f}");
+    }
+    assert_eq!(faults[0]["target"], "shard-1");
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], json!([]), "{stdout}");
+    assert!(out.status.success(), "{stdout}");
+}

@@ -341,9 +341,15 @@ pub async fn guarded_transfer(
             match auth.stores.locks.acquire(&name, &holder, ttl).await {
                 Ok(true) => Some((name, holder)),
                 Ok(false) => {
+                    // The holder may be done (or dead, its lock not yet
+                    // expired): the key's record answers then.
+                    let manager = state.manager()?;
+                    if let Some(reply) = manager.answer_from_record(&request, k, view).await? {
+                        return Ok(reply);
+                    }
                     return Err(ApiError::new(ErrorCode::IdempotencyKeyInFlight,
                         "a request with this Idempotency-Key is still being processed; retry after it finishes",
-                    ))
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "idempotency lock store down; using the database path alone");

@@ -506,6 +506,34 @@ impl ShardManager {
 
     /// Looks at the key and both accounts before anything is written: the
     /// key's first answer when it has one (`Err`), or the two accounts.
+    /// For a request whose key another request holds (its lock): the
+    /// answer the key's record gives once the first request has stored one
+    /// (a replay of it), or a refusal when the body differs; `None` while
+    /// no answer is stored, when the holder is truly still running. A lock
+    /// left by a process that died mid-request then never stands in the
+    /// way of the answers Stripe's rules give.
+    pub async fn answer_from_record(
+        &self,
+        request: &TransferRequest,
+        key: &IdempotencyKey,
+        view: &View<Transfer>,
+    ) -> Result<Option<Reply>, ManagerError> {
+        let store = self.store_of(&request.from);
+        let Some(record) = store
+            .idempotency_record(&request.from, key, now_ms())
+            .await?
+        else {
+            return Ok(None);
+        };
+        if record.fingerprint != transfer_fingerprint(view.route, request) {
+            return Err(ManagerError::IdempotencyKeyReused);
+        }
+        Ok(record.response.map(|response| Reply {
+            response,
+            replayed: true,
+        }))
+    }
+
     async fn accounts_or_replay(
         &self,
         attempt: &Attempt<'_>,

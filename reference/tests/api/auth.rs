@@ -521,6 +521,57 @@ async fn a_held_idempotency_lock_refuses_the_duplicate() {
     assert_eq!(balances(&app).await, (9_900, 10_100));
 }
 
+/// A lock left by a request whose process died (it never released it)
+/// after the first request with the key stored its answer: a retry with
+/// the same body replays that answer and a changed body is refused, as
+/// Stripe's rules say, instead of 409 until the lock expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_left_by_a_dead_holder_does_not_hide_the_stored_answer() {
+    let redis = redis_server();
+    let app = app_with_auth(redis.as_deref()).await;
+    let admin = token(&app.login("admin", "admin-password", false).await);
+    let alice = token(&app.login("alice", "alice-password", true).await);
+    app.login("bob", "bob-password", true).await;
+    fund(&app, &admin, "alice-main", "alice", "100.00").await;
+    fund(&app, &admin, "bob-main", "bob", "100.00").await;
+    let pay = |amount: &'static str| {
+        let request = app
+            .client
+            .post(format!("{}/v1/transfers", app.url))
+            .bearer_auth(&alice)
+            .header("Idempotency-Key", "pay-dead")
+            .json(&json!({"from": "alice-main", "to": "bob-main", "amount": amount}));
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, first) = pay("1.00").await;
+    assert_eq!(status, 201, "{first}");
+    let auth = app.auth.clone().unwrap();
+    assert!(auth
+        .stores
+        .locks
+        .acquire(
+            "alice-main:pay-dead",
+            "a-dead-process",
+            Duration::from_secs(30)
+        )
+        .await
+        .unwrap());
+    let (status, replay) = pay("1.00").await;
+    assert_eq!(status, 201, "{replay}");
+    assert_eq!(first["id"], replay["id"]);
+    let (status, changed) = pay("2.00").await;
+    assert_eq!(
+        (status, changed["error"]["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{changed}"
+    );
+    assert_eq!(balances(&app).await, (9_900, 10_100));
+}
+
 /// A Redis server of the test's own, so that it can be killed: the
 /// `redis-server` on PATH (or `SHARDPAY_TEST_REDIS_SERVER`).
 struct OwnRedis {

@@ -21,6 +21,11 @@ pub enum Action {
     /// the next transfer that reaches the step after the fault's start
     /// crashes it; it is started again on the same data after the length.
     CrashAt,
+    /// SIGKILL a shard's database server (MySQL shards the run started),
+    /// and start it again after the length.
+    Kill,
+    /// SIGSTOP a shard's database server for the length, then SIGCONT.
+    Pause,
 }
 
 impl Action {
@@ -28,6 +33,8 @@ impl Action {
         match self {
             Action::Crash => "crash",
             Action::CrashAt => "crash_at",
+            Action::Kill => "kill",
+            Action::Pause => "pause",
         }
     }
 }
@@ -83,8 +90,11 @@ pub struct Fault {
     /// The entry's name, with `#n` for the n-th repeat of a repeating one.
     pub name: String,
     pub action: Action,
-    /// `system`.
+    /// `system`, or `shard-N`.
     pub target: String,
+    /// The shard of a `shard-N` target.
+    #[serde(default)]
+    pub shard: Option<u32>,
     /// `crash_at`: where the system aborts.
     pub step: Option<Step>,
     /// Start, in ms from the start of the run.
@@ -104,17 +114,9 @@ pub const MAX_TIMES: u32 = 100;
 pub const MIN_GAP_S: f64 = 2.0;
 
 /// The actions the schedule knows, for errors.
-const BUILT: &str = "crash, crash_at";
+const BUILT: &str = "crash, crash_at, kill, pause";
 /// Actions of the fault model that this version cannot apply yet.
-const NOT_BUILT: [&str; 7] = [
-    "kill",
-    "pause",
-    "partition",
-    "slow",
-    "flaky",
-    "redis_down",
-    "broker_down",
-];
+const NOT_BUILT: [&str; 5] = ["partition", "slow", "flaky", "redis_down", "broker_down"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +130,15 @@ pub(super) struct RawFault {
     every_s: Option<Spanned<f64>>,
     times: Option<Spanned<u32>>,
     jitter_s: Option<Spanned<f64>>,
+}
+
+/// The shard of a target `shard-N`, N from 0 to 63.
+fn shard_of(target: &str) -> Option<u32> {
+    let n = target.strip_prefix("shard-")?;
+    if n.is_empty() || n.len() > 2 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok().filter(|n| *n < 64)
 }
 
 /// Checks `[[faults]]` and expands it into occurrences in time order.
@@ -155,6 +166,8 @@ pub(super) fn check(
         let action = match f.action.get_ref().as_str() {
             "crash" => Action::Crash,
             "crash_at" => Action::CrashAt,
+            "kill" => Action::Kill,
+            "pause" => Action::Pause,
             other if NOT_BUILT.contains(&other) => {
                 return Err(at.err(
                     f.action.span(),
@@ -170,20 +183,39 @@ pub(super) fn check(
                 ))
             }
         };
-        let target = match f.target {
-            None => "system".to_string(),
-            Some(t) if t.get_ref() == "system" => t.into_inner(),
-            Some(t) => {
+        let shard_target = matches!(action, Action::Kill | Action::Pause);
+        let (target, shard) = match (f.target, shard_target) {
+            (None, false) => ("system".to_string(), None),
+            (Some(t), false) if t.get_ref() == "system" => (t.into_inner(), None),
+            (Some(t), true) if shard_of(t.get_ref()).is_some() => {
+                let shard = shard_of(t.get_ref());
+                (t.into_inner(), shard)
+            }
+            (None, true) => {
+                return Err(at.err(
+                    span,
+                    &key("target"),
+                    format!(
+                        "{} needs a target: the shard whose database server it hits, as shard-N",
+                        action.as_str()
+                    ),
+                ))
+            }
+            (Some(t), _) => {
+                let want = if shard_target {
+                    "a shard's database server, as shard-N (0 to 63)"
+                } else {
+                    "`system`, the reference system the run starts"
+                };
                 return Err(at.err(
                     t.span(),
                     &key("target"),
                     format!(
-                        "`{}` cannot be {}ed: the target of {} is `system`, the reference system the run starts",
+                        "`{}` cannot be the target of {}: its target is {want}",
                         t.get_ref(),
-                        action.as_str(),
                         action.as_str()
                     ),
-                ))
+                ));
             }
         };
         let step = match (action, f.step) {
@@ -298,6 +330,7 @@ pub(super) fn check(
                     },
                     action,
                     target: target.clone(),
+                    shard,
                     step,
                     at_ms: (start_s * 1000.0).round() as u64,
                     for_ms: (for_s * 1000.0).round() as u64,
@@ -440,16 +473,34 @@ jitter_s = 4
                 "unknown fault `explode`",
             ),
             (
-                "[[faults]]\naction = \"kill\"\nat_s = 5\n",
-                "kill",
+                "[[faults]]\naction = \"partition\"\nat_s = 5\n",
+                "partition",
                 "faults[0].action",
                 "not built yet",
+            ),
+            (
+                "[[faults]]\naction = \"kill\"\nat_s = 5\n",
+                "[[faults]]",
+                "faults[0].target",
+                "kill needs a target",
+            ),
+            (
+                "[[faults]]\naction = \"pause\"\ntarget = \"system\"\nat_s = 5\n",
+                "system",
+                "faults[0].target",
+                "shard-N",
+            ),
+            (
+                "[[faults]]\naction = \"kill\"\ntarget = \"shard-64\"\nat_s = 5\n",
+                "shard-64",
+                "faults[0].target",
+                "shard-N (0 to 63)",
             ),
             (
                 "[[faults]]\naction = \"crash\"\ntarget = \"shard-9\"\nat_s = 5\n",
                 "shard-9",
                 "faults[0].target",
-                "the target of crash is `system`",
+                "its target is `system`",
             ),
             (
                 "[[faults]]\naction = \"crash_at\"\nat_s = 5\n",

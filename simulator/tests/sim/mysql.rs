@@ -56,7 +56,11 @@ async fn run_on_mysql(cross_shard: CrossShard) {
             shards: 2,
             data_dir: None,
             durability: Durability::Full,
-            mysql: Some(MysqlShards { urls, fresh: true }),
+            mysql: Some(MysqlShards {
+                urls,
+                fresh: true,
+                script: None,
+            }),
             cross_shard,
             fraud: true,
             bus: Default::default(),
