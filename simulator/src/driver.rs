@@ -995,7 +995,11 @@ pub(crate) async fn send_hostile(
         crate::hostile::Attack::HugeAmount => body["amount_minor"] = serde_json::json!(i64::MAX),
         crate::hostile::Attack::TooPrecise => {
             body.as_object_mut().expect("object").remove("amount_minor");
-            body["amount"] = serde_json::json!("1.001");
+            // One decimal more than the currency has.
+            let scale = shardpay_reference::money::Currency::parse(&sim.currency)
+                .map(|c| c.scale())
+                .unwrap_or(2);
+            body["amount"] = serde_json::json!(format!("1.{}1", "0".repeat(scale as usize)));
         }
         crate::hostile::Attack::NotANumber => {
             body.as_object_mut().expect("object").remove("amount_minor");

@@ -97,46 +97,96 @@ fn signal_pid(pid: u32, signal: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` is gone (or a zombie, which is as good as gone).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Heals a shard fault if the schedule is stopped halfway (the load failed
+/// or was interrupted, and its task aborted): a paused server is
+/// continued, a killed one started again, so the run's books and audit
+/// find their shards.
+struct HealOnDrop {
+    pid: u32,
+    action: Action,
+    servers: ShardServers,
+    healed: bool,
+}
+
+impl Drop for HealOnDrop {
+    fn drop(&mut self) {
+        if self.healed {
+            return;
+        }
+        match self.action {
+            Action::Pause => {
+                let _ = signal_pid(self.pid, "-CONT");
+            }
+            _ => {
+                let _ = std::process::Command::new("bash")
+                    .arg(&self.servers.script)
+                    .args(["up", &self.servers.count.to_string()])
+                    .stdout(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 /// Kills or pauses a shard's server for the fault's length; answers when
-/// it went down and when it was back.
+/// it went down and when it was back (`None` for a step that failed; the
+/// notes say why).
 async fn shard_fault(
     servers: Option<&ShardServers>,
     fault: &Fault,
     start: Instant,
     happened: &mut Happened,
-) -> Option<(Duration, Duration)> {
+) -> (Option<Duration>, Option<Duration>) {
+    let mut hit = None;
     let run = async {
         let servers = servers.context("no shard servers of the run's own")?;
         let shard = fault.shard.context("a shard fault without a shard")?;
         let pid = servers.pid(shard).await?;
+        let mut heal = HealOnDrop {
+            pid,
+            action: fault.action,
+            servers: servers.clone(),
+            healed: false,
+        };
         match fault.action {
             Action::Pause => {
                 signal_pid(pid, "-STOP")?;
-                let hit = start.elapsed();
+                hit = Some(start.elapsed());
                 tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                heal.healed = true;
                 signal_pid(pid, "-CONT")?;
-                Ok((hit, start.elapsed()))
             }
             _ => {
                 signal_pid(pid, "-KILL")?;
-                let hit = start.elapsed();
+                hit = Some(start.elapsed());
                 // Gone before it is started again.
                 let gone_by = Instant::now() + Duration::from_secs(10);
-                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone_by {
+                while !gone(pid) && Instant::now() < gone_by {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+                heal.healed = true;
                 servers.up().await?;
-                Ok((hit, start.elapsed()))
             }
         }
+        anyhow::Ok(start.elapsed())
     };
     match run.await {
-        Ok(times) => Some(times),
+        Ok(healed) => (hit, Some(healed)),
         Err(e) => {
-            let e: anyhow::Error = e;
             happened.notes.push(format!("{e:#}"));
-            None
+            (hit, None)
         }
     }
 }
@@ -397,9 +447,10 @@ pub async fn apply(
         if matches!(fault.action, Action::Kill | Action::Pause) {
             happened.started = Some(start.elapsed());
             let servers = shard_servers.as_ref();
-            if let Some((hit, healed)) = shard_fault(servers, fault, start, &mut happened).await {
-                happened.hit = Some(hit);
-                happened.healed = Some(healed);
+            let (hit, healed) = shard_fault(servers, fault, start, &mut happened).await;
+            happened.hit = hit;
+            happened.healed = healed;
+            if let (Some(hit), Some(healed)) = (hit, healed) {
                 say(format!(
                     "{} down at {:.1} s, back at {:.1} s",
                     fault.target,

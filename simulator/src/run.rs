@@ -687,6 +687,36 @@ async fn run_with_faults(
         .system_binary
         .clone()
         .context("a scenario with [[faults]] needs the shardpay binary to start the system as a child process")?;
+    if scenario.mix.hostile > 0 {
+        bail!(
+            "{}: hostile traffic and [[faults]] in one scenario are not judged together yet (a hostile request caught by a fault has no answer to judge); run them as two scenarios",
+            scenario.file
+        );
+    }
+    for fault in scenario.faults.iter().filter(|f| f.shard.is_some()) {
+        let shard = fault.shard.unwrap_or(0);
+        let local = mysql.as_ref().is_some_and(|m| m.script.is_some());
+        if !local {
+            bail!(
+                "{}: line {}: fault {} hits the database server of {}, which this run does not run: shard faults need the MySQL shard servers of scripts/shards.sh (--backend mysql, without --mysql-urls)",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target
+            );
+        }
+        if shard >= *shards {
+            bail!(
+                "{}: line {}: fault {} targets {}, but this run has {} shards (shard-0 to shard-{})",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target,
+                shards,
+                shards - 1
+            );
+        }
+    }
     let cross_traffic =
         scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
     for fault in &scenario.faults {

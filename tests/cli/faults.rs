@@ -185,3 +185,40 @@ fn on_mysql_shards_a_fault_schedule_passes_every_check() {
     assert_eq!(report["failures"], serde_json::json!([]));
     assert!(out.status.success(), "{}", out.status);
 }
+
+/// Faults this run cannot have are refused before anything runs, with the
+/// fault's line: a shard server's kill on SQLite shards, a crash at an XA
+/// step of a saga run.
+#[test]
+fn faults_the_run_cannot_have_are_refused_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            SHORT.replace(
+                "name = \"kill\"\naction = \"crash\"\nat_s = 3\njitter_s = 1",
+                "name = \"kill\"\naction = \"kill\"\ntarget = \"shard-1\"\nat_s = 3",
+            ),
+            "shard faults need the MySQL shard servers of scripts/shards.sh",
+        ),
+        (
+            SHORT.replace("step = \"after_debit\"", "step = \"after_prepare\""),
+            "give --cross-shard xa",
+        ),
+    ];
+    for (text, says) in cases {
+        let scenario = dir.path().join("refused.toml");
+        std::fs::write(&scenario, &text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+            .args(["run", "--quiet"])
+            .arg(&scenario)
+            .arg("--reports")
+            .arg(dir.path().join("reports"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(stderr.contains("line "), "{stderr}");
+        assert!(!dir.path().join("reports").exists(), "nothing ran");
+    }
+}

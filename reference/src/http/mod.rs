@@ -313,10 +313,11 @@ pub fn decimal_number(minor: i128, currency: Currency) -> Box<RawValue> {
 
 /// A transfer behind the auth service's guards: the payer's rate limit,
 /// then a short idempotency lock per (payer, key) (SET NX PX) so that a
-/// concurrent duplicate is refused before any database work. The
-/// database's idempotency record stays the source of truth: a lock store
-/// that is down only skips the lock, and a holder that dies only delays a
-/// retry until the lock expires.
+/// concurrent duplicate is refused before the transfer's database work
+/// (one read of the key's record, below). The database's idempotency
+/// record stays the source of truth: a lock store that is down only skips
+/// the lock, and a holder that dies does not delay the key's stored
+/// answer (its replay, or the refusal of a changed body).
 pub async fn guarded_transfer(
     state: &AppState,
     request: crate::manager::TransferRequest,
@@ -344,8 +345,14 @@ pub async fn guarded_transfer(
                     // The holder may be done (or dead, its lock not yet
                     // expired): the key's record answers then.
                     let manager = state.manager()?;
-                    if let Some(reply) = manager.answer_from_record(&request, k, view).await? {
-                        return Ok(reply);
+                    match manager.answer_from_record(&request, k, view).await {
+                        Ok(Some(reply)) => return Ok(reply),
+                        Err(e @ crate::manager::ManagerError::IdempotencyKeyReused) => {
+                            return Err(e.into())
+                        }
+                        // No answer stored yet, or the record cannot be
+                        // read now: the holder counts as running.
+                        Ok(None) | Err(_) => {}
                     }
                     return Err(ApiError::new(ErrorCode::IdempotencyKeyInFlight,
                         "a request with this Idempotency-Key is still being processed; retry after it finishes",

@@ -504,8 +504,6 @@ impl ShardManager {
         self.spawn_saga(applied, key, view.render).await
     }
 
-    /// Looks at the key and both accounts before anything is written: the
-    /// key's first answer when it has one (`Err`), or the two accounts.
     /// For a request whose key another request holds (its lock): the
     /// answer the key's record gives once the first request has stored one
     /// (a replay of it), or a refusal when the body differs; `None` while
@@ -534,6 +532,8 @@ impl ShardManager {
         }))
     }
 
+    /// Looks at the key and both accounts before anything is written: the
+    /// key's first answer when it has one (`Err`), or the two accounts.
     async fn accounts_or_replay(
         &self,
         attempt: &Attempt<'_>,

@@ -466,9 +466,9 @@ async fn idempotency_locks_exclude_and_expire_on_redis() {
     idempotency_locks_exclude_and_expire(Some(&redis)).await;
 }
 
-/// A transfer whose (payer, key) lock is held elsewhere is refused as in
-/// flight, before any database work; the same request after the lock is
-/// gone goes through once.
+/// A transfer whose (payer, key) lock is held elsewhere, and whose key has
+/// no stored answer yet, is refused as in flight without moving money; the
+/// same request after the lock is gone goes through once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_idempotency_lock_refuses_the_duplicate() {
     let redis = redis_server();
