@@ -285,13 +285,7 @@ impl ChildSystem {
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.pid().context("the system is not running")?;
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .context("cannot run kill")?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
-        Ok(())
+        signal_pid(self.pid().context("the system is not running")?, signal)
     }
 
     /// SIGKILLs the child and waits until it is gone.
@@ -340,20 +334,23 @@ impl ChildSystem {
     }
 }
 
-/// CPU seconds a process and its waited-for children have used, from
-/// /proc (Linux; 0 elsewhere).
+/// CPU seconds process `pid` has used, from /proc (Linux; 0 elsewhere).
 fn process_cpu_s(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| stat_cpu_s(&stat))
+        .unwrap_or(0.0)
+}
+
+/// The user and system CPU seconds of a `/proc/.../stat` line.
+pub(crate) fn stat_cpu_s(stat: &str) -> f64 {
+    // Linux reports these in clock ticks of 1/100 s on every common build.
     const TICKS_PER_S: f64 = 100.0;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+    // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<f64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    // utime, stime: fields 14 and 15 of the line, 12 and 13 after the name.
-    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / TICKS_PER_S
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    (utime + stime) / TICKS_PER_S
 }
 
 /// What happened to one fault, as the run saw it; the report adds the

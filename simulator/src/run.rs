@@ -346,16 +346,7 @@ fn load_test_auth(admin_password: &str, redis: Option<String>) -> AuthSetup {
 /// CPU seconds used by this process, and by the threads of the in-process
 /// reference system, from /proc (Linux; zeros elsewhere).
 fn cpu_seconds() -> (f64, f64) {
-    // Linux reports these in clock ticks of 1/100 s on every common build.
-    const TICKS_PER_S: f64 = 100.0;
-    let ticks = |stat: &str| -> f64 {
-        // Fields after the command name, which is in parentheses.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0);
-        let stime: f64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
-        (utime + stime) / TICKS_PER_S
-    };
+    let ticks = crate::nemesis::stat_cpu_s;
     let total = std::fs::read_to_string("/proc/self/stat")
         .map(|s| ticks(&s))
         .unwrap_or(0.0);

@@ -75,8 +75,12 @@ fn with_xa_a_shard_server_killed_mid_run_loses_no_transfer() {
 /// make each slower and noisier.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn shard_killed_mid_run(protocol: &str) {
-    let _turn = ONE_AT_A_TIME
+/// This test's turn and a directory for its shard servers (open to the
+/// mysql user the server runs as under root), or `None` (skipped) when no
+/// server is installed, unless `SHARDPAY_REQUIRE_MYSQL=1` makes that a
+/// failure.
+fn shard_servers_dir() -> Option<(std::sync::MutexGuard<'static, ()>, tempfile::TempDir)> {
+    let turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !server_installed() {
@@ -85,15 +89,21 @@ fn shard_killed_mid_run(protocol: &str) {
             "SHARDPAY_REQUIRE_MYSQL=1 but no MariaDB/MySQL server is installed"
         );
         eprintln!("skipped: no MariaDB/MySQL server installed");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    // The server runs as the mysql user when we are root: let it in.
     Command::new("chmod")
         .arg("755")
         .arg(dir.path())
         .status()
         .unwrap();
+    Some((turn, dir))
+}
+
+fn shard_killed_mid_run(protocol: &str) {
+    let Some((_turn, dir)) = shard_servers_dir() else {
+        return;
+    };
     let base_port = free_port_pair();
     let up = shards_script(dir.path(), base_port, &["up", "2"]);
     assert!(
@@ -310,23 +320,9 @@ fn scopeguard(dir: std::path::PathBuf, port: u16) -> StopShards {
 /// and heals, the audit after each passes, and so do the books.
 #[test]
 fn a_scenario_kills_and_pauses_shard_servers_and_every_check_passes() {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !server_installed() {
-        assert!(
-            std::env::var("SHARDPAY_REQUIRE_MYSQL").as_deref() != Ok("1"),
-            "SHARDPAY_REQUIRE_MYSQL=1 but no MariaDB/MySQL server is installed"
-        );
-        eprintln!("skipped: no MariaDB/MySQL server installed");
+    let Some((_turn, dir)) = shard_servers_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    Command::new("chmod")
-        .arg("755")
-        .arg(dir.path())
-        .status()
-        .unwrap();
+    };
     let base_port = free_port_pair();
     let _stop = scopeguard(dir.path().to_path_buf(), base_port);
     let scenario = dir.path().join("shard-faults.toml");
