@@ -895,14 +895,16 @@ impl<'a> RetryGroup<'a> {
     }
 
     /// Sends the transfer again under the key with another amount; anything
-    /// but a 422 `idempotency_key_reused` is a violation.
+    /// but a 422 `idempotency_key_reused` is a violation, except a 503: the
+    /// system said it could not look at the request (a store it needs is
+    /// down), which is an error of the run but breaks no rule of keys.
     async fn send_changed_body(&self, amount_minor: i64) {
         let sent = Instant::now();
         let answer = self
             .send_raw(&body(self.ctx.sim, &self.transfer, amount_minor))
             .await;
         let refused = answer.status == 422 && answer.code == "idempotency_key_reused";
-        if !refused && answer.status != 0 {
+        if !refused && answer.status != 0 && answer.status != 503 {
             self.ctx.sim.books.violation(format!(
                 "key {}: a changed body answered {} {} instead of 422 idempotency_key_reused",
                 self.key, answer.status, answer.body

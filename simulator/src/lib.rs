@@ -15,6 +15,8 @@
 //! - `accounting`: the simulator's own books, checked against the system.
 //! - `report`, `html`, `compare`: report.json (versioned, histograms
 //!   lossless), report.html, the terminal summary, and comparisons.
+//! - `nemesis`, `proxy`: the fault schedule at run time, and the TCP proxy
+//!   link faults cut, slow or break.
 //! - `run`: one run from setup to report; `Target` says what is driven.
 
 pub mod accounting;
@@ -26,6 +28,7 @@ pub mod hostile;
 pub mod html;
 pub mod nemesis;
 pub mod plan;
+pub mod proxy;
 pub mod record;
 pub mod report;
 pub mod run;

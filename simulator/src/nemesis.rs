@@ -88,6 +88,180 @@ impl ShardServers {
     }
 }
 
+/// What faults other than the system's own crash act on.
+#[derive(Clone, Default)]
+pub struct Backends {
+    /// The shard servers the run started (kill, pause).
+    pub shard_servers: Option<ShardServers>,
+    /// The proxy in front of each backend a link fault targets, by target
+    /// (`shard-N`, `redis`).
+    pub links: BTreeMap<String, Arc<crate::proxy::Link>>,
+    /// The Redis the run started (redis_down).
+    pub redis: Option<Arc<tokio::sync::Mutex<LocalRedis>>>,
+}
+
+/// A Redis the run starts for itself, so a fault can kill it and start it
+/// again: a `redis-server` child keeping nothing on disk, on a port of its
+/// own.
+pub struct LocalRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalRedis {
+    /// Starts `redis-server` with its files in `dir`, and waits until it
+    /// accepts connections.
+    pub async fn start(dir: &Path) -> anyhow::Result<LocalRedis> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut redis = LocalRedis {
+            port: free_port()?,
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .with_context(|| format!("cannot open a log in {}", self.dir.display()))?;
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start redis-server, which redis faults need: install it (Debian: apt-get install -y redis-server)")?;
+        self.child = Some(child);
+        let by = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < by {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::bail!(
+            "redis-server did not listen on port {} within 10 s; its log is in {}",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    /// SIGKILLs it and waits until it is gone.
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.context("cannot SIGKILL redis-server")?;
+        }
+        Ok(())
+    }
+
+    /// Stops it at the end of the run.
+    pub async fn stop(mut self) {
+        let _ = self.kill().await;
+    }
+}
+
+/// Puts a link back up if the schedule is stopped while it is faulted.
+struct UpOnDrop(Arc<crate::proxy::Link>);
+
+impl Drop for UpOnDrop {
+    fn drop(&mut self) {
+        self.0.set(crate::proxy::LinkState::Up);
+    }
+}
+
+/// What a link fault sets its link to.
+fn link_state(fault: &Fault) -> crate::proxy::LinkState {
+    use crate::proxy::LinkState;
+    let link = fault.link.unwrap_or(crate::scenario::faults::LinkFault {
+        reset: false,
+        delay_ms: 0,
+        jitter_ms: 0,
+        share: 0.0,
+    });
+    match fault.action {
+        Action::Partition if link.reset => LinkState::Reset,
+        Action::Partition => LinkState::Blackhole,
+        Action::Slow => LinkState::Slow {
+            delay_ms: link.delay_ms,
+            jitter_ms: link.jitter_ms,
+        },
+        Action::Flaky => LinkState::Flaky { share: link.share },
+        _ => LinkState::Up,
+    }
+}
+
+/// Sets a link fault for its length; answers when it hit and when the
+/// link was up again.
+async fn link_fault(
+    backends: &Backends,
+    fault: &Fault,
+    start: Instant,
+    happened: &mut Happened,
+) -> (Option<Duration>, Option<Duration>) {
+    let Some(link) = backends.links.get(&fault.target) else {
+        happened.notes.push(format!(
+            "no proxy stands in front of {}: the link was not touched",
+            fault.target
+        ));
+        return (None, None);
+    };
+    let up = UpOnDrop(link.clone());
+    link.set(link_state(fault));
+    let hit = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+    drop(up);
+    (Some(hit), Some(start.elapsed()))
+}
+
+/// Kills the run's Redis for the fault's length and starts it again
+/// (empty: sessions and locks are gone); answers when it went down and
+/// when it listened again.
+async fn redis_fault(
+    backends: &Backends,
+    fault: &Fault,
+    start: Instant,
+    happened: &mut Happened,
+) -> (Option<Duration>, Option<Duration>) {
+    let Some(redis) = &backends.redis else {
+        happened
+            .notes
+            .push("no Redis of the run's own: nothing was stopped".into());
+        return (None, None);
+    };
+    let mut redis = redis.lock().await;
+    if let Err(e) = redis.kill().await {
+        happened.notes.push(format!("{e:#}"));
+        return (None, None);
+    }
+    let hit = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
+    match redis.spawn().await {
+        Ok(()) => (Some(hit), Some(start.elapsed())),
+        Err(e) => {
+            happened
+                .notes
+                .push(format!("restarting Redis failed: {e:#}"));
+            (Some(hit), None)
+        }
+    }
+}
+
 fn signal_pid(pid: u32, signal: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -398,7 +572,7 @@ pub async fn apply(
     mut api: Api,
     admin_password: Option<String>,
     run_length: Option<Duration>,
-    shard_servers: Option<ShardServers>,
+    backends: Backends,
     progress: bool,
 ) -> Vec<Happened> {
     let mut out = Vec::with_capacity(faults.len());
@@ -441,19 +615,38 @@ pub async fn apply(
                 eprintln!("  fault {}: {text}", fault.name);
             }
         };
-        if matches!(fault.action, Action::Kill | Action::Pause) {
+        if !matches!(fault.action, Action::Crash | Action::CrashAt) {
             happened.started = Some(start.elapsed());
-            let servers = shard_servers.as_ref();
-            let (hit, healed) = shard_fault(servers, fault, start, &mut happened).await;
+            let (hit, healed) = match fault.action {
+                Action::Kill | Action::Pause => {
+                    let servers = backends.shard_servers.as_ref();
+                    shard_fault(servers, fault, start, &mut happened).await
+                }
+                Action::RedisDown => redis_fault(&backends, fault, start, &mut happened).await,
+                _ => link_fault(&backends, fault, start, &mut happened).await,
+            };
             happened.hit = hit;
             happened.healed = healed;
             if let (Some(hit), Some(healed)) = (hit, healed) {
                 say(format!(
-                    "{} down at {:.1} s, back at {:.1} s",
+                    "{} {} at {:.1} s, back at {:.1} s",
                     fault.target,
+                    if fault.action.link() {
+                        fault.action.as_str()
+                    } else {
+                        "down"
+                    },
                     hit.as_secs_f64(),
                     healed.as_secs_f64()
                 ));
+            }
+            // A new Redis holds no sessions: everyone logs in again.
+            if fault.action == Action::RedisDown && healed.is_some() {
+                if let Err(e) = log_in_again(&mut api, &sim, admin_password.as_deref()).await {
+                    happened
+                        .notes
+                        .push(format!("logging in again failed: {e:#}"));
+                }
             }
             out.push(happened);
             if let Some(healed) = out[i].healed {
@@ -487,7 +680,7 @@ pub async fn apply(
                 let until = [next_at, end].into_iter().flatten().min();
                 crash_at(&mut system, fault, start, until, &mut happened).await
             }
-            Action::Kill | Action::Pause => unreachable!("shard faults are applied above"),
+            _ => unreachable!("faults of backends are applied above"),
         };
         happened.hit = hit;
         if let Some(hit) = hit {

@@ -638,6 +638,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
         started_at,
         admin_password,
         None,
+        crate::nemesis::Backends::default(),
     )
     .await;
     if let Some(system) = embedded {
@@ -684,7 +685,7 @@ async fn run_with_faults(
             scenario.file
         );
     }
-    for fault in scenario.faults.iter().filter(|f| f.shard.is_some()) {
+    for fault in scenario.faults.iter().filter(|f| f.action.shard_server()) {
         let shard = fault.shard.unwrap_or(0);
         let local = mysql.as_ref().is_some_and(|m| m.script.is_some());
         if !local {
@@ -707,6 +708,39 @@ async fn run_with_faults(
                 shards - 1
             );
         }
+    }
+    for fault in scenario.faults.iter().filter(|f| f.action.link()) {
+        match fault.shard {
+            Some(_) if mysql.is_none() => bail!(
+                "{}: line {}: fault {} cuts the link to {}, but this run's shards are SQLite files inside the system's process, with no link to cut: give --backend mysql",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target
+            ),
+            Some(shard) if shard >= *shards => bail!(
+                "{}: line {}: fault {} targets {}, but this run has {} shards (shard-0 to shard-{})",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target,
+                shards,
+                shards - 1
+            ),
+            _ => {}
+        }
+    }
+    if let Some(fault) = scenario
+        .faults
+        .iter()
+        .find(|f| f.action == crate::scenario::faults::Action::RedisDown && redis.is_some())
+    {
+        bail!(
+            "{}: line {}: fault {} stops the Redis the run starts itself, and this run was given one (--redis): drop --redis",
+            scenario.file,
+            fault.line,
+            fault.name
+        );
     }
     let cross_traffic =
         scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
@@ -746,6 +780,45 @@ async fn run_with_faults(
     };
     let (temp, dir) = fresh_data_dir(data_dir.clone())?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut backends = crate::nemesis::Backends {
+        shard_servers: mysql.as_ref().and_then(|m| m.script.clone()).map(|script| {
+            crate::nemesis::ShardServers {
+                script,
+                count: *shards,
+            }
+        }),
+        ..Default::default()
+    };
+    // Faults on Redis need one: the run starts its own unless given one.
+    let mut redis = redis.clone();
+    if redis.is_none() && scenario.faults.iter().any(|f| f.target == "redis") {
+        let local = crate::nemesis::LocalRedis::start(&dir.join("redis")).await?;
+        redis = Some(local.url());
+        backends.redis = Some(Arc::new(tokio::sync::Mutex::new(local)));
+    }
+    // A proxy in front of each backend a link fault targets; the system is
+    // given the proxy's address.
+    let mut system_mysql_urls = mysql_urls.clone();
+    let mut system_redis = redis.clone();
+    for fault in scenario.faults.iter().filter(|f| f.action.link()) {
+        if backends.links.contains_key(&fault.target) {
+            continue;
+        }
+        let url = match (fault.shard, &mut system_mysql_urls, &mut system_redis) {
+            (Some(shard), Some(urls), _) => &mut urls[shard as usize],
+            (None, _, Some(url)) => url,
+            _ => bail!(
+                "{}: line {}: fault {} targets {}, which this run does not use",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target
+            ),
+        };
+        let link = crate::proxy::Link::start(&crate::proxy::host_port(url)?).await?;
+        *url = crate::proxy::via_proxy(url, link.addr)?;
+        backends.links.insert(fault.target.clone(), Arc::new(link));
+    }
     let port = crate::nemesis::free_port()?;
     let admin_password = random_secret();
     let mut args: Vec<String> = vec![
@@ -785,9 +858,9 @@ async fn run_with_faults(
         ),
         ("RUST_LOG".to_string(), "warn".to_string()),
     ];
-    if let Some(urls) = &mysql_urls {
+    if let (Some(urls), Some(system_urls)) = (&mysql_urls, &system_mysql_urls) {
         args.push("--mysql-urls".into());
-        args.push(urls.join(","));
+        args.push(system_urls.join(","));
         if let Some(first) = urls.first().filter(|_| fresh) {
             let auth = format!("{first}_auth");
             recreate_database(&auth).await?;
@@ -805,7 +878,7 @@ async fn run_with_faults(
             kafka.prefix,
         ]);
     }
-    if let Some(redis) = redis {
+    if let Some(redis) = &system_redis {
         env.push(("SHARDPAY_REDIS_URL".into(), redis.clone()));
         env.push((
             "SHARDPAY_REDIS_PREFIX".into(),
@@ -837,12 +910,18 @@ async fn run_with_faults(
         started_at,
         Some(admin_password),
         Some(child.clone()),
+        backends.clone(),
     )
     .await;
     let child = Arc::try_unwrap(child)
         .map_err(|_| anyhow::anyhow!("the fault schedule outlived the run"))?
         .into_inner();
     child.stop().await?;
+    if let Some(local) = backends.redis.take() {
+        if let Ok(local) = Arc::try_unwrap(local) {
+            local.into_inner().stop().await;
+        }
+    }
     drop(temp);
     result
 }
@@ -865,6 +944,7 @@ async fn drive(
     started_at: chrono::DateTime<chrono::Utc>,
     admin_password: Option<String>,
     child: Option<Arc<tokio::sync::Mutex<crate::nemesis::ChildSystem>>>,
+    backends: crate::nemesis::Backends,
 ) -> anyhow::Result<RunResult> {
     let cx = RunContext {
         scenario,
@@ -873,6 +953,7 @@ async fn drive(
         backend,
         started_at,
         child,
+        backends,
         admin_password: admin_password.clone(),
     };
     let (mut api, shard_info) = cx.connect(admin_password.as_deref()).await?;
@@ -946,6 +1027,8 @@ struct RunContext<'a> {
     started_at: chrono::DateTime<chrono::Utc>,
     /// With faults: the reference system as a child process.
     child: Option<Arc<tokio::sync::Mutex<crate::nemesis::ChildSystem>>>,
+    /// With faults: the shard servers, link proxies and Redis they hit.
+    backends: crate::nemesis::Backends,
     admin_password: Option<String>,
 }
 
@@ -983,24 +1066,6 @@ struct LoadFigures {
 }
 
 impl RunContext<'_> {
-    /// The shard servers the run started itself, which shard faults hit.
-    fn shard_servers(&self) -> Option<crate::nemesis::ShardServers> {
-        match &self.options.target {
-            Target::Embedded {
-                mysql: Some(m),
-                shards,
-                ..
-            } => m
-                .script
-                .as_ref()
-                .map(|script| crate::nemesis::ShardServers {
-                    script: script.clone(),
-                    count: *shards,
-                }),
-            _ => None,
-        }
-    }
-
     /// Tells the user how the run goes, when progress is shown.
     fn say(&self, text: String) {
         if self.options.progress {
@@ -1159,7 +1224,7 @@ impl RunContext<'_> {
                 api.clone(),
                 self.admin_password.clone(),
                 self.scenario.stop.seconds().map(Duration::from_secs),
-                self.shard_servers(),
+                self.backends.clone(),
                 self.options.progress,
             ))
         });

@@ -1485,8 +1485,16 @@ mod proptests {
             include_str!("../../scenarios/cross-shard.toml"),
         ),
         (
+            "faults-backends.toml",
+            include_str!("../../scenarios/faults-backends.toml"),
+        ),
+        (
             "faults-crash.toml",
             include_str!("../../scenarios/faults-crash.toml"),
+        ),
+        (
+            "faults-partition.toml",
+            include_str!("../../scenarios/faults-partition.toml"),
         ),
         (
             "faults-shard-kill.toml",

@@ -201,6 +201,13 @@ fn faults_the_run_cannot_have_are_refused_with_their_line() {
             "shard faults need the MySQL shard servers of scripts/shards.sh",
         ),
         (
+            SHORT.replace(
+                "name = \"kill\"\naction = \"crash\"\nat_s = 3\njitter_s = 1",
+                "name = \"cut\"\naction = \"partition\"\ntarget = \"shard-1\"\nat_s = 3",
+            ),
+            "with no link to cut",
+        ),
+        (
             SHORT.replace("step = \"after_debit\"", "step = \"after_prepare\""),
             "give --cross-shard xa",
         ),

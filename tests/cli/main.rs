@@ -5,6 +5,7 @@
 mod audit;
 mod config;
 mod faults;
+mod links;
 mod memory;
 mod modules;
 mod replicas;

@@ -709,19 +709,20 @@ impl ShardManager {
         let saga = tokio::spawn(async move {
             let finished = manager.finish(&applied).await;
             let response = render(&finished);
-            if let Some(key) = &key {
-                // Best effort: if this write is lost, a retry rebuilds the
-                // answer from the transfer itself.
-                let _ = manager
+            let kept = match &key {
+                Some(key) => manager
                     .store_of(&applied.payer)
                     .save_idempotent_response(&applied.payer, key, response.clone())
-                    .await;
-            }
-            response
+                    .await
+                    .err(),
+                None => None,
+            };
+            unkept_pending(&finished, kept)?;
+            Ok::<_, ManagerError>(response)
         });
         let response = saga
             .await
-            .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))?;
+            .map_err(|e| ManagerError::Internal(format!("transfer task failed: {e}")))??;
         Ok(Reply {
             response,
             replayed: false,
@@ -1025,9 +1026,11 @@ impl ShardManager {
             transfer
         };
         let response = (view.render)(&transfer);
-        let _ = store
+        let kept = store
             .save_idempotent_response(scope, key, response.clone())
-            .await;
+            .await
+            .err();
+        unkept_pending(&transfer, kept)?;
         Ok(Reply {
             response,
             replayed: true,
@@ -1049,6 +1052,23 @@ impl ShardManager {
             set: &self.running_keys,
             entry,
         }))
+    }
+}
+
+/// An answer under a key that could not be kept (`lost`, the store's
+/// error) may still be given when the transfer is final: a retry rebuilds
+/// the same answer from it. A pending transfer's answer would change once
+/// recovery finishes it, so a retry would not replay what the client saw:
+/// the client gets a retryable 503 instead, and its retry the outcome.
+fn unkept_pending(transfer: &Transfer, lost: Option<StoreError>) -> Result<(), ManagerError> {
+    match lost {
+        Some(error) if transfer.state == TransferState::Pending => {
+            Err(ManagerError::Unavailable(format!(
+                "transfer {} is under way, but its answer could not be kept under the Idempotency-Key ({error}); retry with the same Idempotency-Key for its outcome",
+                transfer.id
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1227,4 +1247,48 @@ pub fn fingerprint(route: &str, fields: &[&str]) -> String {
     }
     let digest = hasher.finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ShardId;
+
+    fn transfer(state: TransferState) -> Transfer {
+        Transfer {
+            id: TransferId::generate(),
+            payer: AccountId::parse("payer").unwrap(),
+            payee: AccountId::parse("payee").unwrap(),
+            amount: Amount::from_minor(100).unwrap(),
+            currency: Currency::parse("INR").unwrap(),
+            payer_shard: ShardId::new(0).unwrap(),
+            payee_shard: ShardId::new(1).unwrap(),
+            state,
+            failure_code: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        }
+    }
+
+    fn lost() -> Option<StoreError> {
+        Some(StoreError::Unavailable {
+            shard: ShardId::new(0).unwrap(),
+            reason: "connection reset".into(),
+        })
+    }
+
+    /// Found by a run with a flaky link to the payer's shard: the 202 of a
+    /// pending transfer whose key record could not be written was answered,
+    /// and a retry after recovery replayed 201 instead.
+    #[test]
+    fn a_pending_answer_that_could_not_be_kept_is_a_retryable_503() {
+        let pending = transfer(TransferState::Pending);
+        let e = unkept_pending(&pending, lost()).unwrap_err();
+        assert!(matches!(e, ManagerError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("same Idempotency-Key"), "{e}");
+        assert!(unkept_pending(&pending, None).is_ok());
+        for state in [TransferState::Completed, TransferState::Failed] {
+            assert!(unkept_pending(&transfer(state), lost()).is_ok());
+        }
+    }
 }

@@ -26,6 +26,19 @@ pub enum Action {
     Kill,
     /// SIGSTOP a shard's database server for the length, then SIGCONT.
     Pause,
+    /// Cut the link between the system and a backend (a shard's server,
+    /// Redis) for the length: nothing crosses it, or with `reset = true`
+    /// every connection is reset.
+    Partition,
+    /// Delay what the system sends a backend by `delay_ms`, plus up to
+    /// `jitter_ms`, for the length.
+    Slow,
+    /// Reset a `share` of the system's connections to a backend, and that
+    /// share of the new ones, for the length.
+    Flaky,
+    /// SIGKILL the Redis the run started, and start it again, empty, after
+    /// the length.
+    RedisDown,
 }
 
 impl Action {
@@ -35,8 +48,38 @@ impl Action {
             Action::CrashAt => "crash_at",
             Action::Kill => "kill",
             Action::Pause => "pause",
+            Action::Partition => "partition",
+            Action::Slow => "slow",
+            Action::Flaky => "flaky",
+            Action::RedisDown => "redis_down",
         }
     }
+
+    /// Whether the fault acts on a link through the run's proxy.
+    pub fn link(self) -> bool {
+        matches!(self, Action::Partition | Action::Slow | Action::Flaky)
+    }
+
+    /// Whether the fault kills or stops a shard's database server.
+    pub fn shard_server(self) -> bool {
+        matches!(self, Action::Kill | Action::Pause)
+    }
+}
+
+/// What a link fault does to the link, from its entry's keys.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LinkFault {
+    /// `partition`: reset the connections instead of holding them.
+    #[serde(default)]
+    pub reset: bool,
+    /// `slow`: the delay toward the backend, and the most added to it.
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// `flaky`: the share of connections reset.
+    #[serde(default)]
+    pub share: f64,
 }
 
 /// The step of a cross-shard transfer at which `crash_at` aborts the
@@ -90,13 +133,16 @@ pub struct Fault {
     /// The entry's name, with `#n` for the n-th repeat of a repeating one.
     pub name: String,
     pub action: Action,
-    /// `system`, or `shard-N`.
+    /// `system`, `shard-N` or `redis`.
     pub target: String,
     /// The shard of a `shard-N` target.
     #[serde(default)]
     pub shard: Option<u32>,
     /// `crash_at`: where the system aborts.
     pub step: Option<Step>,
+    /// `partition`, `slow`, `flaky`: what the link does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkFault>,
     /// Start, in ms from the start of the run.
     pub at_ms: u64,
     /// How long the target stays down once the fault has hit, in ms.
@@ -114,9 +160,11 @@ pub const MAX_TIMES: u32 = 100;
 pub const MIN_GAP_S: f64 = 2.0;
 
 /// The actions the schedule knows, for errors.
-const BUILT: &str = "crash, crash_at, kill, pause";
+const BUILT: &str = "crash, crash_at, kill, pause, partition, slow, flaky, redis_down";
 /// Actions of the fault model that this version cannot apply yet.
-const NOT_BUILT: [&str; 5] = ["partition", "slow", "flaky", "redis_down", "broker_down"];
+const NOT_BUILT: [&str; 1] = ["broker_down"];
+/// The longest delay of a slow link.
+pub const MAX_DELAY_MS: u64 = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +178,10 @@ pub(super) struct RawFault {
     every_s: Option<Spanned<f64>>,
     times: Option<Spanned<u32>>,
     jitter_s: Option<Spanned<f64>>,
+    reset: Option<Spanned<bool>>,
+    delay_ms: Option<Spanned<u64>>,
+    jitter_ms: Option<Spanned<u64>>,
+    share: Option<Spanned<f64>>,
 }
 
 /// The shard of a target `shard-N`, N from 0 to 63.
@@ -139,6 +191,157 @@ fn shard_of(target: &str) -> Option<u32> {
         return None;
     }
     n.parse().ok().filter(|n| *n < 64)
+}
+
+/// The target of a fault, checked against what its action can hit:
+/// `system` for crashes, `shard-N` for a shard's server, `shard-N` or
+/// `redis` for a link, `redis` for `redis_down`.
+fn fault_target(
+    action: Action,
+    target: Option<Spanned<String>>,
+    span: Range<usize>,
+    key: &str,
+    at: &Locator,
+) -> Result<(String, Option<u32>), ScenarioError> {
+    let (want, default) = match action {
+        Action::Crash | Action::CrashAt => (
+            "`system`, the reference system the run starts",
+            Some("system"),
+        ),
+        Action::Kill | Action::Pause => ("a shard's database server, as shard-N (0 to 63)", None),
+        Action::Partition | Action::Slow | Action::Flaky => (
+            "the link to a shard's database server (shard-N, 0 to 63) or to Redis (redis)",
+            None,
+        ),
+        Action::RedisDown => ("`redis`, the Redis the run starts", Some("redis")),
+    };
+    let Some(t) = target else {
+        return match default {
+            Some(d) => Ok((d.to_string(), None)),
+            None => Err(at.err(
+                span,
+                key,
+                format!("{} needs a target: {want}", action.as_str()),
+            )),
+        };
+    };
+    let name = t.get_ref().as_str();
+    let shard = shard_of(name);
+    let fits = match action {
+        Action::Crash | Action::CrashAt => name == "system",
+        Action::Kill | Action::Pause => shard.is_some(),
+        Action::Partition | Action::Slow | Action::Flaky => shard.is_some() || name == "redis",
+        Action::RedisDown => name == "redis",
+    };
+    if fits {
+        return Ok((t.into_inner(), shard));
+    }
+    let why = if action.link() && name == "broker" {
+        " (the broker tells its clients its own address, so a proxy in front of it would carry only their first connection)".to_string()
+    } else {
+        String::new()
+    };
+    Err(at.err(
+        t.span(),
+        key,
+        format!(
+            "`{name}` cannot be the target of {}: its target is {want}{why}",
+            action.as_str()
+        ),
+    ))
+}
+
+/// The keys of a link fault: `reset` for a partition, `delay_ms` and
+/// `jitter_ms` for a slow link, `share` for a flaky one; refused on any
+/// other fault.
+fn link_fault(
+    action: Action,
+    f: &RawFault,
+    span: Range<usize>,
+    key: &dyn Fn(&str) -> String,
+    at: &Locator,
+) -> Result<Option<LinkFault>, ScenarioError> {
+    let only = |field: &str, on: Action, key_span: Range<usize>| {
+        at.err(
+            key_span,
+            &key(field),
+            format!(
+                "only {} takes {field}, not {}",
+                on.as_str(),
+                action.as_str()
+            ),
+        )
+    };
+    if action != Action::Partition {
+        if let Some(v) = &f.reset {
+            return Err(only("reset", Action::Partition, v.span()));
+        }
+    }
+    if action != Action::Slow {
+        if let Some(v) = &f.delay_ms {
+            return Err(only("delay_ms", Action::Slow, v.span()));
+        }
+        if let Some(v) = &f.jitter_ms {
+            return Err(only("jitter_ms", Action::Slow, v.span()));
+        }
+    }
+    if action != Action::Flaky {
+        if let Some(v) = &f.share {
+            return Err(only("share", Action::Flaky, v.span()));
+        }
+    }
+    let mut link = LinkFault {
+        reset: false,
+        delay_ms: 0,
+        jitter_ms: 0,
+        share: 0.0,
+    };
+    match action {
+        Action::Partition => link.reset = f.reset.as_ref().is_some_and(|r| *r.get_ref()),
+        Action::Slow => {
+            let Some(delay) = &f.delay_ms else {
+                return Err(at.err(
+                    span,
+                    &key("delay_ms"),
+                    format!(
+                        "slow needs delay_ms: the delay toward the backend, 1 to {MAX_DELAY_MS}"
+                    ),
+                ));
+            };
+            for (field, v, min) in [
+                ("delay_ms", Some(delay), 1),
+                ("jitter_ms", f.jitter_ms.as_ref(), 0),
+            ] {
+                if let Some(v) = v {
+                    if *v.get_ref() < min || *v.get_ref() > MAX_DELAY_MS {
+                        return Err(at.err(
+                            v.span(),
+                            &key(field),
+                            format!("must be {min} to {MAX_DELAY_MS} ms"),
+                        ));
+                    }
+                }
+            }
+            link.delay_ms = *delay.get_ref();
+            link.jitter_ms = f.jitter_ms.as_ref().map(|j| *j.get_ref()).unwrap_or(0);
+        }
+        Action::Flaky => {
+            let Some(share) = &f.share else {
+                return Err(at.err(
+                    span,
+                    &key("share"),
+                    "flaky needs share: the share of connections reset, above 0 and at most 1",
+                ));
+            };
+            let x = *share.get_ref();
+            if !(x > 0.0 && x <= 1.0) {
+                return Err(at.err(share.span(), &key("share"), "must be above 0 and at most 1"));
+            }
+            link.share = x;
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(link))
 }
 
 /// Checks `[[faults]]` and expands it into occurrences in time order.
@@ -168,6 +371,10 @@ pub(super) fn check(
             "crash_at" => Action::CrashAt,
             "kill" => Action::Kill,
             "pause" => Action::Pause,
+            "partition" => Action::Partition,
+            "slow" => Action::Slow,
+            "flaky" => Action::Flaky,
+            "redis_down" => Action::RedisDown,
             other if NOT_BUILT.contains(&other) => {
                 return Err(at.err(
                     f.action.span(),
@@ -183,41 +390,8 @@ pub(super) fn check(
                 ))
             }
         };
-        let shard_target = matches!(action, Action::Kill | Action::Pause);
-        let (target, shard) = match (f.target, shard_target) {
-            (None, false) => ("system".to_string(), None),
-            (Some(t), false) if t.get_ref() == "system" => (t.into_inner(), None),
-            (Some(t), true) if shard_of(t.get_ref()).is_some() => {
-                let shard = shard_of(t.get_ref());
-                (t.into_inner(), shard)
-            }
-            (None, true) => {
-                return Err(at.err(
-                    span,
-                    &key("target"),
-                    format!(
-                        "{} needs a target: the shard whose database server it hits, as shard-N",
-                        action.as_str()
-                    ),
-                ))
-            }
-            (Some(t), _) => {
-                let want = if shard_target {
-                    "a shard's database server, as shard-N (0 to 63)"
-                } else {
-                    "`system`, the reference system the run starts"
-                };
-                return Err(at.err(
-                    t.span(),
-                    &key("target"),
-                    format!(
-                        "`{}` cannot be the target of {}: its target is {want}",
-                        t.get_ref(),
-                        action.as_str()
-                    ),
-                ));
-            }
-        };
+        let link = link_fault(action, &f, span.clone(), &key, at)?;
+        let (target, shard) = fault_target(action, f.target, span.clone(), &key("target"), at)?;
         let step = match (action, f.step) {
             (Action::CrashAt, Some(s)) => Some(Step::parse(s.get_ref()).ok_or_else(|| {
                 at.err(
@@ -259,6 +433,16 @@ pub(super) fn check(
             Some(v) => seconds(v, "for_s", 0.0, MAX_FOR_S)?,
             None => 0.0,
         };
+        if action.link() && for_s <= 0.0 {
+            return Err(at.err(
+                f.for_s.as_ref().map(|v| v.span()).unwrap_or(span.clone()),
+                &key("for_s"),
+                format!(
+                    "{} lasts a while: give for_s, above 0 and at most {MAX_FOR_S} seconds",
+                    action.as_str()
+                ),
+            ));
+        }
         let jitter_s = match &f.jitter_s {
             Some(v) => seconds(v, "jitter_s", 0.0, length_s as f64)?,
             None => 0.0,
@@ -332,6 +516,7 @@ pub(super) fn check(
                     target: target.clone(),
                     shard,
                     step,
+                    link,
                     at_ms: (start_s * 1000.0).round() as u64,
                     for_ms: (for_s * 1000.0).round() as u64,
                     line,
@@ -473,10 +658,58 @@ jitter_s = 4
                 "unknown fault `explode`",
             ),
             (
-                "[[faults]]\naction = \"partition\"\nat_s = 5\n",
-                "partition",
+                "[[faults]]\naction = \"broker_down\"\nat_s = 5\n",
+                "broker_down",
                 "faults[0].action",
                 "not built yet",
+            ),
+            (
+                "[[faults]]\naction = \"partition\"\nat_s = 5\nfor_s = 2\n",
+                "[[faults]]",
+                "faults[0].target",
+                "partition needs a target",
+            ),
+            (
+                "[[faults]]\naction = \"partition\"\ntarget = \"broker\"\nat_s = 5\nfor_s = 2\n",
+                "broker",
+                "faults[0].target",
+                "its own address",
+            ),
+            (
+                "[[faults]]\naction = \"partition\"\ntarget = \"shard-1\"\nat_s = 5\n",
+                "[[faults]]",
+                "faults[0].for_s",
+                "partition lasts a while",
+            ),
+            (
+                "[[faults]]\naction = \"slow\"\ntarget = \"shard-1\"\nat_s = 5\nfor_s = 2\n",
+                "[[faults]]",
+                "faults[0].delay_ms",
+                "slow needs delay_ms",
+            ),
+            (
+                "[[faults]]\naction = \"slow\"\ntarget = \"redis\"\nat_s = 5\nfor_s = 2\ndelay_ms = 20000\n",
+                "delay_ms = 20000",
+                "faults[0].delay_ms",
+                "1 to 10000 ms",
+            ),
+            (
+                "[[faults]]\naction = \"flaky\"\ntarget = \"redis\"\nat_s = 5\nfor_s = 2\nshare = 1.5\n",
+                "share = 1.5",
+                "faults[0].share",
+                "at most 1",
+            ),
+            (
+                "[[faults]]\naction = \"kill\"\ntarget = \"shard-1\"\nat_s = 5\ndelay_ms = 5\n",
+                "delay_ms = 5",
+                "faults[0].delay_ms",
+                "only slow takes delay_ms",
+            ),
+            (
+                "[[faults]]\naction = \"redis_down\"\ntarget = \"shard-1\"\nat_s = 5\n",
+                "shard-1",
+                "faults[0].target",
+                "`redis`, the Redis the run starts",
             ),
             (
                 "[[faults]]\naction = \"kill\"\nat_s = 5\n",
@@ -557,6 +790,56 @@ jitter_s = 4
             assert!(e.key.starts_with(key), "{faults}: {e}");
             assert!(e.message.contains(message), "{faults}: {e}");
         }
+    }
+
+    #[test]
+    fn link_faults_carry_what_the_link_does() {
+        let faults = with(
+            r#"
+[[faults]]
+action = "partition"
+target = "shard-1"
+at_s = 5
+for_s = 3
+reset = true
+
+[[faults]]
+action = "slow"
+target = "redis"
+at_s = 12
+for_s = 4
+delay_ms = 50
+jitter_ms = 20
+
+[[faults]]
+action = "flaky"
+target = "shard-0"
+at_s = 20
+for_s = 4
+share = 0.25
+
+[[faults]]
+action = "redis_down"
+at_s = 30
+for_s = 2
+"#,
+        )
+        .unwrap();
+        let link = |i: usize| faults[i].link.unwrap();
+        assert!(link(0).reset);
+        assert_eq!(
+            (faults[0].target.as_str(), faults[0].shard),
+            ("shard-1", Some(1))
+        );
+        assert_eq!((link(1).delay_ms, link(1).jitter_ms), (50, 20));
+        assert_eq!(
+            (faults[1].target.as_str(), faults[1].shard),
+            ("redis", None)
+        );
+        assert_eq!(link(2).share, 0.25);
+        assert_eq!(faults[3].action, Action::RedisDown);
+        assert_eq!(faults[3].target, "redis");
+        assert!(faults[3].link.is_none());
     }
 
     #[test]

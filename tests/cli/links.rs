@@ -1,0 +1,203 @@
+//! Link and Redis faults, as users run them: the run puts a TCP proxy in
+//! front of a MySQL shard's server or Redis and cuts, slows or breaks the
+//! system's connections through it, or kills the Redis it started and
+//! starts it again empty; each fault is reported, the audit after each
+//! heal and the books pass.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::only_report;
+
+const BASE: &str = r#"
+name = "links-short"
+seed = 12
+duration_s = 16
+warmup_s = 1
+
+[accounts]
+count = 300
+opening_balance = "100000.00"
+
+[load]
+model = "closed"
+users = 8
+
+[mix]
+same_shard = 40
+cross_shard = 45
+idempotent_retry = 15
+
+[thresholds]
+error_rate = 0.0
+"#;
+
+fn run(dir: &Path, faults: &str, args: &[&str]) -> (std::process::ExitStatus, Value, String) {
+    let scenario = dir.join("links.toml");
+    std::fs::write(&scenario, format!("{BASE}{faults}")).unwrap();
+    let reports = dir.join("reports");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["run", "--quiet"])
+        .args(args)
+        .arg(&scenario)
+        .arg("--reports")
+        .arg(&reports)
+        .env_remove("SHARDPAY_FAULT")
+        .env_remove("SHARDPAY_REDIS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (out.status, only_report(&reports), stdout)
+}
+
+/// The worst p99 of the seconds from `from_s` to `to_s` of the run (the
+/// timeline's slot n is second n from the start).
+fn worst_p99_ms(report: &Value, from_s: f64, to_s: f64) -> f64 {
+    let p99 = report["timeline"]["p99_ms"].as_array().expect("a timeline");
+    p99.iter()
+        .enumerate()
+        .filter(|(n, _)| (*n as f64) >= from_s && (*n as f64) <= to_s)
+        .filter_map(|(_, p)| p.as_f64())
+        .fold(0.0, f64::max)
+}
+
+fn every_fault_hit_healed_and_audited(report: &Value, count: usize) -> Vec<Value> {
+    let faults = report["faults"]["faults"]
+        .as_array()
+        .expect("a faults report")
+        .clone();
+    assert_eq!(faults.len(), count, "{}", report["faults"]);
+    for f in &faults {
+        assert!(f["hit_s"].as_f64().is_some(), "{f}");
+        assert!(f["healed_s"].as_f64().is_some(), "{f}");
+        assert_eq!(f["audit_ok"], true, "{f}");
+    }
+    faults
+}
+
+#[test]
+fn on_mysql_shards_a_link_cut_slowed_and_made_flaky_loses_nothing() {
+    let Some(urls) = super::mysql_databases() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let faults = r#"
+[[faults]]
+name = "cut"
+action = "partition"
+target = "shard-1"
+at_s = 3
+for_s = 2
+
+[[faults]]
+name = "slow"
+action = "slow"
+target = "shard-0"
+at_s = 7
+for_s = 2
+delay_ms = 300
+
+[[faults]]
+name = "flaky"
+action = "flaky"
+target = "shard-1"
+at_s = 11
+for_s = 2
+share = 0.5
+"#;
+    let (status, report, stdout) = run(
+        dir.path(),
+        faults,
+        &["--backend", "mysql", "--mysql-urls", &urls.join(",")],
+    );
+    let faults = every_fault_hit_healed_and_audited(&report, 3);
+    assert_eq!(faults[0]["action"], "partition");
+    assert_eq!(faults[1]["target"], "shard-0");
+    // A cut link holds requests for the cut's length; a slow one adds its
+    // delay to every round trip: both show in the p99 of their seconds.
+    let (hit, healed) = (
+        faults[0]["hit_s"].as_f64().unwrap(),
+        faults[0]["healed_s"].as_f64().unwrap(),
+    );
+    assert!(
+        worst_p99_ms(&report, hit.floor(), healed.ceil()) >= 1000.0,
+        "the partition held nothing up: {}",
+        report["timeline"]["p99_ms"]
+    );
+    let (hit, healed) = (
+        faults[1]["hit_s"].as_f64().unwrap(),
+        faults[1]["healed_s"].as_f64().unwrap(),
+    );
+    assert!(
+        worst_p99_ms(&report, hit.floor(), healed.ceil()) >= 300.0,
+        "the slow link added no delay: {}",
+        report["timeline"]["p99_ms"]
+    );
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
+    assert!(status.success(), "{stdout}");
+}
+
+fn redis_server_installed() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("SHARDPAY_REQUIRE_REDIS").as_deref() != Ok("1"),
+            "SHARDPAY_REQUIRE_REDIS=1 but redis-server is not installed"
+        );
+        eprintln!("skipped: redis-server is not installed");
+    }
+    found
+}
+
+#[test]
+fn redis_slowed_then_killed_and_restarted_empty_loses_nothing() {
+    if !redis_server_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let faults = r#"
+[[faults]]
+name = "slow-redis"
+action = "slow"
+target = "redis"
+at_s = 3
+for_s = 2
+delay_ms = 250
+
+[[faults]]
+name = "redis-down"
+action = "redis_down"
+at_s = 8
+for_s = 1.5
+"#;
+    let (status, report, stdout) = run(dir.path(), faults, &[]);
+    let faults = every_fault_hit_healed_and_audited(&report, 2);
+    assert_eq!(faults[1]["target"], "redis");
+    let (hit, healed) = (
+        faults[0]["hit_s"].as_f64().unwrap(),
+        faults[0]["healed_s"].as_f64().unwrap(),
+    );
+    assert!(
+        worst_p99_ms(&report, hit.floor(), healed.ceil()) >= 250.0,
+        "the slow link to Redis added no delay: {}",
+        report["timeline"]["p99_ms"]
+    );
+    // Transfers go on after Redis came back empty: the run logged in again.
+    assert!(
+        faults[1]["first_accepted_after_s"].as_f64().is_some(),
+        "{}",
+        faults[1]
+    );
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
+    assert!(status.success(), "{stdout}");
+}
