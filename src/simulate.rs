@@ -70,6 +70,14 @@ pub struct RunArgs {
     /// deliver to loopback (serve --webhooks-to-private-networks).
     #[arg(long, requires = "target")]
     pub webhooks: bool,
+    /// Run the reference system as its six services, each a process of its
+    /// own (serve auth, ledger, fraud, notification, analytics,
+    /// shard-manager) on ports of their own, sharing the MySQL shards
+    /// (--backend mysql), the broker (--kafka) and a Redis (--redis, or
+    /// one the run starts); a scenario's `crash` fault can then name one
+    /// service. Example: --six-processes --backend mysql --kafka 127.0.0.1:9192
+    #[arg(long, conflicts_with = "target")]
+    pub six_processes: bool,
 }
 
 #[derive(clap::Args)]
@@ -311,6 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         progress: !args.quiet,
         baseline_s: args.baseline,
         system_binary: std::env::current_exe().ok(),
+        six_processes: args.six_processes,
     };
     let result = run::run(&scenario, &options).await;
     if let Some(local) = local {
@@ -466,6 +475,7 @@ async fn sweep_runs(
                 progress: !args.quiet,
                 baseline_s: None,
                 system_binary: std::env::current_exe().ok(),
+                six_processes: false,
             };
             let result = run::run(scenario, &options).await?;
             finish(&result.report, &result.dir);

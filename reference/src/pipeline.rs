@@ -233,11 +233,23 @@ impl Pipeline {
                     Some(auth) => Some(auth.service_token().await?),
                     None => None,
                 };
-                let token = token.as_deref();
-                let relay = peer_json(&peers.ledger, "/v1/ledger/relay", token).await?;
-                let notification =
-                    peer_json(&peers.notification, "/v1/notification/stats", token).await?;
-                (relay, notification)
+                let read = async {
+                    let token = token.as_deref();
+                    let relay = peer_json(&peers.ledger, "/v1/ledger/relay", token).await?;
+                    let notification =
+                        peer_json(&peers.notification, "/v1/notification/stats", token).await?;
+                    anyhow::Ok((relay, notification))
+                };
+                match (read.await, &self.auth, &token) {
+                    (Ok(read), _, _) => read,
+                    // A refused token is not used again: the next read opens
+                    // a new session.
+                    (Err(e), Some(auth), Some(token)) => {
+                        auth.forget_service_token(token);
+                        return Err(e);
+                    }
+                    (Err(e), _, _) => return Err(e),
+                }
             }
         };
         let notification_consumer = ConsumerStats {

@@ -98,6 +98,8 @@ pub struct Backends {
     pub links: BTreeMap<String, Arc<crate::proxy::Link>>,
     /// The Redis the run started (redis_down).
     pub redis: Option<Arc<tokio::sync::Mutex<LocalRedis>>>,
+    /// With six processes: each service by name (`crash` of one).
+    pub services: BTreeMap<String, Arc<tokio::sync::Mutex<ChildSystem>>>,
 }
 
 /// A Redis the run starts for itself, so a fault can kill it and start it
@@ -141,12 +143,24 @@ impl LocalRedis {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(Stdio::null())
+            // Its own process group: a Ctrl-C to the run leaves it to the
+            // run, which stops it once the books are settled.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .context("cannot start redis-server, which redis faults need: install it (Debian: apt-get install -y redis-server)")?;
         self.child = Some(child);
         let by = Instant::now() + Duration::from_secs(10);
         while Instant::now() < by {
+            // Another process may have taken the port while it was down.
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                anyhow::bail!(
+                    "redis-server exited ({status}) instead of listening on port {}; its log is in {}",
+                    self.port,
+                    self.dir.display()
+                );
+            }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
@@ -168,6 +182,18 @@ impl LocalRedis {
             child.kill().await.context("cannot SIGKILL redis-server")?;
         }
         Ok(())
+    }
+
+    /// Starts it again if it is down (a schedule stopped halfway through
+    /// a `redis_down`); answers whether it was.
+    pub async fn ensure_running(&mut self) -> anyhow::Result<bool> {
+        let running = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)));
+        if running {
+            return Ok(false);
+        }
+        self.child = None;
+        self.spawn().await?;
+        Ok(true)
     }
 
     /// Stops it at the end of the run.
@@ -640,12 +666,23 @@ pub async fn apply(
                     healed.as_secs_f64()
                 ));
             }
-            // A new Redis holds no sessions: everyone logs in again.
+            // A new Redis holds no sessions: everyone logs in again, once
+            // the system's connection to it is back (up to 10 s).
             if fault.action == Action::RedisDown && healed.is_some() {
-                if let Err(e) = log_in_again(&mut api, &sim, admin_password.as_deref()).await {
-                    happened
-                        .notes
-                        .push(format!("logging in again failed: {e:#}"));
+                let give_up = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match log_in_again(&mut api, &sim, admin_password.as_deref()).await {
+                        Ok(()) => break,
+                        Err(_) if Instant::now() < give_up => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => {
+                            happened
+                                .notes
+                                .push(format!("logging in again failed: {e:#}"));
+                            break;
+                        }
+                    }
                 }
             }
             out.push(happened);
@@ -657,7 +694,13 @@ pub async fn apply(
             }
             continue;
         }
-        let mut system = system.lock().await;
+        // `system` is the one process, or with six the shard manager.
+        let target = backends
+            .services
+            .get(&fault.target)
+            .cloned()
+            .unwrap_or_else(|| system.clone());
+        let mut system = target.lock().await;
         if system.exited() {
             happened.found_down = true;
             happened.notes.push(
@@ -684,7 +727,11 @@ pub async fn apply(
         };
         happened.hit = hit;
         if let Some(hit) = hit {
-            say(format!("system down at {:.1} s", hit.as_secs_f64()));
+            say(format!(
+                "{} down at {:.1} s",
+                fault.target,
+                hit.as_secs_f64()
+            ));
             tokio::time::sleep(Duration::from_millis(fault.for_ms)).await;
         }
         if system.exited() {
@@ -692,7 +739,8 @@ pub async fn apply(
                 Ok(()) => {
                     happened.healed = Some(start.elapsed());
                     say(format!(
-                        "system listening again at {:.1} s",
+                        "{} listening again at {:.1} s",
+                        fault.target,
                         start.elapsed().as_secs_f64()
                     ));
                     // Its sessions died with it: everyone logs in again.

@@ -5,6 +5,7 @@
 //! the backend, or reset a share of the connections.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,14 +23,14 @@ pub enum LinkState {
     /// unanswered, until the link is up again (a partition shorter than
     /// the peers' timeouts).
     Blackhole,
-    /// Resets every open connection and each new one, until it is up again
-    /// (a partition the peers see at once).
+    /// Closes every open connection mid-conversation and resets each new
+    /// one, until it is up again (a partition the peers see at once).
     Reset,
     /// Holds each chunk on its way to the backend for `delay_ms` plus up to
     /// `jitter_ms` drawn afresh, so a round trip gains about that much.
     Slow { delay_ms: u64, jitter_ms: u64 },
-    /// Resets each open connection with chance `share` when the fault
-    /// starts, and each new one with that chance.
+    /// Closes each open connection with chance `share` when the fault
+    /// starts, and resets each new one with that chance.
     Flaky { share: f64 },
 }
 
@@ -37,8 +38,6 @@ pub enum LinkState {
 pub struct Link {
     /// Where the system connects instead of the backend.
     pub addr: SocketAddr,
-    /// The backend it carries to.
-    pub upstream: SocketAddr,
     state: watch::Sender<LinkState>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -53,11 +52,12 @@ impl Link {
     /// Starts a proxy on loopback for the backend at `upstream`
     /// (`host:port`).
     pub async fn start(upstream: &str) -> anyhow::Result<Link> {
-        let upstream = tokio::net::lookup_host(upstream)
+        let upstream: Vec<SocketAddr> = tokio::net::lookup_host(upstream)
             .await
             .with_context(|| format!("cannot resolve {upstream}"))?
-            .next()
-            .with_context(|| format!("{upstream} resolves to no address"))?;
+            .collect();
+        anyhow::ensure!(!upstream.is_empty(), "the backend resolves to no address");
+        let upstream: Arc<[SocketAddr]> = upstream.into();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("cannot open a port on loopback for a link proxy")?;
@@ -70,12 +70,11 @@ impl Link {
                     continue;
                 };
                 let _ = client.set_nodelay(true);
-                tokio::spawn(carry(client, upstream, watch.clone()));
+                tokio::spawn(carry(client, upstream.clone(), watch.clone()));
             }
         });
         Ok(Link {
             addr,
-            upstream,
             state,
             accept,
         })
@@ -109,7 +108,11 @@ fn reset(stream: TcpStream) {
 
 /// One client connection: waits out a blackhole, connects to the backend
 /// and carries both ways until either side closes or the link cuts it.
-async fn carry(client: TcpStream, upstream: SocketAddr, mut watch: watch::Receiver<LinkState>) {
+async fn carry(
+    client: TcpStream,
+    upstream: Arc<[SocketAddr]>,
+    mut watch: watch::Receiver<LinkState>,
+) {
     loop {
         let now = *watch.borrow_and_update();
         if cut(now) {
@@ -122,12 +125,18 @@ async fn carry(client: TcpStream, upstream: SocketAddr, mut watch: watch::Receiv
             return;
         }
     }
-    let Ok(server) = TcpStream::connect(upstream).await else {
+    // Each address in turn, as a client would (`localhost` may be ::1 first).
+    let mut server = None;
+    for addr in upstream.iter() {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            server = Some(s);
+            break;
+        }
+    }
+    let Some(server) = server else {
         return reset(client);
     };
     let _ = server.set_nodelay(true);
-    let _ = client.set_zero_linger();
-    let _ = server.set_zero_linger();
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let (up, down) = (watch.clone(), watch.clone());
@@ -137,8 +146,8 @@ async fn carry(client: TcpStream, upstream: SocketAddr, mut watch: watch::Receiv
             pump(server_read, client_write, down, false),
         )
     };
-    // A change of state that cuts this connection ends it; the halves are
-    // dropped with zero linger, so both peers see a reset.
+    // A change of state that cuts this connection ends it: the halves are
+    // dropped, and both peers see it closed mid-conversation.
     let cutter = async {
         loop {
             if watch.changed().await.is_err() {
@@ -206,8 +215,19 @@ pub fn via_proxy(url: &str, proxy: SocketAddr) -> anyhow::Result<String> {
     let mut parsed = reqwest::Url::parse(url).with_context(|| format!("cannot parse {url}"))?;
     anyhow::ensure!(parsed.host_str().is_some(), "{} names no host", redact(url));
     anyhow::ensure!(
-        !parsed.query().unwrap_or_default().contains("socket"),
+        !parsed.query_pairs().any(|(k, _)| k == "socket"),
         "{} connects over a socket file: a link fault needs a TCP address",
+        redact(url)
+    );
+    // The proxy's address in the URL would fail a check of the server's
+    // name in its certificate.
+    let verifies_name = parsed.scheme() == "rediss"
+        || parsed
+            .query_pairs()
+            .any(|(k, v)| k == "ssl-mode" && v.eq_ignore_ascii_case("verify_identity"));
+    anyhow::ensure!(
+        !verifies_name,
+        "{} checks the server's name over TLS, which a proxy in between breaks: link faults need a plain connection",
         redact(url)
     );
     parsed
@@ -330,5 +350,8 @@ mod tests {
         assert_eq!(host_port("mysql://root@db/x").unwrap(), "db:3306");
         assert_eq!(host_port("redis://h:7000/0").unwrap(), "h:7000");
         assert!(via_proxy("mysql://root@localhost/x?socket=/tmp/m.sock", proxy).is_err());
+        assert!(via_proxy("rediss://h:6380", proxy).is_err());
+        assert!(via_proxy("mysql://root@db/x?ssl-mode=VERIFY_IDENTITY", proxy).is_err());
+        assert!(via_proxy("mysql://root@db/x?websocket_ok=1", proxy).is_ok());
     }
 }

@@ -142,6 +142,10 @@ pub struct RunOptions {
     /// The `shardpay` binary, for scenarios with faults: they run the
     /// reference system as a child process, to kill and start it again.
     pub system_binary: Option<PathBuf>,
+    /// Run the in-process target as its six services, each a child process
+    /// (`serve auth`, ... `serve shard-manager`) sharing its MySQL shards,
+    /// Kafka broker and Redis; faults can crash one by name.
+    pub six_processes: bool,
 }
 
 pub struct RunResult {
@@ -595,7 +599,7 @@ fn spawn_progress(
 /// Runs a scenario against the target and writes its report.
 pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunResult> {
     let started_at = chrono::Utc::now();
-    if !scenario.faults.is_empty() {
+    if !scenario.faults.is_empty() || options.six_processes {
         return run_with_faults(scenario, options, started_at).await;
     }
     let (embedded, base_url) = match &options.target {
@@ -673,8 +677,34 @@ async fn run_with_faults(
         redis,
     } = &options.target
     else {
+        if options.six_processes {
+            bail!("--six-processes starts the six services itself: drop --target");
+        }
         bail!("a scenario with [[faults]] needs the system the run starts itself (it kills and restarts it): drop --target");
     };
+    let six = options.six_processes;
+    if six {
+        anyhow::ensure!(
+            mysql.is_some(),
+            "--six-processes needs MySQL shards the six services share: give --backend mysql"
+        );
+        anyhow::ensure!(
+            matches!(bus, BusConfig::Kafka(_)),
+            "--six-processes needs a Kafka-protocol broker the services share: give --kafka HOST:PORT (scripts/kafka.sh up starts one)"
+        );
+    }
+    for fault in &scenario.faults {
+        let service = SERVICES.contains(&fault.target.as_str());
+        if service && !six {
+            bail!(
+                "{}: line {}: fault {} crashes the {} service, but this run runs the six services in one process: give --six-processes",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target
+            );
+        }
+    }
     let binary = options
         .system_binary
         .clone()
@@ -791,7 +821,7 @@ async fn run_with_faults(
     };
     // Faults on Redis need one: the run starts its own unless given one.
     let mut redis = redis.clone();
-    if redis.is_none() && scenario.faults.iter().any(|f| f.target == "redis") {
+    if redis.is_none() && (six || scenario.faults.iter().any(|f| f.target == "redis")) {
         let local = crate::nemesis::LocalRedis::start(&dir.join("redis")).await?;
         redis = Some(local.url());
         backends.redis = Some(Arc::new(tokio::sync::Mutex::new(local)));
@@ -897,11 +927,34 @@ async fn run_with_faults(
         log: crate::nemesis::log_path(&dir),
         hooks,
     };
-    let url = format!("http://127.0.0.1:{port}");
-    let child = crate::nemesis::ChildSystem::start(spec, url.clone())
-        .await
-        .context("cannot start the reference system as a child process")?;
-    let child = Arc::new(tokio::sync::Mutex::new(child));
+    let mut options = options.clone();
+    let child = if six {
+        let services = start_six(&spec, port).await?;
+        options.services = ["auth", "notification", "analytics"]
+            .iter()
+            .map(|name| {
+                let url = services[*name].url.clone();
+                Ok((
+                    name.to_string(),
+                    shardpay_reference::peers::Replicas::parse(&url)?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for (name, system) in services {
+            backends
+                .services
+                .insert(name.to_string(), Arc::new(tokio::sync::Mutex::new(system)));
+        }
+        backends.services["shard-manager"].clone()
+    } else {
+        let url = format!("http://127.0.0.1:{port}");
+        let child = crate::nemesis::ChildSystem::start(spec, url)
+            .await
+            .context("cannot start the reference system as a child process")?;
+        Arc::new(tokio::sync::Mutex::new(child))
+    };
+    let url = child.lock().await.url.clone();
+    let options = &options;
     let result = drive(
         scenario,
         options,
@@ -913,10 +966,16 @@ async fn run_with_faults(
         backends.clone(),
     )
     .await;
+    backends.services.remove("shard-manager");
     let child = Arc::try_unwrap(child)
         .map_err(|_| anyhow::anyhow!("the fault schedule outlived the run"))?
         .into_inner();
     child.stop().await?;
+    for (_, service) in std::mem::take(&mut backends.services) {
+        if let Ok(service) = Arc::try_unwrap(service) {
+            let _ = service.into_inner().stop().await;
+        }
+    }
     if let Some(local) = backends.redis.take() {
         if let Ok(local) = Arc::try_unwrap(local) {
             local.into_inner().stop().await;
@@ -924,6 +983,72 @@ async fn run_with_faults(
     }
     drop(temp);
     result
+}
+
+/// The six services, in the order they start.
+pub use crate::scenario::faults::SERVICES;
+
+/// Starts the six services as child processes from the all-in-one `spec`:
+/// each `serve <service>` on a port of its own (the shard manager on
+/// `manager_port`), given its peers' URLs; the shard manager carries the
+/// `crash_at` hooks, as it runs the sagas and XA.
+async fn start_six(
+    spec: &crate::nemesis::ChildSpec,
+    manager_port: u16,
+) -> anyhow::Result<BTreeMap<&'static str, crate::nemesis::ChildSystem>> {
+    let mut ports = BTreeMap::new();
+    for name in SERVICES {
+        let port = if name == "shard-manager" {
+            manager_port
+        } else {
+            crate::nemesis::free_port()?
+        };
+        ports.insert(name, port);
+    }
+    let url = |name: &str| format!("http://127.0.0.1:{}", ports[name]);
+    let mut out = BTreeMap::new();
+    for name in SERVICES {
+        // `serve SERVICE`, then the all-in-one options but the port.
+        let mut args = vec!["serve".to_string(), name.to_string()];
+        let mut rest = spec.args.iter().skip(1);
+        while let Some(arg) = rest.next() {
+            if arg == "--port" {
+                rest.next();
+                continue;
+            }
+            args.push(arg.clone());
+        }
+        args.extend([
+            "--port".into(),
+            ports[name].to_string(),
+            "--auth-url".into(),
+            url("auth"),
+            "--ledger-url".into(),
+            url("ledger"),
+            "--fraud-url".into(),
+            url("fraud"),
+            "--notification-url".into(),
+            url("notification"),
+            "--fraud-features".into(),
+            "redis".into(),
+        ]);
+        let child_spec = crate::nemesis::ChildSpec {
+            binary: spec.binary.clone(),
+            args,
+            env: spec.env.clone(),
+            log: spec.log.with_file_name(format!("{name}.log")),
+            hooks: if name == "shard-manager" {
+                spec.hooks.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        let system = crate::nemesis::ChildSystem::start(child_spec, url(name))
+            .await
+            .with_context(|| format!("cannot start the {name} service as a child process"))?;
+        out.insert(name, system);
+    }
+    Ok(out)
 }
 
 /// What the run drives, for the report and for how ids are chosen.
@@ -1066,6 +1191,18 @@ struct LoadFigures {
 }
 
 impl RunContext<'_> {
+    /// CPU seconds of the six services but the shard manager (which is
+    /// the run's child) so far; 0 with one process.
+    async fn other_services_cpu_s(&self) -> f64 {
+        let mut cpu = 0.0;
+        for (name, service) in &self.backends.services {
+            if name != "shard-manager" {
+                cpu += service.lock().await.cpu_s();
+            }
+        }
+        cpu
+    }
+
     /// Tells the user how the run goes, when progress is shown.
     fn say(&self, text: String) {
         if self.options.progress {
@@ -1213,7 +1350,7 @@ impl RunContext<'_> {
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
         let child_cpu0 = match &self.child {
-            Some(child) => child.lock().await.cpu_s(),
+            Some(child) => child.lock().await.cpu_s() + self.other_services_cpu_s().await,
             None => 0.0,
         };
         let nemesis = self.child.as_ref().map(|child| {
@@ -1247,8 +1384,25 @@ impl RunContext<'_> {
         let mut down_at_end = false;
         let child_cpu_s = match &self.child {
             Some(child) => {
+                // A Redis the run started, left down by a schedule stopped
+                // halfway, is started again for the books.
+                if let Some(redis) = &self.backends.redis {
+                    if redis.lock().await.ensure_running().await? {
+                        let mut api = api.clone();
+                        let password = self.admin_password.as_deref();
+                        crate::nemesis::log_in_again(&mut api, sim, password).await?;
+                    }
+                }
+                let others = self.other_services_cpu_s().await;
+                // A service other than the manager that died outside a
+                // fault is started again too, and fails the run.
+                for (name, service) in &self.backends.services {
+                    if name != "shard-manager" && service.lock().await.ensure_running().await? {
+                        down_at_end = true;
+                    }
+                }
                 let mut child = child.lock().await;
-                let cpu = child.cpu_s() - child_cpu0;
+                let cpu = child.cpu_s() + others - child_cpu0;
                 // The books and the audit need the system: one that died
                 // outside a fault is started again, and the run fails.
                 if child.ensure_running().await? {

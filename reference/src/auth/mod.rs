@@ -432,22 +432,44 @@ impl AuthService {
         Ok(tokens.access_token)
     }
 
+    /// Drops the cached service token when it is `token`, which a peer
+    /// refused (401: its session is gone, say with a Redis that restarted
+    /// empty): the next call opens a new session.
+    pub fn forget_service_token(&self, token: &str) {
+        let mut cached = self.service_token.lock().expect("token lock");
+        if cached.as_ref().is_some_and(|(t, _)| t == token) {
+            *cached = None;
+        }
+    }
+
     /// Calls `path` on an auth replica with the request `build` makes of
-    /// the client and the full URL.
+    /// the client and the full URL; once more with a new service token when
+    /// the first is refused.
     async fn remote_call(
         &self,
         remote: &RemoteOwners,
         path: &str,
         build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, AuthError> {
-        let token = self.service_token().await?;
-        let response = remote
+        let mut token = self.service_token().await?;
+        let mut response = remote
             .replicas
             .send(path, |url| {
                 crate::peers::with_request_id(build(&remote.client, url).bearer_auth(&token))
             })
             .await
             .map_err(|e| AuthError::PeerUnavailable(e.to_string()))?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+            self.forget_service_token(&token);
+            token = self.service_token().await?;
+            response = remote
+                .replicas
+                .send(path, |url| {
+                    crate::peers::with_request_id(build(&remote.client, url).bearer_auth(&token))
+                })
+                .await
+                .map_err(|e| AuthError::PeerUnavailable(e.to_string()))?;
+        }
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -398,25 +398,38 @@ impl RemoteFraud {
             "amount_minor": amount_minor,
             "publish": true,
         });
-        let token = match &self.auth {
-            Some(auth) => Some(
-                auth.service_token()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?,
-            ),
-            None => None,
-        };
-        let response = self
-            .replicas
-            .send("/v1/fraud/score", |url| {
-                let mut request = self.client.post(url).json(&body);
-                if let Some(token) = &token {
-                    request = request.bearer_auth(token);
+        // A refused service token (its session is gone) is replaced once.
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let token = match &self.auth {
+                Some(auth) => Some(
+                    auth.service_token()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot get a service token: {e}"))?,
+                ),
+                None => None,
+            };
+            let response = self
+                .replicas
+                .send("/v1/fraud/score", |url| {
+                    let mut request = self.client.post(url).json(&body);
+                    if let Some(token) = &token {
+                        request = request.bearer_auth(token);
+                    }
+                    crate::peers::with_request_id(request)
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("the fraud service at {e}"))?;
+            match (&self.auth, &token) {
+                (Some(auth), Some(token))
+                    if response.status() == reqwest::StatusCode::UNAUTHORIZED && attempt == 1 =>
+                {
+                    auth.forget_service_token(token);
                 }
-                crate::peers::with_request_id(request)
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("the fraud service at {e}"))?;
+                _ => break response,
+            }
+        };
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();

@@ -151,6 +151,17 @@ pub struct Fault {
     pub line: usize,
 }
 
+/// The services a `crash` can name, when the run starts them as six
+/// processes.
+pub const SERVICES: [&str; 6] = [
+    "auth",
+    "ledger",
+    "fraud",
+    "notification",
+    "analytics",
+    "shard-manager",
+];
+
 /// The longest a target may stay down.
 pub const MAX_FOR_S: f64 = 60.0;
 /// The most occurrences of one entry.
@@ -204,10 +215,11 @@ fn fault_target(
     at: &Locator,
 ) -> Result<(String, Option<u32>), ScenarioError> {
     let (want, default) = match action {
-        Action::Crash | Action::CrashAt => (
-            "`system`, the reference system the run starts",
+        Action::Crash => (
+            "`system`, the reference system the run starts, or with --six-processes one of its services: auth, ledger, fraud, notification, analytics, shard-manager",
             Some("system"),
         ),
+        Action::CrashAt => ("`system`, the reference system the run starts", Some("system")),
         Action::Kill | Action::Pause => ("a shard's database server, as shard-N (0 to 63)", None),
         Action::Partition | Action::Slow | Action::Flaky => (
             "the link to a shard's database server (shard-N, 0 to 63) or to Redis (redis)",
@@ -228,7 +240,8 @@ fn fault_target(
     let name = t.get_ref().as_str();
     let shard = shard_of(name);
     let fits = match action {
-        Action::Crash | Action::CrashAt => name == "system",
+        Action::Crash => name == "system" || SERVICES.contains(&name),
+        Action::CrashAt => name == "system",
         Action::Kill | Action::Pause => shard.is_some(),
         Action::Partition | Action::Slow | Action::Flaky => shard.is_some() || name == "redis",
         Action::RedisDown => name == "redis",

@@ -73,6 +73,7 @@ async fn a_transfer_the_simulator_did_not_send_fails_its_books() {
         progress: false,
         baseline_s: None,
         system_binary: None,
+        six_processes: false,
     };
     let result = run(&s, &options).await.unwrap();
     meddler.await.unwrap();

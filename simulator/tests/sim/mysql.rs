@@ -70,6 +70,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
         progress: false,
         baseline_s: Some(1),
         system_binary: None,
+        six_processes: false,
     };
     let r = run(&s, &options).await.unwrap().report;
     assert!(r.passed, "{:?}\n{}", r.failures, r.summary());

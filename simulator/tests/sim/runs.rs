@@ -26,6 +26,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
         progress: false,
         baseline_s: None,
         system_binary: None,
+        six_processes: false,
     }
 }
 
