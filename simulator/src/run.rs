@@ -87,6 +87,21 @@ pub struct MysqlShards {
 
 /// Empties a shard database: drops and creates it.
 async fn recreate_database(url: &str) -> anyhow::Result<()> {
+    make_database(url, true).await
+}
+
+/// Where the run's system keeps webhooks and deliveries: `<first shard's
+/// database>_notify`, emptied on fresh shards and created if missing on
+/// given ones, so that the run's delivery counts are its own (not those of
+/// every system that used the server's shared `shardpay_notify`).
+async fn notification_database(first_shard: &str, fresh: bool) -> anyhow::Result<String> {
+    let notify = format!("{first_shard}_notify");
+    make_database(&notify, fresh).await?;
+    Ok(notify)
+}
+
+/// Creates a database (dropping it first when `fresh`).
+async fn make_database(url: &str, fresh: bool) -> anyhow::Result<()> {
     use sqlx::Connection;
     let (server, db) = url
         .rsplit_once('/')
@@ -109,11 +124,13 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
                 shardpay_reference::ledger::mysql::redact(server)
             )
         })?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
-        .execute(&mut admin)
-        .await?;
+    if fresh {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+            .execute(&mut admin)
+            .await?;
+    }
     sqlx::query(&format!(
-        "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        "CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
     ))
     .execute(&mut admin)
     .await?;
@@ -186,15 +203,12 @@ impl Embedded {
         if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
             if fresh {
                 // Fresh shards reuse the seed's account and user names, so
-                // the users and owners start empty too, and so do the
-                // webhooks and deliveries (the run checks their counts).
+                // the users and owners start empty too.
                 let auth = format!("{first}_auth");
                 recreate_database(&auth).await?;
                 config.auth_mysql_url = Some(auth);
-                let notify = format!("{first}_notify");
-                recreate_database(&notify).await?;
-                config.notification_mysql_url = Some(notify);
             }
+            config.notification_mysql_url = Some(notification_database(first, fresh).await?);
         }
         config.mysql_urls = mysql_urls;
         config.manager.cross_shard = cross_shard;
@@ -891,12 +905,13 @@ async fn run_with_faults(
     if let (Some(urls), Some(system_urls)) = (&mysql_urls, &system_mysql_urls) {
         args.push("--mysql-urls".into());
         args.push(system_urls.join(","));
-        if let Some(first) = urls.first().filter(|_| fresh) {
-            let auth = format!("{first}_auth");
-            recreate_database(&auth).await?;
-            env.push(("SHARDPAY_AUTH_MYSQL_URL".into(), auth));
-            let notify = format!("{first}_notify");
-            recreate_database(&notify).await?;
+        if let Some(first) = urls.first() {
+            if fresh {
+                let auth = format!("{first}_auth");
+                recreate_database(&auth).await?;
+                env.push(("SHARDPAY_AUTH_MYSQL_URL".into(), auth));
+            }
+            let notify = notification_database(first, fresh).await?;
             env.push(("SHARDPAY_NOTIFICATION_MYSQL_URL".into(), notify));
         }
     }

@@ -208,6 +208,13 @@ fn faults_the_run_cannot_have_are_refused_with_their_line() {
             "with no link to cut",
         ),
         (
+            SHORT.replace(
+                "name = \"kill\"\naction = \"crash\"\nat_s = 3",
+                "name = \"kill\"\naction = \"crash\"\ntarget = \"auth\"\nat_s = 3",
+            ),
+            "give --six-processes",
+        ),
+        (
             SHORT.replace("step = \"after_debit\"", "step = \"after_prepare\""),
             "give --cross-shard xa",
         ),

@@ -201,3 +201,73 @@ for_s = 1.5
     assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
     assert!(status.success(), "{stdout}");
 }
+
+/// The six services as six processes the run starts (`--six-processes`),
+/// on MySQL shards, the broker and a Redis of the run's own: the
+/// notification service and the shard manager are SIGKILLed and started
+/// again, then Redis is killed and started empty. Found by this test: the
+/// shard manager's own session with the fraud service died with Redis and
+/// was never opened again, so every transfer after it failed.
+#[test]
+fn six_processes_a_service_crashed_and_redis_restarted_empty_lose_nothing() {
+    let Some(urls) = super::mysql_databases() else {
+        return;
+    };
+    let Some(kafka) = super::six::server(
+        "SHARDPAY_TEST_KAFKA_BOOTSTRAP",
+        "SHARDPAY_REQUIRE_KAFKA",
+        "scripts/kafka.sh up",
+    ) else {
+        return;
+    };
+    if !redis_server_installed() {
+        return;
+    }
+    let _turn = super::six::one_stack_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let faults = r#"
+[[faults]]
+name = "notification"
+action = "crash"
+target = "notification"
+at_s = 3
+for_s = 0.5
+
+[[faults]]
+name = "manager"
+action = "crash"
+target = "shard-manager"
+at_s = 7
+for_s = 0.5
+
+[[faults]]
+name = "redis-down"
+action = "redis_down"
+at_s = 11
+for_s = 1
+"#;
+    let (status, report, stdout) = run(
+        dir.path(),
+        faults,
+        &[
+            "--six-processes",
+            "--backend",
+            "mysql",
+            "--mysql-urls",
+            &urls.join(","),
+            "--kafka",
+            &kafka,
+        ],
+    );
+    let faults = every_fault_hit_healed_and_audited(&report, 3);
+    assert_eq!(faults[0]["target"], "notification");
+    assert_eq!(faults[1]["target"], "shard-manager");
+    for f in &faults {
+        assert!(f["first_accepted_after_s"].as_f64().is_some(), "{f}");
+    }
+    assert_eq!(report["run"]["backend"], "mysql");
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
+    assert!(status.success(), "{stdout}");
+}
