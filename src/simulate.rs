@@ -73,9 +73,10 @@ pub struct RunArgs {
     /// Run the reference system as its six services, each a process of its
     /// own (serve auth, ledger, fraud, notification, analytics,
     /// shard-manager) on ports of their own, sharing the MySQL shards
-    /// (--backend mysql), the broker (--kafka) and a Redis (--redis, or
-    /// one the run starts); a scenario's `crash` fault can then name one
-    /// service. Example: --six-processes --backend mysql --kafka 127.0.0.1:9192
+    /// (--backend mysql), a broker (--kafka, or one the run starts with
+    /// scripts/kafka.sh) and a Redis (--redis, or one the run starts); a
+    /// scenario's `crash` fault can then name one service. Example:
+    /// --six-processes --backend mysql
     #[arg(long, conflicts_with = "target")]
     pub six_processes: bool,
 }

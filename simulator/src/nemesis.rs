@@ -202,6 +202,62 @@ impl LocalRedis {
     }
 }
 
+/// A Kafka-protocol broker the run starts with `scripts/kafka.sh` (in the
+/// run's directory, on a port of its own) for link faults on the broker: it
+/// tells its clients to connect to `advertised`, the proxy's address, so
+/// every connection goes through the proxy. Stopped when dropped.
+pub struct LocalBroker {
+    script: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl LocalBroker {
+    pub fn start(
+        script: &Path,
+        dir: &Path,
+        port: u16,
+        advertised: std::net::SocketAddr,
+    ) -> anyhow::Result<LocalBroker> {
+        let broker = LocalBroker {
+            script: script.to_path_buf(),
+            env: vec![
+                ("SHARDPAY_KAFKA_PORT", port.to_string()),
+                ("SHARDPAY_KAFKA_DIR", dir.display().to_string()),
+                ("SHARDPAY_KAFKA_ADVERTISED", advertised.to_string()),
+            ],
+        };
+        let out = broker
+            .command("up")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} up failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(broker)
+    }
+
+    fn command(&self, what: &str) -> std::process::Command {
+        let mut command = std::process::Command::new("bash");
+        command.arg(&self.script).arg(what);
+        command.envs(self.env.iter().map(|(k, v)| (*k, v)));
+        command
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        let _ = self
+            .command("down")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// Puts a link back up if the schedule is stopped while it is faulted.
 struct UpOnDrop(Arc<crate::proxy::Link>);
 

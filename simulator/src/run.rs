@@ -702,10 +702,6 @@ async fn run_with_faults(
             mysql.is_some(),
             "--six-processes needs MySQL shards the six services share: give --backend mysql"
         );
-        anyhow::ensure!(
-            matches!(bus, BusConfig::Kafka(_)),
-            "--six-processes needs a Kafka-protocol broker the services share: give --kafka HOST:PORT (scripts/kafka.sh up starts one)"
-        );
     }
     for fault in &scenario.faults {
         let service = SERVICES.contains(&fault.target.as_str());
@@ -730,7 +726,6 @@ async fn run_with_faults(
         );
     }
     for fault in scenario.faults.iter().filter(|f| f.action.shard_server()) {
-        let shard = fault.shard.unwrap_or(0);
         let local = mysql.as_ref().is_some_and(|m| m.script.is_some());
         if !local {
             bail!(
@@ -741,6 +736,23 @@ async fn run_with_faults(
                 fault.target
             );
         }
+    }
+    for fault in scenario.faults.iter().filter(|f| f.action.link()) {
+        if fault.shard.is_some() && mysql.is_none() {
+            bail!(
+                "{}: line {}: fault {} cuts the link to {}, but this run's shards are SQLite files inside the system's process, with no link to cut: give --backend mysql",
+                scenario.file,
+                fault.line,
+                fault.name,
+                fault.target
+            );
+        }
+    }
+    for (fault, shard) in scenario
+        .faults
+        .iter()
+        .filter_map(|f| f.shard.map(|s| (f, s)))
+    {
         if shard >= *shards {
             bail!(
                 "{}: line {}: fault {} targets {}, but this run has {} shards (shard-0 to shard-{})",
@@ -751,27 +763,6 @@ async fn run_with_faults(
                 shards,
                 shards - 1
             );
-        }
-    }
-    for fault in scenario.faults.iter().filter(|f| f.action.link()) {
-        match fault.shard {
-            Some(_) if mysql.is_none() => bail!(
-                "{}: line {}: fault {} cuts the link to {}, but this run's shards are SQLite files inside the system's process, with no link to cut: give --backend mysql",
-                scenario.file,
-                fault.line,
-                fault.name,
-                fault.target
-            ),
-            Some(shard) if shard >= *shards => bail!(
-                "{}: line {}: fault {} targets {}, but this run has {} shards (shard-0 to shard-{})",
-                scenario.file,
-                fault.line,
-                fault.name,
-                fault.target,
-                shards,
-                shards - 1
-            ),
-            _ => {}
         }
     }
     if let Some(fault) = scenario
@@ -840,6 +831,43 @@ async fn run_with_faults(
         redis = Some(local.url());
         backends.redis = Some(Arc::new(tokio::sync::Mutex::new(local)));
     }
+    // Link faults on the broker need one that tells its clients the
+    // proxy's address: the run starts its own.
+    // Six processes share a broker: the run starts one unless given one.
+    let mut bus = bus.clone();
+    let mut broker = None;
+    let broker_fault = scenario.faults.iter().find(|f| f.target == "broker");
+    let kafka_given = matches!(bus, BusConfig::Kafka(_));
+    if broker_fault.is_some() || (six && !kafka_given) {
+        if let Some(fault) = broker_fault.filter(|_| kafka_given) {
+            bail!(
+                "{}: line {}: fault {} cuts the link to the broker, which must be one the run starts itself (a broker tells its clients its own address, and the run's must tell them its proxy's): drop --kafka",
+                scenario.file,
+                fault.line,
+                fault.name
+            );
+        }
+        let port = crate::nemesis::free_port()?;
+        let link = crate::proxy::Link::start(&format!("127.0.0.1:{port}")).await?;
+        let script = std::env::var_os("SHARDPAY_KAFKA_SCRIPT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("scripts/kafka.sh"));
+        anyhow::ensure!(
+            script.is_file(),
+            "{} not found: the run starts its broker with it (for faults on the broker, or six processes without --kafka); run from the shardpay checkout or set SHARDPAY_KAFKA_SCRIPT",
+            script.display()
+        );
+        broker = Some(crate::nemesis::LocalBroker::start(
+            &script,
+            &dir.join("broker"),
+            port,
+            link.addr,
+        )?);
+        bus = BusConfig::Kafka(shardpay_reference::events::kafka::KafkaConfig::new(
+            link.addr.to_string(),
+        ));
+        backends.links.insert("broker".into(), Arc::new(link));
+    }
     // A proxy in front of each backend a link fault targets; the system is
     // given the proxy's address.
     let mut system_mysql_urls = mysql_urls.clone();
@@ -850,7 +878,7 @@ async fn run_with_faults(
         }
         let url = match (fault.shard, &mut system_mysql_urls, &mut system_redis) {
             (Some(shard), Some(urls), _) => &mut urls[shard as usize],
-            (None, _, Some(url)) => url,
+            (None, _, Some(url)) if fault.target == "redis" => url,
             _ => bail!(
                 "{}: line {}: fault {} targets {}, which this run does not use",
                 scenario.file,
@@ -943,6 +971,9 @@ async fn run_with_faults(
         hooks,
     };
     let mut options = options.clone();
+    if let Target::Embedded { bus: b, .. } = &mut options.target {
+        *b = bus.clone();
+    }
     let child = if six {
         let services = start_six(&spec, port).await?;
         options.services = ["auth", "notification", "analytics"]
@@ -996,6 +1027,7 @@ async fn run_with_faults(
             local.into_inner().stop().await;
         }
     }
+    drop(broker);
     drop(temp);
     result
 }

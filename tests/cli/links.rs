@@ -46,6 +46,11 @@ fn run(dir: &Path, faults: &str, args: &[&str]) -> (std::process::ExitStatus, Va
         .arg(&reports)
         .env_remove("SHARDPAY_FAULT")
         .env_remove("SHARDPAY_REDIS_URL")
+        .env_remove("SHARDPAY_KAFKA_BOOTSTRAP")
+        .env(
+            "SHARDPAY_KAFKA_SCRIPT",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh"),
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -203,7 +208,7 @@ for_s = 1.5
 }
 
 /// The six services as six processes the run starts (`--six-processes`),
-/// on MySQL shards, the broker and a Redis of the run's own: the
+/// on MySQL shards, and a broker and a Redis the run starts itself: the
 /// notification service and the shard manager are SIGKILLed and started
 /// again, then Redis is killed and started empty. Found by this test: the
 /// shard manager's own session with the fraud service died with Redis and
@@ -213,13 +218,17 @@ fn six_processes_a_service_crashed_and_redis_restarted_empty_lose_nothing() {
     let Some(urls) = super::mysql_databases() else {
         return;
     };
-    let Some(kafka) = super::six::server(
+    // The run starts its own broker (scripts/kafka.sh, which the Kafka
+    // tests' setting says is here) and Redis.
+    if super::six::server(
         "SHARDPAY_TEST_KAFKA_BOOTSTRAP",
         "SHARDPAY_REQUIRE_KAFKA",
         "scripts/kafka.sh up",
-    ) else {
+    )
+    .is_none()
+    {
         return;
-    };
+    }
     if !redis_server_installed() {
         return;
     }
@@ -255,8 +264,6 @@ for_s = 1
             "mysql",
             "--mysql-urls",
             &urls.join(","),
-            "--kafka",
-            &kafka,
         ],
     );
     let faults = every_fault_hit_healed_and_audited(&report, 3);
@@ -266,6 +273,65 @@ for_s = 1
         assert!(f["first_accepted_after_s"].as_f64().is_some(), "{f}");
     }
     assert_eq!(report["run"]["backend"], "mysql");
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
+    assert!(status.success(), "{stdout}");
+}
+
+/// The one-process system on a broker the run starts itself, advertising
+/// the run's proxy: the link is cut for 2 s, then slowed. Transfers go on
+/// (the outbox holds the events); the events wait, and arrive once each.
+#[test]
+fn a_link_to_the_broker_cut_then_slowed_loses_no_event() {
+    // The broker the run starts is the one scripts/kafka.sh installs, which
+    // the Kafka tests' setting says is here.
+    if super::six::server(
+        "SHARDPAY_TEST_KAFKA_BOOTSTRAP",
+        "SHARDPAY_REQUIRE_KAFKA",
+        "scripts/kafka.sh up",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let faults = r#"
+[[faults]]
+name = "cut-broker"
+action = "partition"
+target = "broker"
+at_s = 3
+for_s = 2
+
+[[faults]]
+name = "slow-broker"
+action = "slow"
+target = "broker"
+at_s = 8
+for_s = 2
+delay_ms = 100
+"#;
+    let (status, report, stdout) = run(dir.path(), faults, &[]);
+    let faults = every_fault_hit_healed_and_audited(&report, 2);
+    assert_eq!(faults[0]["target"], "broker");
+    let pipeline = &report["pipeline"];
+    assert_eq!(pipeline["complete"], true, "{pipeline}");
+    // The cut held events back for about its length.
+    let worst_lag = pipeline["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .filter_map(|c| c["lag"]["max_ms"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        worst_lag >= 1000.0,
+        "no event waited for the cut link: {pipeline}"
+    );
+    assert!(
+        stdout.contains("bus kafka://"),
+        "the run names its broker: {stdout}"
+    );
     assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
     assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
     assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");

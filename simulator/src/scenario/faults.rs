@@ -222,7 +222,7 @@ fn fault_target(
         Action::CrashAt => ("`system`, the reference system the run starts", Some("system")),
         Action::Kill | Action::Pause => ("a shard's database server, as shard-N (0 to 63)", None),
         Action::Partition | Action::Slow | Action::Flaky => (
-            "the link to a shard's database server (shard-N, 0 to 63) or to Redis (redis)",
+            "the link to a shard's database server (shard-N, 0 to 63), to Redis (redis) or to the broker (broker)",
             None,
         ),
         Action::RedisDown => ("`redis`, the Redis the run starts", Some("redis")),
@@ -243,22 +243,19 @@ fn fault_target(
         Action::Crash => name == "system" || SERVICES.contains(&name),
         Action::CrashAt => name == "system",
         Action::Kill | Action::Pause => shard.is_some(),
-        Action::Partition | Action::Slow | Action::Flaky => shard.is_some() || name == "redis",
+        Action::Partition | Action::Slow | Action::Flaky => {
+            shard.is_some() || name == "redis" || name == "broker"
+        }
         Action::RedisDown => name == "redis",
     };
     if fits {
         return Ok((t.into_inner(), shard));
     }
-    let why = if action.link() && name == "broker" {
-        " (the broker tells its clients its own address, so a proxy in front of it would carry only their first connection)".to_string()
-    } else {
-        String::new()
-    };
     Err(at.err(
         t.span(),
         key,
         format!(
-            "`{name}` cannot be the target of {}: its target is {want}{why}",
+            "`{name}` cannot be the target of {}: its target is {want}",
             action.as_str()
         ),
     ))
@@ -392,7 +389,7 @@ pub(super) fn check(
                 return Err(at.err(
                     f.action.span(),
                     &key("action"),
-                    format!("`{other}` is not built yet; this version applies {BUILT}"),
+                    format!("`{other}` is not built yet: the broker that installs here keeps its topics in memory, so one started again has lost every event not yet consumed; cut its link instead (partition, target = \"broker\"). This version applies {BUILT}"),
                 ))
             }
             other => {
@@ -683,10 +680,10 @@ jitter_s = 4
                 "partition needs a target",
             ),
             (
-                "[[faults]]\naction = \"partition\"\ntarget = \"broker\"\nat_s = 5\nfor_s = 2\n",
-                "broker",
+                "[[faults]]\naction = \"partition\"\ntarget = \"kafka\"\nat_s = 5\nfor_s = 2\n",
+                "kafka",
                 "faults[0].target",
-                "its own address",
+                "or to the broker (broker)",
             ),
             (
                 "[[faults]]\naction = \"partition\"\ntarget = \"shard-1\"\nat_s = 5\n",
