@@ -1967,6 +1967,12 @@ async fn settle_pipeline(api: &Api) -> Option<shardpay_reference::pipeline::Pipe
     loop {
         let report = match api.pipeline().await {
             Ok(report) => report?,
+            // A fault can leave a first read failing (a service's session
+            // with its peers died with Redis and is opened again): retry.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("cannot read the event pipeline: {e:#}");
                 return None;

@@ -273,6 +273,12 @@ for_s = 1
         assert!(f["first_accepted_after_s"].as_f64().is_some(), "{f}");
     }
     assert_eq!(report["run"]["backend"], "mysql");
+    // The pipeline is read (and complete) after Redis lost every session.
+    assert_eq!(
+        report["pipeline"]["complete"], true,
+        "{}",
+        report["pipeline"]
+    );
     assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
     assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
     assert_eq!(report["failures"], serde_json::json!([]), "{stdout}");
