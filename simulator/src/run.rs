@@ -90,14 +90,16 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
     make_database(url, true).await
 }
 
-/// Where the run's system keeps webhooks and deliveries: `<first shard's
-/// database>_notify`, emptied on fresh shards and created if missing on
-/// given ones, so that the run's delivery counts are its own (not those of
-/// every system that used the server's shared `shardpay_notify`).
-async fn notification_database(first_shard: &str, fresh: bool) -> anyhow::Result<String> {
-    let notify = format!("{first_shard}_notify");
-    make_database(&notify, fresh).await?;
-    Ok(notify)
+/// A database of the run's system beside its first shard,
+/// `<first shard's database>_<what>` (`auth`: users and sessions' owners;
+/// `notify`: webhooks and deliveries), emptied on fresh shards and created
+/// if missing on given ones, so that the run's users and delivery counts
+/// are its own, not those of every system that used the server's shared
+/// `shardpay_auth` and `shardpay_notify`.
+async fn run_database(first_shard: &str, what: &str, fresh: bool) -> anyhow::Result<String> {
+    let url = format!("{first_shard}_{what}");
+    make_database(&url, fresh).await?;
+    Ok(url)
 }
 
 /// Creates a database (dropping it first when `fresh`).
@@ -201,14 +203,12 @@ impl Embedded {
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
         if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
-            if fresh {
-                // Fresh shards reuse the seed's account and user names, so
-                // the users and owners start empty too.
-                let auth = format!("{first}_auth");
-                recreate_database(&auth).await?;
-                config.auth_mysql_url = Some(auth);
-            }
-            config.notification_mysql_url = Some(notification_database(first, fresh).await?);
+            // Fresh shards reuse the seed's account and user names, so the
+            // users and owners start empty too; on given shards the run's
+            // system still has users of its own (an admin another system
+            // on the server reset would lock the run out).
+            config.auth_mysql_url = Some(run_database(first, "auth", fresh).await?);
+            config.notification_mysql_url = Some(run_database(first, "notify", fresh).await?);
         }
         config.mysql_urls = mysql_urls;
         config.manager.cross_shard = cross_shard;
@@ -934,12 +934,9 @@ async fn run_with_faults(
         args.push("--mysql-urls".into());
         args.push(system_urls.join(","));
         if let Some(first) = urls.first() {
-            if fresh {
-                let auth = format!("{first}_auth");
-                recreate_database(&auth).await?;
-                env.push(("SHARDPAY_AUTH_MYSQL_URL".into(), auth));
-            }
-            let notify = notification_database(first, fresh).await?;
+            let auth = run_database(first, "auth", fresh).await?;
+            env.push(("SHARDPAY_AUTH_MYSQL_URL".into(), auth));
+            let notify = run_database(first, "notify", fresh).await?;
             env.push(("SHARDPAY_NOTIFICATION_MYSQL_URL".into(), notify));
         }
     }

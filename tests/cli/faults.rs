@@ -152,6 +152,8 @@ fn on_mysql_shards_a_fault_schedule_passes_every_check() {
     let Some(urls) = super::mysql_databases() else {
         return;
     };
+    // Not beside the six-process and link runs, on 2 cpus.
+    let _turn = super::six::one_stack_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("faults.toml");
     std::fs::write(&scenario, SHORT).unwrap();

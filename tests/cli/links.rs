@@ -34,7 +34,11 @@ idempotent_retry = 15
 error_rate = 0.0
 "#;
 
+/// Runs the scenario with `faults`. Each run starts servers and several
+/// processes: one at a time, and not beside the six-process tests, on 2
+/// cpus.
 fn run(dir: &Path, faults: &str, args: &[&str]) -> (std::process::ExitStatus, Value, String) {
+    let _turn = super::six::one_stack_at_a_time();
     let scenario = dir.join("links.toml");
     std::fs::write(&scenario, format!("{BASE}{faults}")).unwrap();
     let reports = dir.join("reports");
@@ -232,7 +236,6 @@ fn six_processes_a_service_crashed_and_redis_restarted_empty_lose_nothing() {
     if !redis_server_installed() {
         return;
     }
-    let _turn = super::six::one_stack_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let faults = r#"
 [[faults]]
