@@ -82,13 +82,26 @@ enum Command {
     /// Histograms merge exactly (they are stored losslessly), counts and
     /// timelines add up, and the scenario's thresholds are judged again.
     Merge(simulate::MergeArgs),
-    /// Measure the MySQL shards' own limit: the transfer transactions sent
-    /// straight to the databases with sqlx, no HTTP, no services
+    /// Measure the storage's own limit: the transfer transactions sent
+    /// straight to the shards, no HTTP, no services
     ///
+    /// On SQLite (the default): fresh shard files with the system's schema,
+    /// written by the system's writer thread and group commit. On MySQL
+    /// (--backend mysql): databases beside the shards', through sqlx.
     /// Same-shard: one transaction per transfer; cross-shard: the saga's
-    /// three. Compare its transfers/s with a run's to see how close the
-    /// services come to what the databases can do.
+    /// three; cross-shard-xa: two prepared branches. Compare its
+    /// transfers/s with a run's to see how close the services come to what
+    /// the storage can do; `shardpay bench` does both and compares.
     Baseline(simulate::BaselineArgs),
+    /// The full path against the storage ceiling, side by side
+    ///
+    /// For each scenario (same-shard and cross-shard by default): the raw
+    /// baseline of its kind of transfer on the same storage, then the
+    /// scenario through the in-process system (HTTP, auth, idempotency
+    /// keys, fraud, the outbox) at the same concurrency. Writes
+    /// reports/bench-<time>/bench.md and bench.json with the ratios and
+    /// each run's report beside them. Example: shardpay bench --backend mysql
+    Bench(simulate::BenchArgs),
     /// Serve the reference payment system: all six services in one process
     /// (the default), or one service of six
     ///
@@ -614,6 +627,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compare(args) => simulate::compare(args),
         Command::Merge(args) => passed(simulate::merge(args)),
         Command::Baseline(args) => runtime.block_on(simulate::baseline(args)),
+        Command::Bench(args) => passed(runtime.block_on(simulate::bench(args))),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Dlq(command) => runtime.block_on(dlq(command)),
         Command::Audit(args) => {

@@ -494,14 +494,26 @@ async fn sweep_runs(
 
 #[derive(clap::Args)]
 pub struct BaselineArgs {
-    /// Shards to run against (local servers from scripts/shards.sh when no
-    /// --mysql-urls are given).
+    /// Shards to run against.
     #[arg(long, default_value_t = 4)]
     pub shards: u32,
+    /// The storage to measure: SQLite files (fresh ones, with the system's
+    /// schema, written by the system's writer thread and group commit), or
+    /// MySQL/MariaDB databases (local servers from scripts/shards.sh when
+    /// no --mysql-urls are given).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub backend: BackendArg,
     /// MySQL shard databases, comma separated; each gets a sibling
     /// <database>_baseline, dropped and created afresh.
     #[arg(long, env = "SHARDPAY_MYSQL_URLS", value_delimiter = ',')]
     pub mysql_urls: Vec<String>,
+    /// Folder for the SQLite baseline's files (replaced on each run); a
+    /// temporary folder when not given.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Durability of the SQLite baseline's commits, as `serve --durability`.
+    #[arg(long, value_enum, default_value = "full")]
+    pub durability: DurabilityArg,
     /// Transactions in flight at once (the scenario's users).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -533,16 +545,39 @@ pub enum BaselineKindArg {
 pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
     use shardpay_simulator::baseline::{self, BaselineKind};
     let storage = StorageArgs {
-        backend: BackendArg::Mysql,
+        backend: args.backend,
         mysql_urls: args.mysql_urls.clone(),
     };
-    let (shards, local) = mysql_shards(&storage, args.shards)?.expect("mysql backend");
-    let urls: Vec<String> = shards
-        .urls
-        .iter()
-        .take(args.shards as usize)
-        .cloned()
-        .collect();
+    let (urls, local) = match mysql_shards(&storage, args.shards)? {
+        Some((shards, local)) => (
+            shards
+                .urls
+                .iter()
+                .take(args.shards as usize)
+                .cloned()
+                .collect(),
+            Some(local),
+        ),
+        None => (Vec::new(), None),
+    };
+    let (temp, dir) = match &args.data_dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("shardpay-baseline-")
+                .tempdir()?;
+            let dir = temp.path().to_path_buf();
+            (Some(temp), dir)
+        }
+    };
+    let sqlite = shardpay_reference::ledger::sqlite::SqliteConfig {
+        durability: durability(args.durability),
+        ..Default::default()
+    };
+    let shard_count = match args.backend {
+        BackendArg::Sqlite => args.shards as usize,
+        BackendArg::Mysql => urls.len(),
+    };
     let kinds: &[BaselineKind] = match args.kind {
         BaselineKindArg::SameShard => &[BaselineKind::SameShard],
         BaselineKindArg::CrossShard => &[BaselineKind::CrossShard],
@@ -557,16 +592,32 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut failure = None;
     for kind in kinds {
-        if *kind != BaselineKind::SameShard && urls.len() < 2 {
+        if *kind != BaselineKind::SameShard && shard_count < 2 {
+            continue;
+        }
+        if *kind == BaselineKind::CrossShardXa && args.backend == BackendArg::Sqlite {
+            eprintln!("baseline {kind:?}: skipped, XA needs MySQL shards (--backend mysql)");
             continue;
         }
         eprintln!(
-            "baseline {kind:?}: {} shards, {} in flight, {} s",
-            urls.len(),
-            args.concurrency,
-            args.seconds
+            "baseline {kind:?}: {shard_count} shards, {} in flight, {} s",
+            args.concurrency, args.seconds
         );
-        match baseline::run(&urls, *kind, args.concurrency, args.seconds).await {
+        let result = match args.backend {
+            BackendArg::Sqlite => {
+                baseline::run_sqlite(
+                    &dir,
+                    shard_count,
+                    &sqlite,
+                    *kind,
+                    args.concurrency,
+                    args.seconds,
+                )
+                .await
+            }
+            BackendArg::Mysql => baseline::run(&urls, *kind, args.concurrency, args.seconds).await,
+        };
+        match result {
             Ok(r) => results.push(r),
             Err(e) => {
                 failure = Some(e);
@@ -574,7 +625,10 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
             }
         }
     }
-    local.stop();
+    if let Some(local) = local {
+        local.stop();
+    }
+    drop(temp);
     if let Some(e) = failure {
         return Err(e);
     }
@@ -596,4 +650,139 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios to measure, each of one kind of transfer (its baseline is
+    /// that kind's).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "scenarios/same-shard.toml,scenarios/cross-shard.toml"
+    )]
+    pub scenarios: Vec<PathBuf>,
+    #[command(flatten)]
+    pub embedded: EmbeddedArgs,
+    /// How cross-shard transfers are made atomic: saga, or xa (needs
+    /// --backend mysql); give both (saga,xa) to measure each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "saga")]
+    pub cross_shard: Vec<CrossShardArg>,
+    /// Seconds of raw baseline per run.
+    #[arg(long, default_value_t = 10)]
+    pub baseline_seconds: u64,
+    /// Fail (exit 1) when a row's services/raw ratio is below this, for a
+    /// CI gate; by default the table only says which goals were met.
+    #[arg(long)]
+    pub min_ratio: Option<f64>,
+    /// Folder that receives the bench's folder.
+    #[arg(long, default_value = "reports")]
+    pub reports: PathBuf,
+}
+
+/// Runs each scenario with its raw baseline, and writes one table of the
+/// services' share of the storage's throughput.
+pub async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
+    use shardpay_simulator::bench::{self, BenchRow};
+    anyhow::ensure!(
+        !args.cross_shard.contains(&CrossShardArg::Xa)
+            || args.embedded.storage.backend == BackendArg::Mysql,
+        "--cross-shard xa needs --backend mysql: the embedded SQLite shards have no XA"
+    );
+    anyhow::ensure!(
+        args.embedded.data_dir.is_none(),
+        "bench runs several systems, each on fresh shards in a temporary folder; drop --data-dir"
+    );
+    let mut scenarios = Vec::new();
+    for path in &args.scenarios {
+        scenarios.push(load_scenario(path, None)?);
+    }
+    let dir = args.reports.join(format!(
+        "bench-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (mysql, local) = match mysql_shards(&args.embedded.storage, args.embedded.shards)? {
+        Some((m, l)) => (Some(m), Some(l)),
+        None => (None, None),
+    };
+    let mut rows = Vec::new();
+    let mut failure = None;
+    'runs: for scenario in &scenarios {
+        let crosses_shards = scenario.mix.cross_shard > 0;
+        let protocols: Vec<CrossShardArg> = if crosses_shards {
+            args.cross_shard.clone()
+        } else {
+            vec![CrossShardArg::Saga]
+        };
+        for protocol in protocols {
+            eprintln!(
+                "bench: {} ({}), {} shards, {} users",
+                scenario.name,
+                CrossShard::from(protocol).as_str(),
+                args.embedded.shards,
+                scenario.load.users()
+            );
+            let options = RunOptions {
+                webhooks: false,
+                target: Target::Embedded {
+                    shards: args.embedded.shards,
+                    data_dir: None,
+                    durability: durability(args.embedded.durability),
+                    mysql: mysql.clone(),
+                    cross_shard: protocol.into(),
+                    fraud: true,
+                    bus: crate::bus_config(None, ""),
+                    redis: None,
+                },
+                services: Default::default(),
+                reports_dir: dir.clone(),
+                progress: true,
+                baseline_s: Some(args.baseline_seconds),
+                system_binary: std::env::current_exe().ok(),
+                six_processes: false,
+            };
+            match run::run(scenario, &options).await {
+                Ok(result) => match BenchRow::of(&result.report, result.dir.clone()) {
+                    Some(row) => rows.push(row),
+                    None => {
+                        failure = Some(anyhow::anyhow!(
+                            "{}: the run measured no baseline",
+                            scenario.name
+                        ));
+                        break 'runs;
+                    }
+                },
+                Err(e) => {
+                    failure = Some(e);
+                    break 'runs;
+                }
+            }
+        }
+    }
+    if let Some(local) = local {
+        local.stop();
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let table = bench::table(&rows);
+    std::fs::write(dir.join("bench.md"), &table)?;
+    std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&rows)?)?;
+    print!("{table}");
+    println!(
+        "\nbench: {}/bench.md (and bench.json; each run's report beside them)",
+        dir.display()
+    );
+    let mut passed = rows.iter().all(|r| r.run_passed);
+    if let Some(min) = args.min_ratio {
+        for r in rows.iter().filter(|r| r.ratio < min) {
+            println!(
+                "FAILED: {} on {}: ratio {:.2} below --min-ratio {min}",
+                r.kind, r.backend, r.ratio
+            );
+            passed = false;
+        }
+    }
+    Ok(passed)
 }

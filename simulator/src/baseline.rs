@@ -1,9 +1,14 @@
 //! The raw-database baseline: the transfer transactions the reference
-//! system runs, sent straight to the MySQL shards with sqlx, with no HTTP
-//! and no services in between, at a given concurrency. Its TPS is the
-//! ceiling the services' TPS is measured against.
+//! system runs, sent straight to the shards with no HTTP and no services in
+//! between, at a given concurrency. Its TPS is the ceiling the services'
+//! TPS is measured against.
 //!
-//! Each shard URL's database gets a sibling `<database>_baseline` holding
+//! On SQLite (`run_sqlite`), each shard is a fresh file with the system's
+//! own schema, written by the system's own writer thread with its group
+//! commit (`SqliteShard::open_writer`): the same connection settings and
+//! durability, raw SQL instead of the ledger's functions.
+//!
+//! On MySQL (`run`), each shard URL's database gets a sibling `<database>_baseline` holding
 //! accounts, transfers, credits, entries and outbox tables of the same
 //! shape; it is dropped and created afresh on every run.
 //! - same-shard: one transaction locking both accounts in id order, two
@@ -24,6 +29,11 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::{Connection, MySqlPool};
+
+use shardpay_reference::ids::ShardId;
+use shardpay_reference::ledger::sqlite::{SqliteConfig, SqliteShard, Writer};
+use shardpay_reference::ledger::StoreError;
+use shardpay_reference::money::Currency;
 
 use crate::record::new_histogram;
 use crate::report::Hist;
@@ -346,23 +356,100 @@ fn uuid_like() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
-/// Runs `concurrency` workers for `seconds` against the shards' baseline
-/// databases and reports transfers per second and latency.
+/// The shards a baseline writes to.
+enum Shards {
+    Mysql(Vec<MySqlPool>),
+    Sqlite(Vec<(ShardId, Writer)>),
+}
+
+impl Shards {
+    fn len(&self) -> usize {
+        match self {
+            Shards::Mysql(pools) => pools.len(),
+            Shards::Sqlite(writers) => writers.len(),
+        }
+    }
+}
+
+fn check_kind(kind: BaselineKind, shards: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(shards > 0, "the baseline needs at least one shard");
+    anyhow::ensure!(
+        kind == BaselineKind::SameShard || shards > 1,
+        "a cross-shard baseline needs at least two shards"
+    );
+    Ok(())
+}
+
+/// Runs `concurrency` workers for `seconds` against the MySQL shards'
+/// baseline databases and reports transfers per second and latency.
 pub async fn run(
     urls: &[String],
     kind: BaselineKind,
     concurrency: usize,
     seconds: u64,
 ) -> anyhow::Result<BaselineResult> {
+    check_kind(kind, urls.len())?;
+    let pools = prepare(urls, pool_size(kind, concurrency, urls.len())).await?;
+    let shards = Arc::new(Shards::Mysql(pools));
+    let result = measure(&shards, kind, concurrency, seconds).await;
+    if let Shards::Mysql(pools) = &*shards {
+        for pool in pools {
+            pool.close().await;
+        }
+    }
+    result
+}
+
+/// Runs `concurrency` workers for `seconds` against `shards` fresh SQLite
+/// files in `dir` (created, and replaced if there), each written by the
+/// system's writer thread with its group commit at `config`'s durability.
+/// XA needs MySQL and is refused.
+pub async fn run_sqlite(
+    dir: &std::path::Path,
+    shards: usize,
+    config: &SqliteConfig,
+    kind: BaselineKind,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<BaselineResult> {
+    check_kind(kind, shards)?;
     anyhow::ensure!(
-        !urls.is_empty(),
-        "the baseline needs at least one shard URL"
+        kind != BaselineKind::CrossShardXa,
+        "an XA baseline needs MySQL shards: SQLite files have no XA"
     );
-    anyhow::ensure!(
-        kind == BaselineKind::SameShard || urls.len() > 1,
-        "a cross-shard baseline needs at least two shards"
-    );
-    let pools = Arc::new(prepare(urls, pool_size(kind, concurrency, urls.len())).await?);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut writers = Vec::with_capacity(shards);
+    for index in 0..shards {
+        let shard = ShardId::new(index as u32)?;
+        let path = SqliteShard::file_path(dir, shard);
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if file.exists() {
+                std::fs::remove_file(&file)
+                    .with_context(|| format!("cannot replace {}", file.display()))?;
+            }
+        }
+        let writer = SqliteShard::open_writer(dir, shard, config)?;
+        writer
+            .write(move |conn| sqlite_accounts(conn).map_err(|e| sqlite_error(shard, e)))
+            .await?;
+        writers.push((shard, writer));
+    }
+    measure(
+        &Arc::new(Shards::Sqlite(writers)),
+        kind,
+        concurrency,
+        seconds,
+    )
+    .await
+}
+
+async fn measure(
+    shards: &Arc<Shards>,
+    kind: BaselineKind,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<BaselineResult> {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -371,31 +458,195 @@ pub async fn run(
             tokio::spawn(worker(
                 w as u64,
                 kind,
-                pools.clone(),
+                shards.clone(),
                 done.clone(),
                 deadline,
             ))
         })
         .collect();
     let mut hist = new_histogram();
+    let mut errors = 0;
+    let mut first_error = None;
     for w in workers {
-        let (h, _errors) = w.await?;
+        let (h, e, first) = w.await?;
+        errors += e;
+        first_error = first_error.or(first);
         hist.add(&h).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let transfers = done.load(Ordering::Relaxed);
-    for pool in pools.iter() {
-        pool.close().await;
+    if let Some(error) = first_error.filter(|_| transfers == 0) {
+        anyhow::bail!("every baseline transfer failed ({errors}); the first: {error:#}");
     }
     Ok(BaselineResult {
         kind,
-        shards: urls.len(),
+        shards: shards.len(),
         concurrency,
         seconds: elapsed,
         transfers,
         tps: transfers as f64 / elapsed,
         latency: Hist::of(&hist),
     })
+}
+
+/// The baseline's accounts on a fresh SQLite shard file, plus its
+/// in-flight account, in one transaction.
+fn sqlite_accounts(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let currency = Currency::DEFAULT;
+    let now = now_ms();
+    let mut insert = conn.prepare(
+        "INSERT INTO accounts (id, kind, currency, balance_minor, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for i in 0..ACCOUNTS_PER_SHARD {
+        insert.execute(rusqlite::params![
+            format!("a{i}"),
+            "user",
+            currency.code(),
+            1_000_000_000i64,
+            now
+        ])?;
+    }
+    insert.execute(rusqlite::params![
+        "~in_flight",
+        "in_flight",
+        currency.code(),
+        0i64,
+        now
+    ])?;
+    Ok(())
+}
+
+fn sqlite_error(shard: ShardId, error: rusqlite::Error) -> StoreError {
+    StoreError::Internal {
+        shard,
+        reason: error.to_string(),
+    }
+}
+
+/// One balance change and its ledger entry; a user account never goes
+/// below zero.
+fn sqlite_post(
+    conn: &rusqlite::Connection,
+    transfer_id: &str,
+    account: &str,
+    delta: i64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance_minor = balance_minor + ?1 WHERE id = ?2 AND (kind <> 'user' OR balance_minor + ?1 >= 0)",
+        )?
+        .execute(rusqlite::params![delta, account])?;
+    if changed != 1 {
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
+    conn.prepare_cached(
+        "INSERT INTO ledger_entries (transfer_id, account_id, amount_minor, currency, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(rusqlite::params![transfer_id, account, delta, Currency::DEFAULT.code(), now])?;
+    Ok(())
+}
+
+/// The transfer row (payer's shard) with its outbox row and the shard's
+/// counters, as the system keeps them.
+fn sqlite_transfer_row(
+    conn: &rusqlite::Connection,
+    (id, a, b): (&str, &str, &str),
+    amount: i64,
+    state: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO transfers (id, payer, payee, amount_minor, currency, payer_shard, payee_shard, state, created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?7)",
+    )?
+    .execute(rusqlite::params![id, a, b, amount, Currency::DEFAULT.code(), state, now])?;
+    conn.prepare_cached(
+        "INSERT INTO outbox (event_id, event_type, aggregate_id, payload, created_at_ms) VALUES (?1, 'transfer', ?2, ?3, ?4)",
+    )?
+    .execute(rusqlite::params![
+        uuid_like(),
+        id,
+        format!("{{\"transfer_id\":\"{id}\"}}"),
+        now
+    ])?;
+    conn.prepare_cached(
+        "UPDATE shard_counters SET transfers_completed = transfers_completed + 1, outbox_rows = outbox_rows + 1 WHERE slot = 0",
+    )?
+    .execute([])?;
+    Ok(())
+}
+
+async fn sqlite_same_shard(
+    (shard_id, writer): &(ShardId, Writer),
+    payer: u32,
+    payee: u32,
+    amount: i64,
+) -> Result<(), StoreError> {
+    let shard_id = *shard_id;
+    let id = uuid_like();
+    let (a, b) = (format!("a{payer}"), format!("a{payee}"));
+    writer
+        .write(move |conn| {
+            let now = now_ms();
+            sqlite_post(conn, &id, &a, -amount, now)
+                .and_then(|()| sqlite_post(conn, &id, &b, amount, now))
+                .and_then(|()| sqlite_transfer_row(conn, (&id, &a, &b), amount, "completed", now))
+                .map_err(|e| sqlite_error(shard_id, e))
+        })
+        .await
+}
+
+/// The saga's three transactions, each its own group-committed job: debit
+/// into in-flight on the payer's shard, credit from in-flight on the
+/// payee's (with its credit row), completion on the payer's.
+async fn sqlite_cross_shard(
+    writers: &[(ShardId, Writer)],
+    (from, to): (usize, usize),
+    payer: u32,
+    payee: u32,
+    amount: i64,
+) -> Result<(), StoreError> {
+    let (payer_shard, payee_shard) = (writers[from].0, writers[to].0);
+    let id = uuid_like();
+    let (a, b) = (format!("a{payer}"), format!("a{payee}"));
+    let (id1, a1, b1) = (id.clone(), a.clone(), b.clone());
+    writers[from]
+        .1
+        .write(move |conn| {
+            let now = now_ms();
+            sqlite_post(conn, &id1, &a1, -amount, now)
+                .and_then(|()| sqlite_post(conn, &id1, "~in_flight", amount, now))
+                .and_then(|()| sqlite_transfer_row(conn, (&id1, &a1, &b1), amount, "pending", now))
+                .map_err(|e| sqlite_error(payer_shard, e))
+        })
+        .await?;
+    let (id2, a2, b2) = (id.clone(), a.clone(), b.clone());
+    writers[to]
+        .1
+        .write(move |conn| {
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO inbound_credits (transfer_id, payer, payee, amount_minor, currency, payer_shard, outcome, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'credited', ?7)",
+            )
+            .and_then(|mut st| {
+                st.execute(rusqlite::params![id2, a2, b2, amount, Currency::DEFAULT.code(), from as i64, now])
+            })
+            .and_then(|_| sqlite_post(conn, &id2, "~in_flight", -amount, now))
+            .and_then(|()| sqlite_post(conn, &id2, &b2, amount, now))
+            .map_err(|e| sqlite_error(payee_shard, e))
+        })
+        .await?;
+    writers[from]
+        .1
+        .write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE transfers SET state = 'completed', updated_at_ms = ?1 WHERE id = ?2",
+            )
+            .and_then(|mut st| st.execute(rusqlite::params![now_ms(), id]))
+            .map(|_| ())
+            .map_err(|e| sqlite_error(payer_shard, e))
+        })
+        .await
 }
 
 /// Connections per shard pool for `concurrency` workers on `shards` shards.
@@ -415,25 +666,29 @@ fn pool_size(kind: BaselineKind, concurrency: usize, shards: usize) -> u32 {
 async fn worker(
     w: u64,
     kind: BaselineKind,
-    pools: Arc<Vec<MySqlPool>>,
+    shards: Arc<Shards>,
     done: Arc<AtomicU64>,
     deadline: Instant,
-) -> (Histogram<u64>, u64) {
+) -> (Histogram<u64>, u64, Option<anyhow::Error>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(w);
     let mut hist: Histogram<u64> = new_histogram();
     let mut errors = 0u64;
+    let mut first_error = None;
     while Instant::now() < deadline {
-        let transfer = Draw::new(&mut rng, pools.len());
+        let transfer = Draw::new(&mut rng, shards.len());
         let t = Instant::now();
-        match transfer.send(kind, &pools, &mut rng).await {
+        match transfer.send(kind, &shards, &mut rng).await {
             Ok(()) => {
                 hist.saturating_record(t.elapsed().as_micros() as u64);
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => errors += 1,
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
-    (hist, errors)
+    (hist, errors, first_error)
 }
 
 /// A transfer between two random accounts, from a random shard.
@@ -466,16 +721,31 @@ impl Draw {
     async fn send(
         &self,
         kind: BaselineKind,
-        pools: &[MySqlPool],
+        shards: &Shards,
         rng: &mut rand::rngs::StdRng,
-    ) -> Result<(), sqlx::Error> {
+    ) -> anyhow::Result<()> {
         let Draw {
             shard,
             payer,
             payee,
             amount,
         } = *self;
-        match kind {
+        let pools = match shards {
+            Shards::Mysql(pools) => pools,
+            Shards::Sqlite(writers) => {
+                return Ok(match kind {
+                    BaselineKind::SameShard => {
+                        sqlite_same_shard(&writers[shard], payer, payee, amount).await?
+                    }
+                    _ => {
+                        let other =
+                            (shard + 1 + rng.random_range(0..writers.len() - 1)) % writers.len();
+                        sqlite_cross_shard(writers, (shard, other), payer, payee, amount).await?
+                    }
+                });
+            }
+        };
+        Ok(match kind {
             BaselineKind::SameShard => same_shard(&pools[shard], payer, payee, amount).await,
             BaselineKind::CrossShard => {
                 let other = (shard + 1 + rng.random_range(0..pools.len() - 1)) % pools.len();
@@ -486,6 +756,6 @@ impl Draw {
                 let pair = (&pools[shard], &pools[other]);
                 cross_shard_xa(pair, (shard, other), payer, payee, amount).await
             }
-        }
+        }?)
     }
 }

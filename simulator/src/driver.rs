@@ -63,8 +63,16 @@ pub struct Sim {
     pub hostile: crate::hostile::Tally,
     next: AtomicU64,
     executed: AtomicU64,
+    /// Open model: operations sent later than [`LATE`] after they were
+    /// due (every user was busy), and the worst such lag, microseconds.
+    late: AtomicU64,
+    worst_lag_us: AtomicU64,
     start: OnceLock<Instant>,
 }
+
+/// An open-model operation sent this long after it was due counts as late:
+/// the schedule fell behind because every virtual user was busy.
+pub const LATE: Duration = Duration::from_millis(100);
 
 impl Sim {
     pub fn new(
@@ -99,6 +107,8 @@ impl Sim {
             hostile: crate::hostile::Tally::default(),
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            worst_lag_us: AtomicU64::new(0),
             start: OnceLock::new(),
         }
     }
@@ -155,7 +165,28 @@ impl Sim {
     pub fn executed(&self) -> u64 {
         self.executed.load(Ordering::Relaxed)
     }
+
+    /// Open model: how far the schedule fell behind. `None` in the closed
+    /// model, which has no schedule.
+    pub fn schedule_lag(&self) -> Option<ScheduleLag> {
+        let schedule = self.schedule.as_ref()?;
+        let mut due = schedule.len();
+        if let Some(seconds) = self.stop.seconds() {
+            due = due.min(schedule.due_before(Duration::from_secs(seconds)));
+        }
+        if let Some(count) = self.stop.count() {
+            due = due.min(count);
+        }
+        Some(ScheduleLag {
+            due,
+            unsent: due.saturating_sub(self.executed()),
+            late: self.late.load(Ordering::Relaxed),
+            worst_lag_ms: self.worst_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        })
+    }
 }
+
+pub use crate::report::ScheduleLag;
 
 /// Runs the goose attack to the end of the scenario, on `sim`'s targets.
 pub async fn attack(scenario: &Scenario, sim: Arc<Sim>) -> anyhow::Result<GooseMetrics> {
@@ -223,6 +254,12 @@ async fn step(user: &mut GooseUser, sim: &Sim) {
         Some(schedule) => match schedule.due(k) {
             Some(due) if !over_count => {
                 let at = start + due;
+                let lag = Instant::now().saturating_duration_since(at);
+                if lag > LATE {
+                    sim.late.fetch_add(1, Ordering::Relaxed);
+                    sim.worst_lag_us
+                        .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+                }
                 tokio::time::sleep_until(at.into()).await;
                 at
             }

@@ -149,7 +149,7 @@ fn totals(r: &Report) -> Markup {
         (format!("{:.1} s", r.run.measured_s), "measured"),
     ];
     let counts = format!(
-        "{} requests: {} accepted, {} replayed, {} declined, {} errors. goose counted {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus){}.",
+        "{} requests: {} accepted, {} replayed, {} declined, {} errors. goose counted {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus, {:.0} µs per request){}.",
         t.counts.requests,
         t.counts.accepted,
         t.counts.replayed,
@@ -160,9 +160,16 @@ fn totals(r: &Report) -> Markup {
         r.resources.wall_s,
         r.resources.simulator_cpu_share * 100.0,
         r.machine.cpus,
+        r.resources.simulator_cpu_us_per_request,
         r.resources
             .system_cpu_s
-            .map(|s| format!("; reference system {s:.1} s"))
+            .map(|s| format!(
+                "; reference system {s:.1} s{}",
+                r.resources
+                    .system_threads
+                    .map(|n| format!(" on {n} worker threads"))
+                    .unwrap_or_default()
+            ))
             .unwrap_or_default()
     );
     html! {
@@ -172,6 +179,15 @@ fn totals(r: &Report) -> Markup {
             }
         }
         p { (counts) }
+        @if let Some(lag) = r.run.schedule.filter(|l| !l.kept()) {
+            div.fail {
+                b { "The schedule fell behind: " }
+                (format!(
+                    "{} of {} due operations never sent, {} sent more than 100 ms late (worst {:.0} ms); all {} users were busy. Raise users or lower the rate.",
+                    lag.unsent, lag.due, lag.late, lag.worst_lag_ms, r.run.users
+                ))
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 pub mod accounting;
 pub mod api;
 pub mod baseline;
+pub mod bench;
 pub mod compare;
 pub mod driver;
 pub mod hostile;

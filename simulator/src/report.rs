@@ -97,6 +97,33 @@ pub struct RunInfo {
     /// Stopped early by Ctrl-C; the books and audit cover what ran, and the
     /// run fails.
     pub interrupted: bool,
+    /// Open model: how far the arrival schedule fell behind (absent in the
+    /// closed model).
+    #[serde(default)]
+    pub schedule: Option<ScheduleLag>,
+}
+
+/// The open model's arrivals against what was sent. An operation is due at
+/// its scheduled time; one sent late (every virtual user busy) is still
+/// measured from when it was due, and one never sent before the run ended
+/// is counted here rather than dropped.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+pub struct ScheduleLag {
+    /// Operations due within the run's length.
+    pub due: u64,
+    /// Due but never sent: the users were all busy until the run ended.
+    pub unsent: u64,
+    /// Sent more than 100 ms after they were due.
+    pub late: u64,
+    /// The latest an operation was sent after it was due, milliseconds.
+    pub worst_lag_ms: f64,
+}
+
+impl ScheduleLag {
+    /// Whether the run kept to its schedule.
+    pub fn kept(&self) -> bool {
+        self.unsent == 0 && self.late == 0
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -431,6 +458,13 @@ pub struct Resources {
     pub wall_s: f64,
     /// simulator_cpu_s / (wall_s * cpus).
     pub simulator_cpu_share: f64,
+    /// The simulator's CPU per request sent, microseconds.
+    #[serde(default)]
+    pub simulator_cpu_us_per_request: f64,
+    /// Worker threads of the in-process system's runtime (its HTTP and
+    /// services; each SQLite shard adds a writer and reader threads).
+    #[serde(default)]
+    pub system_threads: Option<usize>,
 }
 
 impl Report {
@@ -516,6 +550,13 @@ impl Report {
             t.counts.errors,
             t.error_rate * 100.0
         );
+        if let Some(lag) = self.run.schedule.filter(|l| !l.kept()) {
+            let _ = writeln!(
+                out,
+                "the schedule fell behind: {} of {} due operations never sent, {} sent more than 100 ms late (worst {:.0} ms late); every one of the {} users was busy. Raise `users` or lower the rate to measure the rate asked for.",
+                lag.unsent, lag.due, lag.late, lag.worst_lag_ms, self.run.users
+            );
+        }
         if t.counts.unauthorized + t.counts.rate_limited > 0 {
             let _ = writeln!(
                 out,
@@ -585,14 +626,21 @@ impl Report {
     fn summarize_cpu(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "\nsimulator CPU: {:.1} s of {:.1} s wall on {} cpus ({:.0}% of the machine){}",
+            "\nsimulator CPU: {:.1} s of {:.1} s wall on {} cpus ({:.0}% of the machine, {:.0} µs per request){}",
             self.resources.simulator_cpu_s,
             self.resources.wall_s,
             self.machine.cpus,
             self.resources.simulator_cpu_share * 100.0,
+            self.resources.simulator_cpu_us_per_request,
             self.resources
                 .system_cpu_s
-                .map(|s| format!("; reference system {s:.1} s"))
+                .map(|s| format!(
+                    "; reference system {s:.1} s{}",
+                    self.resources
+                        .system_threads
+                        .map(|n| format!(" on {n} worker threads"))
+                        .unwrap_or_default()
+                ))
                 .unwrap_or_default()
         );
     }
@@ -857,6 +905,15 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         run.accounts += r.run.accounts;
         run.measured_s = run.measured_s.max(r.run.measured_s);
         run.interrupted |= r.run.interrupted;
+        run.schedule = match (run.schedule, r.run.schedule) {
+            (Some(a), Some(b)) => Some(ScheduleLag {
+                due: a.due + b.due,
+                unsent: a.unsent + b.unsent,
+                late: a.late + b.late,
+                worst_lag_ms: a.worst_lag_ms.max(b.worst_lag_ms),
+            }),
+            (a, b) => a.or(b),
+        };
         out.machine.cpus += r.machine.cpus;
         out.machine.hostname = format!("{} + {}", out.machine.hostname, r.machine.hostname);
         let a = &mut out.accounting;
@@ -910,6 +967,8 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
     };
     out.resources.simulator_cpu_share =
         out.resources.simulator_cpu_s / (out.resources.wall_s * out.machine.cpus as f64).max(1e-9);
+    out.resources.simulator_cpu_us_per_request =
+        out.resources.simulator_cpu_s * 1e6 / (c.requests as f64).max(1.0);
     let scenario = crate::scenario::parse(&out.scenario.source, &out.scenario.file)
         .map_err(|e| anyhow::anyhow!("the report's scenario no longer reads: {e}"))?;
     crate::run::judge(&scenario, &mut out);

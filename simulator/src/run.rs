@@ -241,7 +241,7 @@ impl Embedded {
             .name("sp-server-main".into())
             .spawn(move || -> anyhow::Result<()> {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
+                    .worker_threads(server_threads())
                     .thread_name("sp-server")
                     .enable_all()
                     .build()?;
@@ -284,6 +284,50 @@ impl Embedded {
         }
         Ok(())
     }
+}
+
+/// The reference system in this process, started as a run starts it (auth
+/// on with an `admin` user, fraud checks, the in-process bus) on fresh
+/// SQLite shards in a temporary folder: for benches of the full path.
+pub struct LocalSystem {
+    system: Embedded,
+}
+
+impl LocalSystem {
+    pub async fn start(shards: u32, durability: Durability) -> anyhow::Result<LocalSystem> {
+        let system = Embedded::start(
+            shards,
+            None,
+            durability,
+            None,
+            CrossShard::Saga,
+            true,
+            BusConfig::default(),
+            None,
+        )
+        .await?;
+        Ok(LocalSystem { system })
+    }
+
+    /// Its base URL, on loopback.
+    pub fn url(&self) -> &str {
+        &self.system.url
+    }
+
+    /// The password of its `admin` user.
+    pub fn admin_password(&self) -> &str {
+        &self.system.admin_password
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.system.stop().await
+    }
+}
+
+/// Worker threads of the in-process system's runtime: one per core, as
+/// `shardpay serve` has (the simulator's own runtime shares the cores).
+pub fn server_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The first `shards` of the MySQL URLs, each database emptied first when
@@ -1361,29 +1405,58 @@ impl RunContext<'_> {
         })
     }
 
-    /// With `--baseline` on MySQL shards: the raw-database baseline of each
-    /// kind of transfer the scenario sends, measured before the load.
+    /// With `--baseline`: the raw-database baseline of each kind of
+    /// transfer the scenario sends, measured before the load, on the same
+    /// kind of storage as the run's system (fresh SQLite files with the
+    /// same durability, or databases beside the MySQL shards').
     async fn measure_baseline(&self, shards: usize) -> anyhow::Result<Option<Vec<BaselineResult>>> {
-        let (mysql, cross_shard, seconds) = match (&self.options.target, self.options.baseline_s) {
-            (
-                Target::Embedded {
-                    mysql: Some(m),
-                    cross_shard,
-                    ..
-                },
-                Some(seconds),
-            ) => (m, *cross_shard, seconds),
-            (Target::Embedded { mysql: None, .. }, Some(_)) | (Target::Url(_), Some(_)) => {
-                bail!("--baseline needs MySQL shards (--backend mysql): it measures the databases themselves")
-            }
-            _ => return Ok(None),
+        let Some(seconds) = self.options.baseline_s else {
+            return Ok(None);
         };
-        let urls: Vec<String> = mysql.urls.iter().take(shards).cloned().collect();
+        let Target::Embedded {
+            mysql,
+            cross_shard,
+            durability,
+            ..
+        } = &self.options.target
+        else {
+            bail!("--baseline measures the storage of the system this run starts; a run against --target has no storage of its own to measure")
+        };
         let concurrency = self.scenario.load.users() as usize;
         let mut results = Vec::new();
-        for kind in baseline_kinds(self.scenario, shards, cross_shard) {
-            self.say(format!("raw-database baseline, {kind:?}, {seconds} s"));
-            results.push(crate::baseline::run(&urls, kind, concurrency, seconds).await?);
+        let kinds = baseline_kinds(self.scenario, shards, *cross_shard);
+        match mysql {
+            Some(m) => {
+                let urls: Vec<String> = m.urls.iter().take(shards).cloned().collect();
+                for kind in kinds {
+                    self.say(format!("raw-database baseline, {kind:?}, {seconds} s"));
+                    results.push(crate::baseline::run(&urls, kind, concurrency, seconds).await?);
+                }
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("shardpay-baseline-")
+                    .tempdir()
+                    .context("cannot create a folder for the baseline's shard files")?;
+                let config = SqliteConfig {
+                    durability: *durability,
+                    ..SqliteConfig::default()
+                };
+                for kind in kinds {
+                    self.say(format!("raw SQLite baseline, {kind:?}, {seconds} s"));
+                    results.push(
+                        crate::baseline::run_sqlite(
+                            dir.path(),
+                            shards,
+                            &config,
+                            kind,
+                            concurrency,
+                            seconds,
+                        )
+                        .await?,
+                    );
+                }
+            }
         }
         Ok(Some(results))
     }
@@ -1525,6 +1598,7 @@ impl RunContext<'_> {
             users: self.scenario.load.users(),
             goose_requests: load.goose_requests,
             interrupted: load.interrupted,
+            schedule: sim.schedule_lag(),
         }
     }
 
@@ -1555,6 +1629,9 @@ impl LoadFigures {
             system_cpu_s: embedded.then_some(self.server_cpu_s),
             wall_s: self.wall_s,
             simulator_cpu_share: simulator_cpu_s / (self.wall_s * machine.cpus as f64).max(1e-9),
+            // Set from the report's request count once it is built.
+            simulator_cpu_us_per_request: 0.0,
+            system_threads: (embedded && !self.child_process).then(server_threads),
         }
     }
 }
@@ -1830,6 +1907,9 @@ fn build_report(
     let measured_s = (m.last_at.as_secs_f64() - scenario.warmup_s as f64).max(1e-3);
     run.measured_s = (measured_s * 1000.0).round() / 1000.0;
     let totals = totals(m.counts, measured_s);
+    let mut resources = resources;
+    resources.simulator_cpu_us_per_request =
+        resources.simulator_cpu_s * 1e6 / (totals.counts.requests as f64).max(1.0);
     let latency = latency(&m);
     let by_kind = m
         .counts_by_kind

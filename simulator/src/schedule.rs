@@ -45,6 +45,22 @@ impl Schedule {
         self.len() == 0
     }
 
+    /// Arrivals due before `t` from the start of the run.
+    pub fn due_before(&self, t: Duration) -> u64 {
+        let t = t.as_secs_f64();
+        let mut due = 0.0;
+        for &(start, r0, r1, len, before) in &self.stages {
+            if t <= start {
+                break;
+            }
+            let x = (t - start).min(len);
+            due = before + r0 * x + (r1 - r0) / (2.0 * len.max(1e-12)) * x * x;
+        }
+        // Arrival k is due at N(t) = k, so the arrivals due strictly
+        // before t are those with k < N(t).
+        (due - 1e-9).ceil().max(0.0) as u64
+    }
+
     /// When arrival k is due, from the start of the run; `None` past the
     /// end of the schedule.
     pub fn due(&self, k: u64) -> Option<Duration> {
@@ -87,6 +103,24 @@ mod tests {
         assert_eq!(s.due(50).unwrap().as_micros(), 500_000);
         assert_eq!(s.due(999).unwrap().as_micros(), 9_990_000);
         assert_eq!(s.due(1000), None);
+    }
+
+    #[test]
+    fn arrivals_due_before_a_time_agree_with_their_due_times() {
+        let s = Schedule::new(0.0, &[stage(10, 200.0), stage(5, 200.0)]);
+        assert_eq!(s.due_before(Duration::ZERO), 0);
+        assert_eq!(s.due_before(Duration::from_secs(100)), s.len());
+        for ms in (0..15_000).step_by(137) {
+            let t = Duration::from_millis(ms);
+            let n = s.due_before(t);
+            // Arrival n-1 is due before t and arrival n is not.
+            if n > 0 {
+                assert!(s.due(n - 1).unwrap() < t + Duration::from_micros(1), "{ms}");
+            }
+            if let Some(next) = s.due(n) {
+                assert!(next + Duration::from_micros(1) >= t, "{ms}: {n}");
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 mod schema;
 mod worker;
 
+pub use worker::Writer;
+
 use std::path::{Path, PathBuf};
 
 use std::future::Future;
@@ -16,7 +18,7 @@ use super::book::{self, Cell, Dialect, Param, Row, Session};
 use super::StoreError;
 use crate::ids::ShardId;
 pub use schema::MIGRATIONS;
-use worker::{Readers, Writer};
+use worker::Readers;
 
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -81,6 +83,21 @@ impl SqliteShard {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Opens (creating if needed) the file of `shard` in `dir` with the
+    /// system's schema and returns its writer thread alone: the storage
+    /// with the same connection settings and group commit the system
+    /// uses, for a baseline that measures the files themselves.
+    pub fn open_writer(
+        dir: &Path,
+        shard: ShardId,
+        config: &SqliteConfig,
+    ) -> anyhow::Result<Writer> {
+        let path = Self::file_path(dir, shard);
+        let mut conn = open_connection(&path, config)?;
+        schema::migrate(&mut conn)?;
+        Ok(Writer::spawn(shard, conn))
     }
 }
 
