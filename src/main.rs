@@ -5,6 +5,10 @@
 mod config;
 mod simulate;
 
+/// mimalloc instead of glibc's malloc: see the note on the dependency.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -412,18 +412,23 @@ fn cpu_seconds() -> (f64, f64) {
     let total = std::fs::read_to_string("/proc/self/stat")
         .map(|s| ticks(&s))
         .unwrap_or(0.0);
-    let mut server = 0.0;
+    // The simulator's threads live as long as the run; the system's come
+    // and go (its blocking pool's threads end when idle, taking their CPU
+    // out of a sum over live threads). So the simulator's own threads are
+    // summed, and the system's share is the rest of the process's total,
+    // which keeps the CPU of threads that ended.
+    let mut simulator = 0.0;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if SERVER_THREADS.iter().any(|p| comm.starts_with(p)) {
-                server += std::fs::read_to_string(task.path().join("stat"))
+            if !SERVER_THREADS.iter().any(|p| comm.starts_with(p)) {
+                simulator += std::fs::read_to_string(task.path().join("stat"))
                     .map(|s| ticks(&s))
                     .unwrap_or(0.0);
             }
         }
     }
-    (total, server)
+    (total, total - simulator)
 }
 
 fn git_commit() -> String {

@@ -551,9 +551,22 @@ impl Notifier {
         }
         let hooks = self.store.webhooks_of(&accounts_of(event)).await?;
         let ids: Vec<String> = hooks.iter().map(|h| h.webhook.id.clone()).collect();
-        let Some(claimed) = self.store.apply(event, &ids, &self.lease()).await? else {
+        let claimed = self.store.apply(event, &ids, &self.lease()).await?;
+        self.applied(event, hooks, claimed).await;
+        Ok(())
+    }
+
+    /// Counts an event the store took, and starts the deliveries it
+    /// claimed (`None`: applied before, a duplicate).
+    async fn applied(
+        self: &Arc<Self>,
+        event: &Event,
+        hooks: Vec<StoredHook>,
+        claimed: Option<Vec<String>>,
+    ) {
+        let Some(claimed) = claimed else {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return;
         };
         self.counters.logged.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(event = %event.id, kind = %event.event_type, "notification (log channel)");
@@ -567,7 +580,6 @@ impl Notifier {
                 self.start_delivery(claim, hook).await;
             }
         }
-        Ok(())
     }
 
     /// Runs a claimed delivery in the background, or, when
@@ -877,12 +889,48 @@ impl Notifier {
         }
     }
 
-    /// Applies a batch, each event until the store takes it; false when
-    /// shutdown came first.
+    /// Applies a batch, in one transaction when the store can (the whole
+    /// batch again after a failure), else each event until the store
+    /// takes it; false when shutdown came first.
     async fn record(self: &Arc<Self>, batch: &[Event], stopping: &watch::Receiver<bool>) -> bool {
+        let events: Vec<(Event, Vec<String>)> = batch
+            .iter()
+            .filter(|event| {
+                let ok = event.id.len() <= MAX_EVENT_ID_LEN;
+                if !ok {
+                    tracing::warn!(
+                        len = event.id.len(),
+                        "an event id longer than {MAX_EVENT_ID_LEN} bytes; not notified"
+                    );
+                }
+                ok
+            })
+            .map(|event| (event.clone(), accounts_of(event)))
+            .collect();
+        loop {
+            // At shutdown the batch is handed back: it stays uncommitted,
+            // to be read again (or caught up from the outbox).
+            if *stopping.borrow() {
+                return false;
+            }
+            match self.store.apply_batch(&events, &self.lease()).await {
+                None => break,
+                Some(Ok(results)) => {
+                    self.counters
+                        .received
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for ((event, _), (hooks, claimed)) in events.iter().zip(results) {
+                        self.applied(event, hooks, claimed).await;
+                    }
+                    return true;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(events = events.len(), %error, "notification cannot record a batch of events; trying again");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
         for event in batch {
-            // At shutdown the rest of the batch is handed back: it stays
-            // uncommitted, to be read again (or caught up from the outbox).
             if *stopping.borrow() {
                 return false;
             }

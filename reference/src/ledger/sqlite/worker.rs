@@ -34,16 +34,28 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 pub struct Writer {
     shard: ShardId,
     sender: mpsc::Sender<WriteJob>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Writer {
     pub fn spawn(shard: ShardId, conn: Connection) -> Writer {
         let (sender, receiver) = mpsc::channel(QUEUE_LEN);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("shard-{shard}-writer"))
             .spawn(move || write_loop(shard, conn, receiver))
             .expect("spawn writer thread");
-        Writer { shard, sender }
+        Writer {
+            shard,
+            sender,
+            thread,
+        }
+    }
+
+    /// Lets the queued jobs finish, then ends the thread and closes the
+    /// file. Blocks until then.
+    pub fn close(self) {
+        drop(self.sender);
+        let _ = self.thread.join();
     }
 
     /// Runs `job` inside a transaction; its writes are kept when it answers

@@ -109,6 +109,11 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// One event of a batch taken by [`NotificationStore::apply_batch`]: the
+/// webhooks of its accounts, and `None` when it was applied before, else
+/// the webhooks whose delivery this claimed.
+pub type Applied = (Vec<StoredHook>, Option<Vec<String>>);
+
 /// Registrations, applied events, deliveries and dead letters.
 #[async_trait]
 pub trait NotificationStore: Send + Sync {
@@ -133,6 +138,20 @@ pub trait NotificationStore: Send + Sync {
         webhooks: &[String],
         lease: &Lease,
     ) -> Result<Option<Vec<String>>, StoreError>;
+
+    /// A batch of events, each with the accounts it concerns, taken in
+    /// one transaction: per event, the webhooks of its accounts (as
+    /// `webhooks_of`) and what `apply` answers for it with them. `None`
+    /// when the store takes one event at a time (then the caller uses
+    /// `webhooks_of` and `apply`); all or nothing otherwise, so a failed
+    /// batch can be taken again whole.
+    async fn apply_batch(
+        &self,
+        _events: &[(Event, Vec<String>)],
+        _lease: &Lease,
+    ) -> Option<Result<Vec<Applied>, StoreError>> {
+        None
+    }
 
     /// Which of `ids` were applied.
     async fn applied(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;

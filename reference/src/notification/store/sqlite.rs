@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    Added, Claim, Lease, LetterClaim, NotificationStore, StoreError, StoredCounts, StoredHook,
+    Added, Applied, Claim, Lease, LetterClaim, NotificationStore, StoreError, StoredCounts,
+    StoredHook,
 };
 use crate::events::Event;
 use crate::ledger::TimestampMs;
@@ -234,6 +235,58 @@ fn apply(
     Ok(Some(claimed))
 }
 
+/// [`NotificationStore::apply_batch`] in one transaction; an event's JSON
+/// is written only when it has a webhook to deliver to.
+fn apply_batch(
+    db: &mut Connection,
+    events: &[(Event, Vec<String>)],
+    lease: &Lease,
+) -> rusqlite::Result<Vec<Applied>> {
+    let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(events.len());
+    {
+        let mut hooks_of = tx.prepare_cached(
+            "SELECT id, account, url, secret FROM webhooks WHERE account = ?1 ORDER BY slot",
+        )?;
+        let mut applied = tx.prepare_cached(
+            "INSERT INTO applied_events (event_id, outbox, applied_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (event_id) DO NOTHING",
+        )?;
+        let mut claim = tx.prepare_cached(
+            "INSERT INTO deliveries (event_id, webhook_id, state, owner, lease_until_ms, event, attempts)
+             VALUES (?1, ?2, 'claimed', ?3, ?4, ?5, 0) ON CONFLICT (event_id, webhook_id) DO NOTHING",
+        )?;
+        let now = crate::ledger::now_ms();
+        for (event, accounts) in events {
+            let mut hooks = Vec::new();
+            for account in accounts {
+                for hook in hooks_of.query_map([account], hook_from)? {
+                    hooks.push(hook?);
+                }
+            }
+            if applied.execute(params![event.id, event.shard.is_some(), now])? == 0 {
+                out.push((hooks, None));
+                continue;
+            }
+            let mut claimed = Vec::with_capacity(hooks.len());
+            if !hooks.is_empty() {
+                let json = serde_json::to_string(event)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                for hook in &hooks {
+                    let id = &hook.webhook.id;
+                    if claim.execute(params![event.id, id, lease.owner, lease.until_ms, json])? == 1
+                    {
+                        claimed.push(id.clone());
+                    }
+                }
+            }
+            out.push((hooks, Some(claimed)));
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
 fn bury(db: &mut Connection, letter: &DeadLetter, owner: &str) -> rusqlite::Result<bool> {
     let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let buried = tx.execute(
@@ -443,6 +496,15 @@ impl NotificationStore for SqliteNotifications {
         let (event, webhooks, lease) = (event.clone(), webhooks.to_vec(), lease.clone());
         self.run(move |db| apply(db, &event, &json, &webhooks, &lease))
             .await
+    }
+
+    async fn apply_batch(
+        &self,
+        events: &[(Event, Vec<String>)],
+        lease: &Lease,
+    ) -> Option<Result<Vec<Applied>, StoreError>> {
+        let (events, lease) = (events.to_vec(), lease.clone());
+        Some(self.run(move |db| apply_batch(db, &events, &lease)).await)
     }
 
     async fn applied(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
