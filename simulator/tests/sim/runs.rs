@@ -122,6 +122,8 @@ async fn an_open_run_sends_its_schedule_and_fails_an_unmeetable_threshold() {
     let r = &result.report;
     assert_eq!(r.run.operations, 300);
     assert_eq!(r.scenario.model, "open");
+    let lag = r.run.schedule.expect("an open run reports its schedule");
+    assert_eq!((lag.due, lag.unsent), (300, 0), "{lag:?}");
     assert!(r.audit.ok && r.accounting.ok, "{}", r.summary());
     assert!(!r.passed);
     let failed: Vec<&str> = r
@@ -137,6 +139,85 @@ async fn an_open_run_sends_its_schedule_and_fails_an_unmeetable_threshold() {
         r.thresholds
     );
     assert_eq!(r.failures.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_run_whose_users_cannot_keep_up_says_its_schedule_fell_behind() {
+    let reports = tempfile::tempdir().unwrap();
+    // 20,000/s for 2 s through one user: no system answers that fast, so
+    // most operations go out late or not at all, and the report says so.
+    let s = scenario(
+        "duration_s = 2",
+        "model = \"open\"\nrate = 20000.0\nmax_in_flight = 1",
+        "",
+    );
+    let result = run(&s, &options(reports.path(), 2)).await.unwrap();
+    let r = &result.report;
+    let lag = r.run.schedule.expect("an open run reports its schedule");
+    assert_eq!(lag.due, 40_000, "{lag:?}");
+    assert_eq!(lag.unsent, lag.due - r.run.operations, "{lag:?}");
+    assert!(lag.unsent > 0 && lag.late > 0 && !lag.kept(), "{lag:?}");
+    assert!(lag.worst_lag_ms > 100.0, "{lag:?}");
+    let summary = r.summary();
+    assert!(summary.contains("the schedule fell behind"), "{summary}");
+    let html = std::fs::read_to_string(result.dir.join("report.html")).unwrap();
+    assert!(html.contains("The schedule fell behind"));
+    // What was sent still balances.
+    assert!(r.audit.ok && r.accounting.ok, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_baseline_moves_money_that_still_adds_up() {
+    use shardpay_reference::ledger::sqlite::SqliteConfig;
+    use shardpay_simulator::baseline::{run_sqlite, BaselineKind};
+    let dir = tempfile::tempdir().unwrap();
+    let config = SqliteConfig {
+        durability: Durability::Normal,
+        ..SqliteConfig::default()
+    };
+    let mut transfers = 0;
+    for kind in [BaselineKind::SameShard, BaselineKind::CrossShard] {
+        let r = run_sqlite(dir.path(), 2, &config, kind, 8, 1)
+            .await
+            .unwrap();
+        assert!(r.transfers > 0 && r.tps > 0.0, "{r:?}");
+        assert_eq!((r.shards, r.concurrency), (2, 8));
+        transfers = r.transfers;
+    }
+    // The files of the last kind (each kind starts from fresh files): every
+    // transfer left its entries, summing to zero over both shards, and the
+    // balances moved by exactly the entries.
+    let (mut entries, mut sum, mut balances, mut rows) = (0i64, 0i64, 0i64, 0i64);
+    for shard in 0..2 {
+        let path = dir.path().join(format!("shard-{shard}.sqlite3"));
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let (n, s): (i64, i64) = conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(amount_minor), 0) FROM ledger_entries",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        entries += n;
+        sum += s;
+        balances += conn
+            .query_row("SELECT SUM(balance_minor) FROM accounts", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        rows += conn
+            .query_row(
+                "SELECT COUNT(*) FROM transfers WHERE state = 'completed'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap();
+    }
+    assert_eq!(sum, 0);
+    assert_eq!(entries, 4 * rows, "a saga posts four entries");
+    assert_eq!(rows as u64, transfers);
+    let opening = 2 * 10_000 * 1_000_000_000i64;
+    assert_eq!(balances, opening);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
