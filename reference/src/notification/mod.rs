@@ -1240,6 +1240,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_is_applied_in_one_go_and_its_repeats_are_duplicates() {
+        let n = Arc::new(Notifier::in_memory(NotifierConfig::default()));
+        let hook = n
+            .register("alice", "https://hooks.example.com/a")
+            .await
+            .unwrap();
+        let event = |id: &str, from: &str| Event {
+            id: id.into(),
+            event_type: "transfer.completed".into(),
+            key: from.into(),
+            shard: Some(0),
+            payload: format!(r#"{{"from":"{from}","to":"dora"}}"#),
+            created_at_ms: 0,
+            position: None,
+        };
+        let batch: Vec<(Event, Vec<String>)> = [
+            event("e1", "alice"),
+            event("e2", "carol"),
+            event("e1", "alice"),
+        ]
+        .into_iter()
+        .map(|e| {
+            let accounts = accounts_of(&e);
+            (e, accounts)
+        })
+        .collect();
+        let results = n
+            .store
+            .apply_batch(&batch, &n.lease())
+            .await
+            .expect("the SQLite store takes batches")
+            .unwrap();
+        let summary: Vec<(usize, Option<Vec<String>>)> = results
+            .into_iter()
+            .map(|(hooks, claimed)| (hooks.len(), claimed))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (1, Some(vec![hook.id.clone()])),
+                (0, Some(vec![])),
+                (1, None),
+            ]
+        );
+        // Taken again (a consumer that read the batch twice): all repeats.
+        let again = n
+            .store
+            .apply_batch(&batch[..2], &n.lease())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(again.iter().all(|(_, claimed)| claimed.is_none()));
+        let ids = ["e1".to_string(), "e2".into(), "e3".into()];
+        assert_eq!(n.store.applied(&ids).await.unwrap(), vec!["e1", "e2"]);
+    }
+
+    #[tokio::test]
     async fn the_dead_letter_store_keeps_the_newest_within_its_bound() {
         let n = Arc::new(Notifier::in_memory(NotifierConfig::default()));
         let hook = n
