@@ -5,10 +5,6 @@
 mod config;
 mod simulate;
 
-/// mimalloc instead of glibc's malloc: see the note on the dependency.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;

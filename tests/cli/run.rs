@@ -64,6 +64,61 @@ fn a_malformed_scenario_is_refused_with_its_key_and_line() {
 }
 
 #[test]
+fn bench_sets_each_kind_beside_its_raw_baseline_and_gates_on_the_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = SMALL.split("[mix]").next().unwrap();
+    std::fs::write(
+        dir.path().join("same.toml"),
+        format!("{head}[mix]\nsame_shard = 1\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cross.toml"),
+        format!("{head}[mix]\ncross_shard = 1\n"),
+    )
+    .unwrap();
+    let out = shardpay(
+        &[
+            "bench",
+            "--scenarios",
+            "same.toml,cross.toml",
+            "--baseline-seconds",
+            "1",
+            "--durability",
+            "normal",
+            "--min-ratio",
+            "1000",
+        ],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&out);
+    // No system reaches a thousand times its storage: the gate fails.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("below --min-ratio 1000"), "{stdout}");
+    let benches: Vec<_> = std::fs::read_dir(dir.path().join("reports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(benches.len(), 1);
+    assert!(benches[0].join("bench.md").is_file());
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(benches[0].join("bench.json")).unwrap())
+            .unwrap();
+    let rows = rows.as_array().unwrap();
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["same_shard", "cross_shard"]);
+    for row in rows {
+        for figure in ["service_tps", "raw_tps", "ratio", "raw_p99_ms"] {
+            assert!(row[figure].as_f64().unwrap() > 0.0, "{figure}: {row}");
+        }
+        assert_eq!(row["run_passed"], true, "{row}");
+        assert!(row["system_threads"].as_u64().unwrap() >= 1, "{row}");
+        let report = dir.path().join(row["report"].as_str().unwrap());
+        assert!(report.join("report.json").is_file(), "{row}");
+    }
+}
+
+#[test]
 fn an_unmeetable_threshold_exits_1_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
     let file = format!("{SMALL}\n[thresholds]\nmin_tps = 1000000000.0\nerror_rate = 0.5\n");
