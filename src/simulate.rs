@@ -544,6 +544,10 @@ pub enum BaselineKindArg {
 /// Runs the raw-database baseline and prints its figures.
 pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
     use shardpay_simulator::baseline::{self, BaselineKind};
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.seconds >= 1,
+        "--concurrency and --seconds must be at least 1"
+    );
     let storage = StorageArgs {
         backend: args.backend,
         mysql_urls: args.mysql_urls.clone(),
@@ -684,6 +688,14 @@ pub struct BenchArgs {
 /// services' share of the storage's throughput.
 pub async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
     use shardpay_simulator::bench::{self, BenchRow};
+    anyhow::ensure!(
+        args.baseline_seconds >= 1,
+        "--baseline-seconds must be at least 1: a ratio needs a baseline"
+    );
+    anyhow::ensure!(
+        args.min_ratio.is_none_or(|r| r.is_finite() && r >= 0.0),
+        "--min-ratio must be a number of 0 or more, such as 0.3"
+    );
     anyhow::ensure!(
         !args.cross_shard.contains(&CrossShardArg::Xa)
             || args.embedded.storage.backend == BackendArg::Mysql,

@@ -161,16 +161,7 @@ fn totals(r: &Report) -> Markup {
         r.resources.simulator_cpu_share * 100.0,
         r.machine.cpus,
         r.resources.simulator_cpu_us_per_request,
-        r.resources
-            .system_cpu_s
-            .map(|s| format!(
-                "; reference system {s:.1} s{}",
-                r.resources
-                    .system_threads
-                    .map(|n| format!(" on {n} worker threads"))
-                    .unwrap_or_default()
-            ))
-            .unwrap_or_default()
+        r.resources.system_cpu()
     );
     html! {
         div.big {

@@ -467,6 +467,23 @@ pub struct Resources {
     pub system_threads: Option<usize>,
 }
 
+impl Resources {
+    /// "; reference system 12.3 s on 2 worker threads" when the system ran
+    /// in-process, else nothing: the tail of the CPU line of both reports.
+    pub fn system_cpu(&self) -> String {
+        self.system_cpu_s
+            .map(|s| {
+                format!(
+                    "; reference system {s:.1} s{}",
+                    self.system_threads
+                        .map(|n| format!(" on {n} worker threads"))
+                        .unwrap_or_default()
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl Report {
     pub fn read(path: &Path) -> anyhow::Result<Report> {
         let text = std::fs::read_to_string(path)
@@ -632,16 +649,7 @@ impl Report {
             self.machine.cpus,
             self.resources.simulator_cpu_share * 100.0,
             self.resources.simulator_cpu_us_per_request,
-            self.resources
-                .system_cpu_s
-                .map(|s| format!(
-                    "; reference system {s:.1} s{}",
-                    self.resources
-                        .system_threads
-                        .map(|n| format!(" on {n} worker threads"))
-                        .unwrap_or_default()
-                ))
-                .unwrap_or_default()
+            self.resources.system_cpu()
         );
     }
 }

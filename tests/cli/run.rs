@@ -119,6 +119,37 @@ fn bench_sets_each_kind_beside_its_raw_baseline_and_gates_on_the_ratio() {
 }
 
 #[test]
+fn bench_and_baseline_refuse_settings_that_measure_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        (
+            &["baseline", "--concurrency", "0"][..],
+            "--concurrency and --seconds",
+        ),
+        (
+            &["baseline", "--seconds", "0"][..],
+            "--concurrency and --seconds",
+        ),
+        (&["baseline", "--shards", "0"][..], "at least one shard"),
+        (
+            &["bench", "--baseline-seconds", "0"][..],
+            "--baseline-seconds",
+        ),
+        (&["bench", "--min-ratio", "NaN"][..], "--min-ratio"),
+        (&["bench", "--min-ratio=-1"][..], "--min-ratio"),
+    ] {
+        let out = shardpay(args, dir.path());
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?}: {stdout}\n{stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("reports").exists(),
+        "a refused bench wrote nothing"
+    );
+}
+
+#[test]
 fn an_unmeetable_threshold_exits_1_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
     let file = format!("{SMALL}\n[thresholds]\nmin_tps = 1000000000.0\nerror_rate = 0.5\n");
