@@ -1,7 +1,13 @@
 //! Reports side by side. When shard counts differ, scaling efficiency says
 //! how much of the added shards turned into throughput: (TPS / base TPS) /
 //! (shards / base shards), the base being the report with the fewest
-//! shards. 1.0 is linear scaling.
+//! shards that runs the same traffic. 1.0 is linear scaling.
+//!
+//! Each row names its traffic mix, and what of it the run could do as
+//! written: on one shard no transfer crosses shards, so a one-shard run of
+//! a cross-shard scenario is labelled as such and is not the base of the
+//! others' scaling. Each row also says whether the machine's CPU was
+//! saturated, where more shards cannot add throughput.
 
 use std::fmt::Write as _;
 
@@ -37,12 +43,56 @@ pub struct Row {
     /// have the same count.
     pub scaling_efficiency: Option<f64>,
     pub tps_vs_base: f64,
+    /// The scenario's traffic mix, e.g. "cross_shard 100%".
+    #[serde(default)]
+    pub mix: String,
+    /// Set when the run could not send its mix as written: "one shard: no
+    /// transfer crosses shards".
+    #[serde(default)]
+    pub ran_as: Option<String>,
+    /// Share of the machine's CPU busy during the load, when measured.
+    #[serde(default)]
+    pub cpu_busy: Option<f64>,
+    /// cpu_busy at or above report::SATURATED.
+    #[serde(default)]
+    pub cpu_saturated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Comparison {
     pub schema: String,
     pub rows: Vec<Row>,
+    /// What a reader must know before comparing the rows: mixes that
+    /// differ, runs that could not send their mix, saturated steps.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// A report's traffic mix as text, from the scenario file it records;
+/// the kinds it measured when the file no longer parses.
+fn mix_of(r: &Report) -> (String, bool) {
+    match crate::scenario::parse(&r.scenario.source, &r.scenario.file) {
+        Ok(s) => {
+            let total = s.mix.total().max(1) as f64;
+            let parts: Vec<String> = crate::Kind::ALL
+                .iter()
+                .filter(|k| s.mix.weight(**k) > 0)
+                .map(|k| {
+                    format!(
+                        "{} {:.0}%",
+                        k.as_str(),
+                        s.mix.weight(*k) as f64 * 100.0 / total
+                    )
+                })
+                .collect();
+            // Every kind but same_shard draws some pairs across shards.
+            (parts.join(", "), s.mix.same_shard != s.mix.total())
+        }
+        Err(_) => {
+            let kinds: Vec<&str> = r.latency.kinds.keys().map(String::as_str).collect();
+            (kinds.join(", "), kinds.iter().any(|k| *k != "same_shard"))
+        }
+    }
 }
 
 fn ms(us: u64) -> f64 {
@@ -50,22 +100,30 @@ fn ms(us: u64) -> f64 {
 }
 
 pub fn compare(reports: &[(String, Report)]) -> Comparison {
-    let base = reports
-        .iter()
-        .min_by_key(|(_, r)| r.run.shards)
-        .map(|(_, r)| (r.run.shards, r.totals.tps));
+    let mixes: Vec<(String, bool)> = reports.iter().map(|(_, r)| mix_of(r)).collect();
+    // A run crosses shards as written unless its mix needs pairs across
+    // shards and it had one shard.
+    let as_written = |i: usize| !(mixes[i].1 && reports[i].1.run.shards == 1);
+    let base = (0..reports.len())
+        .filter(|i| as_written(*i))
+        .min_by_key(|i| reports[*i].1.run.shards)
+        .or_else(|| (0..reports.len()).min_by_key(|i| reports[*i].1.run.shards))
+        .map(|i| (reports[i].1.run.shards, reports[i].1.totals.tps));
     let varied = reports
         .iter()
         .any(|(_, r)| Some(r.run.shards) != base.map(|b| b.0));
-    let rows = reports
+    let rows: Vec<Row> = reports
         .iter()
-        .map(|(label, r)| {
+        .enumerate()
+        .map(|(i, (label, r))| {
             let (base_shards, base_tps) = base.expect("at least one report");
             let tps_vs_base = if base_tps > 0.0 {
                 r.totals.tps / base_tps
             } else {
                 0.0
             };
+            let ran_as =
+                (!as_written(i)).then(|| "one shard: no transfer crosses shards".to_string());
             Row {
                 label: label.clone(),
                 scenario: r.scenario.name.clone(),
@@ -89,15 +147,53 @@ pub fn compare(reports: &[(String, Report)]) -> Comparison {
                 audit_ok: r.audit.ok,
                 accounting_ok: r.accounting.ok,
                 passed: r.passed,
-                scaling_efficiency: varied
+                scaling_efficiency: (varied && ran_as.is_none())
                     .then(|| tps_vs_base / (r.run.shards as f64 / base_shards as f64)),
                 tps_vs_base,
+                mix: mixes[i].0.clone(),
+                ran_as,
+                cpu_busy: r.resources.machine_busy,
+                cpu_saturated: r.resources.saturated(),
             }
         })
         .collect();
+    let mut notes = Vec::new();
+    let distinct: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.mix.as_str()).collect();
+    if distinct.len() > 1 {
+        notes.push(format!(
+            "the runs drive different traffic mixes ({}): their throughput is not the same work",
+            distinct.into_iter().collect::<Vec<_>>().join("; ")
+        ));
+    }
+    let one: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.ran_as.is_some())
+        .map(|r| r.label.as_str())
+        .collect();
+    if !one.is_empty() {
+        notes.push(format!(
+            "{}: the mix draws pairs across shards, but with one shard every transfer is same-shard; \
+             this is not the same traffic, so scaling is measured from {} shards",
+            one.join(", "),
+            base.map(|b| b.0).unwrap_or(0)
+        ));
+    }
+    let saturated: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.cpu_saturated)
+        .map(|r| r.label.as_str())
+        .collect();
+    if !saturated.is_empty() {
+        notes.push(format!(
+            "the machine's CPU was saturated (at least {:.0}% busy) during {}: there, the CPU set the throughput, and more shards cannot add to it",
+            crate::report::SATURATED * 100.0,
+            saturated.join(", ")
+        ));
+    }
     Comparison {
         schema: SCHEMA.into(),
         rows,
+        notes,
     }
 }
 
@@ -107,18 +203,23 @@ impl Comparison {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| report | scenario | shards | backend | cross-shard | TPS | x base | scaling eff. | p50 ms | p99 ms | p99.9 ms | errors | audit | passed |"
+            "| report | scenario | mix | shards | backend | cross-shard | TPS | x base | scaling eff. | p50 ms | p99 ms | p99.9 ms | errors | CPU busy | audit | passed |"
         );
         let _ = writeln!(
             out,
-            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+            "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
         );
         for r in &self.rows {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3}% | {} | {} |",
+                "| {} | {} | {}{} | {} | {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3}% | {} | {} | {} |",
                 r.label,
                 r.scenario,
+                r.mix,
+                r.ran_as
+                    .as_ref()
+                    .map(|a| format!(" ({a})"))
+                    .unwrap_or_default(),
                 r.shards,
                 r.backend,
                 r.cross_shard,
@@ -131,9 +232,17 @@ impl Comparison {
                 r.p99_ms,
                 r.p999_ms,
                 r.error_rate * 100.0,
+                match r.cpu_busy {
+                    Some(b) if r.cpu_saturated => format!("{:.0}% saturated", b * 100.0),
+                    Some(b) => format!("{:.0}%", b * 100.0),
+                    None => "-".into(),
+                },
                 if r.audit_ok && r.accounting_ok { "passed" } else { "FAILED" },
                 if r.passed { "yes" } else { "no" },
             );
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "\nNote: {note}.");
         }
         let kinds: std::collections::BTreeSet<&String> = self
             .rows

@@ -170,6 +170,9 @@ fn totals(r: &Report) -> Markup {
             }
         }
         p { (counts) }
+        @if let Some(d) = r.timeline.drift {
+            p { (d.describe()) "." }
+        }
         @if let Some(lag) = r.run.schedule.filter(|l| !l.kept()) {
             div.fail {
                 b { "The schedule fell behind: " }

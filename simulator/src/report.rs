@@ -275,6 +275,72 @@ pub struct Timeline {
     /// p99 latency per second, in ms (0 for a second without requests).
     #[serde(default)]
     pub p99_ms: Vec<f64>,
+    /// Throughput at the end of the measured window against its start.
+    #[serde(default)]
+    pub drift: Option<Drift>,
+}
+
+/// Accepted transfers per second in the first and the last tenth of the
+/// measured window: a system that slows as its history grows shows it
+/// here. Absent for windows under ten whole seconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Drift {
+    pub first_tps: f64,
+    pub last_tps: f64,
+    /// last_tps / first_tps - 1: -0.05 is 5% slower at the end.
+    pub change: f64,
+    /// Seconds in each tenth.
+    pub tenth_s: u64,
+}
+
+impl Drift {
+    /// One line for the summary and the HTML report.
+    pub fn describe(&self) -> String {
+        format!(
+            "throughput over the run: {:.0}/s in the first {} s, {:.0}/s in the last {} s ({:+.1}%)",
+            self.first_tps,
+            self.tenth_s,
+            self.last_tps,
+            self.tenth_s,
+            self.change * 100.0
+        )
+    }
+}
+
+impl Timeline {
+    /// Accepted transfers per second over all shards, second by second.
+    pub fn accepted(&self) -> Vec<u64> {
+        let len = self.shards.values().map(Vec::len).max().unwrap_or(0);
+        (0..len)
+            .map(|i| {
+                self.shards
+                    .values()
+                    .map(|s| s.get(i).copied().unwrap_or(0))
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The drift of the measured window (after the warm-up, without the
+    /// last second, which is partial).
+    pub fn drift(&self) -> Option<Drift> {
+        let accepted = self.accepted();
+        let from = self.warmup_s as usize;
+        let measured = accepted.get(from..accepted.len().checked_sub(1)?)?;
+        let tenth = measured.len() / 10;
+        if tenth == 0 {
+            return None;
+        }
+        let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len() as f64;
+        let first_tps = mean(&measured[..tenth]);
+        let last_tps = mean(&measured[measured.len() - tenth..]);
+        (first_tps > 0.0).then(|| Drift {
+            first_tps,
+            last_tps,
+            change: last_tps / first_tps - 1.0,
+            tenth_s: tenth as u64,
+        })
+    }
 }
 
 /// The fault schedule as it ran.
@@ -465,13 +531,23 @@ pub struct Resources {
     /// services; each SQLite shard adds a writer and reader threads).
     #[serde(default)]
     pub system_threads: Option<usize>,
+    /// Share of the whole machine's CPU (every process on it) busy during
+    /// the load; at SATURATED or above, the CPU, not the system's design,
+    /// set the throughput.
+    #[serde(default)]
+    pub machine_busy: Option<f64>,
 }
+
+/// The machine's busy share from which a run counts as CPU-bound.
+pub const SATURATED: f64 = 0.9;
 
 impl Resources {
     /// "; reference system 12.3 s on 2 worker threads" when the system ran
-    /// in-process, else nothing: the tail of the CPU line of both reports.
+    /// in-process, then "; machine 97% busy (CPU-bound)" when measured: the
+    /// tail of the CPU line of both reports.
     pub fn system_cpu(&self) -> String {
-        self.system_cpu_s
+        let system = self
+            .system_cpu_s
             .map(|s| {
                 format!(
                     "; reference system {s:.1} s{}",
@@ -480,7 +556,23 @@ impl Resources {
                         .unwrap_or_default()
                 )
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let machine = self
+            .machine_busy
+            .map(|b| {
+                format!(
+                    "; machine {:.0}% busy{}",
+                    b * 100.0,
+                    if self.saturated() { " (CPU-bound)" } else { "" }
+                )
+            })
+            .unwrap_or_default();
+        system + &machine
+    }
+
+    /// The machine's CPU was saturated during the load.
+    pub fn saturated(&self) -> bool {
+        self.machine_busy.is_some_and(|b| b >= SATURATED)
     }
 }
 
@@ -567,6 +659,9 @@ impl Report {
             t.counts.errors,
             t.error_rate * 100.0
         );
+        if let Some(d) = self.timeline.drift {
+            let _ = writeln!(out, "{}", d.describe());
+        }
         if let Some(lag) = self.run.schedule.filter(|l| !l.kept()) {
             let _ = writeln!(
                 out,
@@ -809,6 +904,48 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    fn timeline(warmup_s: u64, a: Vec<u64>, b: Vec<u64>) -> Timeline {
+        Timeline {
+            interval_s: 1,
+            warmup_s,
+            shards: [("0".to_string(), a), ("1".to_string(), b)].into(),
+            errors: Vec::new(),
+            requests: Vec::new(),
+            p99_ms: Vec::new(),
+            drift: None,
+        }
+    }
+
+    #[test]
+    fn drift_compares_the_last_tenth_of_the_measured_window_with_the_first() {
+        // 3 s of warm-up (ignored, however fast), 20 measured seconds that
+        // slow from 100/s to 90/s over the shards, and a partial last one.
+        let mut a = vec![500, 500, 500];
+        let mut b = vec![0, 0, 0];
+        for s in 0..20 {
+            let total = if s < 2 {
+                100
+            } else if s >= 18 {
+                90
+            } else {
+                95
+            };
+            a.push(total - 40);
+            b.push(40);
+        }
+        a.push(1);
+        b.push(0);
+        let d = timeline(3, a.clone(), b.clone()).drift().unwrap();
+        assert_eq!((d.first_tps, d.last_tps, d.tenth_s), (100.0, 90.0, 2));
+        assert!((d.change + 0.1).abs() < 1e-9, "{}", d.change);
+        assert!(d.describe().contains("(-10.0%)"), "{}", d.describe());
+        // Under ten whole measured seconds, or none accepted at first:
+        // nothing to say.
+        assert_eq!(timeline(15, a, b).drift(), None);
+        assert_eq!(timeline(0, vec![0; 30], vec![0; 30]).drift(), None);
+        assert_eq!(timeline(0, Vec::new(), Vec::new()).drift(), None);
+    }
+
     #[test]
     fn merged_reports_equal_the_histogram_of_all_samples() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -977,6 +1114,9 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
         out.resources.simulator_cpu_s / (out.resources.wall_s * out.machine.cpus as f64).max(1e-9);
     out.resources.simulator_cpu_us_per_request =
         out.resources.simulator_cpu_s * 1e6 / (c.requests as f64).max(1.0);
+    // Busy shares of different machines do not add up to one figure.
+    out.resources.machine_busy = None;
+    out.timeline.drift = out.timeline.drift();
     let scenario = crate::scenario::parse(&out.scenario.source, &out.scenario.file)
         .map_err(|e| anyhow::anyhow!("the report's scenario no longer reads: {e}"))?;
     crate::run::judge(&scenario, &mut out);

@@ -431,6 +431,33 @@ fn cpu_seconds() -> (f64, f64) {
     (total, total - simulator)
 }
 
+/// The machine's busy and total CPU time so far, in clock ticks, from the
+/// first line of /proc/stat (every process, not only this one: the MySQL
+/// servers and the other services count). None off Linux.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_and_total(stat.lines().next()?)
+}
+
+/// Busy and total ticks of a `cpu  user nice system idle iowait ...` line:
+/// idle and iowait are not busy.
+fn busy_and_total(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// The share of the machine's CPU that was busy between two readings.
+fn busy_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((b0, t0), (b1, t1)) = (before?, after?);
+    (t1 > t0).then(|| b1.saturating_sub(b0) as f64 / (t1 - t0) as f64)
+}
+
 fn git_commit() -> String {
     let out = |args: &[&str]| {
         std::process::Command::new("git")
@@ -1269,6 +1296,8 @@ struct LoadFigures {
     wall_s: f64,
     /// CPU seconds of the whole process during the load.
     cpu_s: f64,
+    /// Share of the whole machine's CPU busy during the load.
+    machine_busy: Option<f64>,
     /// CPU seconds of the in-process system's threads during the load.
     server_cpu_s: f64,
     /// Ctrl-C ended the load before the scenario's end.
@@ -1471,6 +1500,7 @@ impl RunContext<'_> {
     async fn load(&self, sim: &Arc<Sim>, api: &Api) -> anyhow::Result<LoadFigures> {
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
+        let machine0 = machine_ticks();
         let child_cpu0 = match &self.child {
             Some(child) => child.lock().await.cpu_s() + self.other_services_cpu_s().await,
             None => 0.0,
@@ -1491,6 +1521,7 @@ impl RunContext<'_> {
         let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
+        let machine_busy = busy_share(machine0, machine_ticks());
         progress.abort();
         bar.finish_and_clear();
         let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
@@ -1552,6 +1583,7 @@ impl RunContext<'_> {
         Ok(LoadFigures {
             wall_s,
             cpu_s: cpu1 - cpu0,
+            machine_busy,
             server_cpu_s: child_cpu_s.unwrap_or(server1 - server0),
             child_process: child_cpu_s.is_some(),
             interrupted,
@@ -1637,6 +1669,7 @@ impl LoadFigures {
             // Set from the report's request count once it is built.
             simulator_cpu_us_per_request: 0.0,
             system_threads: (embedded && !self.child_process).then(server_threads),
+            machine_busy: self.machine_busy,
         }
     }
 }
@@ -1928,6 +1961,7 @@ fn build_report(
         .iter()
         .map(|&us| us as f64 / 1000.0)
         .collect();
+    timeline.drift = timeline.drift();
     let outcomes = outcome_rows(m.outcomes);
     Report {
         schema: SCHEMA.into(),
@@ -2020,6 +2054,7 @@ fn timeline(
         errors,
         requests: Vec::new(),
         p99_ms: Vec::new(),
+        drift: None,
     }
 }
 
@@ -2128,6 +2163,7 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
         }
         None => results.extend(rate_results(t, &report.totals)),
     }
+    results.extend(drift_result(t, &report.timeline));
     if t.audit {
         results.extend(report.pipeline.as_ref().map(pipeline_result));
         results.extend(report.webhooks.as_ref().map(webhooks_result));
@@ -2193,6 +2229,35 @@ fn rate_results(t: &Thresholds, totals: &Totals) -> Vec<ThresholdResult> {
         ok: totals.tps >= limit,
     });
     error_rate.into_iter().chain(tps).collect()
+}
+
+/// The slowdown limit: the measured window's last tenth against its first.
+fn drift_result(t: &Thresholds, timeline: &crate::report::Timeline) -> Option<ThresholdResult> {
+    let limit = t.max_slowdown?;
+    let (actual, ok) = match timeline.drift {
+        Some(d) => (
+            format!(
+                "{:+.1}% ({:.0}/s in the first {} s, {:.0}/s in the last {} s)",
+                d.change * 100.0,
+                d.first_tps,
+                d.tenth_s,
+                d.last_tps,
+                d.tenth_s
+            ),
+            d.change >= -limit,
+        ),
+        None => (
+            "not measured: the measured window needs at least ten whole seconds with transfers"
+                .into(),
+            false,
+        ),
+    };
+    Some(ThresholdResult {
+        name: "slowdown over the run".into(),
+        limit: format!("<= {:.1}% slower at the end", limit * 100.0),
+        actual,
+        ok,
+    })
 }
 
 /// Each fault's recovery and audit, and the error budget of the requests
@@ -2316,4 +2381,53 @@ fn audit_result(audit: &Audit, accounting: &Accounting) -> ThresholdResult {
 /// Kinds in the order reports list them.
 pub fn kind_names() -> Vec<&'static str> {
     Kind::ALL.iter().map(|k| k.as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_is_busy_for_all_but_idle_and_iowait() {
+        let line = "cpu  100 5 45 800 50 0 0 0 0 0";
+        assert_eq!(busy_and_total(line), Some((150, 1000)));
+        assert_eq!(busy_and_total("cpu0 1 2 3 4"), None, "a single cpu's line");
+        assert_eq!(busy_share(Some((150, 1000)), Some((1050, 2000))), Some(0.9));
+        assert_eq!(busy_share(Some((150, 1000)), Some((150, 1000))), None);
+        assert_eq!(busy_share(None, Some((1, 2))), None);
+        let now = machine_ticks().expect("Linux has /proc/stat");
+        assert!(now.0 <= now.1);
+    }
+
+    #[test]
+    fn a_soak_that_slows_more_than_its_limit_fails() {
+        let t = Thresholds {
+            max_slowdown: Some(0.05),
+            ..Thresholds::default()
+        };
+        let with = |change: Option<f64>| crate::report::Timeline {
+            interval_s: 1,
+            warmup_s: 0,
+            shards: Default::default(),
+            errors: Vec::new(),
+            requests: Vec::new(),
+            p99_ms: Vec::new(),
+            drift: change.map(|c| crate::report::Drift {
+                first_tps: 1000.0,
+                last_tps: 1000.0 * (1.0 + c),
+                change: c,
+                tenth_s: 60,
+            }),
+        };
+        let judged = |c| drift_result(&t, &with(c)).unwrap();
+        assert!(judged(Some(-0.02)).ok);
+        assert!(judged(Some(0.3)).ok, "faster at the end is fine");
+        let slow = judged(Some(-0.08));
+        assert!(!slow.ok);
+        assert!(slow.actual.starts_with("-8.0%"), "{}", slow.actual);
+        let short = judged(None);
+        assert!(!short.ok, "a soak too short to measure does not pass");
+        assert!(short.actual.contains("ten whole seconds"));
+        assert!(drift_result(&Thresholds::default(), &with(Some(-0.5))).is_none());
+    }
 }

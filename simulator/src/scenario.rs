@@ -224,6 +224,10 @@ pub struct Thresholds {
     /// affects (from its start to its recovery). `error_rate` then bounds
     /// the requests outside them.
     pub fault_error_rate: Option<f64>,
+    /// The most the throughput of the measured window's last tenth may
+    /// fall below its first tenth's, as a share (0.05: 5%). For soaks: a
+    /// system that slows as its history grows fails it.
+    pub max_slowdown: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -351,6 +355,7 @@ struct RawThresholds {
     audit: Option<bool>,
     max_recovery_s: Option<Spanned<f64>>,
     fault_error_rate: Option<Spanned<f64>>,
+    max_slowdown: Option<Spanned<f64>>,
 }
 
 // ---- reading ----------------------------------------------------------------
@@ -1267,6 +1272,9 @@ fn check_thresholds(raw: Option<RawThresholds>, at: &Locator) -> Result<Threshol
     if let Some(e) = t.fault_error_rate {
         out.fault_error_rate = Some(share(Some(e), "thresholds.fault_error_rate", 0.0, at)?);
     }
+    if let Some(m) = t.max_slowdown {
+        out.max_slowdown = Some(share(Some(m), "thresholds.max_slowdown", 0.0, at)?);
+    }
     Ok(out)
 }
 
@@ -1515,6 +1523,7 @@ mod proptests {
             include_str!("../../scenarios/same-shard.toml"),
         ),
         ("smoke.toml", include_str!("../../scenarios/smoke.toml")),
+        ("soak.toml", include_str!("../../scenarios/soak.toml")),
     ];
 
     /// Every key scenarios/README.md documents, and the table headers.
@@ -1558,6 +1567,7 @@ mod proptests {
         "p99_ms",
         "error_rate",
         "min_tps",
+        "max_slowdown",
         "audit",
         "target",
         "all",
@@ -1699,6 +1709,9 @@ mod proptests {
         }
         if let Some(m) = s.thresholds.min_tps {
             prop_assert!(m.is_finite() && m >= 0.0, "{}", shown);
+        }
+        if let Some(m) = s.thresholds.max_slowdown {
+            prop_assert!((0.0..=1.0).contains(&m), "{}", shown);
         }
         prop_assert_eq!(s.file.as_str(), FILE);
         Ok(())
@@ -2049,6 +2062,7 @@ mod proptests {
                 line("p99_ms", p99(), 5),
                 line("error_rate", share(), 5),
                 line("min_tps", real(-1.0..1_000.0), 5),
+                line("max_slowdown", share(), 5),
                 line(
                     "audit",
                     select(vec!["true", "false"]).prop_map(String::from).boxed(),

@@ -179,12 +179,16 @@ fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("s.toml"), SMALL).unwrap();
     let out = shardpay(
-        &["sweep", "s.toml", "--shards", "1,2", "--quiet"],
+        &["sweep", "s.toml", "--shards", "1,2,4", "--quiet"],
         dir.path(),
     );
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("scaling eff."), "{stdout}");
+    assert!(
+        stdout.contains("with one shard every transfer is same-shard"),
+        "{stdout}"
+    );
     let mut runs: Vec<_> = std::fs::read_dir(dir.path().join("reports"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -198,24 +202,56 @@ fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
         serde_json::from_str(&std::fs::read_to_string(sweep.join("compare.json")).unwrap())
             .unwrap();
     let rows = comparison["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     assert_eq!(
-        (rows[0]["shards"].as_u64(), rows[1]["shards"].as_u64()),
-        (Some(1), Some(2))
+        rows.iter()
+            .map(|r| r["shards"].as_u64())
+            .collect::<Vec<_>>(),
+        [Some(1), Some(2), Some(4)]
     );
+    for row in rows {
+        assert_eq!(
+            row["mix"], "same_shard 50%, cross_shard 25%, idempotent_retry 25%",
+            "every step is labelled with the mix it was given"
+        );
+        let busy = row["cpu_busy"]
+            .as_f64()
+            .expect("the machine's CPU is measured");
+        assert!(busy > 0.0 && busy <= 1.0, "{busy}");
+        assert_eq!(row["cpu_saturated"].as_bool(), Some(busy >= 0.9));
+    }
+    // The mix sends pairs across shards; one shard cannot, so that run is
+    // labelled as what it did and is not the base of the scaling.
+    assert!(
+        rows[0]["ran_as"]
+            .as_str()
+            .unwrap()
+            .contains("no transfer crosses shards"),
+        "{}",
+        rows[0]
+    );
+    assert!(rows[0]["scaling_efficiency"].is_null(), "{}", rows[0]);
+    assert!(rows[1]["ran_as"].is_null());
     assert_eq!(
-        rows[0]["scaling_efficiency"].as_f64(),
+        rows[1]["scaling_efficiency"].as_f64(),
         Some(1.0),
-        "the base scales 1.0 by definition"
+        "the base (the fewest shards that cross) scales 1.0 by definition"
     );
-    assert!(rows[1]["scaling_efficiency"].as_f64().unwrap() > 0.0);
+    assert!(rows[2]["scaling_efficiency"].as_f64().unwrap() > 0.0);
+    assert!(
+        comparison["notes"].as_array().unwrap().iter().any(|n| n
+            .as_str()
+            .unwrap()
+            .contains("scaling is measured from 2 shards")),
+        "{comparison}"
+    );
 
     let reports: Vec<String> = runs
         .iter()
         .filter(|p| p.join("report.json").is_file())
         .map(|p| p.display().to_string())
         .collect();
-    assert_eq!(reports.len(), 2);
+    assert_eq!(reports.len(), 3);
     let mut args = vec!["compare"];
     args.extend(reports.iter().map(String::as_str));
     let out = shardpay(&args, dir.path());
@@ -223,7 +259,7 @@ fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
         stdout.lines().filter(|l| l.contains("| cli | ")).count(),
-        2,
+        3,
         "{stdout}"
     );
 

@@ -55,6 +55,13 @@ macro_rules! shard_store {
                 $read!(self, |s| book::account(s, &id))
             }
 
+            async fn lookup(
+                &self,
+                lookup: $crate::ledger::Lookup,
+            ) -> Result<$crate::ledger::Looked, $crate::ledger::StoreError> {
+                $read!(self, |s| book::lookup(s, &lookup))
+            }
+
             async fn list_accounts(
                 &self,
                 after: Option<$crate::ids::AccountId>,
@@ -625,6 +632,28 @@ pub(crate) async fn create_account<S: Session>(
         balance_minor: opening,
         shard: s.shard(),
         created_at_ms: now,
+    })
+}
+
+/// The payer, the same-shard payee and the payer's key record, read on one
+/// session.
+pub(crate) async fn lookup<S: Session>(
+    s: &mut S,
+    lookup: &super::Lookup,
+) -> Result<super::Looked, StoreError> {
+    let payer = account(s, &lookup.payer).await?;
+    let payee = match &lookup.payee {
+        Some(id) => account(s, id).await?,
+        None => None,
+    };
+    let record = match &lookup.key {
+        Some((key, now)) => idempotency_record(s, &lookup.payer, key, *now).await?,
+        None => None,
+    };
+    Ok(super::Looked {
+        payer,
+        payee,
+        record,
     })
 }
 

@@ -343,6 +343,25 @@ pub struct CreditEntries {
     pub payee_net_minor: i128,
 }
 
+/// The reads of [`ShardStore::lookup`].
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub payer: AccountId,
+    /// Read too when it lives on the same shard as the payer.
+    pub payee: Option<AccountId>,
+    /// The payer's idempotency key, and the time that decides expiry.
+    pub key: Option<(IdempotencyKey, TimestampMs)>,
+}
+
+/// What [`ShardStore::lookup`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Looked {
+    pub payer: Option<Account>,
+    /// `None` when not asked for, or not found.
+    pub payee: Option<Account>,
+    pub record: Option<IdempotencyRecord>,
+}
+
 /// A shard's storage. One implementation per backend; the same test suite
 /// runs against each (`tests/storage`).
 #[async_trait]
@@ -359,6 +378,11 @@ pub trait ShardStore: Send + Sync + 'static {
     ) -> Result<Account, StoreError>;
 
     async fn account(&self, id: &AccountId) -> Result<Option<Account>, StoreError>;
+
+    /// What a transfer reads before it writes, in one visit to the shard
+    /// (one reader job, one pooled connection): the payer, the payee when
+    /// it lives on the same shard, and the payer's live record under `key`.
+    async fn lookup(&self, lookup: Lookup) -> Result<Looked, StoreError>;
 
     /// Customer accounts in id order, after `after`, at most `limit`.
     async fn list_accounts(

@@ -29,8 +29,8 @@ use crate::fraud::{FraudEngine, Verdict};
 use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
     now_ms, Account, BranchId, CreditOutcome, DebitOutcome, Decision, IdempotencyRecord,
-    IdempotencyWrite, NewAccount, PreparedBranch, PreparedDebit, Refusal, ShardStore, StoreError,
-    StoredResponse, TimestampMs, Transfer, TransferState, TwoPhase,
+    IdempotencyWrite, Lookup, NewAccount, PreparedBranch, PreparedDebit, Refusal, ShardStore,
+    StoreError, StoredResponse, TimestampMs, Transfer, TransferState, TwoPhase,
 };
 use crate::money::{Amount, Currency};
 use crate::sharding::Ring;
@@ -539,19 +539,35 @@ impl ShardManager {
         attempt: &Attempt<'_>,
     ) -> Result<Result<(Account, Account), Reply>, ManagerError> {
         let request = attempt.request;
-        let payer_store = self.store_of(&request.from);
-        let payee_lookup = self.store_of(&request.to).account(&request.to);
-        let (payer, payee) = tokio::join!(payer_store.account(&request.from), payee_lookup);
-        if let Some(key) = attempt.key {
-            if let Some(record) = payer_store
-                .idempotency_record(&request.from, key, attempt.now)
-                .await?
-            {
-                return self.replay_attempt(attempt, record).await.map(Err);
-            }
+        let same_shard = self.ring.shard_of(&request.from) == self.ring.shard_of(&request.to);
+        // One visit to the payer's shard reads the payer, the key's record
+        // and (on the same shard) the payee; another shard's payee is read
+        // beside it.
+        let lookup = self.store_of(&request.from).lookup(Lookup {
+            payer: request.from.clone(),
+            payee: same_shard.then(|| request.to.clone()),
+            key: attempt.key.map(|k| (k.clone(), attempt.now)),
+        });
+        let (looked, payee) = if same_shard {
+            let looked = lookup.await;
+            (looked, None)
+        } else {
+            let payee = self.store_of(&request.to).account(&request.to);
+            let (looked, payee) = tokio::join!(lookup, payee);
+            (looked, Some(payee))
+        };
+        let looked = looked?;
+        if let Some(record) = looked.record {
+            return self.replay_attempt(attempt, record).await.map(Err);
         }
-        let payer = payer?.ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
-        let payee = payee?.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
+        let payee = match payee {
+            Some(payee) => payee?,
+            None => looked.payee,
+        };
+        let payer = looked
+            .payer
+            .ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
+        let payee = payee.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
         Ok(Ok((payer, payee)))
     }
 

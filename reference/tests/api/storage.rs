@@ -98,6 +98,45 @@ pub async fn storage_suite(payer_store: Arc<dyn ShardStore>, payee_store: Arc<dy
         Some(local.id.as_str())
     );
 
+    // The pre-write lookup: payer, same-shard payee and the key's record in
+    // one visit; what it does not find, or was not asked for, is None.
+    let looked = a
+        .lookup(Lookup {
+            payer: AccountId::parse("p").unwrap(),
+            payee: Some(AccountId::parse("q").unwrap()),
+            key: Some((key.clone(), now_ms())),
+        })
+        .await
+        .unwrap();
+    assert_eq!(looked.payer.map(|p| p.balance_minor), Some(90_00));
+    assert_eq!(looked.payee.map(|q| q.balance_minor), Some(10_00));
+    assert_eq!(
+        looked.record.and_then(|r| r.resource_id),
+        Some(local.id.as_str().to_string())
+    );
+    let looked = a
+        .lookup(Lookup {
+            payer: AccountId::parse("q").unwrap(),
+            payee: None,
+            key: Some((IdempotencyKey::parse("never-used").unwrap(), now_ms())),
+        })
+        .await
+        .unwrap();
+    assert_eq!(looked.payer.map(|q| q.balance_minor), Some(10_00));
+    assert!(looked.payee.is_none() && looked.record.is_none());
+    let missing = a
+        .lookup(Lookup {
+            payer: AccountId::parse("nobody").unwrap(),
+            payee: Some(AccountId::parse("r").unwrap()),
+            key: Some((key.clone(), now_ms())),
+        })
+        .await
+        .unwrap();
+    assert!(
+        missing.payer.is_none() && missing.payee.is_none() && missing.record.is_none(),
+        "'nobody' has no account and no key of its own (k1 is p's); r lives on the other shard: {missing:?}"
+    );
+
     // Overdraft refused, nothing written.
     let over = a
         .transfer_local(&transfer("q", "p", 10_01, 0), None)

@@ -428,6 +428,10 @@ impl ShardStore for Flaky {
         self.check(false).await?;
         self.inner.account(id).await
     }
+    async fn lookup(&self, lookup: Lookup) -> Result<Looked, StoreError> {
+        self.check(false).await?;
+        self.inner.lookup(lookup).await
+    }
     async fn list_accounts(
         &self,
         after: Option<AccountId>,
