@@ -545,7 +545,9 @@ async fn outbox<S: Session>(
     payload: serde_json::Value,
     now: TimestampMs,
 ) -> Result<(), StoreError> {
-    let event_id = uuid::Uuid::new_v4().simple().to_string();
+    // Ordered by creation, like transfer ids: the outbox's unique index
+    // and the consumers' applied-event tables grow at one end.
+    let event_id = uuid::Uuid::now_v7().simple().to_string();
     let payload = payload.to_string();
     s.execute(
         "INSERT INTO outbox (event_id, event_type, aggregate_id, payload, created_at_ms)
