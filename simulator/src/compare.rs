@@ -1,7 +1,8 @@
 //! Reports side by side. When shard counts differ, scaling efficiency says
 //! how much of the added shards turned into throughput: (TPS / base TPS) /
 //! (shards / base shards), the base being the report with the fewest
-//! shards that runs the same traffic. 1.0 is linear scaling.
+//! shards that sends its mix as written (a one-shard run of a mix with
+//! cross-shard pairs is not). 1.0 is linear scaling.
 //!
 //! Each row names its traffic mix, and what of it the run could do as
 //! written: on one shard no transfer crosses shards, so a one-shard run of
@@ -39,8 +40,9 @@ pub struct Row {
     pub audit_ok: bool,
     pub accounting_ok: bool,
     pub passed: bool,
-    /// Against the report with the fewest shards; absent when all reports
-    /// have the same count.
+    /// Against the base (see the module's doc); absent when all reports
+    /// that send their mix as written have the same count, and for a row
+    /// with `ran_as`.
     pub scaling_efficiency: Option<f64>,
     pub tps_vs_base: f64,
     /// The scenario's traffic mix, e.g. "cross_shard 100%".
@@ -109,9 +111,10 @@ pub fn compare(reports: &[(String, Report)]) -> Comparison {
         .min_by_key(|i| reports[*i].1.run.shards)
         .or_else(|| (0..reports.len()).min_by_key(|i| reports[*i].1.run.shards))
         .map(|i| (reports[i].1.run.shards, reports[i].1.totals.tps));
-    let varied = reports
-        .iter()
-        .any(|(_, r)| Some(r.run.shards) != base.map(|b| b.0));
+    // Scaling is read only between runs that send their mix as written.
+    let varied = (0..reports.len())
+        .filter(|i| as_written(*i))
+        .any(|i| Some(reports[i].1.run.shards) != base.map(|b| b.0));
     let rows: Vec<Row> = reports
         .iter()
         .enumerate()
@@ -173,9 +176,12 @@ pub fn compare(reports: &[(String, Report)]) -> Comparison {
     if !one.is_empty() {
         notes.push(format!(
             "{}: the mix draws pairs across shards, but with one shard every transfer is same-shard; \
-             this is not the same traffic, so scaling is measured from {} shards",
+             this is not the same traffic{}",
             one.join(", "),
-            base.map(|b| b.0).unwrap_or(0)
+            match base {
+                Some((shards, _)) if varied => format!(", so scaling is measured from {shards} shards"),
+                _ => ", and no other shard count runs it as written to scale from".into(),
+            }
         ));
     }
     let saturated: Vec<&str> = rows

@@ -214,11 +214,15 @@ fn sweep_runs_each_shard_count_and_compare_reads_the_reports() {
             row["mix"], "same_shard 50%, cross_shard 25%, idempotent_retry 25%",
             "every step is labelled with the mix it was given"
         );
-        let busy = row["cpu_busy"]
-            .as_f64()
-            .expect("the machine's CPU is measured");
-        assert!(busy > 0.0 && busy <= 1.0, "{busy}");
-        assert_eq!(row["cpu_saturated"].as_bool(), Some(busy >= 0.9));
+        // Measured on Linux (from /proc/stat) when the load lasted long
+        // enough to say; never outside 0..=1.
+        match row["cpu_busy"].as_f64() {
+            Some(busy) => {
+                assert!(busy > 0.0 && busy <= 1.0, "{busy}");
+                assert_eq!(row["cpu_saturated"].as_bool(), Some(busy >= 0.9));
+            }
+            None => assert_eq!(row["cpu_saturated"].as_bool(), Some(false)),
+        }
     }
     // The mix sends pairs across shards; one shard cannot, so that run is
     // labelled as what it did and is not the base of the scaling.

@@ -560,13 +560,14 @@ impl ShardManager {
         if let Some(record) = looked.record {
             return self.replay_attempt(attempt, record).await.map(Err);
         }
+        // An unknown payer is named before the payee's shard is asked about.
+        let payer = looked
+            .payer
+            .ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
         let payee = match payee {
             Some(payee) => payee?,
             None => looked.payee,
         };
-        let payer = looked
-            .payer
-            .ok_or_else(|| Refusal::AccountNotFound(request.from.clone()))?;
         let payee = payee.ok_or_else(|| Refusal::AccountNotFound(request.to.clone()))?;
         Ok(Ok((payer, payee)))
     }
