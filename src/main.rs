@@ -22,6 +22,7 @@ use shardpay_reference::ledger::sqlite::{Durability, SqliteConfig};
 use shardpay_reference::manager::{CrossShard, Fault, ManagerConfig, ShardManager};
 use shardpay_reference::money::Currency;
 use shardpay_reference::peers::Replicas;
+use shardpay_reference::sharding::Strategy;
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +121,18 @@ enum Command {
     /// every transfer's entries exactly once, no stale pending transfer.
     /// Exits 1 when a check fails.
     Audit(AuditArgs),
+    /// Grow or shrink a running system's shards while traffic runs
+    ///
+    /// Asks the shard manager at --url to place accounts over --to shards
+    /// and follows the move until the new placement is in force: accounts
+    /// whose home changes move batch by batch (their balance, through the
+    /// in-flight accounts, and their idempotency records), requests on a
+    /// moving account wait at most 3 s (then 503 account_moving, retry),
+    /// and a write that reaches an account's old home is refused. The
+    /// system must have the shard stores to grow into: start it with
+    /// --spare-shards. Example: shardpay serve --demo --spare-shards 1, then
+    /// shardpay reshard --to 5
+    Reshard(ReshardArgs),
     /// The notification service's dead-letter store: webhook deliveries
     /// that failed every attempt
     ///
@@ -279,6 +292,17 @@ struct ServeArgs {
     /// created with.
     #[arg(long, env = "SHARDPAY_SHARDS", default_value_t = 4)]
     shards: u32,
+    /// Shard stores opened beyond --shards, holding nothing until
+    /// `shardpay reshard` grows the placement into them (SQLite: more
+    /// files; MySQL: the last URLs of --mysql-urls). After a reshard the
+    /// placement saved on shard 0 is used.
+    #[arg(long, env = "SHARDPAY_SPARE_SHARDS", default_value_t = 0)]
+    spare_shards: u32,
+    /// How account ids map to shards: jump (jump consistent hash) or modulo
+    /// (hash % n, as the modelled system does). A placement saved by a
+    /// reshard wins.
+    #[arg(long, env = "SHARDPAY_PLACEMENT", value_enum, default_value = "jump")]
+    placement: PlacementArg,
     /// Address to listen on. Use 0.0.0.0 to accept other machines.
     #[arg(long, env = "SHARDPAY_BIND", default_value = "127.0.0.1")]
     bind: IpAddr,
@@ -539,6 +563,13 @@ impl ServeArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+pub enum PlacementArg {
+    Jump,
+    Modulo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum CrossShardArg {
     Saga,
     Xa,
@@ -558,6 +589,25 @@ impl From<CrossShardArg> for CrossShard {
 pub enum DurabilityArg {
     Full,
     Normal,
+}
+
+#[derive(clap::Args)]
+struct ReshardArgs {
+    /// The shard count to place accounts over.
+    #[arg(long)]
+    to: u32,
+    /// How account ids map to shards: jump (jump consistent hash: growing
+    /// by one moves about 1/(n+1) of accounts) or modulo (hash % n, as the
+    /// modelled system does: growing by one moves about n/(n+1)). Default:
+    /// the placement in force.
+    #[arg(long, value_parser = ["jump", "modulo"])]
+    strategy: Option<String>,
+    /// URL of a running shard manager.
+    #[arg(long, env = "SHARDPAY_URL", default_value = "http://127.0.0.1:8006")]
+    url: String,
+    /// An admin's access token (not needed with serve --demo).
+    #[arg(long, env = "SHARDPAY_TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -630,6 +680,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => passed(runtime.block_on(simulate::bench(args))),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Dlq(command) => runtime.block_on(dlq(command)),
+        Command::Reshard(args) => runtime.block_on(reshard(args)),
         Command::Audit(args) => {
             let ok = runtime.block_on(audit(args))?;
             std::process::exit(if ok { 0 } else { 1 });
@@ -675,6 +726,7 @@ impl ServeArgs {
             },
             data_dir: self.data_dir.clone(),
             shards: self.shards,
+            spare_shards: self.spare_shards,
             mysql_urls: (!self.mysql_urls.is_empty()).then(|| self.mysql_urls.clone()),
             auth_mysql_url: self.auth_mysql_url.clone().filter(|url| !url.is_empty()),
             notification_mysql_url: self
@@ -700,6 +752,11 @@ impl ServeArgs {
                 cross_shard: self.cross_shard.into(),
                 fault,
                 broken_recovery: broken_recovery(),
+                strategy: match self.placement {
+                    PlacementArg::Jump => Strategy::Jump,
+                    PlacementArg::Modulo => Strategy::Modulo,
+                },
+                broken_switch: std::env::var_os("SHARDPAY_TEST_BROKEN_SWITCH").is_some(),
                 ..ManagerConfig::default()
             },
             default_currency: Currency::parse(&self.currency)
@@ -860,6 +917,79 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn reshard(args: ReshardArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/admin/reshard", args.url.trim_end_matches('/'));
+    let with_token = |request: reqwest::RequestBuilder| match &args.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let mut body = serde_json::json!({ "to": args.to });
+    if let Some(strategy) = &args.strategy {
+        body["strategy"] = strategy.as_str().into();
+    }
+    let response = with_token(client.post(&url).json(&body))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}; is `shardpay serve` running?"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "{url} answered {status}: {}",
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or("no reason given")
+    );
+    eprintln!("reshard to {} shards started", args.to);
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status: serde_json::Value = with_token(client.get(&url))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?
+            .json()
+            .await?;
+        if status["running"].as_bool() == Some(true) {
+            eprint!(
+                "\r{:>5.1} s: {} accounts moved",
+                started.elapsed().as_secs_f64(),
+                status["accounts_moved"]
+            );
+            continue;
+        }
+        eprintln!();
+        if let Some(error) = status["error"].as_str() {
+            anyhow::bail!("the reshard stopped: {error}");
+        }
+        let last = &status["last"];
+        println!(
+            "placement: {} shards by {}, version {}",
+            status["shards"], status["strategy"], status["version"]
+        );
+        println!(
+            "moved {} of {} accounts ({:.1}%), {} keys, {} bytes, in {} passes; \
+             requests waited {}, refused {}; longest freeze {} ms",
+            last["accounts_moved"],
+            last["accounts_scanned"],
+            last["moved_share"].as_f64().unwrap_or(0.0) * 100.0,
+            last["keys_copied"],
+            last["bytes_copied"],
+            last["passes"],
+            last["requests_waited"],
+            last["requests_refused"],
+            last["longest_freeze_ms"]
+        );
+        for phase in last["phases"].as_array().into_iter().flatten() {
+            let ms = phase["ended_at_ms"].as_i64().unwrap_or(0)
+                - phase["started_at_ms"].as_i64().unwrap_or(0);
+            println!("  {:<8} {ms} ms", phase["name"].as_str().unwrap_or("?"));
+        }
+        return Ok(());
+    }
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<bool> {

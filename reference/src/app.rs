@@ -40,6 +40,11 @@ pub struct ServeConfig {
     pub peers: Peers,
     pub data_dir: PathBuf,
     pub shards: u32,
+    /// Shard stores opened beyond those accounts are placed on: the last
+    /// `spare_shards` SQLite files (or MySQL URLs) hold nothing until a
+    /// reshard grows the placement into them. A placement saved by a
+    /// finished reshard is used over `shards` when the system restarts.
+    pub spare_shards: u32,
     /// MySQL/MariaDB shard databases, one URL per shard in shard order.
     /// When set, the shards live there (and `data_dir`, `shards` and
     /// `sqlite` are not used).
@@ -109,6 +114,7 @@ impl ServeConfig {
             peers: Peers::default(),
             data_dir: data_dir.into(),
             shards: 4,
+            spare_shards: 0,
             mysql_urls: None,
             auth_mysql_url: None,
             notification_mysql_url: None,
@@ -235,7 +241,11 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
     let shards = if service.uses_shards() {
         Some(match &config.mysql_urls {
             Some(urls) => open_mysql(urls, &config.mysql).await?,
-            None => open_embedded(&config.data_dir, config.shards, &config.sqlite)?,
+            None => open_embedded(
+                &config.data_dir,
+                config.shards + config.spare_shards,
+                &config.sqlite,
+            )?,
         })
     } else {
         None
@@ -254,6 +264,10 @@ pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
                 None => None,
             };
             let manager = open_manager(&config, shards, &fraud)?;
+            manager
+                .load_placement()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             (Some(manager), pipeline)
         }
         None => (None, None),
@@ -445,7 +459,15 @@ fn open_manager(
     shards: Vec<Arc<dyn ShardStore>>,
     fraud: &Option<Arc<FraudEngine>>,
 ) -> anyhow::Result<Arc<ShardManager>> {
-    let mut manager = ShardManager::new(shards, config.manager.clone())?;
+    let stores = shards.len() as u32;
+    anyhow::ensure!(
+        config.spare_shards < stores,
+        "--spare-shards {} leaves no shard to place accounts on ({stores} shard stores)",
+        config.spare_shards
+    );
+    let mut manager_config = config.manager.clone();
+    manager_config.placed_shards = Some(stores - config.spare_shards);
+    let mut manager = ShardManager::new(shards, manager_config)?;
     if config.service.runs(Service::ShardManager) {
         if let Some(engine) = fraud {
             manager = manager.with_fraud(Arc::clone(engine));

@@ -284,6 +284,7 @@ fn evaluate(
         "no_stale_pending_transfers",
         stale_problems(&pending, recovery_deadline_ms, now),
     );
+    checks.add("moved_accounts_closed", per_shard(&moved_problems));
     AuditReport {
         ok: checks.0.iter().all(|c| c.ok),
         shards: shards.len(),
@@ -291,6 +292,19 @@ fn evaluate(
         totals,
         pending_transfers: pending.len(),
     }
+}
+
+/// Accounts that moved away from a shard (a reshard) but are still open
+/// there: a second live copy a stale writer could pay into.
+fn moved_problems(s: &ShardAudit) -> Vec<String> {
+    s.open_after_move
+        .iter()
+        .map(|(id, balance)| {
+            format!(
+                "account {id} moved to another shard but is still open here (balance {balance})"
+            )
+        })
+        .collect()
 }
 
 /// Currencies whose entries on one shard do not sum to zero.
@@ -571,7 +585,7 @@ mod tests {
     const NOW: TimestampMs = 1_700_000_000_000;
     const DEADLINE_MS: i64 = 60_000;
 
-    const ALL_CHECKS: [&str; 7] = [
+    const ALL_CHECKS: [&str; 8] = [
         "entries_sum_to_zero",
         "balances_match_entries",
         "no_negative_balances",
@@ -579,6 +593,7 @@ mod tests {
         "transfers_have_entries_exactly_once",
         "money_conserved",
         "no_stale_pending_transfers",
+        "moved_accounts_closed",
     ];
 
     fn usd() -> Currency {
@@ -1165,6 +1180,21 @@ mod tests {
     }
 
     /// Entries written under an id no transfer or credit has.
+    #[test]
+    fn an_account_left_open_after_its_move_fails_only_that_check() {
+        let mut world = consistent();
+        world.shards[0]
+            .open_after_move
+            .push(("alice".to_string(), 0));
+        let report = world.judge();
+        assert_fails_exactly(&report, &["moved_accounts_closed"]);
+        assert!(
+            check(&report, "moved_accounts_closed").problems[0].contains("alice"),
+            "{:?}",
+            check(&report, "moved_accounts_closed")
+        );
+    }
+
     #[test]
     fn orphan_entries_fail_exactly_once() {
         let mut world = consistent();

@@ -44,6 +44,9 @@ error_codes! {
     AccountIdNotYours = ("account_id_not_yours", 403),
     /// No such account.
     AccountNotFound = ("account_not_found", 404),
+    /// The account is moving to another shard (a reshard), or a process
+    /// routed it to the shard it left; nothing was changed, retry shortly.
+    AccountMoving = ("account_moving", 503),
     /// Both amount and amount_minor were given.
     AmbiguousAmount = ("ambiguous_amount", 422),
     /// The amount is above the largest the ledger holds.
@@ -108,6 +111,8 @@ error_codes! {
     InvalidRequest = ("invalid_request", 422),
     /// The shard number is out of range.
     InvalidShard = ("invalid_shard", 400),
+    /// A reshard's shard count is out of range, or already in force.
+    InvalidShardCount = ("invalid_shard_count", 422),
     /// The access token is malformed or not signed by this server.
     InvalidToken = ("invalid_token", 401),
     /// The transfer id is malformed.
@@ -152,6 +157,8 @@ error_codes! {
     ReplayWhat = ("replay_what", 422),
     /// The body arrived too slowly.
     RequestTimeout = ("request_timeout", 408),
+    /// A reshard is already running.
+    ReshardRunning = ("reshard_running", 409),
     /// No such route (or, split, served by another service).
     RouteNotFound = ("route_not_found", 404),
     /// A transfer needs two different accounts.

@@ -14,17 +14,57 @@
 
 use crate::ids::{AccountId, IdError, ShardId, MAX_SHARDS};
 
+/// How a key's hash is mapped onto `n` shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Jump consistent hashing (the default): growing from `n` to `n + 1`
+    /// shards moves about `1 / (n + 1)` of the accounts.
+    #[default]
+    Jump,
+    /// `hash % n`, as the modelled system places accounts (`md5(id) % 4`):
+    /// growing from `n` to `n + 1` moves about `n / (n + 1)` of them.
+    Modulo,
+}
+
+impl Strategy {
+    pub const NAMES: &'static str = "jump, modulo";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Jump => "jump",
+            Strategy::Modulo => "modulo",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Strategy> {
+        match text {
+            "jump" => Some(Strategy::Jump),
+            "modulo" => Some(Strategy::Modulo),
+            _ => None,
+        }
+    }
+}
+
 /// Maps account ids to shards for a fixed shard count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ring {
     shard_count: u32,
+    strategy: Strategy,
 }
 
 impl Ring {
-    /// A ring over `shard_count` shards, 1 to 64.
+    /// A ring over `shard_count` shards, 1 to 64, by jump hashing.
     pub fn new(shard_count: u32) -> Result<Ring, IdError> {
+        Ring::with_strategy(shard_count, Strategy::Jump)
+    }
+
+    /// A ring over `shard_count` shards, 1 to 64, placed by `strategy`.
+    pub fn with_strategy(shard_count: u32, strategy: Strategy) -> Result<Ring, IdError> {
         if (1..=MAX_SHARDS).contains(&shard_count) {
-            Ok(Ring { shard_count })
+            Ok(Ring {
+                shard_count,
+                strategy,
+            })
         } else {
             Err(IdError::Shard(shard_count))
         }
@@ -32,6 +72,10 @@ impl Ring {
 
     pub fn shard_count(&self) -> u32 {
         self.shard_count
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
     }
 
     /// All shard ids, in order.
@@ -48,7 +92,11 @@ impl Ring {
     /// account ids, such as lookups that will answer "not found").
     pub fn shard_of_key(&self, key: &str) -> ShardId {
         let hash = key_hash(key.as_bytes());
-        ShardId::new(jump(hash, self.shard_count)).expect("jump stays below the count")
+        let index = match self.strategy {
+            Strategy::Jump => jump(hash, self.shard_count),
+            Strategy::Modulo => (hash % u64::from(self.shard_count)) as u32,
+        };
+        ShardId::new(index).expect("the index stays below the count")
     }
 }
 
@@ -118,6 +166,26 @@ mod tests {
             assert!(
                 (moved_pct - ideal_pct).abs() <= 2.0,
                 "{n} -> {} shards moved {moved_pct:.2}%, ideal {ideal_pct:.2}%",
+                n + 1
+            );
+        }
+    }
+
+    #[test]
+    fn modulo_placement_moves_most_accounts_when_growing_by_one() {
+        let all = ids(100_000);
+        for n in 2..=7u32 {
+            let before = Ring::with_strategy(n, Strategy::Modulo).unwrap();
+            let after = Ring::with_strategy(n + 1, Strategy::Modulo).unwrap();
+            let moved = all
+                .iter()
+                .filter(|id| before.shard_of(id) != after.shard_of(id))
+                .count();
+            let moved_pct = moved as f64 * 100.0 / all.len() as f64;
+            let ideal_pct = 100.0 * n as f64 / (n + 1) as f64;
+            assert!(
+                (moved_pct - ideal_pct).abs() <= 2.0,
+                "modulo {n} -> {} moved {moved_pct:.2}%, ideal {ideal_pct:.2}%",
                 n + 1
             );
         }

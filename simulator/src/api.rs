@@ -233,6 +233,32 @@ impl Api {
             .with_context(|| format!("POST {path}: unexpected answer {text}"))
     }
 
+    /// Asks the system to place accounts over `to` shards (a reshard,
+    /// which runs on in the system; follow it with `reshard_status`).
+    pub async fn start_reshard(
+        &self,
+        to: u32,
+        strategy: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut body = serde_json::json!({ "to": to });
+        if let Some(strategy) = strategy {
+            body["strategy"] = strategy.into();
+        }
+        self.post_json("/v1/admin/reshard", &body).await
+    }
+
+    /// The placement in force and the reshard running or last run.
+    pub async fn reshard_status(&self) -> anyhow::Result<serde_json::Value> {
+        self.get_json("/v1/admin/reshard").await
+    }
+
+    /// How many shards accounts are placed over (`None`: the system does
+    /// not say, and places them over all of them).
+    pub async fn placed_shards(&self) -> anyhow::Result<Option<usize>> {
+        let s: serde_json::Value = self.get_json("/v1/shards").await?;
+        Ok(s["placed_shards"].as_u64().map(|n| n as usize))
+    }
+
     pub async fn shards(&self) -> anyhow::Result<Vec<ShardInfo>> {
         #[derive(Deserialize)]
         struct Shards {

@@ -67,24 +67,27 @@ pub fn render(r: &Report) -> String {
                 (thresholds(&r.thresholds))
                 (latency(&r.latency))
                 h2 { "Throughput over time" }
-                (tps_chart(&r.timeline, fault_list(r)))
+                (tps_chart(&r.timeline, &windows(r)))
                 @if !r.timeline.requests.is_empty() {
                     h3 { "Errors and p99 latency per second" }
                     (per_second_chart(
                         "seconds since start (errors as a share of requests, %)",
                         &[("errors %".into(), error_percent(&r.timeline))],
                         &r.timeline,
-                        fault_list(r),
+                        &windows(r),
                     ))
                     (per_second_chart(
                         "seconds since start (p99 latency of the requests completed, ms)",
                         &[("p99 ms".into(), r.timeline.p99_ms.clone())],
                         &r.timeline,
-                        fault_list(r),
+                        &windows(r),
                     ))
                 }
                 @if let Some(f) = &r.faults {
                     (faults(f))
+                }
+                @if !r.reshards.is_empty() {
+                    (reshards(&r.reshards))
                 }
                 (outcomes(&r.outcomes))
                 (audit(&r.audit))
@@ -501,8 +504,52 @@ fn ms_label(ms: f64) -> String {
     }
 }
 
-fn fault_list(r: &Report) -> &[FaultReport] {
-    r.faults.as_ref().map_or(&[], |f| f.faults.as_slice())
+/// A span of the run shaded on the per-second charts: a fault, or a phase
+/// of a reshard.
+struct Window {
+    name: String,
+    from: f64,
+    to: f64,
+    fill: &'static str,
+}
+
+/// The run's faults and reshard phases, as shaded windows.
+fn windows(r: &Report) -> Vec<Window> {
+    let faults = r.faults.as_ref().map_or(&[][..], |f| f.faults.as_slice());
+    let mut out: Vec<Window> = faults
+        .iter()
+        .map(|f: &FaultReport| {
+            // From the hit to the system's return (a second when it never
+            // hit); the span its figures cover runs on to its recovery.
+            let from = f.hit_s.or(f.started_s).unwrap_or(f.scheduled_s);
+            let to = f
+                .healed_s
+                .or(f.hit_s.map(|h| h + 1.0))
+                .unwrap_or(from + 1.0)
+                .max(from);
+            Window {
+                name: f.name.clone(),
+                from,
+                to,
+                fill: "#f8d0d0",
+            }
+        })
+        .collect();
+    for reshard in &r.reshards {
+        for (phase, from, to) in &reshard.phases {
+            out.push(Window {
+                name: format!("{phase} (to {})", reshard.to),
+                from: *from,
+                to: to.max(*from),
+                fill: if phase == "copy" {
+                    "#d0dcf8"
+                } else {
+                    "#d8f0d0"
+                },
+            });
+        }
+    }
+    out
 }
 
 /// Errors per second as a percentage of the requests of that second.
@@ -520,17 +567,15 @@ fn error_percent(t: &Timeline) -> Vec<f64> {
         .collect()
 }
 
-/// Each fault's window shaded on a chart, labelled with its name: from
-/// the hit to the system's return (a second when it never hit); the span
-/// its figures cover runs on to its recovery.
-fn fault_shading(faults: &[FaultReport], x: impl Fn(f64) -> f64, len: usize) -> Markup {
+/// Each window shaded on a chart, labelled with its name.
+fn fault_shading(windows: &[Window], x: impl Fn(f64) -> f64, len: usize) -> Markup {
     html! {
-        @for f in faults {
-            @let from = f.hit_s.or(f.started_s).unwrap_or(f.scheduled_s).min(len as f64);
-            @let to = f.healed_s.or(f.hit_s.map(|h| h + 1.0)).unwrap_or(from + 1.0).min(len as f64).max(from);
+        @for w in windows {
+            @let from = w.from.min(len as f64);
+            @let to = w.to.min(len as f64).max(from);
             @let (x0, x1) = (x(from), x(to));
-            rect class="fault" x=(format!("{x0:.1}")) y=(TOP) width=(format!("{:.1}", (x1 - x0).max(2.0))) height=(PLOT_H) fill="#f8d0d0" fill-opacity="0.7" {}
-            text x=(format!("{:.1}", x0 + 2.0)) y=(TOP + PLOT_H - 4.0) class="tick" { (f.name) }
+            rect class="fault" x=(format!("{x0:.1}")) y=(TOP) width=(format!("{:.1}", (x1 - x0).max(2.0))) height=(PLOT_H) fill=(w.fill) fill-opacity="0.7" {}
+            text x=(format!("{:.1}", x0 + 2.0)) y=(TOP + PLOT_H - 4.0) class="tick" { (w.name) }
         }
     }
 }
@@ -540,7 +585,7 @@ fn per_second_chart(
     title: &str,
     series: &[(String, Vec<f64>)],
     t: &Timeline,
-    faults: &[FaultReport],
+    faults: &[Window],
 ) -> Markup {
     // The last second is partial: leave it out.
     let len = series
@@ -578,6 +623,37 @@ fn per_second_chart(
             (plot_series(i, 1.5, name, points.map(|(s, &v)| (x(s as f64), y(v)))))
         }
     })
+}
+
+/// The reshards: what each moved, how long each phase held, and the
+/// audits around it.
+fn reshards(list: &[crate::report::ReshardRun]) -> Markup {
+    html! {
+        h2 { "Reshards" }
+        table {
+            (header(&["to", "line", "started", "ended", "moved", "scanned", "moved share", "keys", "bytes", "phases", "waited", "refused", "longest freeze", "audits", "problems"]))
+            @for r in list {
+                @let n = |name: &str| r.figure(name).unwrap_or(0.0);
+                tr {
+                    td { (r.to) " shards" }
+                    td { (r.line) }
+                    td { (r.started_s.map_or("-".into(), |s| format!("{s:.1} s"))) }
+                    td { (r.ended_s.map_or("-".into(), |s| format!("{s:.1} s"))) }
+                    td { (format!("{:.0}", n("accounts_moved"))) }
+                    td { (format!("{:.0}", n("accounts_scanned"))) }
+                    td { (format!("{:.1}%", n("moved_share") * 100.0)) }
+                    td { (format!("{:.0}", n("keys_copied"))) }
+                    td { (format!("{:.0}", n("bytes_copied"))) }
+                    td { (r.phases.iter().map(|(p, a, b)| format!("{p} {:.0} ms", (b - a) * 1000.0)).collect::<Vec<_>>().join(", ")) }
+                    td { (format!("{:.0}", n("requests_waited"))) }
+                    td { (format!("{:.0}", n("requests_refused"))) }
+                    td { (format!("{:.0} ms", n("longest_freeze_ms"))) }
+                    td { (format!("{}/{} passed", r.audits.iter().filter(|a| a.ok).count(), r.audits.len())) }
+                    td { (r.problems().join("; ")) }
+                }
+            }
+        }
+    }
 }
 
 /// The faults: when each ran and what it did.
@@ -622,7 +698,7 @@ fn faults(f: &Faults) -> Markup {
 
 /// Accepted transfers per second, one line per shard, warm-up and faults
 /// shaded.
-fn tps_chart(t: &Timeline, faults: &[FaultReport]) -> Markup {
+fn tps_chart(t: &Timeline, faults: &[Window]) -> Markup {
     // The last second is partial (the run ends inside it): leave it out of
     // the chart, where it would read as a collapse.
     let len = t

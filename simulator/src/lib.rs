@@ -17,6 +17,7 @@
 //!   lossless), report.html, the terminal summary, and comparisons.
 //! - `nemesis`, `proxy`: the fault schedule at run time, and the TCP proxy
 //!   link faults cut, slow or break.
+//! - `reshard`: the scenario's reshards of the live system at run time.
 //! - `run`: one run from setup to report; `Target` says what is driven.
 
 pub mod accounting;
@@ -32,6 +33,7 @@ pub mod plan;
 pub mod proxy;
 pub mod record;
 pub mod report;
+pub mod reshard;
 pub mod run;
 pub mod scenario;
 pub mod schedule;

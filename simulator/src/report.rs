@@ -48,9 +48,69 @@ pub struct Report {
     /// The scenario's faults, each with what it did to the traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<Faults>,
+    /// The scenario's reshards of the live system, each with the system's
+    /// account of it and the audits around it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reshards: Vec<ReshardRun>,
     pub resources: Resources,
     pub passed: bool,
     pub failures: Vec<String>,
+}
+
+/// One reshard of the live system during the load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReshardRun {
+    /// The entry's line in the scenario file.
+    pub line: usize,
+    pub scheduled_s: f64,
+    pub to: u32,
+    /// When it was asked for and when the new placement was in force,
+    /// seconds since the load began.
+    pub started_s: Option<f64>,
+    pub ended_s: Option<f64>,
+    /// Its phases (prepare, copy, switch) in seconds since the load began.
+    #[serde(default)]
+    pub phases: Vec<(String, f64, f64)>,
+    /// The system's account of it (`GET /v1/admin/reshard`'s `last`):
+    /// accounts scanned and moved, the moved share, keys and bytes copied,
+    /// requests that waited or were refused, the longest freeze.
+    pub system: Option<serde_json::Value>,
+    /// The audits before, during (about each second) and after it.
+    pub audits: Vec<ReshardAudit>,
+    /// Why it did not finish, when it did not.
+    pub error: Option<String>,
+}
+
+impl ReshardRun {
+    /// The figure `name` of the system's account, as a number.
+    pub fn figure(&self, name: &str) -> Option<f64> {
+        self.system.as_ref()?.get(name)?.as_f64()
+    }
+
+    /// What went wrong with it: an error, or a failed audit.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self.error.iter().cloned().collect();
+        for a in self.audits.iter().filter(|a| !a.ok) {
+            problems.push(format!(
+                "audit {} it (at {:.1} s) failed: {}",
+                a.when,
+                a.at_s,
+                a.failed.join("; ")
+            ));
+        }
+        problems
+    }
+}
+
+/// An audit taken around a reshard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReshardAudit {
+    /// `before`, `during` or `after`.
+    pub when: String,
+    pub at_s: f64,
+    pub ok: bool,
+    /// Each failed check with its first problems.
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -614,6 +674,9 @@ impl Report {
         if let Some(f) = &self.faults {
             summarize_faults(f, &mut out);
         }
+        if !self.reshards.is_empty() {
+            summarize_reshards(&self.reshards, &mut out);
+        }
         self.summarize_books(&mut out);
         if let Some(p) = &self.pipeline {
             summarize_pipeline(p, &mut out);
@@ -746,6 +809,43 @@ impl Report {
             self.resources.simulator_cpu_us_per_request,
             self.resources.system_cpu()
         );
+    }
+}
+
+fn summarize_reshards(reshards: &[ReshardRun], out: &mut String) {
+    let _ = writeln!(out, "\nreshards: {}", reshards.len());
+    for r in reshards {
+        let n = |name: &str| r.figure(name).unwrap_or(0.0);
+        let span = match (r.started_s, r.ended_s) {
+            (Some(a), Some(b)) => format!("{a:.1} s to {b:.1} s"),
+            (Some(a), None) => format!("from {a:.1} s"),
+            _ => "never started".into(),
+        };
+        let phases: Vec<String> = r
+            .phases
+            .iter()
+            .map(|(name, a, b)| format!("{name} {:.0} ms", (b - a) * 1000.0))
+            .collect();
+        let audits_ok = r.audits.iter().filter(|a| a.ok).count();
+        let _ = writeln!(
+            out,
+            "  to {} shards (line {}): {span} · moved {:.0} of {:.0} accounts ({:.1}%), {:.0} keys, {:.0} bytes · {} · requests waited {:.0}, refused {:.0} · longest freeze {:.0} ms · audits {audits_ok}/{} passed",
+            r.to,
+            r.line,
+            n("accounts_moved"),
+            n("accounts_scanned"),
+            n("moved_share") * 100.0,
+            n("keys_copied"),
+            n("bytes_copied"),
+            phases.join(", "),
+            n("requests_waited"),
+            n("requests_refused"),
+            n("longest_freeze_ms"),
+            r.audits.len()
+        );
+        for problem in r.problems() {
+            let _ = writeln!(out, "    {problem}");
+        }
     }
 }
 

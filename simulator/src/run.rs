@@ -183,6 +183,29 @@ struct Embedded {
     _temp: Option<tempfile::TempDir>,
 }
 
+/// How the in-process system places accounts: by which strategy, and with
+/// how many spare shard stores for the scenario's reshards to grow into.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    pub spare: u32,
+    pub strategy: shardpay_reference::sharding::Strategy,
+}
+
+impl Placement {
+    /// What `scenario`'s reshards need of a system of `shards` shards.
+    pub fn for_scenario(scenario: &Scenario, shards: u32) -> Placement {
+        Placement {
+            spare: scenario
+                .max_reshard_to()
+                .map_or(0, |to| to.saturating_sub(shards)),
+            strategy: scenario
+                .placement()
+                .and_then(shardpay_reference::sharding::Strategy::parse)
+                .unwrap_or_default(),
+        }
+    }
+}
+
 impl Embedded {
     async fn start(
         shards: u32,
@@ -193,15 +216,18 @@ impl Embedded {
         fraud: bool,
         bus: BusConfig,
         redis: Option<String>,
+        placement: Placement,
     ) -> anyhow::Result<Embedded> {
         let fresh = mysql.as_ref().is_some_and(|m| m.fresh);
         let mysql_urls = match mysql {
             None => None,
-            Some(m) => Some(mysql_shard_urls(shards, m).await?),
+            Some(m) => Some(mysql_shard_urls(shards + placement.spare, m).await?),
         };
         let (temp, dir) = fresh_data_dir(data_dir)?;
         let mut config = ServeConfig::new(&dir);
         config.shards = shards;
+        config.spare_shards = placement.spare;
+        config.manager.strategy = placement.strategy;
         if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
             // Fresh shards reuse the seed's account and user names, so the
             // users and owners start empty too; on given shards the run's
@@ -304,6 +330,7 @@ impl LocalSystem {
             true,
             BusConfig::default(),
             None,
+            Placement::default(),
         )
         .await?;
         Ok(LocalSystem { system })
@@ -695,6 +722,13 @@ fn spawn_progress(
 pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunResult> {
     let started_at = chrono::Utc::now();
     if !scenario.faults.is_empty() || options.six_processes {
+        if let Some(r) = scenario.reshards.first() {
+            bail!(
+                "{}: line {}: [[reshard]] runs on the in-process system or a --target; with [[faults]] or six processes it is not built yet: run them as two scenarios",
+                scenario.file,
+                r.line
+            );
+        }
         return run_with_faults(scenario, options, started_at).await;
     }
     let (embedded, base_url) = match &options.target {
@@ -717,6 +751,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Ru
                 *fraud,
                 bus.clone(),
                 redis.clone(),
+                Placement::for_scenario(scenario, *shards),
             )
             .await?;
             let url = system.url.clone();
@@ -1207,7 +1242,12 @@ async fn drive(
         admin_password: admin_password.clone(),
     };
     let (mut api, shard_info) = cx.connect(admin_password.as_deref()).await?;
-    let shards = shard_info.len();
+    // Spare shards (open, for a reshard to grow into) hold no account yet.
+    let shards = api
+        .placed_shards()
+        .await?
+        .unwrap_or(shard_info.len())
+        .min(shard_info.len());
     let transfers_before: u64 = shard_info.iter().map(|s| s.transfers.total()).sum();
     let accounts = cx
         .create_accounts(&mut api, shards, admin_password.as_deref())
@@ -1255,6 +1295,7 @@ async fn drive(
         scenario, measured, accounting, audit, resources, machine, run,
     );
     report.faults = faults;
+    report.reshards = load.reshards.clone();
     if let Some(results) = baseline {
         report.baseline = Some(crate::report::Baseline::new(results, &report));
     }
@@ -1313,6 +1354,8 @@ struct LoadFigures {
     child_process: bool,
     /// What each fault of the schedule did.
     faults: Vec<crate::nemesis::Happened>,
+    /// What each reshard of the schedule did.
+    reshards: Vec<crate::report::ReshardRun>,
     /// The child system was found down after the load, outside any fault.
     down_at_end: bool,
 }
@@ -1523,6 +1566,15 @@ impl RunContext<'_> {
             ))
         });
         let wall = Instant::now();
+        let reshards = (!self.scenario.reshards.is_empty()).then(|| {
+            tokio::spawn(crate::reshard::apply(
+                self.scenario.reshards.clone(),
+                api.clone(),
+                wall,
+                chrono::Utc::now().timestamp_millis(),
+                self.options.progress,
+            ))
+        });
         let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
@@ -1530,6 +1582,14 @@ impl RunContext<'_> {
         progress.abort();
         bar.finish_and_clear();
         let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);
+        let reshards = match reshards {
+            Some(task) if goose.is_err() || interrupted => {
+                task.abort();
+                Vec::new()
+            }
+            Some(task) => task.await.context("the reshard schedule failed")?,
+            None => Vec::new(),
+        };
         let faults = match nemesis {
             // The load failed or was stopped: the schedule stops too.
             Some(task) if goose.is_err() || interrupted => {
@@ -1594,6 +1654,7 @@ impl RunContext<'_> {
             interrupted,
             goose_requests,
             faults,
+            reshards,
             down_at_end,
         })
     }
@@ -1991,6 +2052,7 @@ fn build_report(
         pipeline: None,
         webhooks: None,
         faults: None,
+        reshards: Vec::new(),
         resources,
         passed: false,
         failures: Vec::new(),
@@ -2147,6 +2209,26 @@ fn accounts_in_completed_transfers(books: &crate::accounting::Books) -> HashSet<
 }
 
 /// Judges the scenario's thresholds; sets `passed` and `failures`.
+/// A reshard must finish, and every audit around it pass.
+fn reshard_result(r: &crate::report::ReshardRun) -> ThresholdResult {
+    let problems = r.problems();
+    ThresholdResult {
+        name: format!("reshard to {} shards (line {})", r.to, r.line),
+        limit: "finishes; audits before, during and after pass".into(),
+        actual: if problems.is_empty() {
+            format!(
+                "{} of {} accounts moved, {} audits passed",
+                r.figure("accounts_moved").unwrap_or(0.0),
+                r.figure("accounts_scanned").unwrap_or(0.0),
+                r.audits.len()
+            )
+        } else {
+            problems.join("; ")
+        },
+        ok: problems.is_empty(),
+    }
+}
+
 pub fn judge(scenario: &Scenario, report: &mut Report) {
     let t = &scenario.thresholds;
     let mut results = latency_results(&t.p99_ms, &report.latency);
@@ -2169,6 +2251,7 @@ pub fn judge(scenario: &Scenario, report: &mut Report) {
         None => results.extend(rate_results(t, &report.totals)),
     }
     results.extend(drift_result(t, &report.timeline));
+    results.extend(report.reshards.iter().map(reshard_result));
     if t.audit {
         results.extend(report.pipeline.as_ref().map(pipeline_result));
         results.extend(report.webhooks.as_ref().map(webhooks_result));

@@ -246,6 +246,8 @@ pub struct Scenario {
     pub thresholds: Thresholds,
     /// The fault schedule: occurrences in time order (`[[faults]]`).
     pub faults: Vec<faults::Fault>,
+    /// Reshards of the live system, in time order (`[[reshard]]`).
+    pub reshards: Vec<Reshard>,
     /// The file as read, kept in the report.
     pub source: String,
     pub file: String,
@@ -271,6 +273,40 @@ struct RawScenario {
     fraud_heavy: Option<Spanned<RawFraud>>,
     thresholds: Option<RawThresholds>,
     faults: Option<Vec<Spanned<faults::RawFault>>>,
+    reshard: Option<Vec<Spanned<RawReshard>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReshard {
+    at_s: Spanned<f64>,
+    to: Spanned<u32>,
+    strategy: Option<Spanned<String>>,
+}
+
+/// A reshard the scenario schedules: at `at_s` seconds into the load, the
+/// system is asked to place accounts over `to` shards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reshard {
+    pub at_s: f64,
+    pub to: u32,
+    /// `jump` or `modulo`: how accounts are placed before and after (the
+    /// system a run starts places them so from the start).
+    pub strategy: Option<String>,
+    /// The entry's line in the scenario file.
+    pub line: usize,
+}
+
+impl Scenario {
+    /// The most shards a reshard of the scenario grows into.
+    pub fn max_reshard_to(&self) -> Option<u32> {
+        self.reshards.iter().map(|r| r.to).max()
+    }
+
+    /// The placement strategy the scenario's reshards name.
+    pub fn placement(&self) -> Option<&str> {
+        self.reshards.iter().find_map(|r| r.strategy.as_deref())
+    }
 }
 
 #[derive(Deserialize)]
@@ -565,6 +601,7 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
     let thresholds = check_thresholds(raw.thresholds, at)?;
     let seed = raw.seed.unwrap_or(1);
     let faults = faults::check(raw.faults, stop, seed, at)?;
+    let reshards = check_reshards(raw.reshard, stop, at)?;
 
     Ok(Scenario {
         name,
@@ -580,9 +617,89 @@ fn check(raw: RawScenario, at: &Locator) -> Result<Scenario, ScenarioError> {
         fraud,
         thresholds,
         faults,
+        reshards,
         source: at.source.to_string(),
         file: at.file.to_string(),
     })
+}
+
+/// `[[reshard]]`: each at a time inside the run, to 1 to 64 shards, all by
+/// one placement strategy.
+fn check_reshards(
+    raw: Option<Vec<Spanned<RawReshard>>>,
+    stop: Stop,
+    at: &Locator,
+) -> Result<Vec<Reshard>, ScenarioError> {
+    let Some(entries) = raw else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<Reshard> = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let span = entry.span();
+        let key = |field: &str| format!("reshard[{index}].{field}");
+        let r = entry.into_inner();
+        let Some(length_s) = stop.seconds() else {
+            return Err(at.err(
+                span,
+                &format!("reshard[{index}]"),
+                "reshards are scheduled in seconds: give the scenario a duration_s",
+            ));
+        };
+        let at_s = *r.at_s.get_ref();
+        if !(at_s.is_finite() && at_s >= 0.0 && at_s < length_s as f64) {
+            return Err(at.err(
+                r.at_s.span(),
+                &key("at_s"),
+                format!("must be from 0 to less than the run's {length_s} seconds"),
+            ));
+        }
+        let to = *r.to.get_ref();
+        if !(1..=64).contains(&to) {
+            return Err(at.err(r.to.span(), &key("to"), "must be 1 to 64 shards"));
+        }
+        let strategy = match r.strategy {
+            None => None,
+            Some(s) => {
+                let text = s.get_ref().clone();
+                if !matches!(text.as_str(), "jump" | "modulo") {
+                    return Err(at.err(
+                        s.span(),
+                        &key("strategy"),
+                        format!("unknown placement `{text}`; use jump or modulo"),
+                    ));
+                }
+                if let Some(other) = out.iter().find_map(|o| o.strategy.as_ref()) {
+                    if *other != text {
+                        return Err(at.err(
+                            s.span(),
+                            &key("strategy"),
+                            format!("an earlier reshard places by {other}: one placement strategy per scenario, so runs compare like for like"),
+                        ));
+                    }
+                }
+                Some(text)
+            }
+        };
+        if let Some(last) = out.last() {
+            if at_s <= last.at_s {
+                return Err(at.err(
+                    r.at_s.span(),
+                    &key("at_s"),
+                    format!(
+                        "reshards run in the order written: this one must start after {:.1} s (line {})",
+                        last.at_s, last.line
+                    ),
+                ));
+            }
+        }
+        out.push(Reshard {
+            at_s,
+            to,
+            strategy,
+            line: at.line_of(span.start),
+        });
+    }
+    Ok(out)
 }
 
 /// `name`: it becomes part of the report's folder.

@@ -11,7 +11,7 @@ use shardpay_reference::sharding::Ring;
 use crate::{assert_audit_passes, post, serve};
 
 /// Every check `shardpay audit` prints for SQLite shards, in its order.
-const CHECKS: [&str; 7] = [
+const CHECKS: [&str; 8] = [
     "entries_sum_to_zero",
     "balances_match_entries",
     "no_negative_balances",
@@ -19,6 +19,7 @@ const CHECKS: [&str; 7] = [
     "transfers_have_entries_exactly_once",
     "money_conserved",
     "no_stale_pending_transfers",
+    "moved_accounts_closed",
 ];
 
 /// One edit of one shard file, and the checks it must fail.
@@ -147,6 +148,14 @@ fn shardpay_audit_exits_1_naming_the_check_a_corrupted_shard_file_fails() {
                   WHERE id = ?1",
             params: vec![cross_shard.clone()],
             fails: &["no_stale_pending_transfers"],
+        },
+        Corruption {
+            what: "an account marked moved to another shard but left open here",
+            on_shard_of: payer,
+            sql: "INSERT INTO moved_accounts (id, to_shard, transfer_id, moved_at_ms)
+                  VALUES (?1, 3, NULL, 0)",
+            params: vec![payer.to_string()],
+            fails: &["moved_accounts_closed"],
         },
     ];
     for c in &corruptions {

@@ -84,7 +84,15 @@ impl From<ManagerError> for ApiError {
         let message = error.to_string();
         match error {
             ManagerError::Invalid { code, .. } => ApiError::new(code, message),
-            ManagerError::Refused(refusal) => ApiError::new(refusal.code(), message),
+            ManagerError::Refused(refusal) => {
+                let retry = refusal.code() == ErrorCode::AccountMoving;
+                let error = ApiError::new(refusal.code(), message);
+                if retry {
+                    error.retry_after(1)
+                } else {
+                    error
+                }
+            }
             ManagerError::IdempotencyKeyReused => {
                 ApiError::new(ErrorCode::IdempotencyKeyReused, message)
             }
@@ -92,6 +100,9 @@ impl From<ManagerError> for ApiError {
                 ApiError::new(ErrorCode::IdempotencyKeyInFlight, message)
             }
             ManagerError::Unavailable(_) => ApiError::new(ErrorCode::ShardUnavailable, message),
+            ManagerError::Moving(_) => {
+                ApiError::new(ErrorCode::AccountMoving, message).retry_after(1)
+            }
             ManagerError::FraudUnavailable(_) => {
                 ApiError::new(ErrorCode::FraudUnavailable, message).retry_after(1)
             }

@@ -71,6 +71,8 @@ pub const TABLE: &[(&str, &str, Access)] = &[
     ("GET", "/v1/transfers/{id}", Access::Roles(ANY_ROLE)),
     ("GET", "/v1/shards", Access::Roles(STAFF)),
     ("GET", "/v1/audit", Access::Roles(ADMIN)),
+    ("POST", "/v1/admin/reshard", Access::Roles(ADMIN)),
+    ("GET", "/v1/admin/reshard", Access::Roles(ADMIN)),
     // Ledger.
     ("GET", "/v1/ledger/trial-balance", Access::Roles(STAFF)),
     ("GET", "/v1/accounts/{id}/entries", Access::Roles(ANY_ROLE)),

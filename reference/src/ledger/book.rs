@@ -19,8 +19,9 @@ use crate::money::{Amount, Currency};
 
 use super::{
     payee_refusal, payer_refusal, Account, AccountKind, CreditOutcome, DebitOutcome,
-    IdempotencyRecord, IdempotencyWrite, LedgerEntry, NewAccount, OutboxEvent, Refusal, ShardStats,
-    StoreError, StoredResponse, TimestampMs, Transfer, TransferState,
+    IdempotencyRecord, IdempotencyWrite, KeptKey, LedgerEntry, MovingAccount, NewAccount,
+    OutboxEvent, PlacementRecord, Refusal, ShardStats, StoreError, StoredResponse, TimestampMs,
+    Transfer, TransferState,
 };
 use super::{AccountMismatch, CreditEntries, ShardAudit, TransferEntries};
 
@@ -153,6 +154,55 @@ macro_rules! shard_store {
             ) -> Result<Option<$crate::ledger::Transfer>, $crate::ledger::StoreError> {
                 let id = id.clone();
                 $read!(self, |s| book::transfer(s, &id))
+            }
+
+            async fn account_to_move(
+                &self,
+                id: &$crate::ids::AccountId,
+            ) -> Result<Option<$crate::ledger::MovingAccount>, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $read!(self, |s| book::account_to_move(s, &id))
+            }
+
+            async fn adopt_account(
+                &self,
+                moving: $crate::ledger::MovingAccount,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                $write!(self, |s| book::adopt_account(s, &moving))
+            }
+
+            async fn move_out(
+                &self,
+                id: &$crate::ids::AccountId,
+                to: $crate::ids::ShardId,
+                transfer_id: &$crate::ids::TransferId,
+                now: $crate::ledger::TimestampMs,
+                keep_open: bool,
+            ) -> Result<Option<$crate::ledger::Transfer>, $crate::ledger::StoreError> {
+                let (id, transfer_id) = (id.clone(), transfer_id.clone());
+                $write!(self, |s| book::move_out(s, &id, to, &transfer_id, now, keep_open))
+            }
+
+            async fn finish_move(
+                &self,
+                id: &$crate::ids::TransferId,
+                now: $crate::ledger::TimestampMs,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let id = id.clone();
+                $write!(self, |s| book::finish_move(s, &id, now))
+            }
+
+            async fn placement(
+                &self,
+            ) -> Result<Option<$crate::ledger::PlacementRecord>, $crate::ledger::StoreError> {
+                $read!(self, |s| book::placement(s))
+            }
+
+            async fn save_placement(
+                &self,
+                placement: $crate::ledger::PlacementRecord,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                $write!(self, |s| book::save_placement(s, placement))
             }
 
             async fn account_entries(
@@ -453,8 +503,39 @@ async fn user_account<S: Session>(
 ) -> Result<Option<(Currency, i64)>, StoreError> {
     let sql = pick(s, &USER_ACCOUNT, true);
     match row(s, sql, &[id.as_str().into()]).await? {
-        None => Ok(None),
+        None => refuse_if_moved(s, id).await.map(|()| None),
         Some(r) => Ok(Some((r.currency(0)?, r.int(1)?))),
+    }
+}
+
+/// The shard an account that lived here moved to, if it moved.
+async fn moved_to<S: Session>(s: &mut S, id: &str) -> Result<Option<ShardId>, StoreError> {
+    let Some(r) = row(
+        s,
+        "SELECT to_shard FROM moved_accounts WHERE id = ?",
+        &[id.into()],
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let to = u32::try_from(r.int(0)?)
+        .ok()
+        .and_then(|i| ShardId::new(i).ok())
+        .ok_or_else(|| r.bad(0, "a shard"))?;
+    Ok(Some(to))
+}
+
+/// Refuses a write to an account that has moved away from this shard: the
+/// writer routed it by a placement older than the move.
+async fn refuse_if_moved<S: Session>(s: &mut S, id: &AccountId) -> Result<(), StoreError> {
+    match moved_to(s, id.as_str()).await? {
+        Some(shard) => Err(Refusal::AccountMoved {
+            account: id.clone(),
+            shard,
+        }
+        .into()),
+        None => Ok(()),
     }
 }
 
@@ -594,6 +675,7 @@ pub(crate) async fn create_account<S: Session>(
     {
         return Err(Refusal::AccountExists(account.id.clone()).into());
     }
+    refuse_if_moved(s, &account.id).await?;
     s.execute(
         "INSERT INTO accounts (id, kind, currency, balance_minor, created_at_ms)
          VALUES (?, 'user', ?, 0, ?)",
@@ -1186,6 +1268,14 @@ pub(crate) async fn complete_transfer<S: Session>(
     if t.state != TransferState::Pending {
         return Ok(t);
     }
+    if t.payer == t.payee {
+        // An account's move to another shard (a reshard), finished by
+        // recovery: no event, not counted.
+        finish_move(s, id, now).await?;
+        t.state = TransferState::Completed;
+        t.updated_at_ms = now;
+        return Ok(t);
+    }
     s.execute(
         "UPDATE transfers SET state = 'completed', updated_at_ms = ?
          WHERE id = ? AND state = 'pending'",
@@ -1238,6 +1328,228 @@ pub(crate) async fn reverse_transfer<S: Session>(
     let counts = Counts::transfer(Some(TransferState::Pending), TransferState::Failed);
     count(s, id.as_str(), counts).await?;
     Ok(t)
+}
+
+// --- moving accounts between shards (a reshard) ---------------------------------
+
+/// A customer account with its idempotency records, to be copied to its
+/// new home.
+pub(crate) async fn account_to_move<S: Session>(
+    s: &mut S,
+    id: &AccountId,
+) -> Result<Option<MovingAccount>, StoreError> {
+    let Some(account) = account(s, id).await? else {
+        return Ok(None);
+    };
+    let rows = s
+        .rows(
+            "SELECT `key`, fingerprint, resource_id, response_status, response_body,
+                    created_at_ms, expires_at_ms
+             FROM idempotency_keys WHERE scope = ?",
+            &[id.as_str().into()],
+        )
+        .await?;
+    let mut keys = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let status = r
+            .opt_int(3)?
+            .map(|v| u16::try_from(v).map_err(|_| r.bad(3, "an HTTP status")))
+            .transpose()?;
+        keys.push(KeptKey {
+            key: r.text(0)?,
+            fingerprint: r.text(1)?,
+            resource_id: r.opt_text(2)?,
+            response: status
+                .zip(r.opt_text(4)?)
+                .map(|(status, body)| StoredResponse { status, body }),
+            created_at_ms: r.int(5)?,
+            expires_at_ms: r.int(6)?,
+        });
+    }
+    Ok(Some(MovingAccount { account, keys }))
+}
+
+/// Opens a moving account on its new home with a zero balance, and copies
+/// its idempotency records. A forwarding record left by an earlier move
+/// away from this shard is dropped: the account is home here again.
+pub(crate) async fn adopt_account<S: Session>(
+    s: &mut S,
+    moving: &MovingAccount,
+) -> Result<(), StoreError> {
+    let account = &moving.account;
+    let id = account.id.as_str();
+    s.execute("DELETE FROM moved_accounts WHERE id = ?", &[id.into()])
+        .await?;
+    let exists = row(s, "SELECT 1 FROM accounts WHERE id = ?", &[id.into()])
+        .await?
+        .is_some();
+    if !exists {
+        s.execute(
+            "INSERT INTO accounts (id, kind, currency, balance_minor, created_at_ms)
+             VALUES (?, 'user', ?, 0, ?)",
+            &[
+                id.into(),
+                account.currency.code().into(),
+                account.created_at_ms.into(),
+            ],
+        )
+        .await?;
+        let opened = Counts {
+            accounts: 1,
+            ..Counts::default()
+        };
+        count(s, id, opened).await?;
+    }
+    for kept in &moving.keys {
+        s.execute(
+            "DELETE FROM idempotency_keys WHERE scope = ? AND `key` = ?",
+            &[id.into(), kept.key.as_str().into()],
+        )
+        .await?;
+        s.execute(
+            "INSERT INTO idempotency_keys
+               (scope, `key`, fingerprint, resource_id, response_status, response_body,
+                created_at_ms, expires_at_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            &[
+                id.into(),
+                kept.key.as_str().into(),
+                kept.fingerprint.as_str().into(),
+                kept.resource_id.as_deref().into(),
+                kept.response.as_ref().map(|r| i64::from(r.status)).into(),
+                kept.response.as_ref().map(|r| r.body.as_str()).into(),
+                kept.created_at_ms.into(),
+                kept.expires_at_ms.into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The old home's step of a move (see `ShardStore::move_out`).
+pub(crate) async fn move_out<S: Session>(
+    s: &mut S,
+    id: &AccountId,
+    to: ShardId,
+    transfer_id: &TransferId,
+    now: TimestampMs,
+    keep_open: bool,
+) -> Result<Option<Transfer>, StoreError> {
+    let (currency, balance) = user_account(s, id)
+        .await?
+        .ok_or_else(|| Refusal::AccountNotFound(id.clone()))?;
+    let mut moved = None;
+    if balance > 0 {
+        let t = Transfer {
+            id: transfer_id.clone(),
+            payer: id.clone(),
+            payee: id.clone(),
+            amount: Amount::from_minor(balance)
+                .map_err(|_| corrupt(s.shard(), format!("account {id} holds {balance}")))?,
+            currency,
+            payer_shard: s.shard(),
+            payee_shard: to,
+            state: TransferState::Pending,
+            failure_code: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let in_flight = system_account(s, AccountKind::InFlight, currency, now).await?;
+        post(
+            s,
+            t.id.as_str(),
+            (id.as_str(), in_flight.as_str()),
+            balance,
+            currency,
+            now,
+        )
+        .await?;
+        // Not counted as a transfer and no outbox event: a move is not a
+        // payment, and the consumers never hear of it.
+        insert_transfer(s, &t).await?;
+        moved = Some(t);
+    }
+    if !keep_open {
+        s.execute("DELETE FROM accounts WHERE id = ?", &[id.as_str().into()])
+            .await?;
+        let closed = Counts {
+            accounts: -1,
+            ..Counts::default()
+        };
+        count(s, id.as_str(), closed).await?;
+    }
+    s.execute(
+        "DELETE FROM moved_accounts WHERE id = ?",
+        &[id.as_str().into()],
+    )
+    .await?;
+    s.execute(
+        "INSERT INTO moved_accounts (id, to_shard, transfer_id, moved_at_ms) VALUES (?, ?, ?, ?)",
+        &[
+            id.as_str().into(),
+            (to.index() as i64).into(),
+            moved.as_ref().map(|t| t.id.as_str()).into(),
+            now.into(),
+        ],
+    )
+    .await?;
+    Ok(moved)
+}
+
+/// Marks a move's transfer completed, without an event.
+pub(crate) async fn finish_move<S: Session>(
+    s: &mut S,
+    id: &TransferId,
+    now: TimestampMs,
+) -> Result<(), StoreError> {
+    s.execute(
+        "UPDATE transfers SET state = 'completed', updated_at_ms = ?
+         WHERE id = ? AND state = 'pending'",
+        &[now.into(), id.as_str().into()],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn placement<S: Session>(
+    s: &mut S,
+) -> Result<Option<PlacementRecord>, StoreError> {
+    let Some(r) = row(
+        s,
+        "SELECT strategy, shards, version FROM placement WHERE singleton = 1",
+        &[],
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(PlacementRecord {
+        strategy: crate::sharding::Strategy::parse(&r.text(0)?)
+            .ok_or_else(|| r.bad(0, "a placement strategy"))?,
+        shards: u32::try_from(r.int(1)?).map_err(|_| r.bad(1, "a shard count"))?,
+        version: u64::try_from(r.int(2)?).map_err(|_| r.bad(2, "a version"))?,
+    }))
+}
+
+pub(crate) async fn save_placement<S: Session>(
+    s: &mut S,
+    placement: PlacementRecord,
+) -> Result<(), StoreError> {
+    s.execute("DELETE FROM placement WHERE singleton = 1", &[])
+        .await?;
+    s.execute(
+        "INSERT INTO placement (singleton, strategy, shards, version, updated_at_ms)
+         VALUES (1, ?, ?, ?, ?)",
+        &[
+            placement.strategy.as_str().into(),
+            i64::from(placement.shards).into(),
+            (placement.version as i64).into(),
+            super::now_ms().into(),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 // --- outbox -------------------------------------------------------------------
@@ -1710,6 +2022,15 @@ pub(crate) async fn audit_snapshot<S: Session>(s: &mut S) -> Result<ShardAudit, 
          WHERE outcome = 'credited' GROUP BY currency",
     )
     .await?;
+    let rows = s
+        .rows(
+            "SELECT m.id, a.balance_minor FROM moved_accounts m JOIN accounts a ON a.id = m.id",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        audit.open_after_move.push((r.text(0)?, r.int(1)?));
+    }
     Ok(audit)
 }
 

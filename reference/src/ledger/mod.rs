@@ -189,6 +189,11 @@ pub enum Refusal {
     BalanceOverflow(AccountId),
     #[error("the transfer was blocked by fraud checks (score {score}: {})", reasons.join(", "))]
     Blocked { score: u32, reasons: Vec<String> },
+    /// The account lived on this shard and has moved to `shard` (a
+    /// reshard): a writer that still routes it here is refused, never
+    /// served from a stale copy.
+    #[error("account {account} has moved to shard {shard}; retry shortly")]
+    AccountMoved { account: AccountId, shard: ShardId },
 }
 
 impl Refusal {
@@ -200,6 +205,7 @@ impl Refusal {
             Refusal::InsufficientFunds(_) => ErrorCode::InsufficientFunds,
             Refusal::BalanceOverflow(_) => ErrorCode::BalanceOverflow,
             Refusal::Blocked { .. } => ErrorCode::TransferBlocked,
+            Refusal::AccountMoved { .. } => ErrorCode::AccountMoving,
         }
     }
 
@@ -304,6 +310,9 @@ pub struct ShardAudit {
     pub sent_minor_by_currency: Vec<(Currency, i128)>,
     /// Credits applied on this shard per currency: money taken out of flight.
     pub received_minor_by_currency: Vec<(Currency, i128)>,
+    /// Accounts that moved away from this shard (a reshard) yet are still
+    /// open here, with their balance: a second live copy.
+    pub open_after_move: Vec<(String, i64)>,
 }
 
 /// An account whose balance is not the sum of its entries, or is below zero.
@@ -341,6 +350,36 @@ pub struct CreditEntries {
     pub entries: i64,
     /// The sum of those on the payee's account.
     pub payee_net_minor: i128,
+}
+
+/// An idempotency record as it is stored, copied with its account when the
+/// account moves to another shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptKey {
+    pub key: String,
+    pub fingerprint: String,
+    pub resource_id: Option<String>,
+    pub response: Option<StoredResponse>,
+    pub created_at_ms: TimestampMs,
+    pub expires_at_ms: TimestampMs,
+}
+
+/// What moves with a customer account: the account (its balance moves as
+/// money, through the in-flight accounts) and the idempotency records
+/// scoped to it, so a retry reaching the new home replays its first answer.
+#[derive(Debug, Clone)]
+pub struct MovingAccount {
+    pub account: Account,
+    pub keys: Vec<KeptKey>,
+}
+
+/// The placement the shards hold: how accounts map to shards, over how
+/// many, and its version (each reshard that finishes adds one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementRecord {
+    pub strategy: crate::sharding::Strategy,
+    pub shards: u32,
+    pub version: u64,
 }
 
 /// The reads of [`ShardStore::lookup`].
@@ -462,6 +501,41 @@ pub trait ShardStore: Send + Sync + 'static {
 
     /// A transfer whose payer is on this shard.
     async fn transfer(&self, id: &TransferId) -> Result<Option<Transfer>, StoreError>;
+
+    /// A customer account with the idempotency records scoped to it, read
+    /// to be copied to its new home.
+    async fn account_to_move(&self, id: &AccountId) -> Result<Option<MovingAccount>, StoreError>;
+
+    /// The new home's first step of a move: the account opened here with a
+    /// zero balance (its money arrives as a credit from in-flight) and its
+    /// idempotency records. Idempotent: a second call changes nothing.
+    async fn adopt_account(&self, moving: MovingAccount) -> Result<(), StoreError>;
+
+    /// The old home's step of a move, in one transaction: the whole
+    /// balance debited into in-flight under `transfer_id` (a pending
+    /// transfer from the account to itself on shard `to`; `None` when the
+    /// balance is zero), the account closed here and a forwarding record
+    /// to `to` written, so later writes here are refused
+    /// (`Refusal::AccountMoved`). `keep_open` is a test hook of a broken
+    /// switch: the account stays open here.
+    async fn move_out(
+        &self,
+        id: &AccountId,
+        to: ShardId,
+        transfer_id: &TransferId,
+        now: TimestampMs,
+        keep_open: bool,
+    ) -> Result<Option<Transfer>, StoreError>;
+
+    /// Marks a move's pending transfer completed once its credit landed,
+    /// without a transfer event: a move is not a payment.
+    async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError>;
+
+    /// The placement this shard holds, if one was saved.
+    async fn placement(&self) -> Result<Option<PlacementRecord>, StoreError>;
+
+    /// Saves the placement (kept on shard 0).
+    async fn save_placement(&self, placement: PlacementRecord) -> Result<(), StoreError>;
 
     /// An account's ledger entries with ids after `after`, oldest first, at
     /// most `limit` (its statement, page by page).

@@ -17,6 +17,7 @@
 //! leaves prepared branches that recovery commits or rolls back as the
 //! decision log says (`resolve_in_doubt`).
 
+pub mod reshard;
 pub mod routes;
 
 use std::collections::HashSet;
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::codes::ErrorCode;
 use crate::fraud::{FraudEngine, Verdict};
+use crate::ids::ShardId;
 use crate::ids::{AccountId, IdempotencyKey, TransferId};
 use crate::ledger::{
     now_ms, Account, BranchId, CreditOutcome, DebitOutcome, Decision, IdempotencyRecord,
@@ -33,7 +35,8 @@ use crate::ledger::{
     StoreError, StoredResponse, TimestampMs, Transfer, TransferState, TwoPhase,
 };
 use crate::money::{Amount, Currency};
-use crate::sharding::Ring;
+use crate::sharding::{Ring, Strategy};
+use reshard::{Gate, GateCounters, Passage, ReshardStatus, Routing};
 
 /// Test hooks that stop the process at a chosen point of the saga, to show
 /// that recovery finishes what was in flight. Never set in production.
@@ -139,6 +142,15 @@ pub struct ManagerConfig {
     /// its key) marks it complete without crediting the payee, so money
     /// goes missing and the audit must say so. Never set in production.
     pub broken_recovery: bool,
+    /// Accounts are placed over this many of the shard stores (`None`:
+    /// all of them); the rest are spare, for a reshard to grow into.
+    pub placed_shards: Option<u32>,
+    /// How accounts are placed on shards.
+    pub strategy: Strategy,
+    /// Test hook of a broken reshard switch: a moved account stays open on
+    /// its old home and credits keep going there, so the audit must name
+    /// it. Never set in production.
+    pub broken_switch: bool,
 }
 
 /// Two branches that each wait out a lock-wait timeout, and five seconds
@@ -155,6 +167,9 @@ impl Default for ManagerConfig {
             xa_decision_ms: XA_DECISION_MS,
             fault: None,
             broken_recovery: false,
+            placed_shards: None,
+            strategy: Strategy::Jump,
+            broken_switch: false,
         }
     }
 }
@@ -173,6 +188,10 @@ pub enum ManagerError {
     IdempotencyKeyInFlight,
     #[error("{0}")]
     Unavailable(String),
+    /// The account is being moved to another shard and did not open in
+    /// time: nothing was changed.
+    #[error("account {0} is moving to another shard; retry shortly")]
+    Moving(AccountId),
     /// The fraud checks could not run (the fraud service does not answer):
     /// the transfer is refused, never made unscored.
     #[error("fraud checks failed: {0}; nothing was changed, retry shortly")]
@@ -226,6 +245,9 @@ struct Attempt<'a> {
     fingerprint: String,
     now: TimestampMs,
     view: &'a View<Transfer>,
+    /// Where the payer lives, and where the payee is credited.
+    payer_shard: ShardId,
+    payee_shard: ShardId,
 }
 
 fn transfer_fingerprint(route: &str, request: &TransferRequest) -> String {
@@ -283,7 +305,11 @@ pub struct AccountRequest {
 }
 
 pub struct ShardManager {
-    ring: Ring,
+    routing: std::sync::RwLock<Routing>,
+    gate: Arc<Gate>,
+    gate_counters: GateCounters,
+    reshard_lock: tokio::sync::Mutex<()>,
+    reshard_state: Mutex<ReshardStatus>,
     shards: Vec<Arc<dyn ShardStore>>,
     config: ManagerConfig,
     /// (scope, key) pairs whose request is running in this process.
@@ -306,7 +332,13 @@ impl ShardManager {
 
     /// `shards[i]` must be the store of shard `i`.
     pub fn new(shards: Vec<Arc<dyn ShardStore>>, config: ManagerConfig) -> anyhow::Result<Self> {
-        let ring = Ring::new(shards.len() as u32)?;
+        let stores = shards.len() as u32;
+        let placed = config.placed_shards.unwrap_or(stores);
+        anyhow::ensure!(
+            placed <= stores,
+            "accounts cannot be placed over {placed} shards with {stores} shard stores"
+        );
+        let ring = Ring::with_strategy(placed, config.strategy)?;
         for (i, store) in shards.iter().enumerate() {
             anyhow::ensure!(store.shard().index() == i, "shard {i} is out of order");
             anyhow::ensure!(
@@ -317,7 +349,11 @@ impl ShardManager {
             );
         }
         Ok(ShardManager {
-            ring,
+            routing: std::sync::RwLock::new(Routing::new(ring)),
+            gate: Arc::new(Gate::default()),
+            gate_counters: GateCounters::default(),
+            reshard_lock: tokio::sync::Mutex::new(()),
+            reshard_state: Mutex::new(ReshardStatus::default()),
             shards,
             config,
             running_keys: Mutex::new(HashSet::new()),
@@ -337,8 +373,9 @@ impl ShardManager {
         self.fraud.as_ref()
     }
 
+    /// The placement in force.
     pub fn ring(&self) -> Ring {
-        self.ring
+        self.routing.read().expect("routing lock").ring
     }
 
     pub fn config(&self) -> &ManagerConfig {
@@ -350,10 +387,16 @@ impl ShardManager {
     }
 
     pub fn store_of(&self, account: &AccountId) -> &Arc<dyn ShardStore> {
-        &self.shards[self.ring.shard_of(account).index()]
+        &self.shards[self.shard_of(account).index()]
     }
 
+    fn store(&self, shard: ShardId) -> &Arc<dyn ShardStore> {
+        &self.shards[shard.index()]
+    }
+
+    /// An account, read at its home (after its move, if it is moving).
     pub async fn account(&self, id: &AccountId) -> Result<Option<Account>, ManagerError> {
+        let _passage = self.pass_gate(&[id], false).await?;
         Ok(self.store_of(id).account(id).await?)
     }
 
@@ -368,6 +411,8 @@ impl ShardManager {
             all.extend(store.list_accounts(after.clone(), limit).await?);
         }
         all.sort_by(|a, b| a.id.cmp(&b.id));
+        // An account being moved is open on two shards for a moment.
+        all.dedup_by(|a, b| a.id == b.id);
         all.truncate(limit as usize);
         Ok(all)
     }
@@ -388,6 +433,7 @@ impl ShardManager {
         key: Option<IdempotencyKey>,
         view: &View<Account>,
     ) -> Result<Reply, ManagerError> {
+        let _passage = self.pass_gate(&[&request.id], true).await?;
         let store = self.store_of(&request.id);
         let owner_field = request.owner.as_ref().map(|o| format!("owner:{o}"));
         let balance = request.opening_balance.minor().to_string();
@@ -446,12 +492,15 @@ impl ShardManager {
                 "a transfer needs two different accounts",
             ));
         }
+        let passage = self.pass_gate(&[&request.from, &request.to], false).await?;
         let attempt = Attempt {
             fingerprint: transfer_fingerprint(view.route, &request),
             request: &request,
             key: key.as_ref(),
             now: now_ms(),
             view,
+            payer_shard: self.shard_of(&request.from),
+            payee_shard: self.payee_shard_of(&request.to),
         };
         let _running = self.claim_key(&request.from, attempt.key)?;
         let (payer, payee) = match self.accounts_or_replay(&attempt).await? {
@@ -468,8 +517,8 @@ impl ShardManager {
             payee: request.to.clone(),
             amount: request.amount,
             currency,
-            payer_shard: self.ring.shard_of(&request.from),
-            payee_shard: self.ring.shard_of(&request.to),
+            payer_shard: attempt.payer_shard,
+            payee_shard: attempt.payee_shard,
             state: TransferState::Pending,
             failure_code: None,
             created_at_ms: attempt.now,
@@ -484,7 +533,7 @@ impl ShardManager {
         if xa {
             let fingerprint = attempt.fingerprint.clone();
             return self
-                .spawn_xa(transfer, idempotency, key, fingerprint, view)
+                .spawn_xa(transfer, idempotency, key, fingerprint, view, passage)
                 .await;
         }
         let applied = match self.debit(&attempt, &transfer, idempotency).await? {
@@ -501,7 +550,7 @@ impl ShardManager {
             tracing::error!(transfer = %applied.id, "fault injection: aborting after step (a)");
             std::process::abort();
         }
-        self.spawn_saga(applied, key, view.render).await
+        self.spawn_saga(applied, key, view.render, passage).await
     }
 
     /// For a request whose key another request holds (its lock): the
@@ -539,11 +588,11 @@ impl ShardManager {
         attempt: &Attempt<'_>,
     ) -> Result<Result<(Account, Account), Reply>, ManagerError> {
         let request = attempt.request;
-        let same_shard = self.ring.shard_of(&request.from) == self.ring.shard_of(&request.to);
+        let same_shard = attempt.payer_shard == attempt.payee_shard;
         // One visit to the payer's shard reads the payer, the key's record
         // and (on the same shard) the payee; another shard's payee is read
         // beside it.
-        let lookup = self.store_of(&request.from).lookup(Lookup {
+        let lookup = self.store(attempt.payer_shard).lookup(Lookup {
             payer: request.from.clone(),
             payee: same_shard.then(|| request.to.clone()),
             key: attempt.key.map(|k| (k.clone(), attempt.now)),
@@ -552,7 +601,7 @@ impl ShardManager {
             let looked = lookup.await;
             (looked, None)
         } else {
-            let payee = self.store_of(&request.to).account(&request.to);
+            let payee = self.store(attempt.payee_shard).account(&request.to);
             let (looked, payee) = tokio::join!(lookup, payee);
             (looked, Some(payee))
         };
@@ -675,7 +724,7 @@ impl ShardManager {
         transfer: &Transfer,
         idempotency: Option<IdempotencyWrite>,
     ) -> Result<Result<Transfer, Reply>, ManagerError> {
-        let payer_store = self.store_of(&transfer.payer);
+        let payer_store = self.store(transfer.payer_shard);
         let debit = if transfer.is_cross_shard() {
             payer_store.debit_to_in_flight(transfer, idempotency).await
         } else {
@@ -700,10 +749,14 @@ impl ShardManager {
         key: Option<IdempotencyKey>,
         fingerprint: String,
         view: &View<Transfer>,
+        passage: Passage,
     ) -> Result<Reply, ManagerError> {
         let manager = Arc::clone(self);
         let (route, render) = (view.route, view.render);
         let task = tokio::spawn(async move {
+            // The gate stays passed until the transfer ends, even if the
+            // client hangs up: a reshard waits for it.
+            let _passage = passage;
             let view = View { route, render };
             manager
                 .transfer_xa(transfer, idempotency, key, &fingerprint, &view)
@@ -721,14 +774,16 @@ impl ShardManager {
         applied: Transfer,
         key: Option<IdempotencyKey>,
         render: fn(&Transfer) -> StoredResponse,
+        passage: Passage,
     ) -> Result<Reply, ManagerError> {
         let manager = Arc::clone(self);
         let saga = tokio::spawn(async move {
+            let _passage = passage;
             let finished = manager.finish(&applied).await;
             let response = render(&finished);
             let kept = match &key {
                 Some(key) => manager
-                    .store_of(&applied.payer)
+                    .store(applied.payer_shard)
                     .save_idempotent_response(&applied.payer, key, response.clone())
                     .await
                     .err(),
@@ -1027,10 +1082,13 @@ impl ShardManager {
                 ManagerError::Internal("idempotency record without a transfer".into())
             })?;
         let store = self.store_of(scope);
-        let transfer = store
-            .transfer(&id)
-            .await?
-            .ok_or_else(|| ManagerError::Internal(format!("transfer {id} of a key is missing")))?;
+        // The key's transfer stays on the payer's shard of its time; the
+        // key moves with its account (a reshard).
+        let transfer = match store.transfer(&id).await? {
+            Some(transfer) => Some(transfer),
+            None => self.transfer(&id).await?,
+        }
+        .ok_or_else(|| ManagerError::Internal(format!("transfer {id} of a key is missing")))?;
         let transfer = if transfer.state == TransferState::Pending {
             match self.drive_left(&transfer).await {
                 Ok(done) => done,

@@ -18,6 +18,7 @@ mod kafka;
 mod notification;
 mod notification_store;
 mod ops;
+mod reshard;
 mod storage;
 mod support;
 mod validation;

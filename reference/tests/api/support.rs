@@ -558,6 +558,56 @@ impl ShardStore for Flaky {
         self.inner.transfer(id).await
     }
 
+    async fn account_to_move(
+        &self,
+        id: &AccountId,
+    ) -> Result<Option<shardpay_reference::ledger::MovingAccount>, StoreError> {
+        self.check(false).await?;
+        self.inner.account_to_move(id).await
+    }
+
+    async fn adopt_account(
+        &self,
+        moving: shardpay_reference::ledger::MovingAccount,
+    ) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.adopt_account(moving).await
+    }
+
+    async fn move_out(
+        &self,
+        id: &AccountId,
+        to: ShardId,
+        transfer_id: &TransferId,
+        now: TimestampMs,
+        keep_open: bool,
+    ) -> Result<Option<Transfer>, StoreError> {
+        self.check(true).await?;
+        self.inner
+            .move_out(id, to, transfer_id, now, keep_open)
+            .await
+    }
+
+    async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.finish_move(id, now).await
+    }
+
+    async fn placement(
+        &self,
+    ) -> Result<Option<shardpay_reference::ledger::PlacementRecord>, StoreError> {
+        self.check(false).await?;
+        self.inner.placement().await
+    }
+
+    async fn save_placement(
+        &self,
+        placement: shardpay_reference::ledger::PlacementRecord,
+    ) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.save_placement(placement).await
+    }
+
     async fn outbox_page(
         &self,
         after_seq: i64,

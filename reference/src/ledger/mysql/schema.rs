@@ -139,6 +139,24 @@ pub const MIGRATIONS: &[&[&str]] = &[
             updated_at_ms  BIGINT NOT NULL
         ) ENGINE=InnoDB"#,
     ],
+    // 5: resharding. A forwarding record for each account that moved away
+    // from this shard (writes that still route it here are refused), and
+    // the placement in force (kept on shard 0).
+    &[
+        r#"CREATE TABLE moved_accounts (
+            id           VARCHAR(64) NOT NULL PRIMARY KEY,
+            to_shard     INT NOT NULL,
+            transfer_id  VARCHAR(64) NULL,
+            moved_at_ms  BIGINT NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+        r#"CREATE TABLE placement (
+            singleton      TINYINT NOT NULL PRIMARY KEY CHECK (singleton = 1),
+            strategy       VARCHAR(16) NOT NULL,
+            shards         INT NOT NULL,
+            version        BIGINT NOT NULL,
+            updated_at_ms  BIGINT NOT NULL
+        ) ENGINE=InnoDB"#,
+    ],
 ];
 
 /// Rows of `shard_counters` (migration 4 makes slots 0 to 15).

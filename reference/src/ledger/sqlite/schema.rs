@@ -223,6 +223,24 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at_ms  INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 4: resharding. A forwarding record for each account that moved away
+    // from this shard (writes that still route it here are refused), and
+    // the placement in force (kept on shard 0).
+    r#"
+    CREATE TABLE moved_accounts (
+        id           TEXT PRIMARY KEY,
+        to_shard     INTEGER NOT NULL,
+        transfer_id  TEXT,
+        moved_at_ms  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE placement (
+        singleton      INTEGER PRIMARY KEY CHECK (singleton = 1),
+        strategy       TEXT NOT NULL,
+        shards         INTEGER NOT NULL,
+        version        INTEGER NOT NULL,
+        updated_at_ms  INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -23,8 +23,10 @@ use crate::http::{
 };
 use crate::ids::{AccountId, TransferId};
 use crate::ledger::{Account, StoredResponse, Transfer, TransferState};
+use crate::manager::reshard::ReshardStatus;
 use crate::manager::{AccountRequest, TransferRequest, View};
 use crate::money::{Amount, Currency};
+use crate::sharding::Strategy;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -38,6 +40,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_transfer))
         .routes(routes!(lookup_transfers))
         .routes(routes!(get_transfer))
+        .routes(routes!(start_reshard, reshard_status))
         .merge(legacy::routes())
 }
 
@@ -590,9 +593,23 @@ async fn get_transfer(
 )]
 async fn shards(State(state): State<AppState>) -> Json<serde_json::Value> {
     let shards = shard_bodies(&state).await;
+    let placement = state.manager.as_ref().map(|m| m.reshard_status());
+    let (placed, strategy, version) = match &placement {
+        Some(p) => (p.shards as usize, p.strategy, p.version),
+        None => (shards.len(), Strategy::Jump.as_str(), 0),
+    };
+    let hash = match strategy {
+        "modulo" => "xxh3-64 modulo the shard count",
+        _ => "xxh3-64 + jump consistent hash",
+    };
+    // Shards beyond the placed ones are spare: open, empty until a
+    // reshard grows into them.
     Json(serde_json::json!({
         "total_shards": shards.len(),
-        "hash": "xxh3-64 + jump consistent hash",
+        "placed_shards": placed,
+        "placement": strategy,
+        "placement_version": version,
+        "hash": hash,
         "shards": shards,
     }))
 }
@@ -613,4 +630,80 @@ async fn run_audit(
 ) -> Result<Json<AuditReport>, ApiError> {
     caller.require(&[Role::Admin])?;
     Ok(Json(audit::run(state.manager()?).await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ReshardRequest {
+    /// The shard count to place accounts over (1 to the number of shard
+    /// stores the system has open).
+    to: u32,
+    /// `jump` or `modulo`; the placement's own when left out.
+    strategy: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reshard",
+    tag = "operations",
+    summary = "Move accounts to a placement over `to` shards while traffic runs (admin)",
+    request_body = ReshardRequest,
+    responses(
+        (status = 202, description = "the reshard started; GET /v1/admin/reshard follows it"),
+        CommonErrors,
+    ),
+)]
+async fn start_reshard(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ReshardRequest>,
+) -> Result<(axum::http::StatusCode, Json<ReshardStatus>), ApiError> {
+    caller.require(&[Role::Admin])?;
+    let manager = state.manager()?;
+    let strategy = match body.strategy.as_deref() {
+        None => None,
+        Some(text) => Some(Strategy::parse(text).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidShardCount,
+                format!("strategy must be one of {}", Strategy::NAMES),
+            )
+        })?),
+    };
+    manager.check_reshard(body.to, strategy)?;
+    if manager.reshard_status().running {
+        return Err(ApiError::new(
+            ErrorCode::ReshardRunning,
+            "a reshard is already running; GET /v1/admin/reshard shows its progress",
+        ));
+    }
+    let task = std::sync::Arc::clone(manager);
+    let to = body.to;
+    tokio::spawn(async move {
+        if let Err(error) = task.reshard(to, strategy).await {
+            tracing::error!(%error, "reshard failed");
+        }
+    });
+    // The status says running once the task has taken the reshard lock.
+    let mut status = manager.reshard_status();
+    status.running = true;
+    status.target_shards = Some(to);
+    Ok((axum::http::StatusCode::ACCEPTED, Json(status)))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/reshard",
+    tag = "operations",
+    summary = "The placement in force, and the reshard running or last run (admin)",
+    responses(
+        (status = 200, description = "placement and reshard status"),
+        CommonErrors,
+    ),
+)]
+async fn reshard_status(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ReshardStatus>, ApiError> {
+    caller.require(&[Role::Admin])?;
+    Ok(Json(state.manager()?.reshard_status()))
 }

@@ -1,0 +1,384 @@
+//! Resharding a live system: accounts move to a placement over more (or
+//! fewer) shards while transfers run, and money stays exact throughout.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use shardpay_reference::ids::{AccountId, TransferId};
+use shardpay_reference::ledger::{now_ms, Refusal, StoreError, Transfer, TransferState};
+use shardpay_reference::manager::ManagerConfig;
+use shardpay_reference::money::Amount;
+use shardpay_reference::sharding::{Ring, Strategy};
+
+use crate::support::{inr, mysql_server, Options, TestApp};
+
+const ACCOUNTS: usize = 200;
+const OPENING_MINOR: i64 = 50_00;
+
+/// Five shard stores, accounts placed over four.
+fn options(manager: ManagerConfig) -> Options {
+    Options {
+        shards: 5,
+        manager: ManagerConfig {
+            placed_shards: Some(4),
+            ..manager
+        },
+        fraud: None,
+        ..Options::default()
+    }
+}
+
+async fn accounts(app: &TestApp) -> Vec<String> {
+    let ids: Vec<String> = (0..ACCOUNTS).map(|i| format!("acct_{i}")).collect();
+    for id in &ids {
+        app.create(id, "50.00").await;
+    }
+    ids
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Accepted transfers by id: (from, to, amount_minor).
+    accepted: HashMap<String, (String, String, i64)>,
+    moving: usize,
+}
+
+/// Random transfers, some retried under their key, until `stop`.
+fn traffic(
+    app: &Arc<TestApp>,
+    ids: &[String],
+    seen: &Arc<Mutex<Seen>>,
+    stop: &Arc<AtomicBool>,
+    tasks: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..tasks)
+        .map(|task| {
+            let (app, ids, seen, stop) = (
+                Arc::clone(app),
+                ids.to_vec(),
+                Arc::clone(seen),
+                Arc::clone(stop),
+            );
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(task as u64);
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let from = &ids[rng.random_range(0..ids.len())];
+                    let mut to = &ids[rng.random_range(0..ids.len())];
+                    while to == from {
+                        to = &ids[rng.random_range(0..ids.len())];
+                    }
+                    let minor: i64 = rng.random_range(1..=900);
+                    let body = json!({"from": from, "to": to, "amount_minor": minor});
+                    let key = format!("t{task}-{n}");
+                    // A request refused while its account moved is sent
+                    // again under the same key, as a client would.
+                    let mut transfer_ids = HashSet::new();
+                    for attempt in 0..20 {
+                        let (status, answer) =
+                            app.post("/v1/transfers", body.clone(), Some(&key)).await;
+                        match status {
+                            201 => {
+                                let id = answer["id"].as_str().unwrap().to_string();
+                                transfer_ids.insert(id.clone());
+                                seen.lock()
+                                    .unwrap()
+                                    .accepted
+                                    .insert(id, (from.clone(), to.clone(), minor));
+                                // Every tenth is retried once more: a replay.
+                                if n % 10 != 0 || attempt > 0 {
+                                    break;
+                                }
+                            }
+                            422 => {
+                                assert_eq!(
+                                    answer["error"]["code"], "insufficient_funds",
+                                    "{answer}"
+                                );
+                                break;
+                            }
+                            503 => {
+                                assert_eq!(answer["error"]["code"], "account_moving", "{answer}");
+                                seen.lock().unwrap().moving += 1;
+                            }
+                            other => panic!("unexpected {other}: {answer}"),
+                        }
+                    }
+                    assert!(transfer_ids.len() <= 1, "one key made two transfers");
+                }
+            })
+        })
+        .collect()
+}
+
+async fn expect_exact_balances(app: &TestApp, ids: &[String], seen: &Seen) {
+    let mut expected: HashMap<&str, i64> =
+        ids.iter().map(|id| (id.as_str(), OPENING_MINOR)).collect();
+    for (from, to, minor) in seen.accepted.values() {
+        *expected.get_mut(from.as_str()).unwrap() -= minor;
+        *expected.get_mut(to.as_str()).unwrap() += minor;
+    }
+    for id in ids {
+        assert_eq!(app.balance_minor(id).await, expected[id.as_str()], "{id}");
+    }
+}
+
+/// Every account answers from the shard the placement in force names.
+async fn expect_at_home(app: &TestApp, ids: &[String], ring: Ring) {
+    for id in ids {
+        let (status, account) = app.get(&format!("/v1/accounts/{id}")).await;
+        assert_eq!(status, 200, "{account}");
+        let home = ring.shard_of(&AccountId::parse(id).unwrap()).index();
+        assert_eq!(account["shard"], home, "{id}: {account}");
+    }
+}
+
+async fn grow_and_shrink_under_load(app: TestApp) {
+    let app = Arc::new(app);
+    let ids = accounts(&app).await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = traffic(&app, &ids, &seen, &stop, 6);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let grown = app.manager.reshard(5, None).await.unwrap();
+    eprintln!("grown: {grown:?}");
+    assert_eq!((grown.from_shards, grown.to_shards), (4, 5));
+    assert_eq!(grown.accounts_scanned, ACCOUNTS as u64);
+    // Jump hashing moves about 1/5 of the accounts, all onto the new shard.
+    assert!(
+        (0.12..=0.28).contains(&grown.moved_share),
+        "moved share {}",
+        grown.moved_share
+    );
+    assert_eq!(app.manager.ring(), Ring::new(5).unwrap());
+    app.assert_audit_passes().await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let shrunk = app.manager.reshard(4, None).await.unwrap();
+    assert_eq!(
+        shrunk.accounts_moved, grown.accounts_moved,
+        "back where they came from"
+    );
+    assert_eq!(shrunk.version, 2);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.accepted.len() > 200,
+        "too few transfers: {}",
+        seen.accepted.len()
+    );
+    expect_exact_balances(&app, &ids, &seen).await;
+    expect_at_home(&app, &ids, Ring::new(4).unwrap()).await;
+    app.assert_audit_passes().await;
+    let (_, status) = app.get("/v1/admin/reshard").await;
+    assert_eq!(status["shards"], 4, "{status}");
+    assert_eq!(status["version"], 2, "{status}");
+    assert_eq!(status["running"], false, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_system_grows_by_a_shard_and_back_with_every_balance_exact() {
+    grow_and_shrink_under_load(TestApp::start_with(options(ManagerConfig::default())).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_system_on_mysql_shards_grows_by_a_shard_and_back() {
+    if mysql_server().is_none() {
+        return;
+    }
+    let options = Options {
+        mysql: true,
+        ..options(ManagerConfig::default())
+    };
+    grow_and_shrink_under_load(TestApp::start_with(options).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_its_payer_moved_replays_the_first_answer() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    let next = Ring::new(5).unwrap();
+    let payer = ids
+        .iter()
+        .find(|id| next.shard_of(&AccountId::parse(id).unwrap()).index() == 4)
+        .expect("some account moves to the new shard");
+    let payee = ids.iter().find(|id| *id != payer).unwrap();
+    let body = json!({"from": payer, "to": payee, "amount_minor": 1_00});
+    let (status, first) = app.post("/v1/transfers", body.clone(), Some("k-1")).await;
+    assert_eq!(status, 201, "{first}");
+
+    let report = app.manager.reshard(5, None).await.unwrap();
+    assert!(report.keys_copied >= 1, "{report:?}");
+    let (status, again) = app.post("/v1/transfers", body.clone(), Some("k-1")).await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(again["id"], first["id"], "the retry made a second transfer");
+    let changed = json!({"from": payer, "to": payee, "amount_minor": 2_00});
+    let (status, refused) = app.post("/v1/transfers", changed, Some("k-1")).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(app.balance_minor(payer).await, OPENING_MINOR - 1_00);
+    let (_, account) = app.get(&format!("/v1/accounts/{payer}")).await;
+    assert_eq!(account["shard"], 4, "{account}");
+    app.assert_audit_passes().await;
+}
+
+/// A writer that routes by the placement before the move (a stale
+/// process) is refused by the old home; it never pays from a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_home_refuses_writes_after_the_move() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    app.manager.reshard(5, None).await.unwrap();
+    let old = Ring::new(4).unwrap();
+    let moved = ids
+        .iter()
+        .map(|id| AccountId::parse(id).unwrap())
+        .find(|id| app.manager.ring().shard_of(id).index() == 4)
+        .unwrap();
+    let other = ids
+        .iter()
+        .map(|id| AccountId::parse(id).unwrap())
+        .find(|id| old.shard_of(id) == old.shard_of(&moved) && *id != moved)
+        .expect("another account shares the old home");
+    let old_home = &app.manager.shards()[old.shard_of(&moved).index()];
+    let now = now_ms();
+    let stale = Transfer {
+        id: TransferId::generate(),
+        payer: moved.clone(),
+        payee: other.clone(),
+        amount: Amount::from_minor(1_00).unwrap(),
+        currency: inr(),
+        payer_shard: old.shard_of(&moved),
+        payee_shard: old.shard_of(&moved),
+        state: TransferState::Pending,
+        failure_code: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    match old_home.transfer_local(&stale, None).await {
+        Err(StoreError::Refused(Refusal::AccountMoved { account, shard })) => {
+            assert_eq!((account, shard.index()), (moved.clone(), 4));
+        }
+        other => panic!("a stale write was not refused: {other:?}"),
+    }
+    let credit = Transfer {
+        payer: other.clone(),
+        payee: moved.clone(),
+        ..stale
+    };
+    assert!(
+        matches!(
+            old_home.credit_from_in_flight(&credit).await,
+            Err(StoreError::Refused(Refusal::AccountMoved { .. }))
+        ),
+        "a stale credit was not refused"
+    );
+    app.assert_audit_passes().await;
+    assert_eq!(app.balance_minor(moved.as_str()).await, OPENING_MINOR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modulo_placement_moves_most_accounts_for_the_same_growth() {
+    let app = TestApp::start_with(options(ManagerConfig {
+        strategy: Strategy::Modulo,
+        ..ManagerConfig::default()
+    }))
+    .await;
+    let ids = accounts(&app).await;
+    let report = app.manager.reshard(5, None).await.unwrap();
+    assert_eq!(report.strategy, "modulo");
+    assert!(
+        (0.7..=0.9).contains(&report.moved_share),
+        "moved share {}",
+        report.moved_share
+    );
+    expect_at_home(
+        &app,
+        &ids,
+        Ring::with_strategy(5, Strategy::Modulo).unwrap(),
+    )
+    .await;
+    app.assert_audit_passes().await;
+}
+
+/// The test hook of a broken switch leaves each moved account open on its
+/// old home and keeps crediting it there: the audit names the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_switch_fails_the_audit_by_name() {
+    let app = TestApp::start_with(options(ManagerConfig {
+        broken_switch: true,
+        ..ManagerConfig::default()
+    }))
+    .await;
+    let ids = accounts(&app).await;
+    app.manager.reshard(5, None).await.unwrap();
+    let moved = ids
+        .iter()
+        .find(|id| {
+            app.manager
+                .ring()
+                .shard_of(&AccountId::parse(id).unwrap())
+                .index()
+                == 4
+        })
+        .unwrap();
+    let payer = ids.iter().find(|id| *id != moved).unwrap();
+    let body = json!({"from": payer, "to": moved, "amount_minor": 5_00});
+    let (status, answer) = app.post("/v1/transfers", body, Some("b-1")).await;
+    assert!(status == 201 || status == 202, "{status} {answer}");
+    let audit = app.audit().await;
+    assert_eq!(audit["ok"], false, "{audit}");
+    let failing: Vec<&str> = audit["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(failing.contains(&"moved_accounts_closed"), "{audit}");
+    // The payee's balance at its new home misses the credit.
+    assert_eq!(app.balance_minor(moved).await, OPENING_MINOR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_beyond_the_open_shards_is_refused_with_the_fix() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let (status, answer) = app.post("/v1/admin/reshard", json!({"to": 6}), None).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "invalid_shard_count");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--spare-shards"),
+        "{answer}"
+    );
+    let (status, answer) = app.post("/v1/admin/reshard", json!({"to": 4}), None).await;
+    assert_eq!(status, 422, "already in force: {answer}");
+    let (status, answer) = app
+        .post(
+            "/v1/admin/reshard",
+            json!({"to": 5, "strategy": "ring"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    let (status, answer) = app.post("/v1/admin/reshard", json!({"to": 5}), None).await;
+    assert_eq!(status, 202, "{answer}");
+    crate::support::eventually("the reshard finishes", || async {
+        let (_, status) = app.get("/v1/admin/reshard").await;
+        status["running"] == false && status["shards"] == 5
+    })
+    .await;
+}
