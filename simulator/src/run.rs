@@ -228,6 +228,8 @@ impl Embedded {
         config.shards = shards;
         config.spare_shards = placement.spare;
         config.manager.strategy = placement.strategy;
+        // The test hook of a broken reshard switch (tests/cli/reshard.rs).
+        config.manager.broken_switch = std::env::var_os("SHARDPAY_TEST_BROKEN_SWITCH").is_some();
         if let Some(first) = mysql_urls.as_ref().and_then(|urls| urls.first()) {
             // Fresh shards reuse the seed's account and user names, so the
             // users and owners start empty too; on given shards the run's

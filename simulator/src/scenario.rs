@@ -1636,6 +1636,11 @@ mod proptests {
         ),
         ("mixed.toml", include_str!("../../scenarios/mixed.toml")),
         (
+            "reshard-modulo.toml",
+            include_str!("../../scenarios/reshard-modulo.toml"),
+        ),
+        ("reshard.toml", include_str!("../../scenarios/reshard.toml")),
+        (
             "same-shard.toml",
             include_str!("../../scenarios/same-shard.toml"),
         ),
@@ -1703,6 +1708,50 @@ mod proptests {
     ];
 
     const FILE: &str = "scenarios/t.toml";
+
+    const RESHARD_BASE: &str = "name = \"r\"\nduration_s = 30\n[accounts]\ncount = 10\nopening_balance = \"1.00\"\n[load]\nmodel = \"closed\"\nusers = 1\n[mix]\nsame_shard = 100\n";
+
+    #[test]
+    fn reshards_are_read_in_time_order_with_one_strategy() {
+        let text = format!(
+            "{RESHARD_BASE}[[reshard]]\nat_s = 5\nto = 5\nstrategy = \"modulo\"\n[[reshard]]\nat_s = 20\nto = 4\n"
+        );
+        let s = parse(&text, FILE).unwrap();
+        assert_eq!(s.reshards.len(), 2);
+        assert_eq!((s.reshards[0].at_s, s.reshards[0].to), (5.0, 5));
+        assert_eq!(s.max_reshard_to(), Some(5));
+        assert_eq!(s.placement(), Some("modulo"));
+        let refused = |extra: &str, key: &str, says: &str| {
+            let e = parse(&format!("{RESHARD_BASE}{extra}"), FILE).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        };
+        refused(
+            "[[reshard]]\nat_s = 30\nto = 5\n",
+            "reshard[0].at_s",
+            "less than",
+        );
+        refused(
+            "[[reshard]]\nat_s = 3\nto = 0\n",
+            "reshard[0].to",
+            "1 to 64",
+        );
+        refused(
+            "[[reshard]]\nat_s = 3\nto = 5\nstrategy = \"ring\"\n",
+            "reshard[0].strategy",
+            "jump or modulo",
+        );
+        refused(
+            "[[reshard]]\nat_s = 9\nto = 5\n[[reshard]]\nat_s = 4\nto = 4\n",
+            "reshard[1].at_s",
+            "after 9.0 s",
+        );
+        refused(
+            "[[reshard]]\nat_s = 3\nto = 5\nstrategy = \"jump\"\n[[reshard]]\nat_s = 9\nto = 4\nstrategy = \"modulo\"\n",
+            "reshard[1].strategy",
+            "one placement strategy",
+        );
+    }
 
     fn config() -> ProptestConfig {
         ProptestConfig {

@@ -9,6 +9,7 @@ mod links;
 mod memory;
 mod modules;
 mod replicas;
+mod reshard;
 mod restarts;
 mod run;
 mod shard_kill;
@@ -45,6 +46,11 @@ enum Storage<'a> {
 /// skipped) when `SHARDPAY_TEST_MYSQL_URL` is unset, unless
 /// `SHARDPAY_REQUIRE_MYSQL=1` makes that a failure.
 fn mysql_databases() -> Option<Vec<String>> {
+    mysql_databases_n(4)
+}
+
+/// `n` fresh MySQL databases on the test server, as `mysql_databases`.
+fn mysql_databases_n(n: usize) -> Option<Vec<String>> {
     let server = match std::env::var("SHARDPAY_TEST_MYSQL_URL") {
         Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
         _ => {
@@ -61,7 +67,7 @@ fn mysql_databases() -> Option<Vec<String>> {
         use sqlx::Connection;
         let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
         let mut urls = Vec::new();
-        for i in 0..4 {
+        for i in 0..n {
             let db = format!("{prefix}_{i}");
             sqlx::query(&format!("CREATE DATABASE {db}"))
                 .execute(&mut admin)

@@ -19,7 +19,7 @@ use crate::money::{Amount, Currency};
 
 use super::{
     payee_refusal, payer_refusal, Account, AccountKind, CreditOutcome, DebitOutcome,
-    IdempotencyRecord, IdempotencyWrite, KeptKey, LedgerEntry, MovingAccount, NewAccount,
+    IdempotencyRecord, IdempotencyWrite, KeptKey, LedgerEntry, MovedOut, MovingAccount, NewAccount,
     OutboxEvent, PlacementRecord, Refusal, ShardStats, StoreError, StoredResponse, TimestampMs,
     Transfer, TransferState,
 };
@@ -178,9 +178,16 @@ macro_rules! shard_store {
                 transfer_id: &$crate::ids::TransferId,
                 now: $crate::ledger::TimestampMs,
                 keep_open: bool,
-            ) -> Result<Option<$crate::ledger::Transfer>, $crate::ledger::StoreError> {
+            ) -> Result<$crate::ledger::MovedOut, $crate::ledger::StoreError> {
                 let (id, transfer_id) = (id.clone(), transfer_id.clone());
                 $write!(self, |s| book::move_out(s, &id, to, &transfer_id, now, keep_open))
+            }
+
+            async fn forwarding(
+                &self,
+            ) -> Result<Vec<($crate::ids::AccountId, $crate::ids::ShardId)>, $crate::ledger::StoreError>
+            {
+                $read!(self, |s| book::forwarding(s))
             }
 
             async fn finish_move(
@@ -1341,6 +1348,12 @@ pub(crate) async fn account_to_move<S: Session>(
     let Some(account) = account(s, id).await? else {
         return Ok(None);
     };
+    let keys = kept_keys(s, id).await?;
+    Ok(Some(MovingAccount { account, keys }))
+}
+
+/// The idempotency records scoped to `id`, as stored.
+async fn kept_keys<S: Session>(s: &mut S, id: &AccountId) -> Result<Vec<KeptKey>, StoreError> {
     let rows = s
         .rows(
             "SELECT `key`, fingerprint, resource_id, response_status, response_body,
@@ -1366,7 +1379,7 @@ pub(crate) async fn account_to_move<S: Session>(
             expires_at_ms: r.int(6)?,
         });
     }
-    Ok(Some(MovingAccount { account, keys }))
+    Ok(keys)
 }
 
 /// Opens a moving account on its new home with a zero balance, and copies
@@ -1435,10 +1448,20 @@ pub(crate) async fn move_out<S: Session>(
     transfer_id: &TransferId,
     now: TimestampMs,
     keep_open: bool,
-) -> Result<Option<Transfer>, StoreError> {
+) -> Result<MovedOut, StoreError> {
     let (currency, balance) = user_account(s, id)
         .await?
         .ok_or_else(|| Refusal::AccountNotFound(id.clone()))?;
+    // A transfer the account pays that is still pending (its request's
+    // debit committed after the batch looked): it must end here first.
+    let pending = s
+        .rows(PENDING, &[i64::MAX.into(), 10_000i64.into()])
+        .await?;
+    for r in &pending {
+        if r.text(1)? == id.as_str() {
+            return Ok(MovedOut::Busy);
+        }
+    }
     let mut moved = None;
     if balance > 0 {
         let t = Transfer {
@@ -1494,7 +1517,34 @@ pub(crate) async fn move_out<S: Session>(
         ],
     )
     .await?;
-    Ok(moved)
+    // Read once the account is closed here: no record for it can be
+    // written here after this.
+    let keys = kept_keys(s, id).await?;
+    Ok(MovedOut::Moved {
+        transfer: moved,
+        keys,
+    })
+}
+
+/// Every forwarding record of this shard: accounts that moved away, and
+/// where to.
+pub(crate) async fn forwarding<S: Session>(
+    s: &mut S,
+) -> Result<Vec<(AccountId, ShardId)>, StoreError> {
+    let rows = s
+        .rows("SELECT id, to_shard FROM moved_accounts ORDER BY id", &[])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let id = r.text(0)?;
+            let id = AccountId::parse(&id).map_err(|_| r.bad(0, "an account id"))?;
+            let to = u32::try_from(r.int(1)?)
+                .ok()
+                .and_then(|i| ShardId::new(i).ok())
+                .ok_or_else(|| r.bad(1, "a shard"))?;
+            Ok((id, to))
+        })
+        .collect()
 }
 
 /// Marks a move's transfer completed, without an event.

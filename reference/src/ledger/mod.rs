@@ -373,6 +373,20 @@ pub struct MovingAccount {
     pub keys: Vec<KeptKey>,
 }
 
+/// What the old home's step of a move did.
+#[derive(Debug, Clone)]
+pub enum MovedOut {
+    /// Nothing: a transfer the account pays is still pending here.
+    Busy,
+    /// The account is closed here; its balance went into flight under
+    /// `transfer` (`None`: it held nothing). `keys`: its idempotency
+    /// records as they stood when it closed.
+    Moved {
+        transfer: Option<Transfer>,
+        keys: Vec<KeptKey>,
+    },
+}
+
 /// The placement the shards hold: how accounts map to shards, over how
 /// many, and its version (each reshard that finishes adds one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -516,7 +530,8 @@ pub trait ShardStore: Send + Sync + 'static {
     /// transfer from the account to itself on shard `to`; `None` when the
     /// balance is zero), the account closed here and a forwarding record
     /// to `to` written, so later writes here are refused
-    /// (`Refusal::AccountMoved`). `keep_open` is a test hook of a broken
+    /// (`Refusal::AccountMoved`); nothing (`MovedOut::Busy`) while a
+    /// transfer the account pays is pending here. `keep_open` is a test hook of a broken
     /// switch: the account stays open here.
     async fn move_out(
         &self,
@@ -525,7 +540,11 @@ pub trait ShardStore: Send + Sync + 'static {
         transfer_id: &TransferId,
         now: TimestampMs,
         keep_open: bool,
-    ) -> Result<Option<Transfer>, StoreError>;
+    ) -> Result<MovedOut, StoreError>;
+
+    /// Every forwarding record of this shard (accounts that moved away,
+    /// and where to).
+    async fn forwarding(&self) -> Result<Vec<(AccountId, ShardId)>, StoreError>;
 
     /// Marks a move's pending transfer completed once its credit landed,
     /// without a transfer event: a move is not a payment.

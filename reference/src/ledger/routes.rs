@@ -115,7 +115,9 @@ async fn account_entries(
     }
     let account = state.account(&id).await?;
     let manager = state.manager()?;
-    let store = &manager.shards()[manager.ring().shard_of(&id).index()];
+    // The account's home now; entries written before a reshard moved it
+    // stay on its earlier home (the move's credit opens the statement).
+    let store = manager.store_of(&id);
     let entries = store
         .account_entries(&id, query.after.unwrap_or(0), limit)
         .await

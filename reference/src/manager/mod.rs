@@ -308,7 +308,7 @@ pub struct ShardManager {
     routing: std::sync::RwLock<Routing>,
     gate: Arc<Gate>,
     gate_counters: GateCounters,
-    reshard_lock: tokio::sync::Mutex<()>,
+    reshard_lock: Arc<tokio::sync::Mutex<()>>,
     reshard_state: Mutex<ReshardStatus>,
     shards: Vec<Arc<dyn ShardStore>>,
     config: ManagerConfig,
@@ -352,7 +352,7 @@ impl ShardManager {
             routing: std::sync::RwLock::new(Routing::new(ring)),
             gate: Arc::new(Gate::default()),
             gate_counters: GateCounters::default(),
-            reshard_lock: tokio::sync::Mutex::new(()),
+            reshard_lock: Arc::new(tokio::sync::Mutex::new(())),
             reshard_state: Mutex::new(ReshardStatus::default()),
             shards,
             config,
@@ -827,9 +827,33 @@ impl ShardManager {
     }
 
     async fn drive(&self, transfer: &Transfer) -> Result<Transfer, StoreError> {
-        let payer_store = &self.shards[transfer.payer_shard.index()];
-        let payee_store = &self.shards[transfer.payee_shard.index()];
-        let outcome = payee_store.credit_from_in_flight(transfer).await?;
+        let store = |shard: ShardId| {
+            self.shards
+                .get(shard.index())
+                .ok_or_else(|| StoreError::Internal {
+                    shard,
+                    reason: format!(
+                        "transfer {} names shard {shard}, which this process has not open \
+                     (start it with the shards a reshard grew into: --spare-shards)",
+                        transfer.id
+                    ),
+                })
+        };
+        let payer_store = store(transfer.payer_shard)?;
+        let mut payee_store = store(transfer.payee_shard)?;
+        // A payee that moved (a reshard) is credited at its new home; the
+        // credit is idempotent on the transfer id wherever it lands.
+        let mut outcome = payee_store.credit_from_in_flight(transfer).await;
+        for _ in 0..3 {
+            match outcome {
+                Err(StoreError::Refused(Refusal::AccountMoved { shard, .. })) => {
+                    payee_store = store(shard)?;
+                    outcome = payee_store.credit_from_in_flight(transfer).await;
+                }
+                _ => break,
+            }
+        }
+        let outcome = outcome?;
         if self.fault_fires(Fault::CrashAfterCredit) {
             tracing::error!(transfer = %transfer.id, "fault injection: aborting after step (b)");
             std::process::abort();

@@ -37,7 +37,9 @@ use serde::Serialize;
 use super::{ManagerError, ShardManager};
 use crate::codes::ErrorCode;
 use crate::ids::{AccountId, ShardId, TransferId};
-use crate::ledger::{now_ms, CreditOutcome, PlacementRecord, ShardStore, StoreError};
+use crate::ledger::{
+    now_ms, CreditOutcome, MovedOut, MovingAccount, PlacementRecord, ShardStore, StoreError,
+};
 use crate::sharding::{Ring, Strategy};
 
 /// How long a request waits at the gate for its account's move before it
@@ -122,6 +124,10 @@ impl Drop for Passage {
     fn drop(&mut self) {
         if self.untracked {
             self.gate.untracked.fetch_sub(1, Ordering::SeqCst);
+            // Only a reshard starting waits for untracked requests.
+            if !self.gate.resharding.load(Ordering::SeqCst) {
+                return;
+            }
         } else {
             let mut state = self.gate.state.lock().expect("gate lock");
             if self.create {
@@ -336,6 +342,18 @@ pub struct ReshardStatus {
     pub error: Option<String>,
 }
 
+/// The right to run the one reshard at a time ([`ShardManager::claim_reshard`]).
+pub struct ReshardClaim(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+
+/// What became of one account of a batch.
+enum Moved {
+    Done(MoveFigures),
+    /// A transfer it pays is pending on its old home: put off.
+    Busy,
+    /// No longer on the shard the pass found it on.
+    Gone,
+}
+
 /// What moving one account copied.
 struct MoveFigures {
     keys: u64,
@@ -385,10 +403,47 @@ impl ShardManager {
     /// Adopts the placement saved on shard 0, if there is one (a system
     /// restarted after a reshard).
     pub async fn load_placement(&self) -> Result<(), ManagerError> {
-        let Some(record) = self.shards[0].placement().await? else {
+        let stores = self.shards.len() as u32;
+        // Accounts a reshard that did not finish (a crash, an error) left
+        // at their new home: their forwarding records say where.
+        let mut moved = HashMap::new();
+        for store in &self.shards {
+            for (id, to) in store.forwarding().await? {
+                if to.index() as u32 >= stores {
+                    return Err(ManagerError::Internal(format!(
+                        "account {id} moved to shard {to}, but only {stores} shard stores are \
+                         open; start the system with more shards (--spare-shards)"
+                    )));
+                }
+                moved.insert(id, to);
+            }
+        }
+        let record = self.shards[0].placement().await?;
+        {
+            let mut routing = self.routing.write().expect("routing lock");
+            let ring = routing.ring;
+            let ring = match record {
+                Some(r) => Ring::with_strategy(r.shards.min(stores), r.strategy).unwrap_or(ring),
+                None => ring,
+            };
+            // Only the moves the placement does not already say.
+            moved.retain(|id, to| ring.shard_of(id) != *to);
+            routing.moved = moved;
+        }
+        let Some(record) = record else {
+            // The first start: the placement is kept from now on, so a
+            // restart with other flags (--spare-shards taken for placed
+            // shards) still finds every account.
+            let ring = self.routing.read().expect("routing lock").ring;
+            self.shards[0]
+                .save_placement(PlacementRecord {
+                    strategy: ring.strategy(),
+                    shards: ring.shard_count(),
+                    version: 0,
+                })
+                .await?;
             return Ok(());
         };
-        let stores = self.shards.len() as u32;
         if record.shards > stores {
             return Err(ManagerError::Internal(format!(
                 "the shards hold a placement over {} shards (after a reshard) but only {stores} \
@@ -453,19 +508,45 @@ impl ShardManager {
         to: u32,
         strategy: Option<Strategy>,
     ) -> Result<ReshardReport, ManagerError> {
-        let Ok(_one) = self.reshard_lock.try_lock() else {
-            return Err(ManagerError::invalid(
-                ErrorCode::ReshardRunning,
-                "a reshard is already running; GET /v1/admin/reshard shows its progress",
-            ));
-        };
+        let one = self.claim_reshard()?;
+        self.reshard_claimed(one, to, strategy).await
+    }
+
+    /// The right to run the one reshard at a time, or why not.
+    pub fn claim_reshard(&self) -> Result<ReshardClaim, ManagerError> {
+        let claim = Arc::clone(&self.reshard_lock)
+            .try_lock_owned()
+            .map_err(|_| {
+                ManagerError::invalid(
+                    ErrorCode::ReshardRunning,
+                    "a reshard is already running; GET /v1/admin/reshard shows its progress",
+                )
+            })?;
+        let mut state = self.reshard_state.lock().expect("status lock");
+        state.running = true;
+        state.error = None;
+        state.last = None;
+        Ok(ReshardClaim(claim))
+    }
+
+    /// [`Self::reshard`] with the claim already taken.
+    pub async fn reshard_claimed(
+        self: &Arc<Self>,
+        claim: ReshardClaim,
+        to: u32,
+        strategy: Option<Strategy>,
+    ) -> Result<ReshardReport, ManagerError> {
+        let _claim = claim;
         let current = self.routing.read().expect("routing lock").ring;
-        let target = self.check_reshard(to, strategy)?;
-        {
-            let mut state = self.reshard_state.lock().expect("status lock");
-            state.running = true;
-            state.error = None;
-        }
+        let target = match self.check_reshard(to, strategy) {
+            Ok(target) => target,
+            Err(error) => {
+                let mut state = self.reshard_state.lock().expect("status lock");
+                state.running = false;
+                state.error = Some(error.to_string());
+                return Err(error);
+            }
+        };
         let result = self.run_reshard(current, target).await;
         self.gate.stop();
         let mut state = self.reshard_state.lock().expect("status lock");
@@ -513,6 +594,7 @@ impl ShardManager {
         let mut passes = 0u32;
         loop {
             passes += 1;
+            let deferred_before = progress.deferred;
             let (found, _) = self.pass(target, &mut progress, passes == 1).await?;
             if found == 0 {
                 break;
@@ -523,7 +605,8 @@ impl ShardManager {
                      them are not finishing; is a shard down?)"
                 )));
             }
-            if progress.deferred > 0 {
+            if progress.deferred > deferred_before {
+                // Pending transfers on them: give recovery a moment.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -678,26 +761,21 @@ impl ShardManager {
         // commits their steps in groups.
         let moves = ready.iter().map(|id| async move {
             let to = target.shard_of(id);
-            let figures = self.move_account(id, from, to).await;
-            (*id, to, figures)
+            self.move_account(id, from, to).await
         });
         let mut moved = 0;
         let mut failed = None;
-        for (id, to, figures) in futures_util::future::join_all(moves).await {
+        for figures in futures_util::future::join_all(moves).await {
             match figures {
-                Ok(Some(figures)) => {
+                Ok(Moved::Done(figures)) => {
                     progress.moved += 1;
                     progress.keys += figures.keys;
                     progress.bytes += figures.bytes;
                     progress.money += figures.money;
-                    self.routing
-                        .write()
-                        .expect("routing lock")
-                        .moved
-                        .insert(id.clone(), to);
                     moved += 1;
                 }
-                Ok(None) => {}
+                Ok(Moved::Busy) => progress.deferred += 1,
+                Ok(Moved::Gone) => {}
                 Err(error) => failed = Some(error),
             }
         }
@@ -734,11 +812,11 @@ impl ShardManager {
         id: &AccountId,
         from: ShardId,
         to: ShardId,
-    ) -> Result<Option<MoveFigures>, ManagerError> {
+    ) -> Result<Moved, ManagerError> {
         let old: &Arc<dyn ShardStore> = &self.shards[from.index()];
         let new: &Arc<dyn ShardStore> = &self.shards[to.index()];
         let Some(moving) = old.account_to_move(id).await? else {
-            return Ok(None);
+            return Ok(Moved::Gone);
         };
         let mut figures = MoveFigures {
             keys: moving.keys.len() as u64,
@@ -757,11 +835,31 @@ impl ShardManager {
                         + 16) as u64
                 })
                 .sum::<u64>();
+        let account = moving.account.clone();
+        let keys_before = moving.keys.clone();
         new.adopt_account(moving).await?;
         let transfer_id = TransferId::generate();
-        let moved = old
+        let (moved, keys) = match old
             .move_out(id, to, &transfer_id, now_ms(), self.config.broken_switch)
-            .await?;
+            .await?
+        {
+            MovedOut::Busy => return Ok(Moved::Busy),
+            MovedOut::Moved { transfer, keys } => (transfer, keys),
+        };
+        // From here the old home refuses the account's writes: it lives at
+        // its new home, whatever happens next (recovery finishes the
+        // money's move).
+        self.routing
+            .write()
+            .expect("routing lock")
+            .moved
+            .insert(id.clone(), to);
+        if keys != keys_before {
+            // A record written between the copy and the close (a request
+            // whose commit outran the gate): copied again.
+            figures.keys = keys.len() as u64;
+            new.adopt_account(MovingAccount { account, keys }).await?;
+        }
         if let Some(t) = moved {
             match new.credit_from_in_flight(&t).await? {
                 CreditOutcome::Credited => old.finish_move(&t.id, now_ms()).await?,
@@ -775,6 +873,6 @@ impl ShardManager {
             }
             figures.money = i128::from(t.amount.minor());
         }
-        Ok(Some(figures))
+        Ok(Moved::Done(figures))
     }
 }

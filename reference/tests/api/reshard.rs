@@ -382,3 +382,89 @@ async fn a_reshard_beyond_the_open_shards_is_refused_with_the_fix() {
     })
     .await;
 }
+
+/// A process that starts on shards a reshard left (finished, or stopped
+/// half-way) routes each account to where it lives: the placement saved on
+/// shard 0, and the forwarding records of accounts already moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_manager_routes_by_the_saved_placement_and_the_moves() {
+    use shardpay_reference::ledger::{MovedOut, ShardStore};
+    use std::sync::Arc;
+
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    let stores: Vec<Arc<dyn ShardStore>> = app.manager.shards().to_vec();
+
+    // Half-way: one account moved by hand, as a reshard stopped after it.
+    let next = Ring::new(5).unwrap();
+    let old = Ring::new(4).unwrap();
+    let id = ids
+        .iter()
+        .map(|id| AccountId::parse(id).unwrap())
+        .find(|id| next.shard_of(id).index() == 4)
+        .unwrap();
+    let (from, to) = (&stores[old.shard_of(&id).index()], &stores[4]);
+    let moving = from.account_to_move(&id).await.unwrap().unwrap();
+    to.adopt_account(moving).await.unwrap();
+    let out = from
+        .move_out(
+            &id,
+            next.shard_of(&id),
+            &TransferId::generate(),
+            now_ms(),
+            false,
+        )
+        .await
+        .unwrap();
+    let MovedOut::Moved {
+        transfer: Some(t), ..
+    } = out
+    else {
+        panic!("the account held money: {out:?}");
+    };
+    to.credit_from_in_flight(&t).await.unwrap();
+    from.finish_move(&t.id, now_ms()).await.unwrap();
+    let manager = restarted(&stores, 4).await;
+    assert_eq!(manager.ring(), old, "the placement before the reshard");
+    // Started again with the spare shard taken for a placed one: the
+    // placement the shards keep wins.
+    assert_eq!(restarted(&stores, 5).await.ring(), old);
+    assert_eq!(
+        manager.shard_of(&id).index(),
+        4,
+        "the forwarding record routes it"
+    );
+    let account = manager
+        .account(&id)
+        .await
+        .unwrap()
+        .expect("found at its new home");
+    assert_eq!(account.balance_minor, OPENING_MINOR);
+
+    // Finished: the saved placement is in force.
+    app.manager.reshard(5, None).await.unwrap();
+    let manager = restarted(&stores, 4).await;
+    assert_eq!(manager.ring(), next);
+    for id in &ids {
+        let id = AccountId::parse(id).unwrap();
+        let account = manager.account(&id).await.unwrap().expect("found");
+        assert_eq!(account.shard, next.shard_of(&id), "{id}");
+    }
+    app.assert_audit_passes().await;
+}
+
+async fn restarted(
+    stores: &[std::sync::Arc<dyn shardpay_reference::ledger::ShardStore>],
+    placed: u32,
+) -> shardpay_reference::manager::ShardManager {
+    let manager = shardpay_reference::manager::ShardManager::new(
+        stores.to_vec(),
+        ManagerConfig {
+            placed_shards: Some(placed),
+            ..ManagerConfig::default()
+        },
+    )
+    .unwrap();
+    manager.load_placement().await.unwrap();
+    manager
+}

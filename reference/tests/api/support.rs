@@ -581,11 +581,16 @@ impl ShardStore for Flaky {
         transfer_id: &TransferId,
         now: TimestampMs,
         keep_open: bool,
-    ) -> Result<Option<Transfer>, StoreError> {
+    ) -> Result<shardpay_reference::ledger::MovedOut, StoreError> {
         self.check(true).await?;
         self.inner
             .move_out(id, to, transfer_id, now, keep_open)
             .await
+    }
+
+    async fn forwarding(&self) -> Result<Vec<(AccountId, ShardId)>, StoreError> {
+        self.check(false).await?;
+        self.inner.forwarding().await
     }
 
     async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError> {

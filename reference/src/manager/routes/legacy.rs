@@ -304,7 +304,7 @@ async fn user_shard(
 ) -> Result<Json<UserShard>, ApiError> {
     let id = AccountId::parse(&user)?;
     caller.may_read(&state, id.as_str()).await?;
-    let shard = state.manager()?.ring().shard_of(&id);
+    let shard = state.manager()?.shard_of(&id);
     let account = state.manager()?.account(&id).await?;
     Ok(Json(UserShard {
         user,
@@ -336,11 +336,11 @@ async fn user_route(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = AccountId::parse(&user)?;
-    let ring = state.manager()?.ring();
+    let manager = state.manager()?;
     Ok(Json(serde_json::json!({
         "user_id": id.to_string(),
-        "shard_id": ring.shard_of(&id).index(),
-        "total_shards": ring.shard_count(),
+        "shard_id": manager.shard_of(&id).index(),
+        "total_shards": manager.ring().shard_count(),
     })))
 }
 

@@ -670,22 +670,16 @@ async fn start_reshard(
         })?),
     };
     manager.check_reshard(body.to, strategy)?;
-    if manager.reshard_status().running {
-        return Err(ApiError::new(
-            ErrorCode::ReshardRunning,
-            "a reshard is already running; GET /v1/admin/reshard shows its progress",
-        ));
-    }
+    // Claimed here, so a second request is refused rather than told 202.
+    let claim = manager.claim_reshard()?;
     let task = std::sync::Arc::clone(manager);
     let to = body.to;
     tokio::spawn(async move {
-        if let Err(error) = task.reshard(to, strategy).await {
+        if let Err(error) = task.reshard_claimed(claim, to, strategy).await {
             tracing::error!(%error, "reshard failed");
         }
     });
-    // The status says running once the task has taken the reshard lock.
     let mut status = manager.reshard_status();
-    status.running = true;
     status.target_shards = Some(to);
     Ok((axum::http::StatusCode::ACCEPTED, Json(status)))
 }
