@@ -680,7 +680,13 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => passed(runtime.block_on(simulate::bench(args))),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Dlq(command) => runtime.block_on(dlq(command)),
-        Command::Reshard(args) => runtime.block_on(reshard(args)),
+        Command::Reshard(args) => {
+            if let Err(e) = runtime.block_on(reshard(args)) {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Audit(args) => {
             let ok = runtime.block_on(audit(args))?;
             std::process::exit(if ok { 0 } else { 1 });
