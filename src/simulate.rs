@@ -293,7 +293,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let target = match args.target.is_empty() {
         false => Target::Url(args.target.join(",")),
         true => {
-            let mysql = match mysql_shards(&args.embedded.storage, args.embedded.shards)? {
+            // The scenario's reshards grow into spare shard stores.
+            let stores = args.embedded.shards
+                + shardpay_simulator::run::Placement::for_scenario(&scenario, args.embedded.shards)
+                    .spare;
+            let mysql = match mysql_shards(&args.embedded.storage, stores)? {
                 Some((m, l)) => {
                     local = Some(l);
                     Some(m)

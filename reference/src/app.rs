@@ -582,6 +582,10 @@ pub async fn recovery_loop(manager: Arc<ShardManager>, interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        // A placement another shard manager switched to (its reshard).
+        if let Err(error) = manager.refresh_placement().await {
+            tracing::warn!(%error, "the placement on shard 0 could not be read");
+        }
         let finished = manager.recover_once(RECOVERY_BATCH).await;
         if finished > 0 {
             tracing::info!(finished, "recovery finished pending transfers");

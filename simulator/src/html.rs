@@ -105,6 +105,42 @@ pub fn render(r: &Report) -> String {
     page.into_string() + "\n"
 }
 
+/// The live view's charts (see `live.rs`), drawn by the code that draws
+/// the report's: accepted transfers per second by payer shard, errors as a
+/// share of requests, p99 latency, and the answers other than an accepted
+/// transfer by code (declines and errors).
+pub fn live_charts(t: &Timeline, by_code: &[(String, Vec<f64>)]) -> String {
+    html! {
+        h2 { "Throughput" }
+        (tps_chart(t, &[]))
+        @if !t.requests.is_empty() {
+            h3 { "Errors and p99 latency per second" }
+            (per_second_chart(
+                "seconds since start (errors as a share of requests, %)",
+                &[("errors %".into(), error_percent(t))],
+                t,
+                &[],
+            ))
+            (per_second_chart(
+                "seconds since start (p99 latency of the requests completed, ms)",
+                &[("p99 ms".into(), t.p99_ms.clone())],
+                t,
+                &[],
+            ))
+        }
+        @if !by_code.is_empty() {
+            h3 { "Declines and errors by code, per second" }
+            (per_second_chart("seconds since start (answers per second)", by_code, t, &[]))
+        }
+    }
+    .into_string()
+}
+
+/// The stylesheet of the report, which the live view shares.
+pub fn stylesheet() -> &'static str {
+    CSS
+}
+
 /// The scenario's name and verdict, what ran where, and why the run failed.
 fn headline(r: &Report) -> Markup {
     let meta = format!(

@@ -146,6 +146,19 @@ impl Measured {
     }
 }
 
+/// The timeline as it stands during a run (see [`Recorder::series`]).
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Per second: accepted transfers per payer shard.
+    pub accepted: Vec<BTreeMap<u16, u64>>,
+    pub errors: Vec<u64>,
+    pub requests: Vec<u64>,
+    pub p99_us: Vec<u64>,
+    /// Per second: the answers other than accepted transfers, by (status,
+    /// code).
+    pub outcomes: Vec<BTreeMap<(u16, String), u64>>,
+}
+
 /// Live figures for the progress line.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Live {
@@ -267,6 +280,26 @@ impl Recorder {
             accepted: c.accepted + w.accepted,
             errors: c.errors + w.errors,
             p99_us,
+        }
+    }
+
+    /// The per-second series so far, for the live view: the seconds still
+    /// open give the p99 of what they hold yet.
+    pub fn series(&self) -> Series {
+        let guard = self.inner.lock().expect("recorder lock");
+        let m = &guard.0;
+        let mut p99_us = m.timeline_p99_us.clone();
+        for (second, h) in &m.open_seconds {
+            if let Some(slot) = p99_us.get_mut(*second) {
+                *slot = h.value_at_quantile(0.99);
+            }
+        }
+        Series {
+            accepted: m.timeline.clone(),
+            errors: m.timeline_errors.clone(),
+            requests: m.timeline_requests.clone(),
+            p99_us,
+            outcomes: m.timeline_outcomes.clone(),
         }
     }
 

@@ -77,6 +77,10 @@ pub struct ReshardRun {
     pub system: Option<serde_json::Value>,
     /// The audits before, during (about each second) and after it.
     pub audits: Vec<ReshardAudit>,
+    /// When it was asked for again after a fault stopped it (seconds since
+    /// the load began), and what stopped it.
+    #[serde(default)]
+    pub resumed: Vec<(f64, String)>,
     /// Why it did not finish, when it did not.
     pub error: Option<String>,
 }

@@ -724,13 +724,6 @@ fn spawn_progress(
 pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<RunResult> {
     let started_at = chrono::Utc::now();
     if !scenario.faults.is_empty() || options.six_processes {
-        if let Some(r) = scenario.reshards.first() {
-            bail!(
-                "{}: line {}: [[reshard]] runs on the in-process system or a --target; with [[faults]] or six processes it is not built yet: run them as two scenarios",
-                scenario.file,
-                r.line
-            );
-        }
         return run_with_faults(scenario, options, started_at).await;
     }
     let (embedded, base_url) = match &options.target {
@@ -898,6 +891,17 @@ async fn run_with_faults(
     let cross_traffic =
         scenario.mix.cross_shard + scenario.mix.idempotent_retry + scenario.mix.fraud_heavy > 0;
     for fault in &scenario.faults {
+        if fault.step.is_some_and(|s| s.reshard()) {
+            if scenario.reshards.is_empty() {
+                bail!(
+                    "{}: line {}: fault {} crashes in the middle of a reshard's move, but this scenario has no [[reshard]]",
+                    scenario.file,
+                    fault.line,
+                    fault.name
+                );
+            }
+            continue;
+        }
         if fault.step.is_some() && (*shards < 2 || !cross_traffic) {
             bail!(
                 "{}: line {}: fault {} crashes at a step of a cross-shard transfer, but this run makes none (it needs 2 or more shards and cross-shard traffic in its mix)",
@@ -927,9 +931,12 @@ async fn run_with_faults(
         }
     }
     let fresh = mysql.as_ref().is_some_and(|m| m.fresh);
+    // Spare shard stores for the scenario's reshards to grow into.
+    let placement = Placement::for_scenario(scenario, *shards);
+    let stores = *shards + placement.spare;
     let mysql_urls = match mysql {
         None => None,
-        Some(m) => Some(mysql_shard_urls(*shards, m.clone()).await?),
+        Some(m) => Some(mysql_shard_urls(stores, m.clone()).await?),
     };
     let (temp, dir) = fresh_data_dir(data_dir.clone())?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -937,7 +944,7 @@ async fn run_with_faults(
         shard_servers: mysql.as_ref().and_then(|m| m.script.clone()).map(|script| {
             crate::nemesis::ShardServers {
                 script,
-                count: *shards,
+                count: stores,
             }
         }),
         ..Default::default()
@@ -1019,6 +1026,10 @@ async fn run_with_faults(
         port.to_string(),
         "--shards".into(),
         shards.to_string(),
+        "--spare-shards".into(),
+        placement.spare.to_string(),
+        "--placement".into(),
+        placement.strategy.as_str().into(),
         "--data-dir".into(),
         dir.display().to_string(),
         "--durability".into(),
@@ -1572,6 +1583,7 @@ impl RunContext<'_> {
             tokio::spawn(crate::reshard::apply(
                 self.scenario.reshards.clone(),
                 api.clone(),
+                self.admin_password.clone(),
                 wall,
                 chrono::Utc::now().timestamp_millis(),
                 self.options.progress,

@@ -1636,6 +1636,10 @@ mod proptests {
         ),
         ("mixed.toml", include_str!("../../scenarios/mixed.toml")),
         (
+            "reshard-crash.toml",
+            include_str!("../../scenarios/reshard-crash.toml"),
+        ),
+        (
             "reshard-modulo.toml",
             include_str!("../../scenarios/reshard-modulo.toml"),
         ),

@@ -142,3 +142,100 @@ fn a_broken_switch_fails_the_run_and_names_the_check() {
     let failures = report["failures"].to_string();
     assert!(failures.contains("moved_accounts_closed"), "{failures}");
 }
+
+/// A short form of scenarios/reshard-crash.toml: the system is killed in
+/// the middle of the first reshard's move.
+const CRASH: &str = r#"
+name = "reshard-crash-short"
+seed = 5
+duration_s = 14
+warmup_s = 1
+
+[accounts]
+count = 1500
+opening_balance = "1000.00"
+
+[load]
+model = "closed"
+users = 8
+
+[mix]
+same_shard = 50
+cross_shard = 35
+idempotent_retry = 15
+
+[[reshard]]
+at_s = 3
+to = 5
+
+[[reshard]]
+at_s = 9
+to = 4
+
+[[faults]]
+name = "mid-move"
+action = "crash_at"
+step = "mid_move"
+at_s = 2.5
+for_s = 1
+
+[thresholds]
+error_rate = 0.01
+fault_error_rate = 0.1
+max_recovery_s = 15
+audit = true
+"#;
+
+/// Killed with an account's balance in flight between its old and new
+/// home: started again, the system finds every account, recovery lands the
+/// money, the run resumes the reshard, and every audit and the books pass.
+#[test]
+fn a_reshard_killed_mid_move_is_resumed_and_every_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("reshard-crash.toml");
+    std::fs::write(&scenario, CRASH).unwrap();
+    let reports = dir.path().join("reports");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardpay"))
+        .args(["run", "--quiet"])
+        .arg(&scenario)
+        .arg("--reports")
+        .arg(&reports)
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    let report = only_report(&reports);
+    let reshards = report["reshards"].as_array().expect("a reshards report");
+    assert_eq!(reshards.len(), 2, "{}", report["reshards"]);
+    let first = &reshards[0];
+    assert_eq!(first["error"], Value::Null, "{first}");
+    let resumed = first["resumed"].as_array().unwrap();
+    assert!(!resumed.is_empty(), "the crash stopped it: {first}");
+    assert!(
+        resumed[0][1].as_str().unwrap().contains("started again"),
+        "{first}"
+    );
+    for r in reshards {
+        assert_eq!(r["error"], Value::Null, "{r}");
+        assert!(
+            r["audits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["ok"] == true),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        reshards[1]["resumed"],
+        serde_json::json!([]),
+        "{}",
+        reshards[1]
+    );
+    let fault = &report["faults"]["faults"][0];
+    assert!(fault["hit_s"].as_f64().is_some(), "{fault}");
+    assert_eq!(report["audit"]["ok"], true, "{}", report["audit"]);
+    assert_eq!(report["accounting"]["ok"], true, "{}", report["accounting"]);
+    assert_eq!(report["failures"], serde_json::json!([]));
+    assert!(out.status.success(), "{}", out.status);
+}

@@ -190,6 +190,14 @@ macro_rules! shard_store {
                 $read!(self, |s| book::forwarding(s))
             }
 
+            async fn moved_to(
+                &self,
+                id: &$crate::ids::AccountId,
+            ) -> Result<Option<$crate::ids::ShardId>, $crate::ledger::StoreError> {
+                let id = id.clone();
+                $read!(self, |s| book::moved_to(s, id.as_str()))
+            }
+
             async fn finish_move(
                 &self,
                 id: &$crate::ids::TransferId,
@@ -516,7 +524,10 @@ async fn user_account<S: Session>(
 }
 
 /// The shard an account that lived here moved to, if it moved.
-async fn moved_to<S: Session>(s: &mut S, id: &str) -> Result<Option<ShardId>, StoreError> {
+pub(crate) async fn moved_to<S: Session>(
+    s: &mut S,
+    id: &str,
+) -> Result<Option<ShardId>, StoreError> {
     let Some(r) = row(
         s,
         "SELECT to_shard FROM moved_accounts WHERE id = ?",

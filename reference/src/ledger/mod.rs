@@ -546,6 +546,9 @@ pub trait ShardStore: Send + Sync + 'static {
     /// and where to).
     async fn forwarding(&self) -> Result<Vec<(AccountId, ShardId)>, StoreError>;
 
+    /// Where `id` moved from this shard, if it did (its forwarding record).
+    async fn moved_to(&self, id: &AccountId) -> Result<Option<ShardId>, StoreError>;
+
     /// Marks a move's pending transfer completed once its credit landed,
     /// without a transfer event: a move is not a payment.
     async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError>;

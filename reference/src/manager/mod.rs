@@ -54,6 +54,9 @@ pub enum Fault {
     /// XA: wait a second once both branches are prepared, before the
     /// decision: a coordinator that is slow, or gone for a while.
     StallAfterPrepare,
+    /// Reshard: abort once an account's old home has closed it and its
+    /// balance is in flight, before its new home is credited.
+    CrashMidMove,
 }
 
 /// Whether the fault hook of `ManagerConfig::fault` may fire. On unless
@@ -63,7 +66,7 @@ pub static FAULT_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 
 impl Fault {
     pub const NAMES: &'static str =
-        "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision, stall_after_prepare";
+        "crash_after_debit, crash_after_credit, crash_after_prepare, crash_after_decision, stall_after_prepare, crash_mid_move";
 
     pub fn parse(text: &str) -> Option<Fault> {
         match text {
@@ -72,6 +75,7 @@ impl Fault {
             "crash_after_prepare" => Some(Fault::CrashAfterPrepare),
             "crash_after_decision" => Some(Fault::CrashAfterDecision),
             "stall_after_prepare" => Some(Fault::StallAfterPrepare),
+            "crash_mid_move" => Some(Fault::CrashMidMove),
             _ => None,
         }
     }
@@ -326,7 +330,7 @@ pub struct ShardManager {
 
 impl ShardManager {
     /// Whether the test hook `fault` is set and armed.
-    fn fault_fires(&self, fault: Fault) -> bool {
+    pub(crate) fn fault_fires(&self, fault: Fault) -> bool {
         self.config.fault == Some(fault) && FAULT_ARMED.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -397,7 +401,12 @@ impl ShardManager {
     /// An account, read at its home (after its move, if it is moving).
     pub async fn account(&self, id: &AccountId) -> Result<Option<Account>, ManagerError> {
         let _passage = self.pass_gate(&[id], false).await?;
-        Ok(self.store_of(id).account(id).await?)
+        let found = self.store_of(id).account(id).await?;
+        // Not here: moved by another process's reshard, perhaps.
+        if found.is_none() && self.follow_move(id, None).await? {
+            return Ok(self.store_of(id).account(id).await?);
+        }
+        Ok(found)
     }
 
     /// Customer accounts in id order across all shards.
@@ -428,6 +437,28 @@ impl ShardManager {
     }
 
     pub async fn create_account(
+        &self,
+        request: AccountRequest,
+        key: Option<IdempotencyKey>,
+        view: &View<Account>,
+    ) -> Result<Reply, ManagerError> {
+        // A new account goes where the latest placement puts it, even if
+        // another process switched it a moment ago.
+        self.refresh_placement().await?;
+        match self
+            .create_account_once(request.clone(), key.clone(), view)
+            .await
+        {
+            Err(ManagerError::Refused(Refusal::AccountMoved { account, shard }))
+                if self.follow_move(&account, Some(shard)).await? =>
+            {
+                self.create_account_once(request, key, view).await
+            }
+            other => other,
+        }
+    }
+
+    async fn create_account_once(
         &self,
         request: AccountRequest,
         key: Option<IdempotencyKey>,
@@ -480,7 +511,37 @@ impl ShardManager {
     /// the currency; ask fraud; then write: one local transaction
     /// (same-shard), XA (cross-shard with `--cross-shard xa`), or step (a)
     /// of the saga and the rest in a task of its own.
+    ///
+    /// A request that finds an account missing or moved at the home this
+    /// process knows (another process's reshard moved it) is sent once
+    /// more after following the move: the first try wrote nothing.
     pub async fn transfer_funds(
+        self: &Arc<Self>,
+        request: TransferRequest,
+        key: Option<IdempotencyKey>,
+        view: &View<Transfer>,
+    ) -> Result<Reply, ManagerError> {
+        let mut followed = 0;
+        loop {
+            let error = match self.transfer_once(request.clone(), key.clone(), view).await {
+                Err(error) if followed < 2 => error,
+                other => return other,
+            };
+            let (id, hint) = match &error {
+                ManagerError::Refused(Refusal::AccountNotFound(id)) => (id.clone(), None),
+                ManagerError::Refused(Refusal::AccountMoved { account, shard }) => {
+                    (account.clone(), Some(*shard))
+                }
+                _ => return Err(error),
+            };
+            if !self.follow_move(&id, hint).await? {
+                return Err(error);
+            }
+            followed += 1;
+        }
+    }
+
+    async fn transfer_once(
         self: &Arc<Self>,
         request: TransferRequest,
         key: Option<IdempotencyKey>,

@@ -401,8 +401,64 @@ impl ShardManager {
     }
 
     /// Adopts the placement saved on shard 0, if there is one (a system
-    /// restarted after a reshard).
+    /// restarted after a reshard), and the moves of a reshard that did not
+    /// finish; at a first start, saves the placement in force.
     pub async fn load_placement(&self) -> Result<(), ManagerError> {
+        let (record, moved) = self.placement_on_shards().await?;
+        let Some(record) = record else {
+            self.routing.write().expect("routing lock").moved = moved;
+            // The first start: the placement is kept from now on, so a
+            // restart with other flags (--spare-shards taken for placed
+            // shards) still finds every account.
+            let ring = self.routing.read().expect("routing lock").ring;
+            self.shards[0]
+                .save_placement(PlacementRecord {
+                    strategy: ring.strategy(),
+                    shards: ring.shard_count(),
+                    version: 0,
+                })
+                .await?;
+            return Ok(());
+        };
+        self.adopt_placement(record, moved);
+        Ok(())
+    }
+
+    /// Catches up with a placement another process switched to (a second
+    /// shard manager ran a reshard): `true` when the routing changed.
+    /// Called on each recovery tick and when an account is missed at the
+    /// home this process knows.
+    pub async fn refresh_placement(&self) -> Result<bool, ManagerError> {
+        let Some(record) = self.shards[0].placement().await? else {
+            return Ok(false);
+        };
+        {
+            let routing = self.routing.read().expect("routing lock");
+            if record.version <= routing.version || routing.target.is_some() {
+                return Ok(false);
+            }
+        }
+        let (record, moved) = self.placement_on_shards().await?;
+        let Some(record) = record else {
+            return Ok(false);
+        };
+        let before = self.routing.read().expect("routing lock").version;
+        self.adopt_placement(record, moved);
+        let after = self.routing.read().expect("routing lock").version;
+        if after != before {
+            tracing::info!(
+                version = after,
+                "adopted the placement another process switched to"
+            );
+        }
+        Ok(after != before)
+    }
+
+    /// The placement saved on shard 0 and every forwarding record, checked
+    /// against the shard stores this process has open.
+    async fn placement_on_shards(
+        &self,
+    ) -> Result<(Option<PlacementRecord>, HashMap<AccountId, ShardId>), ManagerError> {
         let stores = self.shards.len() as u32;
         // Accounts a reshard that did not finish (a crash, an error) left
         // at their new home: their forwarding records say where.
@@ -419,45 +475,85 @@ impl ShardManager {
             }
         }
         let record = self.shards[0].placement().await?;
-        {
-            let mut routing = self.routing.write().expect("routing lock");
-            let ring = routing.ring;
-            let ring = match record {
-                Some(r) => Ring::with_strategy(r.shards.min(stores), r.strategy).unwrap_or(ring),
-                None => ring,
-            };
-            // Only the moves the placement does not already say.
-            moved.retain(|id, to| ring.shard_of(id) != *to);
-            routing.moved = moved;
+        if let Some(record) = &record {
+            if record.shards > stores {
+                return Err(ManagerError::Internal(format!(
+                    "the shards hold a placement over {} shards (after a reshard) but only \
+                     {stores} shard stores are open; start the system with {} shards (--shards \
+                     or --spare-shards)",
+                    record.shards, record.shards
+                )));
+            }
         }
-        let Some(record) = record else {
-            // The first start: the placement is kept from now on, so a
-            // restart with other flags (--spare-shards taken for placed
-            // shards) still finds every account.
-            let ring = self.routing.read().expect("routing lock").ring;
-            self.shards[0]
-                .save_placement(PlacementRecord {
-                    strategy: ring.strategy(),
-                    shards: ring.shard_count(),
-                    version: 0,
-                })
-                .await?;
-            return Ok(());
+        let ring = match &record {
+            Some(r) => Ring::with_strategy(r.shards, r.strategy)
+                .map_err(|e| ManagerError::Internal(e.to_string()))?,
+            None => self.routing.read().expect("routing lock").ring,
         };
-        if record.shards > stores {
-            return Err(ManagerError::Internal(format!(
-                "the shards hold a placement over {} shards (after a reshard) but only {stores} \
-                 shard stores are open; start the system with {} shards (--shards or \
-                 --spare-shards)",
-                record.shards, record.shards
-            )));
-        }
-        let ring = Ring::with_strategy(record.shards, record.strategy)
-            .map_err(|e| ManagerError::Internal(e.to_string()))?;
+        // Only the moves the placement does not already say.
+        moved.retain(|id, to| ring.shard_of(id) != *to);
+        Ok((record, moved))
+    }
+
+    /// Routes by `record` and `moved` from now on, in one step.
+    fn adopt_placement(&self, record: PlacementRecord, moved: HashMap<AccountId, ShardId>) {
+        let Ok(ring) = Ring::with_strategy(record.shards, record.strategy) else {
+            return;
+        };
         let mut routing = self.routing.write().expect("routing lock");
+        if routing.target.is_some() || record.version < routing.version {
+            return;
+        }
+        if routing.ring != ring {
+            routing.previous = Some(routing.ring);
+        }
         routing.ring = ring;
         routing.version = record.version;
-        Ok(())
+        routing.moved = moved;
+    }
+
+    /// After `id` was not found, or was refused as moved (`hint`), at the
+    /// shard this process routes it to: follows that shard's forwarding
+    /// records (a move another process made) or catches up with a newer
+    /// placement. `true` when the routing changed, so the request is worth
+    /// sending once more; nothing was written by the first try.
+    pub(crate) async fn follow_move(
+        &self,
+        id: &AccountId,
+        hint: Option<ShardId>,
+    ) -> Result<bool, ManagerError> {
+        let start = self.shard_of(id);
+        let mut at = start;
+        let mut next = match hint {
+            Some(shard) => Some(shard),
+            None => self.shards[at.index()].moved_to(id).await?,
+        };
+        // An account can move again while this process looks (three moves
+        // at most are followed).
+        for _ in 0..3 {
+            let Some(to) = next.filter(|to| *to != at) else {
+                break;
+            };
+            if to.index() >= self.shards.len() {
+                return Err(ManagerError::Internal(format!(
+                    "account {id} moved to shard {to}, which this process has not open \
+                     (start it with the shards a reshard grew into: --spare-shards)"
+                )));
+            }
+            at = to;
+            next = self.shards[at.index()].moved_to(id).await?;
+        }
+        if at == start {
+            return self.refresh_placement().await;
+        }
+        self.refresh_placement().await?;
+        let mut routing = self.routing.write().expect("routing lock");
+        if routing.ring.shard_of(id) == at {
+            routing.moved.remove(id);
+        } else {
+            routing.moved.insert(id.clone(), at);
+        }
+        Ok(true)
     }
 
     pub fn reshard_status(&self) -> ReshardStatus {
@@ -861,6 +957,10 @@ impl ShardManager {
             new.adopt_account(MovingAccount { account, keys }).await?;
         }
         if let Some(t) = moved {
+            if self.fault_fires(super::Fault::CrashMidMove) {
+                tracing::error!(account = %id, "fault injection: aborting in the middle of a move");
+                std::process::abort();
+            }
             match new.credit_from_in_flight(&t).await? {
                 CreditOutcome::Credited => old.finish_move(&t.id, now_ms()).await?,
                 CreditOutcome::Refused { code } => {

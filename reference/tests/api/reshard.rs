@@ -468,3 +468,65 @@ async fn restarted(
     manager.load_placement().await.unwrap();
     manager
 }
+
+/// A second shard manager over the same shards (a replica behind the same
+/// load balancer) that did not run the reshard: while the other moves
+/// accounts and switches, the replica's transfers follow the moves (a
+/// stale write is refused by the old home and sent on, a miss at the old
+/// home follows its forwarding record, never a wrong 404), the accounts it
+/// opens after the switch go where the new placement puts them, and it
+/// routes by the new placement afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_did_not_run_the_reshard_follows_it() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    app.manager.load_placement().await.unwrap();
+    let ids = accounts(&app).await;
+    let replica = Arc::new(
+        app.replica(ManagerConfig {
+            placed_shards: Some(4),
+            ..ManagerConfig::default()
+        })
+        .await,
+    );
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = traffic(&replica, &ids, &seen, &stop, 4);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let grown = app.manager.reshard(5, None).await.unwrap();
+    assert!(grown.accounts_moved > 10, "{grown:?}");
+    // The replica has not read the new placement yet: it finds each moved
+    // account by the old home's forwarding record.
+    assert_eq!(replica.manager.ring(), Ring::new(4).unwrap());
+    expect_at_home(&replica, &ids, Ring::new(5).unwrap()).await;
+    // Opened through the replica after the switch: at the new placement's
+    // home, where the manager that ran the reshard looks.
+    let late: Vec<String> = (0..40).map(|i| format!("late_{i}")).collect();
+    for id in &late {
+        replica.create(id, "1.00").await;
+    }
+    expect_at_home(&app, &late, Ring::new(5).unwrap()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    app.manager.reshard(4, None).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.accepted.len() > 100,
+        "too few transfers: {}",
+        seen.accepted.len()
+    );
+    expect_exact_balances(&replica, &ids, &seen).await;
+    expect_exact_balances(&app, &ids, &seen).await;
+    expect_at_home(&replica, &ids, Ring::new(4).unwrap()).await;
+    expect_at_home(&replica, &late, Ring::new(4).unwrap()).await;
+    // Its recovery tick reads the placement on shard 0.
+    replica.manager.refresh_placement().await.unwrap();
+    assert_eq!(replica.manager.ring(), Ring::new(4).unwrap());
+    assert_eq!(replica.manager.reshard_status().version, 2);
+    app.assert_audit_passes().await;
+}

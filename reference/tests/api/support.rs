@@ -238,6 +238,47 @@ impl TestApp {
         }
     }
 
+    /// A second shard manager over the same shard stores, serving on a
+    /// port of its own (as a replica behind a load balancer would): it
+    /// routes by the placement the shards held when it started, and by
+    /// what it learns afterwards.
+    pub async fn replica(&self, config: ManagerConfig) -> TestApp {
+        let stores = self.manager.shards().to_vec();
+        let manager = Arc::new(ShardManager::new(stores, config).unwrap());
+        manager.load_placement().await.unwrap();
+        let state = AppState {
+            service: shardpay_reference::app::Service::All,
+            peers: None,
+            fraud: None,
+            pipeline: Some(Arc::clone(&self.pipeline)),
+            manager: Some(Arc::clone(&manager)),
+            default_currency: shardpay_reference::money::Currency::parse("INR").unwrap(),
+            auth: self.auth.clone(),
+            metrics: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                shardpay_reference::api::router(state)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            .unwrap();
+        });
+        TestApp {
+            url,
+            manager,
+            pipeline: Arc::clone(&self.pipeline),
+            client: reqwest::Client::new(),
+            flaky: self.flaky.clone(),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            auth: self.auth.clone(),
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
@@ -591,6 +632,11 @@ impl ShardStore for Flaky {
     async fn forwarding(&self) -> Result<Vec<(AccountId, ShardId)>, StoreError> {
         self.check(false).await?;
         self.inner.forwarding().await
+    }
+
+    async fn moved_to(&self, id: &AccountId) -> Result<Option<ShardId>, StoreError> {
+        self.check(false).await?;
+        self.inner.moved_to(id).await
     }
 
     async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError> {

@@ -95,11 +95,14 @@ pub enum Step {
     AfterPrepare,
     /// XA: the commit decision written, no branch committed.
     AfterDecision,
+    /// Reshard: an account closed at its old home, its balance in flight,
+    /// its new home not yet credited.
+    MidMove,
 }
 
 impl Step {
     pub const NAMES: &'static str =
-        "after_debit, after_credit (saga); after_prepare, after_decision (xa)";
+        "after_debit, after_credit (saga); after_prepare, after_decision (xa); mid_move (a [[reshard]])";
 
     fn parse(text: &str) -> Option<Step> {
         Some(match text {
@@ -107,6 +110,7 @@ impl Step {
             "after_credit" => Step::AfterCredit,
             "after_prepare" => Step::AfterPrepare,
             "after_decision" => Step::AfterDecision,
+            "mid_move" => Step::MidMove,
             _ => return None,
         })
     }
@@ -118,7 +122,13 @@ impl Step {
             Step::AfterCredit => "crash_after_credit",
             Step::AfterPrepare => "crash_after_prepare",
             Step::AfterDecision => "crash_after_decision",
+            Step::MidMove => "crash_mid_move",
         }
+    }
+
+    /// Whether the step belongs to a reshard's move of an account.
+    pub fn reshard(self) -> bool {
+        self == Step::MidMove
     }
 
     /// Whether the step belongs to XA two-phase commit (else to the saga).

@@ -304,8 +304,8 @@ async fn user_shard(
 ) -> Result<Json<UserShard>, ApiError> {
     let id = AccountId::parse(&user)?;
     caller.may_read(&state, id.as_str()).await?;
-    let shard = state.manager()?.shard_of(&id);
     let account = state.manager()?.account(&id).await?;
+    let shard = state.manager()?.shard_of(&id);
     Ok(Json(UserShard {
         user,
         user_id: id.to_string(),
