@@ -79,6 +79,17 @@ pub struct RunArgs {
     /// --six-processes --backend mysql
     #[arg(long, conflicts_with = "target")]
     pub six_processes: bool,
+    /// Watch the run as it goes: serve a live view on loopback and print
+    /// its address. The page shows, second by second, transfers accepted
+    /// per shard, errors, p99 latency and the declines and errors by code,
+    /// drawn like the report's charts; it needs nothing from the network.
+    /// Works with --target and --six-processes too. Example: shardpay run
+    /// scenarios/mixed.toml --live
+    #[arg(long)]
+    pub live: bool,
+    /// The live view's port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 0, requires = "live")]
+    pub live_port: u16,
 }
 
 #[derive(clap::Args)]
@@ -325,6 +336,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         baseline_s: args.baseline,
         system_binary: std::env::current_exe().ok(),
         six_processes: args.six_processes,
+        live: args.live.then_some(args.live_port),
     };
     let result = run::run(&scenario, &options).await;
     if let Some(local) = local {
@@ -481,6 +493,7 @@ async fn sweep_runs(
                 baseline_s: None,
                 system_binary: std::env::current_exe().ok(),
                 six_processes: false,
+                live: None,
             };
             let result = run::run(scenario, &options).await?;
             finish(&result.report, &result.dir);
@@ -757,6 +770,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
                 baseline_s: Some(args.baseline_seconds),
                 system_binary: std::env::current_exe().ok(),
                 six_processes: false,
+                live: None,
             };
             match run::run(scenario, &options).await {
                 Ok(result) => match BenchRow::of(&result.report, result.dir.clone()) {

@@ -28,6 +28,7 @@ pub mod compare;
 pub mod driver;
 pub mod hostile;
 pub mod html;
+pub mod live;
 pub mod nemesis;
 pub mod plan;
 pub mod proxy;

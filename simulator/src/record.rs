@@ -283,6 +283,18 @@ impl Recorder {
         }
     }
 
+    /// Totals so far (the p99 left at 0), without the reset `live` makes.
+    pub fn totals(&self) -> Live {
+        let guard = self.inner.lock().expect("recorder lock");
+        let (c, w) = (guard.0.counts, guard.0.warmup);
+        Live {
+            requests: c.requests + w.requests,
+            accepted: c.accepted + w.accepted,
+            errors: c.errors + w.errors,
+            p99_us: 0,
+        }
+    }
+
     /// The per-second series so far, for the live view: the seconds still
     /// open give the p99 of what they hold yet.
     pub fn series(&self) -> Series {

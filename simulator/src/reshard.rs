@@ -75,9 +75,14 @@ async fn try_audit(admin: &mut Admin, when: &str, started: Instant) -> Option<Re
     let at_s = since(started);
     let raw = match admin.api.audit().await {
         Ok(raw) => raw,
+        Err(e) if admin.transient(&e).await => return None,
         Err(e) => {
-            admin.transient(&e).await;
-            return None;
+            return Some(ReshardAudit {
+                when: when.into(),
+                at_s,
+                ok: false,
+                failed: vec![format!("the audit could not run: {e:#}")],
+            })
         }
     };
     Some(ReshardAudit {
@@ -170,8 +175,13 @@ async fn one(entry: &Reshard, admin: &mut Admin, started: Instant, started_ms: i
         };
         last_answer = Instant::now();
         let running = status["running"].as_bool() == Some(true);
-        let there = status["shards"].as_u64() == Some(u64::from(entry.to));
-        if !running && !there {
+        let there = status["shards"].as_u64() == Some(u64::from(entry.to))
+            && entry
+                .strategy
+                .as_deref()
+                .is_none_or(|s| status["strategy"].as_str() == Some(s));
+        let failed = status["error"].is_string();
+        if !running && (!there || failed) {
             // Stopped short: by a fault (a shard down, the system killed
             // and started again, which forgets a reshard it was running).
             // Asked again, as an operator would run `shardpay reshard`

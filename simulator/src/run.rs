@@ -165,6 +165,9 @@ pub struct RunOptions {
     /// (`serve auth`, ... `serve shard-manager`) sharing its MySQL shards,
     /// Kafka broker and Redis; faults can crash one by name.
     pub six_processes: bool,
+    /// Serve the live view (`live.rs`) on this loopback port while the
+    /// load runs (0: a free port).
+    pub live: Option<u16>,
 }
 
 pub struct RunResult {
@@ -1559,6 +1562,23 @@ impl RunContext<'_> {
     /// Drives the load with live progress, and the fault schedule beside
     /// it; times it and the CPU it costs.
     async fn load(&self, sim: &Arc<Sim>, api: &Api) -> anyhow::Result<LoadFigures> {
+        let _live = match self.options.live {
+            Some(port) => {
+                let view = crate::live::start(
+                    port,
+                    sim.clone(),
+                    &self.scenario.name,
+                    self.scenario.warmup_s,
+                )
+                .await?;
+                eprintln!(
+                    "live view: {} (open it in a browser; the charts move every second)",
+                    view.url
+                );
+                Some(view)
+            }
+            None => None,
+        };
         let (progress, bar) = spawn_progress(sim.clone(), self.scenario, self.options.progress);
         let (cpu0, server0) = cpu_seconds();
         let machine0 = machine_ticks();

@@ -207,6 +207,22 @@ macro_rules! shard_store {
                 $write!(self, |s| book::finish_move(s, &id, now))
             }
 
+            async fn arrived(
+                &self,
+                id: &$crate::ids::AccountId,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let id = id.clone();
+                $write!(self, |s| book::arrived(s, &id))
+            }
+
+            async fn fence_creates(
+                &self,
+                strategy: $crate::sharding::Strategy,
+                shards: u32,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                $write!(self, |s| book::fence_creates(s, strategy, shards))
+            }
+
             async fn placement(
                 &self,
             ) -> Result<Option<$crate::ledger::PlacementRecord>, $crate::ledger::StoreError> {
@@ -694,6 +710,7 @@ pub(crate) async fn create_account<S: Session>(
         return Err(Refusal::AccountExists(account.id.clone()).into());
     }
     refuse_if_moved(s, &account.id).await?;
+    refuse_if_fenced(s, &account.id).await?;
     s.execute(
         "INSERT INTO accounts (id, kind, currency, balance_minor, created_at_ms)
          VALUES (?, 'user', ?, 0, ?)",
@@ -1074,13 +1091,27 @@ async fn transfer_event<S: Session>(
     outbox(s, event_type, t.id.as_str(), payload, t.updated_at_ms).await
 }
 
-/// Keeps a decline under the request's key and answers it.
+/// Keeps a decline under the request's key and answers it. A payer short
+/// of funds because its balance is still on its way here (a reshard's
+/// move) is refused for now instead, and nothing is kept.
 async fn decline<S: Session>(
     s: &mut S,
     t: &Transfer,
     refusal: Refusal,
     idem: Option<&IdempotencyWrite>,
 ) -> Result<DebitOutcome, StoreError> {
+    if let Refusal::InsufficientFunds(payer) = &refusal {
+        if row(
+            s,
+            "SELECT 1 FROM arriving_accounts WHERE id = ?",
+            &[payer.as_str().into()],
+        )
+        .await?
+        .is_some()
+        {
+            return Err(Refusal::AccountArriving(payer.clone()).into());
+        }
+    }
     let response = refusal.response();
     write_idempotency(s, idem, t.id.as_str(), Some(&response), t.created_at_ms).await?;
     Ok(DebitOutcome::Declined(refusal))
@@ -1264,6 +1295,10 @@ pub(crate) async fn credit_from_in_flight<S: Session>(
     s: &mut S,
     t: &Transfer,
 ) -> Result<CreditOutcome, StoreError> {
+    if t.payer == t.payee {
+        // A move's balance: the account has arrived with it.
+        arrived(s, &t.payee).await?;
+    }
     if let Some(outcome) = find_credit_outcome(s, &t.id, true).await? {
         return Ok(outcome);
     }
@@ -1404,6 +1439,14 @@ pub(crate) async fn adopt_account<S: Session>(
     let id = account.id.as_str();
     s.execute("DELETE FROM moved_accounts WHERE id = ?", &[id.into()])
         .await?;
+    // Until its balance lands, a debit it cannot pay waits (`decline`).
+    s.execute("DELETE FROM arriving_accounts WHERE id = ?", &[id.into()])
+        .await?;
+    s.execute(
+        "INSERT INTO arriving_accounts (id, since_ms) VALUES (?, ?)",
+        &[id.into(), super::now_ms().into()],
+    )
+    .await?;
     let exists = row(s, "SELECT 1 FROM accounts WHERE id = ?", &[id.into()])
         .await?
         .is_some();
@@ -1535,6 +1578,67 @@ pub(crate) async fn move_out<S: Session>(
         transfer: moved,
         keys,
     })
+}
+
+/// The account's balance has arrived (see `ShardStore::arrived`).
+pub(crate) async fn arrived<S: Session>(s: &mut S, id: &AccountId) -> Result<(), StoreError> {
+    s.execute(
+        "DELETE FROM arriving_accounts WHERE id = ?",
+        &[id.as_str().into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// See `ShardStore::fence_creates`.
+pub(crate) async fn fence_creates<S: Session>(
+    s: &mut S,
+    strategy: crate::sharding::Strategy,
+    shards: u32,
+) -> Result<(), StoreError> {
+    s.execute("DELETE FROM create_fence WHERE singleton = 1", &[])
+        .await?;
+    s.execute(
+        "INSERT INTO create_fence (singleton, strategy, shards, updated_at_ms) VALUES (1, ?, ?, ?)",
+        &[
+            strategy.as_str().into(),
+            i64::from(shards).into(),
+            super::now_ms().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The fence a reshard about to switch wrote (`fence_creates`), read with
+/// a shared lock where rows are locked, so a create and the fence's write
+/// never pass each other.
+const CREATE_FENCE: [&str; 2] = [
+    "SELECT strategy, shards FROM create_fence WHERE singleton = 1",
+    "SELECT strategy, shards FROM create_fence WHERE singleton = 1 LOCK IN SHARE MODE",
+];
+
+/// Refuses to open an account here that the placement a reshard is about
+/// to switch to puts on another shard: the writer routes by an older one.
+async fn refuse_if_fenced<S: Session>(s: &mut S, id: &AccountId) -> Result<(), StoreError> {
+    let sql = pick(s, &CREATE_FENCE, true);
+    let Some(r) = row(s, sql, &[]).await? else {
+        return Ok(());
+    };
+    let strategy = crate::sharding::Strategy::parse(&r.text(0)?)
+        .ok_or_else(|| r.bad(0, "a placement strategy"))?;
+    let shards = u32::try_from(r.int(1)?).map_err(|_| r.bad(1, "a shard count"))?;
+    let ring = crate::sharding::Ring::with_strategy(shards, strategy)
+        .map_err(|_| r.bad(1, "a shard count"))?;
+    let home = ring.shard_of(id);
+    if home != s.shard() {
+        return Err(Refusal::AccountMoved {
+            account: id.clone(),
+            shard: home,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Every forwarding record of this shard: accounts that moved away, and

@@ -194,6 +194,13 @@ pub enum Refusal {
     /// served from a stale copy.
     #[error("account {account} has moved to shard {shard}; retry shortly")]
     AccountMoved { account: AccountId, shard: ShardId },
+    /// The account is arriving on this shard (a reshard) and its balance is
+    /// still in flight: a debit it cannot pay yet is refused for now, never
+    /// declined for good.
+    #[error(
+        "account {0} is moving to this shard and its balance has not arrived yet; retry shortly"
+    )]
+    AccountArriving(AccountId),
 }
 
 impl Refusal {
@@ -205,7 +212,7 @@ impl Refusal {
             Refusal::InsufficientFunds(_) => ErrorCode::InsufficientFunds,
             Refusal::BalanceOverflow(_) => ErrorCode::BalanceOverflow,
             Refusal::Blocked { .. } => ErrorCode::TransferBlocked,
-            Refusal::AccountMoved { .. } => ErrorCode::AccountMoving,
+            Refusal::AccountMoved { .. } | Refusal::AccountArriving(_) => ErrorCode::AccountMoving,
         }
     }
 
@@ -552,6 +559,20 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Marks a move's pending transfer completed once its credit landed,
     /// without a transfer event: a move is not a payment.
     async fn finish_move(&self, id: &TransferId, now: TimestampMs) -> Result<(), StoreError>;
+
+    /// The new home's last step of a move whose balance was zero (no money
+    /// in flight): the account has arrived (a credit of a move's balance
+    /// marks it so itself).
+    async fn arrived(&self, id: &AccountId) -> Result<(), StoreError>;
+
+    /// The placement a reshard is about to switch to, kept on every shard
+    /// before its last pass: an account opened on this shard that it
+    /// places elsewhere is refused (`Refusal::AccountMoved`).
+    async fn fence_creates(
+        &self,
+        strategy: crate::sharding::Strategy,
+        shards: u32,
+    ) -> Result<(), StoreError>;
 
     /// The placement this shard holds, if one was saved.
     async fn placement(&self) -> Result<Option<PlacementRecord>, StoreError>;

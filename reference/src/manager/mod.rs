@@ -401,9 +401,10 @@ impl ShardManager {
     /// An account, read at its home (after its move, if it is moving).
     pub async fn account(&self, id: &AccountId) -> Result<Option<Account>, ManagerError> {
         let _passage = self.pass_gate(&[id], false).await?;
-        let found = self.store_of(id).account(id).await?;
+        let store = self.store_of(id);
+        let found = store.account(id).await?;
         // Not here: moved by another process's reshard, perhaps.
-        if found.is_none() && self.follow_move(id, None).await? {
+        if found.is_none() && self.follow_move(id, store.shard(), None).await? {
             return Ok(self.store_of(id).account(id).await?);
         }
         Ok(found)
@@ -444,13 +445,16 @@ impl ShardManager {
     ) -> Result<Reply, ManagerError> {
         // A new account goes where the latest placement puts it, even if
         // another process switched it a moment ago.
-        self.refresh_placement().await?;
+        // (Best effort: shard 0 down must not stop accounts opening on
+        // the other shards; the shard's creation fence guards the rest.)
+        let _ = self.refresh_placement().await;
+        let tried = self.shard_of(&request.id);
         match self
             .create_account_once(request.clone(), key.clone(), view)
             .await
         {
             Err(ManagerError::Refused(Refusal::AccountMoved { account, shard }))
-                if self.follow_move(&account, Some(shard)).await? =>
+                if self.follow_move(&account, tried, Some(shard)).await? =>
             {
                 self.create_account_once(request, key, view).await
             }
@@ -523,6 +527,10 @@ impl ShardManager {
     ) -> Result<Reply, ManagerError> {
         let mut followed = 0;
         loop {
+            let tried = (
+                self.shard_of(&request.from),
+                self.payee_shard_of(&request.to),
+            );
             let error = match self.transfer_once(request.clone(), key.clone(), view).await {
                 Err(error) if followed < 2 => error,
                 other => return other,
@@ -534,7 +542,8 @@ impl ShardManager {
                 }
                 _ => return Err(error),
             };
-            if !self.follow_move(&id, hint).await? {
+            let tried = if id == request.from { tried.0 } else { tried.1 };
+            if !self.follow_move(&id, tried, hint).await? {
                 return Err(error);
             }
             followed += 1;

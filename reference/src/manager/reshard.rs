@@ -418,9 +418,13 @@ impl ShardManager {
                     version: 0,
                 })
                 .await?;
+            self.fence_creates(ring).await;
             return Ok(());
         };
         self.adopt_placement(record, moved);
+        // A reshard that stopped at its switch may have left its fence.
+        let ring = self.routing.read().expect("routing lock").ring;
+        self.fence_creates(ring).await;
         Ok(())
     }
 
@@ -520,9 +524,14 @@ impl ShardManager {
     pub(crate) async fn follow_move(
         &self,
         id: &AccountId,
+        tried: ShardId,
         hint: Option<ShardId>,
     ) -> Result<bool, ManagerError> {
-        let start = self.shard_of(id);
+        if self.shard_of(id) != tried {
+            // Learned meanwhile (another request, a recovery tick).
+            return Ok(true);
+        }
+        let start = tried;
         let mut at = start;
         let mut next = match hint {
             Some(shard) => Some(shard),
@@ -544,9 +553,10 @@ impl ShardManager {
             next = self.shards[at.index()].moved_to(id).await?;
         }
         if at == start {
-            return self.refresh_placement().await;
+            // Shard 0 down must not turn a plain answer into an error.
+            return Ok(self.refresh_placement().await.unwrap_or(false));
         }
-        self.refresh_placement().await?;
+        let _ = self.refresh_placement().await;
         let mut routing = self.routing.write().expect("routing lock");
         if routing.ring.shard_of(id) == at {
             routing.moved.remove(id);
@@ -633,6 +643,12 @@ impl ShardManager {
         strategy: Option<Strategy>,
     ) -> Result<ReshardReport, ManagerError> {
         let _claim = claim;
+        if let Err(error) = self.refresh_placement().await {
+            let mut state = self.reshard_state.lock().expect("status lock");
+            state.running = false;
+            state.error = Some(error.to_string());
+            return Err(error);
+        }
         let current = self.routing.read().expect("routing lock").ring;
         let target = match self.check_reshard(to, strategy) {
             Ok(target) => target,
@@ -645,20 +661,43 @@ impl ShardManager {
         };
         let result = self.run_reshard(current, target).await;
         self.gate.stop();
-        let mut state = self.reshard_state.lock().expect("status lock");
-        state.running = false;
-        match &result {
-            Ok(report) => state.last = Some(report.clone()),
-            Err(error) => {
-                state.error = Some(error.to_string());
-                let mut routing = self.routing.write().expect("routing lock");
-                // The accounts moved so far stay where they are; the
-                // routing keeps them there until a reshard finishes.
-                tracing::error!(%error, moved = routing.moved.len(), "reshard stopped");
-                routing.target = None;
+        {
+            let mut state = self.reshard_state.lock().expect("status lock");
+            state.running = false;
+            match &result {
+                Ok(report) => state.last = Some(report.clone()),
+                Err(error) => {
+                    state.error = Some(error.to_string());
+                    let mut routing = self.routing.write().expect("routing lock");
+                    // The accounts moved so far stay where they are; the
+                    // routing keeps them there until a reshard finishes.
+                    tracing::error!(%error, moved = routing.moved.len(), "reshard stopped");
+                    routing.target = None;
+                }
             }
         }
+        if result.is_err() {
+            // Accounts open where the placement in force puts them.
+            self.fence_creates(current).await;
+        }
         result
+    }
+
+    /// Writes `ring` as the fence of account creation on every shard (see
+    /// `ShardStore::fence_creates`); a shard that cannot be written is
+    /// named in the log (it keeps its older fence).
+    async fn fence_creates(&self, ring: Ring) -> bool {
+        let mut all = true;
+        for store in &self.shards {
+            if let Err(error) = store
+                .fence_creates(ring.strategy(), ring.shard_count())
+                .await
+            {
+                tracing::warn!(%error, shard = %store.shard(), "the creation fence could not be written");
+                all = false;
+            }
+        }
+        all
     }
 
     async fn run_reshard(
@@ -713,6 +752,14 @@ impl ShardManager {
         });
         let switch_started = now_ms();
         self.gate.close_creates().await;
+        // From here every shard refuses to open an account the new
+        // placement puts elsewhere (a process routing by the old one), so
+        // the last pass finds every account there is.
+        for store in &self.shards {
+            store
+                .fence_creates(target.strategy(), target.shard_count())
+                .await?;
+        }
         loop {
             passes += 1;
             let (found, _) = self.pass(target, &mut progress, false).await?;
@@ -955,6 +1002,10 @@ impl ShardManager {
             // whose commit outran the gate): copied again.
             figures.keys = keys.len() as u64;
             new.adopt_account(MovingAccount { account, keys }).await?;
+        }
+        if moved.is_none() {
+            // Nothing in flight: it has arrived.
+            new.arrived(id).await?;
         }
         if let Some(t) = moved {
             if self.fault_fires(super::Fault::CrashMidMove) {

@@ -530,3 +530,118 @@ async fn a_replica_that_did_not_run_the_reshard_follows_it() {
     assert_eq!(replica.manager.reshard_status().version, 2);
     app.assert_audit_passes().await;
 }
+
+/// Before its last pass a reshard fences account creation on every shard
+/// with the placement it switches to: a process still routing by the old
+/// placement that opens an account the new one puts elsewhere is refused
+/// by the shard, follows to the new home and opens it there, so the last
+/// pass never misses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_opened_by_a_stale_router_after_the_fence_lands_at_its_new_home() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let next = Ring::new(5).unwrap();
+    for store in app.manager.shards() {
+        store.fence_creates(Strategy::Jump, 5).await.unwrap();
+    }
+    // The manager still places over 4 shards.
+    assert_eq!(app.manager.ring(), Ring::new(4).unwrap());
+    let ids: Vec<String> = (0..400)
+        .map(|i| format!("fenced_{i}"))
+        .filter(|id| next.shard_of(&AccountId::parse(id).unwrap()).index() == 4)
+        .take(15)
+        .collect();
+    assert!(ids.len() >= 10);
+    for id in &ids {
+        app.create(id, "3.00").await;
+    }
+    expect_at_home(&app, &ids, next).await;
+    // Straight to a shard the fence puts it off: refused, naming the home.
+    let old = Ring::new(4).unwrap();
+    let id = AccountId::parse("fenced_direct_1").unwrap();
+    let id = (0..400)
+        .map(|i| AccountId::parse(&format!("fenced_direct_{i}")).unwrap())
+        .find(|id| next.shard_of(id) != old.shard_of(id))
+        .unwrap_or(id);
+    let refused = app.manager.shards()[old.shard_of(&id).index()]
+        .create_account(
+            shardpay_reference::ledger::NewAccount {
+                id: id.clone(),
+                currency: inr(),
+                opening_balance: Amount::from_minor(100).unwrap(),
+                created_at_ms: now_ms(),
+            },
+            None,
+        )
+        .await;
+    match refused {
+        Err(StoreError::Refused(Refusal::AccountMoved { shard, .. })) => {
+            assert_eq!(shard, next.shard_of(&id))
+        }
+        other => panic!("expected a refusal naming the new home: {other:?}"),
+    }
+    app.assert_audit_passes().await;
+}
+
+/// An account whose balance is still in flight to its new home (a process
+/// routing there before the move's credit, as after a crash mid-move) is
+/// refused a debit with a retryable 503, and nothing is kept under the
+/// key: once the balance lands, the same key pays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_before_the_balance_arrives_waits_and_is_not_declined_for_good() {
+    use shardpay_reference::ledger::MovedOut;
+
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    let (next, old) = (Ring::new(5).unwrap(), Ring::new(4).unwrap());
+    let id = ids
+        .iter()
+        .map(|id| AccountId::parse(id).unwrap())
+        .find(|id| next.shard_of(id).index() == 4)
+        .unwrap();
+    let stores = app.manager.shards().to_vec();
+    let (from, to) = (&stores[old.shard_of(&id).index()], &stores[4]);
+    let moving = from.account_to_move(&id).await.unwrap().unwrap();
+    to.adopt_account(moving).await.unwrap();
+    let out = from
+        .move_out(
+            &id,
+            next.shard_of(&id),
+            &TransferId::generate(),
+            now_ms(),
+            false,
+        )
+        .await
+        .unwrap();
+    let MovedOut::Moved {
+        transfer: Some(t), ..
+    } = out
+    else {
+        panic!("the account held money: {out:?}");
+    };
+    // Routes by the forwarding record, as a process started now would.
+    let replica = app
+        .replica(ManagerConfig {
+            placed_shards: Some(4),
+            ..ManagerConfig::default()
+        })
+        .await;
+    let payee = ids.iter().find(|p| **p != id.as_str()).unwrap();
+    let body = json!({"from": id.as_str(), "to": payee, "amount_minor": 10_00});
+    let (status, answer) = replica
+        .post("/v1/transfers", body.clone(), Some("arriving-1"))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "account_moving", "{answer}");
+
+    to.credit_from_in_flight(&t).await.unwrap();
+    from.finish_move(&t.id, now_ms()).await.unwrap();
+    let (status, answer) = replica
+        .post("/v1/transfers", body, Some("arriving-1"))
+        .await;
+    assert_eq!(status, 201, "the key kept nothing: {answer}");
+    assert_eq!(
+        replica.balance_minor(id.as_str()).await,
+        OPENING_MINOR - 10_00
+    );
+    app.assert_audit_passes().await;
+}

@@ -634,6 +634,20 @@ impl ShardStore for Flaky {
         self.inner.forwarding().await
     }
 
+    async fn arrived(&self, id: &AccountId) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.arrived(id).await
+    }
+
+    async fn fence_creates(
+        &self,
+        strategy: shardpay_reference::sharding::Strategy,
+        shards: u32,
+    ) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.fence_creates(strategy, shards).await
+    }
+
     async fn moved_to(&self, id: &AccountId) -> Result<Option<ShardId>, StoreError> {
         self.check(false).await?;
         self.inner.moved_to(id).await

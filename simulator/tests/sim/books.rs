@@ -74,6 +74,7 @@ async fn a_transfer_the_simulator_did_not_send_fails_its_books() {
         baseline_s: None,
         system_binary: None,
         six_processes: false,
+        live: None,
     };
     let result = run(&s, &options).await.unwrap();
     meddler.await.unwrap();

@@ -71,6 +71,7 @@ async fn run_on_mysql(cross_shard: CrossShard) {
         baseline_s: Some(1),
         system_binary: None,
         six_processes: false,
+        live: None,
     };
     let r = run(&s, &options).await.unwrap().report;
     assert!(r.passed, "{:?}\n{}", r.failures, r.summary());

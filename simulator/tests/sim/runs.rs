@@ -27,6 +27,7 @@ fn options(reports: &std::path::Path, shards: u32) -> RunOptions {
         baseline_s: None,
         system_binary: None,
         six_processes: false,
+        live: None,
     }
 }
 

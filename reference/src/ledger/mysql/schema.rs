@@ -157,6 +157,23 @@ pub const MIGRATIONS: &[&[&str]] = &[
             updated_at_ms  BIGINT NOT NULL
         ) ENGINE=InnoDB"#,
     ],
+    // 6: resharding, two guards. The placement a reshard is about to switch
+    // to, written on every shard before its last pass: an account opened
+    // here that this placement puts elsewhere is refused (a process that
+    // routes by the older one). And the accounts arriving here whose
+    // balance is still in flight: a debit they cannot pay yet waits.
+    &[
+        r#"CREATE TABLE create_fence (
+            singleton      TINYINT NOT NULL PRIMARY KEY CHECK (singleton = 1),
+            strategy       VARCHAR(16) NOT NULL,
+            shards         INT NOT NULL,
+            updated_at_ms  BIGINT NOT NULL
+        ) ENGINE=InnoDB"#,
+        r#"CREATE TABLE arriving_accounts (
+            id             VARCHAR(64) NOT NULL PRIMARY KEY,
+            since_ms       BIGINT NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
+    ],
 ];
 
 /// Rows of `shard_counters` (migration 4 makes slots 0 to 15).

@@ -241,6 +241,23 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at_ms  INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 5: resharding, two guards. The placement a reshard is about to switch
+    // to, written on every shard before its last pass: an account opened
+    // here that this placement puts elsewhere is refused (a process that
+    // routes by the older one). And the accounts arriving here whose
+    // balance is still in flight: a debit they cannot pay yet waits.
+    r#"
+    CREATE TABLE create_fence (
+        singleton      INTEGER PRIMARY KEY CHECK (singleton = 1),
+        strategy       TEXT NOT NULL,
+        shards         INTEGER NOT NULL,
+        updated_at_ms  INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE arriving_accounts (
+        id             TEXT PRIMARY KEY,
+        since_ms       INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -669,6 +669,8 @@ async fn start_reshard(
             )
         })?),
     };
+    // Another shard manager may have switched the placement since.
+    manager.refresh_placement().await?;
     manager.check_reshard(body.to, strategy)?;
     // Claimed here, so a second request is refused rather than told 202.
     let claim = manager.claim_reshard()?;

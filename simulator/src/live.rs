@@ -1,0 +1,241 @@
+//! The live view of a run (`shardpay run --live`): a page on loopback that
+//! shows the run's charts second by second while it runs. The page is one
+//! self-contained document (no script, font or style from the network);
+//! each second the server pushes the charts, drawn by the same code as the
+//! HTML report's (`html::live_charts`), over server-sent events
+//! (`/events`), and the page swaps them in. `/series.json` gives the
+//! numbers behind them.
+//!
+//! Everything shown is what the simulator measures, so the view works the
+//! same against the in-process system, a `--target` and six processes.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+use crate::driver::Sim;
+use crate::report::Timeline;
+
+/// How often the page is sent new charts.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Codes drawn on the by-code chart: the most frequent ones.
+const CODES_SHOWN: usize = 6;
+
+/// The live view's server; it stops when dropped.
+pub struct LiveView {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LiveView {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    sim: Arc<Sim>,
+    name: String,
+    warmup_s: u64,
+}
+
+/// What the page is sent each second, and `/series.json` answers.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub scenario: String,
+    /// Seconds since the load began (0 before it has).
+    pub elapsed_s: u64,
+    pub requests: u64,
+    pub accepted: u64,
+    pub errors: u64,
+    pub timeline: Timeline,
+    /// Answers other than an accepted transfer, per second, by
+    /// `status code` (the most frequent codes).
+    pub by_code: BTreeMap<String, Vec<u64>>,
+}
+
+/// Serves the live view on `127.0.0.1:port` (0: a free port).
+pub async fn start(
+    port: u16,
+    sim: Arc<Sim>,
+    name: &str,
+    warmup_s: u64,
+) -> anyhow::Result<LiveView> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the live view cannot listen on 127.0.0.1:{port}: {e}; give another --live-port (0 picks a free one)")
+        })?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let shared = Shared {
+        sim,
+        name: name.to_string(),
+        warmup_s,
+    };
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/events", get(events))
+        .route("/series.json", get(series))
+        .with_state(shared);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the live view stopped");
+        }
+    });
+    Ok(LiveView { url, task })
+}
+
+fn snapshot(shared: &Shared) -> Snapshot {
+    let sim = &shared.sim;
+    let series = sim.recorder.series();
+    let live = sim.recorder.totals();
+    let seconds = series.requests.len();
+    let mut shards: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seen: Vec<u16> = series
+        .accepted
+        .iter()
+        .flat_map(|second| second.keys().copied())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for shard in seen {
+        shards.insert(
+            shard.to_string(),
+            series
+                .accepted
+                .iter()
+                .map(|second| second.get(&shard).copied().unwrap_or(0))
+                .collect(),
+        );
+    }
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    for second in &series.outcomes {
+        for ((status, code), n) in second {
+            *totals.entry(format!("{status} {code}")).or_default() += n;
+        }
+    }
+    let mut codes: Vec<(String, u64)> = totals.into_iter().collect();
+    codes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let by_code = codes
+        .into_iter()
+        .take(CODES_SHOWN)
+        .map(|(label, _)| {
+            let per_second = series
+                .outcomes
+                .iter()
+                .map(|second| {
+                    second
+                        .iter()
+                        .filter(|((status, code), _)| format!("{status} {code}") == label)
+                        .map(|(_, n)| *n)
+                        .sum()
+                })
+                .collect();
+            (label, per_second)
+        })
+        .collect();
+    Snapshot {
+        scenario: shared.name.clone(),
+        elapsed_s: sim.started().map_or(0, |s| s.elapsed().as_secs()),
+        requests: live.requests,
+        accepted: live.accepted,
+        errors: live.errors,
+        timeline: Timeline {
+            interval_s: 1,
+            warmup_s: shared.warmup_s.min(seconds as u64),
+            shards,
+            errors: series.errors,
+            requests: series.requests,
+            p99_ms: series.p99_us.iter().map(|us| *us as f64 / 1000.0).collect(),
+            drift: None,
+        },
+        by_code,
+    }
+}
+
+/// The charts and the figures above them, as the page shows them.
+fn fragment(s: &Snapshot) -> serde_json::Value {
+    let by_code: Vec<(String, Vec<f64>)> = s
+        .by_code
+        .iter()
+        .map(|(label, v)| (label.clone(), v.iter().map(|n| *n as f64).collect()))
+        .collect();
+    let charts = if s.timeline.requests.is_empty() {
+        "<p>Waiting for the load to start…</p>".to_string()
+    } else {
+        crate::html::live_charts(&s.timeline, &by_code)
+    };
+    serde_json::json!({
+        "status": format!(
+            "{} s · {} requests · {} transfers accepted · {} errors",
+            s.elapsed_s, s.requests, s.accepted, s.errors
+        ),
+        "charts": charts,
+        "seconds": s.timeline.requests.len(),
+    })
+}
+
+async fn series(State(shared): State<Shared>) -> impl IntoResponse {
+    axum::Json(snapshot(&shared))
+}
+
+async fn events(
+    State(shared): State<Shared>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let first = true;
+    let stream = futures_util::stream::unfold((shared, first), |(shared, first)| async move {
+        if !first {
+            tokio::time::sleep(EVERY).await;
+        }
+        let data = fragment(&snapshot(&shared)).to_string();
+        Some((Ok(Event::default().data(data)), (shared, false)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn page(State(shared): State<Shared>) -> Html<String> {
+    let title = format!("shardpay live: {}", shared.name);
+    let page = maud::html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) }
+                style { (maud::PreEscaped(crate::html::stylesheet())) }
+            }
+            body {
+                h1 { (title) }
+                p #status { "Connecting…" }
+                div #charts {}
+                p .note { "Charts from what the simulator measures, pushed every second; the report written at the end has the rest." }
+                script { (maud::PreEscaped(SCRIPT)) }
+            }
+        }
+    };
+    Html(page.into_string())
+}
+
+/// Swaps in each pushed fragment; says so when the run has ended.
+const SCRIPT: &str = r#"
+const events = new EventSource('/events');
+events.onmessage = (e) => {
+  const data = JSON.parse(e.data);
+  document.getElementById('status').textContent = data.status;
+  document.getElementById('charts').innerHTML = data.charts;
+  document.body.dataset.seconds = data.seconds;
+};
+events.onerror = () => {
+  document.getElementById('status').textContent += ' · the run has ended (or the connection dropped)';
+  events.close();
+};
+"#;
