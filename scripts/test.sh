@@ -9,7 +9,8 @@
 #
 #   scripts/test.sh             all of it
 #   scripts/test.sh --install   first install missing server packages
-#                               (mariadb-server, redis-server, curl) with
+#                               (mariadb-server, redis-server, curl,
+#                               chromium for the live view's browser test) with
 #                               apt-get; CI uses this on a fresh machine
 #
 # `cargo test --release --workspace` alone also works: the tests that need
@@ -50,8 +51,12 @@ if [ "${1:-}" = "--install" ]; then
         echo "== installing curl"
         apt_install curl
     fi
+    if ! has chromium; then
+        echo "== installing chromium (the live view's browser test)"
+        apt_install chromium
+    fi
 fi
-for need in "mariadbd mysqld:mariadb-server" "redis-server:redis-server" "python3:python3"; do
+for need in "mariadbd mysqld:mariadb-server" "redis-server:redis-server" "python3:python3" "chromium:chromium"; do
     bins="${need%%:*}" package="${need##*:}" found=
     for bin in $bins; do has "$bin" && found=1; done
     if [ -z "$found" ]; then
@@ -98,6 +103,9 @@ echo "== docker-compose.yml, checked by Docker Compose itself (no container engi
 scripts/compose.sh check
 # The six-service test takes its commands and environment from the file.
 export SHARDPAY_REQUIRE_COMPOSE=1
+
+# The live view's browser test opens its page in headless Chromium.
+export SHARDPAY_REQUIRE_CHROMIUM=1
 
 echo "== every test suite"
 cargo test --release --workspace

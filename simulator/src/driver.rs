@@ -33,6 +33,8 @@ pub const REQUEST_TIMEOUT_S: u64 = 30;
 
 /// Everything the virtual users share.
 pub struct Sim {
+    /// Faults and reshards as they happen, for the live view.
+    pub marks: crate::marks::Marks,
     pub plan: Plan,
     /// Account index -> id.
     pub names: Vec<String>,
@@ -108,6 +110,7 @@ impl Sim {
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
             late: AtomicU64::new(0),
+            marks: crate::marks::Marks::default(),
             worst_lag_us: AtomicU64::new(0),
             start: OnceLock::new(),
         }

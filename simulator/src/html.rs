@@ -107,30 +107,63 @@ pub fn render(r: &Report) -> String {
 
 /// The live view's charts (see `live.rs`), drawn by the code that draws
 /// the report's: accepted transfers per second by payer shard, errors as a
-/// share of requests, p99 latency, and the answers other than an accepted
-/// transfer by code (declines and errors).
-pub fn live_charts(t: &Timeline, by_code: &[(String, Vec<f64>)]) -> String {
+/// share of requests, p99 latency, the answers other than an accepted
+/// transfer by code (declines and errors), and the event pipeline as the
+/// system reports it; `marks` (name, from, to, a fault or not) are shaded.
+pub fn live_charts(
+    t: &Timeline,
+    by_code: &[(String, Vec<f64>)],
+    marks: &[(String, f64, f64, bool)],
+    pipeline: &[(String, Vec<f64>)],
+    lag: &[(String, Vec<f64>)],
+) -> String {
+    let windows: Vec<Window> = marks
+        .iter()
+        .map(|(name, from, to, fault)| Window {
+            name: name.clone(),
+            from: *from,
+            to: to.max(*from),
+            fill: if *fault { "#f8d0d0" } else { "#d0dcf8" },
+        })
+        .collect();
     html! {
         h2 { "Throughput" }
-        (tps_chart(t, &[]))
+        (tps_chart(t, &windows))
         @if !t.requests.is_empty() {
             h3 { "Errors and p99 latency per second" }
             (per_second_chart(
                 "seconds since start (errors as a share of requests, %)",
                 &[("errors %".into(), error_percent(t))],
                 t,
-                &[],
+                &windows,
             ))
             (per_second_chart(
                 "seconds since start (p99 latency of the requests completed, ms)",
                 &[("p99 ms".into(), t.p99_ms.clone())],
                 t,
-                &[],
+                &windows,
             ))
         }
         @if !by_code.is_empty() {
             h3 { "Declines and errors by code, per second" }
-            (per_second_chart("seconds since start (answers per second)", by_code, t, &[]))
+            (per_second_chart("seconds since start (answers per second)", by_code, t, &windows))
+        }
+        @if !pipeline.is_empty() {
+            h3 { "Event pipeline" }
+            (per_second_chart(
+                "seconds since start (events waiting: outbox backlog, unapplied by the slowest consumer; dead letters)",
+                pipeline,
+                t,
+                &windows,
+            ))
+        }
+        @if !lag.is_empty() {
+            (per_second_chart(
+                "seconds since start (commit-to-consume lag p99 since the start, ms, per consumer)",
+                lag,
+                t,
+                &windows,
+            ))
         }
     }
     .into_string()

@@ -21,7 +21,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
 
+use crate::api::Api;
 use crate::driver::Sim;
+use crate::marks::{Mark, Marks};
 use crate::report::Timeline;
 
 /// How often the page is sent new charts.
@@ -33,18 +35,37 @@ const CODES_SHOWN: usize = 6;
 /// The live view's server; it stops when dropped.
 pub struct LiveView {
     pub url: String,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for LiveView {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
+}
+
+/// The event pipeline as the system reports it (`GET /v1/pipeline`), one
+/// sample a second.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineSample {
+    pub at_s: u64,
+    pub outbox_backlog: u64,
+    /// Events not yet applied by the slowest consumer.
+    pub unapplied: u64,
+    /// Commit-to-consume lag p99 since the start, per consumer group.
+    pub lag_p99_ms: BTreeMap<String, f64>,
+    pub dlq_size: Option<u64>,
 }
 
 #[derive(Clone)]
 struct Shared {
-    sim: Arc<Sim>,
+    /// Weak: a page left open must not keep the run's state alive after
+    /// the load (the run takes it back to settle and report).
+    sim: std::sync::Weak<Sim>,
+    marks: Marks,
+    pipeline: Arc<std::sync::Mutex<Vec<PipelineSample>>>,
     name: String,
     warmup_s: u64,
 }
@@ -62,12 +83,19 @@ pub struct Snapshot {
     /// Answers other than an accepted transfer, per second, by
     /// `status code` (the most frequent codes).
     pub by_code: BTreeMap<String, Vec<u64>>,
+    /// Faults and reshards so far.
+    pub marks: Vec<Mark>,
+    /// The system's event pipeline, sampled each second (empty when the
+    /// system has none, or does not say).
+    pub pipeline: Vec<PipelineSample>,
 }
 
-/// Serves the live view on `127.0.0.1:port` (0: a free port).
+/// Serves the live view on `127.0.0.1:port` (0: a free port); `api` reads
+/// the system's event pipeline each second.
 pub async fn start(
     port: u16,
     sim: Arc<Sim>,
+    api: Api,
     name: &str,
     warmup_s: u64,
 ) -> anyhow::Result<LiveView> {
@@ -78,25 +106,66 @@ pub async fn start(
         })?;
     let url = format!("http://{}/", listener.local_addr()?);
     let shared = Shared {
-        sim,
+        sim: Arc::downgrade(&sim),
+        marks: sim.marks.clone(),
+        pipeline: Arc::default(),
         name: name.to_string(),
         warmup_s,
     };
+    let sampler = tokio::spawn(sample_pipeline(shared.clone(), api));
     let app = Router::new()
         .route("/", get(page))
         .route("/events", get(events))
         .route("/series.json", get(series))
         .with_state(shared);
-    let task = tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "the live view stopped");
         }
     });
-    Ok(LiveView { url, task })
+    Ok(LiveView {
+        url,
+        tasks: vec![server, sampler],
+    })
 }
 
-fn snapshot(shared: &Shared) -> Snapshot {
-    let sim = &shared.sim;
+/// Reads the system's pipeline figures once a second while the load runs;
+/// stops for good when the system has no pipeline to report.
+async fn sample_pipeline(shared: Shared, api: Api) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(sim) = shared.sim.upgrade() else {
+            return;
+        };
+        let Some(started) = sim.started() else {
+            continue;
+        };
+        drop(sim);
+        let report = match api.pipeline().await {
+            Ok(Some(report)) => report,
+            Ok(None) => return,
+            // Down for a moment (a fault): the chart has a gap.
+            Err(_) => continue,
+        };
+        let sample = PipelineSample {
+            at_s: started.elapsed().as_secs(),
+            outbox_backlog: report.outbox_backlog,
+            unapplied: report.unapplied.values().copied().max().unwrap_or(0),
+            lag_p99_ms: report
+                .consumers
+                .iter()
+                .map(|c| (c.group.clone(), c.lag.p99_ms))
+                .collect(),
+            dlq_size: report.notification.as_ref().map(|n| n.dlq_size),
+        };
+        shared.pipeline.lock().expect("pipeline lock").push(sample);
+    }
+}
+
+fn snapshot(shared: &Shared) -> Option<Snapshot> {
+    let sim = shared.sim.upgrade()?;
     let series = sim.recorder.series();
     let live = sim.recorder.totals();
     let seconds = series.requests.len();
@@ -144,7 +213,7 @@ fn snapshot(shared: &Shared) -> Snapshot {
             (label, per_second)
         })
         .collect();
-    Snapshot {
+    Some(Snapshot {
         scenario: shared.name.clone(),
         elapsed_s: sim.started().map_or(0, |s| s.elapsed().as_secs()),
         requests: live.requests,
@@ -160,7 +229,34 @@ fn snapshot(shared: &Shared) -> Snapshot {
             drift: None,
         },
         by_code,
+        marks: shared.marks.all(),
+        pipeline: shared.pipeline.lock().expect("pipeline lock").clone(),
+    })
+}
+
+/// A sampled figure per second of the timeline (`seconds` long), each
+/// second holding the latest sample at or before it.
+fn per_second(
+    samples: &[PipelineSample],
+    seconds: usize,
+    f: impl Fn(&PipelineSample) -> Option<f64>,
+) -> Vec<f64> {
+    let mut out = vec![0.0; seconds];
+    let mut last = 0.0;
+    let mut next = samples.iter().peekable();
+    for (second, slot) in out.iter_mut().enumerate() {
+        while let Some(s) = next.peek() {
+            if s.at_s as usize > second {
+                break;
+            }
+            if let Some(v) = f(s) {
+                last = v;
+            }
+            next.next();
+        }
+        *slot = last;
     }
+    out
 }
 
 /// The charts and the figures above them, as the page shows them.
@@ -170,10 +266,46 @@ fn fragment(s: &Snapshot) -> serde_json::Value {
         .iter()
         .map(|(label, v)| (label.clone(), v.iter().map(|n| *n as f64).collect()))
         .collect();
-    let charts = if s.timeline.requests.is_empty() {
+    let seconds = s.timeline.requests.len();
+    let marks: Vec<(String, f64, f64, bool)> = s
+        .marks
+        .iter()
+        .map(|m| {
+            let to = m.to_s.unwrap_or(s.elapsed_s as f64);
+            (m.name.clone(), m.from_s, to, m.kind == "fault")
+        })
+        .collect();
+    let mut pipeline = Vec::new();
+    let mut lag = Vec::new();
+    if !s.pipeline.is_empty() {
+        let p = &s.pipeline;
+        pipeline.push((
+            "outbox backlog".to_string(),
+            per_second(p, seconds, |x| Some(x.outbox_backlog as f64)),
+        ));
+        pipeline.push((
+            "unapplied".to_string(),
+            per_second(p, seconds, |x| Some(x.unapplied as f64)),
+        ));
+        if p.iter().any(|x| x.dlq_size.is_some()) {
+            pipeline.push((
+                "dead letters".to_string(),
+                per_second(p, seconds, |x| x.dlq_size.map(|d| d as f64)),
+            ));
+        }
+        let groups: std::collections::BTreeSet<&String> =
+            p.iter().flat_map(|x| x.lag_p99_ms.keys()).collect();
+        for group in groups {
+            lag.push((
+                group.clone(),
+                per_second(p, seconds, |x| x.lag_p99_ms.get(group).copied()),
+            ));
+        }
+    }
+    let charts = if seconds == 0 {
         "<p>Waiting for the load to start…</p>".to_string()
     } else {
-        crate::html::live_charts(&s.timeline, &by_code)
+        crate::html::live_charts(&s.timeline, &by_code, &marks, &pipeline, &lag)
     };
     serde_json::json!({
         "status": format!(
@@ -185,8 +317,11 @@ fn fragment(s: &Snapshot) -> serde_json::Value {
     })
 }
 
-async fn series(State(shared): State<Shared>) -> impl IntoResponse {
-    axum::Json(snapshot(&shared))
+async fn series(State(shared): State<Shared>) -> axum::response::Response {
+    match snapshot(&shared) {
+        Some(s) => axum::Json(s).into_response(),
+        None => (axum::http::StatusCode::GONE, "the run's load has ended").into_response(),
+    }
 }
 
 async fn events(
@@ -197,7 +332,8 @@ async fn events(
         if !first {
             tokio::time::sleep(EVERY).await;
         }
-        let data = fragment(&snapshot(&shared)).to_string();
+        // The stream ends with the load.
+        let data = fragment(&snapshot(&shared)?).to_string();
         Some((Ok(Event::default().data(data)), (shared, false)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
@@ -225,14 +361,23 @@ async fn page(State(shared): State<Shared>) -> Html<String> {
     Html(page.into_string())
 }
 
-/// Swaps in each pushed fragment; says so when the run has ended.
+/// Swaps in each pushed fragment; says so when the run has ended. With
+/// `?frames=N` in the address the page stops listening after N updates (a
+/// still for a screenshot: a headless browser waits for open streams).
 const SCRIPT: &str = r#"
+const frames = Number(new URLSearchParams(location.search).get('frames') || 0);
+let seen = 0;
 const events = new EventSource('/events');
 events.onmessage = (e) => {
   const data = JSON.parse(e.data);
   document.getElementById('status').textContent = data.status;
   document.getElementById('charts').innerHTML = data.charts;
   document.body.dataset.seconds = data.seconds;
+  seen += 1;
+  document.body.dataset.frames = seen;
+  if (frames > 0 && seen >= frames) {
+    events.close();
+  }
 };
 events.onerror = () => {
   document.getElementById('status').textContent += ' · the run has ended (or the connection dropped)';

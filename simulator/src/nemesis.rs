@@ -709,6 +709,12 @@ pub async fn apply(
             };
             happened.hit = hit;
             happened.healed = healed;
+            if let Some(hit) = hit {
+                let mark = sim.marks.begin("fault", &fault.name, hit.as_secs_f64());
+                if let Some(healed) = healed {
+                    sim.marks.end(mark, healed.as_secs_f64());
+                }
+            }
             if let (Some(hit), Some(healed)) = (hit, healed) {
                 say(format!(
                     "{} {} at {:.1} s, back at {:.1} s",
@@ -782,6 +788,7 @@ pub async fn apply(
             _ => unreachable!("faults of backends are applied above"),
         };
         happened.hit = hit;
+        let mark = hit.map(|hit| sim.marks.begin("fault", &fault.name, hit.as_secs_f64()));
         if let Some(hit) = hit {
             say(format!(
                 "{} down at {:.1} s",
@@ -794,6 +801,9 @@ pub async fn apply(
             match system.spawn(fault.at_ms + 1).await {
                 Ok(()) => {
                     happened.healed = Some(start.elapsed());
+                    if let Some(mark) = mark {
+                        sim.marks.end(mark, start.elapsed().as_secs_f64());
+                    }
                     say(format!(
                         "{} listening again at {:.1} s",
                         fault.target,

@@ -37,6 +37,7 @@ pub async fn apply(
     schedule: Vec<Reshard>,
     api: Api,
     admin_password: Option<String>,
+    marks: crate::marks::Marks,
     started: Instant,
     started_ms: i64,
     progress: bool,
@@ -49,7 +50,10 @@ pub async fn apply(
     for entry in schedule {
         let due = started + Duration::from_secs_f64(entry.at_s);
         tokio::time::sleep_until(due.into()).await;
+        let name = format!("reshard to {}", entry.to);
+        let mark = marks.begin("reshard", &name, since(started));
         let run = one(&entry, &mut admin, started, started_ms).await;
+        marks.end(mark, run.ended_s.unwrap_or_else(|| since(started)));
         if progress {
             let what = match &run.error {
                 Some(error) => format!("stopped: {error}"),

@@ -1567,6 +1567,7 @@ impl RunContext<'_> {
                 let view = crate::live::start(
                     port,
                     sim.clone(),
+                    api.clone(),
                     &self.scenario.name,
                     self.scenario.warmup_s,
                 )
@@ -1604,6 +1605,7 @@ impl RunContext<'_> {
                 self.scenario.reshards.clone(),
                 api.clone(),
                 self.admin_password.clone(),
+                sim.marks.clone(),
                 wall,
                 chrono::Utc::now().timestamp_millis(),
                 self.options.progress,

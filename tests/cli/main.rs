@@ -6,6 +6,7 @@ mod audit;
 mod config;
 mod faults;
 mod links;
+mod live;
 mod memory;
 mod modules;
 mod replicas;
