@@ -5,6 +5,7 @@
 mod audit;
 mod config;
 mod faults;
+mod grafana;
 mod links;
 mod live;
 mod memory;

@@ -84,6 +84,12 @@ pub struct ShardLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardStateLabel {
+    pub shard: usize,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
     pub group: String,
 }
@@ -105,6 +111,8 @@ pub struct Metrics {
     pub transfers: Family<StateLabel, Gauge>,
     /// 1 when the shard answers.
     pub shard_healthy: Family<ShardLabel, Gauge>,
+    /// Transfers paid from each shard (payer side), by state.
+    pub shard_transfers: Family<ShardStateLabel, Gauge>,
     pub outbox_backlog: Gauge,
     pub outbox_rows: Gauge,
     pub consumer_unapplied: Family<GroupLabel, Gauge>,
@@ -124,6 +132,7 @@ impl Default for Metrics {
             durations: Family::new_with_constructor(latency_histogram),
             transfers: Family::default(),
             shard_healthy: Family::default(),
+            shard_transfers: Family::default(),
             outbox_backlog: Gauge::default(),
             outbox_rows: Gauge::default(),
             consumer_unapplied: Family::default(),
@@ -158,6 +167,11 @@ impl Metrics {
             "shardpay_shard_healthy",
             "1 when the shard answers",
             self.shard_healthy.clone(),
+        );
+        registry.register(
+            "shardpay_shard_transfers",
+            "Transfers paid from each shard (its payers), by state",
+            self.shard_transfers.clone(),
         );
         registry.register(
             "shardpay_outbox_backlog",

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::metrics::{GroupLabel, LagLabel, Route, ShardLabel, StateLabel};
+use super::metrics::{GroupLabel, LagLabel, Route, ShardLabel, ShardStateLabel, StateLabel};
 use super::{AppState, ErrorBody};
 
 pub use crate::peers::{with_request_id, REQUEST_ID};
@@ -165,6 +165,18 @@ async fn shard_gauges(state: &AppState) {
         m.shard_healthy
             .get_or_create(&ShardLabel { shard: s.shard })
             .set(i64::from(s.healthy));
+        for (label, n) in [
+            ("pending", s.transfers.pending),
+            ("completed", s.transfers.completed),
+            ("failed", s.transfers.failed),
+        ] {
+            m.shard_transfers
+                .get_or_create(&ShardStateLabel {
+                    shard: s.shard,
+                    state: label,
+                })
+                .set(n as i64);
+        }
     }
 }
 
