@@ -1,7 +1,9 @@
 //! The live view in a real browser: `shardpay run --live` prints an
 //! address; headless Chromium opens it during the run, with every host but
 //! loopback unresolvable, and the page it renders has the run's charts with
-//! data in them. A screenshot is kept under `target/artefacts/`.
+//! data in them; and the system's own dashboard (`/dashboard/analytics`)
+//! draws its per-shard series. Screenshots are kept under
+//! `target/artefacts/`.
 //!
 //! Chromium (Debian's `chromium`) is installed by `scripts/test.sh
 //! --install`; without it the test says so and passes, unless
@@ -72,7 +74,6 @@ fn headless(browser: &PathBuf, profile: &std::path::Path) -> Command {
         "--disable-sync",
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--window-size=1000,2600",
-        "--virtual-time-budget=3000",
     ]);
     command.arg(format!("--user-data-dir={}", profile.display()));
     command
@@ -144,6 +145,7 @@ fn the_live_view_renders_the_runs_charts_in_a_browser() {
     let _ = std::fs::remove_file(&shot);
     let profile = tempfile::tempdir().unwrap();
     let out = headless(&browser, profile.path())
+        .arg("--virtual-time-budget=3000")
         .arg("--dump-dom")
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("{url}?frames=3"))
@@ -208,4 +210,104 @@ fn the_live_view_renders_the_runs_charts_in_a_browser() {
         series += 1;
     }
     assert_eq!(series, 4, "one throughput series per shard");
+}
+
+/// The system's own dashboard (`/dashboard/analytics`) in the browser:
+/// per-shard series (transfers and volume per second, health) and the
+/// pipeline's, drawn from the samples the page keeps, with the totals.
+#[test]
+fn the_analytics_dashboard_draws_per_shard_series_in_a_browser() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = super::serve(dir.path(), None);
+    let ids: Vec<String> = (0..8).map(|i| format!("dash_{i}")).collect();
+    for id in &ids {
+        let (status, body) = super::post(
+            &format!("{}/v1/accounts", server.url),
+            serde_json::json!({"id": id, "opening_balance": "100.00"}),
+            &format!("open-{id}"),
+        )
+        .unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    // Transfers keep flowing while the browser watches.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (url, ids, stop) = (server.url.clone(), ids.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (from, to) = (&ids[n % ids.len()], &ids[(n * 3 + 1) % ids.len()]);
+                if from != to {
+                    let _ = super::post(
+                        &format!("{url}/v1/transfers"),
+                        serde_json::json!({"from": from, "to": to, "amount": "0.01"}),
+                        &format!("dash-pay-{n}"),
+                    );
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let profile = tempfile::tempdir().unwrap();
+    let artefacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let shot = artefacts.join("analytics-dashboard.png");
+    let out = headless(&browser, profile.path())
+        .arg("--virtual-time-budget=6000")
+        .arg("--dump-dom")
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("{}/dashboard/analytics", server.url))
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = traffic.join().unwrap();
+    assert!(sent > 10, "{sent} transfers sent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    std::fs::write(artefacts.join("analytics-dashboard.html"), &dom).unwrap();
+    let samples: u64 = dom
+        .split("data-samples=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the page drew its charts");
+    assert!(samples >= 3, "{samples} samples");
+    for title in [
+        "Transfers completed per second, by shard",
+        "Volume per second, by shard",
+        "Shards up (1) or down (0)",
+        "Event pipeline: outbox backlog and dead letters",
+        "Commit-to-consume lag",
+    ] {
+        assert!(dom.contains(title), "chart {title:?} missing: {dom}");
+    }
+    for shard in 0..4 {
+        assert!(dom.contains(&format!(">shard {shard}<")), "shard {shard}");
+    }
+    // Every shard up: its health series sits at 1 (the top of its chart).
+    let health = dom
+        .split("Shards up (1) or down (0)")
+        .nth(1)
+        .unwrap()
+        .split("<h2>")
+        .next()
+        .unwrap();
+    assert_eq!(health.matches("<polyline").count(), 4);
+    assert!(dom.contains("totals match the shards") || dom.contains("catching up"));
+    assert!(dom.contains("<h2>Totals</h2>"), "{dom}");
+    assert!(
+        std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 10_000,
+        "a screenshot at {}",
+        shot.display()
+    );
 }
