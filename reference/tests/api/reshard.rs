@@ -388,7 +388,7 @@ async fn a_reshard_beyond_the_open_shards_is_refused_with_the_fix() {
 /// shard 0, and the forwarding records of accounts already moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_manager_routes_by_the_saved_placement_and_the_moves() {
-    use shardpay_reference::ledger::{MovedOut, ShardStore};
+    use shardpay_reference::ledger::ShardStore;
     use std::sync::Arc;
 
     let app = TestApp::start_with(options(ManagerConfig::default())).await;
@@ -398,30 +398,8 @@ async fn a_restarted_manager_routes_by_the_saved_placement_and_the_moves() {
     // Half-way: one account moved by hand, as a reshard stopped after it.
     let next = Ring::new(5).unwrap();
     let old = Ring::new(4).unwrap();
-    let id = ids
-        .iter()
-        .map(|id| AccountId::parse(id).unwrap())
-        .find(|id| next.shard_of(id).index() == 4)
-        .unwrap();
+    let (id, t) = half_moved(&stores, &ids).await;
     let (from, to) = (&stores[old.shard_of(&id).index()], &stores[4]);
-    let moving = from.account_to_move(&id).await.unwrap().unwrap();
-    to.adopt_account(moving).await.unwrap();
-    let out = from
-        .move_out(
-            &id,
-            next.shard_of(&id),
-            &TransferId::generate(),
-            now_ms(),
-            false,
-        )
-        .await
-        .unwrap();
-    let MovedOut::Moved {
-        transfer: Some(t), ..
-    } = out
-    else {
-        panic!("the account held money: {out:?}");
-    };
     to.credit_from_in_flight(&t).await.unwrap();
     from.finish_move(&t.id, now_ms()).await.unwrap();
     let manager = restarted(&stores, 4).await;
@@ -588,36 +566,12 @@ async fn an_account_opened_by_a_stale_router_after_the_fence_lands_at_its_new_ho
 /// key: once the balance lands, the same key pays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debit_before_the_balance_arrives_waits_and_is_not_declined_for_good() {
-    use shardpay_reference::ledger::MovedOut;
-
     let app = TestApp::start_with(options(ManagerConfig::default())).await;
     let ids = accounts(&app).await;
-    let (next, old) = (Ring::new(5).unwrap(), Ring::new(4).unwrap());
-    let id = ids
-        .iter()
-        .map(|id| AccountId::parse(id).unwrap())
-        .find(|id| next.shard_of(id).index() == 4)
-        .unwrap();
+    let old = Ring::new(4).unwrap();
     let stores = app.manager.shards().to_vec();
+    let (id, t) = half_moved(&stores, &ids).await;
     let (from, to) = (&stores[old.shard_of(&id).index()], &stores[4]);
-    let moving = from.account_to_move(&id).await.unwrap().unwrap();
-    to.adopt_account(moving).await.unwrap();
-    let out = from
-        .move_out(
-            &id,
-            next.shard_of(&id),
-            &TransferId::generate(),
-            now_ms(),
-            false,
-        )
-        .await
-        .unwrap();
-    let MovedOut::Moved {
-        transfer: Some(t), ..
-    } = out
-    else {
-        panic!("the account held money: {out:?}");
-    };
     // Routes by the forwarding record, as a process started now would.
     let replica = app
         .replica(ManagerConfig {
@@ -644,4 +598,41 @@ async fn a_debit_before_the_balance_arrives_waits_and_is_not_declined_for_good()
         OPENING_MINOR - 10_00
     );
     app.assert_audit_passes().await;
+}
+
+/// An account that places on shard 4 of five, moved by hand up to its
+/// balance in flight: adopted by shard 4 and closed at its home of four,
+/// not yet credited. Answers it and the move's pending transfer.
+async fn half_moved(
+    stores: &[std::sync::Arc<dyn shardpay_reference::ledger::ShardStore>],
+    ids: &[String],
+) -> (AccountId, Transfer) {
+    use shardpay_reference::ledger::MovedOut;
+
+    let (next, old) = (Ring::new(5).unwrap(), Ring::new(4).unwrap());
+    let id = ids
+        .iter()
+        .map(|id| AccountId::parse(id).unwrap())
+        .find(|id| next.shard_of(id).index() == 4)
+        .unwrap();
+    let (from, to) = (&stores[old.shard_of(&id).index()], &stores[4]);
+    let moving = from.account_to_move(&id).await.unwrap().unwrap();
+    to.adopt_account(moving).await.unwrap();
+    let out = from
+        .move_out(
+            &id,
+            next.shard_of(&id),
+            &TransferId::generate(),
+            now_ms(),
+            false,
+        )
+        .await
+        .unwrap();
+    let MovedOut::Moved {
+        transfer: Some(t), ..
+    } = out
+    else {
+        panic!("the account held money: {out:?}");
+    };
+    (id, t)
 }
