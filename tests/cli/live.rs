@@ -169,12 +169,7 @@ fn the_live_view_renders_the_runs_charts_in_a_browser() {
     // The script ran and swapped pushed charts in: the status line has
     // figures, and the charts hold series with points above zero.
     assert!(dom.contains("requests ·"), "status line: {dom}");
-    let seconds: u64 = dom
-        .split("data-seconds=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the page got pushed charts");
+    let seconds = number_attribute(&dom, "data-seconds").expect("the page got pushed charts");
     assert!(seconds >= 4, "{seconds} seconds of data");
     assert!(dom.contains("data-frames=\"3\""), "three updates pushed");
     for title in [
@@ -275,12 +270,7 @@ fn the_analytics_dashboard_draws_per_shard_series_in_a_browser() {
     );
     let dom = String::from_utf8_lossy(&out.stdout).to_string();
     std::fs::write(artefacts.join("analytics-dashboard.html"), &dom).unwrap();
-    let samples: u64 = dom
-        .split("data-samples=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the page drew its charts");
+    let samples = number_attribute(&dom, "data-samples").expect("the page drew its charts");
     assert!(samples >= 3, "{samples} samples");
     for title in [
         "Transfers completed per second, by shard",
@@ -310,4 +300,12 @@ fn the_analytics_dashboard_draws_per_shard_series_in_a_browser() {
         "a screenshot at {}",
         shot.display()
     );
+}
+
+/// The number in the first `name="..."` attribute of a page's DOM.
+fn number_attribute(dom: &str, name: &str) -> Option<u64> {
+    dom.split(&format!("{name}=\""))
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
 }
