@@ -174,6 +174,16 @@ pub const MIGRATIONS: &[&[&str]] = &[
             since_ms       BIGINT NOT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
     ],
+    // 7: idempotency records clustered in the order they were written, with
+    // a narrow unique index on (scope, key). InnoDB clustered them by the
+    // random key with the stored response in the row, so each transfer
+    // inserted a wide row into a random page; now the rows append at the
+    // end and only the index takes a random insert. One statement, so a
+    // crash leaves the table as it was or as it should be.
+    &[r#"ALTER TABLE idempotency_keys
+            DROP PRIMARY KEY,
+            ADD COLUMN id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST,
+            ADD UNIQUE KEY idempotency_keys_scope_key (scope, `key`)"#],
 ];
 
 /// Rows of `shard_counters` (migration 4 makes slots 0 to 15).

@@ -258,6 +258,34 @@ pub const MIGRATIONS: &[&str] = &[
         since_ms       INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 6: idempotency records in the order they were written, with a narrow
+    // index on (scope, key). The table was clustered by the random key with
+    // the stored response in the row, so each transfer inserted a wide row
+    // into a random page of a table that grew with history; now the rows
+    // append at its end and only the index takes a random insert.
+    r#"
+    CREATE TABLE idempotency_keys_appended (
+        id              INTEGER PRIMARY KEY,
+        scope           TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        fingerprint     TEXT NOT NULL,
+        resource_id     TEXT,
+        response_status INTEGER,
+        response_body   TEXT,
+        created_at_ms   INTEGER NOT NULL,
+        expires_at_ms   INTEGER NOT NULL,
+        UNIQUE (scope, key)
+    ) STRICT;
+    INSERT INTO idempotency_keys_appended
+        (scope, key, fingerprint, resource_id, response_status, response_body,
+         created_at_ms, expires_at_ms)
+      SELECT scope, key, fingerprint, resource_id, response_status, response_body,
+             created_at_ms, expires_at_ms
+      FROM idempotency_keys ORDER BY created_at_ms;
+    DROP TABLE idempotency_keys;
+    ALTER TABLE idempotency_keys_appended RENAME TO idempotency_keys;
+    CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at_ms);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -326,5 +354,57 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn idempotency_records_append_in_write_order_and_keep_their_keys_unique() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        // A file of the release before, with two records, migrates.
+        let tx = conn.transaction().unwrap();
+        for migration in &MIGRATIONS[..5] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 5).unwrap();
+        let insert = "INSERT INTO idempotency_keys
+            (scope, key, fingerprint, resource_id, response_status, response_body,
+             created_at_ms, expires_at_ms)
+            VALUES (?1, ?2, 'f', 't', 201, '{}', ?3, ?3 + 100)";
+        tx.execute(insert, rusqlite::params!["alice", "zz-late", 2])
+            .unwrap();
+        tx.execute(insert, rusqlite::params!["alice", "aa-early", 1])
+            .unwrap();
+        tx.commit().unwrap();
+        migrate(&mut conn).unwrap();
+
+        // Rows sit in the order they were written, not in key order: the
+        // two old ones by their time, a new one after them whatever its key.
+        conn.execute(insert, rusqlite::params!["bob", "0-first-in-key-order", 3])
+            .unwrap();
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM idempotency_keys ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, ["aa-early", "zz-late", "0-first-in-key-order"]);
+
+        // A key is still held once per scope, and found through the index.
+        let again = conn.execute(insert, rusqlite::params!["alice", "zz-late", 4]);
+        assert!(
+            again.is_err(),
+            "a second record under the same key is refused"
+        );
+        conn.execute(insert, rusqlite::params!["bob", "zz-late", 4])
+            .unwrap();
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT response_body FROM idempotency_keys
+                 WHERE scope = 'alice' AND key = 'zz-late'",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("USING INDEX"), "{plan}");
     }
 }
