@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use goose::config::GooseConfiguration;
-use goose::goose::{GooseMethod, GooseRequest, GooseUser, Scenario as GooseScenario, Transaction};
+use goose::goose::{GooseUser, Scenario as GooseScenario, Transaction};
 use goose::metrics::GooseMetrics;
 use goose::GooseAttack;
 use serde_json::json;
@@ -61,6 +61,9 @@ pub struct Sim {
     /// Transfers sent again at once because their connection closed before
     /// an answer (see [`closed_unanswered`]).
     pub resent: AtomicU64,
+    /// Transfers the virtual users sent through their clients (each try;
+    /// racing resends and settling use [`send_raw`] and are not counted).
+    pub sent: AtomicU64,
     /// The hostile requests and how they were answered.
     pub hostile: crate::hostile::Tally,
     next: AtomicU64,
@@ -106,6 +109,7 @@ impl Sim {
             restarts: false,
             targets,
             resent: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             hostile: crate::hostile::Tally::default(),
             next: AtomicU64::new(0),
             executed: AtomicU64::new(0),
@@ -207,6 +211,7 @@ pub async fn attack(scenario: &Scenario, sim: Arc<Sim>) -> anyhow::Result<GooseM
     config.no_telnet = true;
     config.no_autostart = false;
     config.no_gzip = true;
+    config.no_metrics = true;
     config.timeout = Some(REQUEST_TIMEOUT_S.to_string());
     match (scenario.stop, &scenario.load) {
         (Stop::Requests { count }, Load::Closed { .. }) => {
@@ -437,14 +442,13 @@ fn body(sim: &Sim, t: &Transfer, amount_minor: i64) -> serde_json::Value {
     })
 }
 
-/// Sends one transfer through goose (so goose counts it too) with the
-/// payer's owner's token; see [`send_goose_with`]. A restart of the system
+/// Sends one transfer through the virtual user's client with the payer's
+/// owner's token; see [`send_user_with`]. A restart of the system
 /// (a fault of the run's) takes its sessions: the request is sent again
 /// once the run has logged its owners in again.
-async fn send_goose(
-    user: &mut GooseUser,
+async fn send_user(
+    user: &GooseUser,
     sim: &Sim,
-    kind: Kind,
     key: &str,
     body: &serde_json::Value,
     payer: u32,
@@ -452,19 +456,18 @@ async fn send_goose(
     let give_up = Instant::now() + REFUSED_FOR;
     loop {
         let token = sim.token(payer);
-        let answer = send_goose_with(user, sim, kind, key, body, token.as_deref()).await;
+        let answer = send_user_with(user, sim, key, body, token.as_deref()).await;
         if !sim.session_lost(&answer) || !sim.new_token(payer, &token, give_up).await {
             return answer;
         }
     }
 }
 
-/// Sends one transfer through goose, to the next replica in turn; a
-/// replica that refuses the connection is skipped.
-async fn send_goose_with(
-    user: &mut GooseUser,
+/// Sends one transfer through the virtual user's client, to the next
+/// replica in turn; a replica that refuses the connection is skipped.
+async fn send_user_with(
+    user: &GooseUser,
     sim: &Sim,
-    kind: Kind,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
@@ -475,7 +478,7 @@ async fn send_goose_with(
     loop {
         let mut refused = None;
         for (i, base) in targets.turn() {
-            match send_goose_to(user, base, kind, key, body, token).await {
+            match send_user_to(user, sim, base, key, body, token).await {
                 Err(e) if e.is_connect() => {
                     targets.refused(i);
                     refused = Some(e);
@@ -539,48 +542,31 @@ const MAX_RESENDS: u32 = 3;
 const REFUSED_FOR: Duration = Duration::from_secs(10);
 const REFUSED_PAUSE: Duration = Duration::from_millis(25);
 
-/// One transfer through goose to the replica at `base`: the answer, or the
-/// transport error that kept it.
-async fn send_goose_to(
-    user: &mut GooseUser,
+/// One transfer through the virtual user's HTTP client to the replica at
+/// `base`: the answer, or the transport error that kept it. goose runs the
+/// users and their clients; the request goes to the client directly, not
+/// through goose's per-request metrics, which the run does not read (the
+/// recorder measures every request), and which cost the simulator CPU.
+async fn send_user_to(
+    user: &GooseUser,
+    sim: &Sim,
     base: &str,
-    kind: Kind,
     key: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Result<Answer, reqwest::Error> {
-    let client_error = |e: String| Answer {
-        status: 0,
-        replayed: false,
-        code: "client".into(),
-        id: None,
-        state: None,
-        body: e,
+    let request = user
+        .client
+        .post(format!("{base}/v1/transfers"))
+        .header("Idempotency-Key", key)
+        .json(body);
+    let request = match token {
+        Some(t) => request.bearer_auth(t),
+        None => request,
     };
-    let url = format!("{base}/v1/transfers");
-    let builder = match user.get_request_builder(&GooseMethod::Post, &url) {
-        Ok(b) => {
-            let b = b.header("Idempotency-Key", key).json(body);
-            match token {
-                Some(t) => b.bearer_auth(t),
-                None => b,
-            }
-        }
-        Err(e) => return Ok(client_error(e.to_string())),
-    };
-    let request = GooseRequest::builder()
-        .method(GooseMethod::Post)
-        .path("/v1/transfers")
-        .name(kind.as_str())
-        .set_request_builder(builder)
-        .build();
-    match user.request(request).await {
-        Ok(goose) => match goose.response {
-            Ok(response) => Ok(Answer::read(response).await),
-            Err(e) => Err(e),
-        },
-        Err(e) => Ok(client_error(e.to_string())),
-    }
+    sim.sent.fetch_add(1, Ordering::Relaxed);
+    let response = request.send().await?;
+    Ok(Answer::read(response).await)
 }
 
 /// Sends one transfer straight through the user's HTTP client, for requests
@@ -721,13 +707,12 @@ async fn execute(
             };
             ctx.record(&transfer, &answer, intended, class);
         }
-        Op::Single { kind, transfer } => {
+        Op::Single { kind: _, transfer } => {
             let key = format!("{}{k}-0", sim.key_prefix);
             ctx.entry(&key, &transfer, None);
-            let answer = send_goose(
+            let answer = send_user(
                 user,
                 sim,
-                kind,
                 &key,
                 &body(sim, &transfer, transfer.amount_minor),
                 transfer.payer,
@@ -747,10 +732,9 @@ async fn execute(
             for (n, transfer) in transfers.iter().enumerate() {
                 let key = format!("{}{k}-{n}", sim.key_prefix);
                 ctx.entry(&key, transfer, Some(fraudulent));
-                let answer = send_goose(
+                let answer = send_user(
                     user,
                     sim,
-                    Kind::FraudHeavy,
                     &key,
                     &body(sim, transfer, transfer.amount_minor),
                     transfer.payer,
@@ -867,9 +851,8 @@ impl<'a> RetryGroup<'a> {
             (self.send_raw(&self.body).await, sent)
         });
         let first = async {
-            let kind = Kind::IdempotentRetry;
             let payer = self.transfer.payer;
-            let answer = send_goose(user, self.ctx.sim, kind, &self.key, &self.body, payer).await;
+            let answer = send_user(user, self.ctx.sim, &self.key, &self.body, payer).await;
             (answer, intended)
         };
         let (first, raced) = tokio::join!(first, futures_util::future::join_all(racers));

@@ -221,7 +221,7 @@ fn totals(r: &Report) -> Markup {
         (format!("{:.1} s", r.run.measured_s), "measured"),
     ];
     let counts = format!(
-        "{} requests: {} accepted, {} replayed, {} declined, {} errors. goose counted {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus, {:.0} µs per request){}.",
+        "{} requests: {} accepted, {} replayed, {} declined, {} errors. The virtual users sent {} requests. Simulator CPU {:.1} s of {:.1} s wall ({:.0}% of {} cpus, {:.0} µs per request){}.",
         t.counts.requests,
         t.counts.accepted,
         t.counts.replayed,

@@ -1669,18 +1669,16 @@ impl RunContext<'_> {
             }
             None => None,
         };
-        let goose = goose?;
+        goose?;
         if interrupted {
             self.say(
                 "interrupted: the load stopped early; settling the books and auditing what ran"
                     .into(),
             );
         }
-        let goose_requests: u64 = goose
-            .requests
-            .values()
-            .map(|r| (r.success_count + r.fail_count) as u64)
-            .sum();
+        // goose runs the users; each request goes to its user's client
+        // (see `driver::send_user_to`), counted as sent.
+        let goose_requests = sim.sent.load(std::sync::atomic::Ordering::Relaxed);
         Ok(LoadFigures {
             wall_s,
             cpu_s: cpu1 - cpu0,

@@ -91,8 +91,14 @@ async fn a_closed_run_by_count_passes_and_writes_three_reports() {
     assert!(w.ok, "{w:?}");
     assert_eq!(w.hooked_accounts, 20);
     assert!(w.deliveries > 0 && w.bad_signatures == 0, "{w:?}");
-    // goose saw the requests sent through it (racing resends bypass it).
-    assert!(r.run.goose_requests > 0 && r.run.goose_requests <= c.requests);
+    // Each operation sent at least one request through its virtual user's
+    // client (a fraud burst several; racing resends go around it).
+    assert!(
+        r.run.goose_requests >= r.run.operations,
+        "{} sent for {} operations",
+        r.run.goose_requests,
+        r.run.operations
+    );
 
     for file in ["report.json", "report.html", "summary.txt"] {
         assert!(result.dir.join(file).is_file(), "{file} missing");
