@@ -455,6 +455,7 @@ async fn measure(
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
+    let machine0 = crate::machine::machine_ticks();
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
             tokio::spawn(worker(
@@ -476,6 +477,7 @@ async fn measure(
         hist.add(&h).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let machine_busy = crate::machine::busy_share(machine0, crate::machine::machine_ticks());
     let transfers = done.load(Ordering::Relaxed);
     if let Some(error) = first_error.filter(|_| transfers == 0) {
         anyhow::bail!("every baseline transfer failed ({errors}); the first: {error:#}");
@@ -488,6 +490,7 @@ async fn measure(
         transfers,
         tps: transfers as f64 / elapsed,
         latency: Hist::of(&hist),
+        machine_busy,
     })
 }
 

@@ -40,6 +40,14 @@ pub struct BenchRow {
     /// The simulator's CPU per request, microseconds.
     pub simulator_cpu_us_per_request: f64,
     pub system_threads: Option<usize>,
+    /// The machine's CPUs, and its busy share during the services' run and
+    /// during the raw baseline (every process on it).
+    #[serde(default)]
+    pub cpus: usize,
+    #[serde(default)]
+    pub service_machine_busy: Option<f64>,
+    #[serde(default)]
+    pub raw_machine_busy: Option<f64>,
     /// Whether the run itself passed (books, audit, thresholds).
     pub run_passed: bool,
     /// The run's report folder.
@@ -74,6 +82,9 @@ impl BenchRow {
             system_cpu_us_per_transfer: report.resources.system_cpu_s.map(|s| s * 1e6 / accepted),
             simulator_cpu_us_per_request: report.resources.simulator_cpu_us_per_request,
             system_threads: report.resources.system_threads,
+            cpus: report.machine.cpus,
+            service_machine_busy: report.resources.machine_busy,
+            raw_machine_busy: raw.machine_busy,
             run_passed: report.passed,
             report: dir,
         })
@@ -86,7 +97,77 @@ impl BenchRow {
     pub fn meets_p99(&self) -> bool {
         self.service_p99_ms <= GOAL_P99_FACTOR * self.raw_p99_ms
     }
+
+    /// Microseconds of the whole machine's CPU per transfer through the
+    /// services and raw: busy share × CPUs over the rate.
+    pub fn machine_cpu_us(&self) -> Option<(f64, f64)> {
+        let per = |busy: Option<f64>, tps: f64| {
+            busy.filter(|_| tps > 0.0 && self.cpus > 0)
+                .map(|b| b * self.cpus as f64 * 1e6 / tps)
+        };
+        Some((
+            per(self.service_machine_busy, self.service_tps)?,
+            per(self.raw_machine_busy, self.raw_tps)?,
+        ))
+    }
+
+    /// What stands between the row and the ratio goal, from its figures:
+    /// when both runs kept the machine busy, CPU bounds the ratio at raw's
+    /// CPU per transfer over the services'; when the raw baseline left the
+    /// machine idle, it waited on storage, and the services could catch up
+    /// only by waiting less. `None` when the goal is met or unmeasured.
+    pub fn in_the_way(&self) -> Option<String> {
+        if self.meets_ratio() {
+            return None;
+        }
+        let (service_us, raw_us) = self.machine_cpu_us()?;
+        let (service_busy, raw_busy) = (self.service_machine_busy?, self.raw_machine_busy?);
+        let kind = match self.kind.as_str() {
+            "cross_shard" => format!("cross_shard ({})", self.cross_shard),
+            k => k.to_string(),
+        };
+        let figures = format!(
+            "the machine ({} CPUs) was {:.0}% busy through the services and {:.0}% raw; \
+             a transfer took {:.0} µs of its CPU through the services (system, simulator \
+             and, on MySQL, the shard servers) against {:.0} µs raw",
+            self.cpus,
+            service_busy * 100.0,
+            raw_busy * 100.0,
+            service_us,
+            raw_us
+        );
+        Some(if service_busy >= BUSY && raw_busy >= BUSY {
+            format!(
+                "- {} on {}: CPU-bound: {figures}, so on this machine the ratio cannot pass \
+                 about {:.2} (raw's CPU per transfer over the services') whatever the \
+                 storage does: the goal of {GOAL_RATIO} needs the services' CPU per transfer \
+                 cut to {:.0} µs. The README's performance section profiles where it goes.",
+                kind,
+                self.backend,
+                raw_us / service_us,
+                raw_us / GOAL_RATIO
+            )
+        } else if raw_busy < BUSY {
+            format!(
+                "- {} on {}: the raw baseline waited on the storage: {figures}. The services \
+                 are short of it by waits (round trips, commits) as much as by CPU.",
+                kind, self.backend
+            )
+        } else {
+            format!(
+                "- {} on {}: the services waited: {figures}. They left the machine idle \
+                 while the raw baseline kept it busy, so something in the path waits \
+                 (a pool, a lock, a commit) rather than computes.",
+                kind, self.backend
+            )
+        })
+    }
 }
+
+/// The machine's busy share from which a bench run counts as held by CPU:
+/// a little under the reports' CPU-bound mark, since a closed run at full
+/// concurrency still idles between a commit and the next request.
+pub const BUSY: f64 = 0.8;
 
 /// The rows as a Markdown table, with the goals each meets.
 pub fn table(rows: &[BenchRow]) -> String {
@@ -126,6 +207,13 @@ pub fn table(rows: &[BenchRow]) -> String {
             if r.run_passed { "passed" } else { "FAILED" }
         );
     }
+    let reasons: Vec<String> = rows.iter().filter_map(BenchRow::in_the_way).collect();
+    if !reasons.is_empty() {
+        let _ = writeln!(out, "\nWhat stands in the way of the ratio goal:\n");
+        for reason in reasons {
+            let _ = writeln!(out, "{reason}");
+        }
+    }
     out
 }
 
@@ -149,6 +237,9 @@ mod tests {
             system_cpu_us_per_transfer: Some(300.0),
             simulator_cpu_us_per_request: 40.0,
             system_threads: Some(2),
+            cpus: 2,
+            service_machine_busy: Some(0.95),
+            raw_machine_busy: Some(0.95),
             run_passed: true,
             report: PathBuf::from("reports/x"),
         }
@@ -163,5 +254,37 @@ mod tests {
         let table = table(&[row(0.5, 30.0, 10.0)]);
         assert!(table.contains("0.50 MISSED"), "{table}");
         assert!(table.contains("3.0× MISSED"), "{table}");
+    }
+
+    #[test]
+    fn a_missed_ratio_is_explained_by_where_the_machine_spent_its_cpu() {
+        // 500/s and 1000/s with 2 CPUs 95% busy: 3,800 µs against 1,900 µs
+        // a transfer, so CPU bounds the ratio at 0.50.
+        let cpu_bound = row(0.5, 30.0, 10.0);
+        let (service_us, raw_us) = cpu_bound.machine_cpu_us().unwrap();
+        assert_eq!((service_us.round(), raw_us.round()), (3800.0, 1900.0));
+        let why = cpu_bound.in_the_way().unwrap();
+        assert!(why.contains("CPU-bound"), "{why}");
+        assert!(why.contains("cannot pass about 0.50"), "{why}");
+        assert!(why.contains("cut to 2533 µs"), "{why}");
+        assert!(table(&[cpu_bound]).contains("What stands in the way"));
+
+        // A raw baseline that left the machine idle waited on its storage.
+        let mut waiting = row(0.5, 30.0, 10.0);
+        waiting.raw_machine_busy = Some(0.3);
+        let why = waiting.in_the_way().unwrap();
+        assert!(why.contains("waited on the storage"), "{why}");
+
+        // Services that idled while raw kept the machine busy waited.
+        let mut idle = row(0.5, 30.0, 10.0);
+        idle.service_machine_busy = Some(0.4);
+        assert!(idle.in_the_way().unwrap().contains("the services waited"));
+
+        // Nothing to explain when the goal is met or a figure is missing.
+        assert_eq!(row(0.8, 10.0, 10.0).in_the_way(), None);
+        let mut unmeasured = row(0.5, 30.0, 10.0);
+        unmeasured.raw_machine_busy = None;
+        assert_eq!(unmeasured.in_the_way(), None);
+        assert!(!table(&[row(0.8, 10.0, 10.0)]).contains("What stands in the way"));
     }
 }

@@ -29,6 +29,7 @@ pub mod driver;
 pub mod hostile;
 pub mod html;
 pub mod live;
+pub mod machine;
 pub mod marks;
 pub mod nemesis;
 pub mod plan;

@@ -524,6 +524,10 @@ pub struct BaselineResult {
     pub tps: f64,
     /// Latency of one whole transfer (all its transactions), microseconds.
     pub latency: Hist,
+    /// The machine's busy share while the baseline ran (every process on
+    /// it: the shard servers too); `None` when it could not be read.
+    #[serde(default)]
+    pub machine_busy: Option<f64>,
 }
 
 /// The transfer transactions sent straight to the shard databases (no HTTP,
