@@ -156,7 +156,8 @@ pub struct RunInfo {
     pub measured_s: f64,
     pub operations: u64,
     pub users: u32,
-    /// Requests goose counted (a cross-check of our own count).
+    /// Requests goose's virtual users sent through their clients, every try
+    /// (a cross-check of the recorder's count; racing resends bypass it).
     pub goose_requests: u64,
     /// Stopped early by Ctrl-C; the books and audit cover what ran, and the
     /// run fails.
@@ -599,8 +600,9 @@ pub struct Resources {
     /// services; each SQLite shard adds a writer and reader threads).
     #[serde(default)]
     pub system_threads: Option<usize>,
-    /// Share of the whole machine's CPU (every process on it) busy during
-    /// the load; at SATURATED or above, the CPU, not the system's design,
+    /// Share of the whole machine's CPU (every process on it) busy over
+    /// the measured window of a timed run (over the whole load for a run
+    /// by count, or one stopped early); at SATURATED or above, the CPU, not the system's design,
     /// set the throughput.
     #[serde(default)]
     pub machine_busy: Option<f64>,

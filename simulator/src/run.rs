@@ -437,6 +437,28 @@ fn load_test_auth(admin_password: &str, redis: Option<String>) -> AuthSetup {
     }
 }
 
+/// The machine's busy share over the measured window of a timed run, from
+/// the end of its warm-up to the end of its length: the ramp before it and
+/// the grace after the load are left out, so the share matches the rates
+/// the report gives. `None` for a run by count.
+async fn measured_window_busy(
+    sim: Arc<Sim>,
+    warmup: Duration,
+    length: Option<Duration>,
+) -> Option<f64> {
+    let length = length?;
+    let start = loop {
+        if let Some(start) = sim.started() {
+            break start;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep_until((start + warmup).into()).await;
+    let before = crate::machine::machine_ticks();
+    tokio::time::sleep_until((start + length).into()).await;
+    crate::machine::busy_share(before, crate::machine::machine_ticks())
+}
+
 /// CPU seconds used by this process, and by the threads of the in-process
 /// reference system, from /proc (Linux; zeros elsewhere).
 fn cpu_seconds() -> (f64, f64) {
@@ -1579,10 +1601,22 @@ impl RunContext<'_> {
                 self.options.progress,
             ))
         });
+        let window = tokio::spawn(measured_window_busy(
+            sim.clone(),
+            Duration::from_secs(self.scenario.warmup_s),
+            self.scenario.stop.seconds().map(Duration::from_secs),
+        ));
         let goose = driver::attack(self.scenario, sim.clone()).await;
         let wall_s = wall.elapsed().as_secs_f64();
         let (cpu1, server1) = cpu_seconds();
-        let machine_busy = crate::machine::busy_share(machine0, crate::machine::machine_ticks());
+        let whole_load = crate::machine::busy_share(machine0, crate::machine::machine_ticks());
+        let window_busy = if window.is_finished() {
+            window.await.ok().flatten()
+        } else {
+            window.abort();
+            None
+        };
+        let machine_busy = window_busy.or(whole_load);
         progress.abort();
         bar.finish_and_clear();
         let interrupted = stopped_early(self.scenario.stop, sim.executed(), wall_s);

@@ -882,8 +882,8 @@ pub(crate) async fn idempotency_record<S: Session>(
 
 /// Refuses the write if a live record holds the key; clears an expired one.
 /// The record is locked where the backend locks rows. Two requests racing
-/// on a new key both pass; the second one's insert then hits the primary
-/// key, and its rerun finds the first one's record.
+/// on a new key both pass; the second one's insert then hits the unique
+/// (scope, key) index, and its rerun finds the first one's record.
 async fn claim_idempotency<S: Session>(
     s: &mut S,
     idem: Option<&IdempotencyWrite>,

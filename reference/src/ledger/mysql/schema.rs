@@ -178,8 +178,10 @@ pub const MIGRATIONS: &[&[&str]] = &[
     // a narrow unique index on (scope, key). InnoDB clustered them by the
     // random key with the stored response in the row, so each transfer
     // inserted a wide row into a random page; now the rows append at the
-    // end and only the index takes a random insert. One statement, so a
-    // crash leaves the table as it was or as it should be.
+    // end and only the index takes a random insert. One statement: InnoDB
+    // applies it whole or not at all. As with every migration here, a crash
+    // after it and before its version row is written makes the next start
+    // fail on it (duplicate column `id`), which says where it stopped.
     &[r#"ALTER TABLE idempotency_keys
             DROP PRIMARY KEY,
             ADD COLUMN id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST,
