@@ -21,7 +21,7 @@ use sqlx::{Decode, Executor, MySql, MySqlConnection, MySqlPool, Row as _, TypeIn
 use super::book::{self, Cell, Dialect, Param, Row, Session};
 use super::StoreError;
 use crate::ids::ShardId;
-pub use schema::MIGRATIONS;
+pub use schema::{migrate, migrate_interrupted, Interrupt, MIGRATIONS};
 
 /// Times a transaction is run when the server reports a deadlock or a lock
 /// wait timeout, before the shard answers unavailable.

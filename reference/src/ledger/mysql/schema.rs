@@ -179,9 +179,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
     // random key with the stored response in the row, so each transfer
     // inserted a wide row into a random page; now the rows append at the
     // end and only the index takes a random insert. One statement: InnoDB
-    // applies it whole or not at all. As with every migration here, a crash
-    // after it and before its version row is written makes the next start
-    // fail on it (duplicate column `id`), which says where it stopped.
+    // applies it whole or not at all; a crash after it and before its step
+    // is recorded is resumed like any other (see `migrate`).
     &[r#"ALTER TABLE idempotency_keys
             DROP PRIMARY KEY,
             ADD COLUMN id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST,
@@ -201,10 +200,40 @@ pub enum MigrationError {
     Sql(#[from] sqlx::Error),
 }
 
-/// Brings the database's schema up to date. DDL commits on its own in
-/// MySQL, so each statement is applied and then the version recorded; a
-/// migration is written so that a crash part-way is visible, not silent.
+/// Brings the database's schema up to date.
+///
+/// DDL commits on its own in MySQL, so a migration cannot be one
+/// transaction. Instead each statement is a step, recorded in
+/// `schema_migration_steps` once it has run, and the next start goes on
+/// from the first step not recorded:
+/// - a statement that changes rows (`INSERT`, `UPDATE`) runs in one
+///   transaction with its step's record, so it is applied exactly once;
+/// - a DDL statement (each is one atomic change in InnoDB) that a crash
+///   left applied but not recorded fails again with "already exists"
+///   (table, column, key or primary key), which is taken as done.
+///
+/// The version row is written when every step of a migration is.
 pub async fn migrate(pool: &MySqlPool) -> Result<(), MigrationError> {
+    migrate_until(pool, None).await
+}
+
+/// Where [`migrate_interrupted`] stops: after running the statement
+/// `step` (from 0) of migration `version` (from 1), before recording it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Interrupt {
+    pub version: usize,
+    pub step: usize,
+}
+
+/// As a process killed at `at`: migrates up to that statement, runs it,
+/// and stops without recording it. For tests of the resume.
+#[doc(hidden)]
+pub async fn migrate_interrupted(pool: &MySqlPool, at: Interrupt) -> Result<(), MigrationError> {
+    migrate_until(pool, Some(at)).await
+}
+
+async fn migrate_until(pool: &MySqlPool, stop: Option<Interrupt>) -> Result<(), MigrationError> {
     // Services of a split deployment start at once against the same
     // databases: one migrates, the others wait on this named lock (held by
     // the connection, so freed if its holder dies) and find it done.
@@ -216,22 +245,54 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), MigrationError> {
     if locked != Some(1) {
         return Err(MigrationError::Locked);
     }
-    let result = migrate_locked(&mut conn).await;
+    let result = migrate_locked(&mut conn, stop).await;
     let _ = sqlx::query("SELECT RELEASE_LOCK(CONCAT('shardpay_migrate:', DATABASE()))")
         .execute(&mut *conn)
         .await;
     result
 }
 
-async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> Result<(), MigrationError> {
-    sqlx::query(
+/// MySQL's errors for a DDL statement whose change is already there:
+/// table exists (1050), duplicate column (1060), duplicate key name
+/// (1061), multiple primary keys (1068).
+const ALREADY_THERE: [u16; 4] = [1050, 1060, 1061, 1068];
+
+fn already_there(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| ALREADY_THERE.contains(&e.number())),
+        _ => false,
+    }
+}
+
+/// Whether a statement changes rows (and so can share a transaction with
+/// its step's record) rather than the schema.
+fn changes_rows(sql: &str) -> bool {
+    let head = sql.trim_start();
+    ["INSERT", "UPDATE", "DELETE"]
+        .iter()
+        .any(|verb| head.len() >= verb.len() && head[..verb.len()].eq_ignore_ascii_case(verb))
+}
+
+async fn migrate_locked(
+    conn: &mut sqlx::MySqlConnection,
+    stop: Option<Interrupt>,
+) -> Result<(), MigrationError> {
+    for table in [
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version BIGINT NOT NULL PRIMARY KEY,
             applied_at_ms BIGINT NOT NULL
         ) ENGINE=InnoDB",
-    )
-    .execute(&mut *conn)
-    .await?;
+        "CREATE TABLE IF NOT EXISTS schema_migration_steps (
+            version BIGINT NOT NULL,
+            step INT NOT NULL,
+            applied_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (version, step)
+        ) ENGINE=InnoDB",
+    ] {
+        sqlx::query(table).execute(&mut *conn).await?;
+    }
     let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
         .fetch_one(&mut *conn)
         .await?;
@@ -241,11 +302,55 @@ async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> Result<(), Migratio
         return Err(MigrationError::TooNew { found, known });
     }
     for (index, statements) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        for sql in *statements {
-            sqlx::query(sql).execute(&mut *conn).await?;
+        let version = index as i64 + 1;
+        let done: Vec<i32> =
+            sqlx::query_scalar("SELECT step FROM schema_migration_steps WHERE version = ?")
+                .bind(version)
+                .fetch_all(&mut *conn)
+                .await?;
+        for (step, sql) in statements.iter().enumerate() {
+            if done.contains(&(step as i32)) {
+                continue;
+            }
+            let record =
+                "INSERT INTO schema_migration_steps (version, step, applied_at_ms) VALUES (?, ?, ?)";
+            let interrupted =
+                stop.is_some_and(|at| at.version == version as usize && at.step == step);
+            if changes_rows(sql) {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                sqlx::query(sql).execute(&mut *tx).await?;
+                if interrupted {
+                    // Killed before the commit: the change is rolled back.
+                    drop(tx);
+                    return Ok(());
+                }
+                sqlx::query(record)
+                    .bind(version)
+                    .bind(step as i32)
+                    .bind(super::super::now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                continue;
+            }
+            match sqlx::query(sql).execute(&mut *conn).await {
+                Ok(_) => {}
+                // Applied before a crash that came before its record.
+                Err(e) if already_there(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if interrupted {
+                return Ok(());
+            }
+            sqlx::query(record)
+                .bind(version)
+                .bind(step as i32)
+                .bind(super::super::now_ms())
+                .execute(&mut *conn)
+                .await?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)")
-            .bind(index as i64 + 1)
+            .bind(version)
             .bind(super::super::now_ms())
             .execute(&mut *conn)
             .await?;
