@@ -14,6 +14,7 @@ use crate::http::{
     json_response, pipeline_of, AccountBody, ApiError, AppState, CommonErrors, ErrorBody, MAX_PAGE,
 };
 use crate::ids::AccountId;
+use crate::manager::statement::StatementCursor;
 use crate::money::Currency;
 
 /// The ledger service's routes.
@@ -75,24 +76,26 @@ async fn trial_balance(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntriesQuery {
-    after: Option<i64>,
+    after: Option<String>,
     limit: Option<u32>,
 }
 
 /// An account's statement: its ledger entries, oldest first, a page at a
-/// time (`after` the last entry id of the previous page).
+/// time (`after` the `next_after` of the previous page). An account a
+/// reshard moved has entries on each shard it has lived on; the statement
+/// merges them in time order and names each entry's shard.
 #[utoipa::path(
     get,
     path = "/v1/accounts/{id}/entries",
     tag = "ledger",
-    summary = "An account's statement: its ledger entries, oldest first, a page at a time (its owner, admin, service; the ledger service)",
+    summary = "An account's statement: its ledger entries on every shard it has lived on, oldest first, a page at a time (its owner, admin, service; the ledger service)",
     params(
         ("id" = String, Path),
-        ("after" = Option<i64>, Query),
+        ("after" = Option<String>, Query, description = "the next_after of the previous page"),
         ("limit" = Option<i64>, Query),
     ),
     responses(
-        (status = 200, description = "account, entries, next_after"),
+        (status = 200, description = "account, entries (each with its shard), next_after"),
         (status = 404, description = "no such account", body = ErrorBody),
         CommonErrors,
     ),
@@ -113,24 +116,20 @@ async fn account_entries(
             format!("limit must be 1 to {MAX_PAGE}"),
         ));
     }
-    let account = state.account(&id).await?;
     let manager = state.manager()?;
-    // The account's home now; entries written before a reshard moved it
-    // stay on its earlier home (the move's credit opens the statement).
-    let store = manager.store_of(&id);
-    let entries = store
-        .account_entries(&id, query.after.unwrap_or(0), limit)
-        .await
-        .map_err(crate::manager::ManagerError::from)?;
-    let next_after = (entries.len() == limit as usize)
-        .then(|| entries.last().map(|e| e.id))
-        .flatten();
+    let cursor = StatementCursor::parse(
+        query.after.as_deref().unwrap_or_default(),
+        manager.shards().len(),
+    )
+    .map_err(|why| ApiError::new(ErrorCode::InvalidQuery, why))?;
+    let account = state.account(&id).await?;
+    let page = manager.statement(&id, &cursor, limit).await?;
     Ok(json_response(
         200,
         &serde_json::json!({
             "account": AccountBody::from(&account),
-            "entries": entries,
-            "next_after": next_after,
+            "entries": page.entries,
+            "next_after": page.next.map(|c| c.render()),
         }),
     ))
 }

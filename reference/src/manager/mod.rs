@@ -19,6 +19,7 @@
 
 pub mod reshard;
 pub mod routes;
+pub mod statement;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -136,7 +136,7 @@ async fn statements_add_up_to_the_balance_and_shards_balance() {
         assert_eq!(status, 201, "{answer}");
     }
     let mut seen = Vec::new();
-    let mut after = 0;
+    let mut after = "0".to_string();
     loop {
         let (status, page) = app
             .get(&format!("/v1/accounts/{a}/entries?limit=2&after={after}"))
@@ -145,8 +145,8 @@ async fn statements_add_up_to_the_balance_and_shards_balance() {
         let entries = page["entries"].as_array().unwrap();
         assert!(entries.len() <= 2);
         seen.extend(entries.iter().cloned());
-        match page["next_after"].as_i64() {
-            Some(next) => after = next,
+        match page["next_after"].as_str() {
+            Some(next) => after = next.to_string(),
             None => break,
         }
     }

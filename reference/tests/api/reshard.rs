@@ -233,6 +233,104 @@ async fn a_retry_after_its_payer_moved_replays_the_first_answer() {
     app.assert_audit_passes().await;
 }
 
+/// Every page of an account's statement, `limit` entries at a time.
+async fn statement(app: &TestApp, id: &str, limit: u32) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = app
+            .get(&format!(
+                "/v1/accounts/{id}/entries?limit={limit}&after={after}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let entries = page["entries"].as_array().unwrap();
+        assert!(entries.len() <= limit as usize, "{page}");
+        seen.extend(entries.iter().cloned());
+        match page["next_after"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => return seen,
+        }
+    }
+}
+
+/// The entries written before a move stay on the earlier home; the
+/// statement reads every home and gives the whole history in time order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_accounts_statement_holds_its_history_from_every_home() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    let next = Ring::new(5).unwrap();
+    let mover = ids
+        .iter()
+        .find(|id| next.shard_of(&AccountId::parse(id).unwrap()).index() == 4)
+        .expect("some account moves to the new shard")
+        .clone();
+    let other = ids.iter().find(|id| **id != mover).unwrap().clone();
+    let home = Ring::new(4)
+        .unwrap()
+        .shard_of(&AccountId::parse(&mover).unwrap())
+        .index() as u64;
+    let pay = |n: usize, minor: i64| {
+        let (from, to) = if n % 2 == 0 {
+            (&mover, &other)
+        } else {
+            (&other, &mover)
+        };
+        (
+            json!({"from": from, "to": to, "amount_minor": minor}),
+            format!("stmt-{n}"),
+        )
+    };
+    let mut n = 0;
+    for round in 0..3 {
+        for _ in 0..3 {
+            let (body, key) = pay(n, 1_00 + n as i64);
+            let (status, answer) = app.post("/v1/transfers", body, Some(&key)).await;
+            assert_eq!(status, 201, "{answer}");
+            n += 1;
+        }
+        match round {
+            0 => assert!(app.manager.reshard(5, None).await.unwrap().accounts_moved > 0),
+            1 => assert!(app.manager.reshard(4, None).await.unwrap().accounts_moved > 0),
+            _ => {}
+        }
+    }
+
+    let whole = statement(&app, &mover, 100).await;
+    let shards: Vec<u64> = whole.iter().map(|e| e["shard"].as_u64().unwrap()).collect();
+    let mut homes = shards.clone();
+    homes.dedup();
+    assert_eq!(homes, [home, 4, home], "{whole:#?}");
+    // Opening credit, 9 transfers, and each move out and in.
+    assert_eq!(whole.len(), 1 + 9 + 4, "{whole:#?}");
+    let sum: i64 = whole
+        .iter()
+        .map(|e| e["amount_minor"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, app.balance_minor(&mover).await);
+    let times: Vec<i64> = whole
+        .iter()
+        .map(|e| e["created_at_ms"].as_i64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    // Pages of two give the same history, nothing missed or repeated.
+    let paged = statement(&app, &mover, 2).await;
+    assert_eq!(paged, whole);
+
+    for bad in ["17", "9:1", "0:-1", "0:1,0:2"] {
+        let (status, body) = app
+            .get(&format!("/v1/accounts/{mover}/entries?after={bad}"))
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
+    app.assert_audit_passes().await;
+}
+
 /// A writer that routes by the placement before the move (a stale
 /// process) is refused by the old home; it never pays from a copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
