@@ -11,7 +11,7 @@ use serde_json::json;
 
 use shardpay_reference::ids::{AccountId, TransferId};
 use shardpay_reference::ledger::{now_ms, Refusal, StoreError, Transfer, TransferState};
-use shardpay_reference::manager::ManagerConfig;
+use shardpay_reference::manager::{CrossShard, ManagerConfig};
 use shardpay_reference::money::Amount;
 use shardpay_reference::sharding::{Ring, Strategy};
 
@@ -201,6 +201,24 @@ async fn a_live_system_on_mysql_shards_grows_by_a_shard_and_back() {
     let options = Options {
         mysql: true,
         ..options(ManagerConfig::default())
+    };
+    grow_and_shrink_under_load(TestApp::start_with(options).await).await;
+}
+
+/// Cross-shard transfers by XA two-phase commit while accounts move: a
+/// branch prepared on a moving account holds the move until it is
+/// decided, and every balance is exact after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_system_on_mysql_shards_paying_by_xa_grows_by_a_shard_and_back() {
+    if mysql_server().is_none() {
+        return;
+    }
+    let options = Options {
+        mysql: true,
+        ..options(ManagerConfig {
+            cross_shard: CrossShard::Xa,
+            ..ManagerConfig::default()
+        })
     };
     grow_and_shrink_under_load(TestApp::start_with(options).await).await;
 }
