@@ -171,6 +171,14 @@ macro_rules! shard_store {
                 $write!(self, |s| book::adopt_account(s, &moving))
             }
 
+            async fn disown(
+                &self,
+                id: &$crate::ids::AccountId,
+            ) -> Result<(), $crate::ledger::StoreError> {
+                let id = id.clone();
+                $write!(self, |s| book::disown(s, &id))
+            }
+
             async fn move_out(
                 &self,
                 id: &$crate::ids::AccountId,
@@ -1491,6 +1499,29 @@ pub(crate) async fn adopt_account<S: Session>(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// See `ShardStore::disown`.
+pub(crate) async fn disown<S: Session>(s: &mut S, id: &AccountId) -> Result<(), StoreError> {
+    let id = id.as_str();
+    let dropped = s
+        .execute(
+            "DELETE FROM accounts WHERE id = ? AND kind = 'user' AND balance_minor = 0",
+            &[id.into()],
+        )
+        .await?;
+    if dropped > 0 {
+        let closed = Counts {
+            accounts: -1,
+            ..Counts::default()
+        };
+        count(s, id, closed).await?;
+    }
+    s.execute("DELETE FROM arriving_accounts WHERE id = ?", &[id.into()])
+        .await?;
+    s.execute("DELETE FROM idempotency_keys WHERE scope = ?", &[id.into()])
+        .await?;
     Ok(())
 }
 

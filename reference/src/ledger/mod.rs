@@ -532,6 +532,14 @@ pub trait ShardStore: Send + Sync + 'static {
     /// idempotency records. Idempotent: a second call changes nothing.
     async fn adopt_account(&self, moving: MovingAccount) -> Result<(), StoreError>;
 
+    /// Undoes `adopt_account` when the old home put the move off
+    /// (`MovedOut::Busy`): the account still lives there, so the copy here
+    /// is dropped (its row, if its balance is zero, its arrival mark and
+    /// its copied idempotency records); entries an earlier stay left here
+    /// are kept. Otherwise an account open at two homes would be listed,
+    /// and counted, twice until a later pass moved it.
+    async fn disown(&self, id: &AccountId) -> Result<(), StoreError>;
+
     /// The old home's step of a move, in one transaction: the whole
     /// balance debited into in-flight under `transfer_id` (a pending
     /// transfer from the account to itself on shard `to`; `None` when the

@@ -421,8 +421,12 @@ impl ShardManager {
         for store in &self.shards {
             all.extend(store.list_accounts(after.clone(), limit).await?);
         }
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        // An account being moved is open on two shards for a moment.
+        // An account being moved is open on two shards for a moment: the
+        // copy at its home (where routing sends it) is the one listed.
+        let routing = self.routing.read().expect("routing lock");
+        let away = |a: &Account| a.shard != routing.shard_of(&a.id);
+        all.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| away(a).cmp(&away(b))));
+        drop(routing);
         all.dedup_by(|a, b| a.id == b.id);
         all.truncate(limit as usize);
         Ok(all)

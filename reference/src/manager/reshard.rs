@@ -986,7 +986,11 @@ impl ShardManager {
             .move_out(id, to, &transfer_id, now_ms(), self.config.broken_switch)
             .await?
         {
-            MovedOut::Busy => return Ok(Moved::Busy),
+            MovedOut::Busy => {
+                // It stays at its old home for now: no second copy.
+                new.disown(id).await?;
+                return Ok(Moved::Busy);
+            }
             MovedOut::Moved { transfer, keys } => (transfer, keys),
         };
         // From here the old home refuses the account's writes: it lives at

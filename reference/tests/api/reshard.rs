@@ -349,6 +349,67 @@ async fn a_moved_accounts_statement_holds_its_history_from_every_home() {
     app.assert_audit_passes().await;
 }
 
+/// A new home's copy of an account whose old home put the move off (a
+/// transfer it pays was pending there) is never listed in place of the
+/// account, and `disown` drops it with its copied records and count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_left_by_a_put_off_move_is_not_listed_and_is_dropped() {
+    let app = TestApp::start_with(options(ManagerConfig::default())).await;
+    let ids = accounts(&app).await;
+    let old = Ring::new(4).unwrap();
+    let stores = app.manager.shards().to_vec();
+    // Its home is not shard 0, where the copy goes: listed first by shard.
+    let id = ids
+        .iter()
+        .map(|i| AccountId::parse(i).unwrap())
+        .find(|id| old.shard_of(id).index() > 0)
+        .unwrap();
+    let home = old.shard_of(&id).index();
+    let payee = ids.iter().find(|p| **p != id.as_str()).unwrap();
+    let body = json!({"from": id.as_str(), "to": payee, "amount_minor": 1_00});
+    let (status, answer) = app.post("/v1/transfers", body, Some("copy-1")).await;
+    assert_eq!(status, 201, "{answer}");
+    let counted = |shard: usize| {
+        let app = &app;
+        async move {
+            let (_, shards) = app.get("/v1/shards").await;
+            shards["shards"][shard]["accounts"].as_u64().unwrap()
+        }
+    };
+    let before = counted(0).await;
+    let moving = stores[home].account_to_move(&id).await.unwrap().unwrap();
+    assert!(!moving.keys.is_empty());
+    stores[0].adopt_account(moving).await.unwrap();
+    assert_eq!(counted(0).await, before + 1);
+
+    let (status, page) = app.get("/v1/accounts?limit=1000").await;
+    assert_eq!(status, 200, "{page}");
+    let listed: Vec<&serde_json::Value> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["id"] == id.as_str())
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["shard"], home as u64, "{listed:?}");
+    assert_eq!(
+        listed[0]["balance_minor"],
+        OPENING_MINOR - 1_00,
+        "{listed:?}"
+    );
+
+    stores[0].disown(&id).await.unwrap();
+    assert!(stores[0].account(&id).await.unwrap().is_none());
+    assert_eq!(counted(0).await, before);
+    assert!(stores[0].account_to_move(&id).await.unwrap().is_none());
+    // The home keeps the account and its record: the retry replays.
+    let body = json!({"from": id.as_str(), "to": payee, "amount_minor": 1_00});
+    let (status, again) = app.post("/v1/transfers", body, Some("copy-1")).await;
+    assert_eq!((status, &again["id"]), (201, &answer["id"]), "{again}");
+    assert_eq!(app.balance_minor(id.as_str()).await, OPENING_MINOR - 1_00);
+    app.assert_audit_passes().await;
+}
+
 /// A writer that routes by the placement before the move (a stale
 /// process) is refused by the old home; it never pays from a copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -615,6 +615,11 @@ impl ShardStore for Flaky {
         self.inner.adopt_account(moving).await
     }
 
+    async fn disown(&self, id: &AccountId) -> Result<(), StoreError> {
+        self.check(true).await?;
+        self.inner.disown(id).await
+    }
+
     async fn move_out(
         &self,
         id: &AccountId,
