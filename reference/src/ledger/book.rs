@@ -174,9 +174,10 @@ macro_rules! shard_store {
             async fn disown(
                 &self,
                 id: &$crate::ids::AccountId,
+                home: $crate::ids::ShardId,
             ) -> Result<(), $crate::ledger::StoreError> {
                 let id = id.clone();
-                $write!(self, |s| book::disown(s, &id))
+                $write!(self, |s| book::disown(s, &id, home))
             }
 
             async fn move_out(
@@ -1503,11 +1504,30 @@ pub(crate) async fn adopt_account<S: Session>(
 }
 
 /// See `ShardStore::disown`.
-pub(crate) async fn disown<S: Session>(s: &mut S, id: &AccountId) -> Result<(), StoreError> {
+pub(crate) async fn disown<S: Session>(
+    s: &mut S,
+    id: &AccountId,
+    home: ShardId,
+) -> Result<(), StoreError> {
+    let copy = row(
+        s,
+        "SELECT balance_minor FROM accounts WHERE id = ? AND kind = 'user'",
+        &[id.as_str().into()],
+    )
+    .await?;
+    if let Some(r) = copy {
+        let balance = r.int(0)?;
+        if balance != 0 {
+            return Err(corrupt(
+                s.shard(),
+                format!("account {id}'s copy here holds {balance} minor units; it is not dropped"),
+            ));
+        }
+    }
     let id = id.as_str();
     let dropped = s
         .execute(
-            "DELETE FROM accounts WHERE id = ? AND kind = 'user' AND balance_minor = 0",
+            "DELETE FROM accounts WHERE id = ? AND kind = 'user'",
             &[id.into()],
         )
         .await?;
@@ -1522,6 +1542,13 @@ pub(crate) async fn disown<S: Session>(s: &mut S, id: &AccountId) -> Result<(), 
         .await?;
     s.execute("DELETE FROM idempotency_keys WHERE scope = ?", &[id.into()])
         .await?;
+    s.execute("DELETE FROM moved_accounts WHERE id = ?", &[id.into()])
+        .await?;
+    s.execute(
+        "INSERT INTO moved_accounts (id, to_shard, transfer_id, moved_at_ms) VALUES (?, ?, NULL, ?)",
+        &[id.into(), (home.index() as i64).into(), super::now_ms().into()],
+    )
+    .await?;
     Ok(())
 }
 

@@ -533,12 +533,13 @@ pub trait ShardStore: Send + Sync + 'static {
     async fn adopt_account(&self, moving: MovingAccount) -> Result<(), StoreError>;
 
     /// Undoes `adopt_account` when the old home put the move off
-    /// (`MovedOut::Busy`): the account still lives there, so the copy here
-    /// is dropped (its row, if its balance is zero, its arrival mark and
-    /// its copied idempotency records); entries an earlier stay left here
-    /// are kept. Otherwise an account open at two homes would be listed,
-    /// and counted, twice until a later pass moved it.
-    async fn disown(&self, id: &AccountId) -> Result<(), StoreError>;
+    /// (`MovedOut::Busy`): the account still lives at `home`, so the copy
+    /// here is dropped (its zero-balance row, its arrival mark and its
+    /// copied idempotency records) and a forwarding record to `home` is
+    /// written in its place (adopting dropped any earlier one); entries an
+    /// earlier stay left here are kept. A copy that holds money is not
+    /// dropped: that is an error, and nothing changes.
+    async fn disown(&self, id: &AccountId, home: ShardId) -> Result<(), StoreError>;
 
     /// The old home's step of a move, in one transaction: the whole
     /// balance debited into in-flight under `transfer_id` (a pending

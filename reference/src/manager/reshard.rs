@@ -466,7 +466,7 @@ impl ShardManager {
         let stores = self.shards.len() as u32;
         // Accounts a reshard that did not finish (a crash, an error) left
         // at their new home: their forwarding records say where.
-        let mut moved = HashMap::new();
+        let mut hops: HashMap<AccountId, Vec<(ShardId, ShardId)>> = HashMap::new();
         for store in &self.shards {
             for (id, to) in store.forwarding().await? {
                 if to.index() as u32 >= stores {
@@ -475,9 +475,13 @@ impl ShardManager {
                          open; start the system with more shards (--spare-shards)"
                     )));
                 }
-                moved.insert(id, to);
+                hops.entry(id).or_default().push((store.shard(), to));
             }
         }
+        let mut moved: HashMap<AccountId, ShardId> = hops
+            .into_iter()
+            .map(|(id, hops)| (id, last_hop(&hops)))
+            .collect();
         let record = self.shards[0].placement().await?;
         if let Some(record) = &record {
             if record.shards > stores {
@@ -987,8 +991,9 @@ impl ShardManager {
             .await?
         {
             MovedOut::Busy => {
-                // It stays at its old home for now: no second copy.
-                new.disown(id).await?;
+                // It stays at its old home for now: no second copy, and a
+                // forwarding record to it where the copy was.
+                new.disown(id, old.shard()).await?;
                 return Ok(Moved::Busy);
             }
             MovedOut::Moved { transfer, keys } => (transfer, keys),
@@ -1029,5 +1034,33 @@ impl ShardManager {
             figures.money = i128::from(t.amount.minor());
         }
         Ok(Moved::Done(figures))
+    }
+}
+
+/// Where an account's forwarding records lead: an account that moved more
+/// than once has a record on each shard it left (a shard it came back to
+/// dropped its own), so its home is the shard a record points to that
+/// none leads away from. Records that do not chain (none should) fall
+/// back to the last one read.
+fn last_hop(hops: &[(ShardId, ShardId)]) -> ShardId {
+    hops.iter()
+        .map(|(_, to)| *to)
+        .find(|to| !hops.iter().any(|(from, _)| from == to))
+        .unwrap_or(hops[hops.len() - 1].1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_that_moved_twice_is_routed_to_where_its_records_lead() {
+        let s = |i| ShardId::new(i).unwrap();
+        // 4 -> 1 -> 0, read in shard order: shard 1's record first.
+        assert_eq!(last_hop(&[(s(1), s(0)), (s(4), s(1))]), s(0));
+        assert_eq!(last_hop(&[(s(4), s(1)), (s(1), s(0))]), s(0));
+        assert_eq!(last_hop(&[(s(2), s(3))]), s(3));
+        // A copy dropped on 3 points back at the home, 2, where it lives.
+        assert_eq!(last_hop(&[(s(3), s(2))]), s(2));
     }
 }

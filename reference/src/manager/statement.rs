@@ -17,8 +17,8 @@ use crate::ids::AccountId;
 use crate::ledger::LedgerEntry;
 
 /// Longest cursor accepted: a `shard:id` pair per shard of the most a
-/// system opens (64), each at most 3 + 1 + 19 characters, with commas.
-const MAX_CURSOR_LEN: usize = 64 * 24;
+/// system opens, each at most 3 + 1 + 19 characters, with commas.
+const MAX_CURSOR_LEN: usize = crate::ids::MAX_SHARDS as usize * 24;
 
 /// Where a statement's page left off: the id of the last entry read from
 /// each shard. Written as `shard:id` pairs joined by commas (`0:17,4:3`);
@@ -115,7 +115,8 @@ impl ShardManager {
 }
 
 /// Merges each shard's entries (each in its own id order) by the time
-/// they were written, ties by shard, keeping each shard's order: takes at
+/// they were written (ties: debits first, then by shard), keeping each
+/// shard's order: takes at
 /// most `limit`, and moves the cursor past the ones taken.
 fn merge(pages: Vec<Vec<LedgerEntry>>, cursor: &StatementCursor, limit: u32) -> StatementPage {
     let limit = limit as usize;
@@ -125,7 +126,12 @@ fn merge(pages: Vec<Vec<LedgerEntry>>, cursor: &StatementCursor, limit: u32) -> 
     while entries.len() < limit {
         let pick = (0..pages.len())
             .filter(|&s| heads[s] < pages[s].len())
-            .min_by_key(|&s| (pages[s][heads[s]].created_at_ms, s));
+            .min_by_key(|&s| {
+                let e = &pages[s][heads[s]];
+                // A move's debit and credit can share a millisecond: the
+                // debit (at the home it leaves) comes first.
+                (e.created_at_ms, e.amount_minor > 0, s)
+            });
         let Some(shard) = pick else { break };
         let entry = pages[shard][heads[shard]].clone();
         heads[shard] += 1;
@@ -242,5 +248,22 @@ mod tests {
         );
         // One page holding everything says there is no next one.
         assert!(all(&StatementCursor::default(), 20).next.is_none());
+
+        // A move back in one millisecond: the debit at the home it leaves
+        // (shard 4) before the credit at the one it returns to (shard 0).
+        let pages = vec![
+            vec![entry(5, 100, 70)],
+            vec![],
+            vec![],
+            vec![],
+            vec![entry(2, 100, -70)],
+        ];
+        let page = merge(pages, &StatementCursor::default(), 10);
+        let order: Vec<(usize, i64)> = page
+            .entries
+            .iter()
+            .map(|e| (e.shard, e.entry.amount_minor))
+            .collect();
+        assert_eq!(order, [(4, -70), (0, 70)]);
     }
 }

@@ -398,8 +398,13 @@ async fn a_copy_left_by_a_put_off_move_is_not_listed_and_is_dropped() {
         "{listed:?}"
     );
 
-    stores[0].disown(&id).await.unwrap();
+    stores[0].disown(&id, old.shard_of(&id)).await.unwrap();
     assert!(stores[0].account(&id).await.unwrap().is_none());
+    // Where the copy was, a record points at the account's home.
+    assert_eq!(
+        stores[0].moved_to(&id).await.unwrap(),
+        Some(old.shard_of(&id))
+    );
     assert_eq!(counted(0).await, before);
     assert!(stores[0].account_to_move(&id).await.unwrap().is_none());
     // The home keeps the account and its record: the retry replays.

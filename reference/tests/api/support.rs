@@ -615,9 +615,9 @@ impl ShardStore for Flaky {
         self.inner.adopt_account(moving).await
     }
 
-    async fn disown(&self, id: &AccountId) -> Result<(), StoreError> {
+    async fn disown(&self, id: &AccountId, home: ShardId) -> Result<(), StoreError> {
         self.check(true).await?;
-        self.inner.disown(id).await
+        self.inner.disown(id, home).await
     }
 
     async fn move_out(

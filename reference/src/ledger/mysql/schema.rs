@@ -5,7 +5,11 @@
 
 use sqlx::MySqlPool;
 
-/// Each entry is one migration, a list of statements. Append only.
+/// Each entry is one migration, a list of statements. Append only. A
+/// statement is a step of its own (see `migrate`): a DDL statement must be
+/// one atomic change that, run again after it took effect, fails with one
+/// of `ALREADY_THERE` (or changes nothing); data statements are
+/// `INSERT`, `UPDATE` or `DELETE` only.
 pub const MIGRATIONS: &[&[&str]] = &[
     // 1: the ledger.
     &[
@@ -92,7 +96,7 @@ pub const MIGRATIONS: &[&[&str]] = &[
             KEY xa_decisions_age (created_at_ms)
         ) ENGINE=InnoDB"#],
     // 4: figures that do not grow with history. The shard's counts, kept in
-    // the transaction of each change, striped over `COUNTER_(1, 0, 0, 0, 0, 0, 0), (2, 0, 0, 0, 0, 0, 0), (3, 0, 0, 0, 0, 0, 0), (4, 0, 0, 0, 0, 0, 0), (5, 0, 0, 0, 0, 0, 0), (6, 0, 0, 0, 0, 0, 0), (7, 0, 0, 0, 0, 0, 0), (8, 0, 0, 0, 0, 0, 0), (9, 0, 0, 0, 0, 0, 0), (10, 0, 0, 0, 0, 0, 0), (11, 0, 0, 0, 0, 0, 0), (12, 0, 0, 0, 0, 0, 0), (13, 0, 0, 0, 0, 0, 0), (14, 0, 0, 0, 0, 0, 0), (15, 0, 0, 0, 0, 0, 0)` rows
+    // the transaction of each change, striped over `COUNTER_SLOTS` rows
     // (a transaction updates one, so transfers do not queue on one row
     // lock) and counted once from the tables into slot 0; each outbox
     // row's publish position (gap-free, in the order rows are staged for
@@ -254,8 +258,10 @@ async fn migrate_until(pool: &MySqlPool, stop: Option<Interrupt>) -> Result<(), 
 
 /// MySQL's errors for a DDL statement whose change is already there:
 /// table exists (1050), duplicate column (1060), duplicate key name
-/// (1061), multiple primary keys (1068).
-const ALREADY_THERE: [u16; 4] = [1050, 1060, 1061, 1068];
+/// (1061). Each migration's DDL statement must fail with one of these when
+/// run a second time (its first change being one of them), or be
+/// idempotent itself.
+const ALREADY_THERE: [u16; 3] = [1050, 1060, 1061];
 
 fn already_there(error: &sqlx::Error) -> bool {
     match error {
