@@ -326,6 +326,9 @@ struct Answer {
     code: String,
     id: Option<String>,
     state: Option<String>,
+    /// The payer's and payee's shards as the system placed them when it
+    /// took the transfer (a reshard may have moved them since setup).
+    shards: Option<(u16, u16)>,
     body: String,
 }
 
@@ -341,6 +344,7 @@ impl Answer {
             },
             id: None,
             state: None,
+            shards: None,
             body: error.to_string(),
         }
     }
@@ -367,6 +371,7 @@ impl Answer {
             code,
             id: value["id"].as_str().map(str::to_string),
             state: value["state"].as_str().map(str::to_string),
+            shards: shard_pair(&value),
             body,
         }
     }
@@ -628,6 +633,12 @@ async fn send_raw_with(
     }
 }
 
+/// A transfer's `from_shard` and `to_shard`, when the answer is one.
+fn shard_pair(value: &serde_json::Value) -> Option<(u16, u16)> {
+    let shard = |name: &str| value[name].as_u64().and_then(|s| u16::try_from(s).ok());
+    Some((shard("from_shard")?, shard("to_shard")?))
+}
+
 struct Ctx<'a> {
     sim: &'a Sim,
     start: Instant,
@@ -639,8 +650,14 @@ impl Ctx<'_> {
         let now = Instant::now();
         self.sim.recorder.record(&Sample {
             kind: self.kind,
-            payer_shard: self.sim.plan.shard_of(t.payer),
-            payee_shard: self.sim.plan.shard_of(t.payee),
+            // Where the system says the accounts were, else where they
+            // were at setup.
+            payer_shard: answer
+                .shards
+                .map_or_else(|| self.sim.plan.shard_of(t.payer), |(from, _)| from),
+            payee_shard: answer
+                .shards
+                .map_or_else(|| self.sim.plan.shard_of(t.payee), |(_, to)| to),
             latency: now.duration_since(from),
             at: now.duration_since(self.start),
             class,
@@ -703,6 +720,7 @@ async fn execute(
                 code,
                 id: None,
                 state: None,
+                shards: None,
                 body: String::new(),
             };
             ctx.record(&transfer, &answer, intended, class);

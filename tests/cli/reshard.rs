@@ -101,6 +101,14 @@ fn expect_two_reshards_that_passed(status: std::process::ExitStatus, report: &Va
             .collect();
         assert_eq!(phases, ["prepare", "copy", "switch"], "{r}");
     }
+    // Transfers are counted at the shard the system placed their payer
+    // on: while the system had five shards, some paid from the fifth.
+    let fifth = &report["latency"]["shards"]["4"]["count"];
+    assert!(
+        fifth.as_u64().is_some_and(|n| n > 0),
+        "no transfer counted on shard 4: {}",
+        report["latency"]["shards"]
+    );
     // The phases are shaded and labelled on the charts, and tabled.
     assert!(html.contains(">copy (to 5)</text>"), "copy phase labelled");
     assert!(html.contains("<h2>Reshards</h2>"), "reshards table");
