@@ -318,8 +318,6 @@ async fn migrate_locked(
             if done.contains(&(step as i32)) {
                 continue;
             }
-            let record =
-                "INSERT INTO schema_migration_steps (version, step, applied_at_ms) VALUES (?, ?, ?)";
             let interrupted =
                 stop.is_some_and(|at| at.version == version as usize && at.step == step);
             if changes_rows(sql) {
@@ -330,12 +328,7 @@ async fn migrate_locked(
                     drop(tx);
                     return Ok(());
                 }
-                sqlx::query(record)
-                    .bind(version)
-                    .bind(step as i32)
-                    .bind(super::super::now_ms())
-                    .execute(&mut *tx)
-                    .await?;
+                record_step(&mut tx, version, step).await?;
                 tx.commit().await?;
                 continue;
             }
@@ -348,12 +341,7 @@ async fn migrate_locked(
             if interrupted {
                 return Ok(());
             }
-            sqlx::query(record)
-                .bind(version)
-                .bind(step as i32)
-                .bind(super::super::now_ms())
-                .execute(&mut *conn)
-                .await?;
+            record_step(conn, version, step).await?;
         }
         sqlx::query("INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)")
             .bind(version)
@@ -361,5 +349,22 @@ async fn migrate_locked(
             .execute(&mut *conn)
             .await?;
     }
+    Ok(())
+}
+
+/// Records that statement `step` of migration `version` has run.
+async fn record_step(
+    conn: &mut sqlx::MySqlConnection,
+    version: i64,
+    step: usize,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO schema_migration_steps (version, step, applied_at_ms) VALUES (?, ?, ?)",
+    )
+    .bind(version)
+    .bind(step as i32)
+    .bind(super::super::now_ms())
+    .execute(conn)
+    .await?;
     Ok(())
 }
