@@ -437,13 +437,22 @@ pub async fn run_sqlite(
             .await?;
         writers.push((shard, writer));
     }
-    measure(
-        &Arc::new(Shards::Sqlite(writers)),
-        kind,
-        concurrency,
-        seconds,
-    )
-    .await
+    let shards = Arc::new(Shards::Sqlite(writers));
+    let result = measure(&shards, kind, concurrency, seconds).await;
+    // Each file is closed before this returns. Left to close on their own
+    // threads, the writers could still be closing the files when the next
+    // run (`bench` runs kind after kind in one directory) replaced them,
+    // and under CPU load that run's files then missed committed writes:
+    // its entries and transfer rows disagreed.
+    if let Ok(Shards::Sqlite(writers)) = Arc::try_unwrap(shards) {
+        tokio::task::spawn_blocking(move || {
+            for (_, writer) in writers {
+                writer.close();
+            }
+        })
+        .await?;
+    }
+    result
 }
 
 async fn measure(
